@@ -1,0 +1,64 @@
+import base64
+import uuid
+from datetime import datetime, timezone
+
+from fastapi import APIRouter, File, HTTPException, Request, UploadFile
+
+from edge_runtime.contract import GRADE_NAMES, SCREENING_DISCLAIMER
+from edge_runtime.errors import ImageError
+from edge_runtime.preprocess import decode_image
+from edge_runtime.quality import assess
+
+from ...models import Result
+from ...schemas import PredictResponse, QualityIn, ResultIn
+from ..deps import CallerDep, SessionDep, audit
+
+router = APIRouter(tags=["predict"])
+
+
+@router.post("/v1/predict", response_model=PredictResponse)
+@router.post("/predict", response_model=PredictResponse, include_in_schema=False)
+async def predict(caller: CallerDep, session: SessionDep, request: Request, file: UploadFile = File(...)) -> PredictResponse:
+    """Grade an uploaded fundus photo with the FP32 teacher and a full Grad-CAM overlay."""
+    settings = request.app.state.settings
+    data = await file.read(settings.MAX_IMAGE_BYTES + 1)
+    if len(data) > settings.MAX_IMAGE_BYTES:
+        raise HTTPException(413, f"image over the {settings.MAX_IMAGE_BYTES // 1_000_000} MB limit")
+    try:
+        bgr = decode_image(data, settings.MAX_IMAGE_BYTES, settings.MAX_IMAGE_PIXELS)
+    except ImageError as exc:
+        raise HTTPException(422, f"{type(exc).__name__}: {exc}") from exc
+    quality = assess(bgr)
+    if not settings.TEACHER_CHECKPOINT:
+        raise HTTPException(503, "server-side grading is not configured: set RETINAEDGE_TEACHER_CHECKPOINT")
+    graded = None
+    if quality.gradable:
+        from ...grading import grade_with_gradcam
+
+        try:
+            graded = grade_with_gradcam(settings.TEACHER_CHECKPOINT, bgr)
+        except ImageError as exc:
+            raise HTTPException(422, f"{type(exc).__name__}: {exc}") from exc
+    result_id = str(uuid.uuid4())
+    quality_in = QualityIn(gradable=quality.gradable, score=quality.score, reasons=list(quality.reasons),
+                           metrics=quality.metrics)
+    grade = graded["grade"] if graded else None
+    referable = bool(sum(graded["probabilities"][2:]) >= graded["referable_threshold"]) if graded else None
+    model_version = graded["model_version"] if graded else "teacher"
+    record = ResultIn(result_id=result_id, device_id=caller.name, model_version=model_version, model_sha256="",
+                      backend="pytorch", provider="cpu", quality=quality_in, grade=grade,
+                      probabilities=graded["probabilities"] if graded else None,
+                      confidence=graded["confidence"] if graded else None, referable=referable,
+                      outcome="graded" if graded else "ungradable", captured_at=datetime.now(timezone.utc),
+                      image_name=None)
+    # Every server-side grading is stored and appears in history.
+    session.add(Result(result_id=result_id, device=caller.name, content_hash="0" * 64, payload=record.model_dump_json(),
+                       outcome=record.outcome, grade=grade, referable=referable, confidence=record.confidence,
+                       captured_at=record.captured_at, overlay_png=graded["overlay"] if graded else None))
+    audit(session, caller, "predict", result_id)
+    session.commit()
+    return PredictResponse(result_id=result_id, grade=grade, grade_name=GRADE_NAMES[grade] if grade is not None else None,
+                           confidence=record.confidence, probabilities=record.probabilities, referable=referable,
+                           outcome=record.outcome, quality=quality_in, model_version=model_version,
+                           overlay_png_b64=base64.b64encode(graded["overlay"]).decode() if graded else None,
+                           disclaimer=SCREENING_DISCLAIMER)

@@ -1,0 +1,20 @@
+"""Bearer tokens: random, shown once, stored as sha256 (they carry 256 bits of entropy, so no salt/KDF needed)."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+TOKEN_PREFIX = {"device": "red_", "reviewer": "rer_"}
+
+
+def new_token(role: str) -> str:
+    return TOKEN_PREFIX[role] + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def same_hash(a: str, b: str) -> bool:
+    return hmac.compare_digest(a, b)

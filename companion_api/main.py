@@ -1,0 +1,45 @@
+"""FastAPI application factory for the companion server."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from .api.routes import health, insights, models, predict, results, review, sync
+from .core.config import Settings
+from .core.db import make_engine, make_sessionmaker, run_migrations
+from .ratelimit import RateLimiter
+
+log = logging.getLogger("companion_api")
+
+
+def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAPI:
+    settings = settings or Settings()
+    if migrate:
+        run_migrations(settings.DATABASE_URL)
+    engine = make_engine(settings.DATABASE_URL)
+    app = FastAPI(title="RetinaEdge companion API", version="0.1.0",
+                  description="Device sync, history, server-side grading and clinical insights. "
+                              "RetinaEdge assists screening; it does not diagnose.")
+    app.state.settings, app.state.engine = settings, engine
+    app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.limiter = RateLimiter(settings.RATE_LIMIT, settings.REDIS_URL)
+    if settings.CORS_ORIGINS:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.CORS_ORIGINS, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.MAX_BODY_BYTES):
+            return JSONResponse({"detail": f"request body over {settings.MAX_BODY_BYTES} bytes"}, status_code=413)
+        response = await call_next(request)
+        # Structured access log without bodies, tokens or patient data.
+        log.info("request method=%s path=%s status=%s", request.method, request.url.path, response.status_code)
+        return response
+
+    for module in (health, sync, results, predict, insights, models, review):
+        app.include_router(module.router)
+    return app

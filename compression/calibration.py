@@ -1,0 +1,57 @@
+"""Batches of real fundus photos, preprocessed by the one preprocessing function, for calibration and gates."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.contract import PreprocessPolicy
+from edge_runtime.errors import DatasetError, ImageError
+from edge_runtime.preprocess import normalize, preprocess_file
+from training.data.layouts import IMAGE_SUFFIXES, assign_splits, detect_layout, read_dataset, select
+
+log = logging.getLogger(__name__)
+
+
+def load_batch(root: str | Path, policy: PreprocessPolicy, split: str | None = None, limit: int | None = None,
+               seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Normalised N x C x S x S images (and grades when labelled) from a dataset folder or a plain image folder.
+
+    With a labelled layout, ``split`` selects rows (e.g. ``calib`` or ``val``); a plain folder of images
+    gives every image and no labels. ``limit`` takes a class-stratified subset (every grade represented).
+    """
+    root = Path(root)
+    try:
+        detect_layout(root)
+        samples = assign_splits(read_dataset(root), seed=seed)
+        if split:
+            samples = select(samples, split) or samples
+        paths, labels = [s.path for s in samples], np.array([s.grade for s in samples])
+    except DatasetError:
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        labels = None
+    if not paths:
+        raise DatasetError(f"{root}: no images found for calibration/validation")
+    order = np.arange(len(paths))
+    if limit and len(paths) > limit:
+        rng = np.random.default_rng(seed)
+        if labels is not None:  # round-robin over grades so rare grades are never dropped
+            by_grade = [list(rng.permutation(np.flatnonzero(labels == g))) for g in range(5)]
+            picked: list[int] = []
+            while len(picked) < limit:
+                for bucket in by_grade:
+                    if bucket and len(picked) < limit:
+                        picked.append(int(bucket.pop()))
+            order = np.array(sorted(picked))
+        else:
+            order = np.sort(rng.choice(len(paths), limit, replace=False))
+    images, kept = [], []
+    for i in order:
+        try:
+            images.append(preprocess_file(paths[i], policy).resized_rgb)
+            kept.append(i)
+        except ImageError as exc:
+            log.warning("skipping %s: %s", paths[i].name, exc)
+    x = normalize(np.stack(images), policy)
+    return x, (labels[kept] if labels is not None else None)

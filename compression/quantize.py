@@ -1,0 +1,178 @@
+"""Post-training INT8 quantization recipes, registered by name, calibrated on real fundus photos."""
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.contract import QuantizationInfo
+from edge_runtime.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """How to quantize one artifact.
+
+    Args:
+        name (`str`): registered recipe: ``ort`` (ONNX Runtime QDQ), ``nncf`` (NNCF PTQ on ONNX) or
+            ``pt2e`` (torch PT2E, used by the TFLite exporter).
+        calibration (`str`, defaults to ``minmax``): activation range estimator, minmax | percentile | entropy.
+        activation_type / weight_type (`str`): uint8 | int8.
+        per_channel (`bool`, defaults to True): per-output-channel weight scales.
+        exclude (`tuple[str, ...]`): node-name substrings kept in float (mixed precision).
+        target (`str`): CPU class the recipe was chosen for; recorded in the manifest.
+    """
+
+    name: str = "ort"
+    calibration: str = "minmax"
+    activation_type: str = "uint8"
+    weight_type: str = "uint8"
+    per_channel: bool = True
+    exclude: tuple[str, ...] = ()
+    target: str = "x86_avx2"
+
+    def __post_init__(self) -> None:
+        if self.name not in _RECIPES:
+            close = difflib.get_close_matches(self.name, list(_RECIPES), n=2)
+            raise ConfigError(f"unknown quantization recipe {self.name!r}; known: {sorted(_RECIPES)}"
+                              + (f"; did you mean {close}?" if close else ""))
+        if self.calibration not in ("minmax", "percentile", "entropy"):
+            raise ConfigError(f"calibration must be minmax|percentile|entropy, got {self.calibration!r}")
+        for kind in ("activation_type", "weight_type"):
+            if getattr(self, kind) not in ("uint8", "int8"):
+                raise ConfigError(f"{kind} must be uint8|int8, got {getattr(self, kind)!r}")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @staticmethod
+    def for_target(target: str, name: str = "ort") -> QuantRecipe:
+        """Presets per CPU class."""
+        presets = {
+            # AVX2 without VNNI: ORT's U8S8 kernels saturate (b0 cosine 0.58 vs 0.92 U8U8, TOOLCHAIN.md).
+            "x86_avx2": QuantRecipe(name, activation_type="uint8", weight_type="uint8", target="x86_avx2"),
+            # VNNI and ARM64 dot-product kernels handle U8S8 without saturation and run it fastest.
+            "x86_vnni": QuantRecipe(name, activation_type="uint8", weight_type="int8", target="x86_vnni"),
+            "arm64": QuantRecipe(name, activation_type="uint8", weight_type="int8", target="arm64"),
+            "jetson_orin": QuantRecipe(name, activation_type="int8", weight_type="int8", target="jetson_orin"),
+        }
+        if target not in presets:
+            raise ConfigError(f"unknown target {target!r}; known: {sorted(presets)}")
+        return presets[target]
+
+    def with_exclusions(self, patterns: tuple[str, ...]) -> QuantRecipe:
+        return replace(self, exclude=tuple(dict.fromkeys(self.exclude + patterns)))
+
+    def info(self, calibration_images: int) -> QuantizationInfo:
+        return QuantizationInfo("int8", self.name, self.activation_type, self.weight_type, self.per_channel,
+                                self.calibration, calibration_images, self.target,
+                                f"float kept for {list(self.exclude)}" if self.exclude else None)
+
+
+# Fallback for a failing gate: keep the parts INT8 hurts most in float (stem, SE gating, head/CAM).
+# Node-name substrings of timm models exported by exporters.onnx; "/Conv" alone is the in-graph CAM head.
+SENSITIVE_PATTERNS = ("conv_stem", "/se/", "conv_head", "Sigmoid")
+CAM_HEAD_NODES = ("/Conv", "/ReduceMean", "/Add")
+
+_RECIPES: dict[str, Callable] = {}
+
+
+def register_recipe(name: str):
+    def decorator(fn: Callable) -> Callable:
+        _RECIPES[name] = fn
+        return fn
+    return decorator
+
+
+def list_recipes() -> list[str]:
+    return sorted(_RECIPES)
+
+
+def quantize_onnx(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe) -> Path:
+    """Apply an ONNX recipe (ort | nncf) to ``fp32_path``, calibrated on ``calib`` (N x C x S x S)."""
+    if recipe.name not in ("ort", "nncf"):
+        raise ConfigError(f"recipe {recipe.name!r} does not quantize ONNX models; use ort or nncf")
+    if len(calib) == 0:
+        raise ConfigError("static INT8 needs calibration images; pass --calib with real fundus photos")
+    return _RECIPES[recipe.name](Path(fp32_path), Path(out_path), calib, recipe)
+
+
+def _excluded_nodes(model_path: Path, patterns: tuple[str, ...]) -> list[str]:
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    exact = {p for p in patterns if p in CAM_HEAD_NODES}
+    partial = [p for p in patterns if p not in CAM_HEAD_NODES]
+    return [n.name for n in graph.node if n.name in exact or any(p in n.name or p == n.op_type for p in partial)]
+
+
+@register_recipe("ort")
+def _ort_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe) -> Path:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(calib[i:i + 1] for i in range(len(calib)))
+
+        def get_next(self):
+            item = next(self.items, None)
+            return None if item is None else {"input": item.astype(np.float32)}
+
+    prepped = out_path.with_suffix(".prep.onnx")
+    quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    quantize_static(str(prepped), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=types[recipe.activation_type], weight_type=types[recipe.weight_type],
+                    per_channel=recipe.per_channel, calibrate_method=methods[recipe.calibration],
+                    nodes_to_exclude=_excluded_nodes(prepped, recipe.exclude),
+                    extra_options={"ActivationSymmetric": recipe.activation_type == "int8", "WeightSymmetric": True})
+    prepped.unlink(missing_ok=True)
+    return out_path
+
+
+@register_recipe("nncf")
+def _nncf_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe) -> Path:
+    import nncf
+    import onnx
+
+    model = onnx.load(str(fp32_path))
+    dataset = nncf.Dataset([{"input": calib[i:i + 1].astype(np.float32)} for i in range(len(calib))])
+    ignored = nncf.IgnoredScope(names=_excluded_nodes(fp32_path, recipe.exclude), validate=False) if recipe.exclude else None
+    # NNCF chooses its own range estimators per preset; recipe.calibration applies to the ort recipe only.
+    kwargs = {"ignored_scope": ignored} if ignored else {}
+    quantized = nncf.quantize(model, dataset, subset_size=len(calib), preset=nncf.QuantizationPreset.PERFORMANCE, **kwargs)
+    onnx.save(quantized, str(out_path))
+    return out_path
+
+
+@register_recipe("pt2e")
+def pt2e_quantize(model, calib: np.ndarray, recipe: QuantRecipe | None = None):
+    """PT2E (XNNPACK-style) W8A8 for litert-torch: returns (quantized graph module, quantizer)."""
+    import torch
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    per_channel = True if recipe is None else recipe.per_channel
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
+    example = torch.from_numpy(calib[:1]).float()
+    exported = torch.export.export(model.eval(), (example,)).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for i in range(len(calib)):
+            prepared(torch.from_numpy(calib[i:i + 1]).float())
+    # fold_quantize=False keeps weights as float+QDQ so litert-torch can lower them (TOOLCHAIN.md).
+    return convert_pt2e(prepared, fold_quantize=False), quantizer
+

@@ -1,0 +1,31 @@
+"""CoreML backend: coremltools prediction, which exists only on macOS."""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from ..contract import ArtifactManifest
+from ..errors import BackendUnavailableError
+from .base import SessionInfo, register_backend
+
+
+@register_backend("coreml")
+class CoreMLSession:
+    def __init__(self, path: Path, manifest: ArtifactManifest, compute_units: str = "ALL", **_: object):
+        if platform.system() != "Darwin":
+            raise BackendUnavailableError(
+                f"CoreML models run only on macOS/iOS (this is {platform.system()}); use the .onnx or .tflite artifact "
+                "here, or embed the .mlpackage in an iOS app"
+            )
+        try:
+            import coremltools as ct
+        except ImportError as exc:
+            raise BackendUnavailableError("coremltools is not installed: pip install 'retinaedge[export]'") from exc
+        self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units))
+        self.info = SessionInfo("coreml", f"coreml/{compute_units}", manifest, path)
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outs = [self.model.predict({"input": batch[i:i + 1]}) for i in range(len(batch))]
+        return np.concatenate([o["logits"] for o in outs]), np.concatenate([o["cam"] for o in outs])

@@ -1,0 +1,73 @@
+"""LiteRT (TFLite) backend: ai_edge_litert's interpreter, or tflite_runtime where that is all a device has."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..contract import ArtifactManifest
+from ..errors import BackendUnavailableError
+from .base import SessionInfo, register_backend
+
+
+def _interpreter_class():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter, "ai_edge_litert"
+    except ImportError:
+        pass
+    try:  # older devices; its last release needs numpy<2 and runs INT8 10-30x slower (TOOLCHAIN.md)
+        from tflite_runtime.interpreter import Interpreter
+
+        return Interpreter, "tflite_runtime"
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "no TFLite runtime: pip install 'retinaedge[edge]' (ai-edge-litert), or tflite-runtime on old devices"
+        ) from exc
+
+
+@register_backend("litert")
+class LiteRtSession:
+    def __init__(self, path: Path, manifest: ArtifactManifest, threads: int | None = None, **_: object):
+        Interpreter, package = _interpreter_class()
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads or None)
+        self.input_detail = self.interpreter.get_input_details()[0]
+        outputs = self.interpreter.get_output_details()
+        # Output order is not guaranteed by the converter: tell logits (rank 2) from cam (rank 4) by shape.
+        self.logits_detail = next(o for o in outputs if len(o["shape"]) == 2)
+        self.cam_detail = next(o for o in outputs if len(o["shape"]) == 4)
+        self.batch = int(self.input_detail["shape"][0])
+        self.interpreter.allocate_tensors()
+        self.info = SessionInfo("litert", f"{package}/XNNPACK", manifest, path, None,
+                                {"threads": threads, "input_dtype": str(self.input_detail["dtype"])})
+
+    def _run_one(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.interpreter.set_tensor(self.input_detail["index"], _quantize(x, self.input_detail))
+        self.interpreter.invoke()
+        return (_dequantize(self.interpreter.get_tensor(self.logits_detail["index"]), self.logits_detail),
+                _dequantize(self.interpreter.get_tensor(self.cam_detail["index"]), self.cam_detail))
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(batch) == self.batch:
+            return self._run_one(batch)
+        # Static batch in the converted graph: run item by item.
+        pairs = [self._run_one(batch[i:i + 1]) for i in range(len(batch))]
+        return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+
+
+def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+    """Full-integer models take int8/uint8 inputs: q = round(x / scale) + zero_point."""
+    dtype = detail["dtype"]
+    if np.issubdtype(dtype, np.floating):
+        return x.astype(dtype)
+    scale, zero_point = detail["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
+
+
+def _dequantize(q: np.ndarray, detail: dict) -> np.ndarray:
+    if np.issubdtype(q.dtype, np.floating):
+        return q.astype(np.float32, copy=True)
+    scale, zero_point = detail["quantization"]
+    return (q.astype(np.float32) - zero_point) * scale

@@ -1,0 +1,299 @@
+"""The contract every RetinaEdge package shares: ICDR grades, the artifact manifest and the screening result.
+
+Torch-free on purpose: the edge runtime, the exporters and the companion server all read these types.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .errors import ManifestError
+
+MANIFEST_SCHEMA_VERSION = 1
+SCREENING_DISCLAIMER = (
+    "RetinaEdge assists diabetic-retinopathy screening; it does not diagnose. "
+    "A qualified clinician must confirm every result."
+)
+
+
+class Grade(int, Enum):
+    """International Clinical Diabetic Retinopathy (ICDR) severity scale."""
+
+    NO_DR = 0
+    MILD = 1
+    MODERATE = 2
+    SEVERE = 3
+    PROLIFERATIVE = 4
+
+    @property
+    def label(self) -> str:
+        return GRADE_NAMES[int(self)]
+
+    @property
+    def referable(self) -> bool:
+        """Referable DR is "more than mild": moderate NPDR or worse."""
+        return int(self) >= REFERABLE_MIN_GRADE
+
+
+GRADE_NAMES: tuple[str, ...] = ("No DR", "Mild NPDR", "Moderate NPDR", "Severe NPDR", "Proliferative DR")
+NUM_GRADES = len(GRADE_NAMES)
+REFERABLE_MIN_GRADE = 2
+OUTPUT_NAMES: tuple[str, str] = ("logits", "cam")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, or of every file under a directory artifact (e.g. a CoreML .mlpackage)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class PreprocessPolicy:
+    """How a raw fundus photo becomes a model input. Every consumer reads it from the manifest."""
+
+    input_size: int = 224  # square side in pixels after crop + pad + resize
+    color_order: str = "RGB"  # channel order the model expects
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per channel, on 0-1 scaled pixels
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_to_fundus: bool = True  # detect the circular field of view and crop to its bounding box
+    fov_threshold: int = 12  # 8-bit intensity above which a pixel is inside the field of view
+    ben_graham: bool = False  # local-contrast normalisation: 4*img - 4*blur(img) + 128
+    ben_graham_sigma_fraction: float = 1 / 30  # Gaussian sigma as a fraction of input_size
+    resize_interpolation: str = "INTER_AREA"
+    layout: str = "NCHW"
+
+    def __post_init__(self) -> None:
+        if not 16 <= int(self.input_size) <= 2048:
+            raise ManifestError(f"preprocess.input_size must be in [16, 2048], got {self.input_size!r}")
+        if self.color_order not in ("RGB", "BGR"):
+            raise ManifestError(f"preprocess.color_order must be 'RGB' or 'BGR', got {self.color_order!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise ManifestError(f"preprocess.mean/std must be 3 values with std > 0, got {self.mean}/{self.std}")
+        if self.layout not in ("NCHW", "NHWC"):
+            raise ManifestError(f"preprocess.layout must be 'NCHW' or 'NHWC', got {self.layout!r}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessPolicy:
+        """From a checkpoint's or manifest's JSON-ish dict (lists become tuples; unknown keys are an error)."""
+        return _sub(cls, {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}, "preprocess")
+
+
+@dataclass(frozen=True)
+class QuantizationInfo:
+    """How the weights and activations of an artifact are stored."""
+
+    precision: str = "fp32"  # fp32 | fp16 | int8
+    recipe: str | None = None  # registered recipe name, e.g. "ort", "nncf", "pt2e"
+    activation_type: str | None = None  # e.g. "uint8"
+    weight_type: str | None = None  # e.g. "uint8" (U8U8 on AVX2 without VNNI, see TOOLCHAIN.md)
+    per_channel: bool | None = None
+    calibration: str | None = None  # minmax | percentile | entropy
+    calibration_images: int | None = None
+    target: str | None = None  # CPU class the recipe was chosen for, e.g. "x86_avx2"
+    notes: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise ManifestError(f"quantization.precision must be fp32|fp16|int8, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Outcome of the fidelity gate (INT8 vs FP32 of the same model) or of FP parity checks."""
+
+    status: str = "not_run"  # passed | failed | not_run | not_required
+    metrics: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    failures: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.status not in ("passed", "failed", "not_run", "not_required"):
+            raise ManifestError(f"gate.status must be passed|failed|not_run|not_required, got {self.status!r}")
+        object.__setattr__(self, "failures", tuple(self.failures))
+
+
+@dataclass(frozen=True)
+class ArtifactManifest:
+    """Self-description every artifact carries (embedded and beside it as <name>.manifest.json)."""
+
+    model_name: str
+    model_version: str
+    format: str  # key into exporters.formats.FORMATS
+    preprocess: PreprocessPolicy = field(default_factory=PreprocessPolicy)
+    class_names: tuple[str, ...] = GRADE_NAMES
+    output_names: tuple[str, ...] = OUTPUT_NAMES
+    cam_shape: tuple[int, int] | None = None  # (h, w) of the cam output
+    referable_threshold: float = 0.5  # on P(grade >= 2)
+    quantization: QuantizationInfo = field(default_factory=QuantizationInfo)
+    gate: GateResult = field(default_factory=GateResult)
+    sha256: str | None = None  # of the model file; None only while the file is being written
+    training_data_fingerprint: str | None = None
+    git_sha: str | None = None
+    created_at: str = field(default_factory=utcnow)
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("model_name", "model_version", "format"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ManifestError(f"manifest.{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if len(self.class_names) != NUM_GRADES:
+            raise ManifestError(f"manifest.class_names must list {NUM_GRADES} ICDR grades, got {len(self.class_names)}")
+        if tuple(self.output_names) != OUTPUT_NAMES:
+            raise ManifestError(f"manifest.output_names must be {OUTPUT_NAMES}, got {tuple(self.output_names)}")
+        if not 0.0 < float(self.referable_threshold) < 1.0:
+            raise ManifestError(f"manifest.referable_threshold must be in (0, 1), got {self.referable_threshold!r}")
+        if self.schema_version > MANIFEST_SCHEMA_VERSION:
+            raise ManifestError(
+                f"manifest.schema_version {self.schema_version} is newer than this RetinaEdge understands "
+                f"({MANIFEST_SCHEMA_VERSION}); upgrade retinaedge"
+            )
+        if self.sha256 is not None and (len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)):
+            raise ManifestError(f"manifest.sha256 must be 64 lowercase hex characters, got {self.sha256!r}")
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        object.__setattr__(self, "output_names", tuple(self.output_names))
+        if self.cam_shape is not None:
+            object.__setattr__(self, "cam_shape", tuple(int(v) for v in self.cam_shape))
+
+    @property
+    def ready(self) -> bool:
+        """An artifact is ready for screening unless its fidelity gate failed or never ran on INT8."""
+        return self.gate.status in ("passed", "not_required")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ArtifactManifest:
+        if not isinstance(data, dict):
+            raise ManifestError(f"manifest must be a JSON object, got {type(data).__name__}")
+        try:
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(data) - known
+            if unknown:
+                raise ManifestError(f"manifest has unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+            missing = [n for n in ("model_name", "model_version", "format") if n not in data]
+            if missing:
+                raise ManifestError(f"manifest is missing required field(s) {missing}")
+            kwargs = dict(data)
+            kwargs["preprocess"] = _sub(PreprocessPolicy, data.get("preprocess", {}), "preprocess")
+            kwargs["quantization"] = _sub(QuantizationInfo, data.get("quantization", {}), "quantization")
+            kwargs["gate"] = _sub(GateResult, data.get("gate", {}), "gate")
+            return cls(**kwargs)
+        except ManifestError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ManifestError(f"invalid manifest: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ArtifactManifest:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> ArtifactManifest:
+        return dataclasses.replace(self, **changes)
+
+
+def _sub(cls: type, data: Any, name: str) -> Any:
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ManifestError(f"manifest.{name} must be an object, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ManifestError(f"manifest.{name} has unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**data)
+
+
+def manifest_path_for(artifact: str | Path) -> Path:
+    """The sidecar path: model_int8.onnx -> model_int8.onnx.manifest.json (one per artifact, whatever the format)."""
+    artifact = Path(artifact)
+    return artifact.with_name(artifact.name + ".manifest.json")
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    """Verdict of the image-quality gate."""
+
+    gradable: bool
+    score: float  # 0 (unusable) .. 1 (excellent)
+    reasons: tuple[str, ...] = ()
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScreeningResult:
+    """One graded (or ungradable) capture; what the outbox stores and sync sends."""
+
+    device_id: str
+    model_version: str
+    model_sha256: str
+    backend: str
+    provider: str
+    quality: QualityReport
+    grade: int | None = None  # None when ungradable
+    probabilities: tuple[float, ...] | None = None
+    confidence: float | None = None
+    referable: bool | None = None
+    outcome: str = "graded"  # graded | ungradable
+    cam_peak: tuple[float, float] | None = None  # (x, y) normalised to the original image
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    result_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    captured_at: str = field(default_factory=utcnow)
+    image_name: str | None = None  # file name only, never a patient name
+    disclaimer: str = SCREENING_DISCLAIMER
+
+    @property
+    def grade_name(self) -> str | None:
+        return None if self.grade is None else GRADE_NAMES[self.grade]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["grade_name"] = self.grade_name
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScreeningResult:
+        data = dict(data)
+        data.pop("grade_name", None)
+        quality = data.pop("quality")
+        if isinstance(quality, dict):
+            quality = QualityReport(**{**quality, "reasons": tuple(quality.get("reasons", ()))})
+        for key in ("probabilities", "cam_peak"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(quality=quality, **data)
+
+    def content_hash(self) -> str:
+        """Stable hash of the result's content, used by the server to tell a replay from a conflict."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,233 @@
+"""Export machinery shared by every format: registry, timing wrapper, manifest, numerical verification."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compression.gate import GateThresholds, compare, evaluate_gate
+from compression.quantize import QuantRecipe
+from edge_runtime.contract import (
+    ArtifactManifest,
+    GateResult,
+    PreprocessPolicy,
+    QuantizationInfo,
+    manifest_path_for,
+    sha256_file,
+)
+from edge_runtime.errors import ConfigError, ExportParityError
+
+from .formats import FORMATS, FormatSpec, get_format
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportContext:
+    """Everything an exporter needs; built once per checkpoint and shared by all formats."""
+
+    model: torch.nn.Module  # DRClassifier in eval mode
+    meta: dict  # checkpoint metadata
+    out_dir: Path
+    calib: np.ndarray  # normalised calibration batch N x C x S x S (real fundus photos)
+    val: np.ndarray  # normalised validation batch for parity / gate
+    val_labels: np.ndarray | None = None
+    recipe: QuantRecipe = field(default_factory=QuantRecipe)
+    thresholds: GateThresholds = field(default_factory=GateThresholds)
+    name: str | None = None
+    mixed_precision_fallback: bool = True  # on a failed INT8 gate, retry keeping sensitive layers in float
+
+    @property
+    def policy(self) -> PreprocessPolicy:
+        return PreprocessPolicy.from_dict(self.meta["preprocess"])
+
+    @property
+    def stem(self) -> str:
+        return self.name or self.meta["model_name"]
+
+    def example(self) -> torch.Tensor:
+        size = self.policy.input_size
+        return torch.from_numpy(self.val[:1]).float() if len(self.val) else torch.randn(1, 3, size, size)
+
+    def manifest(self, fmt: str, quantization: QuantizationInfo, cam_shape: tuple[int, int]) -> ArtifactManifest:
+        return ArtifactManifest(
+            model_name=self.meta["model_name"],
+            model_version=f"{self.meta['model_name']}-{self.meta.get('data_fingerprint', 'nodata')[:8]}-{quantization.precision}",
+            format=fmt, preprocess=self.policy, cam_shape=cam_shape,
+            referable_threshold=float(self.meta.get("referable_threshold", 0.5)), quantization=quantization,
+            training_data_fingerprint=self.meta.get("data_fingerprint"), git_sha=self.meta.get("git_sha"),
+            extra={"num_features": self.meta.get("num_features"), "macs": self.macs(),
+                   "metrics": {k: v.get("qwk") for k, v in self.meta.get("metrics", {}).items() if isinstance(v, dict)}},
+        )
+
+    def macs(self) -> int:
+        if not hasattr(self, "_macs"):
+            from training.models.profile import count_macs
+
+            self._macs = count_macs(self.model, self.policy.input_size)
+        return self._macs
+
+    @torch.no_grad()
+    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+        """FP32 PyTorch (logits, cam) on the validation batch; computed once."""
+        if not hasattr(self, "_reference"):
+            self.model.eval()
+            logits, cams = [], []
+            for i in range(0, len(self.val), 16):
+                lg, cm = self.model.forward_with_cam(torch.from_numpy(self.val[i:i + 16]).float())
+                logits.append(lg.numpy())
+                cams.append(cm.numpy())
+            self._reference = (np.concatenate(logits), np.concatenate(cams))
+        return self._reference
+
+
+@dataclass
+class ArtifactRecord:
+    """One row of artifacts/index.json."""
+
+    format: str
+    precision: str
+    status: str  # ok | failed
+    path: str | None = None
+    sha256: str | None = None
+    size_mb: float | None = None
+    export_seconds: float | None = None
+    gate: str | None = None  # passed | failed | not_run | not_required
+    parity: dict = field(default_factory=dict)
+    verified: str | None = None  # how it was verified
+    error: str | None = None
+
+
+Exporter = Callable[[ExportContext, str], tuple[Path, QuantizationInfo]]
+_EXPORTERS: dict[str, Exporter] = {}
+
+
+def register_exporter(name: str):
+    """Register ``fn(ctx, precision) -> (artifact path, quantization info)`` for a format in FORMATS."""
+    get_format(name)
+
+    def decorator(fn: Exporter) -> Exporter:
+        _EXPORTERS[name] = fn
+        return fn
+
+    return decorator
+
+
+def write_manifest(path: Path, manifest: ArtifactManifest) -> ArtifactManifest:
+    manifest = manifest.replace(sha256=sha256_file(path))
+    manifest_path_for(path).write_text(manifest.to_json())
+    return manifest
+
+
+def verify_artifact(ctx: ExportContext, spec: FormatSpec, path: Path, manifest: ArtifactManifest) -> tuple[GateResult, dict, str]:
+    """Run the artifact on the validation batch and compare with PyTorch; INT8 goes through the gate."""
+    from edge_runtime.backends import open_session
+
+    ref_logits, ref_cam = ctx.reference()
+    session = open_session(path, allow_ungated=True)
+    logits, cam = session.run(ctx.val)
+    if cam.shape != ref_cam.shape or logits.shape != ref_logits.shape:
+        raise ExportParityError(f"{path.name}: output shapes logits {logits.shape} cam {cam.shape}, "
+                                f"expected {ref_logits.shape} {ref_cam.shape}")
+    metrics = compare(ref_logits, ref_cam, logits, cam, ctx.val_labels, manifest.referable_threshold)
+    # The CAM identity every artifact must keep: logits - mean_hw(cam) is the (constant) classifier bias.
+    bias = logits - cam.mean(axis=(2, 3))
+    metrics["cam_identity_error"] = float(np.abs(bias - bias.mean(0, keepdims=True)).max())
+    precision = manifest.quantization.precision
+    if precision == "int8":
+        gate = evaluate_gate(metrics, ctx.thresholds)
+    else:
+        atol = spec.atol_fp32 if precision == "fp32" else spec.atol_fp16
+        scale = max(1.0, float(np.abs(ref_logits).max()))
+        failures = []
+        if metrics["max_abs_logit_diff"] > atol * scale:
+            failures.append(f"max |delta logits| {metrics['max_abs_logit_diff']:.2e} > {atol * scale:.2e}")
+        if metrics["cam_identity_error"] > 10 * atol * scale:
+            failures.append(f"cam identity error {metrics['cam_identity_error']:.2e}")
+        gate = GateResult("failed" if failures else "not_required", metrics, {"atol": atol * scale}, tuple(failures))
+        if failures:
+            raise ExportParityError(f"{path.name}: {'; '.join(failures)}")
+    return gate, metrics, f"ran {session.info.backend}/{session.info.provider} on {len(ctx.val)} images"
+
+
+def export_artifact(ctx: ExportContext, fmt: str, precision: str) -> ArtifactRecord:
+    """Export one format x precision, write its manifest, verify it; never raises (errors become the row)."""
+    spec = get_format(fmt)
+    started = time.monotonic()
+    try:
+        if precision not in spec.precisions:
+            raise ConfigError(f"{fmt} supports precisions {spec.precisions}, not {precision!r}")
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        path, quant = _EXPORTERS[fmt](ctx, precision)
+        cam_shape = tuple(int(v) for v in ctx.reference()[1].shape[2:]) if len(ctx.val) else None
+        manifest = write_manifest(path, ctx.manifest(fmt, quant, cam_shape))
+        seconds = time.monotonic() - started
+        if spec.runs_here and len(ctx.val):
+            gate, metrics, how = verify_artifact(ctx, spec, path, manifest)
+        else:
+            checker = _SPEC_CHECKERS.get(fmt)
+            metrics = checker(path, ctx, precision) if checker else {}
+            how = f"spec checked only: {spec.runtime} cannot run on this OS ({', '.join(spec.runs_on)} only)"
+            gate = GateResult("not_run", {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                              {}, ("predictions need " + "/".join(spec.runs_on),))
+        if (gate.status == "failed" and precision == "int8" and fmt == "onnx" and ctx.mixed_precision_fallback
+                and not ctx.recipe.exclude):
+            return _mixed_precision_retry(ctx, fmt, gate)
+        manifest = write_manifest(path, manifest.replace(gate=gate))
+        log.info("%s %s export success %.1fs, saved as %s (%.2f MB), gate %s", fmt, precision, seconds, path,
+                 _size_mb(path), gate.status)
+        return ArtifactRecord(fmt, precision, "ok", str(path), manifest.sha256, _size_mb(path), round(seconds, 2),
+                              gate.status, {k: v for k, v in metrics.items() if k != "n"}, how)
+    except Exception as exc:  # noqa: BLE001 - one format failing must not stop the others; the row says why
+        log.error("%s %s export failed: %s", fmt, precision, exc)
+        log.debug(traceback.format_exc())
+        return ArtifactRecord(fmt, precision, "failed", export_seconds=round(time.monotonic() - started, 2),
+                              error=f"{type(exc).__name__}: {exc}")
+
+
+def _mixed_precision_retry(ctx: ExportContext, fmt: str, failed: GateResult) -> ArtifactRecord:
+    """The gate failed with everything in INT8: keep stem, squeeze-excite gating, head and CAM head in float."""
+    from compression.quantize import CAM_HEAD_NODES, SENSITIVE_PATTERNS
+
+    log.warning("%s int8 failed its gate (%s); retrying with sensitive layers in float", fmt, "; ".join(failed.failures))
+    retry = dataclasses.replace(ctx, recipe=ctx.recipe.with_exclusions(SENSITIVE_PATTERNS + CAM_HEAD_NODES),
+                                mixed_precision_fallback=False)
+    retry.__dict__.update({k: v for k, v in ctx.__dict__.items() if k in ("_reference", "_macs")})
+    record = export_artifact(retry, fmt, "int8")
+    record.verified = f"{record.verified}; mixed-precision retry after all-INT8 failed ({'; '.join(failed.failures)})"
+    return record
+
+
+def _size_mb(path: Path) -> float:
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    return round(sum(p.stat().st_size for p in files) / 1e6, 3)
+
+
+def write_index(out_dir: Path, records: list[ArtifactRecord], meta: dict) -> Path:
+    index = {"schema_version": 1, "model_name": meta["model_name"], "data_fingerprint": meta.get("data_fingerprint"),
+             "artifacts": [dataclasses.asdict(r) for r in records]}
+    path = out_dir / "index.json"
+    path.write_text(json.dumps(index, indent=2, default=float))
+    return path
+
+
+_SPEC_CHECKERS: dict[str, Callable] = {}
+
+
+def register_spec_checker(fmt: str):
+    def decorator(fn):
+        _SPEC_CHECKERS[fmt] = fn
+        return fn
+    return decorator
+
+
+def known_formats() -> list[str]:
+    return [f for f in FORMATS if f in _EXPORTERS]

@@ -1,0 +1,51 @@
+"""`retinaedge export`: one checkpoint -> every requested format x precision, plus artifacts/index.json."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from compression.calibration import load_batch
+from compression.gate import GateThresholds
+from compression.quantize import QuantRecipe
+from edge_runtime.contract import PreprocessPolicy
+
+from .registry import ArtifactRecord, ExportContext, export_artifact, write_index
+
+log = logging.getLogger(__name__)
+
+
+def build_context(checkpoint: str | Path, out_dir: str | Path, calib: str | Path | None, val: str | Path | None,
+                  recipe: QuantRecipe | None = None, thresholds: GateThresholds | None = None,
+                  calib_limit: int = 64, val_limit: int = 128, name: str | None = None) -> ExportContext:
+    from training.models import load_checkpoint
+    from training.models.dr_classifier import freeze_dynamic_padding
+
+    model, meta = load_checkpoint(checkpoint)
+    policy = PreprocessPolicy.from_dict(meta["preprocess"])
+    freeze_dynamic_padding(model, policy.input_size)  # artifacts have a fixed input size (the manifest's)
+    calib_x = load_batch(calib, policy, "calib", calib_limit)[0] if calib else np.zeros((0, 3, policy.input_size, policy.input_size), np.float32)
+    val_x, val_y = load_batch(val, policy, "val", val_limit) if val else (calib_x, None)
+    return ExportContext(model, meta, Path(out_dir), calib_x, val_x, val_y, recipe or QuantRecipe(),
+                         thresholds or GateThresholds(), name)
+
+
+def export_all(ctx: ExportContext, formats: list[str], precisions: list[str], progress: bool = True) -> list[ArtifactRecord]:
+    from rich.progress import Progress
+
+    from exporters.formats import get_format
+
+    jobs = [(f, p) for f in formats for p in precisions if p in get_format(f).precisions]
+    skipped = [(f, p) for f in formats for p in precisions if p not in get_format(f).precisions]
+    records: list[ArtifactRecord] = []
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("exporting", total=len(jobs))
+        for fmt, precision in jobs:
+            bar.update(task, description=f"{fmt} {precision}")
+            records.append(export_artifact(ctx, fmt, precision))
+            bar.advance(task)
+    for fmt, precision in skipped:
+        log.info("%s has no %s export; skipped", fmt, precision)
+    write_index(ctx.out_dir, records, ctx.meta)
+    return records

@@ -1,0 +1,53 @@
+import json
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+
+def test_bench_report_rows_and_failed_artifact(tiny_artifacts, tiny_run, synthetic_dir, tmp_path):
+    from benchmarks.runner import BenchConfig, run_benchmark
+
+    _, art_dir, _ = tiny_artifacts
+    broken = art_dir / "broken_fp32.onnx"
+    broken.write_bytes(b"not onnx")
+    (art_dir / "broken_fp32.onnx.manifest.json").write_text(
+        (art_dir / next(p.name for p in art_dir.glob("*_fp32.onnx.manifest.json") if "broken" not in p.name)).read_text())
+    cfg = BenchConfig(runs=5, min_seconds=0.05, warmup=1, batch_sizes=(1, 2), eval_limit=10, split="test")
+    report = run_benchmark(art_dir, tmp_path / "bench", synthetic_dir, None, [tiny_run.best_checkpoint], cfg, progress=False)
+    rows = {r["name"]: r for r in report["rows"]}
+    assert rows["broken_fp32.onnx"]["status"] == "failed" and rows["broken_fp32.onnx"]["error"]
+    ok = [r for r in report["rows"] if r["status"] == "ok"]
+    assert {r["format"] for r in ok} == {"torch", "onnx", "tflite"}
+    for r in ok:
+        assert set(r["latency_ms"]) >= {"p50", "p90", "p99", "mean", "std"} and r["latency_ms"]["n"] >= 5
+        assert r["size_mb"] > 0 and r["fps_batch1"] > 0 and "qwk" in r and r["roofline_pct"] > 0
+        assert r["rss_added_mb"] is not None and r["peak_rss_mb"] > 0
+        achieved = r["macs"] / (r["latency_ms"]["p50"] / 1000) / 1e9
+        assert abs(r["gmacs_per_s"] - achieved) < 1e-6 * achieved
+        assert abs(r["roofline_pct"] - 100 * achieved / max(report["peak_gmacs"].values())) < 1e-6
+        if r["format"] != "torch":
+            assert 0 <= r["agreement_fp32"] <= 1
+    onnx_fp32 = next(r for r in ok if r["format"] == "onnx" and r["precision"] == "fp32")
+    assert onnx_fp32["agreement_fp32"] == 1.0 and onnx_fp32["fps_best"] >= onnx_fp32["fps_batch1"] * 0.5
+    for name in ("report.json", "report.md", "report.html", "latency_vs_qwk.png", "latency_distribution.png"):
+        assert (tmp_path / "bench" / name).is_file()
+    assert report["device"]["cores"] >= 1 and report["peak_gmacs"]["numpy"] > 0
+    assert "| artifact |" in (tmp_path / "bench" / "report.md").read_text()
+    broken.unlink()
+    (art_dir / "broken_fp32.onnx.manifest.json").unlink()
+
+
+def test_bench_compare_merges_devices(tmp_path):
+    report = {"device": {"cpu": "cpu A", "cores": 2}, "rows": [
+        {"name": "m.onnx", "status": "ok", "latency_ms": {"p50": 5.0, "p90": 6.0}, "fps_batch1": 200.0, "qwk": 0.8}]}
+    other = json.loads(json.dumps(report))
+    other["device"]["cpu"] = "cpu B"
+    paths = []
+    for i, r in enumerate((report, other)):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    proc = subprocess.run([sys.executable, "-m", "retinaedge.cli", "bench", "compare", *map(str, paths), "--out",
+                           str(tmp_path / "cmp")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "cpu A" in proc.stdout and "cpu B" in proc.stdout and (tmp_path / "cmp" / "compare.png").is_file()

@@ -1,0 +1,82 @@
+"""Reviewer page in headless Chromium (Debian chromium + chromedriver, driven by selenium)."""
+import shutil
+import uuid
+
+import cv2
+import numpy as np
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.browser
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Debian chromium/chromium-driver not installed (make install adds them)")
+def test_reviewer_page_shows_results_overlays_and_filters(tmp_path):
+    import httpx
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    from companion_api.core.db import make_engine, make_sessionmaker, run_migrations
+    from companion_api.crud import create_principal
+    from edge_runtime.contract import QualityReport, ScreeningResult
+
+    from .faults import ServerProcess
+
+    url = f"sqlite:///{tmp_path / 'review.db'}"
+    run_migrations(url)
+    with make_sessionmaker(make_engine(url))() as session:
+        device = create_principal(session=session, name="clinic-1", role="device")
+        reviewer = create_principal(session=session, name="reviewer", role="reviewer")
+    server = ServerProcess(url, cwd=str(ROOT))
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        import base64
+
+        heat = cv2.applyColorMap(np.tile(np.arange(128, dtype=np.uint8), (128, 1)), cv2.COLORMAP_JET)
+        overlay = base64.b64encode(cv2.imencode(".png", heat)[1].tobytes()).decode()
+        entries = []
+        for grade in (0, 2, 4):
+            r = ScreeningResult(device_id="clinic-1", model_version="lite0-int8", model_sha256="a" * 64, backend="onnxruntime",
+                                provider="CPUExecutionProvider", quality=QualityReport(True, 0.9), grade=grade,
+                                probabilities=(0.2,) * 5, confidence=0.8, referable=grade >= 2, result_id=str(uuid.uuid4()))
+            entries.append({"result": r.to_dict(), "content_hash": r.content_hash(), "overlay_png_b64": overlay})
+        ungradable = ScreeningResult(device_id="clinic-1", model_version="lite0-int8", model_sha256="a" * 64, backend="onnxruntime",
+                                     provider="CPU", quality=QualityReport(False, 0.1, ("blurred",)), outcome="ungradable")
+        entries.append({"result": ungradable.to_dict(), "content_hash": ungradable.content_hash()})
+        headers = {"Authorization": f"Bearer {device}"}
+        assert httpx.post(f"{base}/v1/sync", json={"results": entries}, headers=headers).status_code == 200
+        first = entries[2]["result"]["result_id"]
+        assert httpx.post(f"{base}/v1/results/{first}/insight", headers=headers).json()["source"] == "guideline"
+
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1400,1000"):
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+        try:
+            driver.get(f"{base}/review")
+            assert "/review/login" in driver.current_url  # no token: sent to the login form
+            driver.find_element(By.ID, "token").send_keys(reviewer)
+            driver.find_element(By.ID, "login").click()
+            rows = driver.find_elements(By.CSS_SELECTOR, "tr.result")
+            assert len(rows) == 4
+            assert "REFERABLE" in driver.page_source and "retake" in driver.page_source and "does not diagnose" in driver.page_source
+            images = driver.find_elements(By.CSS_SELECTOR, "img[alt='CAM overlay']")
+            assert len(images) == 3
+            assert all(driver.execute_script("return arguments[0].naturalWidth", img) == 128 for img in images)
+            assert "guideline" in driver.page_source
+            shot = ROOT / "reports" / "reviewer_page.png"
+            shot.parent.mkdir(exist_ok=True)
+            driver.save_screenshot(str(shot))
+            driver.get(f"{base}/review?grade=4")
+            assert len(driver.find_elements(By.CSS_SELECTOR, "tr.result")) == 1
+        finally:
+            driver.quit()
+    finally:
+        server.stop()

@@ -1,0 +1,69 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from edge_runtime.errors import ConfigError
+from training.config import TrainConfig, resolve_config
+from training.metrics import quadratic_weighted_kappa, roc_auc, screening_metrics
+
+
+def test_layering_defaults_yaml_cli(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"epochs": 3, "lr": 0.01}))
+    cfg = resolve_config(TrainConfig, path, {"lr": 0.02, "batch_size": None})
+    assert (cfg.epochs, cfg.lr, cfg.batch_size) == (3, 0.02, TrainConfig().batch_size)
+
+
+def test_unknown_keys_suggest_close_matches(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epoch: 3\n")
+    with pytest.raises(ConfigError, match="did you mean.*epochs"):
+        resolve_config(TrainConfig, path)
+    with pytest.raises(ConfigError, match="loss"):
+        TrainConfig(loss="hinge")
+
+
+def test_metrics_known_values():
+    assert quadratic_weighted_kappa([0, 1, 2, 3, 4], [0, 1, 2, 3, 4]) == 1.0
+    assert quadratic_weighted_kappa([0, 0, 4, 4], [4, 4, 0, 0]) < 0
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert roc_auc([0, 1], [0.5, 0.5]) == 0.5
+    m = screening_metrics([0, 2, 3], [[0.9, 0.1, 0, 0, 0], [0.1, 0.1, 0.8, 0, 0], [0.6, 0.1, 0.1, 0.1, 0.1]])
+    assert m["referable_sensitivity"] == 0.5 and m["referable_specificity"] == 1.0
+
+
+def test_training_writes_checkpoint_metadata_and_reports(tiny_run):
+    import torch
+
+    out = tiny_run.out_dir
+    for name in ("best.pt", "last.pt", "metrics.json", "config.yaml", "confusion_val.png"):
+        assert (out / name).is_file(), name
+    meta = torch.load(tiny_run.best_checkpoint, weights_only=False)["meta"]
+    for key in ("model_name", "input_size", "preprocess", "class_names", "metrics", "data_fingerprint", "created_at"):
+        assert key in meta
+    assert set(tiny_run.metrics["val"]) >= {"qwk", "per_grade_recall", "referable_auc", "confusion_matrix"}
+
+
+def test_resume_continues_from_last(tmp_path, synthetic_dir):
+    from training.train import fit
+
+    base = dict(model="test_dr_tiny", data=(str(synthetic_dir),), pretrained=False, input_size=48, batch_size=16,
+                out=str(tmp_path), cache_dir=str(tmp_path / "cache"), patience=10)
+    fit(TrainConfig(epochs=1, **base), progress=False)
+    resumed = fit(TrainConfig(epochs=2, resume=True, **base), progress=False)
+    assert [h["epoch"] for h in resumed.metrics["history"]] == [1, 2]
+
+
+def test_torchrun_two_cpu_processes(tmp_path, synthetic_dir):
+    """DDP with the gloo backend: two CPU ranks train one model on tiny data."""
+    from .faults import free_port
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "retinaedge.cli", "train", "--model", "test_dr_tiny", "--data", str(synthetic_dir), "--no-pretrained",
+           "--input-size", "48", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "best.pt").is_file() and (out / "metrics.json").is_file()

@@ -1,0 +1,141 @@
+import json
+
+import numpy as np
+import pytest
+
+from edge_runtime.backends import open_session
+from edge_runtime.contract import ArtifactManifest, manifest_path_for
+from exporters.formats import FORMATS, format_for_path, get_format
+
+
+def test_format_table_is_the_single_source():
+    assert format_for_path("x.onnx").name == "onnx" and format_for_path("x.mlpackage").name == "coreml"
+    assert not FORMATS["coreml"].runs_here or FORMATS["coreml"].runs_on == ("Darwin",)
+    with pytest.raises(ValueError, match="did you mean"):
+        get_format("onxx")
+
+
+@pytest.mark.parametrize("fmt, precision", [("onnx", "fp32"), ("onnx", "int8"), ("tflite", "fp32"), ("tflite", "fp16"),
+                                            ("tflite", "int8")])
+def test_round_trip_parity_and_cam_identity(tiny_artifacts, fmt, precision):
+    records, out, ctx = tiny_artifacts
+    record = records[(fmt, precision)]
+    assert record.status == "ok", record.error
+    manifest = ArtifactManifest.from_json(manifest_path_for(record.path).read_text())
+    assert manifest.format == fmt and manifest.quantization.precision == precision
+    assert manifest.sha256 == record.sha256 and manifest.preprocess.input_size == 64
+    session = open_session(record.path, allow_ungated=True)
+    logits, cam = session.run(ctx.val[:4])
+    ref_logits, ref_cam = ctx.reference()
+    assert logits.shape == (4, 5) and cam.shape == ref_cam[:4].shape
+    bias = logits - cam.mean(axis=(2, 3))  # logits = spatial mean of cam + bias, on every format
+    if precision in ("fp32", "fp16"):
+        tolerance = 1e-3 if precision == "fp32" else 5e-2 * max(1.0, float(np.abs(ref_logits).max()))
+        assert np.abs(logits - ref_logits[:4]).max() < tolerance
+        assert np.abs(bias - bias[0]).max() < tolerance
+        assert record.gate == "not_required"
+        if precision == "fp16":
+            assert record.size_mb < 0.8 * records[("tflite", "fp32")].size_mb
+    else:
+        cos = (logits * ref_logits[:4]).sum(1) / np.linalg.norm(logits, axis=1) / np.linalg.norm(ref_logits[:4], axis=1)
+        assert cos.mean() > 0.9
+        assert record.gate in ("passed", "failed") and "agreement" in manifest.gate.metrics
+        assert manifest.quantization.recipe in ("ort", "pt2e") and manifest.quantization.calibration_images > 0
+
+
+def test_onnx_checker_and_embedded_manifest(tiny_artifacts):
+    import onnx
+
+    from exporters.onnx import read_embedded_manifest
+
+    records, _, _ = tiny_artifacts
+    path = records[("onnx", "int8")].path
+    onnx.checker.check_model(onnx.load(path))
+    embedded = json.loads(read_embedded_manifest(path))
+    assert embedded["format"] == "onnx" and embedded["quantization"]["precision"] == "int8"
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_tflite_embedded_manifest(tiny_artifacts):
+    from exporters.tflite import read_embedded_manifest
+
+    records, _, _ = tiny_artifacts
+    embedded = json.loads(read_embedded_manifest(records[("tflite", "int8")].path))
+    assert embedded["format"] == "tflite" and embedded["output_names"] == ["logits", "cam"]
+
+
+def test_index_json_lists_every_artifact(tiny_artifacts):
+    _, out, _ = tiny_artifacts
+    index = json.loads((out / "index.json").read_text())
+    rows = {(a["format"], a["precision"]) for a in index["artifacts"]}
+    assert rows == {("onnx", "fp32"), ("onnx", "int8"), ("tflite", "fp32"), ("tflite", "fp16"), ("tflite", "int8")}
+    assert all(a["sha256"] and a["size_mb"] > 0 for a in index["artifacts"])
+
+
+def test_coreml_spec_is_verified_on_linux(tiny_artifacts, tmp_path):
+    from dataclasses import replace
+
+    from exporters.registry import export_artifact
+
+    _, _, ctx = tiny_artifacts
+    ctx = replace(ctx, out_dir=tmp_path)
+    ctx._reference = tiny_artifacts[2].reference()
+    for precision in ("fp16", "int8"):
+        record = export_artifact(ctx, "coreml", precision)
+        assert record.status == "ok", record.error
+        assert record.path.endswith(".mlpackage")
+        if not FORMATS["coreml"].runs_here:
+            assert record.gate == "not_run" and "spec checked" in record.verified
+        if precision == "int8":
+            assert record.parity["int8_weight_ops"] > 0
+
+
+def test_failing_format_becomes_a_row(tiny_artifacts, tmp_path):
+    from dataclasses import replace
+
+    from exporters.registry import export_artifact
+
+    ctx = replace(tiny_artifacts[2], out_dir=tmp_path)
+    record = export_artifact(ctx, "onnx", "fp16")  # not in the table's precisions for ONNX
+    assert record.status == "failed" and "supports precisions" in record.error
+
+
+def test_strict_gate_fails_and_marks_manifest(tiny_artifacts, tmp_path):
+    from dataclasses import replace
+
+    from compression.gate import GateThresholds
+    from edge_runtime.errors import ArtifactError
+    from exporters.registry import export_artifact
+
+    ctx = replace(tiny_artifacts[2], out_dir=tmp_path, thresholds=GateThresholds(min_agreement=1.01))
+    record = export_artifact(ctx, "onnx", "int8")
+    assert record.status == "ok" and record.gate == "failed"
+    manifest = ArtifactManifest.from_json(manifest_path_for(record.path).read_text())
+    assert not manifest.ready and "agreement" in manifest.gate.failures[0]
+    with pytest.raises(ArtifactError, match="allow-ungated"):
+        open_session(record.path)
+    assert open_session(record.path, allow_ungated=True)
+
+
+def test_failed_gate_retries_in_mixed_precision(tiny_artifacts, tmp_path):
+    from dataclasses import replace
+
+    import onnx
+
+    from compression.gate import GateThresholds
+    from exporters.registry import export_artifact
+
+    base = tiny_artifacts[2]
+    ctx = replace(base, out_dir=tmp_path, thresholds=GateThresholds(min_agreement=1.01))  # impossible: forces the retry
+    ctx._reference = base.reference()
+    record = export_artifact(ctx, "onnx", "int8")
+    assert "mixed-precision retry" in record.verified and record.gate == "failed"
+    manifest = ArtifactManifest.from_json(manifest_path_for(record.path).read_text())
+    assert "conv_stem" in manifest.quantization.notes
+    graph = onnx.load(record.path).graph
+    stem = next(n for n in graph.node if n.name == "/conv_stem/Conv")
+    producers = {o: n for n in graph.node for o in n.output}
+    weight_source = producers.get(stem.input[1])  # None: a float initializer
+    assert weight_source is None or weight_source.op_type != "DequantizeLinear"  # the stem's weights stayed float
+    assert any(n.op_type == "DequantizeLinear" for n in graph.node)  # the rest is still INT8

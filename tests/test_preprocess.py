@@ -1,0 +1,98 @@
+import io
+import struct
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_runtime.contract import PreprocessPolicy
+from edge_runtime.errors import ImageTooLargeError, NoFundusError, UnreadableImageError
+from edge_runtime.preprocess import decode_image, detect_fov, image_size_from_header, preprocess
+
+from .conftest import encode
+
+
+def test_preprocess_shapes_and_normalisation(fundus_bgr):
+    policy = PreprocessPolicy(input_size=96)
+    pre = preprocess(fundus_bgr, policy)
+    assert pre.tensor.shape == (1, 3, 96, 96) and pre.tensor.dtype == np.float32
+    assert pre.resized_rgb.shape == (96, 96, 3)
+    nhwc = preprocess(fundus_bgr, PreprocessPolicy(input_size=96, layout="NHWC"))
+    assert nhwc.tensor.shape == (1, 96, 96, 3)
+    assert np.allclose(nhwc.tensor.transpose(0, 3, 1, 2), pre.tensor)
+
+
+def test_crop_to_fov_and_map_back():
+    img = np.zeros((300, 500, 3), np.uint8)
+    cv2.circle(img, (320, 150), 120, (40, 80, 160), -1)
+    fov = detect_fov(img)
+    assert abs(fov.center[0] - 320) < 3 and abs(fov.center[1] - 150) < 3
+    pre = preprocess(img, PreprocessPolicy(input_size=64))
+    x, y = pre.to_original(0.5, 0.5)
+    assert abs(x * 500 - 320) < 4 and abs(y * 300 - 150) < 4
+
+
+def test_ben_graham_changes_pixels(fundus_bgr):
+    plain = preprocess(fundus_bgr, PreprocessPolicy(input_size=64)).resized_rgb
+    bg = preprocess(fundus_bgr, PreprocessPolicy(input_size=64, ben_graham=True)).resized_rgb
+    assert not np.array_equal(plain, bg) and abs(float(bg.mean()) - 128) < 40
+
+
+def test_grayscale_16bit_and_alpha_inputs(fundus_bgr):
+    gray = cv2.cvtColor(fundus_bgr, cv2.COLOR_BGR2GRAY)
+    assert decode_image(encode(gray, ".png")).shape == fundus_bgr.shape
+    sixteen = fundus_bgr.astype(np.uint16) * 257
+    decoded = decode_image(encode(sixteen, ".png"))
+    assert decoded.dtype == np.uint8 and np.abs(decoded.astype(int) - fundus_bgr).max() <= 1
+    alpha = np.dstack([fundus_bgr, np.full(fundus_bgr.shape[:2], 255, np.uint8)])
+    assert np.array_equal(decode_image(encode(alpha, ".png")), fundus_bgr)
+
+
+def test_exif_rotation_is_applied():
+    from PIL import Image
+
+    img = np.zeros((100, 200, 3), np.uint8)
+    img[:, :100] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", exif=exif.tobytes())
+    decoded = decode_image(buf.getvalue())
+    assert decoded.shape[:2] == (200, 100)
+    assert decoded[:90].mean() > 200 and decoded[110:].mean() < 50  # white half is now on top
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00" * 10, np.random.default_rng(0).bytes(5000),
+                                  b"<html><svg onload=alert(1)></svg></html>"])
+def test_unreadable_bytes_raise_typed_error(data):
+    with pytest.raises(UnreadableImageError):
+        decode_image(data)
+
+
+def test_truncated_jpeg_raises(fundus_bgr):
+    data = encode(fundus_bgr)
+    with pytest.raises(UnreadableImageError):
+        decode_image(data[: len(data) // 8])
+
+
+def test_decompression_bomb_rejected_from_header():
+    # A PNG header claiming 60000 x 60000 pixels: refused before any decoding.
+    header = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">II", 60000, 60000) + b"\x08\x02\x00\x00\x00"
+    assert image_size_from_header(header) == (60000, 60000)
+    with pytest.raises(ImageTooLargeError, match="MP"):
+        decode_image(header + b"\x00" * 100)
+    with pytest.raises(ImageTooLargeError):
+        decode_image(b"\xff\xd8" + b"\x00" * 100, max_bytes=50)
+
+
+def test_jpeg_header_size(fundus_bgr):
+    assert image_size_from_header(encode(fundus_bgr)) == (256, 256)
+
+
+def test_no_fundus_raises():
+    with pytest.raises(NoFundusError):
+        preprocess(np.zeros((200, 200, 3), np.uint8), PreprocessPolicy(input_size=64))
+    speck = np.zeros((400, 400, 3), np.uint8)
+    speck[10:20, 10:20] = 200
+    with pytest.raises(NoFundusError, match="covers only"):
+        detect_fov(speck)

@@ -1,0 +1,107 @@
+"""Typed, self-validating run configs, layered defaults -> YAML -> CLI flags."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edge_runtime.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fine-tuning (and, with ``teacher`` set, distillation) of a registered DR model."""
+
+    model: str = "tf_efficientnet_lite0"  # registered name (training.models.list_models())
+    data: tuple[str, ...] = ()  # dataset folders (any supported layout); empty -> synthetic fundus data
+    synthetic_per_grade: int = 60  # images per grade when data is empty
+    synthetic_size: int = 256  # side of synthetic images in pixels
+    input_size: int | None = None  # None -> the model's native resolution
+    pretrained: bool = True  # ImageNet initialisation
+    pretrained_file: str | None = None  # local ImageNet checkpoint for offline machines
+    ben_graham: bool = False  # local-contrast normalisation in preprocessing
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    loss: str = "ce"  # ce | focal
+    focal_gamma: float = 2.0
+    class_weighted: bool = True  # inverse-frequency class weights (DR data is dominated by grade 0)
+    patience: int = 5  # early stopping on validation QWK
+    max_minutes: float | None = None  # wall-clock budget; training stops after the epoch that crosses it
+    amp: bool = True  # mixed precision, used on CUDA only
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    workers: int = 0
+    seed: int = 0
+    train_splits: tuple[str, ...] = ("train",)
+    val_split: str = "val"
+    test_split: str = "test"
+    cache_dir: str = ".cache/retinaedge"
+    out: str = "runs/train"
+    resume: bool = False  # continue from <out>/last.pt
+    referable_threshold: float = 0.5
+    # Distillation (compression.distill); ignored when teacher is None.
+    teacher: str | None = None  # teacher checkpoint path
+    alpha: float = 0.7  # weight of the soft-target KL term
+    temperature: float = 4.0
+    cam_weight: float = 0.0  # CAM-attention transfer weight (0 = off)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "synthetic_per_grade", "synthetic_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.loss not in ("ce", "focal"):
+            raise ConfigError(f"loss must be 'ce' or 'focal', got {self.loss!r}")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"lr must be in (0, 1), got {self.lr!r}")
+        if not 0 <= self.alpha <= 1 or self.temperature <= 0:
+            raise ConfigError(f"alpha must be in [0, 1] and temperature > 0, got {self.alpha!r}, {self.temperature!r}")
+        if self.input_size is not None and not 32 <= self.input_size <= 1024:
+            raise ConfigError(f"input_size must be in [32, 1024], got {self.input_size!r}")
+        if isinstance(self.data, str):
+            object.__setattr__(self, "data", (self.data,))
+        object.__setattr__(self, "data", tuple(str(d) for d in self.data))
+        object.__setattr__(self, "train_splits", tuple(self.train_splits))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def check_keys(cls: type, data: dict[str, Any], source: str) -> None:
+    """Reject unknown keys, suggesting close matches (typos in YAML are silent otherwise)."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {close}?" if close else f"; known keys: {known}"
+            raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def resolve_config(cls: type, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None):
+    """Defaults -> YAML file -> explicit overrides (CLI flags; ``None`` values are dropped)."""
+    values: dict[str, Any] = {}
+    if yaml_path:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys, got {type(loaded).__name__}")
+        check_keys(cls, loaded, str(path))
+        values.update(loaded)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    check_keys(cls, overrides, "command-line flags")
+    values.update(overrides)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

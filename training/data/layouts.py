@@ -1,0 +1,190 @@
+"""Readers for the dataset layouts RetinaEdge understands; each yields a list of :class:`Sample`.
+
+Layouts: generic ``labels.csv`` (image,grade[,patient,split]) as in ../shared/data, APTOS 2019
+(``train.csv`` id_code,diagnosis + ``train_images/``), Kaggle/EyePACS (``trainLabels.csv`` image,level),
+IDRiD grading CSV (``Image name``,``Retinopathy grade``) and folder-per-grade (``0/`` .. ``4/``).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.errors import DatasetError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+SPLITS = ("train", "val", "calib", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    grade: int
+    patient: str
+    split: str | None = None
+
+
+_LAYOUTS: dict[str, tuple[Callable[[Path], bool], Callable[[Path], list[Sample]]]] = {}
+
+
+def register_layout(name: str, detect: Callable[[Path], bool]):
+    def decorator(reader: Callable[[Path], list[Sample]]):
+        _LAYOUTS[name] = (detect, reader)
+        return reader
+    return decorator
+
+
+def _find_image(folder: Path, stem: str) -> Path | None:
+    for suffix in ("",) + IMAGE_SUFFIXES:
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_rows(csv_path: Path) -> list[dict[str, str]]:
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        return [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in csv.DictReader(fh)]
+
+
+def _build(rows: list[tuple[str, str, str | None, str | None]], image_dir: Path, source: Path) -> list[Sample]:
+    """rows: (image stem or name, grade text, patient, split). One error listing the first offenders."""
+    samples, missing, bad = [], [], []
+    for stem, grade_text, patient, split in rows:
+        path = _find_image(image_dir, stem)
+        try:
+            grade = int(float(grade_text))
+            if grade not in range(5):
+                raise ValueError
+        except ValueError:
+            bad.append(f"{stem}: {grade_text!r}")
+            continue
+        if path is None:
+            missing.append(stem)
+            continue
+        if split is not None and split not in SPLITS:
+            bad.append(f"{stem}: split {split!r}")
+            continue
+        samples.append(Sample(path, grade, patient or Path(stem).stem, split or None))
+    if missing or bad:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} image(s) missing under {image_dir} (first: {missing[:5]})")
+        if bad:
+            parts.append(f"{len(bad)} row(s) with a grade outside 0-4 or an unknown split (first: {bad[:5]})")
+        raise DatasetError(f"{source}: " + "; ".join(parts))
+    if not samples:
+        raise DatasetError(f"{source}: no labelled images found")
+    return samples
+
+
+@register_layout("labels_csv", lambda root: (root / "labels.csv").is_file())
+def read_labels_csv(root: Path) -> list[Sample]:
+    rows = _read_rows(root / "labels.csv")
+    image_dir = root / "images" if (root / "images").is_dir() else root
+    return _build([(r["image"], r["grade"], r.get("patient"), r.get("split")) for r in rows], image_dir, root / "labels.csv")
+
+
+@register_layout("aptos", lambda root: (root / "train.csv").is_file() and (root / "train_images").is_dir())
+def read_aptos(root: Path) -> list[Sample]:
+    rows = _read_rows(root / "train.csv")
+    return _build([(r["id_code"], r["diagnosis"], None, None) for r in rows], root / "train_images", root / "train.csv")
+
+
+@register_layout("eyepacs", lambda root: (root / "trainLabels.csv").is_file())
+def read_eyepacs(root: Path) -> list[Sample]:
+    rows = _read_rows(root / "trainLabels.csv")
+    image_dir = next((root / d for d in ("train", "images") if (root / d).is_dir()), root)
+    # Kaggle names images <patient>_<left|right>; both eyes of a patient must share a split.
+    return _build([(r["image"], r["level"], r["image"].rsplit("_", 1)[0], None) for r in rows], image_dir,
+                  root / "trainLabels.csv")
+
+
+def _idrid_csv(root: Path) -> Path | None:
+    for csv_path in sorted(root.glob("*.csv")) + sorted(root.glob("*/*.csv")):
+        with open(csv_path, encoding="utf-8-sig") as fh:
+            if "Retinopathy grade" in fh.readline():
+                return csv_path
+    return None
+
+
+@register_layout("idrid", lambda root: _idrid_csv(root) is not None)
+def read_idrid(root: Path) -> list[Sample]:
+    csv_path = _idrid_csv(root)
+    rows = _read_rows(csv_path)
+    image_dir = next((p for p in sorted(root.rglob("*")) if p.is_dir() and any(p.glob("IDRiD_*.jpg"))), root)
+    return _build([(r["Image name"], r["Retinopathy grade"], None, None) for r in rows], image_dir, csv_path)
+
+
+@register_layout("folders", lambda root: any((root / str(g)).is_dir() for g in range(5)))
+def read_folders(root: Path) -> list[Sample]:
+    samples = []
+    for grade in range(5):
+        folder = root / str(grade)
+        if folder.is_dir():
+            samples += [Sample(p, grade, p.stem) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not samples:
+        raise DatasetError(f"{root}: grade folders 0-4 contain no images ({', '.join(IMAGE_SUFFIXES)})")
+    return samples
+
+
+def detect_layout(root: str | Path) -> str:
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist")
+    for name, (detect, _) in _LAYOUTS.items():
+        if detect(root):
+            return name
+    raise DatasetError(
+        f"{root}: unknown dataset layout; expected one of: labels.csv (image,grade[,patient,split]), "
+        "APTOS train.csv + train_images/, EyePACS trainLabels.csv, an IDRiD grading CSV, or folders 0/..4/"
+    )
+
+
+def read_dataset(root: str | Path, layout: str | None = None) -> list[Sample]:
+    root = Path(root)
+    layout = layout or detect_layout(root)
+    if layout not in _LAYOUTS:
+        raise DatasetError(f"unknown layout {layout!r}; known: {sorted(_LAYOUTS)}")
+    return _LAYOUTS[layout][1](root)
+
+
+def assign_splits(samples: list[Sample], fractions: dict[str, float] | None = None, seed: int = 0) -> list[Sample]:
+    """Patient-level split stratified by each patient's worst grade; keeps splits already given."""
+    if all(s.split for s in samples):
+        return samples
+    fractions = fractions or {"train": 0.7, "val": 0.1, "calib": 0.05, "test": 0.15}
+    by_patient: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_patient[s.patient].append(s)
+    strata: dict[int, list[str]] = defaultdict(list)
+    for patient, items in sorted(by_patient.items()):
+        strata[max(s.grade for s in items)].append(patient)
+    rng = np.random.default_rng(seed)
+    names, cuts = list(fractions), np.cumsum(list(fractions.values()))
+    split_of: dict[str, str] = {}
+    for grade in sorted(strata):
+        patients = strata[grade]
+        rng.shuffle(patients)
+        for i, patient in enumerate(patients):
+            position = (i + 0.5) / len(patients) * cuts[-1]
+            split_of[patient] = names[min(int(np.searchsorted(cuts, position, side="right")), len(names) - 1)]
+    return [s if s.split else replace(s, split=split_of[s.patient]) for s in samples]
+
+
+def select(samples: list[Sample], split: str | tuple[str, ...]) -> list[Sample]:
+    wanted = (split,) if isinstance(split, str) else split
+    return [s for s in samples if s.split in wanted]
+
+
+def fingerprint(samples: list[Sample]) -> str:
+    """Identifies a training set: names, grades and file sizes (not paths, so it survives moves)."""
+    digest = hashlib.sha256()
+    for s in sorted(samples, key=lambda s: (s.path.name, s.grade)):
+        digest.update(f"{s.path.parent.name}/{s.path.name}:{s.grade}:{s.path.stat().st_size};".encode())
+    return digest.hexdigest()[:16]

