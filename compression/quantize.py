@@ -20,7 +20,8 @@ class QuantRecipe:
     """How to quantize one artifact.
 
     Args:
-        name (`str`): registered recipe: ``ort`` (ONNX Runtime QDQ), ``nncf`` (NNCF PTQ on ONNX) or
+        name (`str`): registered recipe: ``ort`` (ONNX Runtime QDQ), ``nncf`` (NNCF PTQ on ONNX),
+            ``qat`` (NNCF quantization-aware fine-tuning towards FP32, exported as QDQ ONNX) or
             ``pt2e`` (torch PT2E, used by the TFLite exporter).
         calibration (`str`, defaults to ``minmax``): activation range estimator, minmax | percentile | entropy.
         activation_type / weight_type (`str`): uint8 | int8.
@@ -67,8 +68,11 @@ class QuantRecipe:
     def with_exclusions(self, patterns: tuple[str, ...]) -> QuantRecipe:
         return replace(self, exclude=tuple(dict.fromkeys(self.exclude + patterns)))
 
-    def info(self, calibration_images: int) -> QuantizationInfo:
-        return QuantizationInfo("int8", self.name, self.activation_type, self.weight_type, self.per_channel,
+    def info(self, calibration_images: int, activation_type: str | None = None,
+             weight_type: str | None = None) -> QuantizationInfo:
+        """Manifest record; pass the types read back from the artifact where they can differ from the recipe's."""
+        return QuantizationInfo("int8", self.name, activation_type or self.activation_type,
+                                weight_type or self.weight_type, self.per_channel,
                                 self.calibration, calibration_images, self.target,
                                 f"float kept for {list(self.exclude)}" if self.exclude else None)
 
@@ -95,7 +99,7 @@ def list_recipes() -> list[str]:
 def quantize_onnx(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe) -> Path:
     """Apply an ONNX recipe (ort | nncf) to ``fp32_path``, calibrated on ``calib`` (N x C x S x S)."""
     if recipe.name not in ("ort", "nncf"):
-        raise ConfigError(f"recipe {recipe.name!r} does not quantize ONNX models; use ort or nncf")
+        raise ConfigError(f"recipe {recipe.name!r} does not post-training-quantize ONNX files; use ort or nncf")
     if len(calib) == 0:
         raise ConfigError("static INT8 needs calibration images; pass --calib with real fundus photos")
     return _RECIPES[recipe.name](Path(fp32_path), Path(out_path), calib, recipe)
@@ -176,3 +180,11 @@ def pt2e_quantize(model, calib: np.ndarray, recipe: QuantRecipe | None = None):
     # fold_quantize=False keeps weights as float+QDQ so litert-torch can lower them (TOOLCHAIN.md).
     return convert_pt2e(prepared, fold_quantize=False), quantizer
 
+
+
+@register_recipe("qat")
+def qat_quantize(export_module, calib: np.ndarray, train_images: np.ndarray, config=None):
+    """NNCF fake-quantization fine-tuned towards the FP32 outputs; returns a module to export as QDQ ONNX."""
+    from .qat import QATConfig, fidelity_qat
+
+    return fidelity_qat(export_module, calib, train_images, config or QATConfig())

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from compression.gate import GateThresholds, compare, evaluate_gate
+from compression.qat import QATConfig
 from compression.quantize import QuantRecipe
 from edge_runtime.contract import (
     ArtifactManifest,
@@ -44,6 +45,8 @@ class ExportContext:
     thresholds: GateThresholds = field(default_factory=GateThresholds)
     name: str | None = None
     mixed_precision_fallback: bool = True  # on a failed INT8 gate, retry keeping sensitive layers in float
+    qat: QATConfig | None = None  # last resort after mixed precision; needs qat_images
+    qat_images: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 1, 1), np.float32))  # unlabelled, train split
 
     @property
     def policy(self) -> PreprocessPolicy:
@@ -178,9 +181,10 @@ def export_artifact(ctx: ExportContext, fmt: str, precision: str) -> ArtifactRec
             how = f"spec checked only: {spec.runtime} cannot run on this OS ({', '.join(spec.runs_on)} only)"
             gate = GateResult("not_run", {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
                               {}, ("predictions need " + "/".join(spec.runs_on),))
-        if (gate.status == "failed" and precision == "int8" and fmt == "onnx" and ctx.mixed_precision_fallback
-                and not ctx.recipe.exclude):
-            return _mixed_precision_retry(ctx, fmt, gate)
+        if gate.status == "failed" and precision == "int8" and fmt == "onnx":
+            retried = _fallback_retry(ctx, fmt, gate)
+            if retried is not None:
+                return retried
         manifest = write_manifest(path, manifest.replace(gate=gate))
         log.info("%s %s export success %.1fs, saved as %s (%.2f MB), gate %s", fmt, precision, seconds, path,
                  _size_mb(path), gate.status)
@@ -193,17 +197,44 @@ def export_artifact(ctx: ExportContext, fmt: str, precision: str) -> ArtifactRec
                               error=f"{type(exc).__name__}: {exc}")
 
 
-def _mixed_precision_retry(ctx: ExportContext, fmt: str, failed: GateResult) -> ArtifactRecord:
-    """The gate failed with everything in INT8: keep stem, squeeze-excite gating, head and CAM head in float."""
+def _fallback_retry(ctx: ExportContext, fmt: str, failed: GateResult) -> ArtifactRecord | None:
+    """The escalation after a failed INT8 gate: (1) keep stem, squeeze-excite gating, head and CAM head in
+    float; (2) if that fails too and QAT is configured, quantization-aware fine-tuning towards FP32.
+    Returns None when no fallback applies (the failed artifact then stands, marked failed)."""
     from compression.quantize import CAM_HEAD_NODES, SENSITIVE_PATTERNS
 
-    log.warning("%s int8 failed its gate (%s); retrying with sensitive layers in float", fmt, "; ".join(failed.failures))
-    retry = dataclasses.replace(ctx, recipe=ctx.recipe.with_exclusions(SENSITIVE_PATTERNS + CAM_HEAD_NODES),
-                                mixed_precision_fallback=False)
-    retry.__dict__.update({k: v for k, v in ctx.__dict__.items() if k in ("_reference", "_macs")})
+    why, record = "; ".join(failed.failures), None
+    if ctx.mixed_precision_fallback and not ctx.recipe.exclude and ctx.recipe.name != "qat":
+        log.warning("%s int8 failed its gate (%s); retrying with sensitive layers in float", fmt, why)
+        retry = _derived(ctx, recipe=ctx.recipe.with_exclusions(SENSITIVE_PATTERNS + CAM_HEAD_NODES),
+                         mixed_precision_fallback=False, qat=None)  # the escalation is driven from here
+        record = export_artifact(retry, fmt, "int8")
+        record.verified = f"{record.verified}; mixed-precision retry after all-INT8 failed ({why})"
+        if record.gate != "failed":
+            return record
+        why = f"{why}; mixed precision: {'; '.join(gate_failures(record))}"
+    if ctx.recipe.name == "qat" or ctx.qat is None or ctx.qat.steps == 0 or not len(ctx.qat_images):
+        return record  # the last attempt's file and manifest are what is on disk
+    log.warning("%s int8 still fails its gate (%s); quantization-aware fine-tuning for %d steps", fmt, why, ctx.qat.steps)
+    retry = _derived(ctx, recipe=dataclasses.replace(ctx.recipe, name="qat", exclude=()), mixed_precision_fallback=False)
     record = export_artifact(retry, fmt, "int8")
-    record.verified = f"{record.verified}; mixed-precision retry after all-INT8 failed ({'; '.join(failed.failures)})"
+    record.verified = f"{record.verified}; QAT retry after post-training INT8 failed ({why})"
     return record
+
+
+def _derived(ctx: ExportContext, **changes) -> ExportContext:
+    """A copy of ``ctx`` with ``changes`` that keeps the cached FP32 reference outputs and MAC count."""
+    derived = dataclasses.replace(ctx, **changes)
+    derived.__dict__.update({k: v for k, v in ctx.__dict__.items() if k in ("_reference", "_macs")})
+    return derived
+
+
+def gate_failures(record: ArtifactRecord) -> list[str]:
+    """Why a row failed: its export error, or the gate failures recorded in its manifest."""
+    if not record.path:
+        return [record.error or "export failed"]
+    sidecar = manifest_path_for(record.path)
+    return list(ArtifactManifest.from_json(sidecar.read_text()).gate.failures) if sidecar.is_file() else []
 
 
 def _size_mb(path: Path) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from compression.quantize import quantize_onnx
+from compression.quantize import qat_quantize, quantize_onnx
 from edge_runtime.backends.base import embedded_manifest_json
 from edge_runtime.contract import QuantizationInfo
 
@@ -18,13 +18,14 @@ log = logging.getLogger(__name__)
 OPSET = 18
 
 
-def export_onnx_fp32(ctx: ExportContext, path: Path) -> Path:
+def export_onnx_fp32(ctx: ExportContext, path: Path, module: torch.nn.Module | None = None) -> Path:
+    """Write ``module`` (default: the checkpoint's inputs -> (logits, cam)) as ONNX."""
     from training.models import ExportModule
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # dynamo=False: 1-4 s instead of 6-17 s and it also exports NNCF-stripped models (TOOLCHAIN.md).
-        torch.onnx.export(ExportModule(ctx.model), (ctx.example(),), str(path), dynamo=False, opset_version=OPSET,
+        torch.onnx.export(module or ExportModule(ctx.model), (ctx.example(),), str(path), dynamo=False, opset_version=OPSET,
                           input_names=["input"], output_names=["logits", "cam"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "cam": {0: "batch"}})
     return path
@@ -44,18 +45,58 @@ def read_embedded_manifest(path: str | Path) -> str | None:
     return next((p.value for p in model.metadata_props if p.key == "retinaedge_manifest"), None)
 
 
+def qdq_types(path: Path) -> dict[str, str]:
+    """The integer types a QDQ graph really uses (read from its zero points), for an honest manifest."""
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    stored = {t.name: t for t in graph.initializer}
+    stored.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute})
+    aliases = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}  # torch's exporter adds these
+
+    def resolve(name: str) -> str:
+        while name in aliases:
+            name = aliases[name]
+        return name
+
+    names = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
+    weights: set[str] = set()
+    activations: set[str] = set()
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        zero_point = stored.get(resolve(node.input[2]))
+        if zero_point is None:
+            continue
+        kind = names.get(zero_point.data_type, "other")
+        # Fed by a stored tensor: a weight (float for Q as fake-quant exports write it; integer for a DQ
+        # of pre-quantized weights). Anything else is an activation.
+        from_storage = resolve(node.input[0]) in stored
+        if from_storage:
+            weights.add(kind)
+        elif node.op_type == "QuantizeLinear":
+            activations.add(kind)
+    return {"activation_type": "+".join(sorted(activations)) or "float",
+            "weight_type": "+".join(sorted(weights)) or "float"}
+
+
 @register_exporter("onnx")
 def export_onnx(ctx: ExportContext, precision: str) -> tuple[Path, QuantizationInfo]:
     path = ctx.out_dir / f"{ctx.stem}_{precision}.onnx"
     if precision == "fp32":
         export_onnx_fp32(ctx, path)
         quant = QuantizationInfo("fp32")
+    elif ctx.recipe.name == "qat":
+        from training.models import ExportModule
+
+        module = qat_quantize(ExportModule(ctx.model), ctx.calib, ctx.qat_images, ctx.qat)
+        export_onnx_fp32(ctx, path, module)
+        quant = ctx.recipe.info(len(ctx.calib), **qdq_types(path))
     else:
         fp32 = ctx.out_dir / f"{ctx.stem}_fp32.tmp.onnx"
         export_onnx_fp32(ctx, fp32)
         quantize_onnx(fp32, path, ctx.calib, ctx.recipe)
         fp32.unlink(missing_ok=True)
-        quant = ctx.recipe.info(len(ctx.calib))
+        quant = ctx.recipe.info(len(ctx.calib), **qdq_types(path))
     cam_shape = tuple(int(v) for v in ctx.reference()[1].shape[2:]) if len(ctx.val) else None
     embed_metadata(path, embedded_manifest_json(ctx.manifest("onnx", quant, cam_shape)))
     return path, quant

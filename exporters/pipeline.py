@@ -8,6 +8,7 @@ import numpy as np
 
 from compression.calibration import load_batch
 from compression.gate import GateThresholds
+from compression.qat import QATConfig
 from compression.quantize import QuantRecipe
 from edge_runtime.contract import PreprocessPolicy
 
@@ -18,7 +19,8 @@ log = logging.getLogger(__name__)
 
 def build_context(checkpoint: str | Path, out_dir: str | Path, calib: str | Path | None, val: str | Path | None,
                   recipe: QuantRecipe | None = None, thresholds: GateThresholds | None = None,
-                  calib_limit: int = 64, val_limit: int = 128, name: str | None = None) -> ExportContext:
+                  calib_limit: int = 64, val_limit: int = 128, name: str | None = None, qat: QATConfig | None = None,
+                  qat_limit: int = 0) -> ExportContext:
     from training.models import load_checkpoint
     from training.models.dr_classifier import freeze_dynamic_padding
 
@@ -27,8 +29,11 @@ def build_context(checkpoint: str | Path, out_dir: str | Path, calib: str | Path
     freeze_dynamic_padding(model, policy.input_size)  # artifacts have a fixed input size (the manifest's)
     calib_x = load_batch(calib, policy, "calib", calib_limit)[0] if calib else np.zeros((0, 3, policy.input_size, policy.input_size), np.float32)
     val_x, val_y = load_batch(val, policy, "val", val_limit) if val else (calib_x, None)
-    return ExportContext(model, meta, Path(out_dir), calib_x, val_x, val_y, recipe or QuantRecipe(),
-                         thresholds or GateThresholds(), name)
+    ctx = ExportContext(model, meta, Path(out_dir), calib_x, val_x, val_y, recipe or QuantRecipe(),
+                        thresholds or GateThresholds(), name, qat=qat)
+    if calib and qat_limit:  # QAT learns from the train split: never from the calib or val photos it is judged on
+        ctx.qat_images = load_batch(calib, policy, "train", qat_limit)[0]
+    return ctx
 
 
 def export_all(ctx: ExportContext, formats: list[str], precisions: list[str], progress: bool = True) -> list[ArtifactRecord]:

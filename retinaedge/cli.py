@@ -145,12 +145,15 @@ def export(
     calib: Path | None = typer.Option(None, help="Real fundus photos for INT8 calibration (its `calib` split)."),
     val: Path | None = typer.Option(None, help="Labelled photos for parity and the fidelity gate (`val` split)."),
     out: Path = typer.Option(Path("artifacts"), help="Output folder (gets index.json)."),
-    recipe: str = typer.Option("ort", help="ONNX INT8 recipe: ort | nncf."),
+    recipe: str = typer.Option("ort", help="ONNX INT8 recipe: ort | nncf | qat."),
     target: str = typer.Option("x86_avx2", help="CPU class preset: x86_avx2 | x86_vnni | arm64 | jetson_orin."),
     calibration: str = typer.Option("minmax", help="minmax | percentile | entropy (ort recipe)."),
     min_agreement: float = typer.Option(0.995), min_qwk_ratio: float = typer.Option(0.995),
     max_sensitivity_drop: float = typer.Option(0.01),
     name: str | None = typer.Option(None, help="Artifact file stem (default: model name)."),
+    qat_steps: int = typer.Option(0, help="Quantization-aware fine-tuning steps when post-training INT8 and its "
+                                  "mixed-precision retry both fail the gate (0: off); uses --calib's train split."),
+    qat_images: int = typer.Option(256, help="Unlabelled train-split photos for QAT."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Export self-describing artifacts, verify each numerically, gate INT8; non-zero exit if any fails."""
@@ -158,13 +161,16 @@ def export(
     from dataclasses import replace
 
     from compression.gate import GateThresholds
+    from compression.qat import QATConfig
     from compression.quantize import QuantRecipe
     from exporters.pipeline import build_context, export_all
 
     try:
         quant = replace(QuantRecipe.for_target(target, recipe), calibration=calibration)
         thresholds = GateThresholds(min_agreement, min_qwk_ratio, max_sensitivity_drop)
-        ctx = build_context(checkpoint, out, calib, val, quant, thresholds, name=name)
+        qat = QATConfig(steps=qat_steps if recipe != "qat" else max(qat_steps, QATConfig().steps))
+        ctx = build_context(checkpoint, out, calib, val, quant, thresholds, name=name, qat=qat,
+                            qat_limit=qat_images if qat.steps else 0)
         records = export_all(ctx, formats.split(","), precisions.split(","))
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
@@ -174,6 +180,8 @@ def export(
 
 
 def _print_records(records) -> None:
+    from exporters.base import gate_failures
+
     table = Table(title="artifacts")
     for column in ("format", "precision", "status", "size MB", "max|dlogit|", "agreement", "CAM corr", "gate", "s", "note"):
         table.add_column(column)
@@ -184,17 +192,8 @@ def _print_records(records) -> None:
         p = r.parity
         table.add_row(r.format, r.precision, r.status, f"{r.size_mb or 0:.2f}", fmt(p, "max_abs_logit_diff", "{:.2e}"),
                       fmt(p, "agreement"), fmt(p, "cam_correlation"), r.gate or "-", f"{r.export_seconds or 0:.1f}",
-                      (r.error or "; ".join(_gate_failures(r)) or r.verified or "")[:80])
+                      (r.error or "; ".join(gate_failures(r)) or r.verified or "")[:80])
     out_console.print(table)
-
-
-def _gate_failures(record) -> list[str]:
-    if not record.path:
-        return []
-    from edge_runtime.contract import ArtifactManifest, manifest_path_for
-
-    sidecar = manifest_path_for(record.path)
-    return list(ArtifactManifest.from_json(sidecar.read_text()).gate.failures) if sidecar.is_file() else []
 
 
 # ---------------------------------------------------------------- edge

@@ -59,3 +59,52 @@ def test_distillation_reports_student_vs_teacher(tiny_run, synthetic_dir, tmp_pa
     assert run.best_checkpoint.is_file() and (run.out_dir / "distill_report.json").is_file()
     assert set(report) >= {"student", "teacher", "agreement", "cam_correlation"}
     assert -1 <= report["cam_correlation"] <= 1 and 0 <= report["agreement"] <= 1
+
+
+def test_batch_norm_folding_keeps_outputs():
+    import copy
+
+    import torch
+
+    from compression.qat import fold_batch_norms
+    from training.models import ExportModule, create_model
+
+    model = create_model("test_dr_tiny").eval()
+    for m in model.modules():  # non-trivial statistics, or folding would be an identity either way
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    reference = ExportModule(model)
+    folded = fold_batch_norms(copy.deepcopy(reference))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(reference(x), folded(x), strict=True):
+            assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_qat_is_the_last_resort_after_mixed_precision(tiny_artifacts, tmp_path):
+    from dataclasses import replace
+
+    import onnx
+
+    from compression.gate import GateThresholds
+    from compression.qat import QATConfig
+    from edge_runtime.contract import ArtifactManifest, manifest_path_for
+    from exporters.registry import export_artifact
+
+    base = tiny_artifacts[2]
+    # An impossible threshold forces every step of the escalation: all-INT8 -> mixed precision -> QAT.
+    ctx = replace(base, out_dir=tmp_path, thresholds=GateThresholds(min_agreement=1.01),
+                  qat=QATConfig(steps=2, batch_size=4), qat_images=base.calib[:8])
+    ctx._reference = base.reference()
+    record = export_artifact(ctx, "onnx", "int8")
+    assert record.status == "ok" and "QAT retry" in record.verified and "mixed precision" in record.verified
+    manifest = ArtifactManifest.from_json(manifest_path_for(record.path).read_text())
+    assert manifest.quantization.recipe == "qat" and manifest.gate.status == "failed"
+    assert "int8" in manifest.quantization.weight_type
+    graph = onnx.load(record.path).graph
+    ops = {n.op_type for n in graph.node}
+    assert "QuantizeLinear" in ops and "BatchNormalization" not in ops  # BN folded before fake quantization
+    assert 0.0 <= record.parity["agreement"] <= 1.0 and record.parity["cam_identity_error"] < 1e-3

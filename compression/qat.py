@@ -1,0 +1,121 @@
+"""Quantization-aware fine-tuning (NNCF), the last resort when post-training INT8 fails the fidelity gate.
+
+The objective is fidelity, not accuracy: the fake-quantized copy is trained to reproduce the FP32 model's
+logits (KL at a temperature) and class activation maps on unlabelled real photos, so no labels are needed
+and the gate's question ("does INT8 grade like FP32?") is what is optimised.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_runtime.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """How long and how gently to fine-tune the fake-quantized model.
+
+    Args:
+        steps (`int`, defaults to 300): optimiser steps; 0 disables QAT.
+        batch_size (`int`, defaults to 16).
+        lr (`float`, defaults to 1e-5): small, so weights move only as far as quantization needs.
+        temperature (`float`, defaults to 2.0): softens logits for the KL term.
+        cam_weight (`float`, defaults to 1.0): weight of the normalised-CAM MSE term.
+        seed (`int`, defaults to 0).
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-5
+    temperature: float = 2.0
+    cam_weight: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.temperature <= 0 or self.cam_weight < 0:
+            raise ConfigError(f"invalid QATConfig {self}: steps >= 0, batch_size >= 1, lr > 0, temperature > 0, "
+                              "cam_weight >= 0")
+
+
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm that directly follows a convolution into that convolution (in place).
+
+    Without this, exported QAT graphs keep ``Conv -> BatchNormalization`` between the quantize/dequantize
+    pairs and ONNX Runtime cannot fuse them into integer convolutions. timm's ``BatchNormAct2d`` keeps its
+    activation: the module is replaced by that activation alone.
+    """
+    for parent in model.modules():
+        children = list(parent.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+            bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            with torch.no_grad():
+                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias.detach())
+            tail = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+            setattr(parent, bn_name, nn.Sequential(*tail) if tail else nn.Identity())
+    return model
+
+
+def _normalised(cam: torch.Tensor) -> torch.Tensor:
+    flat = cam.flatten(2)
+    flat = flat - flat.mean(-1, keepdim=True)
+    return flat / (flat.norm(dim=-1, keepdim=True) + 1e-6)
+
+
+def fidelity_qat(export_module: nn.Module, calib: np.ndarray, train_images: np.ndarray, cfg: QATConfig = QATConfig(),
+                 progress: bool = True) -> nn.Module:
+    """Fake-quantize ``export_module`` (inputs -> (logits, cam)) with NNCF, calibrated on ``calib``, then
+    fine-tune it towards the FP32 outputs on ``train_images`` (N x C x S x S, normalised).
+
+    Returns a stripped native-torch module that ``torch.onnx.export(dynamo=False)`` writes as QDQ ONNX.
+    """
+    import nncf
+
+    if len(calib) == 0 or len(train_images) == 0:
+        raise ConfigError("QAT needs calibration images and unlabelled training images (the train split)")
+    reference = copy.deepcopy(export_module).eval()
+    student = fold_batch_norms(copy.deepcopy(export_module).eval())
+    dataset = nncf.Dataset([torch.from_numpy(calib[i:i + 1]).float() for i in range(len(calib))])
+    quantized = nncf.quantize(student, dataset, subset_size=len(calib))
+    # eval mode throughout: no dropout, and with BN folded there are no batch statistics to update.
+    quantized.eval()
+    optimizer = torch.optim.Adam(quantized.parameters(), lr=cfg.lr)
+    generator = np.random.default_rng(cfg.seed)
+    t = cfg.temperature
+    from rich.progress import Progress
+
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("quantization-aware fine-tuning", total=cfg.steps)
+        for step in range(cfg.steps):
+            rows = generator.choice(len(train_images), min(cfg.batch_size, len(train_images)), replace=False)
+            x = torch.from_numpy(train_images[rows]).float()
+            # Fundus photos have no canonical orientation: flips/rotations widen the few images QAT sees.
+            x = torch.rot90(x, int(generator.integers(4)), dims=(2, 3))
+            if generator.random() < 0.5:
+                x = x.flip(3)
+            with torch.no_grad():
+                ref_logits, ref_cam = reference(x)
+            logits, cam = quantized(x)
+            kl = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(ref_logits / t, 1), reduction="batchmean") * t * t
+            cam_loss = F.mse_loss(_normalised(cam), _normalised(ref_cam)) * cam.shape[-1] * cam.shape[-2]
+            loss = kl + cfg.cam_weight * cam_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update(task, advance=1, description=f"QAT step {step + 1}/{cfg.steps} loss {loss.item():.4f}")
+            if step % 50 == 0:
+                log.info("QAT step %d: KL %.4f CAM %.4f", step, float(kl), float(cam_loss))
+    example = torch.from_numpy(calib[:1]).float()
+    return nncf.strip(quantized, do_copy=True, strip_format=nncf.StripFormat.NATIVE, example_input=example).eval()
