@@ -1,18 +1,34 @@
 #!/usr/bin/env bash
-# Real-data numbers for the closing notes: export + gate + benchmark of the fine-tuned Lite0 student and the B4
-# teacher on ../shared/data/eyepacs_full (calib split for calibration, val split for the gate, test split for bench).
+# Real-data numbers for the closing notes: export + gate + benchmark of the fine-tuned Lite0 student, the distilled
+# student and the B4 teacher on ../shared/data/eyepacs_full (calib split for calibration, train split for QAT,
+# val split for the gate, test split for the benchmark). Every INT8 recipe is exported separately so the table
+# shows each one's fidelity; `--qat-steps 0` keeps the automatic escalation out of the PTQ rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RE=.venv/bin/retinaedge
 DATA=../shared/data/eyepacs_full
 OUT=${OUT:-runs/real}
+STUDENT=${STUDENT:-runs/lite0_real/best.pt}
+TEACHER=${TEACHER:-runs/b4_teacher/best.pt}
 mkdir -p "$OUT"
-for recipe in ort nncf; do
-  $RE export --checkpoint runs/lite0_real/best.pt --formats onnx --precisions fp32,int8 --recipe $recipe \
-      --calib $DATA --val $DATA --out "$OUT/artifacts_lite0_$recipe" --name "lite0_$recipe" > "$OUT/export_lite0_$recipe.log" 2>&1
-done
-$RE export --checkpoint runs/lite0_real/best.pt --formats tflite,coreml --precisions fp32,fp16,int8 \
+export_onnx() {  # checkpoint name precisions recipe target [extra args]
+  local ckpt=$1 name=$2 precisions=$3 recipe=$4 target=$5; shift 5
+  $RE export --checkpoint "$ckpt" --formats onnx --precisions "$precisions" --recipe "$recipe" --target "$target" \
+      --calib $DATA --val $DATA --out "$OUT/artifacts_${name}" --name "$name" "$@" > "$OUT/export_${name}.log" 2>&1
+  echo "$name: exit $?"
+}
+export_onnx "$STUDENT" lite0_ort_u8u8 fp32,int8 ort x86_avx2
+export_onnx "$STUDENT" lite0_ort_u8s8_rr int8 ort x86_avx2_fast
+export_onnx "$STUDENT" lite0_ort_u8s8 int8 ort x86_vnni
+export_onnx "$STUDENT" lite0_nncf int8 nncf x86_avx2
+export_onnx "$STUDENT" lite0_qat int8 qat x86_avx2 --qat-steps "${QAT_STEPS:-300}"
+$RE export --checkpoint "$STUDENT" --formats tflite,coreml --precisions fp32,fp16,int8 \
     --calib $DATA --val $DATA --out "$OUT/artifacts_lite0_other" --name lite0 > "$OUT/export_lite0_other.log" 2>&1
-$RE export --checkpoint runs/b4_teacher/best.pt --formats onnx --precisions fp32,int8 \
-    --calib $DATA --val $DATA --out "$OUT/artifacts_b4" --name b4 > "$OUT/export_b4.log" 2>&1
+echo "lite0 tflite/coreml: exit $?"
+export_onnx "$TEACHER" b4_ort_u8u8 fp32,int8 ort x86_avx2
+export_onnx "$TEACHER" b4_ort_u8s8_rr int8 ort x86_avx2_fast
+export_onnx "$TEACHER" b4_nncf int8 nncf x86_avx2
+$RE export --checkpoint "$TEACHER" --formats tflite,coreml --precisions fp32,fp16,int8 \
+    --calib $DATA --val $DATA --out "$OUT/artifacts_b4_other" --name b4 > "$OUT/export_b4_other.log" 2>&1
+echo "b4 tflite/coreml: exit $?"
 echo done > "$OUT/exports.done"

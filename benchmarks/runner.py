@@ -268,8 +268,9 @@ def to_markdown(report: dict) -> str:
              f"Measured GEMM peak: {report['peak_gmacs']} GMAC/s. Latency at batch 1 after warm-up. "
              "Accuracy on the labelled split; agreement and CAM correlation against the FP32 outputs of the same model.", "",
              "| artifact | format | prec. | size MB | load ms | p50 ms | p90 ms | p99 ms | mean±std ms | FPS b1 | FPS best | "
-             "+RSS MB | QWK | ref. sens | ref. spec | AUC | agree FP32 | CAM corr | pointing | roofline % | gate | status |",
-             "|" + "---|" * 22]
+             "+RSS MB | QWK | ref. sens | ref. spec | AUC | agree FP32 | cosine FP32 | CAM corr | pointing | roofline % | gate | "
+             "status |",
+             "|" + "---|" * 23]
     for r in report["rows"]:
         lat = r.get("latency_ms") or {}
         lines.append("| " + " | ".join([
@@ -278,7 +279,7 @@ def to_markdown(report: dict) -> str:
             f"{lat['mean']:.2f}±{lat['std']:.2f}" if lat else "-", _fmt(r.get("fps_batch1"), ".1f"), _fmt(r.get("fps_best"), ".1f"),
             _fmt(r.get("rss_added_mb"), ".0f"), _fmt(r.get("qwk"), ".3f"), _fmt(r.get("referable_sensitivity"), ".3f"),
             _fmt(r.get("referable_specificity"), ".3f"), _fmt(r.get("referable_auc"), ".3f"), _fmt(r.get("agreement_fp32"), ".3f"),
-            _fmt(r.get("cam_corr_fp32"), ".3f"), _fmt(r.get("pointing_game"), ".2f"), _fmt(r.get("roofline_pct"), ".1f"),
+            _fmt(r.get("logit_cosine_fp32"), ".4f"), _fmt(r.get("cam_corr_fp32"), ".3f"), _fmt(r.get("pointing_game"), ".2f"), _fmt(r.get("roofline_pct"), ".1f"),
             r.get("gate", "-"), r.get("status", "-") + (f": {r['error'][:60]}" if r.get("error") else "")]) + " |")
     ratios = ratio_lines(report["rows"])
     return "\n".join(lines + ([""] + ratios if ratios else [])) + "\n"

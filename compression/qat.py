@@ -116,6 +116,6 @@ def fidelity_qat(export_module: nn.Module, calib: np.ndarray, train_images: np.n
             optimizer.step()
             bar.update(task, advance=1, description=f"QAT step {step + 1}/{cfg.steps} loss {loss.item():.4f}")
             if step % 50 == 0:
-                log.info("QAT step %d: KL %.4f CAM %.4f", step, float(kl), float(cam_loss))
+                log.info("QAT step %d: KL %.4f CAM %.4f", step, kl.item(), cam_loss.item())
     example = torch.from_numpy(calib[:1]).float()
     return nncf.strip(quantized, do_copy=True, strip_format=nncf.StripFormat.NATIVE, example_input=example).eval()

@@ -27,6 +27,8 @@ class QuantRecipe:
         activation_type / weight_type (`str`): uint8 | int8.
         per_channel (`bool`, defaults to True): per-output-channel weight scales.
         exclude (`tuple[str, ...]`): node-name substrings kept in float (mixed precision).
+        reduce_range (`bool`, defaults to False): 7-bit weights, so the U8S8 AVX2 kernels of CPUs without VNNI
+            cannot saturate their 16-bit accumulators; lets those CPUs run the fast U8S8 path (ort recipe).
         target (`str`): CPU class the recipe was chosen for; recorded in the manifest.
     """
 
@@ -37,6 +39,7 @@ class QuantRecipe:
     per_channel: bool = True
     exclude: tuple[str, ...] = ()
     target: str = "x86_avx2"
+    reduce_range: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in _RECIPES:
@@ -56,6 +59,9 @@ class QuantRecipe:
         presets = {
             # AVX2 without VNNI: ORT's U8S8 kernels saturate (b0 cosine 0.58 vs 0.92 U8U8, TOOLCHAIN.md).
             "x86_avx2": QuantRecipe(name, activation_type="uint8", weight_type="uint8", target="x86_avx2"),
+            # Same CPUs, fast U8S8 kernels: 7-bit weights keep pmaddubsw's 16-bit sums from saturating.
+            "x86_avx2_fast": QuantRecipe(name, activation_type="uint8", weight_type="int8", reduce_range=True,
+                                         target="x86_avx2"),
             # VNNI and ARM64 dot-product kernels handle U8S8 without saturation and run it fastest.
             "x86_vnni": QuantRecipe(name, activation_type="uint8", weight_type="int8", target="x86_vnni"),
             "arm64": QuantRecipe(name, activation_type="uint8", weight_type="int8", target="arm64"),
@@ -73,8 +79,12 @@ class QuantRecipe:
         """Manifest record; pass the types read back from the artifact where they can differ from the recipe's."""
         return QuantizationInfo("int8", self.name, activation_type or self.activation_type,
                                 weight_type or self.weight_type, self.per_channel,
-                                self.calibration, calibration_images, self.target,
-                                f"float kept for {list(self.exclude)}" if self.exclude else None)
+                                self.calibration, calibration_images, self.target, self.notes())
+
+    def notes(self) -> str | None:
+        parts = ([f"float kept for {list(self.exclude)}"] if self.exclude else []) + (
+            ["7-bit weight range (reduce_range)"] if self.reduce_range else [])
+        return "; ".join(parts) or None
 
 
 # Fallback for a failing gate: keep the parts INT8 hurts most in float (stem, SE gating, head/CAM).
@@ -140,7 +150,8 @@ def _ort_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: Quan
                "entropy": CalibrationMethod.Entropy}
     quantize_static(str(prepped), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
                     activation_type=types[recipe.activation_type], weight_type=types[recipe.weight_type],
-                    per_channel=recipe.per_channel, calibrate_method=methods[recipe.calibration],
+                    per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                    calibrate_method=methods[recipe.calibration],
                     nodes_to_exclude=_excluded_nodes(prepped, recipe.exclude),
                     extra_options={"ActivationSymmetric": recipe.activation_type == "int8", "WeightSymmetric": True})
     prepped.unlink(missing_ok=True)
@@ -163,8 +174,12 @@ def _nncf_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: Qua
 
 
 @register_recipe("pt2e")
-def pt2e_quantize(model, calib: np.ndarray, recipe: QuantRecipe | None = None):
-    """PT2E (XNNPACK-style) W8A8 for litert-torch: returns (quantized graph module, quantizer)."""
+def pt2e_quantize(model, calib: np.ndarray, recipe: QuantRecipe | None = None, fold_quantize: bool = False):
+    """PT2E (XNNPACK-style) W8A8 calibrated on ``calib``: returns (quantized graph module, quantizer).
+
+    ``fold_quantize=False`` keeps weights as float + quantize/dequantize so litert-torch can lower them
+    (TOOLCHAIN.md); ``True`` stores int8 weights with only ``dequantize_per_channel``, which coremltools lowers.
+    """
     import torch
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -177,8 +192,7 @@ def pt2e_quantize(model, calib: np.ndarray, recipe: QuantRecipe | None = None):
     with torch.no_grad():
         for i in range(len(calib)):
             prepared(torch.from_numpy(calib[i:i + 1]).float())
-    # fold_quantize=False keeps weights as float+QDQ so litert-torch can lower them (TOOLCHAIN.md).
-    return convert_pt2e(prepared, fold_quantize=False), quantizer
+    return convert_pt2e(prepared, fold_quantize=fold_quantize), quantizer
 
 
 

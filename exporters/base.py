@@ -47,6 +47,8 @@ class ExportContext:
     mixed_precision_fallback: bool = True  # on a failed INT8 gate, retry keeping sensitive layers in float
     qat: QATConfig | None = None  # last resort after mixed precision; needs qat_images
     qat_images: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 1, 1), np.float32))  # unlabelled, train split
+    # (logits, cam) on ``val`` of the quantized graph a converter was given, for formats this OS cannot run.
+    simulated: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def policy(self) -> PreprocessPolicy:
@@ -181,6 +183,14 @@ def export_artifact(ctx: ExportContext, fmt: str, precision: str) -> ArtifactRec
             how = f"spec checked only: {spec.runtime} cannot run on this OS ({', '.join(spec.runs_on)} only)"
             gate = GateResult("not_run", {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
                               {}, ("predictions need " + "/".join(spec.runs_on),))
+            simulated = ctx.simulated.pop(fmt, None)
+            if simulated is not None and precision == "int8" and len(ctx.val):
+                ref_logits, ref_cam = ctx.reference()
+                fidelity = compare(ref_logits, ref_cam, *simulated, ctx.val_labels, manifest.referable_threshold)
+                metrics = {**metrics, **fidelity}
+                gate = evaluate_gate(fidelity, ctx.thresholds)
+                how = (f"spec checked; INT8 gated on the quantized torch graph that was converted "
+                       f"({len(ctx.val)} images); {spec.runtime} predictions need {'/'.join(spec.runs_on)}")
         if gate.status == "failed" and precision == "int8" and fmt == "onnx":
             retried = _fallback_retry(ctx, fmt, gate)
             if retried is not None:

@@ -1,8 +1,11 @@
-"""CoreML export: ML program .mlpackage, FP16, and INT8 weights (W8, FP16 compute).
+"""CoreML export: ML program .mlpackage, FP16 and W8A8 INT8.
 
-Linux can convert but not run CoreML, so verification here reads the spec: op types, weight dtypes,
-input/output names and shapes, metadata. INT8 *activations* need torch-side calibration before
-conversion; that path is not wired yet, so INT8 here is weight-only and the manifest says so.
+Linux can convert but not run CoreML, and coremltools' own activation calibration needs macOS. So INT8 is
+calibrated on the torch side: the PT2E quantizer (the TFLite path's recipe) with int8 weights folded, then
+``torch.export`` -> coremltools, which lowers the quantize/dequantize pairs to MIL ``quantize``/``dequantize``
+and the weights to ``constexpr_affine_dequantize``. Verification here reads the spec (op types, weight and
+activation quantization, I/O names and shapes, metadata) and gates the INT8 numerics on the quantized torch
+graph that was converted; on macOS the backend runs predictions.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 
 from edge_runtime.backends.base import embedded_manifest_json
 from edge_runtime.contract import QuantizationInfo
+from edge_runtime.errors import ConfigError
 
 from .base import ExportContext, register_exporter, register_spec_checker
 
@@ -32,29 +36,42 @@ def export_coreml(ctx: ExportContext, precision: str) -> tuple[Path, Quantizatio
     if path.exists():
         shutil.rmtree(path)
     example = ctx.example()
-    traced = torch.jit.trace(ExportModule(ctx.model).eval(), example)
-    model = ct.convert(traced, inputs=[ct.TensorType(name="input", shape=tuple(example.shape))],
-                       outputs=[ct.TensorType(name="logits"), ct.TensorType(name="cam")],
-                       convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
-                       minimum_deployment_target=ct.target.iOS16)
+    outputs = [ct.TensorType(name="logits"), ct.TensorType(name="cam")]
     if precision == "int8":
-        from coremltools.optimize.coreml import (
-            OpLinearQuantizerConfig,
-            OptimizationConfig,
-            linear_quantize_weights,
-        )
-
-        config = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric", granularity="per_channel"))
-        model = linear_quantize_weights(model, config)
-        quant = QuantizationInfo("int8", "coreml_w8", "float16", "int8", True, None, 0, "apple_ane",
-                                 "weight-only INT8 (W8, FP16 activations); torch-side activation calibration not wired")
+        model, quant = _convert_w8a8(ctx, example, outputs)
     else:
+        traced = torch.jit.trace(ExportModule(ctx.model).eval(), example)
+        model = ct.convert(traced, inputs=[ct.TensorType(name="input", shape=tuple(example.shape))], outputs=outputs,
+                           convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
+                           minimum_deployment_target=ct.target.iOS16)
         quant = QuantizationInfo("fp16")
     cam_shape = tuple(int(v) for v in ctx.reference()[1].shape[2:]) if len(ctx.val) else None
     model.user_defined_metadata["retinaedge_manifest"] = embedded_manifest_json(ctx.manifest("coreml", quant, cam_shape))
     model.short_description = "RetinaEdge DR screening aid (ICDR 0-4 logits + CAM). Not a diagnosis."
     model.save(str(path))
     return path, quant
+
+
+def _convert_w8a8(ctx: ExportContext, example: torch.Tensor, outputs: list):
+    """PT2E-calibrated W8A8 -> ML program (iOS 17: activation quantize/dequantize ops)."""
+    import coremltools as ct
+
+    from compression.quantize import QuantRecipe, pt2e_quantize
+    from training.models import ExportModule
+
+    if not len(ctx.calib):
+        raise ConfigError("CoreML INT8 calibrates activations on real photos: pass --calib")
+    recipe = QuantRecipe("pt2e", activation_type="int8", weight_type="int8", per_channel=True, target="apple_ane")
+    quantized, _ = pt2e_quantize(ExportModule(ctx.model), ctx.calib, recipe, fold_quantize=True)
+    # What CoreML will compute, measured where CoreML cannot run: the gate judges these outputs.
+    with torch.no_grad():
+        # The exported graph is specialised to batch 1, like the CoreML model.
+        pairs = [quantized(torch.from_numpy(ctx.val[i:i + 1]).float()) for i in range(len(ctx.val))]
+    ctx.simulated["coreml"] = (torch.cat([p[0] for p in pairs]).numpy(), torch.cat([p[1] for p in pairs]).numpy())
+    program = torch.export.export(quantized, (example,)).run_decompositions({})
+    model = ct.convert(program, inputs=[ct.TensorType(name="input", shape=tuple(example.shape))], outputs=outputs,
+                       convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17)
+    return model, recipe.info(len(ctx.calib))
 
 
 @register_spec_checker("coreml")
@@ -79,10 +96,13 @@ def check_coreml_spec(path: Path, ctx: ExportContext, precision: str) -> dict:
         problems.append(f"input shape {inputs.get('input')} != {list(ctx.example().shape)}")
     if precision == "int8" and not (ops["constexpr_affine_dequantize"] or ops["constexpr_blockwise_shift_scale"]):
         problems.append("no INT8 weight dequantize ops found")
+    if precision == "int8" and not ops["quantize"]:
+        problems.append("no INT8 activation quantize ops found")
     embedded = spec.description.metadata.userDefined.get("retinaedge_manifest")
     if not embedded or json.loads(embedded)["format"] != "coreml":
         problems.append("manifest missing from user-defined metadata")
     if problems:
         raise ExportParityError(f"{path.name}: " + "; ".join(problems))
     return {"ops": sum(ops.values()), "conv_ops": ops["conv"],
-            "int8_weight_ops": ops["constexpr_affine_dequantize"] + ops["constexpr_blockwise_shift_scale"]}
+            "int8_weight_ops": ops["constexpr_affine_dequantize"] + ops["constexpr_blockwise_shift_scale"],
+            "int8_activation_ops": ops["quantize"]}

@@ -146,7 +146,7 @@ def export(
     val: Path | None = typer.Option(None, help="Labelled photos for parity and the fidelity gate (`val` split)."),
     out: Path = typer.Option(Path("artifacts"), help="Output folder (gets index.json)."),
     recipe: str = typer.Option("ort", help="ONNX INT8 recipe: ort | nncf | qat."),
-    target: str = typer.Option("x86_avx2", help="CPU class preset: x86_avx2 | x86_vnni | arm64 | jetson_orin."),
+    target: str = typer.Option("x86_avx2", help="CPU class preset: x86_avx2 | x86_avx2_fast | x86_vnni | arm64 | jetson_orin."),
     calibration: str = typer.Option("minmax", help="minmax | percentile | entropy (ort recipe)."),
     min_agreement: float = typer.Option(0.995), min_qwk_ratio: float = typer.Option(0.995),
     max_sensitivity_drop: float = typer.Option(0.01),

@@ -22,6 +22,8 @@ def test_gate_passes_identical_and_reports_how_far_off():
 def test_recipe_presets_and_validation():
     assert QuantRecipe.for_target("x86_avx2").weight_type == "uint8"  # U8U8 on AVX2 without VNNI
     assert QuantRecipe.for_target("arm64").weight_type == "int8"
+    fast = QuantRecipe.for_target("x86_avx2_fast")
+    assert fast.weight_type == "int8" and fast.reduce_range and "reduce_range" in fast.info(8).notes
     with pytest.raises(ConfigError, match="known"):
         QuantRecipe("tensorrt")
     with pytest.raises(ConfigError):

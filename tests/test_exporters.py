@@ -79,16 +79,20 @@ def test_coreml_spec_is_verified_on_linux(tiny_artifacts, tmp_path):
     from exporters.registry import export_artifact
 
     _, _, ctx = tiny_artifacts
-    ctx = replace(ctx, out_dir=tmp_path)
+    ctx = replace(ctx, out_dir=tmp_path, simulated={})  # the loose gate of the fixture: the tiny model passes
     ctx._reference = tiny_artifacts[2].reference()
     for precision in ("fp16", "int8"):
         record = export_artifact(ctx, "coreml", precision)
         assert record.status == "ok", record.error
         assert record.path.endswith(".mlpackage")
-        if not FORMATS["coreml"].runs_here:
+        if not FORMATS["coreml"].runs_here and precision == "fp16":
             assert record.gate == "not_run" and "spec checked" in record.verified
         if precision == "int8":
-            assert record.parity["int8_weight_ops"] > 0
+            # W8A8: int8 weights and activation quantize ops in the spec; numerics gated on the converted graph.
+            assert record.parity["int8_weight_ops"] > 0 and record.parity["int8_activation_ops"] > 0
+            assert record.gate == "passed" and 0 < record.parity["agreement"] <= 1
+            manifest = ArtifactManifest.from_json(manifest_path_for(record.path).read_text())
+            assert manifest.quantization.activation_type == "int8" and manifest.gate.metrics["cam_correlation"] > 0.5
 
 
 def test_failing_format_becomes_a_row(tiny_artifacts, tmp_path):
