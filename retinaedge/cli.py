@@ -168,7 +168,8 @@ def export(
     try:
         quant = replace(QuantRecipe.for_target(target, recipe), calibration=calibration)
         thresholds = GateThresholds(min_agreement, min_qwk_ratio, max_sensitivity_drop)
-        qat = QATConfig(steps=qat_steps if recipe != "qat" else max(qat_steps, QATConfig().steps))
+        # --recipe qat goes straight to QAT: its default length unless --qat-steps says otherwise.
+        qat = QATConfig(steps=qat_steps or (QATConfig().steps if recipe == "qat" else 0))
         ctx = build_context(checkpoint, out, calib, val, quant, thresholds, name=name, qat=qat,
                             qat_limit=qat_images if qat.steps else 0)
         records = export_all(ctx, formats.split(","), precisions.split(","))
