@@ -195,7 +195,6 @@ def pt2e_quantize(model, calib: np.ndarray, recipe: QuantRecipe | None = None, f
     return convert_pt2e(prepared, fold_quantize=fold_quantize), quantizer
 
 
-
 @register_recipe("qat")
 def qat_quantize(export_module, calib: np.ndarray, train_images: np.ndarray, config=None):
     """NNCF fake-quantization fine-tuned towards the FP32 outputs; returns a module to export as QDQ ONNX."""

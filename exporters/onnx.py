@@ -70,8 +70,7 @@ def qdq_types(path: Path) -> dict[str, str]:
         kind = names.get(zero_point.data_type, "other")
         # Fed by a stored tensor: a weight (float for Q as fake-quant exports write it; integer for a DQ
         # of pre-quantized weights). Anything else is an activation.
-        from_storage = resolve(node.input[0]) in stored
-        if from_storage:
+        if resolve(node.input[0]) in stored:
             weights.add(kind)
         elif node.op_type == "QuantizeLinear":
             activations.add(kind)
