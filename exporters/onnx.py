@@ -67,7 +67,9 @@ def qdq_types(path: Path) -> dict[str, str]:
         zero_point = stored.get(resolve(node.input[2]))
         if zero_point is None:
             continue
-        kind = names.get(zero_point.data_type, "other")
+        kind = names.get(zero_point.data_type)
+        if kind is None:  # int32 biases: their type follows from the weights and inputs, not a choice
+            continue
         # Fed by a stored tensor: a weight (float for Q as fake-quant exports write it; integer for a DQ
         # of pre-quantized weights). Anything else is an activation.
         if resolve(node.input[0]) in stored:

@@ -43,6 +43,10 @@ def test_onnx_recipes_quantize_and_keep_exclusions(tiny_artifacts, tmp_path, rec
     out = quantize_onnx(fp32, tmp_path / f"m_{recipe}.onnx", ctx.calib[:8], QuantRecipe(recipe))
     graph = onnx.load(str(out)).graph
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 5
+    if recipe == "ort":  # the types read back from the graph are the recipe's (int32 biases are not reported)
+        from exporters.onnx import qdq_types
+
+        assert qdq_types(out) == {"activation_type": "uint8", "weight_type": "uint8"}
     if recipe == "ort":
         excluded = quantize_onnx(fp32, tmp_path / "m_ex.onnx", ctx.calib[:8],
                                  QuantRecipe("ort", exclude=("conv_stem", "Conv_")))
