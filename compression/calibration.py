@@ -15,20 +15,29 @@ log = logging.getLogger(__name__)
 
 
 def load_batch(root: str | Path, policy: PreprocessPolicy, split: str | None = None, limit: int | None = None,
-               seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+               seed: int = 0, strict_split: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Normalised N x C x S x S images (and grades when labelled) from a dataset folder or a plain image folder.
 
     With a labelled layout, ``split`` selects rows (e.g. ``calib`` or ``val``); a plain folder of images
     gives every image and no labels. ``limit`` takes a class-stratified subset (every grade represented).
+    ``strict_split`` refuses the fallback to every image when ``split`` is missing, for callers that must
+    never see the photos they are later judged on (tuning sets); those get an empty batch instead.
     """
     root = Path(root)
     try:
         detect_layout(root)
         samples = assign_splits(read_dataset(root), seed=seed)
         if split:
-            samples = select(samples, split) or samples
+            chosen = select(samples, split)
+            if not chosen and strict_split:
+                log.warning("%s has no %r split; using no images from it", root, split)
+                return np.zeros((0, 3, policy.input_size, policy.input_size), np.float32), np.zeros(0, int)
+            samples = chosen or samples
         paths, labels = [s.path for s in samples], np.array([s.grade for s in samples])
     except DatasetError:
+        if split and strict_split:  # an unlabelled folder has no splits to keep apart
+            log.warning("%s is not a labelled dataset; no %r split to take images from", root, split)
+            return np.zeros((0, 3, policy.input_size, policy.input_size), np.float32), None
         paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         labels = None
     if not paths:

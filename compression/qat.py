@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +82,9 @@ def fidelity_qat(export_module: nn.Module, calib: np.ndarray, train_images: np.n
 
     Returns a stripped native-torch module that ``torch.onnx.export(dynamo=False)`` writes as QDQ ONNX.
     """
+    # NNCF compiles its fake-quantize kernels on first use and gives up after 60 s by default, which a busy
+    # 2-core machine (CI running the test suite) can exceed.
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "600")
     import nncf
 
     if len(calib) == 0 or len(train_images) == 0:

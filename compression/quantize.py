@@ -21,7 +21,8 @@ class QuantRecipe:
 
     Args:
         name (`str`): registered recipe: ``ort`` (ONNX Runtime QDQ), ``nncf`` (NNCF PTQ on ONNX),
-            ``qat`` (NNCF quantization-aware fine-tuning towards FP32, exported as QDQ ONNX) or
+            ``nncf_ac`` (NNCF PTQ, then the most sensitive layers back to float until INT8 grades held-out
+            photos like FP32), ``qat`` (NNCF quantization-aware fine-tuning towards FP32, exported as QDQ ONNX) or
             ``pt2e`` (torch PT2E, used by the TFLite exporter).
         calibration (`str`, defaults to ``minmax``): activation range estimator, minmax | percentile | entropy.
         activation_type / weight_type (`str`): uint8 | int8.
@@ -75,15 +76,15 @@ class QuantRecipe:
         return replace(self, exclude=tuple(dict.fromkeys(self.exclude + patterns)))
 
     def info(self, calibration_images: int, activation_type: str | None = None,
-             weight_type: str | None = None) -> QuantizationInfo:
-        """Manifest record; pass the types read back from the artifact where they can differ from the recipe's."""
+             weight_type: str | None = None, float_layers: str | None = None) -> QuantizationInfo:
+        """Manifest record; pass what was read back from the artifact where it can differ from the recipe."""
         return QuantizationInfo("int8", self.name, activation_type or self.activation_type,
                                 weight_type or self.weight_type, self.per_channel,
-                                self.calibration, calibration_images, self.target, self.notes())
+                                self.calibration, calibration_images, self.target, self.notes(float_layers))
 
-    def notes(self) -> str | None:
+    def notes(self, float_layers: str | None = None) -> str | None:
         parts = ([f"float kept for {list(self.exclude)}"] if self.exclude else []) + (
-            ["7-bit weight range (reduce_range)"] if self.reduce_range else [])
+            ["7-bit weight range (reduce_range)"] if self.reduce_range else []) + ([float_layers] if float_layers else [])
         return "; ".join(parts) or None
 
 
@@ -93,6 +94,22 @@ SENSITIVE_PATTERNS = ("conv_stem", "/se/", "conv_head", "Sigmoid")
 CAM_HEAD_NODES = ("/Conv", "/ReduceMean", "/Add")
 
 _RECIPES: dict[str, Callable] = {}
+
+
+@dataclass(frozen=True)
+class AccuracyTarget:
+    """What accuracy-controlled quantization must keep: FP32's grades on ``images``.
+
+    ``images`` are unlabelled photos from the train split (N x C x S x S, normalised), never the val photos
+    the gate later judges, so the gate stays an independent check.
+    """
+
+    images: np.ndarray
+    min_agreement: float = 0.995
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_agreement <= 1:
+            raise ConfigError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
 
 
 def register_recipe(name: str):
@@ -106,13 +123,20 @@ def list_recipes() -> list[str]:
     return sorted(_RECIPES)
 
 
-def quantize_onnx(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe) -> Path:
-    """Apply an ONNX recipe (ort | nncf) to ``fp32_path``, calibrated on ``calib`` (N x C x S x S)."""
-    if recipe.name not in ("ort", "nncf"):
-        raise ConfigError(f"recipe {recipe.name!r} does not post-training-quantize ONNX files; use ort or nncf")
+ONNX_RECIPES = ("ort", "nncf", "nncf_ac")
+
+
+def quantize_onnx(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe,
+                  target: AccuracyTarget | None = None) -> Path:
+    """Apply an ONNX recipe to ``fp32_path``, calibrated on ``calib`` (N x C x S x S).
+
+    ``target`` is needed by ``nncf_ac`` only: the photos whose FP32 grades the INT8 model must keep.
+    """
+    if recipe.name not in ONNX_RECIPES:
+        raise ConfigError(f"recipe {recipe.name!r} does not post-training-quantize ONNX files; use one of {ONNX_RECIPES}")
     if len(calib) == 0:
         raise ConfigError("static INT8 needs calibration images; pass --calib with real fundus photos")
-    return _RECIPES[recipe.name](Path(fp32_path), Path(out_path), calib, recipe)
+    return _RECIPES[recipe.name](Path(fp32_path), Path(out_path), calib, recipe, target)
 
 
 def _excluded_nodes(model_path: Path, patterns: tuple[str, ...]) -> list[str]:
@@ -125,7 +149,8 @@ def _excluded_nodes(model_path: Path, patterns: tuple[str, ...]) -> list[str]:
 
 
 @register_recipe("ort")
-def _ort_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe) -> Path:
+def _ort_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe,
+                _target: AccuracyTarget | None = None) -> Path:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -158,17 +183,72 @@ def _ort_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: Quan
     return out_path
 
 
-@register_recipe("nncf")
-def _nncf_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe) -> Path:
+def _nncf_inputs(fp32_path: Path, calib: np.ndarray, recipe: QuantRecipe):
     import nncf
-    import onnx
 
-    model = onnx.load(str(fp32_path))
     dataset = nncf.Dataset([{"input": calib[i:i + 1].astype(np.float32)} for i in range(len(calib))])
     ignored = nncf.IgnoredScope(names=_excluded_nodes(fp32_path, recipe.exclude), validate=False) if recipe.exclude else None
     # NNCF chooses its own range estimators per preset; recipe.calibration applies to the ort recipe only.
     kwargs = {"ignored_scope": ignored} if ignored else {}
-    quantized = nncf.quantize(model, dataset, subset_size=len(calib), preset=nncf.QuantizationPreset.PERFORMANCE, **kwargs)
+    return dataset, dict(subset_size=len(calib), preset=nncf.QuantizationPreset.PERFORMANCE, **kwargs)
+
+
+@register_recipe("nncf")
+def _nncf_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe,
+                 _target: AccuracyTarget | None = None) -> Path:
+    import nncf
+    import onnx
+
+    dataset, kwargs = _nncf_inputs(fp32_path, calib, recipe)
+    onnx.save(nncf.quantize(onnx.load(str(fp32_path)), dataset, **kwargs), str(out_path))
+    return out_path
+
+
+@register_recipe("nncf_ac")
+def _nncf_accuracy_control_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe,
+                                  target: AccuracyTarget | None = None) -> Path:
+    """NNCF PTQ, then NNCF's accuracy restorer: layers ranked by how far their quantization moves the
+    outputs (logits and CAM) from FP32 go back to float one by one until the INT8 model gives FP32's
+    grade on ``target.images``. The result is as much INT8 as that agreement allows."""
+    import nncf
+    import onnx
+    import onnxruntime as ort
+    from nncf.parameters import DropType
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    if target is None or not len(target.images):
+        raise ConfigError("recipe nncf_ac needs unlabelled photos to hold FP32's grades on (the train split of --calib)")
+
+    def session(model) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        return ort.InferenceSession(model.SerializeToString() if hasattr(model, "SerializeToString") else str(model),
+                                    options, providers=["CPUExecutionProvider"])
+
+    images = target.images.astype(np.float32)
+    fp32 = session(fp32_path)
+    reference = [fp32.run(["logits"], {"input": images[i:i + 1]})[0] for i in range(len(images))]
+
+    def agreement_with_fp32(model, items) -> tuple[float, list[float]]:
+        # Per photo: 1 if INT8 keeps FP32's grade, minus a logit-error tie-breaker. NNCF ranks layers by this
+        # metric (its output-distance ranking is OpenVINO-only), and on agreement alone most single layers
+        # tie at 0 flips. The tie-breaker stays below 1e-4, so it never outweighs one flipped grade in
+        # fewer than 10,000 photos and the restorer's stopping rule is still grade agreement.
+        runner = session(model)
+        scores = []
+        for index, x in items:
+            logits, ref = runner.run(["logits"], {"input": x})[0], reference[index]
+            error = float(np.sum((logits - ref) ** 2) / (np.sum(ref ** 2) + 1e-12))
+            scores.append(float(logits.argmax() == ref.argmax()) - 1e-4 * min(error, 1.0))
+        return float(np.mean(scores)), scores
+
+    validation = nncf.Dataset([(i, images[i:i + 1]) for i in range(len(images))], lambda item: {"input": item[1]})
+    dataset, kwargs = _nncf_inputs(fp32_path, calib, recipe)
+    restorer = AdvancedAccuracyRestorerParameters(ranking_subset_size=min(len(images), 128), num_ranking_workers=1)
+    quantized = nncf.quantize_with_accuracy_control(
+        onnx.load(str(fp32_path)), dataset, validation, agreement_with_fp32,
+        max_drop=1.0 - target.min_agreement, drop_type=DropType.ABSOLUTE,
+        advanced_accuracy_restorer_parameters=restorer, **kwargs)
     onnx.save(quantized, str(out_path))
     return out_path
 

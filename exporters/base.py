@@ -15,7 +15,7 @@ import torch
 
 from compression.gate import GateThresholds, compare, evaluate_gate
 from compression.qat import QATConfig
-from compression.quantize import QuantRecipe
+from compression.quantize import AccuracyTarget, QuantRecipe
 from edge_runtime.contract import (
     ArtifactManifest,
     GateResult,
@@ -44,9 +44,10 @@ class ExportContext:
     recipe: QuantRecipe = field(default_factory=QuantRecipe)
     thresholds: GateThresholds = field(default_factory=GateThresholds)
     name: str | None = None
-    mixed_precision_fallback: bool = True  # on a failed INT8 gate, retry keeping sensitive layers in float
-    qat: QATConfig | None = None  # last resort after mixed precision; needs qat_images
-    qat_images: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 1, 1), np.float32))  # unlabelled, train split
+    escalate: bool = True  # on a failed INT8 gate, retry as _fallback_retry describes
+    qat: QATConfig | None = None  # last resort after mixed precision; needs tuning_images
+    # Unlabelled train-split photos for accuracy-controlled mixed precision and QAT; never the calib or val photos.
+    tuning_images: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 1, 1), np.float32))
     # (logits, cam) on ``val`` of the quantized graph a converter was given, for formats this OS cannot run.
     simulated: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
@@ -57,6 +58,12 @@ class ExportContext:
     @property
     def stem(self) -> str:
         return self.name or self.meta["model_name"]
+
+    def accuracy_target(self) -> AccuracyTarget | None:
+        """FP32 grades on the tuning photos, to be kept at the gate's agreement (recipe nncf_ac)."""
+        if not len(self.tuning_images):
+            return None
+        return AccuracyTarget(self.tuning_images, min(self.thresholds.min_agreement, 1.0))
 
     def example(self) -> torch.Tensor:
         size = self.policy.input_size
@@ -208,28 +215,34 @@ def export_artifact(ctx: ExportContext, fmt: str, precision: str) -> ArtifactRec
 
 
 def _fallback_retry(ctx: ExportContext, fmt: str, failed: GateResult) -> ArtifactRecord | None:
-    """The escalation after a failed INT8 gate: (1) keep stem, squeeze-excite gating, head and CAM head in
-    float; (2) if that fails too and QAT is configured, quantization-aware fine-tuning towards FP32.
+    """The escalation after a failed INT8 gate, each step only if the one before failed:
+    (1) keep stem, squeeze-excite gating, head and CAM head in float;
+    (2) accuracy-controlled mixed precision (``nncf_ac``): layers go back to float in order of sensitivity
+        until INT8 grades the tuning photos like FP32 (needs ``tuning_images``);
+    (3) quantization-aware fine-tuning towards FP32, if ``ctx.qat`` is configured.
     Returns None when no fallback applies (the failed artifact then stands, marked failed)."""
     from compression.quantize import CAM_HEAD_NODES, SENSITIVE_PATTERNS
 
+    if not ctx.escalate:
+        return None
     why, record = "; ".join(failed.failures), None
-    if ctx.mixed_precision_fallback and not ctx.recipe.exclude and ctx.recipe.name != "qat":
-        log.warning("%s int8 failed its gate (%s); retrying with sensitive layers in float", fmt, why)
-        retry = _derived(ctx, recipe=ctx.recipe.with_exclusions(SENSITIVE_PATTERNS + CAM_HEAD_NODES),
-                         mixed_precision_fallback=False, qat=None)  # the escalation is driven from here
-        record = export_artifact(retry, fmt, "int8")
-        record.verified = f"{record.verified}; mixed-precision retry after all-INT8 failed ({why})"
+    steps = []
+    if ctx.recipe.name in ("ort", "nncf") and not ctx.recipe.exclude:
+        steps.append(("sensitive layers in float", ctx.recipe.with_exclusions(SENSITIVE_PATTERNS + CAM_HEAD_NODES)))
+    if ctx.recipe.name in ("ort", "nncf") and len(ctx.tuning_images):
+        steps.append(("accuracy-controlled mixed precision", dataclasses.replace(ctx.recipe, name="nncf_ac", exclude=())))
+    if ctx.recipe.name != "qat" and ctx.qat is not None and ctx.qat.steps and len(ctx.tuning_images):
+        steps.append((f"quantization-aware fine-tuning ({ctx.qat.steps} steps)",
+                      dataclasses.replace(ctx.recipe, name="qat", exclude=())))
+    for label, recipe in steps:
+        log.warning("%s int8 failed its gate (%s); retrying: %s", fmt, why, label)
+        # The escalation is driven from here, so the retry itself does not escalate.
+        record = export_artifact(_derived(ctx, recipe=recipe, escalate=False), fmt, "int8")
+        record.verified = f"{record.verified}; {label} after: {why}"
         if record.gate != "failed":
             return record
-        why = f"{why}; mixed precision: {'; '.join(gate_failures(record))}"
-    if ctx.recipe.name == "qat" or ctx.qat is None or ctx.qat.steps == 0 or not len(ctx.qat_images):
-        return record  # the last attempt's file and manifest are what is on disk
-    log.warning("%s int8 still fails its gate (%s); quantization-aware fine-tuning for %d steps", fmt, why, ctx.qat.steps)
-    retry = _derived(ctx, recipe=dataclasses.replace(ctx.recipe, name="qat", exclude=()), mixed_precision_fallback=False)
-    record = export_artifact(retry, fmt, "int8")
-    record.verified = f"{record.verified}; QAT retry after post-training INT8 failed ({why})"
-    return record
+        why = f"{why}; {label}: {'; '.join(gate_failures(record))}"
+    return record  # the last attempt's file and manifest are what is on disk
 
 
 def _derived(ctx: ExportContext, **changes) -> ExportContext:

@@ -46,7 +46,8 @@ def read_embedded_manifest(path: str | Path) -> str | None:
 
 
 def qdq_types(path: Path) -> dict[str, str]:
-    """The integer types a QDQ graph really uses (read from its zero points), for an honest manifest."""
+    """The integer types a QDQ graph really uses (read from its zero points) and which weighted layers it
+    leaves in float, for an honest manifest."""
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     stored = {t.name: t for t in graph.initializer}
@@ -76,8 +77,13 @@ def qdq_types(path: Path) -> dict[str, str]:
             weights.add(kind)
         elif node.op_type == "QuantizeLinear":
             activations.add(kind)
+    producers = {n.output[0]: n.op_type for n in graph.node}
+    weighted = [n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    in_float = [n.name for n in weighted if producers.get(resolve(n.input[1])) != "DequantizeLinear"]
     return {"activation_type": "+".join(sorted(activations)) or "float",
-            "weight_type": "+".join(sorted(weights)) or "float"}
+            "weight_type": "+".join(sorted(weights)) or "float",
+            "float_layers": f"{len(in_float)} of {len(weighted)} weighted layers in float"
+                            + (f" ({', '.join(in_float[:8])}{', ...' if len(in_float) > 8 else ''})" if in_float else "")}
 
 
 @register_exporter("onnx")
@@ -89,13 +95,13 @@ def export_onnx(ctx: ExportContext, precision: str) -> tuple[Path, QuantizationI
     elif ctx.recipe.name == "qat":
         from training.models import ExportModule
 
-        module = qat_quantize(ExportModule(ctx.model), ctx.calib, ctx.qat_images, ctx.qat)
+        module = qat_quantize(ExportModule(ctx.model), ctx.calib, ctx.tuning_images, ctx.qat)
         export_onnx_fp32(ctx, path, module)
         quant = ctx.recipe.info(len(ctx.calib), **qdq_types(path))
     else:
         fp32 = ctx.out_dir / f"{ctx.stem}_fp32.tmp.onnx"
         export_onnx_fp32(ctx, fp32)
-        quantize_onnx(fp32, path, ctx.calib, ctx.recipe)
+        quantize_onnx(fp32, path, ctx.calib, ctx.recipe, ctx.accuracy_target())
         fp32.unlink(missing_ok=True)
         quant = ctx.recipe.info(len(ctx.calib), **qdq_types(path))
     cam_shape = tuple(int(v) for v in ctx.reference()[1].shape[2:]) if len(ctx.val) else None

@@ -20,7 +20,12 @@ log = logging.getLogger(__name__)
 def build_context(checkpoint: str | Path, out_dir: str | Path, calib: str | Path | None, val: str | Path | None,
                   recipe: QuantRecipe | None = None, thresholds: GateThresholds | None = None,
                   calib_limit: int = 64, val_limit: int = 128, name: str | None = None, qat: QATConfig | None = None,
-                  qat_limit: int = 0) -> ExportContext:
+                  tuning_limit: int = 256) -> ExportContext:
+    """Load the checkpoint and the real photos every export of it needs.
+
+    ``calib``'s ``calib`` split calibrates INT8 and its ``train`` split (up to ``tuning_limit`` photos,
+    unlabelled) drives the gate's fallbacks; ``val``'s ``val`` split is what parity and the gate judge.
+    """
     from training.models import load_checkpoint
     from training.models.dr_classifier import freeze_dynamic_padding
 
@@ -31,8 +36,8 @@ def build_context(checkpoint: str | Path, out_dir: str | Path, calib: str | Path
     val_x, val_y = load_batch(val, policy, "val", val_limit) if val else (calib_x, None)
     ctx = ExportContext(model, meta, Path(out_dir), calib_x, val_x, val_y, recipe or QuantRecipe(),
                         thresholds or GateThresholds(), name, qat=qat)
-    if calib and qat_limit:  # QAT learns from the train split: never from the calib or val photos it is judged on
-        ctx.qat_images = load_batch(calib, policy, "train", qat_limit)[0]
+    if calib and tuning_limit:  # the train split only: never the calib or val photos the result is judged on
+        ctx.tuning_images = load_batch(calib, policy, "train", tuning_limit, strict_split=True)[0]
     return ctx
 
 

@@ -145,15 +145,16 @@ def export(
     calib: Path | None = typer.Option(None, help="Real fundus photos for INT8 calibration (its `calib` split)."),
     val: Path | None = typer.Option(None, help="Labelled photos for parity and the fidelity gate (`val` split)."),
     out: Path = typer.Option(Path("artifacts"), help="Output folder (gets index.json)."),
-    recipe: str = typer.Option("ort", help="ONNX INT8 recipe: ort | nncf | qat."),
+    recipe: str = typer.Option("ort", help="ONNX INT8 recipe: ort | nncf | nncf_ac | qat."),
     target: str = typer.Option("x86_avx2", help="CPU class preset: x86_avx2 | x86_avx2_fast | x86_vnni | arm64 | jetson_orin."),
     calibration: str = typer.Option("minmax", help="minmax | percentile | entropy (ort recipe)."),
     min_agreement: float = typer.Option(0.995), min_qwk_ratio: float = typer.Option(0.995),
     max_sensitivity_drop: float = typer.Option(0.01),
     name: str | None = typer.Option(None, help="Artifact file stem (default: model name)."),
     qat_steps: int = typer.Option(0, help="Quantization-aware fine-tuning steps when post-training INT8 and its "
-                                  "mixed-precision retry both fail the gate (0: off); uses --calib's train split."),
-    qat_images: int = typer.Option(256, help="Unlabelled train-split photos for QAT."),
+                                  "mixed-precision retries all fail the gate (0: off); uses --calib's train split."),
+    tuning_images: int = typer.Option(256, help="Unlabelled photos from --calib's train split that accuracy-"
+                                      "controlled mixed precision and QAT hold to FP32's grades (0: none)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Export self-describing artifacts, verify each numerically, gate INT8; non-zero exit if any fails."""
@@ -171,7 +172,7 @@ def export(
         # --recipe qat goes straight to QAT: its default length unless --qat-steps says otherwise.
         qat = QATConfig(steps=qat_steps or (QATConfig().steps if recipe == "qat" else 0))
         ctx = build_context(checkpoint, out, calib, val, quant, thresholds, name=name, qat=qat,
-                            qat_limit=qat_images if qat.steps else 0)
+                            tuning_limit=tuning_images)
         records = export_all(ctx, formats.split(","), precisions.split(","))
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)

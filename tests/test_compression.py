@@ -46,12 +46,37 @@ def test_onnx_recipes_quantize_and_keep_exclusions(tiny_artifacts, tmp_path, rec
     if recipe == "ort":  # the types read back from the graph are the recipe's (int32 biases are not reported)
         from exporters.onnx import qdq_types
 
-        assert qdq_types(out) == {"activation_type": "uint8", "weight_type": "uint8"}
+        types = qdq_types(out)
+        assert (types["activation_type"], types["weight_type"]) == ("uint8", "uint8")
+        assert types["float_layers"].startswith("0 of ")
     if recipe == "ort":
         excluded = quantize_onnx(fp32, tmp_path / "m_ex.onnx", ctx.calib[:8],
                                  QuantRecipe("ort", exclude=("conv_stem", "Conv_")))
         fewer = sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(excluded)).graph.node)
         assert fewer < sum(n.op_type == "QuantizeLinear" for n in graph.node)
+
+
+def test_accuracy_control_keeps_fp32_grades_on_the_tuning_photos(tiny_artifacts, tmp_path):
+    import onnxruntime as ort
+
+    from compression.quantize import AccuracyTarget, quantize_onnx
+    from exporters.onnx import export_onnx_fp32, qdq_types
+
+    _, _, ctx = tiny_artifacts
+    tuning = ctx.val[:16]
+    fp32 = export_onnx_fp32(ctx, tmp_path / "m.onnx")
+    with pytest.raises(ConfigError, match="train split"):
+        quantize_onnx(fp32, tmp_path / "none.onnx", ctx.calib[:8], QuantRecipe("nncf_ac"))
+    out = quantize_onnx(fp32, tmp_path / "ac.onnx", ctx.calib[:8], QuantRecipe("nncf_ac"), AccuracyTarget(tuning, 1.0))
+
+    def grades(path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(["logits"], {"input": tuning})[0].argmax(1)
+
+    assert (grades(out) == grades(fp32)).all()  # the restorer's promise, checked independently of NNCF
+    assert "weighted layers in float" in qdq_types(out)["float_layers"]
+    with pytest.raises(ConfigError, match="min_agreement"):
+        AccuracyTarget(tuning, 1.5)
 
 
 def test_distillation_reports_student_vs_teacher(tiny_run, synthetic_dir, tmp_path):
@@ -101,12 +126,15 @@ def test_qat_is_the_last_resort_after_mixed_precision(tiny_artifacts, tmp_path):
     from exporters.registry import export_artifact
 
     base = tiny_artifacts[2]
-    # An impossible threshold forces every step of the escalation: all-INT8 -> mixed precision -> QAT.
+    # An impossible threshold forces every step of the escalation:
+    # all-INT8 -> sensitive layers in float -> accuracy-controlled mixed precision -> QAT.
     ctx = replace(base, out_dir=tmp_path, thresholds=GateThresholds(min_agreement=1.01),
-                  qat=QATConfig(steps=2, batch_size=4), qat_images=base.calib[:8])
+                  qat=QATConfig(steps=2, batch_size=4), tuning_images=base.calib[:8])
     ctx._reference = base.reference()
     record = export_artifact(ctx, "onnx", "int8")
-    assert record.status == "ok" and "QAT retry" in record.verified and "mixed precision" in record.verified
+    assert record.status == "ok"
+    for step in ("sensitive layers in float", "accuracy-controlled mixed precision", "quantization-aware fine-tuning"):
+        assert step in record.verified
     manifest = ArtifactManifest.from_json(manifest_path_for(record.path).read_text())
     assert manifest.quantization.recipe == "qat" and manifest.gate.status == "failed"
     assert "int8" in manifest.quantization.weight_type

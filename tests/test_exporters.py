@@ -122,19 +122,23 @@ def test_strict_gate_fails_and_marks_manifest(tiny_artifacts, tmp_path):
     assert open_session(record.path, allow_ungated=True)
 
 
-def test_failed_gate_retries_in_mixed_precision(tiny_artifacts, tmp_path):
+def test_failed_gate_retries_with_sensitive_layers_in_float(tiny_artifacts, tmp_path):
     from dataclasses import replace
 
+    import numpy as np
     import onnx
 
     from compression.gate import GateThresholds
     from exporters.registry import export_artifact
 
     base = tiny_artifacts[2]
-    ctx = replace(base, out_dir=tmp_path, thresholds=GateThresholds(min_agreement=1.01))  # impossible: forces the retry
+    # An impossible threshold forces the retry; without tuning photos the escalation stops after its first step.
+    ctx = replace(base, out_dir=tmp_path, thresholds=GateThresholds(min_agreement=1.01),
+                  tuning_images=np.empty((0,) + base.calib.shape[1:], np.float32))
     ctx._reference = base.reference()
     record = export_artifact(ctx, "onnx", "int8")
-    assert "mixed-precision retry" in record.verified and record.gate == "failed"
+    assert "sensitive layers in float after" in record.verified and record.gate == "failed"
+    assert "accuracy-controlled" not in record.verified
     manifest = ArtifactManifest.from_json(manifest_path_for(record.path).read_text())
     assert "conv_stem" in manifest.quantization.notes
     graph = onnx.load(record.path).graph
