@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def build_context(checkpoint: str | Path, out_dir: str | Path, calib: str | Path | None, val: str | Path | None,
                   recipe: QuantRecipe | None = None, thresholds: GateThresholds | None = None,
                   calib_limit: int = 64, val_limit: int = 128, name: str | None = None, qat: QATConfig | None = None,
-                  tuning_limit: int = 256) -> ExportContext:
+                  tuning_limit: int = 256, escalate: bool = True) -> ExportContext:
     """Load the checkpoint and the real photos every export of it needs.
 
     ``calib``'s ``calib`` split calibrates INT8 and its ``train`` split (up to ``tuning_limit`` photos,
@@ -35,7 +35,7 @@ def build_context(checkpoint: str | Path, out_dir: str | Path, calib: str | Path
     calib_x = load_batch(calib, policy, "calib", calib_limit)[0] if calib else np.zeros((0, 3, policy.input_size, policy.input_size), np.float32)
     val_x, val_y = load_batch(val, policy, "val", val_limit) if val else (calib_x, None)
     ctx = ExportContext(model, meta, Path(out_dir), calib_x, val_x, val_y, recipe or QuantRecipe(),
-                        thresholds or GateThresholds(), name, qat=qat)
+                        thresholds or GateThresholds(), name, qat=qat, escalate=escalate)
     if calib and tuning_limit:  # the train split only: never the calib or val photos the result is judged on
         ctx.tuning_images = load_batch(calib, policy, "train", tuning_limit, strict_split=True)[0]
     return ctx

@@ -155,6 +155,9 @@ def export(
                                   "mixed-precision retries all fail the gate (0: off); uses --calib's train split."),
     tuning_images: int = typer.Option(256, help="Unlabelled photos from --calib's train split that accuracy-"
                                       "controlled mixed precision and QAT hold to FP32's grades (0: none)."),
+    escalate: bool = typer.Option(True, "--escalate/--no-escalate",
+                                  help="After a failed INT8 gate retry with sensitive layers in float, then accuracy-"
+                                  "controlled mixed precision, then QAT (with --qat-steps); off: report the recipe as is."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Export self-describing artifacts, verify each numerically, gate INT8; non-zero exit if any fails."""
@@ -172,7 +175,7 @@ def export(
         # --recipe qat goes straight to QAT: its default length unless --qat-steps says otherwise.
         qat = QATConfig(steps=qat_steps or (QATConfig().steps if recipe == "qat" else 0))
         ctx = build_context(checkpoint, out, calib, val, quant, thresholds, name=name, qat=qat,
-                            tuning_limit=tuning_images)
+                            tuning_limit=tuning_images, escalate=escalate)
         records = export_all(ctx, formats.split(","), precisions.split(","))
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)

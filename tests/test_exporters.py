@@ -147,3 +147,20 @@ def test_failed_gate_retries_with_sensitive_layers_in_float(tiny_artifacts, tmp_
     weight_source = producers.get(stem.input[1])  # None: a float initializer
     assert weight_source is None or weight_source.op_type != "DequantizeLinear"  # the stem's weights stayed float
     assert any(n.op_type == "DequantizeLinear" for n in graph.node)  # the rest is still INT8
+
+
+def test_cli_export_exits_nonzero_on_a_failed_gate_and_can_skip_escalation(tiny_run, synthetic_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, "-m", "retinaedge.cli", "export", "--checkpoint", str(tiny_run.best_checkpoint),
+                           "--formats", "onnx", "--precisions", "int8", "--calib", str(synthetic_dir), "--val",
+                           str(synthetic_dir), "--out", str(out), "--min-agreement", "1.01", "--no-escalate"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "agreement" in proc.stdout and "failed" in proc.stdout
+    (row,) = json.loads((out / "index.json").read_text())["artifacts"]
+    assert row["gate"] == "failed" and "after" not in row["verified"]  # no retry ran
+    manifest = ArtifactManifest.from_json(manifest_path_for(row["path"]).read_text())
+    assert manifest.quantization.recipe == "ort" and not manifest.ready
