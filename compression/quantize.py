@@ -255,24 +255,10 @@ def _nncf_accuracy_control_recipe(fp32_path: Path, out_path: Path, calib: np.nda
 
 @register_recipe("pt2e")
 def pt2e_quantize(model, calib: np.ndarray, recipe: QuantRecipe | None = None, fold_quantize: bool = False):
-    """PT2E (XNNPACK-style) W8A8 calibrated on ``calib``: returns (quantized graph module, quantizer).
+    """PT2E W8A8 for the TFLite and CoreML exporters; see compression/pt2e.py (ReLU6 observed after the clamp)."""
+    from .pt2e import pt2e_quantize as quantize
 
-    ``fold_quantize=False`` keeps weights as float + quantize/dequantize so litert-torch can lower them
-    (TOOLCHAIN.md); ``True`` stores int8 weights with only ``dequantize_per_channel``, which coremltools lowers.
-    """
-    import torch
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    per_channel = True if recipe is None else recipe.per_channel
-    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
-    example = torch.from_numpy(calib[:1]).float()
-    exported = torch.export.export(model.eval(), (example,)).module()
-    prepared = prepare_pt2e(exported, quantizer)
-    with torch.no_grad():
-        for i in range(len(calib)):
-            prepared(torch.from_numpy(calib[i:i + 1]).float())
-    return convert_pt2e(prepared, fold_quantize=fold_quantize), quantizer
+    return quantize(model, calib, True if recipe is None else recipe.per_channel, fold_quantize)
 
 
 @register_recipe("qat")

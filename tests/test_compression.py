@@ -79,6 +79,28 @@ def test_accuracy_control_keeps_fp32_grades_on_the_tuning_photos(tiny_artifacts,
         AccuracyTarget(tuning, 1.5)
 
 
+def test_pt2e_quantizes_relu6_after_the_clamp():
+    import torch
+
+    from compression.pt2e import pt2e_quantize
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU6(), torch.nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(20)  # a pre-clamp range far wider than ReLU6's [0, 6]
+    calib = np.random.default_rng(0).normal(size=(16, 3, 12, 12)).astype(np.float32)
+    quantized, _ = pt2e_quantize(model, calib)
+    clamp = next(n for n in quantized.graph.nodes if "hardtanh" in str(n.target))
+    conv = clamp.args[0]
+    assert not any("quantize_per_tensor" in str(u.target) for u in conv.users)  # conv -> clamp stays float inside
+    (observer,) = [u for u in clamp.users if "quantize_per_tensor" in str(u.target)]
+    assert observer.args[1] <= 6 / 255 * 1.01  # the clamp's [0, 6] range, not the conv's
+    x = torch.from_numpy(calib)
+    with torch.no_grad():  # the exported graph has batch size 1
+        fp32, int8 = model(x), torch.cat([quantized(x[i:i + 1]) for i in range(len(x))])
+    assert torch.nn.functional.cosine_similarity(fp32.flatten(), int8.flatten(), dim=0) > 0.999
+
+
 def test_distillation_reports_student_vs_teacher(tiny_run, synthetic_dir, tmp_path):
     from compression.distill import distill
     from training.config import TrainConfig
