@@ -5,6 +5,7 @@ import logging
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
@@ -86,6 +87,52 @@ def qdq_types(path: Path) -> dict[str, str]:
                             + (f" ({', '.join(in_float[:8])}{', ...' if len(in_float) > 8 else ''})" if in_float else "")}
 
 
+def fold_weight_quantizers(path: Path) -> int:
+    """Store fake-quantized weights as integers: ``QuantizeLinear(float weight)`` becomes the integer tensor it
+    computes, feeding the ``DequantizeLinear`` directly (what ORT's own quantizer writes). torch's exporter
+    writes QAT models with float weights, so the file would otherwise stay FP32-sized. Returns how many folded."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    stored = {t.name: t for t in graph.initializer}
+    constants = {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute}
+    aliases = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
+
+    def array(name: str):
+        while name in aliases:
+            name = aliases[name]
+        tensor = stored.get(name) or constants.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
+
+    folded, dropped = 0, []
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear" or len(node.input) < 3:
+            continue
+        weight, scale, zero_point = (array(name) for name in node.input[:3])
+        if weight is None or scale is None or zero_point is None or weight.dtype.kind != "f":
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * weight.ndim
+        if scale.ndim:
+            shape[axis % weight.ndim] = -1
+        info = np.iinfo(zero_point.dtype)
+        # np.rint rounds half to even, as QuantizeLinear does.
+        integers = np.clip(np.rint(weight / scale.reshape(shape)) + zero_point.reshape(shape).astype(np.int64),
+                           info.min, info.max).astype(zero_point.dtype)
+        graph.initializer.append(numpy_helper.from_array(integers, node.output[0]))
+        dropped.append(node)
+        folded += 1
+    for node in dropped:
+        graph.node.remove(node)
+    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.save(model, str(path))
+    return folded
+
+
 @register_exporter("onnx")
 def export_onnx(ctx: ExportContext, precision: str) -> tuple[Path, QuantizationInfo]:
     path = ctx.out_dir / f"{ctx.stem}_{precision}.onnx"
@@ -97,6 +144,7 @@ def export_onnx(ctx: ExportContext, precision: str) -> tuple[Path, QuantizationI
 
         module = qat_quantize(ExportModule(ctx.model), ctx.calib, ctx.tuning_images, ctx.qat)
         export_onnx_fp32(ctx, path, module)
+        log.info("stored %d fake-quantized weights as integers", fold_weight_quantizers(path))
         quant = ctx.recipe.info(len(ctx.calib), **qdq_types(path))
     else:
         fp32 = ctx.out_dir / f"{ctx.stem}_fp32.tmp.onnx"

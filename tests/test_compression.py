@@ -163,4 +163,8 @@ def test_qat_is_the_last_resort_after_mixed_precision(tiny_artifacts, tmp_path):
     graph = onnx.load(record.path).graph
     ops = {n.op_type for n in graph.node}
     assert "QuantizeLinear" in ops and "BatchNormalization" not in ops  # BN folded before fake quantization
+    # Fake-quantized weights are stored as int8 (folded), not as float + QuantizeLinear.
+    stored = {t.name for t in graph.initializer}
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in stored for n in graph.node)
+    assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4 for t in graph.initializer)
     assert 0.0 <= record.parity["agreement"] <= 1.0 and record.parity["cam_identity_error"] < 1e-3
