@@ -287,7 +287,8 @@ def to_markdown(report: dict) -> str:
 
 def ratio_lines(rows: list[dict]) -> list[str]:
     ok = [r for r in rows if r.get("status") == "ok" and r.get("latency_ms")]
-    teacher = next((r for r in ok if r["format"] == "torch"), None)
+    # The teacher is the largest FP32 model run in PyTorch eager (several --torch-checkpoint rows may be present).
+    teacher = max((r for r in ok if r["format"] == "torch"), key=lambda r: r["size_mb"], default=None)
     if teacher is None:
         return []
     out = [f"Ratios against the FP32 teacher in PyTorch eager ({teacher['name']}, p50 {teacher['latency_ms']['p50']:.1f} ms, "

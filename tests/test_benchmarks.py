@@ -51,3 +51,15 @@ def test_bench_compare_merges_devices(tmp_path):
                            str(tmp_path / "cmp")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "cpu A" in proc.stdout and "cpu B" in proc.stdout and (tmp_path / "cmp" / "compare.png").is_file()
+
+
+def test_ratio_lines_compare_against_the_largest_torch_model():
+    from benchmarks.runner import ratio_lines
+
+    def row(name, fmt, size, p50):
+        return {"name": name, "format": fmt, "status": "ok", "size_mb": size, "latency_ms": {"p50": p50}}
+
+    lines = ratio_lines([row("student torch", "torch", 14.0, 20.0), row("teacher torch", "torch", 70.0, 140.0),
+                         row("student int8", "onnx", 3.5, 2.0)])
+    assert "teacher torch" in lines[0]
+    assert "- student int8: 70.0x faster, 20.0x smaller" in lines
