@@ -61,6 +61,9 @@ def qdq_types(path: Path) -> dict[str, str]:
         return name
 
     names = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
+    weighted = [n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    weight_inputs = {resolve(n.input[1]) for n in weighted}
+    dequantized = {n.input[0]: n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     weights: set[str] = set()
     activations: set[str] = set()
     for node in graph.node:
@@ -72,14 +75,16 @@ def qdq_types(path: Path) -> dict[str, str]:
         kind = names.get(zero_point.data_type)
         if kind is None:  # int32 biases: their type follows from the weights and inputs, not a choice
             continue
-        # Fed by a stored tensor: a weight (float for Q as fake-quant exports write it; integer for a DQ
-        # of pre-quantized weights). Anything else is an activation.
+        # Fed by a stored tensor: a constant (float for Q as fake-quant exports write it; integer for a DQ of
+        # pre-quantized data). A weight only if it ends up as a Conv/Gemm/MatMul weight: ORT also quantizes
+        # other constants, such as the bias added after the CAM mean, with the activation type.
         if resolve(node.input[0]) in stored:
-            weights.add(kind)
+            output = node.output[0] if node.op_type == "DequantizeLinear" else dequantized.get(node.output[0])
+            if output in weight_inputs:
+                weights.add(kind)
         elif node.op_type == "QuantizeLinear":
             activations.add(kind)
     producers = {n.output[0]: n.op_type for n in graph.node}
-    weighted = [n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     in_float = [n.name for n in weighted if producers.get(resolve(n.input[1])) != "DequantizeLinear"]
     return {"activation_type": "+".join(sorted(activations)) or "float",
             "weight_type": "+".join(sorted(weights)) or "float",

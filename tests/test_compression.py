@@ -49,6 +49,9 @@ def test_onnx_recipes_quantize_and_keep_exclusions(tiny_artifacts, tmp_path, rec
         types = qdq_types(out)
         assert (types["activation_type"], types["weight_type"]) == ("uint8", "uint8")
         assert types["float_layers"].startswith("0 of ")
+        # U8S8: the constant bias after the CAM mean is quantized as uint8 too, but it is not a weight.
+        u8s8 = quantize_onnx(fp32, tmp_path / "m_u8s8.onnx", ctx.calib[:8], QuantRecipe.for_target("x86_vnni"))
+        assert (qdq_types(u8s8)["activation_type"], qdq_types(u8s8)["weight_type"]) == ("uint8", "int8")
     if recipe == "ort":
         excluded = quantize_onnx(fp32, tmp_path / "m_ex.onnx", ctx.calib[:8],
                                  QuantRecipe("ort", exclude=("conv_stem", "Conv_")))
