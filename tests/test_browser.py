@@ -18,6 +18,7 @@ def test_reviewer_page_shows_results_overlays_and_filters(tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     from companion_api.core.db import make_engine, make_sessionmaker, run_migrations
     from companion_api.crud import create_principal
@@ -64,18 +65,22 @@ def test_reviewer_page_shows_results_overlays_and_filters(tmp_path):
             assert "/review/login" in driver.current_url  # no token: sent to the login form
             driver.find_element(By.ID, "token").send_keys(reviewer)
             driver.find_element(By.ID, "login").click()
-            rows = driver.find_elements(By.CSS_SELECTOR, "tr.result")
-            assert len(rows) == 4
+
+            def settled(condition):  # the click returns before the next page has loaded; a busy CI box is slow
+                WebDriverWait(driver, 30).until(lambda d: condition(), message=f"page at {driver.current_url}")
+
+            settled(lambda: len(driver.find_elements(By.CSS_SELECTOR, "tr.result")) == 4)
             assert "REFERABLE" in driver.page_source and "retake" in driver.page_source and "does not diagnose" in driver.page_source
             images = driver.find_elements(By.CSS_SELECTOR, "img[alt='CAM overlay']")
             assert len(images) == 3
-            assert all(driver.execute_script("return arguments[0].naturalWidth", img) == 128 for img in images)
+            settled(lambda: all(driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) == 128
+                                for img in images))
             assert "guideline" in driver.page_source
             shot = ROOT / "reports" / "reviewer_page.png"
             shot.parent.mkdir(exist_ok=True)
             driver.save_screenshot(str(shot))
             driver.get(f"{base}/review?grade=4")
-            assert len(driver.find_elements(By.CSS_SELECTOR, "tr.result")) == 1
+            settled(lambda: len(driver.find_elements(By.CSS_SELECTOR, "tr.result")) == 1)
         finally:
             driver.quit()
     finally:
