@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +18,16 @@ from .registry import ArtifactRecord, ExportContext, export_artifact, write_inde
 log = logging.getLogger(__name__)
 
 
-def build_context(checkpoint: str | Path, out_dir: str | Path, calib: str | Path | None, val: str | Path | None,
+def build_context(checkpoint: str | Path, out_dir: str | Path, calib: str | Path | None,
+                  val: str | Path | Sequence[str | Path] | None,
                   recipe: QuantRecipe | None = None, thresholds: GateThresholds | None = None,
                   calib_limit: int = 64, val_limit: int = 128, name: str | None = None, qat: QATConfig | None = None,
                   tuning_limit: int = 256, escalate: bool = True) -> ExportContext:
     """Load the checkpoint and the real photos every export of it needs.
 
     ``calib``'s ``calib`` split calibrates INT8 and its ``train`` split (up to ``tuning_limit`` photos,
-    unlabelled) drives the gate's fallbacks; ``val``'s ``val`` split is what parity and the gate judge.
+    unlabelled) drives the gate's fallbacks; the ``val`` split of ``val`` (one folder or several) is what
+    parity and the gate judge.
     """
     from training.models import load_checkpoint
     from training.models.dr_classifier import freeze_dynamic_padding
@@ -33,7 +36,13 @@ def build_context(checkpoint: str | Path, out_dir: str | Path, calib: str | Path
     policy = PreprocessPolicy.from_dict(meta["preprocess"])
     freeze_dynamic_padding(model, policy.input_size)  # artifacts have a fixed input size (the manifest's)
     calib_x = load_batch(calib, policy, "calib", calib_limit)[0] if calib else np.zeros((0, 3, policy.input_size, policy.input_size), np.float32)
-    val_x, val_y = load_batch(val, policy, "val", val_limit) if val else (calib_x, None)
+    sources = [val] if isinstance(val, (str, Path)) else list(val or [])
+    if sources:  # several folders: the gate judges their val splits together (up to val_limit photos each)
+        batches = [load_batch(source, policy, "val", val_limit) for source in sources]
+        val_x = np.concatenate([x for x, _ in batches])
+        val_y = None if any(y is None for _, y in batches) else np.concatenate([y for _, y in batches])
+    else:
+        val_x, val_y = calib_x, None
     ctx = ExportContext(model, meta, Path(out_dir), calib_x, val_x, val_y, recipe or QuantRecipe(),
                         thresholds or GateThresholds(), name, qat=qat, escalate=escalate)
     if calib and tuning_limit:  # the train split only: never the calib or val photos the result is judged on

@@ -143,7 +143,9 @@ def export(
     formats: str = typer.Option("onnx,tflite,coreml", help="Comma-separated: onnx, tflite, coreml."),
     precisions: str = typer.Option("fp32,fp16,int8", help="Comma-separated; each format makes those it supports."),
     calib: Path | None = typer.Option(None, help="Real fundus photos for INT8 calibration (its `calib` split)."),
-    val: Path | None = typer.Option(None, help="Labelled photos for parity and the fidelity gate (`val` split)."),
+    val: list[Path] | None = typer.Option(None, help="Labelled photos for parity and the fidelity gate (`val` split); "
+                                          "repeat to judge the val splits of several folders together."),
+    val_limit: int = typer.Option(128, help="At most this many val photos per --val folder (grades stratified)."),
     out: Path = typer.Option(Path("artifacts"), help="Output folder (gets index.json)."),
     recipe: str = typer.Option("ort", help="ONNX INT8 recipe: ort | nncf | nncf_ac | qat."),
     target: str = typer.Option("x86_avx2", help="CPU class preset: x86_avx2 | x86_avx2_fast | x86_vnni | arm64 | jetson_orin."),
@@ -174,7 +176,7 @@ def export(
         thresholds = GateThresholds(min_agreement, min_qwk_ratio, max_sensitivity_drop)
         # --recipe qat goes straight to QAT: its default length unless --qat-steps says otherwise.
         qat = QATConfig(steps=qat_steps or (QATConfig().steps if recipe == "qat" else 0))
-        ctx = build_context(checkpoint, out, calib, val, quant, thresholds, name=name, qat=qat,
+        ctx = build_context(checkpoint, out, calib, val, quant, thresholds, val_limit=val_limit, name=name, qat=qat,
                             tuning_limit=tuning_images, escalate=escalate)
         records = export_all(ctx, formats.split(","), precisions.split(","))
     except (ValueError, FileNotFoundError) as exc:

@@ -164,3 +164,12 @@ def test_cli_export_exits_nonzero_on_a_failed_gate_and_can_skip_escalation(tiny_
     assert row["gate"] == "failed" and "after" not in row["verified"]  # no retry ran
     manifest = ArtifactManifest.from_json(manifest_path_for(row["path"]).read_text())
     assert manifest.quantization.recipe == "ort" and not manifest.ready
+
+
+def test_gate_can_judge_the_val_splits_of_several_folders(tiny_run, synthetic_dir, tmp_path):
+    from exporters.pipeline import build_context
+
+    one = build_context(tiny_run.best_checkpoint, tmp_path, None, synthetic_dir, val_limit=12)
+    two = build_context(tiny_run.best_checkpoint, tmp_path, None, [synthetic_dir, synthetic_dir], val_limit=12)
+    assert len(one.val) == len(one.val_labels) > 0
+    assert len(two.val) == len(two.val_labels) == 2 * len(one.val)
