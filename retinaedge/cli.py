@@ -142,7 +142,8 @@ def export(
     checkpoint: Path = typer.Option(..., help="Checkpoint from train/distill."),
     formats: str = typer.Option("onnx,tflite,coreml", help="Comma-separated: onnx, tflite, coreml."),
     precisions: str = typer.Option("fp32,fp16,int8", help="Comma-separated; each format makes those it supports."),
-    calib: Path | None = typer.Option(None, help="Real fundus photos for INT8 calibration (its `calib` split)."),
+    calib: list[Path] | None = typer.Option(None, help="Real fundus photos for INT8 calibration (`calib` split) and "
+                                            "tuning (`train` split); repeat for several folders."),
     val: list[Path] | None = typer.Option(None, help="Labelled photos for parity and the fidelity gate (`val` split); "
                                           "repeat to judge the val splits of several folders together."),
     val_limit: int = typer.Option(128, help="At most this many val photos per --val folder (grades stratified)."),

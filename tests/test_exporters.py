@@ -166,10 +166,12 @@ def test_cli_export_exits_nonzero_on_a_failed_gate_and_can_skip_escalation(tiny_
     assert manifest.quantization.recipe == "ort" and not manifest.ready
 
 
-def test_gate_can_judge_the_val_splits_of_several_folders(tiny_run, synthetic_dir, tmp_path):
+def test_calibration_and_gate_can_use_several_folders(tiny_run, synthetic_dir, tmp_path):
     from exporters.pipeline import build_context
 
-    one = build_context(tiny_run.best_checkpoint, tmp_path, None, synthetic_dir, val_limit=12)
-    two = build_context(tiny_run.best_checkpoint, tmp_path, None, [synthetic_dir, synthetic_dir], val_limit=12)
-    assert len(one.val) == len(one.val_labels) > 0
+    limits = dict(calib_limit=8, val_limit=12, tuning_limit=10)
+    one = build_context(tiny_run.best_checkpoint, tmp_path, synthetic_dir, synthetic_dir, **limits)
+    two = build_context(tiny_run.best_checkpoint, tmp_path, [synthetic_dir] * 2, [synthetic_dir] * 2, **limits)
+    assert len(one.val) == len(one.val_labels) > 0 and len(one.calib) > 0 and len(one.tuning_images) > 0
     assert len(two.val) == len(two.val_labels) == 2 * len(one.val)
+    assert len(two.calib) == 2 * len(one.calib) and len(two.tuning_images) == 2 * len(one.tuning_images)
