@@ -89,7 +89,7 @@ def export_tflite(ctx: ExportContext, precision: str) -> tuple[Path, Quantizatio
         from litert_torch.quantize.quant_config import QuantConfig
 
         recipe = QuantRecipe("pt2e", activation_type="int8", weight_type="int8", per_channel=True,
-                             target=ctx.recipe.target)
+                             target="litert_xnnpack")  # the LiteRT CPU kernels, not the ONNX recipe's CPU class
         quantized, quantizer = pt2e_quantize(module, ctx.calib, recipe)
         litert_torch.convert(quantized, example, quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
         quant = recipe.info(len(ctx.calib))

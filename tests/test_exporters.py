@@ -41,6 +41,7 @@ def test_round_trip_parity_and_cam_identity(tiny_artifacts, fmt, precision):
         assert cos.mean() > 0.9
         assert record.gate in ("passed", "failed") and "agreement" in manifest.gate.metrics
         assert manifest.quantization.recipe in ("ort", "pt2e") and manifest.quantization.calibration_images > 0
+        assert manifest.quantization.target == ("litert_xnnpack" if fmt == "tflite" else ctx.recipe.target)
 
 
 def test_onnx_checker_and_embedded_manifest(tiny_artifacts):
