@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,20 +47,26 @@ def read_embedded_manifest(path: str | Path) -> str | None:
     return next((p.value for p in model.metadata_props if p.key == "retinaedge_manifest"), None)
 
 
-def qdq_types(path: Path) -> dict[str, str]:
-    """The integer types a QDQ graph really uses (read from its zero points) and which weighted layers it
-    leaves in float, for an honest manifest."""
-    model = onnx.load(str(path), load_external_data=False)
-    graph = model.graph
+def _constants(graph) -> tuple[dict, Callable[[str], str]]:
+    """Stored tensors by name (initializers and Constant nodes), and a resolver through the Identity aliases
+    torch's exporter adds between them and their users."""
     stored = {t.name: t for t in graph.initializer}
     stored.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute})
-    aliases = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}  # torch's exporter adds these
+    aliases = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
 
     def resolve(name: str) -> str:
         while name in aliases:
             name = aliases[name]
         return name
 
+    return stored, resolve
+
+
+def qdq_types(path: Path) -> dict[str, str]:
+    """The integer types a QDQ graph really uses (read from its zero points) and which weighted layers it
+    leaves in float, for an honest manifest."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    stored, resolve = _constants(graph)
     names = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
     weighted = [n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     weight_inputs = {resolve(n.input[1]) for n in weighted}
@@ -100,18 +107,14 @@ def fold_weight_quantizers(path: Path) -> int:
 
     model = onnx.load(str(path))
     graph = model.graph
-    stored = {t.name: t for t in graph.initializer}
-    constants = {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute}
-    aliases = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
+    stored, resolve = _constants(graph)
 
     def array(name: str):
-        while name in aliases:
-            name = aliases[name]
-        tensor = stored.get(name) or constants.get(name)
+        tensor = stored.get(resolve(name))
         return None if tensor is None else numpy_helper.to_array(tensor)
 
-    folded, dropped = 0, []
-    for node in list(graph.node):
+    dropped = []
+    for node in graph.node:
         if node.op_type != "QuantizeLinear" or len(node.input) < 3:
             continue
         weight, scale, zero_point = (array(name) for name in node.input[:3])
@@ -127,7 +130,6 @@ def fold_weight_quantizers(path: Path) -> int:
                            info.min, info.max).astype(zero_point.dtype)
         graph.initializer.append(numpy_helper.from_array(integers, node.output[0]))
         dropped.append(node)
-        folded += 1
     for node in dropped:
         graph.node.remove(node)
     used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
@@ -135,7 +137,7 @@ def fold_weight_quantizers(path: Path) -> int:
     del graph.initializer[:]
     graph.initializer.extend(kept)
     onnx.save(model, str(path))
-    return folded
+    return len(dropped)
 
 
 @register_exporter("onnx")

@@ -177,8 +177,11 @@ def export(
         thresholds = GateThresholds(min_agreement, min_qwk_ratio, max_sensitivity_drop)
         # --recipe qat goes straight to QAT: its default length unless --qat-steps says otherwise.
         qat = QATConfig(steps=qat_steps or (QATConfig().steps if recipe == "qat" else 0))
+        # Tuning photos serve ONNX INT8 only (nncf_ac, QAT, escalation): skip preprocessing them otherwise.
+        uses_tuning = "onnx" in formats.split(",") and "int8" in precisions.split(",") and (
+            escalate or recipe in ("nncf_ac", "qat"))
         ctx = build_context(checkpoint, out, calib, val, quant, thresholds, val_limit=val_limit, name=name, qat=qat,
-                            tuning_limit=tuning_images, escalate=escalate)
+                            tuning_limit=tuning_images if uses_tuning else 0, escalate=escalate)
         records = export_all(ctx, formats.split(","), precisions.split(","))
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
