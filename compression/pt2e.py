@@ -45,12 +45,22 @@ def _quantizer_class():
     class ClampAwarePT2EQuantizer(PT2EQuantizer):
         """litert-torch's PT2E quantizer, observing conv+ReLU6 after the clamp (module docstring)."""
 
+        # QAT folds BatchNorms before export (pt2e_qat), so conv+BN patterns cannot match; and litert-torch
+        # 0.10 builds them by passing a plain function to torch.export, which torch 2.14 rejects (ValueError).
+        STATIC_QAT_ONLY_OPS: list[str] = []
+
         def annotate(self, model):
             model = super().annotate(model)
             observe_after_clamp(model)
             return model
 
     return ClampAwarePT2EQuantizer
+
+
+def _quantizer(per_channel: bool, is_qat: bool = False):
+    from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
+
+    return _quantizer_class()().set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=is_qat))
 
 
 def pt2e_quantize(model, calib: np.ndarray, per_channel: bool = True, fold_quantize: bool = False):
@@ -60,14 +70,52 @@ def pt2e_quantize(model, calib: np.ndarray, per_channel: bool = True, fold_quant
     (TOOLCHAIN.md); ``True`` stores int8 weights with only ``dequantize_per_channel``, which coremltools lowers.
     """
     import torch
-    from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = _quantizer_class()().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
+    quantizer = _quantizer(per_channel)
     example = torch.from_numpy(calib[:1]).float()
     exported = torch.export.export(model.eval(), (example,)).module()
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for i in range(len(calib)):
             prepared(torch.from_numpy(calib[i:i + 1]).float())
+    return convert_pt2e(prepared, fold_quantize=fold_quantize), quantizer
+
+
+def pt2e_qat(model, calib: np.ndarray, train_images: np.ndarray, cfg=None, per_channel: bool = True,
+             fold_quantize: bool = False, progress: bool = True):
+    """PT2E quantization-aware fine-tuning towards FP32, the TFLite/CoreML counterpart of ``qat.fidelity_qat``.
+
+    BatchNorms are folded first and the graph is exported in eval mode, so the fake-quantized copy has plain
+    convolutions (what the converters lower) and no batch statistics to drift. Activation ranges start from
+    ``calib`` (one batch: the moving-average observers then hold its min/max), follow the training photos
+    for the first half of the steps and are frozen for the second, so the weights settle on fixed scales.
+    Returns (converted graph module, quantizer) like ``pt2e_quantize``; the graph takes any batch size.
+    """
+    import copy
+
+    import torch
+    from torchao.quantization.pt2e import disable_observer
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+
+    from .qat import QATConfig, check_qat_inputs, fine_tune_towards, fold_batch_norms
+
+    cfg = cfg or QATConfig()
+    check_qat_inputs(calib, train_images)
+    folded = fold_batch_norms(copy.deepcopy(model).eval())
+    # Batch >= 2 in the example so export keeps the batch dimension symbolic (a 1 would be specialised).
+    example = torch.from_numpy(np.concatenate([calib[:1]] * 2)).float()
+    batch = torch.export.Dim("batch", min=1, max=max(1024, cfg.batch_size, len(calib)))
+    exported = torch.export.export(folded, (example,), dynamic_shapes=({0: batch},)).module()
+    quantizer = _quantizer(per_channel, is_qat=True)
+    prepared = prepare_qat_pt2e(exported, quantizer)
+    with torch.no_grad():
+        prepared(torch.from_numpy(calib).float())
+
+    def freeze_observers_half_way(step: int) -> None:
+        if step == cfg.steps // 2:
+            prepared.apply(disable_observer)
+
+    fine_tune_towards(model, prepared, train_images, cfg, progress, on_step=freeze_observers_half_way)
+    prepared.apply(disable_observer)
     return convert_pt2e(prepared, fold_quantize=fold_quantize), quantizer

@@ -87,15 +87,32 @@ def fidelity_qat(export_module: nn.Module, calib: np.ndarray, train_images: np.n
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "600")
     import nncf
 
-    if len(calib) == 0 or len(train_images) == 0:
-        raise ConfigError("QAT needs calibration images and unlabelled training images (the train split)")
-    reference = copy.deepcopy(export_module).eval()
+    check_qat_inputs(calib, train_images)
     student = fold_batch_norms(copy.deepcopy(export_module).eval())
     dataset = nncf.Dataset([torch.from_numpy(calib[i:i + 1]).float() for i in range(len(calib))])
     quantized = nncf.quantize(student, dataset, subset_size=len(calib))
     # eval mode throughout: no dropout, and with BN folded there are no batch statistics to update.
     quantized.eval()
-    optimizer = torch.optim.Adam(quantized.parameters(), lr=cfg.lr)
+    fine_tune_towards(export_module, quantized, train_images, cfg, progress)
+    example = torch.from_numpy(calib[:1]).float()
+    return nncf.strip(quantized, do_copy=True, strip_format=nncf.StripFormat.NATIVE, example_input=example).eval()
+
+
+def check_qat_inputs(calib: np.ndarray, train_images: np.ndarray) -> None:
+    if len(calib) == 0 or len(train_images) == 0:
+        raise ConfigError("QAT needs calibration images (--calib's calib split) and unlabelled training images "
+                          "(its train split, --tuning-images > 0)")
+
+
+def fine_tune_towards(reference: nn.Module, quantized: nn.Module, train_images: np.ndarray, cfg: QATConfig,
+                      progress: bool = True, on_step=None) -> None:
+    """Train ``quantized`` (fake-quantized, inputs -> (logits, cam)) to reproduce ``reference``'s FP32 outputs.
+
+    Loss: KL between the logits at ``cfg.temperature`` plus ``cfg.cam_weight`` x MSE between normalised CAMs.
+    ``on_step(step)`` runs before each step (PT2E freezes its observers half way through).
+    """
+    reference = copy.deepcopy(reference).eval()
+    optimizer = torch.optim.Adam([p for p in quantized.parameters() if p.requires_grad], lr=cfg.lr)
     generator = np.random.default_rng(cfg.seed)
     t = cfg.temperature
     from rich.progress import Progress
@@ -103,6 +120,8 @@ def fidelity_qat(export_module: nn.Module, calib: np.ndarray, train_images: np.n
     with Progress(disable=not progress) as bar:
         task = bar.add_task("quantization-aware fine-tuning", total=cfg.steps)
         for step in range(cfg.steps):
+            if on_step is not None:
+                on_step(step)
             rows = generator.choice(len(train_images), min(cfg.batch_size, len(train_images)), replace=False)
             x = torch.from_numpy(train_images[rows]).float()
             # Fundus photos have no canonical orientation: flips/rotations widen the few images QAT sees.
@@ -121,5 +140,3 @@ def fidelity_qat(export_module: nn.Module, calib: np.ndarray, train_images: np.n
             bar.update(task, advance=1, description=f"QAT step {step + 1}/{cfg.steps} loss {loss.item():.4f}")
             if step % 50 == 0:
                 log.info("QAT step %d: KL %.4f CAM %.4f", step, kl.item(), cam_loss.item())
-    example = torch.from_numpy(calib[:1]).float()
-    return nncf.strip(quantized, do_copy=True, strip_format=nncf.StripFormat.NATIVE, example_input=example).eval()

@@ -22,8 +22,9 @@ class QuantRecipe:
     Args:
         name (`str`): registered recipe: ``ort`` (ONNX Runtime QDQ), ``nncf`` (NNCF PTQ on ONNX),
             ``nncf_ac`` (NNCF PTQ, then the most sensitive layers back to float until INT8 grades held-out
-            photos like FP32), ``qat`` (NNCF quantization-aware fine-tuning towards FP32, exported as QDQ ONNX) or
-            ``pt2e`` (torch PT2E, used by the TFLite exporter).
+            photos like FP32), ``qat`` (NNCF quantization-aware fine-tuning towards FP32, exported as QDQ ONNX),
+            ``pt2e`` (torch PT2E, used by the TFLite and CoreML exporters) or ``pt2e_qat`` (PT2E
+            quantization-aware fine-tuning towards FP32, what ``qat`` means for TFLite and CoreML).
         calibration (`str`, defaults to ``minmax``): activation range estimator, minmax | percentile | entropy.
         activation_type / weight_type (`str`): uint8 | int8.
         per_channel (`bool`, defaults to True): per-output-channel weight scales.
@@ -262,6 +263,14 @@ def pt2e_quantize(model, calib: np.ndarray, recipe: QuantRecipe | None = None, f
     from .pt2e import pt2e_quantize as quantize
 
     return quantize(model, calib, True if recipe is None else recipe.per_channel, fold_quantize)
+
+
+@register_recipe("pt2e_qat")
+def pt2e_qat(model, calib: np.ndarray, train_images: np.ndarray, config=None, fold_quantize: bool = False):
+    """PT2E fake-quantization fine-tuned towards the FP32 outputs (TFLite/CoreML); see compression/pt2e.py."""
+    from .pt2e import pt2e_qat as quantize
+
+    return quantize(model, calib, train_images, config, fold_quantize=fold_quantize)
 
 
 @register_recipe("qat")

@@ -65,6 +65,26 @@ class ExportContext:
             return None
         return AccuracyTarget(self.tuning_images, min(self.thresholds.min_agreement, 1.0))
 
+    def pt2e_int8(self, target: str, fold_quantize: bool = False):
+        """W8A8 of the checkpoint through PT2E for the TFLite and CoreML converters: post-training, or
+        quantization-aware fine-tuning towards FP32 when the recipe is ``qat`` (the gate's last resort).
+
+        Returns (quantized graph module, quantizer, the recipe to record); ``target`` names the runtime kernels.
+        """
+        from compression.quantize import pt2e_qat, pt2e_quantize
+        from training.models import ExportModule
+
+        module = ExportModule(self.model)
+        if not len(self.calib):
+            raise ConfigError("INT8 calibrates activations on real fundus photos: pass --calib")
+        if self.recipe.name == "qat":
+            recipe = QuantRecipe("pt2e_qat", activation_type="int8", weight_type="int8", target=target)
+            quantized, quantizer = pt2e_qat(module, self.calib, self.tuning_images, self.qat, fold_quantize)
+        else:
+            recipe = QuantRecipe("pt2e", activation_type="int8", weight_type="int8", target=target)
+            quantized, quantizer = pt2e_quantize(module, self.calib, recipe, fold_quantize)
+        return quantized, quantizer, recipe
+
     def example(self) -> torch.Tensor:
         size = self.policy.input_size
         return torch.from_numpy(self.val[:1]).float() if len(self.val) else torch.randn(1, 3, size, size)
@@ -198,7 +218,7 @@ def export_artifact(ctx: ExportContext, fmt: str, precision: str) -> ArtifactRec
                 gate = evaluate_gate(fidelity, ctx.thresholds)
                 how = (f"spec checked; INT8 gated on the quantized torch graph that was converted "
                        f"({len(ctx.val)} images); {spec.runtime} predictions need {'/'.join(spec.runs_on)}")
-        if gate.status == "failed" and precision == "int8" and fmt == "onnx":
+        if gate.status == "failed" and precision == "int8" and spec.int8_escalation:
             retried = _fallback_retry(ctx, fmt, gate)
             if retried is not None:
                 return retried
@@ -215,23 +235,28 @@ def export_artifact(ctx: ExportContext, fmt: str, precision: str) -> ArtifactRec
 
 
 def _fallback_retry(ctx: ExportContext, fmt: str, failed: GateResult) -> ArtifactRecord | None:
-    """The escalation after a failed INT8 gate, each step only if the one before failed:
+    """The escalation after a failed INT8 gate, each step only if the one before failed and only the steps the
+    format's ``int8_escalation`` lists (ONNX all three; TFLite and CoreML, whose PT2E path has no mixed
+    precision, QAT only):
     (1) keep stem, squeeze-excite gating, head and CAM head in float;
     (2) accuracy-controlled mixed precision (``nncf_ac``): layers go back to float in order of sensitivity
         until INT8 grades the tuning photos like FP32 (needs ``tuning_images``);
-    (3) quantization-aware fine-tuning towards FP32, if ``ctx.qat`` is configured.
+    (3) quantization-aware fine-tuning towards FP32 (NNCF for ONNX, PT2E for TFLite/CoreML), if ``ctx.qat``
+        is configured.
     Returns None when no fallback applies (the failed artifact then stands, marked failed)."""
     from compression.quantize import CAM_HEAD_NODES, SENSITIVE_PATTERNS
 
     if not ctx.escalate:
         return None
     why, record = "; ".join(failed.failures), None
+    allowed, post_training = get_format(fmt).int8_escalation, ctx.recipe.name in ("ort", "nncf")
     steps = []
-    if ctx.recipe.name in ("ort", "nncf") and not ctx.recipe.exclude:
+    if "sensitive_float" in allowed and post_training and not ctx.recipe.exclude:
         steps.append(("sensitive layers in float", ctx.recipe.with_exclusions(SENSITIVE_PATTERNS + CAM_HEAD_NODES)))
-    if ctx.recipe.name in ("ort", "nncf") and len(ctx.tuning_images):
+    if "accuracy_control" in allowed and post_training and len(ctx.tuning_images):
         steps.append(("accuracy-controlled mixed precision", dataclasses.replace(ctx.recipe, name="nncf_ac", exclude=())))
-    if ctx.recipe.name != "qat" and ctx.qat is not None and ctx.qat.steps and len(ctx.tuning_images):
+    if ("qat" in allowed and ctx.recipe.name != "qat" and ctx.qat is not None and ctx.qat.steps
+            and len(ctx.tuning_images)):
         steps.append((f"quantization-aware fine-tuning ({ctx.qat.steps} steps)",
                       dataclasses.replace(ctx.recipe, name="qat", exclude=())))
     for label, recipe in steps:

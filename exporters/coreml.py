@@ -19,7 +19,6 @@ import torch
 
 from edge_runtime.backends.base import embedded_manifest_json
 from edge_runtime.contract import QuantizationInfo
-from edge_runtime.errors import ConfigError
 
 from .base import ExportContext, register_exporter, register_spec_checker
 
@@ -53,19 +52,14 @@ def export_coreml(ctx: ExportContext, precision: str) -> tuple[Path, Quantizatio
 
 
 def _convert_w8a8(ctx: ExportContext, example: torch.Tensor, outputs: list):
-    """PT2E-calibrated W8A8 -> ML program (iOS 17: activation quantize/dequantize ops)."""
+    """PT2E W8A8 (calibrated, or QAT when the recipe is ``qat``) -> ML program (iOS 17: activation
+    quantize/dequantize ops)."""
     import coremltools as ct
 
-    from compression.quantize import QuantRecipe, pt2e_quantize
-    from training.models import ExportModule
-
-    if not len(ctx.calib):
-        raise ConfigError("CoreML INT8 calibrates activations on real photos: pass --calib")
-    recipe = QuantRecipe("pt2e", activation_type="int8", weight_type="int8", per_channel=True, target="apple_ane")
-    quantized, _ = pt2e_quantize(ExportModule(ctx.model), ctx.calib, recipe, fold_quantize=True)
+    quantized, _, recipe = ctx.pt2e_int8("apple_ane", fold_quantize=True)
     # What CoreML will compute, measured where CoreML cannot run: the gate judges these outputs.
     with torch.no_grad():
-        # The exported graph is specialised to batch 1, like the CoreML model.
+        # Run one photo at a time: the post-training graph is specialised to batch 1, like the CoreML model.
         pairs = [quantized(torch.from_numpy(ctx.val[i:i + 1]).float()) for i in range(len(ctx.val))]
     ctx.simulated["coreml"] = (torch.cat([p[0] for p in pairs]).numpy(), torch.cat([p[1] for p in pairs]).numpy())
     program = torch.export.export(quantized, (example,)).run_decompositions({})

@@ -21,6 +21,9 @@ class FormatSpec:
     runs_on: tuple[str, ...]  # platform.system() values where the runtime can execute it
     atol_fp32: float  # max |delta logits| vs PyTorch for fp32 artifacts
     atol_fp16: float  # same for fp16
+    # What a failed INT8 gate retries, in order (exporters.base._fallback_retry): "sensitive_float" (stem, SE,
+    # head and CAM head in float), "accuracy_control" (nncf_ac), "qat" (quantization-aware fine-tuning).
+    int8_escalation: tuple[str, ...] = ()
     is_directory: bool = False
     notes: str = ""
 
@@ -33,11 +36,13 @@ FORMATS: dict[str, FormatSpec] = {
     spec.name: spec
     for spec in (
         FormatSpec("onnx", ".onnx", ("fp32", "int8"), "onnxruntime", ("Linux", "Darwin", "Windows"), 1e-3, 5e-2,
-                   notes="INT8 as QDQ; opset 18"),
+                   int8_escalation=("sensitive_float", "accuracy_control", "qat"), notes="INT8 as QDQ; opset 18"),
         FormatSpec("tflite", ".tflite", ("fp32", "fp16", "int8"), "litert", ("Linux", "Darwin", "Windows"), 1e-3, 5e-2,
+                   int8_escalation=("qat",),
                    notes="litert-torch; FP16 weights via ai-edge-quantizer float casting; INT8 through the PT2E "
-                         "quantizer (W8A8, per-channel weights)"),
-        FormatSpec("coreml", ".mlpackage", ("fp16", "int8"), "coreml", ("Darwin",), 1e-3, 5e-2, is_directory=True,
+                         "quantizer (W8A8, per-channel weights), PT2E QAT when the gate fails"),
+        FormatSpec("coreml", ".mlpackage", ("fp16", "int8"), "coreml", ("Darwin",), 1e-3, 5e-2,
+                   int8_escalation=("qat",), is_directory=True,
                    notes="ML program; prediction needs macOS, Linux verifies the spec only"),
     )
 }

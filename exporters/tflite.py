@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from compression.quantize import QuantRecipe, pt2e_quantize
 from edge_runtime.backends.base import embedded_manifest_json
 from edge_runtime.contract import QuantizationInfo
 
@@ -88,9 +87,8 @@ def export_tflite(ctx: ExportContext, precision: str) -> tuple[Path, Quantizatio
     else:
         from litert_torch.quantize.quant_config import QuantConfig
 
-        recipe = QuantRecipe("pt2e", activation_type="int8", weight_type="int8", per_channel=True,
-                             target="litert_xnnpack")  # the LiteRT CPU kernels, not the ONNX recipe's CPU class
-        quantized, quantizer = pt2e_quantize(module, ctx.calib, recipe)
+        # target: the LiteRT CPU kernels, not the ONNX recipe's CPU class
+        quantized, quantizer, recipe = ctx.pt2e_int8("litert_xnnpack")
         litert_torch.convert(quantized, example, quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
         quant = recipe.info(len(ctx.calib))
     cam_shape = tuple(int(v) for v in ctx.reference()[1].shape[2:]) if len(ctx.val) else None

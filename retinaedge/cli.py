@@ -148,7 +148,8 @@ def export(
                                           "repeat to judge the val splits of several folders together."),
     val_limit: int = typer.Option(128, help="At most this many val photos per --val folder (grades stratified)."),
     out: Path = typer.Option(Path("artifacts"), help="Output folder (gets index.json)."),
-    recipe: str = typer.Option("ort", help="ONNX INT8 recipe: ort | nncf | nncf_ac | qat."),
+    recipe: str = typer.Option("ort", help="INT8 recipe: ort | nncf | nncf_ac (ONNX; TFLite/CoreML use PT2E) | "
+                               "qat (ONNX through NNCF, TFLite/CoreML through PT2E)."),
     target: str = typer.Option("x86_avx2", help="CPU class preset: x86_avx2 | x86_avx2_fast | x86_vnni | arm64 | jetson_orin."),
     calibration: str = typer.Option("minmax", help="minmax | percentile | entropy (ort recipe)."),
     min_agreement: float = typer.Option(0.995), min_qwk_ratio: float = typer.Option(0.995),
@@ -160,7 +161,8 @@ def export(
                                       "controlled mixed precision and QAT hold to FP32's grades (0: none)."),
     escalate: bool = typer.Option(True, "--escalate/--no-escalate",
                                   help="After a failed INT8 gate retry with sensitive layers in float, then accuracy-"
-                                  "controlled mixed precision, then QAT (with --qat-steps); off: report the recipe as is."),
+                                  "controlled mixed precision (ONNX), then QAT (with --qat-steps; every format); off: "
+                                  "report the recipe as is."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Export self-describing artifacts, verify each numerically, gate INT8; non-zero exit if any fails."""
@@ -177,9 +179,10 @@ def export(
         thresholds = GateThresholds(min_agreement, min_qwk_ratio, max_sensitivity_drop)
         # --recipe qat goes straight to QAT: its default length unless --qat-steps says otherwise.
         qat = QATConfig(steps=qat_steps or (QATConfig().steps if recipe == "qat" else 0))
-        # Tuning photos serve ONNX INT8 only (nncf_ac, QAT, escalation): skip preprocessing them otherwise.
-        uses_tuning = "onnx" in formats.split(",") and "int8" in precisions.split(",") and (
-            escalate or recipe in ("nncf_ac", "qat"))
+        # Tuning photos serve nncf_ac and QAT, directly or through the escalation (ONNX: nncf_ac and QAT;
+        # TFLite/CoreML: QAT): skip preprocessing them when nothing can use them.
+        uses_tuning = "int8" in precisions.split(",") and (
+            recipe in ("nncf_ac", "qat") or escalate and ("onnx" in formats.split(",") or qat.steps > 0))
         ctx = build_context(checkpoint, out, calib, val, quant, thresholds, val_limit=val_limit, name=name, qat=qat,
                             tuning_limit=tuning_images if uses_tuning else 0, escalate=escalate)
         records = export_all(ctx, formats.split(","), precisions.split(","))

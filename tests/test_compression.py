@@ -171,3 +171,64 @@ def test_qat_is_the_last_resort_after_mixed_precision(tiny_artifacts, tmp_path):
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in stored for n in graph.node)
     assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4 for t in graph.initializer)
     assert 0.0 <= record.parity["agreement"] <= 1.0 and record.parity["cam_identity_error"] < 1e-3
+
+
+def test_fidelity_fine_tuning_pulls_a_perturbed_copy_back_to_fp32():
+    import copy
+
+    import torch
+
+    from compression.qat import QATConfig, fine_tune_towards
+
+    class CamNet(torch.nn.Module):  # inputs -> (logits, cam), like ExportModule
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                                torch.nn.Conv2d(8, 5, 1))
+
+        def forward(self, x):
+            cam = self.features(x)
+            return cam.mean((2, 3)), cam
+
+    torch.manual_seed(0)
+    reference = CamNet().eval()
+    student = copy.deepcopy(reference)
+    with torch.no_grad():  # stands in for quantization error: every weight off by about 20 %
+        for p in student.parameters():
+            p.add_(0.2 * p.abs().mean() * torch.randn_like(p))
+    images = np.random.default_rng(0).normal(size=(32, 3, 16, 16)).astype(np.float32)
+    x = torch.from_numpy(images)
+
+    def distance() -> float:
+        with torch.no_grad():
+            (a, cam_a), (b, cam_b) = reference(x), student(x)
+        return float(((a - b) ** 2).mean() + ((cam_a - cam_b) ** 2).mean())
+
+    before = distance()
+    fine_tune_towards(reference, student, images, QATConfig(steps=60, batch_size=8, lr=3e-3), progress=False)
+    assert distance() < 0.5 * before
+
+
+def test_pt2e_qat_gives_a_fake_quantized_graph_for_any_batch():
+    import torch
+
+    from compression.pt2e import pt2e_qat
+    from compression.qat import QATConfig
+    from training.models import ExportModule, create_model
+
+    torch.manual_seed(0)
+    module = ExportModule(create_model("test_dr_tiny").eval())
+    rng = np.random.default_rng(0)
+    calib, train = (rng.normal(size=(n, 3, 48, 48)).astype(np.float32) for n in (8, 16))
+    quantized, quantizer = pt2e_qat(module, calib, train, QATConfig(steps=2, batch_size=4), progress=False)
+    targets = [str(n.target) for n in quantized.graph.nodes]
+    assert any("quantize_per_tensor" in t for t in targets) and any("quantize_per_channel" in t for t in targets)
+    assert not any("batch_norm" in t for t in targets)  # folded before fake quantization
+    x = torch.from_numpy(calib[:3])
+    with torch.no_grad():
+        logits, cam = quantized(x)
+        ref_logits, _ = module(x)
+    assert logits.shape == (3, 5) and cam.shape[:2] == (3, 5)
+    assert torch.nn.functional.cosine_similarity(logits.flatten(), ref_logits.flatten(), dim=0) > 0.99
+    with pytest.raises(ConfigError, match="train split"):
+        pt2e_qat(module, calib, train[:0], QATConfig(steps=2), progress=False)
