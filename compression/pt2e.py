@@ -86,17 +86,28 @@ def pt2e_qat(model, calib: np.ndarray, train_images: np.ndarray, cfg=None, per_c
              fold_quantize: bool = False, progress: bool = True):
     """PT2E quantization-aware fine-tuning towards FP32, the TFLite/CoreML counterpart of ``qat.fidelity_qat``.
 
+    Returns (converted graph module, quantizer) like ``pt2e_quantize``; the graph takes any batch size.
+    ``pt2e_qat_train`` and ``convert_trained`` are its two halves, for converting one fine-tuned graph twice.
+    """
+    trained, quantizer = pt2e_qat_train(model, calib, train_images, cfg, per_channel, progress)
+    return convert_trained(trained, fold_quantize), quantizer
+
+
+def pt2e_qat_train(model, calib: np.ndarray, train_images: np.ndarray, cfg=None, per_channel: bool = True,
+                   progress: bool = True):
+    """Fake-quantize ``model`` (inputs -> (logits, cam)) with PT2E and fine-tune it towards its FP32 outputs on
+    ``train_images``; returns (the trained, not yet converted, graph module, quantizer).
+
     BatchNorms are folded first and the graph is exported in eval mode, so the fake-quantized copy has plain
     convolutions (what the converters lower) and no batch statistics to drift. Activation ranges start from
     ``calib`` (one batch: the moving-average observers then hold its min/max), follow the training photos
     for the first half of the steps and are frozen for the second, so the weights settle on fixed scales.
-    Returns (converted graph module, quantizer) like ``pt2e_quantize``; the graph takes any batch size.
     """
     import copy
 
     import torch
     from torchao.quantization.pt2e import disable_observer
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     from .qat import QATConfig, check_qat_inputs, fine_tune_towards, fold_batch_norms
 
@@ -118,4 +129,13 @@ def pt2e_qat(model, calib: np.ndarray, train_images: np.ndarray, cfg=None, per_c
 
     fine_tune_towards(model, prepared, train_images, cfg, progress, on_step=freeze_observers_half_way)
     prepared.apply(disable_observer)
-    return convert_pt2e(prepared, fold_quantize=fold_quantize), quantizer
+    return prepared, quantizer
+
+
+def convert_trained(trained, fold_quantize: bool = False):
+    """The quantized graph of a ``pt2e_qat_train`` result; ``trained`` stays usable (conversion works on a copy)."""
+    import copy
+
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    return convert_pt2e(copy.deepcopy(trained), fold_quantize=fold_quantize)

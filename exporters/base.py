@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -50,6 +51,8 @@ class ExportContext:
     tuning_images: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 1, 1), np.float32))
     # (logits, cam) on ``val`` of the quantized graph a converter was given, for formats this OS cannot run.
     simulated: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # Work several formats reuse (the PT2E QAT graph); contexts derived by dataclasses.replace share this dict.
+    shared: dict = field(default_factory=dict)
 
     @property
     def policy(self) -> PreprocessPolicy:
@@ -71,7 +74,8 @@ class ExportContext:
 
         Returns (quantized graph module, quantizer, the recipe to record); ``target`` names the runtime kernels.
         """
-        from compression.quantize import pt2e_qat, pt2e_quantize
+        from compression.pt2e import convert_trained, pt2e_qat_train
+        from compression.quantize import pt2e_quantize
         from training.models import ExportModule
 
         module = ExportModule(self.model)
@@ -79,7 +83,12 @@ class ExportContext:
             raise ConfigError("INT8 calibrates activations on real fundus photos: pass --calib")
         if self.recipe.name == "qat":
             recipe = QuantRecipe("pt2e_qat", activation_type="int8", weight_type="int8", target=target)
-            quantized, quantizer = pt2e_qat(module, self.calib, self.tuning_images, self.qat, fold_quantize)
+            # TFLite and CoreML convert the same fine-tuned graph: train it once per QAT config and photos.
+            key = ("pt2e_qat", self.qat, _digest(self.calib), _digest(self.tuning_images))
+            if key not in self.shared:
+                self.shared[key] = pt2e_qat_train(module, self.calib, self.tuning_images, self.qat)
+            trained, quantizer = self.shared[key]
+            quantized = convert_trained(trained, fold_quantize)
         else:
             recipe = QuantRecipe("pt2e", activation_type="int8", weight_type="int8", target=target)
             quantized, quantizer = pt2e_quantize(module, self.calib, recipe, fold_quantize)
@@ -283,6 +292,10 @@ def gate_failures(record: ArtifactRecord) -> list[str]:
         return [record.error or "export failed"]
     sidecar = manifest_path_for(record.path)
     return list(ArtifactManifest.from_json(sidecar.read_text()).gate.failures) if sidecar.is_file() else []
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
 
 
 def _size_mb(path: Path) -> float:

@@ -178,34 +178,33 @@ def test_calibration_and_gate_can_use_several_folders(tiny_run, synthetic_dir, t
     assert len(two.calib) == 2 * len(one.calib) and len(two.tuning_images) == 2 * len(one.tuning_images)
 
 
-@pytest.mark.parametrize("fmt", ["tflite", "coreml"])
-def test_pt2e_formats_escalate_to_quantization_aware_fine_tuning(tiny_artifacts, tmp_path, fmt):
+def test_pt2e_formats_escalate_to_quantization_aware_fine_tuning(tiny_artifacts, tmp_path):
     from dataclasses import replace
+
+    from ai_edge_litert.interpreter import Interpreter
 
     from compression.gate import GateThresholds
     from compression.qat import QATConfig
     from exporters.registry import export_artifact
 
     base = tiny_artifacts[2]
-    # An impossible threshold fails the post-training PT2E artifact; TFLite and CoreML have no mixed precision,
+    # An impossible threshold fails the post-training PT2E artifacts; TFLite and CoreML have no mixed precision,
     # so their only retry is PT2E QAT.
-    ctx = replace(base, out_dir=tmp_path, thresholds=GateThresholds(min_agreement=1.01),
+    ctx = replace(base, out_dir=tmp_path, thresholds=GateThresholds(min_agreement=1.01), shared={},
                   qat=QATConfig(steps=2, batch_size=4), tuning_images=base.calib[:8])
     ctx._reference = base.reference()
-    record = export_artifact(ctx, fmt, "int8")
-    assert record.status == "ok", record.error
-    assert "quantization-aware fine-tuning (2 steps) after" in record.verified
-    assert "sensitive layers" not in record.verified and "accuracy-controlled" not in record.verified
-    manifest = ArtifactManifest.from_json(manifest_path_for(record.path).read_text())
-    assert manifest.quantization.recipe == "pt2e_qat" and manifest.gate.status == "failed"
-    assert manifest.quantization.target == {"tflite": "litert_xnnpack", "coreml": "apple_ane"}[fmt]
-    if fmt == "tflite":
-        from ai_edge_litert.interpreter import Interpreter
-
-        interpreter = Interpreter(record.path)
-        weights = [d for d in interpreter.get_tensor_details() if d["dtype"] == np.int8 and len(d["shape"]) == 4]
-        assert weights  # int8 convolution weights, not a float model
-        assert 0.0 <= record.parity["agreement"] <= 1.0 and record.parity["cam_identity_error"] < 1e-3
-    else:  # CoreML on Linux: spec checked, gate judged on the converted QAT torch graph
-        assert record.parity["int8_weight_ops"] > 0 and record.parity["int8_activation_ops"] > 0
+    records = {fmt: export_artifact(ctx, fmt, "int8") for fmt in ("tflite", "coreml")}
+    for fmt, record in records.items():
+        assert record.status == "ok", record.error
+        assert "quantization-aware fine-tuning (2 steps) after" in record.verified
+        assert "sensitive layers" not in record.verified and "accuracy-controlled" not in record.verified
+        manifest = ArtifactManifest.from_json(manifest_path_for(record.path).read_text())
+        assert manifest.quantization.recipe == "pt2e_qat" and manifest.gate.status == "failed"
+        assert manifest.quantization.target == {"tflite": "litert_xnnpack", "coreml": "apple_ane"}[fmt]
         assert 0.0 <= record.parity["agreement"] <= 1.0
+    assert len(ctx.shared) == 1  # both converters took the one fine-tuned graph
+    interpreter = Interpreter(records["tflite"].path)
+    assert [d for d in interpreter.get_tensor_details() if d["dtype"] == np.int8 and len(d["shape"]) == 4]
+    assert records["tflite"].parity["cam_identity_error"] < 1e-3
+    # CoreML on Linux: spec checked, gate judged on the converted QAT torch graph.
+    assert records["coreml"].parity["int8_weight_ops"] > 0 and records["coreml"].parity["int8_activation_ops"] > 0
