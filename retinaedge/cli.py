@@ -157,6 +157,7 @@ def export(
     name: str | None = typer.Option(None, help="Artifact file stem (default: model name)."),
     qat_steps: int = typer.Option(0, help="Quantization-aware fine-tuning steps when post-training INT8 and its "
                                   "mixed-precision retries all fail the gate (0: off); uses --calib's train split."),
+    qat_lr: float | None = typer.Option(None, help="QAT learning rate (Adam; default QATConfig's 1e-5)."),
     tuning_images: int = typer.Option(256, help="Unlabelled photos from --calib's train split that accuracy-"
                                       "controlled mixed precision and QAT hold to FP32's grades (0: none)."),
     escalate: bool = typer.Option(True, "--escalate/--no-escalate",
@@ -178,7 +179,8 @@ def export(
         quant = replace(QuantRecipe.for_target(target, recipe), calibration=calibration)
         thresholds = GateThresholds(min_agreement, min_qwk_ratio, max_sensitivity_drop)
         # --recipe qat goes straight to QAT: its default length unless --qat-steps says otherwise.
-        qat = QATConfig(steps=qat_steps or (QATConfig().steps if recipe == "qat" else 0))
+        qat = QATConfig(steps=qat_steps or (QATConfig().steps if recipe == "qat" else 0),
+                        **({"lr": qat_lr} if qat_lr is not None else {}))
         # Tuning photos serve nncf_ac and QAT, directly or through the escalation (ONNX: nncf_ac and QAT;
         # TFLite/CoreML: QAT): skip preprocessing them when nothing can use them.
         uses_tuning = "int8" in precisions.split(",") and (
