@@ -291,8 +291,8 @@ def ratio_lines(rows: list[dict]) -> list[str]:
     teacher = max((r for r in ok if r["format"] == "torch"), key=lambda r: r["size_mb"], default=None)
     if teacher is None:
         return []
-    out = [f"Ratios against the FP32 teacher in PyTorch eager ({teacher['name']}, p50 {teacher['latency_ms']['p50']:.1f} ms, "
-           f"{teacher['size_mb']:.1f} MB):", ""]
+    out = [f"Ratios against the largest FP32 model in PyTorch eager, the teacher when it was benchmarked "
+           f"({teacher['name']}, p50 {teacher['latency_ms']['p50']:.1f} ms, {teacher['size_mb']:.1f} MB):", ""]
     for r in ok:
         if r is teacher:
             continue
