@@ -30,6 +30,7 @@ reliability: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf runs .pytest_cache
