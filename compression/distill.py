@@ -17,13 +17,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from compression.gate import cam_correlation
-from edge_runtime.contract import PreprocessPolicy
+from edge_runtime.contract import PreprocessPolicy, operating_point_of
 from training.config import TrainConfig
 from training.data.dataset import FundusDataset, cache_images
 from training.data.layouts import select
-from training.metrics import screening_metrics
 from training.models import load_checkpoint
-from training.train import RunResult, fit, load_samples, predict
+from training.train import RunResult, fit, load_samples, metrics_at, predict
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +104,9 @@ def compare_with_teacher(student_ckpt, teacher_ckpt, samples, cfg: TrainConfig, 
         model, meta = load_checkpoint(ckpt)
         policy = _policy(meta)
         images = cache_images(chosen, policy, cfg.cache_dir, False)
-        probs, cams = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=16), torch.device("cpu"), True)
-        outputs[role] = (probs, cams)
-        m = screening_metrics(y, probs, cfg.referable_threshold)
+        logits, cams = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=16), torch.device("cpu"), True)
+        outputs[role] = (logits, cams)
+        m = metrics_at(operating_point_of(meta), y, logits)
         out[role] = {k: m[k] for k in ("qwk", "accuracy", "referable_sensitivity", "referable_specificity", "referable_auc")}
     (sp, sc), (tp, tc) = outputs["student"], outputs["teacher"]
     out["agreement"] = float((sp.argmax(1) == tp.argmax(1)).mean())

@@ -44,7 +44,9 @@ class TrainConfig:
     cache_dir: str = ".cache/retinaedge"
     out: str = "runs/train"
     resume: bool = False  # continue from <out>/last.pt
-    referable_threshold: float = 0.5
+    referral_rule: str = "sensitivity"  # how the val photos choose the threshold: sensitivity | specificity | youden
+    referral_target: float = 0.90  # the val sensitivity (or specificity) the threshold must reach
+    uncertain_fraction: float = 0.05  # share of val photos nearest the threshold reported "uncertain"
     # Distillation (compression.distill); ignored when teacher is None.
     teacher: str | None = None  # teacher checkpoint path
     alpha: float = 0.7  # weight of the soft-target KL term
@@ -61,6 +63,11 @@ class TrainConfig:
             raise ConfigError(f"lr must be in (0, 1), got {self.lr!r}")
         if not 0 <= self.alpha <= 1 or self.temperature <= 0:
             raise ConfigError(f"alpha must be in [0, 1] and temperature > 0, got {self.alpha!r}, {self.temperature!r}")
+        if self.referral_rule not in ("sensitivity", "specificity", "youden"):
+            raise ConfigError(f"referral_rule must be sensitivity | specificity | youden, got {self.referral_rule!r}")
+        if not 0 < self.referral_target < 1 or not 0 <= self.uncertain_fraction < 0.5:
+            raise ConfigError(f"referral_target must be in (0, 1) and uncertain_fraction in [0, 0.5), got "
+                              f"{self.referral_target!r}, {self.uncertain_fraction!r}")
         if self.input_size is not None and not 32 <= self.input_size <= 1024:
             raise ConfigError(f"input_size must be in [32, 1024], got {self.input_size!r}")
         if isinstance(self.data, str):

@@ -8,13 +8,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from edge_runtime.contract import PreprocessPolicy
+from edge_runtime.contract import PreprocessPolicy, operating_point_of
 
 from .data.dataset import FundusDataset, cache_images
 from .data.layouts import assign_splits, read_dataset, select
-from .metrics import save_confusion_png, screening_metrics
+from .metrics import save_confusion_png
 from .models import load_checkpoint
-from .train import predict
+from .train import metrics_at, predict
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cache_dir: str = ".cache/retinaedge",
@@ -26,8 +26,10 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cach
         raise ValueError(f"{data} has no {split!r} split")
     images = cache_images(samples, policy, cache_dir, False)
     y = np.array([s.grade for s in samples])
-    probs = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=32), torch.device("cpu"))
-    metrics = screening_metrics(y, probs, float(meta.get("referable_threshold", 0.5)))
+    logits = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=32), torch.device("cpu"))
+    point = operating_point_of(meta)
+    metrics = metrics_at(point, y, logits)
+    metrics["operating_point"] = point.describe()
     metrics.update(checkpoint=str(checkpoint), data=str(data), split=split, model=meta["model_name"])
     if out:
         out = Path(out)

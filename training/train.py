@@ -8,7 +8,8 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-from edge_runtime.contract import GRADE_NAMES, PreprocessPolicy, utcnow
+from edge_runtime.calibration import choose_operating_point
+from edge_runtime.contract import GRADE_NAMES, OperatingPoint, PreprocessPolicy, utcnow
+from edge_runtime.decision import decide_batch
 
 from .config import TrainConfig, save_config
 from .data.dataset import FundusDataset, cache_images
@@ -82,19 +85,29 @@ def focal_loss(logits, target, weight, gamma):
 
 @torch.no_grad()
 def predict(model: DRClassifier, loader: DataLoader, device: torch.device, with_cam: bool = False):
-    """Softmax probabilities (and CAMs) for every batch of a loader, in order."""
+    """Raw logits (and CAMs) for every batch of a loader, in order; probabilities come from ``decide_batch``."""
     model.eval()
-    probs, cams = [], []
-    for x, _ in loader:
+    logits_all, cams = [], []
+    for x, *_ in loader:
         x = x.to(device)
         if with_cam:
             logits, cam = model.forward_with_cam(x)
             cams.append(cam.float().cpu().numpy())
         else:
             logits = model(x)
-        probs.append(logits.float().softmax(1).cpu().numpy())
-    probs = np.concatenate(probs) if probs else np.zeros((0, 5), np.float32)
-    return (probs, np.concatenate(cams)) if with_cam else probs
+        logits_all.append(logits.float().cpu().numpy())
+    logits = np.concatenate(logits_all) if logits_all else np.zeros((0, 5), np.float32)
+    return (logits, np.concatenate(cams)) if with_cam else logits
+
+
+def choose_referral_point(cfg: TrainConfig, y: np.ndarray, logits: np.ndarray, samples: list[Sample]) -> OperatingPoint:
+    """Temperature and referral threshold chosen on the val photos for the configured rule and target."""
+    return choose_operating_point(y, logits, rule=cfg.referral_rule, target=cfg.referral_target,
+                                  band_fraction=cfg.uncertain_fraction, fingerprint=fingerprint(samples))
+
+
+def metrics_at(point: OperatingPoint, y: np.ndarray, logits: np.ndarray) -> dict:
+    return screening_metrics(y, decide_batch(logits, point).probabilities, point.threshold)
 
 
 @dataclass
@@ -108,6 +121,54 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+@dataclass
+class _Run:
+    """Everything one training run carries from set-up through its epochs to the final checkpoint."""
+
+    cfg: TrainConfig
+    device: torch.device
+    distributed: bool
+    out_dir: Path
+    policy: PreprocessPolicy
+    model: DRClassifier
+    train_model: torch.nn.Module
+    train_loader: DataLoader
+    sampler: DistributedSampler | None
+    val_loader: DataLoader
+    val_y: np.ndarray
+    val_x: np.ndarray
+    samples: dict[str, list[Sample]]  # train / val / test
+    data_fp: str
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    weight: torch.Tensor | None
+    extra_loss: Callable | None
+    extra_targets: dict[str, np.ndarray] | None
+    show: bool
+    start_epoch: int = 0
+    best_qwk: float = -float("inf")
+    stale: int = 0
+    history: list[dict] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    def meta(self, metrics: dict, point: OperatingPoint | None = None) -> dict:
+        return {"model_name": self.cfg.model, "input_size": self.policy.input_size, "preprocess": self.policy.__dict__,
+                "class_names": list(GRADE_NAMES), "metrics": metrics, "data_fingerprint": self.data_fp,
+                "git_sha": git_sha(), "created_at": utcnow(),
+                "operating_point": dataclasses.asdict(point or OperatingPoint()),
+                "config": self.cfg.to_dict(), "num_features": self.model.num_features}
+
+
 def fit(cfg: TrainConfig, extra_loss: Callable | None = None, extra_targets: dict[str, np.ndarray] | None = None,
         progress: bool = True) -> RunResult:
     """Train ``cfg.model``; returns the run folder, best checkpoint and final metrics.
@@ -115,6 +176,19 @@ def fit(cfg: TrainConfig, extra_loss: Callable | None = None, extra_targets: dic
     ``extra_targets`` are per-training-image arrays (e.g. cached teacher logits) handed to
     ``extra_loss(logits, cam, targets, batch_extra) -> loss`` with the batch's rows.
     """
+    run = _set_up(cfg, extra_loss, extra_targets, progress)
+    bar = _progress(run.show)
+    with bar:
+        task = bar.add_task("training", total=(cfg.epochs - run.start_epoch) * len(run.train_loader))
+        for epoch in range(run.start_epoch, cfg.epochs):
+            train_loss = _train_one_epoch(run, epoch, bar, task)
+            if _evaluate_and_checkpoint(run, epoch, train_loss):
+                break
+    return _finalise(run)
+
+
+def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[str, np.ndarray] | None,
+            progress: bool) -> _Run:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
@@ -130,139 +204,153 @@ def fit(cfg: TrainConfig, extra_loss: Callable | None = None, extra_targets: dic
         save_config(cfg, out_dir / "config.yaml")
 
     policy = policy_for(cfg)
-    samples = load_samples(cfg)
-    train_samples = select(samples, cfg.train_splits)
-    val_samples = select(samples, cfg.val_split)
-    test_samples = select(samples, cfg.test_split)
-    if not train_samples or not val_samples:
+    all_samples = load_samples(cfg)
+    samples = {"train": select(all_samples, cfg.train_splits), "val": select(all_samples, cfg.val_split),
+               "test": select(all_samples, cfg.test_split)}
+    if not samples["train"] or not samples["val"]:
         raise ValueError(f"need non-empty train {cfg.train_splits} and val {cfg.val_split!r} splits; "
-                         f"got {len(train_samples)} / {len(val_samples)} images")
-    data_fp = fingerprint(train_samples)
+                         f"got {len(samples['train'])} / {len(samples['val'])} images")
     show = progress and _is_main()
     # Every rank needs the crops; rank 0 builds the cache first so the others only read it.
     if _is_main():
-        train_x = cache_images(train_samples, policy, cfg.cache_dir, show)
+        train_x = cache_images(samples["train"], policy, cfg.cache_dir, show)
     if distributed:
         dist.barrier()
     if not _is_main():
-        train_x = cache_images(train_samples, policy, cfg.cache_dir, False)
-    val_x = cache_images(val_samples, policy, cfg.cache_dir, show)
-    train_y = np.array([s.grade for s in train_samples])
-    val_y = np.array([s.grade for s in val_samples])
+        train_x = cache_images(samples["train"], policy, cfg.cache_dir, False)
+    val_x = cache_images(samples["val"], policy, cfg.cache_dir, show)
+    train_y = np.array([s.grade for s in samples["train"]])
+    val_y = np.array([s.grade for s in samples["val"]])
 
     model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file).to(device)
     train_model: torch.nn.Module = model
     if distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    indices = np.arange(len(train_y))
     train_ds = _IndexedDataset(FundusDataset(train_x, train_y, policy, train=True, seed=cfg.seed + rank,
-                                                    geometric=cfg.cam_weight == 0), indices)
+                                             geometric=cfg.cam_weight == 0), np.arange(len(train_y)))
     sampler = DistributedSampler(train_ds, seed=cfg.seed) if distributed else None
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                               num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size,
                               generator=torch.Generator().manual_seed(cfg.seed))
     val_loader = DataLoader(FundusDataset(val_x, val_y, policy), batch_size=cfg.batch_size * 2, num_workers=cfg.workers)
 
-    weight = class_weights(train_y).to(device) if cfg.class_weighted else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train_loader))
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else
                                                   0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
     use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch, best_qwk, stale, history = 0, -float("inf"), 0, []
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    if cfg.resume and last_path.is_file():
-        state = torch.load(last_path, map_location=device, weights_only=False)
+    run = _Run(cfg=cfg, device=device, distributed=distributed, out_dir=out_dir, policy=policy, model=model,
+               train_model=train_model, train_loader=train_loader, sampler=sampler, val_loader=val_loader,
+               val_y=val_y, val_x=val_x, samples=samples, data_fp=fingerprint(samples["train"]),
+               optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler("cuda", enabled=use_amp),
+               use_amp=use_amp, weight=class_weights(train_y).to(device) if cfg.class_weighted else None,
+               extra_loss=extra_loss, extra_targets=extra_targets, show=show)
+    if cfg.resume and run.last_path.is_file():
+        state = torch.load(run.last_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_qwk, stale, history = state["epoch"] + 1, state["best_qwk"], state["stale"], state["history"]
-        log.info("resumed from %s at epoch %d", last_path, start_epoch)
+        run.start_epoch, run.best_qwk, run.stale, run.history = (state["epoch"] + 1, state["best_qwk"], state["stale"],
+                                                                 state["history"])
+        log.info("resumed from %s at epoch %d", run.last_path, run.start_epoch)
+    return run
 
-    def meta(metrics: dict) -> dict:
-        return {"model_name": cfg.model, "input_size": policy.input_size, "preprocess": policy.__dict__,
-                "class_names": list(GRADE_NAMES), "metrics": metrics, "data_fingerprint": data_fp,
-                "git_sha": git_sha(), "created_at": utcnow(), "referable_threshold": cfg.referable_threshold,
-                "config": cfg.to_dict(), "num_features": model.num_features}
 
-    started = time.monotonic()
-    progress_bar = _progress(show)
-    with progress_bar:
-        task = progress_bar.add_task("training", total=(cfg.epochs - start_epoch) * steps_per_epoch)
-        for epoch in range(start_epoch, cfg.epochs):
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            train_model.train()
-            running, seen = 0.0, 0
-            for x, y, idx in train_loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.autocast(device.type, enabled=use_amp):
-                    if extra_loss is not None:
-                        logits, cam = train_model(x, return_cam=True)
-                    else:
-                        logits, cam = train_model(x), None
-                    if cfg.loss == "focal":
-                        loss = focal_loss(logits.float(), y, weight, cfg.focal_gamma)
-                    else:
-                        loss = F.cross_entropy(logits.float(), y, weight=weight)
-                    if extra_loss is not None:
-                        batch_extra = {k: torch.as_tensor(v[idx.numpy()]).to(device) for k, v in (extra_targets or {}).items()}
-                        loss = extra_loss(logits.float(), cam.float(), y, loss, batch_extra, x)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                running += float(loss.detach()) * len(y)
-                seen += len(y)
-                progress_bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {running / seen:.3f}")
-            val_metrics = screening_metrics(val_y, predict(model, val_loader, device), cfg.referable_threshold)
-            history.append({"epoch": epoch + 1, "train_loss": running / max(1, seen), "val_qwk": val_metrics["qwk"],
-                            "val_accuracy": val_metrics["accuracy"], "minutes": (time.monotonic() - started) / 60})
-            improved = val_metrics["qwk"] > best_qwk
-            best_qwk, stale = (val_metrics["qwk"], 0) if improved else (best_qwk, stale + 1)
-            if _is_main():
-                log.info("epoch %d: loss %.4f val QWK %.4f acc %.3f", epoch + 1, history[-1]["train_loss"],
-                         val_metrics["qwk"], val_metrics["accuracy"])
-                if improved:
-                    torch.save({"model_state": model.state_dict(), "meta": meta({"val": val_metrics})}, best_path)
-                torch.save({"model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch, "best_qwk": best_qwk, "stale": stale,
-                            "history": history, "meta": meta({"val": val_metrics})}, last_path)
-            if stale >= cfg.patience:
-                log.info("early stopping: validation QWK has not improved for %d epochs", cfg.patience)
-                break
-            if cfg.max_minutes and (time.monotonic() - started) / 60 > cfg.max_minutes:
-                log.info("stopping: time budget of %.1f min reached", cfg.max_minutes)
-                break
+def _train_one_epoch(run: _Run, epoch: int, bar, task) -> float:
+    """One pass over the training photos; returns the mean training loss."""
+    cfg, device = run.cfg, run.device
+    if run.sampler is not None:
+        run.sampler.set_epoch(epoch)
+    run.train_model.train()
+    running, seen = 0.0, 0
+    for x, y, idx in run.train_loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=run.use_amp):
+            if run.extra_loss is not None:
+                logits, cam = run.train_model(x, return_cam=True)
+            else:
+                logits, cam = run.train_model(x), None
+            if cfg.loss == "focal":
+                loss = focal_loss(logits.float(), y, run.weight, cfg.focal_gamma)
+            else:
+                loss = F.cross_entropy(logits.float(), y, weight=run.weight)
+            if run.extra_loss is not None:
+                batch_extra = {k: torch.as_tensor(v[idx.numpy()]).to(device) for k, v in (run.extra_targets or {}).items()}
+                loss = run.extra_loss(logits.float(), cam.float(), y, loss, batch_extra, x)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+        running += float(loss.detach()) * len(y)
+        seen += len(y)
+        bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {running / seen:.3f}")
+    return running / max(1, seen)
 
-    if distributed:
-        dist.barrier()
-    metrics: dict = {"history": history}
+
+def _evaluate_and_checkpoint(run: _Run, epoch: int, train_loss: float) -> bool:
+    """Val metrics, best/last checkpoints; True when training should stop (patience or time budget)."""
+    cfg = run.cfg
+    # Model selection uses QWK, which needs no threshold: the operating point is chosen once, at the end.
+    val_metrics = metrics_at(OperatingPoint(), run.val_y, predict(run.model, run.val_loader, run.device))
+    run.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_qwk": val_metrics["qwk"],
+                        "val_accuracy": val_metrics["accuracy"], "minutes": (time.monotonic() - run.started) / 60})
+    improved = val_metrics["qwk"] > run.best_qwk
+    run.best_qwk, run.stale = (val_metrics["qwk"], 0) if improved else (run.best_qwk, run.stale + 1)
     if _is_main():
-        best = torch.load(best_path, map_location=device, weights_only=False)
-        model.load_state_dict(best["model_state"])
-        for split_name, split_samples in (("val", val_samples), ("test", test_samples)):
+        log.info("epoch %d: loss %.4f val QWK %.4f acc %.3f", epoch + 1, train_loss, val_metrics["qwk"],
+                 val_metrics["accuracy"])
+        if improved:
+            torch.save({"model_state": run.model.state_dict(), "meta": run.meta({"val": val_metrics})}, run.best_path)
+        torch.save({"model_state": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                    "scheduler": run.scheduler.state_dict(), "epoch": epoch, "best_qwk": run.best_qwk,
+                    "stale": run.stale, "history": run.history, "meta": run.meta({"val": val_metrics})}, run.last_path)
+    if run.stale >= cfg.patience:
+        log.info("early stopping: validation QWK has not improved for %d epochs", cfg.patience)
+        return True
+    if cfg.max_minutes and (time.monotonic() - run.started) / 60 > cfg.max_minutes:
+        log.info("stopping: time budget of %.1f min reached", cfg.max_minutes)
+        return True
+    return False
+
+
+def _finalise(run: _Run) -> RunResult:
+    """Reload the best weights, choose the operating point on val, report val and test at it."""
+    cfg = run.cfg
+    if run.distributed:
+        dist.barrier()
+    metrics: dict = {"history": run.history}
+    if _is_main():
+        best = torch.load(run.best_path, map_location=run.device, weights_only=False)
+        run.model.load_state_dict(best["model_state"])
+        val_logits = predict(run.model, run.val_loader, run.device)
+        point = choose_referral_point(cfg, run.val_y, val_logits, run.samples["val"])
+        log.info("operating point: %s", point.describe())
+        for split_name in ("val", "test"):
+            split_samples = run.samples[split_name]
             if not split_samples:
                 continue
-            xs = val_x if split_name == "val" else cache_images(split_samples, policy, cfg.cache_dir, show)
             ys = np.array([s.grade for s in split_samples])
-            loader = DataLoader(FundusDataset(xs, ys, policy), batch_size=cfg.batch_size * 2)
-            metrics[split_name] = screening_metrics(ys, predict(model, loader, device), cfg.referable_threshold)
-            save_confusion_png(metrics[split_name]["confusion_matrix"], str(out_dir / f"confusion_{split_name}.png"),
+            if split_name == "val":
+                logits = val_logits
+            else:
+                xs = cache_images(split_samples, run.policy, cfg.cache_dir, run.show)
+                logits = predict(run.model, DataLoader(FundusDataset(xs, ys, run.policy), batch_size=cfg.batch_size * 2),
+                                 run.device)
+            metrics[split_name] = metrics_at(point, ys, logits)
+            save_confusion_png(metrics[split_name]["confusion_matrix"], str(run.out_dir / f"confusion_{split_name}.png"),
                                f"{cfg.model} - {split_name}")
-        metrics["train_minutes"] = (time.monotonic() - started) / 60
-        best["meta"]["metrics"] = {k: v for k, v in metrics.items() if k != "history"}
-        torch.save(best, best_path)
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if distributed:
+        metrics["operating_point"] = dataclasses.asdict(point)
+        metrics["train_minutes"] = (time.monotonic() - run.started) / 60
+        best["meta"] = run.meta({k: v for k, v in metrics.items() if k != "history"}, point)
+        torch.save(best, run.best_path)
+        (run.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if run.distributed:
         dist.barrier()
         dist.destroy_process_group()
-    return RunResult(out_dir, best_path, metrics)
+    return RunResult(run.out_dir, run.best_path, metrics)
 
 
 class _IndexedDataset(torch.utils.data.Dataset):
