@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader
 
 from compression.gate import cam_correlation
 from edge_runtime.contract import PreprocessPolicy
+from edge_runtime.metrics import screening_metrics
 from training.config import TrainConfig
 from training.data.dataset import FundusDataset, cache_images
 from training.data.layouts import select
-from training.metrics import screening_metrics
 from training.models import load_checkpoint
 from training.train import RunResult, fit, load_samples, predict
 

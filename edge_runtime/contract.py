@@ -120,19 +120,86 @@ class QuantizationInfo:
             raise ManifestError(f"quantization.precision must be fp32|fp16|int8, got {self.precision!r}")
 
 
+GATE_STATUSES = ("passed", "failed", "insufficient_evidence", "not_run", "not_required")
+
+
+@dataclass(frozen=True)
+class GateCriterion:
+    """One line of the fidelity gate: a number, its interval and the bound judged against the threshold."""
+
+    name: str
+    value: float | None  # point estimate (None: could not be computed, e.g. no referable photos)
+    bound: float | None = None  # one-sided lower confidence bound, when the criterion is judged on evidence
+    threshold: float | None = None  # None: reported only
+    margin: float | None = None  # (bound, else value) - threshold; negative when it fails
+    passed: bool | None = None  # None: reported only, or not computable
+    interval: tuple[float, float] | None = None  # two-sided interval at the gate's confidence, for the reader
+    n: int | None = None  # photos the number rests on
+    method: str = ""  # how the interval/bound was computed
+
+    def __post_init__(self) -> None:
+        if self.interval is not None:
+            object.__setattr__(self, "interval", tuple(float(v) for v in self.interval))
+
+
 @dataclass(frozen=True)
 class GateResult:
     """Outcome of the fidelity gate (INT8 vs FP32 of the same model) or of FP parity checks."""
 
-    status: str = "not_run"  # passed | failed | not_run | not_required
+    status: str = "not_run"  # passed | failed | insufficient_evidence | not_run | not_required
     metrics: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
     failures: tuple[str, ...] = ()
+    criteria: tuple[GateCriterion, ...] = ()  # the gate's table; empty for FP parity checks and v1 manifests
 
     def __post_init__(self) -> None:
-        if self.status not in ("passed", "failed", "not_run", "not_required"):
-            raise ManifestError(f"gate.status must be passed|failed|not_run|not_required, got {self.status!r}")
+        if self.status not in GATE_STATUSES:
+            raise ManifestError(f"gate.status must be {'|'.join(GATE_STATUSES)}, got {self.status!r}")
         object.__setattr__(self, "failures", tuple(self.failures))
+        object.__setattr__(self, "criteria", tuple(
+            c if isinstance(c, GateCriterion) else _sub(GateCriterion, c, "gate.criteria[]") for c in self.criteria))
+
+
+OPERATING_POINT_RULES = ("sensitivity", "specificity", "youden", "default")
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Where referral is decided: a threshold on the calibrated referable probability P(grade >= 2),
+    chosen on labelled val photos (``edge_runtime.calibration.choose_operating_point``) or the 0.5 default."""
+
+    rule: str = "default"  # sensitivity | specificity | youden | default (0.5, not chosen on data)
+    target: float | None = None  # the sensitivity/specificity aimed for
+    threshold: float = 0.5  # on the calibrated referable probability P(grade >= 2)
+    temperature: float = 1.0  # probabilities = softmax(logits / temperature)
+    uncertain_band: tuple[float, float] | None = None  # [low, high): reported "uncertain", never a clean negative
+    sensitivity: float | None = None
+    sensitivity_ci: tuple[float, float] | None = None
+    specificity: float | None = None
+    specificity_ci: tuple[float, float] | None = None
+    n_positive: int | None = None
+    n_negative: int | None = None
+    val_fingerprint: str | None = None
+    calibration: dict[str, float] = field(default_factory=dict)  # ece/brier before and after temperature scaling
+
+    def __post_init__(self) -> None:
+        if self.rule not in OPERATING_POINT_RULES:
+            raise ManifestError(f"operating_point.rule must be {'|'.join(OPERATING_POINT_RULES)}, got {self.rule!r}")
+        if self.target is not None and not 0.0 < float(self.target) < 1.0:
+            raise ManifestError(f"operating_point.target must be in (0, 1), got {self.target!r}")
+        if not 0.0 < float(self.threshold) < 1.0:
+            raise ManifestError(f"operating_point.threshold must be in (0, 1), got {self.threshold!r}")
+        if not float(self.temperature) > 0.0:
+            raise ManifestError(f"operating_point.temperature must be > 0, got {self.temperature!r}")
+        for name in ("uncertain_band", "sensitivity_ci", "specificity_ci"):
+            value = getattr(self, name)
+            if value is not None:
+                if len(value) != 2 or float(value[0]) > float(value[1]):
+                    raise ManifestError(f"operating_point.{name} must be [low, high] with low <= high, got {value!r}")
+                object.__setattr__(self, name, (float(value[0]), float(value[1])))
+        band = self.uncertain_band
+        if band is not None and not band[0] <= self.threshold <= band[1]:
+            raise ManifestError(f"operating_point.uncertain_band {band} must contain the threshold {self.threshold}")
 
 
 @dataclass(frozen=True)

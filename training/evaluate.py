@@ -9,10 +9,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from edge_runtime.contract import PreprocessPolicy
+from edge_runtime.metrics import screening_metrics
 
 from .data.dataset import FundusDataset, cache_images
 from .data.layouts import assign_splits, read_dataset, select
-from .metrics import save_confusion_png, screening_metrics
+from .metrics import save_confusion_png
 from .models import load_checkpoint
 from .train import predict
 

@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from edge_runtime.contract import GRADE_NAMES, PreprocessPolicy, utcnow
+from edge_runtime.metrics import screening_metrics
 
 from .config import TrainConfig, save_config
 from .data.dataset import FundusDataset, cache_images
 from .data.layouts import Sample, assign_splits, fingerprint, read_dataset, select
 from .data.synthetic import write_synthetic_dataset
-from .metrics import save_confusion_png, screening_metrics
+from .metrics import save_confusion_png
 from .models import DRClassifier, create_model, get_model_cfg
 
 log = logging.getLogger(__name__)
