@@ -110,7 +110,7 @@ def bench_session(name: str, fmt: str, precision: str, model: str, size_mb: floa
                   policy: PreprocessPolicy, cfg: BenchConfig, eval_set, reference, lesion_dir, peaks, max_batch: int,
                   rss_before_mb: float | None = None) -> dict:
     from compression.gate import cam_correlation
-    from training.metrics import screening_metrics
+    from edge_runtime.metrics import screening_metrics
 
     x1 = np.zeros((1, 3, policy.input_size, policy.input_size), np.float32)
     if eval_set is not None:

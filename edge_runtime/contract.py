@@ -120,19 +120,44 @@ class QuantizationInfo:
             raise ManifestError(f"quantization.precision must be fp32|fp16|int8, got {self.precision!r}")
 
 
+GATE_STATUSES = ("passed", "failed", "insufficient_evidence", "not_run", "not_required")
+
+
+@dataclass(frozen=True)
+class GateCriterion:
+    """One line of the fidelity gate: a number, its interval and the bound judged against the threshold."""
+
+    name: str
+    value: float | None  # point estimate (None: could not be computed, e.g. no referable photos)
+    bound: float | None = None  # one-sided lower confidence bound, when the criterion is judged on evidence
+    threshold: float | None = None  # None: reported only
+    margin: float | None = None  # (bound, else value) - threshold; negative when it fails
+    passed: bool | None = None  # None: reported only, or not computable
+    interval: tuple[float, float] | None = None  # two-sided interval at the gate's confidence, for the reader
+    n: int | None = None  # photos the number rests on
+    method: str = ""  # how the interval/bound was computed
+
+    def __post_init__(self) -> None:
+        if self.interval is not None:
+            object.__setattr__(self, "interval", tuple(float(v) for v in self.interval))
+
+
 @dataclass(frozen=True)
 class GateResult:
     """Outcome of the fidelity gate (INT8 vs FP32 of the same model) or of FP parity checks."""
 
-    status: str = "not_run"  # passed | failed | not_run | not_required
+    status: str = "not_run"  # passed | failed | insufficient_evidence | not_run | not_required
     metrics: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
     failures: tuple[str, ...] = ()
+    criteria: tuple[GateCriterion, ...] = ()  # the gate's table; empty for FP parity checks and v1 manifests
 
     def __post_init__(self) -> None:
-        if self.status not in ("passed", "failed", "not_run", "not_required"):
-            raise ManifestError(f"gate.status must be passed|failed|not_run|not_required, got {self.status!r}")
+        if self.status not in GATE_STATUSES:
+            raise ManifestError(f"gate.status must be {'|'.join(GATE_STATUSES)}, got {self.status!r}")
         object.__setattr__(self, "failures", tuple(self.failures))
+        object.__setattr__(self, "criteria", tuple(
+            c if isinstance(c, GateCriterion) else _sub(GateCriterion, c, "gate.criteria[]") for c in self.criteria))
 
 
 REFERRAL_RULES = ("sensitivity", "specificity", "youden", "default")

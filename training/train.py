@@ -1,6 +1,7 @@
 """The training loop shared by fine-tuning and distillation; single process or DDP under torchrun."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -8,7 +9,6 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +21,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from edge_runtime.calibration import choose_operating_point
 from edge_runtime.contract import GRADE_NAMES, OperatingPoint, PreprocessPolicy, utcnow
 from edge_runtime.decision import decide_batch
+from edge_runtime.metrics import screening_metrics
 
 from .config import TrainConfig, save_config
 from .data.dataset import FundusDataset, cache_images
 from .data.layouts import Sample, assign_splits, fingerprint, read_dataset, select
 from .data.synthetic import write_synthetic_dataset
-from .metrics import save_confusion_png, screening_metrics
+from .metrics import save_confusion_png
 from .models import DRClassifier, create_model, get_model_cfg
 
 log = logging.getLogger(__name__)

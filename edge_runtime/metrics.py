@@ -1,0 +1,208 @@
+"""Screening metrics and their confidence intervals: QWK, confusion, referable sensitivity/specificity/AUC,
+Wilson and Clopper-Pearson intervals, and a seeded paired bootstrap.
+
+numpy only at import: scikit-learn, scipy and statsmodels are imported inside the functions that use them,
+because the ``edge`` install (a phone companion, a Jetson) has none of them and never computes these numbers.
+Training, compression, export and the benchmarks (which do) import them from here.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .contract import NUM_GRADES, REFERABLE_MIN_GRADE
+
+CONFIDENCE = 0.95  # every interval RetinaEdge reports, unless a caller asks otherwise
+
+
+def confusion(y_true, y_pred, k: int = NUM_GRADES) -> np.ndarray:
+    """k x k confusion matrix, rows = reference grade, columns = predicted grade (all k grades, even unseen)."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(np.asarray(y_true, int), np.asarray(y_pred, int), labels=np.arange(k)).astype(np.int64)
+
+
+def quadratic_weighted_kappa(y_true, y_pred, k: int = NUM_GRADES) -> float:
+    """Cohen's kappa with quadratic weights over the k ICDR grades; NaN on no photos.
+
+    When reference and prediction are the same single grade, chance agreement is total and kappa is 0/0;
+    agreement is perfect, so 1.0 is returned rather than scikit-learn's NaN."""
+    from sklearn.metrics import cohen_kappa_score
+
+    y_true, y_pred = np.asarray(y_true, int), np.asarray(y_pred, int)
+    if len(y_true) == 0:
+        return float("nan")
+    if (y_true == y_pred).all() and len(np.unique(y_true)) == 1:
+        return 1.0
+    return float(cohen_kappa_score(y_true, y_pred, labels=np.arange(k), weights="quadratic"))
+
+
+def roc_auc(labels, scores) -> float:
+    """Area under the ROC curve (ties count half); NaN when one class is absent."""
+    from sklearn.metrics import roc_auc_score
+
+    labels, scores = np.asarray(labels, bool), np.asarray(scores, float)
+    if labels.all() or not labels.any():
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
+def referable_probability(probs: np.ndarray) -> np.ndarray:
+    """P(grade >= 2) per photo from 5-grade probabilities."""
+    return np.asarray(probs, float)[:, REFERABLE_MIN_GRADE:].sum(axis=1)
+
+
+def is_referable(y_true) -> np.ndarray:
+    """Referable DR is "more than mild": reference grade >= 2."""
+    return np.asarray(y_true, int) >= REFERABLE_MIN_GRADE
+
+
+def _check_counts(successes: int, n: int) -> None:
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
+
+
+def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Two-sided Wilson score interval of a proportion (statsmodels); (nan, nan) when n == 0."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    _check_counts(successes, n)
+    if n == 0:
+        return float("nan"), float("nan")
+    low, high = proportion_confint(successes, n, alpha=1 - confidence, method="wilson")
+    return float(low), float(high)
+
+
+def clopper_pearson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Two-sided exact (Clopper-Pearson) interval of a proportion (statsmodels ``beta``); (nan, nan) when n == 0."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    _check_counts(successes, n)
+    if n == 0:
+        return float("nan"), float("nan")
+    low, high = proportion_confint(successes, n, alpha=1 - confidence, method="beta")
+    return float(low), float(high)
+
+
+def clopper_pearson_lower(successes: int, n: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided exact lower confidence bound: the lower end of the two-sided interval at 1 - 2 * (1 - confidence)
+    (each tail of Clopper-Pearson is exact on its own); NaN when n == 0."""
+    return clopper_pearson_interval(successes, n, 1 - 2 * (1 - confidence))[0]
+
+
+def photos_needed_for_lower_bound(threshold: float, confidence: float = CONFIDENCE) -> int:
+    """Fewest photos n for which even n agreements out of n give a one-sided Clopper-Pearson lower bound >= threshold.
+
+    With all n agreeing the bound is (1 - confidence) ** (1 / n), so n = ceil(log(alpha) / log(threshold));
+    the closed form is checked against the bound itself, which guards the float rounding at the edge."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1) for a finite number of photos, got {threshold}")
+    n = max(1, math.ceil(math.log(1 - confidence) / math.log(threshold)))
+    while n > 1 and clopper_pearson_lower(n - 1, n - 1, confidence) >= threshold:
+        n -= 1
+    while clopper_pearson_lower(n, n, confidence) < threshold:
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class BootstrapInterval:
+    """A bootstrap confidence interval of a statistic (here: a paired difference)."""
+
+    estimate: float  # the statistic on the observed photos
+    low: float
+    high: float
+    confidence: float  # of the two-sided interval [low, high]
+    lower_bound: float  # one-sided lower bound at ``confidence`` (the lower end of the 1 - 2(1 - c) interval)
+    n: int
+    n_resamples: int
+    method: str  # BCa, or percentile when the resamples are degenerate (every paired difference equal)
+
+
+def paired_bootstrap_difference(test, reference, statistic: Callable[[np.ndarray], float] | None = None,
+                                confidence: float = CONFIDENCE, n_resamples: int = 2000,
+                                seed: int = 0) -> BootstrapInterval:
+    """Bootstrap interval of statistic(test) - statistic(reference), resampling photos in pairs (scipy, BCa).
+
+    ``test`` and ``reference`` are per-photo values of the same photos (e.g. 0/1 referral decisions of INT8 and
+    FP32 on the referable photos, whose mean difference is the sensitivity difference). Seeded: the same inputs
+    and seed give the same interval. ``statistic`` must accept ``axis=-1`` (default: the mean)."""
+    import warnings
+
+    from scipy import stats
+
+    test, reference = np.asarray(test, float), np.asarray(reference, float)
+    if test.shape != reference.shape or test.ndim != 1:
+        raise ValueError(f"paired values must be two 1-D arrays of one length, got {test.shape} and {reference.shape}")
+    if n_resamples < 1000:
+        raise ValueError(f"n_resamples must be >= 1000 for a stable 95% bound, got {n_resamples}")
+    if len(test) < 2:
+        raise ValueError(f"a bootstrap needs at least 2 paired photos, got {len(test)}")
+    stat = statistic or np.mean
+
+    def difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+        return stat(a, axis=axis) - stat(b, axis=axis)
+
+    estimate = float(difference(test, reference))
+
+    def interval(level: float, method: str) -> tuple[float, float]:
+        # The same seed for both levels: one set of resamples, read at two quantiles.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DegenerateDataWarning: handled below by the percentile fallback
+            result = stats.bootstrap((test, reference), difference, paired=True, vectorized=True,
+                                     n_resamples=n_resamples, confidence_level=level, method=method,
+                                     rng=np.random.default_rng(seed))
+        return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+    method = "BCa"
+    low, high = interval(confidence, method)
+    bound = interval(1 - 2 * (1 - confidence), method)[0]
+    if not all(np.isfinite([low, high, bound])):
+        # BCa is undefined when every resample gives the same value (e.g. no decision changed): the percentile
+        # interval is then exactly that value, which is the right answer.
+        method = "percentile"
+        low, high = interval(confidence, method)
+        bound = interval(1 - 2 * (1 - confidence), method)[0]
+    return BootstrapInterval(estimate, low, high, confidence, bound, len(test), n_resamples, method)
+
+
+def sensitivity_specificity(y_true, referred) -> dict[str, float | int | tuple[float, float]]:
+    """Referable sensitivity and specificity of 0/1 referral decisions, each with its 95% Wilson interval and n."""
+    positive, referred = is_referable(y_true), np.asarray(referred, bool)
+    tp, n_pos = int((referred & positive).sum()), int(positive.sum())
+    tn, n_neg = int((~referred & ~positive).sum()), int((~positive).sum())
+    return {
+        "sensitivity": tp / n_pos if n_pos else float("nan"), "sensitivity_ci": wilson_interval(tp, n_pos),
+        "specificity": tn / n_neg if n_neg else float("nan"), "specificity_ci": wilson_interval(tn, n_neg),
+        "n_positive": n_pos, "n_negative": n_neg,
+    }
+
+
+def screening_metrics(y_true, probs, referable_threshold: float = 0.5) -> dict:
+    """All metrics reported by training, distillation, export parity and benchmarks, with n and 95% intervals.
+
+    ``probs`` are (calibrated) 5-grade probabilities; referral is P(grade >= 2) >= ``referable_threshold``."""
+    y_true, probs = np.asarray(y_true, int), np.asarray(probs, float)
+    y_pred = probs.argmax(1)
+    ref_score = referable_probability(probs)
+    cm = confusion(y_true, y_pred)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.diag(cm) / cm.sum(1)
+    correct = int((y_pred == y_true).sum())
+    referral = sensitivity_specificity(y_true, ref_score >= referable_threshold)
+    return {
+        "n": int(len(y_true)),
+        "qwk": quadratic_weighted_kappa(y_true, y_pred),
+        "accuracy": correct / len(y_true) if len(y_true) else float("nan"),
+        "accuracy_ci": wilson_interval(correct, len(y_true)),
+        "per_grade_recall": [None if np.isnan(r) else float(r) for r in recall],
+        "referable_threshold": float(referable_threshold),
+        "referable_sensitivity": referral["sensitivity"], "referable_sensitivity_ci": referral["sensitivity_ci"],
+        "referable_specificity": referral["specificity"], "referable_specificity_ci": referral["specificity_ci"],
+        "n_positive": referral["n_positive"], "n_negative": referral["n_negative"],
+        "referable_auc": roc_auc(is_referable(y_true), ref_score),
+        "confusion_matrix": cm.tolist(),
+    }
