@@ -74,16 +74,29 @@ def train(
         _metrics_table(result.metrics, f"{cfg.model} -> {result.best_checkpoint}")
 
 
+def _with_ci(m: dict, key: str) -> str:
+    value, ci = m.get(key), m.get(f"{key}_ci")
+    if value is None or value != value:
+        return "-"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] == ci[0] else f"{value:.3f}"
+
+
 def _metrics_table(metrics: dict, title: str) -> None:
-    table = Table(title=title)
-    for column in ("split", "n", "QWK", "accuracy", "ref. sens", "ref. spec", "ref. AUC"):
+    table = Table(title=title, caption="[ ] = 95% interval (Wilson; AUC: bootstrap). Assists screening; does not diagnose.")
+    for column in ("split", "n (ref+)", "QWK", "ref. sensitivity", "ref. specificity", "ref. AUC", "uncertain"):
         table.add_column(column)
     for split in ("val", "test"):
         if split in metrics:
             m = metrics[split]
-            table.add_row(split, str(m["n"]), *(f"{m[k]:.3f}" for k in ("qwk", "accuracy", "referable_sensitivity",
-                                                                          "referable_specificity", "referable_auc")))
+            table.add_row(split, f"{m['n']} ({m.get('n_positive', '-')})", f"{m['qwk']:.3f}",
+                          _with_ci(m, "referable_sensitivity"), _with_ci(m, "referable_specificity"),
+                          _with_ci(m, "referable_auc"), str(m.get("uncertain", "-")))
     out_console.print(table)
+    point = metrics.get("operating_point") or (metrics.get("test") or {}).get("operating_point")
+    if point:
+        from edge_runtime.contract import OperatingPoint
+
+        out_console.print(f"operating point: {point if isinstance(point, str) else OperatingPoint(**point).describe()}")
 
 
 @app.command()
@@ -97,6 +110,27 @@ def evaluate(checkpoint: Path = typer.Option(...), data: Path = typer.Option(...
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     _metrics_table({"test": metrics}, f"{metrics['model']} on {data.name}/{split}")
+    out_console.print(f"ROC with the operating point: {metrics['roc_png']}")
+
+
+@app.command("operating-point")
+def operating_point(
+    checkpoint: Path = typer.Option(..., help="best.pt to re-calibrate; its metadata is updated in place."),
+    data: list[Path] = typer.Option(..., help="Labelled folder(s) whose val split chooses the point (repeatable)."),
+    split: str = typer.Option("val"),
+    rule: str = typer.Option("sensitivity", help="sensitivity | specificity | youden"),
+    target: float = typer.Option(0.90, help="The val sensitivity (or specificity) to reach."),
+    band_fraction: float = typer.Option(0.05, help="Share of val photos nearest the threshold reported uncertain."),
+):
+    """Choose the temperature and referral threshold of a checkpoint on labelled val photos."""
+    from training.evaluate import choose_point_for_checkpoint
+
+    try:
+        point = choose_point_for_checkpoint(checkpoint, data, split, rule, target, band_fraction)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    out_console.print(f"{checkpoint}: {point.describe()}; T={point.temperature:.3f}, band {point.uncertain_band}")
+    out_console.print_json(json.dumps(point.calibration))
 
 
 @app.command()

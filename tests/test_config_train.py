@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -67,3 +68,31 @@ def test_torchrun_two_cpu_processes(tmp_path, synthetic_dir):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "best.pt").is_file() and (out / "metrics.json").is_file()
+
+
+def test_training_chooses_the_operating_point_on_val_and_evaluate_reports_it(tiny_run, synthetic_dir, tmp_path):
+    """The checkpoint records a val-chosen point; re-deciding the val photos at it reproduces its recorded numbers."""
+    import torch
+
+    from edge_runtime.contract import operating_point_of
+    from training.evaluate import choose_point_for_checkpoint, evaluate
+
+    meta = torch.load(tiny_run.best_checkpoint, weights_only=False)["meta"]
+    point = operating_point_of(meta)
+    assert point.rule == "sensitivity" and point.target == 0.90 and point.n_positive > 0
+    val = tiny_run.metrics["val"]
+    assert val["referable_threshold"] == point.threshold
+    assert val["referable_sensitivity"] == point.sensitivity >= 0.90
+    assert val["n_positive"] == point.n_positive
+
+    metrics = evaluate(tiny_run.best_checkpoint, synthetic_dir, "val", cache_dir=str(tmp_path / "c"), out=tmp_path)
+    assert metrics["referable_sensitivity"] == point.sensitivity
+    assert Path(metrics["roc_png"]).stat().st_size > 1000
+    low, high = metrics["referable_auc_ci"]
+    assert low <= metrics["referable_auc"] <= high
+
+    copy = tmp_path / "best.pt"
+    copy.write_bytes(tiny_run.best_checkpoint.read_bytes())
+    youden = choose_point_for_checkpoint(copy, [synthetic_dir], "val", rule="youden", cache_dir=str(tmp_path / "c"))
+    assert youden.rule == "youden" and youden.target is None
+    assert operating_point_of(torch.load(copy, weights_only=False)["meta"]) == youden

@@ -1,6 +1,7 @@
 """Evaluate a checkpoint on one split of a dataset folder (metrics JSON + confusion PNG)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,17 +9,49 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from edge_runtime.contract import PreprocessPolicy, operating_point_of
+from edge_runtime.calibration import choose_operating_point
+from edge_runtime.contract import OperatingPoint, PreprocessPolicy, operating_point_of
+from edge_runtime.decision import decide_batch
+from edge_runtime.metrics import is_referable, screening_metrics
 
 from .data.dataset import FundusDataset, cache_images
-from .data.layouts import assign_splits, read_dataset, select
-from .metrics import save_confusion_png
+from .data.layouts import assign_splits, fingerprint, read_dataset, select
+from .metrics import save_confusion_png, save_roc_png
 from .models import load_checkpoint
-from .train import metrics_at, predict
+from .train import predict
+
+
+def auc_interval(y_true, score, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Stratified percentile bootstrap interval of the referable AUC (scipy): referable and non-referable photos
+    are resampled separately, so every resample has both classes; the AUC is the Mann-Whitney U / (n+ n-)."""
+    from scipy import stats
+
+    positive, score = is_referable(y_true), np.asarray(score, float)
+    pos, neg = score[positive], score[~positive]
+    if len(pos) < 2 or len(neg) < 2:
+        return float("nan"), float("nan")
+
+    def auc(p: np.ndarray, n: np.ndarray, axis: int = -1) -> np.ndarray:
+        return stats.mannwhitneyu(p, n, axis=axis).statistic / (p.shape[axis] * n.shape[axis])
+
+    result = stats.bootstrap((pos, neg), auc, vectorized=True, n_resamples=n_resamples, confidence_level=confidence,
+                             method="percentile", rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def report_at(point: OperatingPoint, y: np.ndarray, logits: np.ndarray) -> dict:
+    """Screening metrics at an operating point, each with n and a 95% interval, plus the uncertain share."""
+    decisions = decide_batch(logits, point)
+    metrics = screening_metrics(y, decisions.probabilities, point.threshold)
+    metrics["referable_auc_ci"] = auc_interval(y, decisions.referable_probability)
+    metrics["uncertain"] = int(decisions.uncertain.sum())
+    metrics["operating_point"] = point.describe()
+    return metrics
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cache_dir: str = ".cache/retinaedge",
              out: str | Path | None = None) -> dict:
+    """Metrics of a checkpoint on one split at its recorded operating point; JSON, confusion and ROC PNGs in ``out``."""
     model, meta = load_checkpoint(checkpoint)
     policy = PreprocessPolicy.from_dict(meta["preprocess"])
     samples = select(assign_splits(read_dataset(data)), split)
@@ -28,13 +61,35 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cach
     y = np.array([s.grade for s in samples])
     logits = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=32), torch.device("cpu"))
     point = operating_point_of(meta)
-    metrics = metrics_at(point, y, logits)
-    metrics["operating_point"] = point.describe()
+    metrics = report_at(point, y, logits)
     metrics.update(checkpoint=str(checkpoint), data=str(data), split=split, model=meta["model_name"])
     if out:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         stem = f"eval_{Path(data).name}_{split}"
         (out / f"{stem}.json").write_text(json.dumps(metrics, indent=2))
-        save_confusion_png(metrics["confusion_matrix"], str(out / f"{stem}.png"), f"{meta['model_name']} {Path(data).name} {split}")
+        title = f"{meta['model_name']} {Path(data).name} {split}"
+        save_confusion_png(metrics["confusion_matrix"], str(out / f"{stem}.png"), title)
+        save_roc_png(y, decide_batch(logits, point).referable_probability, point, str(out / f"{stem}_roc.png"), title)
+        metrics["roc_png"] = str(out / f"{stem}_roc.png")
     return metrics
+
+
+def choose_point_for_checkpoint(checkpoint: str | Path, data: list[str | Path], split: str = "val",
+                                rule: str = "sensitivity", target: float = 0.90, band_fraction: float = 0.05,
+                                cache_dir: str = ".cache/retinaedge") -> OperatingPoint:
+    """Re-choose a checkpoint's temperature and referral threshold on the ``split`` photos of ``data`` and save it."""
+    model, meta = load_checkpoint(checkpoint)
+    policy = PreprocessPolicy.from_dict(meta["preprocess"])
+    samples = [s for root in data for s in select(assign_splits(read_dataset(root)), split)]
+    if not samples:
+        raise ValueError(f"no {split!r} photos in {[str(d) for d in data]}")
+    images = cache_images(samples, policy, cache_dir, False)
+    y = np.array([s.grade for s in samples])
+    logits = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=32), torch.device("cpu"))
+    point = choose_operating_point(y, logits, rule=rule, target=target, band_fraction=band_fraction,
+                                   fingerprint=fingerprint(samples))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state["meta"]["operating_point"] = dataclasses.asdict(point)
+    torch.save(state, checkpoint)
+    return point
