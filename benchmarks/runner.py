@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.backends import open_session
-from edge_runtime.contract import ArtifactManifest, PreprocessPolicy, manifest_path_for
+from edge_runtime.contract import (
+    ArtifactManifest,
+    OperatingPoint,
+    PreprocessPolicy,
+    manifest_path_for,
+    operating_point_of,
+)
+from edge_runtime.decision import decide_batch
 from edge_runtime.errors import ImageError
 from edge_runtime.preprocess import preprocess_file
 from exporters.formats import FORMATS, format_for_path
@@ -106,11 +113,20 @@ def pointing_game(run, policy: PreprocessPolicy, lesion_dir: Path) -> float | No
     return hits / total if total else None
 
 
+def roofline(macs: int, p50_ms: float, peak_gmacs: float) -> tuple[float, float]:
+    """Achieved GMAC/s at the median latency and its share (%) of the device's measured GEMM peak."""
+    achieved = macs / (p50_ms / 1000) / 1e9
+    return achieved, 100 * achieved / peak_gmacs
+
+
 def bench_session(name: str, fmt: str, precision: str, model: str, size_mb: float, macs: int | None, run, load_s: float,
                   policy: PreprocessPolicy, cfg: BenchConfig, eval_set, reference, lesion_dir, peaks, max_batch: int,
-                  rss_before_mb: float | None = None) -> dict:
+                  rss_before_mb: float | None = None, point: OperatingPoint | None = None) -> dict:
+    """One row. ``reference`` is the FP32 model's (logits, cams, referral decisions) on the same photos."""
     from compression.gate import cam_correlation
-    from edge_runtime.metrics import screening_metrics
+    from edge_runtime.metrics import clopper_pearson_interval, clopper_pearson_lower, screening_metrics
+
+    point = point or OperatingPoint()
 
     x1 = np.zeros((1, 3, policy.input_size, policy.input_size), np.float32)
     if eval_set is not None:
@@ -133,26 +149,31 @@ def bench_session(name: str, fmt: str, precision: str, model: str, size_mb: floa
            "rss_added_mb": (_rss_mb("VmRSS") - rss_before_mb) if rss_before_mb is not None and _rss_mb("VmRSS") else None}
     runtime_peak = max(peaks.values()) if peaks else None  # the device's best measured FP32 GEMM rate
     if macs and runtime_peak:
-        achieved = macs / (stats["p50"] / 1000) / 1e9
-        row["gmacs_per_s"] = achieved
-        row["roofline_pct"] = 100 * achieved / runtime_peak
+        row["gmacs_per_s"], row["roofline_pct"] = roofline(macs, stats["p50"], runtime_peak)
     if eval_set is not None:
         x, y = eval_set
         outs = [run(x[i:i + 1]) for i in range(len(x))]
         logits = np.concatenate([o[0] for o in outs])
         cams = np.concatenate([o[1] for o in outs])
-        probs = np.exp(logits - logits.max(1, keepdims=True))
-        probs /= probs.sum(1, keepdims=True)
+        decisions = decide_batch(logits, point)
+        row.update(threshold=point.threshold, operating_rule=point.rule, n_eval=len(x),
+                   uncertain=int(decisions.uncertain.sum()))
         if y is not None:
-            m = screening_metrics(y, probs)
-            row.update({k: m[k] for k in ("qwk", "accuracy", "referable_sensitivity", "referable_specificity", "referable_auc")})
+            m = screening_metrics(y, decisions.probabilities, point.threshold)
+            row.update({k: m[k] for k in ("qwk", "accuracy", "referable_sensitivity", "referable_sensitivity_ci",
+                                          "referable_specificity", "referable_specificity_ci", "referable_auc",
+                                          "n_positive", "n_negative")})
         if reference is not None and reference[0].shape == logits.shape:
             row["agreement_fp32"] = float((reference[0].argmax(1) == logits.argmax(1)).mean())
+            same = int((reference[2] == decisions.referable).sum())
+            row["referral_agreement_fp32"] = same / len(x)
+            row["referral_agreement_ci"] = clopper_pearson_interval(same, len(x))
+            row["referral_agreement_lower"] = clopper_pearson_lower(same, len(x))
             num = (reference[0] * logits).sum(1)
             row["logit_cosine_fp32"] = float(np.mean(num / (np.linalg.norm(reference[0], axis=1) * np.linalg.norm(logits, axis=1) + 1e-12)))
             if reference[1].shape == cams.shape:
                 row["cam_corr_fp32"] = cam_correlation(reference[1], cams, reference[0].argmax(1))
-        row["_outputs"] = (logits, cams)
+        row["_outputs"] = (logits, cams, decisions.referable)
     if lesion_dir is not None:
         row["pointing_game"] = pointing_game(run, policy, lesion_dir)
     return row
@@ -203,7 +224,7 @@ def run_benchmark(artifacts: Path, out: Path, data: Path | None = None, lesion_d
             row = bench_session(path.name, spec.name, precision, manifest.model_name, base["size_mb"],
                                 manifest.extra.get("macs"), session.run, load_s, manifest.preprocess, cfg,
                                 eval_for(manifest.preprocess), references.get(manifest.model_name), lesion_dir, peaks, max_batch,
-                                rss_before)
+                                rss_before, manifest.operating_point)
             row.update(gate=manifest.gate.status, backend=session.info.backend, provider=session.info.provider)
             outputs = row.pop("_outputs", None)
             if precision == "fp32" and outputs is not None and manifest.model_name not in references:
@@ -243,7 +264,7 @@ def _bench_torch(checkpoint: Path, cfg, eval_for, references, lesion_dir, peaks)
 
         row = bench_session(checkpoint.name, "torch", "fp32", meta["model_name"], round(checkpoint.stat().st_size / 1e6, 3),
                             count_macs(model, policy.input_size), run, load_s, policy, cfg, eval_for(policy), None,
-                            lesion_dir, peaks, max(cfg.batch_sizes), rss_before)
+                            lesion_dir, peaks, max(cfg.batch_sizes), rss_before, operating_point_of(meta))
         outputs = row.pop("_outputs", None)
         if outputs is not None:
             references.setdefault(meta["model_name"], outputs)
@@ -262,23 +283,32 @@ def _fmt(value, spec=".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _fmt_ci(row: dict, key: str) -> str:
+    value, ci = row.get(key), row.get(f"{key}_ci")
+    if value is None:
+        return "-"
+    return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and ci[0] == ci[0] else f"{value:.3f}"
+
+
 def to_markdown(report: dict) -> str:
     d = report["device"]
     lines = [f"# RetinaEdge benchmark - {d['cpu']} ({d['cores']} cores, {d['ram_gb']} GB, {d['os']})", "",
              f"Measured GEMM peak: {report['peak_gmacs']} GMAC/s. Latency at batch 1 after warm-up. "
              "Accuracy on the labelled split; agreement and CAM correlation against the FP32 outputs of the same model.", "",
              "| artifact | format | prec. | size MB | load ms | p50 ms | p90 ms | p99 ms | mean±std ms | FPS b1 | FPS best | "
-             "+RSS MB | QWK | ref. sens | ref. spec | AUC | agree FP32 | cosine FP32 | CAM corr | pointing | roofline % | gate | "
+             "+RSS MB | QWK | threshold | ref. sens [95% CI] | ref. spec [95% CI] | AUC | referral agree FP32 (95% lower) | grade agree FP32 | cosine FP32 | CAM corr | pointing | roofline % | gate | "
              "status |",
-             "|" + "---|" * 23]
+             "|" + "---|" * 25]
     for r in report["rows"]:
         lat = r.get("latency_ms") or {}
         lines.append("| " + " | ".join([
             r.get("name", "-"), r.get("format", "-"), r.get("precision", "-"), _fmt(r.get("size_mb")), _fmt(r.get("load_ms"), ".0f"),
             _fmt(lat.get("p50")), _fmt(lat.get("p90")), _fmt(lat.get("p99")),
             f"{lat['mean']:.2f}±{lat['std']:.2f}" if lat else "-", _fmt(r.get("fps_batch1"), ".1f"), _fmt(r.get("fps_best"), ".1f"),
-            _fmt(r.get("rss_added_mb"), ".0f"), _fmt(r.get("qwk"), ".3f"), _fmt(r.get("referable_sensitivity"), ".3f"),
-            _fmt(r.get("referable_specificity"), ".3f"), _fmt(r.get("referable_auc"), ".3f"), _fmt(r.get("agreement_fp32"), ".3f"),
+            _fmt(r.get("rss_added_mb"), ".0f"), _fmt(r.get("qwk"), ".3f"), _fmt(r.get("threshold"), ".3f"),
+            _fmt_ci(r, "referable_sensitivity"), _fmt_ci(r, "referable_specificity"), _fmt(r.get("referable_auc"), ".3f"),
+            f"{r['referral_agreement_fp32']:.3f} ({r['referral_agreement_lower']:.3f})" if "referral_agreement_fp32" in r else "-",
+            _fmt(r.get("agreement_fp32"), ".3f"),
             _fmt(r.get("logit_cosine_fp32"), ".4f"), _fmt(r.get("cam_corr_fp32"), ".3f"), _fmt(r.get("pointing_game"), ".2f"), _fmt(r.get("roofline_pct"), ".1f"),
             r.get("gate", "-"), r.get("status", "-") + (f": {r['error'][:60]}" if r.get("error") else "")]) + " |")
     ratios = ratio_lines(report["rows"])

@@ -2,11 +2,17 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT
 
 
 def test_bench_report_rows_and_failed_artifact(tiny_artifacts, tiny_run, synthetic_dir, tmp_path):
+    import torch
+
     from benchmarks.runner import BenchConfig, run_benchmark
+    from edge_runtime.contract import operating_point_of
+    from training.data.layouts import assign_splits, read_dataset, select
 
     _, art_dir, _ = tiny_artifacts
     broken = art_dir / "broken_fp32.onnx"
@@ -16,6 +22,9 @@ def test_bench_report_rows_and_failed_artifact(tiny_artifacts, tiny_run, synthet
     cfg = BenchConfig(runs=5, min_seconds=0.05, warmup=1, batch_sizes=(1, 2), eval_limit=10, split="test")
     report = run_benchmark(art_dir, tmp_path / "bench", synthetic_dir, None, [tiny_run.best_checkpoint], cfg, progress=False)
     rows = {r["name"]: r for r in report["rows"]}
+    trained_point = operating_point_of(torch.load(tiny_run.best_checkpoint, weights_only=False)["meta"])
+    assert trained_point.rule == "sensitivity"
+    n_eval = len(select(assign_splits(read_dataset(synthetic_dir)), "test")[:10])
     assert rows["broken_fp32.onnx"]["status"] == "failed" and rows["broken_fp32.onnx"]["error"]
     ok = [r for r in report["rows"] if r["status"] == "ok"]
     assert {r["format"] for r in ok} == {"torch", "onnx", "tflite"}
@@ -23,19 +32,26 @@ def test_bench_report_rows_and_failed_artifact(tiny_artifacts, tiny_run, synthet
         assert set(r["latency_ms"]) >= {"p50", "p90", "p99", "mean", "std"} and r["latency_ms"]["n"] >= 5
         assert r["size_mb"] > 0 and r["fps_batch1"] > 0 and "qwk" in r and r["roofline_pct"] > 0
         assert r["rss_added_mb"] is not None and r["peak_rss_mb"] > 0
-        achieved = r["macs"] / (r["latency_ms"]["p50"] / 1000) / 1e9
-        assert abs(r["gmacs_per_s"] - achieved) < 1e-6 * achieved
-        assert abs(r["roofline_pct"] - 100 * achieved / max(report["peak_gmacs"].values())) < 1e-6
-        if r["format"] != "torch":
-            assert 0 <= r["agreement_fp32"] <= 1
+        # Every row decides at the operating point the training run chose on val (carried by each manifest).
+        assert r["threshold"] == trained_point.threshold and r["n_eval"] == n_eval
     onnx_fp32 = next(r for r in ok if r["format"] == "onnx" and r["precision"] == "fp32")
-    assert onnx_fp32["agreement_fp32"] == 1.0 and onnx_fp32["fps_best"] >= onnx_fp32["fps_batch1"] * 0.5
+    # ONNX FP32 decides every photo as the PyTorch model does: agreement 1 and the exact one-sided CP bound for 10/10.
+    assert onnx_fp32["agreement_fp32"] == 1.0 and onnx_fp32["referral_agreement_fp32"] == 1.0
+    assert onnx_fp32["referral_agreement_lower"] == pytest.approx(0.05 ** (1 / n_eval))
+    assert onnx_fp32["fps_best"] >= onnx_fp32["fps_batch1"] * 0.5
     for name in ("report.json", "report.md", "report.html", "latency_vs_qwk.png", "latency_distribution.png"):
         assert (tmp_path / "bench" / name).is_file()
     assert report["device"]["cores"] >= 1 and report["peak_gmacs"]["numpy"] > 0
     assert "| artifact |" in (tmp_path / "bench" / "report.md").read_text()
     broken.unlink()
     (art_dir / "broken_fp32.onnx.manifest.json").unlink()
+
+
+def test_roofline_of_known_numbers():
+    from benchmarks.runner import roofline
+
+    # 2 GMAC in 10 ms is 200 GMAC/s, half of a 400 GMAC/s peak.
+    assert roofline(2_000_000_000, 10.0, 400.0) == pytest.approx((200.0, 50.0))
 
 
 def test_bench_compare_merges_devices(tmp_path):
