@@ -153,7 +153,7 @@ def test_qat_is_the_last_resort_after_mixed_precision(tiny_artifacts, tmp_path):
     base = tiny_artifacts[2]
     # An impossible threshold forces every step of the escalation:
     # all-INT8 -> sensitive layers in float -> accuracy-controlled mixed precision -> QAT.
-    ctx = replace(base, out_dir=tmp_path, thresholds=GateThresholds(min_agreement=1.01),
+    ctx = replace(base, out_dir=tmp_path, thresholds=GateThresholds(min_grade_agreement=1.0),
                   qat=QATConfig(steps=2, batch_size=4), tuning_images=base.calib[:8])
     ctx._reference = base.reference()
     record = export_artifact(ctx, "onnx", "int8")
