@@ -144,15 +144,20 @@ def _difference(name: str, test: np.ndarray, ref: np.ndarray, threshold: float, 
                       f"bound one-sided {thresholds.confidence:.0%}")
 
 
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    """The manifest's JSON keeps numbers only: NaN (undefined, e.g. no referable photos) is left out."""
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else float("nan")
 
 
-def _evidence_limited(c: GateCriterion, needed: float) -> bool:
-    """A failed agreement bound that only more photos can lift: the observed agreement reaches the threshold, but
-    at this n even perfect agreement would leave the bound below it."""
-    return (c.name == "referral_agreement" and c.passed is False and c.n is not None and c.n < needed
-            and c.value is not None and c.threshold is not None and c.value >= c.threshold)
+def _evidence_limited(c: GateCriterion, n_photos: float, needed: float) -> bool:
+    """A failed bound that only more photos can lift: the val set is smaller than even perfect agreement needs,
+    and the criterion's own value reaches its threshold (a value that misses it is a failure at any n)."""
+    return (c.passed is False and c.bound is not None and n_photos < needed and c.value is not None
+            and c.threshold is not None and c.value >= c.threshold)
 
 
 def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: OperatingPoint,
@@ -179,8 +184,9 @@ def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: O
     n = len(ref_logits)
     failures: list[str] = []
     non_finite = int((~np.isfinite(test_logits)).sum())
-    if non_finite:
-        failures.append(f"the artifact produced {non_finite} non-finite logits on {n} val photos")
+    if non_finite:  # a broken artifact (overflow, a bad scale): no statistic of its outputs means anything
+        return GateResult("failed", _finite(metrics), thresholds.as_dict(),
+                          (f"the artifact produced {non_finite} non-finite logits on {n} val photos",))
 
     ref_score, ref_refer = referral_decisions(ref_logits, ref_operating_point or operating_point)
     test_score, test_refer = referral_decisions(test_logits, operating_point)
@@ -237,14 +243,13 @@ def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: O
             line = (f"{c.name} {'lower bound ' if c.bound is not None else ''}"
                     f"{c.bound if c.bound is not None else c.value:.4f} < {c.threshold:.4f} "
                     f"(off by {-c.margin:.4f}; value {c.value:.4f}, n={c.n})")
-            if _evidence_limited(c, needed):
+            if _evidence_limited(c, n, needed):
                 insufficient.append(f"{line}: even perfect agreement needs {needed} val photos; "
                                     f"needs {needed - n} more val photos")
             else:
                 failures.append(line)
     status = "failed" if failures else "insufficient_evidence" if insufficient else "passed"
-    clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
-    return GateResult(status, clean, thresholds.as_dict(), tuple(failures + insufficient), tuple(criteria))
+    return GateResult(status, _finite(metrics), thresholds.as_dict(), tuple(failures + insufficient), tuple(criteria))
 
 
 def criteria_table(gate: GateResult, title: str = "fidelity gate"):
@@ -260,9 +265,9 @@ def criteria_table(gate: GateResult, title: str = "fidelity gate"):
         table.add_column(column, justify="left" if column in ("criterion", "verdict") else "right")
     for c in gate.criteria:
         verdict = "reported" if c.threshold is None else "n/a" if c.passed is None else "pass" if c.passed else "FAIL"
-        needed = gate.metrics.get("val_photos_needed")
-        if needed is not None and _evidence_limited(c, needed):
-            verdict = f"needs {needed - c.n:.0f} more photos"
+        needed, n = gate.metrics.get("val_photos_needed", math.inf), gate.metrics.get("n", 0)
+        if _evidence_limited(c, n, needed):
+            verdict = f"needs {needed - n:.0f} more photos"
         style = {"pass": "green", "FAIL": "red"}.get(verdict, "yellow" if verdict != "reported" else "dim")
         interval = "-" if c.interval is None else f"[{c.interval[0]:.4f}, {c.interval[1]:.4f}]"
         margin = "-" if c.margin is None else f"{c.margin:+.4f}"
