@@ -53,10 +53,17 @@ class GateThresholds:
     tuning_grade_agreement: float = 0.995
 
     def __post_init__(self) -> None:
-        for name in ("min_referral_agreement", "min_grade_agreement", "tuning_grade_agreement"):
+        for name in ("min_referral_agreement", "min_grade_agreement"):
             value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{name} is a share of photos and must be in [0, 1], got {value}")
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} is judged on a lower confidence bound, which never reaches 1: it must be "
+                                  f"in [0, 1), got {value}")
+        if not 0.0 <= self.tuning_grade_agreement <= 1.0:
+            raise ConfigError(f"tuning_grade_agreement must be in [0, 1], got {self.tuning_grade_agreement}")
+        for name in ("min_logit_cosine", "min_cam_correlation"):
+            value = getattr(self, name)
+            if value is not None and not -1.0 <= value <= 1.0:
+                raise ConfigError(f"{name} is a mean cosine/correlation and must be in [-1, 1], got {value}")
         for name in ("min_sensitivity_difference", "min_specificity_difference"):
             if not -1.0 <= getattr(self, name) <= 0.0:
                 raise ConfigError(f"{name} is a non-inferiority margin and must be in [-1, 0], got {getattr(self, name)}")
@@ -111,7 +118,8 @@ def compare(ref_logits, ref_cam, test_logits, test_cam) -> dict[str, float]:
 
 
 def _criterion(name: str, value: float | None, threshold: float | None, *, bound: float | None = None,
-               interval: tuple[float, float] | None = None, n: int | None = None, method: str = "") -> GateCriterion:
+               interval: tuple[float, float] | None = None, n: int | None = None, method: str = "",
+               photos_needed: int | None = None) -> GateCriterion:
     """A criterion is judged on its lower bound when it has one (evidence), else on its value."""
     def finite(x: float | None) -> float | None:
         return None if x is None or not math.isfinite(x) else float(x)
@@ -122,15 +130,16 @@ def _criterion(name: str, value: float | None, threshold: float | None, *, bound
     judged = bound if bound is not None else value
     margin = None if threshold is None or judged is None else judged - threshold
     passed = None if margin is None else margin >= -1e-12  # a bound equal to the threshold clears it
-    return GateCriterion(name, value, bound, threshold, margin, passed, interval, n, method)
+    return GateCriterion(name, value, bound, threshold, margin, passed, interval, n, method, photos_needed)
 
 
 def _proportion(name: str, agree: int, n: int, threshold: float | None, confidence: float) -> GateCriterion:
+    needed = None if threshold is None else 0 if threshold == 0 else photos_needed_for_lower_bound(threshold, confidence)
     if n == 0:
-        return _criterion(name, None, threshold, n=0)
+        return _criterion(name, None, threshold, n=0, photos_needed=needed)
     return _criterion(name, agree / n, threshold, bound=clopper_pearson_lower(agree, n, confidence),
                       interval=clopper_pearson_interval(agree, n, confidence), n=n,
-                      method=f"Clopper-Pearson; bound one-sided {confidence:.0%}")
+                      method=f"Clopper-Pearson; bound one-sided {confidence:.0%}", photos_needed=needed)
 
 
 def _difference(name: str, test: np.ndarray, ref: np.ndarray, threshold: float, thresholds: GateThresholds,
@@ -151,13 +160,6 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
 
 def _ratio(a: float, b: float) -> float:
     return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else float("nan")
-
-
-def _evidence_limited(c: GateCriterion, n_photos: float, needed: float) -> bool:
-    """A failed bound that only more photos can lift: the val set is smaller than even perfect agreement needs,
-    and the criterion's own value reaches its threshold (a value that misses it is a failure at any n)."""
-    return (c.passed is False and c.bound is not None and n_photos < needed and c.value is not None
-            and c.threshold is not None and c.value >= c.threshold)
 
 
 def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: OperatingPoint,
@@ -192,9 +194,8 @@ def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: O
     test_score, test_refer = referral_decisions(test_logits, operating_point)
     criteria = [_proportion("referral_agreement", int((ref_refer == test_refer).sum()), n,
                             thresholds.min_referral_agreement, thresholds.confidence)]
-    needed = photos_needed_for_lower_bound(thresholds.min_referral_agreement, thresholds.confidence) \
-        if 0 < thresholds.min_referral_agreement < 1 else (0 if thresholds.min_referral_agreement == 0 else math.inf)
-    metrics.update({"referral_agreement": criteria[0].value or 0.0, "val_photos_needed": float(needed)})
+    metrics.update({"referral_agreement": criteria[0].value or 0.0,
+                    "val_photos_needed": float(criteria[0].photos_needed)})
 
     labelled = y_true is not None and len(y_true) > 0
     if labelled:
@@ -243,9 +244,9 @@ def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: O
             line = (f"{c.name} {'lower bound ' if c.bound is not None else ''}"
                     f"{c.bound if c.bound is not None else c.value:.4f} < {c.threshold:.4f} "
                     f"(off by {-c.margin:.4f}; value {c.value:.4f}, n={c.n})")
-            if _evidence_limited(c, n, needed):
-                insufficient.append(f"{line}: even perfect agreement needs {needed} val photos; "
-                                    f"needs {needed - n} more val photos")
+            if c.evidence_limited:
+                insufficient.append(f"{line}: even perfect agreement needs {c.photos_needed} val photos; "
+                                    f"needs {c.photos_needed - c.n} more val photos")
             else:
                 failures.append(line)
     status = "failed" if failures else "insufficient_evidence" if insufficient else "passed"
@@ -265,9 +266,8 @@ def criteria_table(gate: GateResult, title: str = "fidelity gate"):
         table.add_column(column, justify="left" if column in ("criterion", "verdict") else "right")
     for c in gate.criteria:
         verdict = "reported" if c.threshold is None else "n/a" if c.passed is None else "pass" if c.passed else "FAIL"
-        needed, n = gate.metrics.get("val_photos_needed", math.inf), gate.metrics.get("n", 0)
-        if _evidence_limited(c, n, needed):
-            verdict = f"needs {needed - n:.0f} more photos"
+        if c.evidence_limited:
+            verdict = f"needs {c.photos_needed - c.n} more photos"
         style = {"pass": "green", "FAIL": "red"}.get(verdict, "yellow" if verdict != "reported" else "dim")
         interval = "-" if c.interval is None else f"[{c.interval[0]:.4f}, {c.interval[1]:.4f}]"
         margin = "-" if c.margin is None else f"{c.margin:+.4f}"

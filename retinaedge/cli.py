@@ -159,6 +159,8 @@ def export(
     min_auc_ratio: float = typer.Option(0.99, help="Gate: referable AUC, INT8 / FP32."),
     min_grade_agreement: float | None = typer.Option(None, help="Gate (optional): lower bound of grade agreement."),
     min_qwk_ratio: float | None = typer.Option(None, help="Gate (optional): QWK, INT8 / FP32."),
+    min_logit_cosine: float | None = typer.Option(None, help="Gate (optional): mean logit cosine with FP32."),
+    min_cam_correlation: float | None = typer.Option(None, help="Gate (optional): mean CAM correlation with FP32."),
     name: str | None = typer.Option(None, help="Artifact file stem (default: model name)."),
     qat_steps: int = typer.Option(0, help="Quantization-aware fine-tuning steps when post-training INT8 and its "
                                   "mixed-precision retries all fail the gate (0: off); uses --calib's train split."),
@@ -185,7 +187,8 @@ def export(
         thresholds = GateThresholds(
             min_referral_agreement=min_referral_agreement, min_sensitivity_difference=min_sensitivity_difference,
             min_specificity_difference=min_specificity_difference, min_auc_ratio=min_auc_ratio,
-            min_grade_agreement=min_grade_agreement, min_qwk_ratio=min_qwk_ratio)
+            min_grade_agreement=min_grade_agreement, min_qwk_ratio=min_qwk_ratio, min_logit_cosine=min_logit_cosine,
+            min_cam_correlation=min_cam_correlation)
         # --recipe qat goes straight to QAT: its default length unless --qat-steps says otherwise.
         qat = QATConfig(steps=qat_steps or (QATConfig().steps if recipe == "qat" else 0),
                         **({"lr": qat_lr} if qat_lr is not None else {}))

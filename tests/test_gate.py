@@ -204,6 +204,10 @@ def test_thresholds_validate_and_are_keyword_only():
         GateThresholds(min_sensitivity_difference=0.02)
     with pytest.raises(ConfigError, match="min_referral_agreement"):
         GateThresholds(min_referral_agreement=1.5)
+    with pytest.raises(ConfigError, match="never reaches 1"):
+        GateThresholds(min_grade_agreement=1.0)
+    with pytest.raises(ConfigError, match="min_logit_cosine"):
+        GateThresholds(min_logit_cosine=1.01)
     with pytest.raises(TypeError):
         GateThresholds(0.98)  # positional thresholds were the old gate's, with other meanings
     assert "min_grade_agreement" not in GateThresholds().as_dict()  # unset optional thresholds are not recorded
@@ -219,3 +223,11 @@ def test_the_criteria_table_shows_every_number_and_what_is_missing():
     assert "referral_agreement" in text and "needs 99 more photos" in text
     assert "0.9418" in text and "[0.9289, 1.0000]" in text and "-0.0382" in text  # bound, 95% CP, margin
     assert text.count("reported") == 4
+
+
+def test_an_optional_agreement_threshold_asks_for_its_own_number_of_photos():
+    ref, cam, test, test_cam, y = outputs(400, 120)
+    gate = judge(ref, cam, test, test_cam, y, AT_HALF, GateThresholds(min_grade_agreement=0.995))
+    grade = criterion(gate, "grade_agreement")
+    assert grade.photos_needed == 598 and grade.evidence_limited  # ceil(ln 0.05 / ln 0.995) = ceil(597.6)
+    assert gate.status == "insufficient_evidence" and "needs 198 more val photos" in gate.failures[0]
