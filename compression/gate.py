@@ -7,8 +7,8 @@ Judged on the labelled val photos, at the artifact's operating point (docs/fidel
 - referable AUC ratio INT8 / FP32 >= 0.99;
 - grade agreement, QWK ratio, logit cosine and CAM correlation: reported, judged only when given a threshold.
 
-Verdict ``passed``, ``failed``, or ``insufficient_evidence`` when the val set is too small for the agreement bound
-to reach its threshold even if every decision agreed (and no criterion failed on the evidence there is).
+Verdict ``passed``, ``failed``, or ``insufficient_evidence`` when nothing failed but the val set is too small for an
+agreement bound to reach its threshold even if every decision agreed (or a required criterion cannot be estimated).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from edge_runtime.metrics import (
     clopper_pearson_interval,
     clopper_pearson_lower,
     is_referable,
+    paired_bootstrap_auc_ratio,
     paired_bootstrap_difference,
     photos_needed_for_lower_bound,
     quadratic_weighted_kappa,
@@ -153,6 +154,18 @@ def _difference(name: str, test: np.ndarray, ref: np.ndarray, threshold: float, 
                       f"bound one-sided {thresholds.confidence:.0%}")
 
 
+def _auc_ratio(positive: np.ndarray, test_score: np.ndarray, ref_score: np.ndarray, value: float,
+               thresholds: GateThresholds, seed: int) -> GateCriterion:
+    """Judged on the value (the ranking the operating point was chosen on); the bootstrap interval is shown."""
+    if not math.isfinite(value) or min(positive.sum(), (~positive).sum()) < 2:
+        return _criterion("auc_ratio", value, thresholds.min_auc_ratio, n=len(positive))
+    boot = paired_bootstrap_auc_ratio(positive, test_score, ref_score, thresholds.confidence,
+                                      thresholds.n_resamples, seed)
+    return _criterion("auc_ratio", value, thresholds.min_auc_ratio, interval=(boot.low, boot.high), n=boot.n,
+                      method=f"referable AUC, INT8 / FP32; stratified paired bootstrap ({boot.method}, "
+                      f"{boot.n_resamples} resamples, seed {seed}); judged on the value")
+
+
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
     """The manifest's JSON keeps numbers only: NaN (undefined, e.g. no referable photos) is left out."""
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
@@ -212,8 +225,7 @@ def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: O
                         thresholds.min_sensitivity_difference, thresholds, seed),
             _difference("specificity_difference", ~test_refer[~positive], ~ref_refer[~positive],
                         thresholds.min_specificity_difference, thresholds, seed),
-            _criterion("auc_ratio", _ratio(auc_test, auc_ref), thresholds.min_auc_ratio, n=n,
-                       method="referable AUC (scikit-learn), INT8 / FP32"),
+            _auc_ratio(positive, test_score, ref_score, _ratio(auc_test, auc_ref), thresholds, seed),
         ]
         metrics.update({
             "sensitivity": test_ss["sensitivity"], "sensitivity_fp32": ref_ss["sensitivity"],

@@ -21,6 +21,7 @@ from edge_runtime.metrics import (
     clopper_pearson_interval,
     clopper_pearson_lower,
     confusion,
+    paired_bootstrap_auc_ratio,
     paired_bootstrap_difference,
     photos_needed_for_lower_bound,
     quadratic_weighted_kappa,
@@ -92,6 +93,20 @@ def test_paired_bootstrap_of_identical_decisions_is_exactly_zero():
         paired_bootstrap_difference(same, same, n_resamples=100)
     with pytest.raises(ValueError, match="1-D"):
         paired_bootstrap_difference(same, same[:-1])
+
+
+def test_paired_bootstrap_auc_ratio():
+    rng = np.random.default_rng(5)
+    labels = rng.random(600) < 0.3
+    reference = rng.normal(size=600) + 1.5 * labels
+    test = reference + rng.normal(scale=0.5, size=600)  # a noisier copy ranks worse
+    boot = paired_bootstrap_auc_ratio(labels, test, reference, seed=3)
+    assert boot.estimate == pytest.approx(roc_auc(labels, test) / roc_auc(labels, reference), abs=1e-12)
+    assert boot.low < boot.lower_bound < boot.estimate < boot.high and boot.estimate < 1.0
+    assert (boot.n, boot.method) == (600, "percentile")
+    assert paired_bootstrap_auc_ratio(labels, test, reference, seed=3) == boot
+    same = paired_bootstrap_auc_ratio(labels, reference, reference)
+    assert (same.estimate, same.low, same.high) == (1.0, 1.0, 1.0)  # paired: every resample's ratio is exactly 1
 
 
 # ---------------------------------------------------------------- screening metrics
