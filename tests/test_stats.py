@@ -265,3 +265,15 @@ def test_operating_point_rejects_bad_input_with_a_fix():
         OperatingPoint(threshold=0.4, uncertain_band=(0.5, 0.6))
     with pytest.raises(ManifestError, match="threshold"):
         OperatingPoint(threshold=1.0)
+
+
+def test_roc_png_marks_the_operating_point(tmp_path):
+    pytest.importorskip("matplotlib")
+    from training.metrics import save_roc_png
+
+    logits, labels, _ = binormal(300)
+    op = choose_operating_point(labels, logits, temperature=1.0)
+    score, _ = referral_decisions(logits, op)
+    path = tmp_path / "roc.png"
+    save_roc_png(labels, score, str(path), op)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
