@@ -195,6 +195,8 @@ def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: O
         ``criteria`` table (value, interval, bound, threshold, margin, n each) and one failure line per reason.
     """
     ref_logits, test_logits = np.asarray(ref_logits, float), np.asarray(test_logits, float)
+    if len(ref_logits) == 0:
+        raise ValueError("the gate needs val photos: pass --val with a folder that has a labelled val split")
     metrics = compare(ref_logits, ref_cam, test_logits, test_cam)
     n = len(ref_logits)
     failures: list[str] = []
