@@ -18,18 +18,11 @@ import math
 import numpy as np
 
 from .contract import NUM_GRADES, OperatingPoint
+from .decision import decide_batch, softmax
 from .metrics import is_referable, referable_probability, sensitivity_specificity
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)  # beyond these a model is broken, not over- or under-confident
 ECE_BINS = 15  # Guo et al. (2017); equal-width bins on [0, 1]
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of logits / temperature, stable for large logits."""
-    z = np.asarray(logits, float) / float(temperature)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _check(logits, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -202,5 +195,5 @@ def choose_operating_point(y_true, logits, rule: str = "sensitivity", target: fl
 
 def referral_decisions(logits, operating_point: OperatingPoint) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated P(grade >= 2) and the 0/1 referral decision (probability >= threshold) for a batch."""
-    score = referable_probability(softmax(logits, operating_point.temperature))
-    return score, score >= operating_point.threshold
+    decisions = decide_batch(logits, operating_point)
+    return decisions.referable_probability, decisions.referable

@@ -136,6 +136,15 @@ class GateCriterion:
     interval: tuple[float, float] | None = None  # two-sided interval at the gate's confidence, for the reader
     n: int | None = None  # photos the number rests on
     method: str = ""  # how the interval/bound was computed
+    photos_needed: int | None = None  # agreement criteria: fewest photos with which perfect agreement clears it
+
+    @property
+    def evidence_limited(self) -> bool:
+        """Failed only for want of photos: the observed value reaches the threshold, but with n below
+        ``photos_needed`` not even perfect agreement could lift the bound to it."""
+        return (self.passed is False and self.photos_needed is not None and self.n is not None
+                and self.n < self.photos_needed and self.value is not None and self.threshold is not None
+                and self.value >= self.threshold)
 
     def __post_init__(self) -> None:
         if self.interval is not None:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .contract import REFERABLE_MIN_GRADE, OperatingPoint
+from .contract import OperatingPoint
+from .metrics import referable_probability
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -18,11 +19,6 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
-
-
-def referable_probability(probabilities: np.ndarray) -> np.ndarray:
-    """P(grade >= moderate NPDR) per row: the score the referral threshold applies to."""
-    return np.asarray(probabilities)[..., REFERABLE_MIN_GRADE:].sum(axis=-1)
 
 
 @dataclass(frozen=True)

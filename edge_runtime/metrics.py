@@ -122,7 +122,43 @@ class BootstrapInterval:
     method: str  # BCa, or percentile when the resamples are degenerate (every paired difference equal)
 
 
-def paired_bootstrap_difference(test, reference, statistic: Callable[[np.ndarray], float] | None = None,
+def _bootstrap(statistic: Callable[..., np.ndarray], samples: tuple[np.ndarray, ...], paired: bool,
+               confidence: float, n_resamples: int, seed: int, method: str = "BCa") -> BootstrapInterval:
+    """scipy's bootstrap (BCa by default; percentile where BCa is undefined), read at the two-sided ``confidence``
+    and at the one-sided lower bound, from one seeded set of resamples."""
+    import warnings
+
+    from scipy import stats
+
+    if n_resamples < 1000:
+        raise ValueError(f"n_resamples must be >= 1000 for a stable 95% bound, got {n_resamples}")
+    if any(len(sample) < 2 for sample in samples):
+        raise ValueError(f"a bootstrap needs at least 2 photos per sample, got {[len(x) for x in samples]}")
+    estimate = float(statistic(*samples, axis=-1))
+    n = len(samples[0]) if paired else sum(len(x) for x in samples)
+    one_sided = 1 - 2 * (1 - confidence)  # the lower end of this two-sided level is the one-sided bound
+
+    def run(level: float, method: str, previous=None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DegenerateDataWarning: handled below by the percentile fallback
+            # With ``bootstrap_result`` and no new resamples scipy re-reads the same bootstrap distribution.
+            return stats.bootstrap(samples, statistic, paired=paired, vectorized=True,
+                                   n_resamples=0 if previous else n_resamples, confidence_level=level,
+                                   method=method, bootstrap_result=previous, rng=np.random.default_rng(seed))
+
+    result = run(confidence, method)
+    bound_result = run(one_sided, method, result)
+    ends = [result.confidence_interval.low, result.confidence_interval.high, bound_result.confidence_interval.low]
+    if method == "BCa" and not all(np.isfinite(ends)):
+        # BCa is undefined when every resample gives the same value (e.g. no decision changed): the percentile
+        # interval is then exactly that value, which is the right answer.
+        method = "percentile"
+        result, bound_result = run(confidence, method, result), run(one_sided, method, result)
+    return BootstrapInterval(estimate, float(result.confidence_interval.low), float(result.confidence_interval.high),
+                             confidence, float(bound_result.confidence_interval.low), n, n_resamples, method)
+
+
+def paired_bootstrap_difference(test, reference, statistic: Callable[..., np.ndarray] | None = None,
                                 confidence: float = CONFIDENCE, n_resamples: int = 2000,
                                 seed: int = 0) -> BootstrapInterval:
     """Bootstrap interval of statistic(test) - statistic(reference), resampling photos in pairs (scipy, BCa).
@@ -130,43 +166,47 @@ def paired_bootstrap_difference(test, reference, statistic: Callable[[np.ndarray
     ``test`` and ``reference`` are per-photo values of the same photos (e.g. 0/1 referral decisions of INT8 and
     FP32 on the referable photos, whose mean difference is the sensitivity difference). Seeded: the same inputs
     and seed give the same interval. ``statistic`` must accept ``axis=-1`` (default: the mean)."""
-    import warnings
-
-    from scipy import stats
-
     test, reference = np.asarray(test, float), np.asarray(reference, float)
     if test.shape != reference.shape or test.ndim != 1:
         raise ValueError(f"paired values must be two 1-D arrays of one length, got {test.shape} and {reference.shape}")
-    if n_resamples < 1000:
-        raise ValueError(f"n_resamples must be >= 1000 for a stable 95% bound, got {n_resamples}")
-    if len(test) < 2:
-        raise ValueError(f"a bootstrap needs at least 2 paired photos, got {len(test)}")
     stat = statistic or np.mean
 
     def difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
         return stat(a, axis=axis) - stat(b, axis=axis)
 
-    estimate = float(difference(test, reference))
+    return _bootstrap(difference, (test, reference), True, confidence, n_resamples, seed)
 
-    def interval(level: float, method: str) -> tuple[float, float]:
-        # The same seed for both levels: one set of resamples, read at two quantiles.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DegenerateDataWarning: handled below by the percentile fallback
-            result = stats.bootstrap((test, reference), difference, paired=True, vectorized=True,
-                                     n_resamples=n_resamples, confidence_level=level, method=method,
-                                     rng=np.random.default_rng(seed))
-        return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
-    method = "BCa"
-    low, high = interval(confidence, method)
-    bound = interval(1 - 2 * (1 - confidence), method)[0]
-    if not all(np.isfinite([low, high, bound])):
-        # BCa is undefined when every resample gives the same value (e.g. no decision changed): the percentile
-        # interval is then exactly that value, which is the right answer.
-        method = "percentile"
-        low, high = interval(confidence, method)
-        bound = interval(1 - 2 * (1 - confidence), method)[0]
-    return BootstrapInterval(estimate, low, high, confidence, bound, len(test), n_resamples, method)
+def paired_bootstrap_auc_ratio(labels, test_scores, reference_scores, confidence: float = CONFIDENCE,
+                               n_resamples: int = 2000, seed: int = 0) -> BootstrapInterval:
+    """Bootstrap interval of AUC(test) / AUC(reference) on the same photos (scipy, percentile).
+
+    Referable and non-referable photos are resampled separately (each resample keeps the val set's class counts,
+    so every resample has an AUC) and each drawn photo brings both models' scores (paired). AUC is the
+    Mann-Whitney U of referable vs non-referable scores over n_pos * n_neg (ties count half). Percentile rather
+    than BCa: BCa's jackknife costs n_pos + n_neg more AUCs of every photo, and the gate only shows this interval."""
+    from scipy.stats import rankdata
+
+    labels = np.asarray(labels, bool)
+    test_scores, reference_scores = np.asarray(test_scores, float), np.asarray(reference_scores, float)
+    if not labels.shape == test_scores.shape == reference_scores.shape or labels.ndim != 1:
+        raise ValueError(f"labels and both models' scores must be 1-D of one length, got {labels.shape}, "
+                         f"{test_scores.shape} and {reference_scores.shape}")
+
+    def auc(scores: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+        # Mann-Whitney: U = (rank sum of the referable photos) - n_pos (n_pos + 1) / 2, ties at mid-rank.
+        lead = np.broadcast_shapes(pos.shape[:-1], neg.shape[:-1])  # scipy's jackknife broadcasts the samples
+        pos, neg = np.broadcast_to(pos, lead + pos.shape[-1:]), np.broadcast_to(neg, lead + neg.shape[-1:])
+        ranks = rankdata(np.concatenate([scores[pos], scores[neg]], axis=-1), axis=-1)
+        n_pos, n_neg = pos.shape[-1], neg.shape[-1]
+        return (ranks[..., :n_pos].sum(-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+    def ratio(positive_rows: np.ndarray, negative_rows: np.ndarray, axis: int = -1) -> np.ndarray:
+        pos, neg = positive_rows.astype(int), negative_rows.astype(int)  # the resampled photos, by index
+        return auc(test_scores, pos, neg) / auc(reference_scores, pos, neg)
+
+    samples = (np.flatnonzero(labels).astype(float), np.flatnonzero(~labels).astype(float))
+    return _bootstrap(ratio, samples, False, confidence, n_resamples, seed, method="percentile")
 
 
 def sensitivity_specificity(y_true, referred) -> dict[str, float | int | tuple[float, float]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compression.gate import GateThresholds, compare, evaluate_gate
+from compression.gate import GateThresholds, compare, judge
 from compression.qat import QATConfig
 from compression.quantize import AccuracyTarget, QuantRecipe
 from edge_runtime.contract import (
@@ -67,7 +67,7 @@ class ExportContext:
         """FP32 grades on the tuning photos, to be kept at the gate's agreement (recipe nncf_ac)."""
         if not len(self.tuning_images):
             return None
-        return AccuracyTarget(self.tuning_images, min(self.thresholds.min_agreement, 1.0))
+        return AccuracyTarget(self.tuning_images, self.thresholds.tuning_grade_agreement)
 
     def pt2e_int8(self, target: str, fold_quantize: bool = False):
         """W8A8 of the checkpoint through PT2E for the TFLite and CoreML converters: post-training, or
@@ -179,13 +179,15 @@ def verify_artifact(ctx: ExportContext, spec: FormatSpec, path: Path, manifest: 
     if cam.shape != ref_cam.shape or logits.shape != ref_logits.shape:
         raise ExportParityError(f"{path.name}: output shapes logits {logits.shape} cam {cam.shape}, "
                                 f"expected {ref_logits.shape} {ref_cam.shape}")
-    metrics = compare(ref_logits, ref_cam, logits, cam, ctx.val_labels, manifest.operating_point.threshold)
+    metrics = compare(ref_logits, ref_cam, logits, cam)
     # The CAM identity every artifact must keep: logits - mean_hw(cam) is the (constant) classifier bias.
     bias = logits - cam.mean(axis=(2, 3))
     metrics["cam_identity_error"] = float(np.abs(bias - bias.mean(0, keepdims=True)).max())
     precision = manifest.quantization.precision
     if precision == "int8":
-        gate = evaluate_gate(metrics, ctx.thresholds)
+        gate = judge(ref_logits, ref_cam, logits, cam, ctx.val_labels, manifest.operating_point,
+                     ctx.thresholds)
+        metrics = {**metrics, **gate.metrics}
     else:
         atol = spec.atol_fp32 if precision == "fp32" else spec.atol_fp16
         scale = max(1.0, float(np.abs(ref_logits).max()))
@@ -223,9 +225,9 @@ def export_artifact(ctx: ExportContext, fmt: str, precision: str) -> ArtifactRec
             simulated = ctx.simulated.pop(fmt, None)
             if simulated is not None and precision == "int8" and len(ctx.val):
                 ref_logits, ref_cam = ctx.reference()
-                fidelity = compare(ref_logits, ref_cam, *simulated, ctx.val_labels, manifest.operating_point.threshold)
-                metrics = {**metrics, **fidelity}
-                gate = evaluate_gate(fidelity, ctx.thresholds)
+                gate = judge(ref_logits, ref_cam, *simulated, ctx.val_labels,
+                             manifest.operating_point, ctx.thresholds)
+                metrics = {**metrics, **gate.metrics}
                 how = (f"spec checked; INT8 gated on the quantized torch graph that was converted "
                        f"({len(ctx.val)} images); {spec.runtime} predictions need {'/'.join(spec.runs_on)}")
         if gate.status == "failed" and precision == "int8" and spec.int8_escalation:

@@ -186,8 +186,15 @@ def export(
                                "qat (ONNX through NNCF, TFLite/CoreML through PT2E)."),
     target: str = typer.Option("x86_avx2", help="CPU class preset: x86_avx2 | x86_avx2_fast | x86_vnni | arm64 | jetson_orin."),
     calibration: str = typer.Option("minmax", help="minmax | percentile | entropy (ort recipe)."),
-    min_agreement: float = typer.Option(0.995), min_qwk_ratio: float = typer.Option(0.995),
-    max_sensitivity_drop: float = typer.Option(0.01),
+    min_referral_agreement: float = typer.Option(0.98, help="Gate: one-sided 95% lower bound of INT8-FP32 referral "
+                                                 "agreement (docs/fidelity_gate.md)."),
+    min_sensitivity_difference: float = typer.Option(-0.02, help="Gate: lower bound of INT8 - FP32 sensitivity."),
+    min_specificity_difference: float = typer.Option(-0.02, help="Gate: lower bound of INT8 - FP32 specificity."),
+    min_auc_ratio: float = typer.Option(0.99, help="Gate: referable AUC, INT8 / FP32."),
+    min_grade_agreement: float | None = typer.Option(None, help="Gate (optional): lower bound of grade agreement."),
+    min_qwk_ratio: float | None = typer.Option(None, help="Gate (optional): QWK, INT8 / FP32."),
+    min_logit_cosine: float | None = typer.Option(None, help="Gate (optional): mean logit cosine with FP32."),
+    min_cam_correlation: float | None = typer.Option(None, help="Gate (optional): mean CAM correlation with FP32."),
     name: str | None = typer.Option(None, help="Artifact file stem (default: model name)."),
     qat_steps: int = typer.Option(0, help="Quantization-aware fine-tuning steps when post-training INT8 and its "
                                   "mixed-precision retries all fail the gate (0: off); uses --calib's train split."),
@@ -211,7 +218,11 @@ def export(
 
     try:
         quant = replace(QuantRecipe.for_target(target, recipe), calibration=calibration)
-        thresholds = GateThresholds(min_agreement, min_qwk_ratio, max_sensitivity_drop)
+        thresholds = GateThresholds(
+            min_referral_agreement=min_referral_agreement, min_sensitivity_difference=min_sensitivity_difference,
+            min_specificity_difference=min_specificity_difference, min_auc_ratio=min_auc_ratio,
+            min_grade_agreement=min_grade_agreement, min_qwk_ratio=min_qwk_ratio, min_logit_cosine=min_logit_cosine,
+            min_cam_correlation=min_cam_correlation)
         # --recipe qat goes straight to QAT: its default length unless --qat-steps says otherwise.
         qat = QATConfig(steps=qat_steps or (QATConfig().steps if recipe == "qat" else 0),
                         **({"lr": qat_lr} if qat_lr is not None else {}))
@@ -225,7 +236,7 @@ def export(
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     _print_records(records)
-    if any(r.status != "ok" or r.gate == "failed" for r in records):
+    if any(r.status != "ok" or r.gate in ("failed", "insufficient_evidence") for r in records):
         raise typer.Exit(1)
 
 

@@ -59,7 +59,9 @@ def tiny_artifacts(tmp_path_factory, tiny_run, synthetic_dir):
     out = tmp_path_factory.mktemp("artifacts")
     # Loose gate so the tiny random-ish model's INT8 can be used by runtime tests; gate tests set their own.
     ctx = build_context(tiny_run.best_checkpoint, out, synthetic_dir, synthetic_dir,
-                        thresholds=GateThresholds(0.0, 0.0, 1.0), calib_limit=16, val_limit=24)
+                        thresholds=GateThresholds(
+                            min_referral_agreement=0.0, min_sensitivity_difference=-1.0,
+                            min_specificity_difference=-1.0, min_auc_ratio=0.0), calib_limit=16, val_limit=24)
     records = export_all(ctx, ["onnx", "tflite"], ["fp32", "fp16", "int8"], progress=False)
     return {(r.format, r.precision): r for r in records}, out, ctx
 

@@ -1,22 +1,36 @@
 import numpy as np
 import pytest
 
-from compression.gate import compare, evaluate_gate
+from compression.gate import compare, judge
 from compression.quantize import QuantRecipe
+from edge_runtime.contract import OperatingPoint
 from edge_runtime.errors import ConfigError
+from edge_runtime.metrics import clopper_pearson_lower
 
 
-def test_gate_passes_identical_and_reports_how_far_off():
+def test_compare_reports_known_fidelity_numbers():
+    rng = np.random.default_rng(0)
+    logits, cam = rng.normal(size=(50, 5)), rng.normal(size=(50, 5, 4, 4))
+    same = compare(logits, cam, logits, cam)
+    assert same == {"n": 50.0, "agreement": 1.0, "max_abs_logit_diff": 0.0,
+                    "logit_cosine": pytest.approx(1.0), "cam_correlation": pytest.approx(1.0)}
+    flipped = logits.copy()
+    flipped[:5] = -flipped[:5]  # argmax(-x) = argmin(x): exactly 5 of 50 grades change, cosine -1 on those rows
+    different = compare(logits, cam, flipped, cam)
+    assert different["agreement"] == 0.9
+    assert different["logit_cosine"] == pytest.approx((45 - 5) / 50)
+    assert different["max_abs_logit_diff"] == pytest.approx(2 * np.abs(logits[:5]).max())
+
+
+def test_gate_on_50_photos_asks_for_99_more():
     rng = np.random.default_rng(0)
     logits, cam = rng.normal(size=(50, 5)), rng.normal(size=(50, 5, 4, 4))
     y = logits.argmax(1)
-    same = evaluate_gate(compare(logits, cam, logits, cam, y))
-    assert same.status == "passed" and same.metrics["agreement"] == 1.0
-    flipped = logits.copy()
-    flipped[:5] = -flipped[:5]
-    result = evaluate_gate(compare(logits, cam, flipped, cam, y))
-    assert result.status == "failed"
-    assert any(f.startswith("agreement 0.9") and "off by" in f for f in result.failures)
+    same = judge(logits, cam, logits, cam, y, OperatingPoint())
+    assert same.status == "insufficient_evidence" and same.metrics["val_photos_needed"] == 149
+    assert same.failures == (f"referral_agreement lower bound {0.05 ** (1 / 50):.4f} < 0.9800 (off by "
+                             f"{0.98 - 0.05 ** (1 / 50):.4f}; value 1.0000, n=50): even perfect agreement needs "
+                             "149 val photos; needs 99 more val photos",)
 
 
 def test_recipe_presets_and_validation():
@@ -151,9 +165,10 @@ def test_qat_is_the_last_resort_after_mixed_precision(tiny_artifacts, tmp_path):
     from exporters.registry import export_artifact
 
     base = tiny_artifacts[2]
-    # An impossible threshold forces every step of the escalation:
+    # INT8 logits are never exactly FP32's, so a mean logit cosine of 1.0 is out of reach and every step of the
+    # escalation runs:
     # all-INT8 -> sensitive layers in float -> accuracy-controlled mixed precision -> QAT.
-    ctx = replace(base, out_dir=tmp_path, thresholds=GateThresholds(min_agreement=1.01),
+    ctx = replace(base, out_dir=tmp_path, thresholds=GateThresholds(min_logit_cosine=1.0),
                   qat=QATConfig(steps=2, batch_size=4), tuning_images=base.calib[:8])
     ctx._reference = base.reference()
     record = export_artifact(ctx, "onnx", "int8")
@@ -170,7 +185,15 @@ def test_qat_is_the_last_resort_after_mixed_precision(tiny_artifacts, tmp_path):
     stored = {t.name for t in graph.initializer}
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in stored for n in graph.node)
     assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4 for t in graph.initializer)
-    assert 0.0 <= record.parity["agreement"] <= 1.0 and record.parity["cam_identity_error"] < 1e-3
+    cosine = next(c for c in manifest.gate.criteria if c.name == "logit_cosine")
+    assert cosine.value == record.parity["logit_cosine"] < 1.0 and cosine.passed is False
+    assert cosine.margin == pytest.approx(cosine.value - 1.0)
+    assert any(f.startswith("logit_cosine ") for f in manifest.gate.failures)
+    grade = next(c for c in manifest.gate.criteria if c.name == "grade_agreement")  # reported with its exact bound
+    n, agreeing = len(base.val), round(record.parity["agreement"] * len(base.val))
+    assert (grade.n, grade.value, grade.passed) == (n, agreeing / n, None)
+    assert grade.bound == pytest.approx(clopper_pearson_lower(agreeing, n))
+    assert record.parity["cam_identity_error"] < 1e-3
 
 
 def test_fidelity_fine_tuning_pulls_a_perturbed_copy_back_to_fp32():

@@ -113,11 +113,11 @@ def test_strict_gate_fails_and_marks_manifest(tiny_artifacts, tmp_path):
     from edge_runtime.errors import ArtifactError
     from exporters.registry import export_artifact
 
-    ctx = replace(tiny_artifacts[2], out_dir=tmp_path, thresholds=GateThresholds(min_agreement=1.01))
+    ctx = replace(tiny_artifacts[2], out_dir=tmp_path, thresholds=GateThresholds(min_logit_cosine=1.0))
     record = export_artifact(ctx, "onnx", "int8")
     assert record.status == "ok" and record.gate == "failed"
     manifest = ArtifactManifest.from_json(manifest_path_for(record.path).read_text())
-    assert not manifest.ready and "agreement" in manifest.gate.failures[0]
+    assert not manifest.ready and manifest.gate.failures[0].startswith("logit_cosine ")
     with pytest.raises(ArtifactError, match="allow-ungated"):
         open_session(record.path)
     assert open_session(record.path, allow_ungated=True)
@@ -134,7 +134,7 @@ def test_failed_gate_retries_with_sensitive_layers_in_float(tiny_artifacts, tmp_
 
     base = tiny_artifacts[2]
     # An impossible threshold forces the retry; without tuning photos the escalation stops after its first step.
-    ctx = replace(base, out_dir=tmp_path, thresholds=GateThresholds(min_agreement=1.01),
+    ctx = replace(base, out_dir=tmp_path, thresholds=GateThresholds(min_logit_cosine=1.0),
                   tuning_images=np.empty((0,) + base.calib.shape[1:], np.float32))
     ctx._reference = base.reference()
     record = export_artifact(ctx, "onnx", "int8")
@@ -157,7 +157,7 @@ def test_cli_export_exits_nonzero_on_a_failed_gate_and_can_skip_escalation(tiny_
     out = tmp_path / "cli"
     proc = subprocess.run([sys.executable, "-m", "retinaedge.cli", "export", "--checkpoint", str(tiny_run.best_checkpoint),
                            "--formats", "onnx", "--precisions", "int8", "--calib", str(synthetic_dir), "--val",
-                           str(synthetic_dir), "--out", str(out), "--min-agreement", "1.01", "--no-escalate"],
+                           str(synthetic_dir), "--out", str(out), "--min-logit-cosine", "1.0", "--no-escalate"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "agreement" in proc.stdout and "failed" in proc.stdout
@@ -190,7 +190,7 @@ def test_pt2e_formats_escalate_to_quantization_aware_fine_tuning(tiny_artifacts,
     base = tiny_artifacts[2]
     # An impossible threshold fails the post-training PT2E artifacts; TFLite and CoreML have no mixed precision,
     # so their only retry is PT2E QAT.
-    ctx = replace(base, out_dir=tmp_path, thresholds=GateThresholds(min_agreement=1.01), shared={},
+    ctx = replace(base, out_dir=tmp_path, thresholds=GateThresholds(min_logit_cosine=1.0), shared={},
                   qat=QATConfig(steps=2, batch_size=4), tuning_images=base.calib[:8])
     ctx._reference = base.reference()
     records = {fmt: export_artifact(ctx, fmt, "int8") for fmt in ("tflite", "coreml")}
