@@ -93,9 +93,12 @@ class Screener:
         peak = cam_peak(heat, pre)
         overlay = overlay_png(bgr, cam_on_original(heat, pre))
         lap("cam")
-        referable = bool(probs[REFERABLE_MIN_GRADE:].sum() >= manifest.referable_threshold)
+        # Decided on the rounded probability that is stored, so the record is consistent with itself.
+        referable_probability = round(float(probs[REFERABLE_MIN_GRADE:].sum()), 6)
+        threshold = float(manifest.referable_threshold)
         result = ScreeningResult(quality=quality, grade=grade, probabilities=tuple(round(float(p), 6) for p in probs),
-                                 confidence=round(float(probs[grade]), 6), referable=referable, cam_peak=peak,
+                                 confidence=round(float(probs[grade]), 6), referable=referable_probability >= threshold,
+                                 referable_probability=referable_probability, threshold=threshold, cam_peak=peak,
                                  latency_ms=timings, **common)
         return self._store(result, overlay, data, capture_key, lap, timings)
 
