@@ -32,7 +32,10 @@ def _utc(value: datetime | None) -> datetime | None:
     # A timestamp without an offset is read as UTC (say so in the API docs); with one, it is converted.
     if value is None:
         return None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    try:
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    except OverflowError:  # 9999-12-31T23:59:59-05:00 is past the last representable UTC instant
+        raise HTTPException(422, "since/until is outside the representable range") from None
 
 
 @router.get("/v1/history", response_model=ResultsPublic | EncountersPublic)
