@@ -105,8 +105,9 @@ from edge_runtime.outbox import Outbox
 from edge_runtime.contract import ScreeningResult, QualityReport
 box = Outbox(sys.argv[1])
 for i in range(100000):
-    r = ScreeningResult(device_id="d", model_version="v", model_sha256="s", backend="b", provider="p",
-                        quality=QualityReport(True, 1.0), grade=i % 5, image_name=f"{i}.jpg")
+    r = ScreeningResult(device_id="d", model_version="v", model_sha256="", backend="b", provider="p",
+                        quality=QualityReport(True, 1.0), grade=i % 5, image_name=f"{i}.jpg", threshold=0.5,
+                        probabilities=tuple(0.8 if g == i % 5 else 0.05 for g in range(5)), referable=i % 5 >= 2)
     box.put(r, overlay=b"x" * 20000)
     print(r.result_id, flush=True)  # reported only after the commit returned
 """
@@ -163,8 +164,9 @@ def _fill(box, n):
     from edge_runtime.contract import QualityReport, ScreeningResult
 
     for i in range(n):
-        box.put(ScreeningResult(device_id="d", model_version="v", model_sha256="s", backend="b", provider="p",
-                                quality=QualityReport(True, 1.0), grade=i % 5), overlay=b"png")
+        box.put(ScreeningResult(device_id="d", model_version="v", model_sha256="", backend="b", provider="p",
+                                quality=QualityReport(True, 1.0), grade=i % 5, threshold=0.5, referable=i % 5 >= 2,
+                                probabilities=tuple(0.8 if g == i % 5 else 0.05 for g in range(5))), overlay=b"png")
 
 
 def test_sync_backoff_retry_after_and_partial_acks(tmp_path):

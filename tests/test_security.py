@@ -512,6 +512,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # 13-15 s per database (8 client processes + a uvicorn server)
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_concurrency_eight_processes_sync_same_and_conflicting_ids(kind, tmp_path, monkeypatch):
     """8 client processes at once: shared ids (same content), conflicting ids (each process its own content) and
