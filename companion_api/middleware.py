@@ -44,7 +44,10 @@ class BodyLimitMiddleware:
             return await _send_json(send, 413, too_big)
         messages, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await receive()
+            except Exception:  # noqa: BLE001 - a broken body stream is the client's error, as FastAPI answers it
+                return await _send_json(send, 400, "the request body could not be read")
             if message["type"] == "http.disconnect":
                 messages.append(message)
                 break
