@@ -14,7 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from edge_runtime.contract import GRADE_NAMES, SCREENING_DISCLAIMER
-from edge_runtime.wire import RESULT_ID, ScreeningResult, encounter_decision
+from edge_runtime.wire import RESULT_ID, ScreeningResult, content_hash_of, encounter_decision
 
 from .core.security import hash_token, new_token
 from .models import Principal, Result
@@ -103,6 +103,7 @@ def describe_validation_error(exc: ValidationError, limit: int = 3) -> str:
 class _Candidate:
     index: int
     result: ScreeningResult
+    canonical: str  # the validated result as stored (server-derived fields included)
     content_hash: str
     overlay: bytes | None
     image: bytes | None
@@ -118,7 +119,8 @@ def _check_entry(index: int, entry: SyncEntry, device: str, window: CaptureWindo
         return SyncItemStatus(result_id=rid, status="rejected", detail=describe_validation_error(exc))
     if result.device_id != device:
         return SyncItemStatus(result_id=rid, status="rejected", detail="device_id does not match the token")
-    if result.content_hash() != entry.content_hash:
+    canonical = result.canonical_json()
+    if content_hash_of(canonical) != entry.content_hash:
         return SyncItemStatus(result_id=rid, status="rejected",
                               detail="content_hash does not match the result; send ScreeningResult.content_hash()")
     try:
@@ -129,13 +131,13 @@ def _check_entry(index: int, entry: SyncEntry, device: str, window: CaptureWindo
     problem = _check_images(overlay, image, max_image_bytes)
     if problem:
         return SyncItemStatus(result_id=rid, status="rejected", detail=problem)
-    return _Candidate(index, result, entry.content_hash, overlay, image)
+    return _Candidate(index, result, canonical, entry.content_hash, overlay, image)
 
 
 def _row(device: str, c: _Candidate, received_at: datetime) -> dict:
     r = c.result
     # grade_name and referable are the server's own derivations (the model re-derived and cross-checked them).
-    return {"device": device, "result_id": r.result_id, "content_hash": c.content_hash, "payload": json.dumps(r.to_dict()),
+    return {"device": device, "result_id": r.result_id, "content_hash": c.content_hash, "payload": c.canonical,
             "outcome": r.outcome, "grade": r.grade, "referable": r.referable, "confidence": r.confidence,
             "captured_at": r.captured_at, "received_at": received_at, "overlay_png": c.overlay, "image": c.image,
             "encounter_id": r.encounter_id, "eye": r.eye}

@@ -245,14 +245,23 @@ class ScreeningResult(_Strict):
         """Validate a JSON-ish dict; ``context`` carries the server's receive time and capture window."""
         return cls.model_validate(data, context=context or None)
 
+    def canonical_json(self) -> str:
+        """The canonical text of the result (sorted keys): what content_hash covers and the server stores."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
     def content_hash(self) -> str:
         """Stable hash of the canonical content; the server recomputes it to tell a replay from a conflict."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        return content_hash_of(self.canonical_json())
 
     @property
     def needs_referral(self) -> bool:
         """Refer (or get a second read) unless this is a clean, gradable, non-referable result."""
         return self.outcome != "graded" or bool(self.referable)
+
+
+def content_hash_of(canonical_json: str) -> str:
+    """sha256 of a result's canonical JSON (ScreeningResult.canonical_json)."""
+    return hashlib.sha256(canonical_json.encode()).hexdigest()
 
 
 class EyeResult(Protocol):
