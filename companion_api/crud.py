@@ -146,9 +146,10 @@ def _row(device: str, c: _Candidate, received_at: datetime) -> dict:
 def _insert_ignoring_conflicts(session: Session, rows: list[dict]) -> set[str]:
     """INSERT ... ON CONFLICT DO NOTHING; returns the ids this transaction inserted."""
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    statement = (dialect.insert(Result).values(rows)
-                 .on_conflict_do_nothing(index_elements=[Result.device, Result.result_id]).returning(Result.result_id))
-    return set(session.scalars(statement))
+    # executemany form: one cached compiled statement, batched by SQLAlchemy's "insertmanyvalues" (with RETURNING).
+    statement = (dialect.insert(Result).on_conflict_do_nothing(index_elements=[Result.device, Result.result_id])
+                 .returning(Result.result_id))
+    return set(session.scalars(statement, rows))
 
 
 def store_batch(*, session: Session, device: str, entries: list[SyncEntry], max_image_bytes: int,
