@@ -587,3 +587,38 @@ def test_rejected_results_never_shadow_stored_ones(server):
     assert sync(client, tokens["dev-a"], raw_entry(broken))[0] == ["rejected"]
     assert client.get(f"/v1/results/{r.result_id}", headers=auth(tokens["dev-a"])).json()["referable"] is True
 
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_migration_0002_keeps_results_and_insights(kind, tmp_path):
+    """Upgrading a 0001 database (global result ids) to device-scoped ids and encounters loses nothing."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, text
+
+    from companion_api.core.db import HERE
+
+    url = Settings(DATABASE_URL=database_url(kind, tmp_path)).DATABASE_URL
+    config = Config()
+    config.set_main_option("script_location", str(HERE / "alembic"))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, "0001")
+    engine = create_engine(url)
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO principals (name, role, token_hash, revoked, created_at) "
+                          "VALUES ('dev-a', 'device', :h, false, :t)"), {"h": "0" * 64, "t": now})
+        for i in range(3):
+            conn.execute(text("INSERT INTO results (result_id, device, content_hash, payload, outcome, grade, referable, "
+                              "confidence, captured_at, received_at) VALUES (:id, 'dev-a', :h, '{}', 'graded', :g, :r, "
+                              "0.8, :t, :t)"), {"id": f"0000000{i}-0000-0000-0000-000000000000", "h": "a" * 64, "g": i,
+                                               "r": i >= 2, "t": now})
+        conn.execute(text("INSERT INTO insights (result_id, source, body, created_at) VALUES "
+                          "('00000002-0000-0000-0000-000000000000', 'guideline', '{}', :t)"), {"t": now})
+    command.upgrade(config, "head")
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT device, result_id, grade, encounter_id, eye FROM results ORDER BY result_id")).all()
+        insight = conn.execute(text("SELECT device, result_id, source FROM insights")).all()
+    engine.dispose()
+    assert [(r.device, r.grade, r.encounter_id, r.eye) for r in rows] == [("dev-a", g, None, None) for g in range(3)]
+    assert [tuple(i) for i in insight] == [("dev-a", "00000002-0000-0000-0000-000000000000", "guideline")]
