@@ -4,27 +4,42 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from datetime import datetime
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from pydantic import ValidationError
+from sqlalchemy import func, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from edge_runtime.contract import GRADE_NAMES, SCREENING_DISCLAIMER
+from edge_runtime.wire import RESULT_ID, ScreeningResult, content_hash_of, encounter_decision
 
 from .core.security import hash_token, new_token
 from .models import Principal, Result
-from .schemas import ResultPublic, SyncEntry, SyncItemStatus
+from .schemas import EncounterPublic, ResultPublic, SyncEntry, SyncItemStatus
 
 
 def create_principal(*, session: Session, name: str, role: str) -> str:
-    """Create a device or reviewer; returns the token (shown once, stored hashed)."""
+    """Create a device or reviewer, or re-issue a revoked one; returns the token (shown once, stored hashed).
+
+    A revoked name can be issued again (a replaced phone keeps its name and its history); the old token stays dead.
+    """
     if role not in ("device", "reviewer"):
         raise ValueError(f"role must be device|reviewer, got {role!r}")
-    if session.scalar(select(Principal).where(Principal.name == name)):
-        raise ValueError(f"a principal named {name!r} already exists; revoke it or choose another name")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,119}", name):
+        raise ValueError(f"principal name {name!r} must be 1-120 letters, digits or . _ : - (starting alphanumeric)")
     token = new_token(role)
-    session.add(Principal(name=name, role=role, token_hash=hash_token(token)))
+    existing = session.scalar(select(Principal).where(Principal.name == name))
+    if existing is not None:
+        if not existing.revoked:
+            raise ValueError(f"a principal named {name!r} already exists; revoke it first to issue a new token")
+        if existing.role != role:
+            raise ValueError(f"{name!r} was a {existing.role}; choose another name for a {role}")
+        existing.token_hash, existing.revoked = hash_token(token), False
+    else:
+        session.add(Principal(name=name, role=role, token_hash=hash_token(token)))
     session.commit()
     return token
 
@@ -65,70 +80,141 @@ def _check_images(overlay: bytes | None, image: bytes | None, max_bytes: int) ->
     return None
 
 
-def store_batch(*, session: Session, device: str, entries: list[SyncEntry], max_image_bytes: int) -> list[SyncItemStatus]:
-    """Idempotent on result UUID, all in one transaction: same UUID + content -> duplicate; different -> conflict."""
-    statuses: list[SyncItemStatus] = []
-    ids = [e.result.result_id for e in entries]
-    existing = {r.result_id: r for r in session.scalars(select(Result).where(Result.result_id.in_(ids)))}
-    seen: dict[str, str] = {}
-    for entry in entries:
-        r = entry.result
-        rid = r.result_id
-        if r.device_id != device:
-            statuses.append(SyncItemStatus(result_id=rid, status="rejected", detail="device_id does not match the token"))
-            continue
-        known = existing.get(rid)
-        known_hash = known.content_hash if known else seen.get(rid)
-        if known is not None and known.device != device:
-            statuses.append(SyncItemStatus(result_id=rid, status="conflict", detail="result id belongs to another device"))
-            continue
-        if known_hash is not None:
-            status = "duplicate" if known_hash == entry.content_hash else "conflict"
-            statuses.append(SyncItemStatus(result_id=rid, status=status,
-                                           detail="" if status == "duplicate" else "same result id, different content"))
-            continue
-        try:
-            overlay = _decode(entry.overlay_png_b64, max_image_bytes, "overlay")
-            image = _decode(entry.image_b64, max_image_bytes, "image")
-        except ValueError as exc:
-            statuses.append(SyncItemStatus(result_id=rid, status="rejected", detail=str(exc)))
-            continue
-        problem = _check_images(overlay, image, max_image_bytes)
-        if problem:
-            statuses.append(SyncItemStatus(result_id=rid, status="rejected", detail=problem))
-            continue
-        session.add(Result(result_id=rid, device=device, content_hash=entry.content_hash,
-                           payload=r.model_dump_json(), outcome=r.outcome, grade=r.grade, referable=r.referable,
-                           confidence=r.confidence, captured_at=r.captured_at, overlay_png=overlay, image=image))
-        seen[rid] = entry.content_hash
-        statuses.append(SyncItemStatus(result_id=rid, status="stored"))
+@dataclass(frozen=True)
+class CaptureWindow:
+    """The server's plausible window for captured_at, evaluated at receive time."""
+
+    received_at: datetime
+    earliest: datetime
+    max_future: timedelta
+
+    def context(self) -> dict:
+        return {"received_at": self.received_at, "min_captured_at": self.earliest, "max_future": self.max_future}
+
+
+def describe_validation_error(exc: ValidationError, limit: int = 3) -> str:
+    """The errors' locations and messages, never the input (it may be huge, NaN, or a lone surrogate)."""
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'result'}: {e['msg']}" for e in exc.errors(include_input=False)[:limit]]
+    more = exc.error_count() - limit
+    return ("; ".join(parts) + (f" (+{more} more)" if more > 0 else ""))[:500]
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    index: int
+    result: ScreeningResult
+    canonical: str  # the validated result as stored (server-derived fields included)
+    content_hash: str
+    overlay: bytes | None
+    image: bytes | None
+
+
+def _check_entry(index: int, entry: SyncEntry, device: str, window: CaptureWindow,
+                 max_image_bytes: int) -> _Candidate | SyncItemStatus:
+    raw_id = entry.result.get("result_id")
+    rid = raw_id if isinstance(raw_id, str) and re.fullmatch(RESULT_ID, raw_id) else ""
     try:
-        session.commit()
-    except IntegrityError:
-        # Another worker stored one of these ids between our read and commit: resolve item by item.
-        session.rollback()
-        return store_batch_serially(session=session, device=device, entries=entries, max_image_bytes=max_image_bytes)
-    return statuses
+        result = ScreeningResult.model_validate(entry.result, context=window.context())
+    except ValidationError as exc:
+        return SyncItemStatus(result_id=rid, status="rejected", detail=describe_validation_error(exc))
+    if result.device_id != device:
+        return SyncItemStatus(result_id=rid, status="rejected", detail="device_id does not match the token")
+    canonical = result.canonical_json()
+    if content_hash_of(canonical) != entry.content_hash:
+        return SyncItemStatus(result_id=rid, status="rejected",
+                              detail="content_hash does not match the result; send ScreeningResult.content_hash()")
+    try:
+        overlay = _decode(entry.overlay_png_b64, max_image_bytes, "overlay")
+        image = _decode(entry.image_b64, max_image_bytes, "image")
+    except ValueError as exc:
+        return SyncItemStatus(result_id=rid, status="rejected", detail=str(exc))
+    problem = _check_images(overlay, image, max_image_bytes)
+    if problem:
+        return SyncItemStatus(result_id=rid, status="rejected", detail=problem)
+    return _Candidate(index, result, canonical, entry.content_hash, overlay, image)
 
 
-def store_batch_serially(*, session, device, entries, max_image_bytes):
-    out = []
-    for entry in entries:
-        out += store_batch(session=session, device=device, entries=[entry], max_image_bytes=max_image_bytes)
-    return out
+def _row(device: str, c: _Candidate, received_at: datetime) -> dict:
+    r = c.result
+    # grade_name and referable are the server's own derivations (the model re-derived and cross-checked them).
+    return {"device": device, "result_id": r.result_id, "content_hash": c.content_hash, "payload": c.canonical,
+            "outcome": r.outcome, "grade": r.grade, "referable": r.referable, "confidence": r.confidence,
+            "captured_at": r.captured_at, "received_at": received_at, "overlay_png": c.overlay, "image": c.image,
+            "encounter_id": r.encounter_id, "eye": r.eye}
+
+
+def _insert_ignoring_conflicts(session: Session, rows: list[dict]) -> set[str]:
+    """INSERT ... ON CONFLICT DO NOTHING; returns the ids this transaction inserted."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    # executemany form: one cached compiled statement, batched by SQLAlchemy's "insertmanyvalues" (with RETURNING).
+    statement = (dialect.insert(Result).on_conflict_do_nothing(index_elements=[Result.device, Result.result_id])
+                 .returning(Result.result_id))
+    return set(session.scalars(statement, rows))
+
+
+def store_batch(*, session: Session, device: str, entries: list[SyncEntry], max_image_bytes: int,
+                window: CaptureWindow) -> list[SyncItemStatus]:
+    """Idempotent on (device, result UUID), one transaction: same id + content -> duplicate; different -> conflict.
+
+    Rows are inserted in result-id order with ON CONFLICT DO NOTHING, so two batches holding the same ids in
+    opposite orders cannot deadlock on PostgreSQL, and a concurrent insert of the same id is a duplicate/conflict
+    answer, never an IntegrityError.
+    """
+    statuses: dict[int, SyncItemStatus] = {}
+    candidates: list[_Candidate] = []
+    for index, entry in enumerate(entries):
+        checked = _check_entry(index, entry, device, window, max_image_bytes)
+        if isinstance(checked, SyncItemStatus):
+            statuses[index] = checked
+        else:
+            candidates.append(checked)
+    candidates.sort(key=lambda c: c.result.result_id)
+    ids = sorted({c.result.result_id for c in candidates})
+    known = dict(session.execute(select(Result.result_id, Result.content_hash)
+                                 .where(Result.device == device, Result.result_id.in_(ids))).all()) if ids else {}
+    fresh: dict[str, _Candidate] = {}
+    for c in candidates:
+        rid = c.result.result_id
+        earlier = known.get(rid) or (fresh[rid].content_hash if rid in fresh else None)
+        if earlier is None:
+            fresh[rid] = c
+        else:
+            statuses[c.index] = _same_or_conflict(rid, earlier, c.content_hash)
+    if fresh:
+        inserted = _insert_ignoring_conflicts(session, [_row(device, c, window.received_at) for c in fresh.values()])
+        raced = sorted(set(fresh) - inserted)  # stored by a concurrent request between our read and our insert
+        winners = dict(session.execute(select(Result.result_id, Result.content_hash)
+                                       .where(Result.device == device, Result.result_id.in_(raced))).all()) if raced else {}
+        for rid, c in fresh.items():
+            statuses[c.index] = (SyncItemStatus(result_id=rid, status="stored") if rid in inserted
+                                 else _same_or_conflict(rid, winners.get(rid, ""), c.content_hash))
+    return [statuses[i] for i in range(len(entries))]
+
+
+def _same_or_conflict(result_id: str, stored_hash: str, content_hash: str) -> SyncItemStatus:
+    if stored_hash == content_hash:
+        return SyncItemStatus(result_id=result_id, status="duplicate")
+    return SyncItemStatus(result_id=result_id, status="conflict", detail="same result id, different content")
 
 
 def to_public(row: Result) -> ResultPublic:
     return ResultPublic(result_id=row.result_id, device=row.device, outcome=row.outcome, grade=row.grade,
                         grade_name=GRADE_NAMES[row.grade] if row.grade is not None else None, referable=row.referable,
                         confidence=row.confidence, captured_at=row.captured_at, received_at=row.received_at,
-                        has_overlay=row.overlay_png is not None, result=json.loads(row.payload),
-                        disclaimer=SCREENING_DISCLAIMER)
+                        encounter_id=row.encounter_id, eye=row.eye, has_overlay=row.overlay_png is not None,
+                        result=json.loads(row.payload), disclaimer=SCREENING_DISCLAIMER)
 
 
-def query_results(*, session: Session, device: str | None, grade: int | None, referable: bool | None,
-                  since: datetime | None, until: datetime | None, offset: int, limit: int):
-    query = select(Result)
+def find_result(*, session: Session, result_id: str, device: str | None) -> Result | None:
+    """A result by id, scoped to a device when given; None when absent or (without a device) ambiguous."""
+    query = select(Result).where(Result.result_id == result_id)
+    if device is not None:
+        query = query.where(Result.device == device)
+    rows = session.scalars(query.limit(2)).all()
+    return rows[0] if len(rows) == 1 else None
+
+
+def _filtered(query, *, device, grade, referable, since, until):
     if device is not None:
         query = query.where(Result.device == device)
     if grade is not None:
@@ -139,6 +225,38 @@ def query_results(*, session: Session, device: str | None, grade: int | None, re
         query = query.where(Result.captured_at >= since)
     if until is not None:
         query = query.where(Result.captured_at <= until)
+    return query
+
+
+def query_results(*, session: Session, device: str | None, grade: int | None, referable: bool | None,
+                  since: datetime | None, until: datetime | None, offset: int, limit: int):
+    query = _filtered(select(Result), device=device, grade=grade, referable=referable, since=since, until=until)
     count = session.scalar(select(func.count()).select_from(query.subquery()))
-    rows = session.scalars(query.order_by(Result.captured_at.desc(), Result.result_id).offset(offset).limit(limit)).all()
+    rows = session.scalars(query.order_by(Result.captured_at.desc(), Result.device, Result.result_id)
+                           .offset(offset).limit(limit)).all()
     return rows, count
+
+
+def query_encounters(*, session: Session, device: str | None, since: datetime | None, until: datetime | None,
+                     offset: int, limit: int) -> tuple[list[EncounterPublic], int]:
+    """Encounters (results sharing device + encounter_id), newest visit first, with the per-visit decision."""
+    keys = _filtered(select(Result.device, Result.encounter_id, func.max(Result.captured_at).label("last"))
+                     .where(Result.encounter_id.is_not(None)), device=device, grade=None, referable=None,
+                     since=since, until=until).group_by(Result.device, Result.encounter_id)
+    count = session.scalar(select(func.count()).select_from(keys.subquery()))
+    page = session.execute(keys.order_by(func.max(Result.captured_at).desc(), Result.device, Result.encounter_id)
+                           .offset(offset).limit(limit)).all()
+    pairs = [(k.device, k.encounter_id) for k in page]
+    rows = session.scalars(select(Result).where(tuple_(Result.device, Result.encounter_id).in_(pairs))).all() if pairs else []
+    grouped: dict[tuple[str, str], list[Result]] = {pair: [] for pair in pairs}
+    for row in rows:
+        grouped[(row.device, row.encounter_id)].append(row)
+    out = []
+    for (dev, encounter), members in grouped.items():
+        decision = encounter_decision(members)
+        members.sort(key=lambda r: r.captured_at, reverse=True)
+        eyes = {eye: to_public(row) for eye, row in decision.eyes.items()}
+        out.append(EncounterPublic(device=dev, encounter_id=encounter, decision=decision.decision, reason=decision.reason,
+                                   left=eyes.get("left"), right=eyes.get("right"),
+                                   results=[to_public(r) for r in members], disclaimer=SCREENING_DISCLAIMER))
+    return out, count

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 
 from edge_runtime.cam import cam_on_original, overlay_png
-from edge_runtime.contract import PreprocessPolicy
+from edge_runtime.contract import OperatingPoint, PreprocessPolicy, model_version_of, operating_point_of
+from edge_runtime.decision import Decision, decide
 from edge_runtime.preprocess import preprocess
 
 _lock = threading.Lock()  # Grad-CAM hooks are per model: one request at a time per process
@@ -23,7 +25,17 @@ def load_teacher(path: str):
     return model, meta, policy
 
 
-def grade_with_gradcam(checkpoint: str, bgr: np.ndarray) -> dict:
+@dataclass(frozen=True)
+class ServerGrading:
+    """The teacher's decision at its recorded operating point, with a full Grad-CAM overlay."""
+
+    decision: Decision
+    overlay: bytes
+    model_version: str
+    point: OperatingPoint
+
+
+def grade_with_gradcam(checkpoint: str, bgr: np.ndarray) -> ServerGrading:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -32,12 +44,11 @@ def grade_with_gradcam(checkpoint: str, bgr: np.ndarray) -> dict:
     x = torch.from_numpy(pre.tensor)
     with _lock:
         with torch.no_grad():
-            probs = model(x).softmax(1)[0].numpy().astype(float)
-        grade = int(probs.argmax())
+            logits = model(x)[0].numpy()
+        point = operating_point_of(meta)
+        decision = decide(logits, None, point)
         target_layer = model.backbone.conv_head if hasattr(model.backbone, "conv_head") else list(model.backbone.children())[-1]
         with GradCAM(model=model, target_layers=[target_layer]) as cam:
-            heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(grade)])[0]
+            heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(decision.grade)])[0]
     overlay = overlay_png(bgr, cam_on_original(heat.astype(np.float32), pre))
-    return {"grade": grade, "probabilities": probs.tolist(), "confidence": float(probs[grade]), "overlay": overlay,
-            "model_version": f"{meta['model_name']}-{meta.get('data_fingerprint', '')[:8]}-fp32",
-            "referable_threshold": float(meta.get("referable_threshold", 0.5))}
+    return ServerGrading(decision, overlay, model_version_of(meta, "fp32"), point)

@@ -1,14 +1,19 @@
 """Clinical insights: Gemini (google-genai, structured JSON) with an ICO 2017 guideline fallback.
 
 Only grade, confidence, quality and CAM location are sent: no identifiers, no image, no names.
-The model's answer is untrusted: it must parse as :class:`InsightBody`, within length limits, as plain text.
+The model's answer is untrusted: it must parse as :class:`InsightBody`, within length limits, and is reduced to
+plain text with a real HTML sanitiser (nh3/ammonia). Urgency and follow-up interval always come from the ICO table
+for the grade; an answer that asks for less urgency than the table is rejected (guideline fallback), and a field
+that is empty after sanitising falls back to the guideline's text.
 """
 from __future__ import annotations
 
+import html
 import json
 import logging
 import re
 
+import nh3
 from pydantic import ValidationError
 
 from edge_runtime.contract import GRADE_NAMES
@@ -26,11 +31,26 @@ _GUIDELINE = {
     3: ("< 3 months", "< 3 months", "urgent", "Severe non-proliferative DR: refer promptly."),
     4: ("< 1 month", "< 1 month", "urgent", "Proliferative DR: refer urgently."),
 }
-_MARKUP = re.compile(r"<[^>]*>|[`*_#]{2,}|https?://\S+")
+URGENCY_RANK = {"none": 0, "routine": 1, "soon": 2, "urgent": 3, "retake": 3}
+# After the sanitiser: links and script-capable URL schemes, markdown emphasis, stray angle brackets.
+_UNSAFE = re.compile(r"(?i)\b(?:https?|ftp|javascript|vbscript|data|file)\s*:\S*|www\.\S+|[`*_#]{2,}|[<>]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def plain_text(text: str, limit: int) -> str:
+    """Untrusted model text -> plain text: every tag dropped (closed or not), no links or schemes, one line."""
+    cleaned = html.unescape(nh3.clean(text, tags=set(), attributes={}, strip_comments=True))
+    cleaned = _UNSAFE.sub("", _CONTROL.sub(" ", cleaned))
+    return " ".join(cleaned.split())[:limit]
 
 
 def guideline_insight(grade: int | None, outcome: str, resource_setting: str = "standard") -> InsightBody:
     """Deterministic fallback from the ICO 2017 follow-up table."""
+    if outcome == "uncertain" and grade is not None:
+        return InsightBody(summary="The referral decision is uncertain (the referable probability is close to the "
+                                   "operating threshold): refer, or get a second read by a grader.",
+                           follow_up_interval="second read now; refer if it cannot be obtained", referral_urgency="soon",
+                           caveats=["Screening aid only; not a diagnosis. A clinician must confirm the grade."])
     if outcome == "ungradable" or grade is None:
         return InsightBody(summary="The photograph could not be graded. Retake it; if a retake also fails, refer "
                                    "for a dilated examination (no result means refer).",
@@ -57,18 +77,25 @@ def build_prompt(grade: int | None, confidence: float | None, quality: dict, cam
             + json.dumps(facts))
 
 
-def validate_untrusted(text: str) -> InsightBody:
-    """Parse and sanitise the model's answer; raises ValueError when it is unusable."""
+def validate_untrusted(text: str, grade: int | None = None, outcome: str = "graded",
+                       resource_setting: str = "standard") -> InsightBody:
+    """Parse, sanitise and reconcile the model's answer with the ICO table; raises ValueError when it is unusable."""
     try:
         body = InsightBody.model_validate(json.loads(text))
     except (json.JSONDecodeError, ValidationError, TypeError) as exc:
         raise ValueError(f"invalid insight from model: {str(exc)[:200]}") from exc
-    clean = lambda s: _MARKUP.sub("", s).strip()  # noqa: E731 - plain text only: no HTML, links or markdown
-    return InsightBody(summary=clean(body.summary), follow_up_interval=clean(body.follow_up_interval),
-                       referral_urgency=body.referral_urgency, caveats=[clean(c)[:300] for c in body.caveats])
+    guide = guideline_insight(grade, outcome, resource_setting)
+    if URGENCY_RANK[body.referral_urgency] < URGENCY_RANK[guide.referral_urgency]:
+        raise ValueError(f"the model's urgency {body.referral_urgency!r} is lower than the guideline's "
+                         f"{guide.referral_urgency!r} for this grade")
+    caveats = [c for c in (plain_text(c, 300) for c in body.caveats) if c]
+    return InsightBody(summary=plain_text(body.summary, 1200) or guide.summary,
+                       # The table decides how soon; the model may only explain.
+                       follow_up_interval=guide.follow_up_interval, referral_urgency=guide.referral_urgency,
+                       caveats=caveats or guide.caveats)
 
 
-def gemini_insight(settings: Settings, prompt: str) -> InsightBody:
+def gemini_insight(settings: Settings, prompt: str, grade: int | None = None, outcome: str = "graded") -> InsightBody:
     from google import genai
     from google.genai import types
 
@@ -78,7 +105,7 @@ def gemini_insight(settings: Settings, prompt: str) -> InsightBody:
         model=settings.GEMINI_MODEL, contents=prompt,
         config=types.GenerateContentConfig(response_mime_type="application/json", response_schema=InsightBody,
                                            temperature=0.2, max_output_tokens=800))
-    return validate_untrusted(response.text or "")
+    return validate_untrusted(response.text or "", grade, outcome, settings.RESOURCE_SETTING)
 
 
 def make_insight(settings: Settings, grade, confidence, quality: dict, cam_peak, outcome: str) -> tuple[InsightBody, str]:
@@ -86,7 +113,7 @@ def make_insight(settings: Settings, grade, confidence, quality: dict, cam_peak,
     if settings.GEMINI_API_KEY and outcome == "graded":
         try:
             prompt = build_prompt(grade, confidence, quality, cam_peak, settings.RESOURCE_SETTING)
-            return gemini_insight(settings, prompt), "gemini"
+            return gemini_insight(settings, prompt, grade, outcome), "gemini"
         except Exception as exc:  # noqa: BLE001 - timeout, HTTP error or invalid output: all fall back
             log.warning("Gemini unavailable, using guideline fallback: %s", type(exc).__name__)
     return guideline_insight(grade, outcome, settings.RESOURCE_SETTING), "guideline"

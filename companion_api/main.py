@@ -5,11 +5,12 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
 
 from .api.routes import health, insights, models, predict, results, review, sync
 from .core.config import Settings
 from .core.db import make_engine, make_sessionmaker, run_migrations
+from .errors import install_error_handlers
+from .middleware import BodyLimitMiddleware, HardeningMiddleware
 from .ratelimit import RateLimiter
 
 log = logging.getLogger("companion_api")
@@ -25,21 +26,23 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
                               "RetinaEdge assists screening; it does not diagnose.")
     app.state.settings, app.state.engine = settings, engine
     app.state.sessionmaker = make_sessionmaker(engine)
-    app.state.limiter = RateLimiter(settings.RATE_LIMIT, settings.REDIS_URL)
+    app.state.limiter = RateLimiter(settings.RATE_LIMIT, settings.REDIS_URL, settings.REDIS_RETRY_S)
+    app.state.auth_failures = RateLimiter(settings.AUTH_FAILURE_LIMIT, settings.REDIS_URL, settings.REDIS_RETRY_S)
     if settings.CORS_ORIGINS:
         app.add_middleware(CORSMiddleware, allow_origins=settings.CORS_ORIGINS, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
 
     @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.MAX_BODY_BYTES):
-            return JSONResponse({"detail": f"request body over {settings.MAX_BODY_BYTES} bytes"}, status_code=413)
+    async def access_log(request: Request, call_next):
         response = await call_next(request)
         # Structured access log without bodies, tokens or patient data.
         log.info("request method=%s path=%s status=%s", request.method, request.url.path, response.status_code)
         return response
 
+    install_error_handlers(app)
+    # Added last = outermost: the body limit and the target checks run before routing and authentication.
+    app.add_middleware(HardeningMiddleware)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.MAX_BODY_BYTES)
     for module in (health, sync, results, predict, insights, models, review):
         app.include_router(module.router)
     return app

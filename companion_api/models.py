@@ -3,12 +3,49 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timestamps are stored in UTC and come back timezone-aware on every backend.
+
+    SQLite has no timezone type: SQLAlchemy writes the wall-clock digits and drops the offset, so 10:00+05:30
+    came back as 10:00 and landed in the wrong since/until window. Converting to UTC before binding (values and
+    query parameters alike) keeps stored strings comparable; on the way out the UTC zone is put back.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: the server stores timezone-aware UTC timestamps only")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 class Base(DeclarativeBase):
@@ -22,31 +59,39 @@ class Principal(Base):
     role: Mapped[str] = mapped_column(String(16))  # device | reviewer
     token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
 
 
 class Result(Base):
+    """A device's result. The key is (device, result_id): result ids are chosen by devices, so a global key would
+    let one device squat another's ids and answer "belongs to another device" (an id oracle)."""
+
     __tablename__ = "results"
+    __table_args__ = (Index("ix_results_encounter", "device", "encounter_id"),)
+    device: Mapped[str] = mapped_column(String(120), ForeignKey("principals.name"), primary_key=True, index=True)
     result_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    device: Mapped[str] = mapped_column(String(120), ForeignKey("principals.name"), index=True)
     content_hash: Mapped[str] = mapped_column(String(64))
     payload: Mapped[str] = mapped_column(Text)  # ScreeningResult JSON
     outcome: Mapped[str] = mapped_column(String(16), index=True)
     grade: Mapped[int | None] = mapped_column(Integer, index=True, nullable=True)
     referable: Mapped[bool | None] = mapped_column(Boolean, index=True, nullable=True)
     confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
-    captured_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    captured_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
     overlay_png: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     image: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    encounter_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # one patient visit, both eyes
+    eye: Mapped[str | None] = mapped_column(String(5), nullable=True)  # left | right
 
 
 class Insight(Base):
     __tablename__ = "insights"
-    result_id: Mapped[str] = mapped_column(String(36), ForeignKey("results.result_id"), primary_key=True)
+    __table_args__ = (ForeignKeyConstraint(["device", "result_id"], ["results.device", "results.result_id"]),)
+    device: Mapped[str] = mapped_column(String(120), primary_key=True)
+    result_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     source: Mapped[str] = mapped_column(String(16))  # gemini | guideline
     body: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
 
 
 class ModelArtifact(Base):
@@ -58,13 +103,13 @@ class ModelArtifact(Base):
     manifest: Mapped[str] = mapped_column(Text)
     path: Mapped[str] = mapped_column(String(500))
     uploaded_by: Mapped[str] = mapped_column(String(120))
-    uploaded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    uploaded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
 
 
 class AuditEvent(Base):
     __tablename__ = "audit_events"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=now, index=True)
     principal: Mapped[str] = mapped_column(String(120), index=True)
     action: Mapped[str] = mapped_column(String(40))
     target: Mapped[str | None] = mapped_column(String(200), nullable=True)

@@ -1,50 +1,29 @@
-"""Request/response schemas (pydantic). The sync shapes follow the contract in edge_runtime.sync."""
+"""Request/response schemas (pydantic). The result itself is the one wire schema, edge_runtime.wire.ScreeningResult."""
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-
-class QualityIn(BaseModel):
-    gradable: bool
-    score: float = Field(ge=0, le=1)
-    reasons: list[str] = Field(default_factory=list, max_length=50)
-    metrics: dict[str, float] = Field(default_factory=dict)
-
-
-class ResultIn(BaseModel):
-    """A ScreeningResult as the edge runtime serialises it."""
-
-    result_id: str = Field(pattern=r"^[0-9a-fA-F-]{36}$")
-    device_id: str = Field(max_length=120)
-    model_version: str = Field(max_length=200)
-    model_sha256: str = Field(max_length=64)
-    backend: str = Field(max_length=40)
-    provider: str = Field(max_length=80)
-    quality: QualityIn
-    grade: int | None = Field(default=None, ge=0, le=4)
-    grade_name: str | None = None
-    probabilities: list[float] | None = Field(default=None, min_length=5, max_length=5)
-    confidence: float | None = Field(default=None, ge=0, le=1)
-    referable: bool | None = None
-    outcome: Literal["graded", "ungradable"] = "graded"
-    cam_peak: list[float] | None = Field(default=None, min_length=2, max_length=2)
-    latency_ms: dict[str, float] = Field(default_factory=dict)
-    captured_at: datetime
-    image_name: str | None = Field(default=None, max_length=255)
-    disclaimer: str | None = None
+from edge_runtime.wire import QualityReport
 
 
 class SyncEntry(BaseModel):
-    result: ResultIn
+    """One outbox item. ``result`` is a :class:`edge_runtime.wire.ScreeningResult`, validated item by item (with the
+    server's receive time) so that one bad result is rejected on its own instead of blocking the device's batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    result: dict[str, Any] = Field(description="a ScreeningResult (edge_runtime.wire), e.g. ScreeningResult.to_dict()")
     content_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
     overlay_png_b64: str | None = None
     image_b64: str | None = None
 
 
 class SyncRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     results: list[SyncEntry] = Field(max_length=1000)
 
 
@@ -63,14 +42,36 @@ class ResultPublic(BaseModel):
     device: str
     outcome: str
     grade: int | None
-    grade_name: str | None
-    referable: bool | None
+    grade_name: str | None  # derived by the server from the grade
+    referable: bool | None  # derived by the server: referable_probability >= threshold
     confidence: float | None
     captured_at: datetime
     received_at: datetime
+    encounter_id: str | None
+    eye: str | None
     has_overlay: bool
-    result: dict[str, Any]
+    result: dict[str, Any]  # the stored ScreeningResult (server-derived grade_name and referable above)
     disclaimer: str
+
+
+class EncounterPublic(BaseModel):
+    """One patient visit: the result that counts per eye and the visit's decision."""
+
+    device: str
+    encounter_id: str
+    decision: Literal["refer", "no_referral", "incomplete"]
+    reason: str
+    left: ResultPublic | None
+    right: ResultPublic | None
+    results: list[ResultPublic]  # every capture of the visit, retakes included, newest first
+    disclaimer: str
+
+
+class EncountersPublic(BaseModel):
+    data: list[EncounterPublic]
+    count: int
+    offset: int
+    limit: int
 
 
 class ResultsPublic(BaseModel):
@@ -83,8 +84,8 @@ class ResultsPublic(BaseModel):
 class InsightBody(BaseModel):
     """What an insight must contain, whichever source wrote it."""
 
-    summary: str = Field(max_length=1200)
-    follow_up_interval: str = Field(max_length=120)
+    summary: str = Field(min_length=1, max_length=1200)
+    follow_up_interval: str = Field(min_length=1, max_length=120)
     referral_urgency: Literal["none", "routine", "soon", "urgent", "retake"]
     caveats: list[str] = Field(default_factory=list, max_length=8)
 
@@ -102,9 +103,13 @@ class PredictResponse(BaseModel):
     confidence: float | None
     probabilities: list[float] | None
     referable: bool | None
+    referable_probability: float | None = None  # calibrated P(grade >= 2)
+    threshold: float | None = None  # the teacher's operating point (chosen on val at training)
+    operating_point: str | None = None  # in words: rule, target, val evidence
     outcome: str
-    quality: QualityIn
+    quality: QualityReport
     model_version: str
+    backend: str = "pytorch"
     overlay_png_b64: str | None
     disclaimer: str
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ManifestError
+
+if TYPE_CHECKING:
+    from .wire import QualityReport, ScreeningResult  # noqa: F401 - re-exported lazily, see __getattr__
 
 MANIFEST_SCHEMA_VERSION = 2  # 2: operating_point replaces referable_threshold
 SCREENING_DISCLAIMER = (
@@ -234,6 +236,11 @@ class OperatingPoint:
         return text
 
 
+def model_version_of(meta: dict[str, Any], precision: str) -> str:
+    """The one model-version string: model, training-data fingerprint, precision (e.g. lite0-1a2b3c4d-int8)."""
+    return f"{meta['model_name']}-{(meta.get('data_fingerprint') or 'nodata')[:8]}-{precision}"
+
+
 def operating_point_of(meta: dict[str, Any]) -> OperatingPoint:
     """The operating point a checkpoint's metadata records (older checkpoints: a bare default threshold)."""
     if isinstance(meta.get("operating_point"), dict):
@@ -348,59 +355,12 @@ def manifest_path_for(artifact: str | Path) -> Path:
     return artifact.with_name(artifact.name + ".manifest.json")
 
 
-@dataclass(frozen=True)
-class QualityReport:
-    """Verdict of the image-quality gate."""
+def __getattr__(name: str) -> Any:
+    # The screening result moved to the strict pydantic wire schema (edge_runtime.wire); re-exported here so
+    # `from edge_runtime.contract import ScreeningResult, QualityReport` keeps working. Lazy, because wire.py
+    # imports this module's constants, and manifest-only readers do not pay for pydantic.
+    if name in ("ScreeningResult", "QualityReport"):
+        from . import wire
 
-    gradable: bool
-    score: float  # 0 (unusable) .. 1 (excellent)
-    reasons: tuple[str, ...] = ()
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ScreeningResult:
-    """One graded (or ungradable) capture; what the outbox stores and sync sends."""
-
-    device_id: str
-    model_version: str
-    model_sha256: str
-    backend: str
-    provider: str
-    quality: QualityReport
-    grade: int | None = None  # None when ungradable
-    probabilities: tuple[float, ...] | None = None
-    confidence: float | None = None
-    referable: bool | None = None
-    outcome: str = "graded"  # graded | ungradable
-    cam_peak: tuple[float, float] | None = None  # (x, y) normalised to the original image
-    latency_ms: dict[str, float] = field(default_factory=dict)
-    result_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    captured_at: str = field(default_factory=utcnow)
-    image_name: str | None = None  # file name only, never a patient name
-    disclaimer: str = SCREENING_DISCLAIMER
-
-    @property
-    def grade_name(self) -> str | None:
-        return None if self.grade is None else GRADE_NAMES[self.grade]
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["grade_name"] = self.grade_name
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ScreeningResult:
-        data = dict(data)
-        data.pop("grade_name", None)
-        quality = data.pop("quality")
-        if isinstance(quality, dict):
-            quality = QualityReport(**{**quality, "reasons": tuple(quality.get("reasons", ()))})
-        for key in ("probabilities", "cam_peak"):
-            if data.get(key) is not None:
-                data[key] = tuple(data[key])
-        return cls(quality=quality, **data)
-
-    def content_hash(self) -> str:
-        """Stable hash of the result's content, used by the server to tell a replay from a conflict."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        return getattr(wire, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

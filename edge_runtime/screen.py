@@ -85,7 +85,9 @@ class Screener:
         lap("cam")
         result = ScreeningResult(quality=quality, grade=decision.grade, probabilities=decision.probabilities,
                                  confidence=decision.confidence, referable=decision.referable,
-                                 cam_peak=pre.to_original(*decision.cam_peak), latency_ms=timings, **common)
+                                 referable_probability=decision.referable_probability, threshold=decision.threshold,
+                                 outcome=decision.outcome, cam_peak=pre.to_original(*decision.cam_peak),
+                                 latency_ms=timings, **common)
         return self._store(result, overlay, data, capture_key, lap, timings)
 
     def _store(self, result, overlay, data, capture_key, lap, timings) -> Screening:

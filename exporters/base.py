@@ -23,6 +23,7 @@ from edge_runtime.contract import (
     PreprocessPolicy,
     QuantizationInfo,
     manifest_path_for,
+    model_version_of,
     operating_point_of,
     sha256_file,
 )
@@ -102,7 +103,7 @@ class ExportContext:
     def manifest(self, fmt: str, quantization: QuantizationInfo, cam_shape: tuple[int, int]) -> ArtifactManifest:
         return ArtifactManifest(
             model_name=self.meta["model_name"],
-            model_version=f"{self.meta['model_name']}-{self.meta.get('data_fingerprint', 'nodata')[:8]}-{quantization.precision}",
+            model_version=model_version_of(self.meta, quantization.precision),
             format=fmt, preprocess=self.policy, cam_shape=cam_shape,
             operating_point=operating_point_of(self.meta), quantization=quantization,
             training_data_fingerprint=self.meta.get("data_fingerprint"), git_sha=self.meta.get("git_sha"),

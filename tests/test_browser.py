@@ -13,7 +13,7 @@ CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Debian chromium/chromium-driver not installed (make install adds them)")
-def test_reviewer_page_shows_results_overlays_and_filters(tmp_path):
+def test_reviewer_page_shows_results_overlays_and_filters(tmp_path, monkeypatch):
     import httpx
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -31,6 +31,7 @@ def test_reviewer_page_shows_results_overlays_and_filters(tmp_path):
     with make_sessionmaker(make_engine(url))() as session:
         device = create_principal(session=session, name="clinic-1", role="device")
         reviewer = create_principal(session=session, name="reviewer", role="reviewer")
+    monkeypatch.setenv("RETINAEDGE_COOKIE_SECURE", "false")  # plain http on loopback in this test only
     server = ServerProcess(url, cwd=str(ROOT))
     server.start()
     base = f"http://127.0.0.1:{server.port}"
@@ -40,10 +41,12 @@ def test_reviewer_page_shows_results_overlays_and_filters(tmp_path):
         heat = cv2.applyColorMap(np.tile(np.arange(128, dtype=np.uint8), (128, 1)), cv2.COLORMAP_JET)
         overlay = base64.b64encode(cv2.imencode(".png", heat)[1].tobytes()).decode()
         entries = []
-        for grade in (0, 2, 4):
+        for grade, eye in ((0, "left"), (2, "right"), (4, None)):
+            probs = tuple(0.8 if g == grade else 0.05 for g in range(5))
             r = ScreeningResult(device_id="clinic-1", model_version="lite0-int8", model_sha256="a" * 64, backend="onnxruntime",
                                 provider="CPUExecutionProvider", quality=QualityReport(True, 0.9), grade=grade,
-                                probabilities=(0.2,) * 5, confidence=0.8, referable=grade >= 2, result_id=str(uuid.uuid4()))
+                                probabilities=probs, confidence=0.8, referable=grade >= 2, threshold=0.5,
+                                result_id=str(uuid.uuid4()), encounter_id="visit-1" if eye else None, eye=eye)
             entries.append({"result": r.to_dict(), "content_hash": r.content_hash(), "overlay_png_b64": overlay})
         ungradable = ScreeningResult(device_id="clinic-1", model_version="lite0-int8", model_sha256="a" * 64, backend="onnxruntime",
                                      provider="CPU", quality=QualityReport(False, 0.1, ("blurred",)), outcome="ungradable")
@@ -81,6 +84,15 @@ def test_reviewer_page_shows_results_overlays_and_filters(tmp_path):
             driver.save_screenshot(str(shot))
             driver.get(f"{base}/review?grade=4")
             settled(lambda: len(driver.find_elements(By.CSS_SELECTOR, "tr.result")) == 1)
+            # Encounters: one visit, both eyes, referred because the right eye is referable; CSP lets overlays load.
+            driver.find_element(By.ID, "tab-encounters").click()
+            settled(lambda: len(driver.find_elements(By.CSS_SELECTOR, "tr.encounter")) == 1)
+            visit = driver.find_element(By.CSS_SELECTOR, "tr.encounter")
+            assert "REFER" in visit.text and "right eye referable" in visit.text and "does not diagnose" in driver.page_source
+            eyes = visit.find_elements(By.CSS_SELECTOR, "td.eye img[alt='CAM overlay']")
+            assert len(eyes) == 2
+            settled(lambda: all(driver.execute_script("return arguments[0].naturalWidth", img) == 128 for img in eyes))
+            driver.save_screenshot(str(ROOT / "reports" / "reviewer_encounters.png"))
         finally:
             driver.quit()
     finally:

@@ -41,10 +41,18 @@ def auth(token):
     return {"Authorization": f"Bearer {token}"}
 
 
+def probabilities_for(grade: int) -> tuple[float, ...]:
+    """A distribution whose argmax is ``grade`` and whose P(grade >= 2) is >= 0.5 exactly when grade >= 2."""
+    probs = [0.05] * 5
+    probs[grade] = 0.8
+    return tuple(probs)
+
+
 def result(device="dev-a", grade=2, **kw):
+    probs = probabilities_for(grade)
     return ScreeningResult(device_id=device, model_version="v1", model_sha256="a" * 64, backend="onnxruntime",
                            provider="CPUExecutionProvider", quality=QualityReport(True, 0.9, (), {"mean": 100.0}),
-                           grade=grade, probabilities=(0.1, 0.1, 0.6, 0.1, 0.1), confidence=0.6,
+                           grade=grade, probabilities=probs, confidence=probs[grade], threshold=0.5,
                            referable=grade >= 2, cam_peak=(0.4, 0.5), **kw)
 
 
@@ -58,7 +66,7 @@ def entry(r, overlay=TINY_PNG):
 
 def test_health_is_public_everything_else_needs_a_token(server):
     client, tokens, _ = server
-    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/health").json() == {"status": "ok", "rate_limits": "memory"}
     assert client.get("/v1/history").status_code == 401
     assert client.get("/v1/history", headers=auth("red_wrong")).status_code == 401
 
@@ -77,9 +85,7 @@ def test_sync_is_idempotent_and_detects_conflicts(server):
     assert [i["status"] for i in r.json()["items"]] == ["stored", "stored"]
     r = client.post("/v1/sync", json={"results": [entry(a)]}, headers=auth(tokens["dev-a"]))
     assert r.json()["items"][0]["status"] == "duplicate"
-    changed = entry(a)
-    changed["result"]["grade"] = 4
-    changed["content_hash"] = "f" * 64
+    changed = entry(result(grade=4, result_id=a.result_id))
     assert client.post("/v1/sync", json={"results": [changed]}, headers=auth(tokens["dev-a"])).json()["items"][0]["status"] == "conflict"
     history = client.get("/v1/history", headers=auth(tokens["dev-a"])).json()
     assert history["count"] == 2 and history["data"][0]["disclaimer"]
@@ -138,7 +144,10 @@ def test_predict_with_gradcam_and_bad_images(server, fundus_bgr):
     r = client.post("/v1/predict", files={"file": ("eye.jpg", encode(fundus_bgr), "image/jpeg")}, headers=auth(tokens["dev-a"]))
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["outcome"] == "graded" and 0 <= body["grade"] <= 4 and "not diagnose" in body["disclaimer"]
+    assert 0 <= body["grade"] <= 4 and "not diagnose" in body["disclaimer"]
+    # Decided at the teacher's val-chosen operating point, through the same decide() as the device.
+    assert body["referable"] == (body["referable_probability"] >= body["threshold"])
+    assert body["outcome"] in ("graded", "uncertain") and "sensitivity" in body["operating_point"]
     assert base64.b64decode(body["overlay_png_b64"])[:4] == b"\x89PNG"
     assert client.get(f"/v1/results/{body['result_id']}", headers=auth(tokens["dev-a"])).status_code == 200
     assert client.post("/predict", files={"file": ("x.jpg", b"garbage", "image/jpeg")}, headers=auth(tokens["dev-a"])).status_code == 422

@@ -72,11 +72,110 @@ def test_sidecar_names_are_unique_per_format(tmp_path):
     assert manifest_path_for(tmp_path / "m_fp32.onnx") != manifest_path_for(tmp_path / "m_fp32.tflite")
 
 
+def graded(**kw):
+    fields = dict(device_id="d", model_version="v", model_sha256="a" * 64, backend="b", provider="p",
+                  quality=QualityReport(True, 0.9, (), {"mean": 1.0}), grade=2, probabilities=(0, 0, 1, 0, 0),
+                  confidence=1.0, referable=True, threshold=0.5, cam_peak=(0.5, 0.5))
+    return ScreeningResult(**{**fields, **kw})
+
+
 def test_screening_result_round_trip_and_hash():
-    r = ScreeningResult(device_id="d", model_version="v", model_sha256="s", backend="b", provider="p",
-                        quality=QualityReport(True, 0.9, (), {"mean": 1.0}), grade=2, probabilities=(0, 0, 1, 0, 0),
-                        confidence=1.0, referable=True, cam_peak=(0.5, 0.5))
+    r = graded(encounter_id="visit-7", eye="left")
     again = ScreeningResult.from_dict(json.loads(json.dumps(r.to_dict())))
     assert again == r and again.content_hash() == r.content_hash()
     assert r.to_dict()["grade_name"] == "Moderate NPDR"
+    assert r.referable_probability == 1.0  # derived from the probabilities when not given
     assert "does not diagnose" in r.disclaimer
+    assert ScreeningResult.from_dict(r.to_dict()).captured_at.tzinfo is not None
+
+
+def test_contract_reexports_the_wire_schema():
+    from edge_runtime import contract, wire
+
+    assert contract.ScreeningResult is wire.ScreeningResult and contract.QualityReport is wire.QualityReport
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grade": "3"}, "valid integer"),
+    ({"grade": True}, "valid integer"),
+    ({"referable": "yes"}, "valid boolean"),
+    ({"probabilities": [0.2, 0.2, 0.2, 0.2, 0.3]}, "sum to 1"),
+    ({"probabilities": [0, 0, 1, 0]}, "5 values"),
+    ({"probabilities": [-1, 0, 2, 0, 0]}, "greater than or equal to 0"),
+    ({"referable": False}, "contradicts"),
+    ({"referable_probability": 0.7}, "sum\(probabilities\[2:\]\)"),
+    ({"grade_name": "No DR"}, "does not match grade"),
+    ({"outcome": "ungradable"}, "carries no grade"),
+    ({"outcome": "maybe"}, "graded"),
+    ({"threshold": None}, "needs threshold"),
+    ({"grade": 4}, "not the most probable"),
+    ({"confidence": 0.5}, "confidence"),
+    ({"captured_at": "2026-01-01T10:00:00"}, "UTC offset"),
+    ({"captured_at": 1767261600}, "ISO 8601"),
+    ({"encounter_id": "../etc"}, "pattern"),
+    ({"eye": "both"}, "left"),
+    ({"image_name": "x" * 300}, "at most 255"),
+    ({"disclaimer": "x" * 100_000}, "at most 500"),
+    ({"surprise": 1}, "Extra inputs"),
+])
+def test_wire_schema_rejects_contradictions_and_coercions(change, message):
+    from pydantic import ValidationError
+
+    data = graded().to_dict()
+    data.pop("grade_name")  # derived: a device may omit it
+    data.update(change)
+    if change.get("threshold", 0) is None:
+        data.pop("threshold")
+    with pytest.raises(ValidationError, match=message):
+        ScreeningResult.from_dict(data)
+
+
+def test_captured_at_is_normalised_to_utc_and_windowed():
+    from datetime import datetime, timedelta, timezone
+
+    from pydantic import ValidationError
+
+    r = ScreeningResult.from_dict({**graded().to_dict(), "captured_at": "2026-03-01T10:00:00+05:30"})
+    assert r.captured_at == datetime(2026, 3, 1, 4, 30, tzinfo=timezone.utc)
+    assert r.to_dict()["captured_at"] == "2026-03-01T04:30:00+00:00"
+    received = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    context = {"received_at": received, "max_future": timedelta(hours=1)}
+    with pytest.raises(ValidationError, match="plausible window"):
+        ScreeningResult.from_dict({**graded().to_dict(), "captured_at": "2026-03-01T02:00:00+00:00"}, **context)
+    for extreme in ("9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00", "1999-12-31T23:59:59+00:00"):
+        with pytest.raises(ValidationError, match="plausible window"):
+            ScreeningResult.from_dict({**graded().to_dict(), "captured_at": extreme})
+
+
+def test_ungradable_and_uncertain_results():
+    u = ScreeningResult(device_id="d", model_version="v", model_sha256="", backend="b", provider="p",
+                        quality=QualityReport(False, 0.1, ("blurred",)), outcome="ungradable")
+    assert u.grade_name is None and u.needs_referral and ScreeningResult.from_dict(u.to_dict()) == u
+    uncertain = graded(probabilities=(0.3, 0.22, 0.4, 0.04, 0.04), grade=2, confidence=0.4, referable=False,
+                       threshold=0.5, outcome="uncertain")
+    assert uncertain.referable_probability == pytest.approx(0.48) and uncertain.needs_referral
+
+
+def test_encounter_rule_refers_when_either_eye_needs_it():
+    from datetime import datetime, timedelta, timezone
+
+    from edge_runtime.wire import encounter_decision
+
+    t0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+
+    def eye(side, minutes, **kw):
+        return graded(eye=side, encounter_id="v1", captured_at=t0 + timedelta(minutes=minutes), **kw)
+
+    clean = dict(grade=0, probabilities=(0.9, 0.05, 0.03, 0.01, 0.01), confidence=0.9, referable=False)
+    ungradable = dict(outcome="ungradable", grade=None, probabilities=None, confidence=None, referable=None,
+                      threshold=None, quality=QualityReport(False, 0.1, ("blurred",)))
+    assert encounter_decision([eye("left", 0, **clean), eye("right", 1, **clean)]).decision == "no_referral"
+    referred = encounter_decision([eye("left", 0, **clean), eye("right", 1)])
+    assert referred.decision == "refer" and referred.reason == "right eye referable"
+    # An ungradable capture followed by a gradable retake: the retake counts.
+    assert encounter_decision([eye("left", 0, **ungradable), eye("left", 2, **clean), eye("right", 1, **clean)]).decision \
+        == "no_referral"
+    # Still ungradable after the retake: refer.
+    assert encounter_decision([eye("left", 0, **ungradable), eye("left", 2, **ungradable),
+                               eye("right", 1, **clean)]).decision == "refer"
+    assert encounter_decision([eye("left", 0, **clean)]).decision == "incomplete"

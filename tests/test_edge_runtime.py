@@ -74,8 +74,12 @@ def test_screening_result_carries_everything(tiny_artifacts, fundus_bgr, tmp_pat
     screener = Screener.from_artifact(path, allow_ungated=True, device_id="dev-1", outbox=box)
     screening = screener.screen_bytes(encode(fundus_bgr), "eye.jpg")
     r = screening.result
-    assert r.outcome == "graded" and 0 <= r.grade <= 4 and abs(sum(r.probabilities) - 1) < 1e-4
-    assert r.referable == (sum(r.probabilities[2:]) >= 0.5)
+    point = screener.session.info.manifest.operating_point
+    assert point.rule == "sensitivity"  # chosen on val by the training run, carried by the manifest
+    assert 0 <= r.grade <= 4 and abs(sum(r.probabilities) - 1) < 1e-4
+    assert r.threshold == point.threshold and r.referable == (r.referable_probability >= point.threshold)
+    band = point.uncertain_band
+    assert r.outcome == ("uncertain" if band and band[0] <= r.referable_probability < band[1] else "graded")
     assert 0 <= r.cam_peak[0] <= 1 and 0 <= r.cam_peak[1] <= 1
     assert r.backend == ("onnxruntime" if fmt == "onnx" else "litert") and r.provider
     assert r.model_sha256 == tiny_artifacts[0][(fmt, "int8")].sha256
@@ -105,8 +109,9 @@ from edge_runtime.outbox import Outbox
 from edge_runtime.contract import ScreeningResult, QualityReport
 box = Outbox(sys.argv[1])
 for i in range(100000):
-    r = ScreeningResult(device_id="d", model_version="v", model_sha256="s", backend="b", provider="p",
-                        quality=QualityReport(True, 1.0), grade=i % 5, image_name=f"{i}.jpg")
+    r = ScreeningResult(device_id="d", model_version="v", model_sha256="", backend="b", provider="p",
+                        quality=QualityReport(True, 1.0), grade=i % 5, image_name=f"{i}.jpg", threshold=0.5,
+                        probabilities=tuple(0.8 if g == i % 5 else 0.05 for g in range(5)), referable=i % 5 >= 2)
     box.put(r, overlay=b"x" * 20000)
     print(r.result_id, flush=True)  # reported only after the commit returned
 """
@@ -163,8 +168,9 @@ def _fill(box, n):
     from edge_runtime.contract import QualityReport, ScreeningResult
 
     for i in range(n):
-        box.put(ScreeningResult(device_id="d", model_version="v", model_sha256="s", backend="b", provider="p",
-                                quality=QualityReport(True, 1.0), grade=i % 5), overlay=b"png")
+        box.put(ScreeningResult(device_id="d", model_version="v", model_sha256="", backend="b", provider="p",
+                                quality=QualityReport(True, 1.0), grade=i % 5, threshold=0.5, referable=i % 5 >= 2,
+                                probabilities=tuple(0.8 if g == i % 5 else 0.05 for g in range(5))), overlay=b"png")
 
 
 def test_sync_backoff_retry_after_and_partial_acks(tmp_path):

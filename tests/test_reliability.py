@@ -67,13 +67,16 @@ for i in range(n):
     key = f"capture-{i}"
     if box.has_capture(key):
         continue
-    # Device clocks drift: every 50th capture is stamped days in the future or the past.
-    skew = datetime.timedelta(days=(3 if i % 100 == 0 else -400)) if i % 50 == 0 else datetime.timedelta()
+    # Device clocks drift: every 50th capture is stamped hours ahead (inside the server's +1 day window) or
+    # more than a year back.
+    skew = datetime.timedelta(hours=(20 if i % 100 == 0 else -400 * 24)) if i % 50 == 0 else datetime.timedelta()
     at = (datetime.datetime.now(datetime.timezone.utc) + skew).isoformat()
+    probs = [0.05] * 5
+    probs[i % 5] = 0.8
     r = ScreeningResult(result_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"retinaedge/{i}")), device_id="edge-1",
                         model_version="v", model_sha256="a" * 64, backend="onnxruntime", provider="CPU",
-                        quality=QualityReport(True, 0.9), grade=i % 5, probabilities=(0.2,) * 5, confidence=0.2,
-                        referable=i % 5 >= 2, captured_at=at)
+                        quality=QualityReport(True, 0.9), grade=i % 5, probabilities=tuple(probs), confidence=0.8,
+                        referable=i % 5 >= 2, threshold=0.5, captured_at=at)
     box.put(r, overlay=PNG, capture_key=key)
     print(r.result_id, flush=True)
 """
@@ -257,8 +260,9 @@ def test_hostile_inputs_get_typed_errors(tmp_path, tiny_artifacts, tiny_run, fun
     from edge_runtime.contract import QualityReport, ScreeningResult
 
     with TestClient(app, raise_server_exceptions=False) as client:
-        seed = ScreeningResult(device_id="edge-1", model_version="v", model_sha256="a", backend="b", provider="p",
-                               quality=QualityReport(True, 1.0), grade=1)
+        seed = ScreeningResult(device_id="edge-1", model_version="v", model_sha256="a" * 64, backend="b", provider="p",
+                               quality=QualityReport(True, 1.0), grade=1, probabilities=(0.1, 0.8, 0.05, 0.03, 0.02),
+                               confidence=0.8, referable=False, threshold=0.5)
         client.post("/v1/sync", headers=headers, json={"results": [{"result": seed.to_dict(), "content_hash": seed.content_hash()}]})
         for name, data in files.items():
             try:
@@ -268,8 +272,9 @@ def test_hostile_inputs_get_typed_errors(tmp_path, tiny_artifacts, tiny_run, fun
             r = client.post("/v1/predict", headers=headers, files={"file": (name, data, "application/octet-stream")})
             assert r.status_code < 500, (name, r.status_code, r.text)
             predict = f"{r.status_code}" + (f" {r.json().get('outcome')}" if r.status_code == 200 else "")
-            r2 = ScreeningResult(device_id="edge-1", model_version="v", model_sha256="a", backend="b", provider="p",
-                                 quality=QualityReport(True, 1.0), grade=0)
+            r2 = ScreeningResult(device_id="edge-1", model_version="v", model_sha256="a" * 64, backend="b", provider="p",
+                                 quality=QualityReport(True, 1.0), grade=0, probabilities=(0.8, 0.1, 0.05, 0.03, 0.02),
+                                 confidence=0.8, referable=False, threshold=0.5)
             s = client.post("/v1/sync", headers=headers, json={"results": [
                 {"result": r2.to_dict(), "content_hash": r2.content_hash(), "overlay_png_b64": base64.b64encode(data).decode(),
                  "image_b64": base64.b64encode(data).decode()}]})
@@ -342,7 +347,9 @@ def test_security_controls(tmp_path):
     with TestClient(app) as client:
         assert client.get("/v1/history").status_code == 401
         assert client.get("/v1/history", headers={"Authorization": f"Bearer {b}"}).status_code == 401
-        assert client.get("/v1/history?device=a' OR '1'='1", headers={"Authorization": f"Bearer {a}"}).status_code == 403
+        # An injection attempt is not a device name (422); another device's name is forbidden (403).
+        assert client.get("/v1/history?device=a' OR '1'='1", headers={"Authorization": f"Bearer {a}"}).status_code == 422
+        assert client.get("/v1/history?device=b", headers={"Authorization": f"Bearer {a}"}).status_code == 403
         assert client.post("/v1/sync", content=b"x" * 20_000, headers={"Authorization": f"Bearer {a}",
                                                                        "Content-Type": "application/json"}).status_code == 413
         codes = [client.get("/v1/history", headers={"Authorization": f"Bearer {a}"}).status_code for _ in range(8)]

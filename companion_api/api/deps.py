@@ -29,14 +29,26 @@ class Caller:
     role: str
 
 
+def _client_key(request: Request) -> str:
+    return f"auth-failures:{request.client.host if request.client else 'unknown'}"
+
+
 def current_caller(request: Request, session: SessionDep) -> Caller:
     header = request.headers.get("Authorization", "")
     token = header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get(COOKIE)
+    failures = request.app.state.auth_failures
+    client = _client_key(request)
+    # Token guessing is throttled per client address; checked before the lookup so the answer (and its timing)
+    # is the same for unknown and wrong tokens.
+    if not failures.test(client):
+        raise HTTPException(429, "too many failed sign-ins from this address; wait and retry",
+                            headers={"Retry-After": str(failures.retry_after(client))})
     if not token:
         raise HTTPException(401, "missing token: send 'Authorization: Bearer <token>'",
                             headers={"WWW-Authenticate": "Bearer"})
     principal = session.scalar(select(Principal).where(Principal.token_hash == hash_token(token)))
     if principal is None or principal.revoked:
+        failures.hit(client)
         raise HTTPException(401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
     limiter = request.app.state.limiter
     if not limiter.hit(principal.name):

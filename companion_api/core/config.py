@@ -1,6 +1,8 @@
 """Server settings: the only place (with the CLI) that reads the environment or .env."""
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -12,10 +14,18 @@ class Settings(BaseSettings):
     DATABASE_URL: str = "sqlite:///./retinaedge.db"  # postgresql://user@host/db in production
     REDIS_URL: str | None = None  # shared rate-limit counters across workers; in-process when unset
     RATE_LIMIT: str = "600/minute"  # per token
+    AUTH_FAILURE_LIMIT: str = "30/minute"  # wrong or missing tokens per client address (guessing is throttled)
+    REDIS_RETRY_S: float = 30.0  # with Redis down, limits are in-process; try Redis again this often
     MAX_BODY_BYTES: int = 25 * 1024 * 1024
     MAX_IMAGE_BYTES: int = 15 * 1024 * 1024
     MAX_IMAGE_PIXELS: int = 40_000_000
     MAX_SYNC_ITEMS: int = 200
+    # Plausible capture window: results dated before CAPTURED_AT_MIN or more than CAPTURED_AT_MAX_FUTURE_S after
+    # the server received them are rejected (a clock reset to 9999 or 0001 must not take the history down).
+    CAPTURED_AT_MIN: datetime = datetime(2000, 1, 1, tzinfo=timezone.utc)
+    CAPTURED_AT_MAX_FUTURE_S: int = Field(default=86_400, ge=0, le=30 * 86_400)
+    COOKIE_SECURE: bool = True  # the login cookie is sent over HTTPS only; false only for http://localhost tests
+    REVIEW_PAGE_SIZE: int = Field(default=50, ge=1, le=500)
     CORS_ORIGINS: list[str] = Field(default_factory=list)  # CORS is off unless origins are listed
     TEACHER_CHECKPOINT: str | None = None  # FP32 teacher for /v1/predict
     ARTIFACT_DIR: str = "./model_store"
@@ -39,6 +49,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.RESOURCE_SETTING not in ("standard", "low"):
             raise ValueError(f"RESOURCE_SETTING must be standard|low, got {self.RESOURCE_SETTING!r}")
+        if self.CAPTURED_AT_MIN.tzinfo is None:
+            raise ValueError("CAPTURED_AT_MIN needs a UTC offset, e.g. 2000-01-01T00:00:00+00:00")
         if self.ENV == "production" and self.DATABASE_URL.startswith("sqlite"):
             raise ValueError("production needs PostgreSQL: set RETINAEDGE_DATABASE_URL=postgresql://...")
         return self

@@ -1,5 +1,8 @@
 import json
+import os
 import shutil
+import tempfile
+import uuid
 from pathlib import Path
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
@@ -36,16 +39,27 @@ async def upload_model(caller: ReviewerDep, session: SessionDep, request: Reques
         raise HTTPException(422, f"format {parsed.format!r} cannot be uploaded as one file")
     store = Path(request.app.state.settings.ARTIFACT_DIR)
     store.mkdir(parents=True, exist_ok=True)
-    target = store / f"{parsed.model_version}{spec.suffix}"
-    with open(target, "wb") as fh:
-        shutil.copyfileobj(artifact.file, fh)
-    if sha256_file(target) != parsed.sha256:
-        target.unlink()
-        raise HTTPException(422, "uploaded file does not match the manifest's sha256")
-    row = ModelArtifact(format=parsed.format, filename=target.name, sha256=parsed.sha256, manifest=parsed.to_json(),
+    # The stored name is the server's own (format, checksum, random suffix): model_version is free text from the
+    # uploader and never touches the file system. Written to a temp file, verified, then renamed atomically, so a
+    # failed upload leaves every live artifact (and what /latest advertises) untouched.
+    name = f"{parsed.format}-{parsed.sha256[:16]}-{uuid.uuid4().hex[:12]}{spec.suffix}"
+    handle, temp = tempfile.mkstemp(dir=store, prefix=".upload-", suffix=".part")
+    try:
+        with os.fdopen(handle, "wb") as fh:
+            shutil.copyfileobj(artifact.file, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if sha256_file(temp) != parsed.sha256:
+            raise HTTPException(422, "uploaded file does not match the manifest's sha256")
+        target = store / name
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    row = ModelArtifact(format=parsed.format, filename=name, sha256=parsed.sha256, manifest=parsed.to_json(),
                         path=str(target), uploaded_by=caller.name)
     session.add(row)
-    audit(session, caller, "upload_model", target.name)
+    audit(session, caller, "upload_model", name, parsed.model_version[:200])
     session.commit()
     return _public(row, request)
 

@@ -1,6 +1,6 @@
 import base64
+import json
 import uuid
-from datetime import datetime, timezone
 
 from fastapi import APIRouter, File, HTTPException, Request, UploadFile
 
@@ -8,9 +8,10 @@ from edge_runtime.contract import GRADE_NAMES, SCREENING_DISCLAIMER
 from edge_runtime.errors import ImageError
 from edge_runtime.preprocess import decode_image
 from edge_runtime.quality import assess
+from edge_runtime.wire import QualityReport, ScreeningResult
 
 from ...models import Result
-from ...schemas import PredictResponse, QualityIn, ResultIn
+from ...schemas import PredictResponse
 from ..deps import CallerDep, SessionDep, audit
 
 router = APIRouter(tags=["predict"])
@@ -40,25 +41,31 @@ async def predict(caller: CallerDep, session: SessionDep, request: Request, file
         except ImageError as exc:
             raise HTTPException(422, f"{type(exc).__name__}: {exc}") from exc
     result_id = str(uuid.uuid4())
-    quality_in = QualityIn(gradable=quality.gradable, score=quality.score, reasons=list(quality.reasons),
-                           metrics=quality.metrics)
-    grade = graded["grade"] if graded else None
-    referable = bool(sum(graded["probabilities"][2:]) >= graded["referable_threshold"]) if graded else None
-    model_version = graded["model_version"] if graded else "teacher"
-    record = ResultIn(result_id=result_id, device_id=caller.name, model_version=model_version, model_sha256="",
-                      backend="pytorch", provider="cpu", quality=quality_in, grade=grade,
-                      probabilities=graded["probabilities"] if graded else None,
-                      confidence=graded["confidence"] if graded else None, referable=referable,
-                      outcome="graded" if graded else "ungradable", captured_at=datetime.now(timezone.utc),
-                      image_name=None)
+    quality_report = QualityReport(gradable=quality.gradable, score=float(quality.score),
+                                   reasons=tuple(r[:300] for r in quality.reasons), metrics=quality.metrics)
+    grade = graded.decision.grade if graded else None
+    model_version = graded.model_version if graded else "teacher"
+    if graded:
+        decision = graded.decision
+        clinical = dict(grade=grade, probabilities=decision.probabilities, confidence=decision.confidence,
+                        referable_probability=decision.referable_probability, threshold=decision.threshold,
+                        referable=decision.referable, outcome=decision.outcome)
+    else:
+        clinical = dict(outcome="ungradable")
+    record = ScreeningResult(result_id=result_id, device_id=caller.name, model_version=model_version, model_sha256="",
+                             backend="pytorch", provider="cpu", quality=quality_report, **clinical)
+    referable = record.referable
     # Every server-side grading is stored and appears in history.
-    session.add(Result(result_id=result_id, device=caller.name, content_hash="0" * 64, payload=record.model_dump_json(),
-                       outcome=record.outcome, grade=grade, referable=referable, confidence=record.confidence,
-                       captured_at=record.captured_at, overlay_png=graded["overlay"] if graded else None))
+    session.add(Result(result_id=result_id, device=caller.name, content_hash=record.content_hash(),
+                       payload=json.dumps(record.to_dict()), outcome=record.outcome, grade=grade, referable=referable,
+                       confidence=record.confidence, captured_at=record.captured_at,
+                       overlay_png=graded.overlay if graded else None))
     audit(session, caller, "predict", result_id)
     session.commit()
     return PredictResponse(result_id=result_id, grade=grade, grade_name=GRADE_NAMES[grade] if grade is not None else None,
                            confidence=record.confidence, probabilities=record.probabilities, referable=referable,
-                           outcome=record.outcome, quality=quality_in, model_version=model_version,
-                           overlay_png_b64=base64.b64encode(graded["overlay"]).decode() if graded else None,
+                           referable_probability=record.referable_probability, threshold=record.threshold,
+                           operating_point=graded.point.describe() if graded else None,
+                           outcome=record.outcome, quality=quality_report, model_version=model_version,
+                           overlay_png_b64=base64.b64encode(graded.overlay).decode() if graded else None,
                            disclaimer=SCREENING_DISCLAIMER)

@@ -1,53 +1,82 @@
-from datetime import datetime
+import re
+from datetime import datetime, timezone
+from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Query, Response
 
-from ...crud import query_results, to_public
+from edge_runtime.wire import RESULT_ID, SAFE_ID
+
+from ...crud import find_result, query_encounters, query_results, to_public
 from ...models import Result
-from ...schemas import ResultPublic, ResultsPublic
+from ...schemas import EncountersPublic, ResultPublic, ResultsPublic
 from ..deps import Caller, CallerDep, SessionDep, audit
 
 router = APIRouter(tags=["results"])
+DeviceQuery = Query(None, max_length=120, pattern=SAFE_ID, description="reviewers: one device; devices: their own")
 
 
-def _visible(row: Result | None, caller: Caller) -> Result:
-    # Devices see only their own results; a foreign id answers 404 so ids cannot be probed.
-    if row is None or (caller.role == "device" and row.device != caller.name):
+def visible_result(session, result_id: str, caller: Caller, device: str | None = None) -> Result:
+    """The caller's view of one result. Devices see only their own ids: another device's id is simply not found
+    (no oracle). Reviewers pass ``device`` when two devices used the same id."""
+    if not re.fullmatch(RESULT_ID, result_id):
         raise HTTPException(404, "result not found")
+    if caller.role == "device":
+        device = caller.name
+    row = find_result(session=session, result_id=result_id, device=device)
+    if row is None:
+        raise HTTPException(404, "result not found (reviewers: add ?device= when several devices used this id)")
     return row
 
 
-@router.get("/v1/history", response_model=ResultsPublic)
-@router.get("/history", response_model=ResultsPublic, include_in_schema=False)
-def history(caller: CallerDep, session: SessionDep, device: str | None = Query(None, max_length=120),
+def _utc(value: datetime | None) -> datetime | None:
+    # A timestamp without an offset is read as UTC (say so in the API docs); with one, it is converted.
+    if value is None:
+        return None
+    try:
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    except OverflowError:  # 9999-12-31T23:59:59-05:00 is past the last representable UTC instant
+        raise HTTPException(422, "since/until is outside the representable range") from None
+
+
+@router.get("/v1/history", response_model=ResultsPublic | EncountersPublic)
+@router.get("/history", response_model=ResultsPublic | EncountersPublic, include_in_schema=False)
+def history(caller: CallerDep, session: SessionDep, device: str | None = DeviceQuery,
             grade: int | None = Query(None, ge=0, le=4), referable: bool | None = None,
-            since: datetime | None = None, until: datetime | None = None,
-            offset: int = Query(0, ge=0, le=1_000_000), limit: int = Query(50, ge=1, le=500)) -> ResultsPublic:
-    """Paginated results; devices see their own, reviewers see all (filter by device, grade, referable, date)."""
+            since: datetime | None = Query(None, description="ISO 8601; without an offset it is UTC"),
+            until: datetime | None = Query(None, description="ISO 8601; without an offset it is UTC"),
+            group: Literal["result", "encounter"] = "result",
+            offset: int = Query(0, ge=0, le=1_000_000), limit: int = Query(50, ge=1, le=500)):
+    """Paginated results (or encounters with ``group=encounter``); devices see their own, reviewers see all."""
     if caller.role == "device":
         if device not in (None, caller.name):
             raise HTTPException(403, "devices can read only their own results")
         device = caller.name
-    rows, count = query_results(session=session, device=device, grade=grade, referable=referable, since=since,
-                                until=until, offset=offset, limit=limit)
+    if group == "encounter":
+        encounters, count = query_encounters(session=session, device=device, since=_utc(since), until=_utc(until),
+                                             offset=offset, limit=limit)
+        audit(session, caller, "history", device, f"{len(encounters)} encounters")
+        session.commit()
+        return EncountersPublic(data=encounters, count=count, offset=offset, limit=limit)
+    rows, count = query_results(session=session, device=device, grade=grade, referable=referable, since=_utc(since),
+                                until=_utc(until), offset=offset, limit=limit)
     audit(session, caller, "history", device, f"{len(rows)} rows")
     session.commit()
     return ResultsPublic(data=[to_public(r) for r in rows], count=count, offset=offset, limit=limit)
 
 
 @router.get("/v1/results/{result_id}", response_model=ResultPublic)
-def get_result(result_id: str, caller: CallerDep, session: SessionDep) -> ResultPublic:
+def get_result(result_id: str, caller: CallerDep, session: SessionDep, device: str | None = DeviceQuery) -> ResultPublic:
     """One result."""
-    row = _visible(session.get(Result, result_id[:36]), caller)
+    row = visible_result(session, result_id, caller, device)
     audit(session, caller, "read", result_id)
     session.commit()
     return to_public(row)
 
 
 @router.get("/v1/results/{result_id}/overlay.png", response_class=Response)
-def get_overlay(result_id: str, caller: CallerDep, session: SessionDep) -> Response:
+def get_overlay(result_id: str, caller: CallerDep, session: SessionDep, device: str | None = DeviceQuery) -> Response:
     """The CAM overlay PNG of a result."""
-    row = _visible(session.get(Result, result_id[:36]), caller)
+    row = visible_result(session, result_id, caller, device)
     if row.overlay_png is None:
         raise HTTPException(404, "this result has no overlay (ungradable capture)")
     return Response(row.overlay_png, media_type="image/png")
