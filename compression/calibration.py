@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.contract import PreprocessPolicy
-from edge_runtime.errors import DatasetError, ImageError
+from edge_runtime.errors import ImageError
+from training.errors import DatasetError
 from edge_runtime.preprocess import normalize, preprocess_file
 from training.data.layouts import IMAGE_SUFFIXES, assign_splits, detect_layout, read_dataset, select
 

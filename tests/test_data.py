@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_runtime.errors import DatasetError
+from training.errors import DatasetError
 from training.data.layouts import assign_splits, detect_layout, fingerprint, read_dataset
 from training.data.synthetic import generate_fundus, synthetic_batch
 
