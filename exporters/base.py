@@ -120,7 +120,8 @@ class TorchGraphs:
         from compression.quantize import TorchRecipeInputs, quantize_torch
         from training.models import ExportModule
 
-        key = (recipe, self._qat)
+        # ``target`` only labels the manifest (which kernels the format runs on): one graph serves every target.
+        key = (dataclasses.replace(recipe, target=""), self._qat)
         if key not in self._made:
             inputs = TorchRecipeInputs(self._photos.calib, self._photos.tuning, self._qat)
             self._made[key] = quantize_torch(ExportModule(self._model), inputs, recipe)
