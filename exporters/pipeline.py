@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from compression.gate import GateThresholds, compare, evaluate_gate
 from compression.qat import QATConfig
 from compression.quantize import QuantRecipe
 from edge_runtime.backends.base import BACKENDS
-from edge_runtime.contract import GateResult, PreprocessPolicy
+from edge_runtime.contract import GateResult, PreprocessPolicy, manifest_path_for
 
 from . import coreml, onnx, tflite  # noqa: F401 - registers the exporters
 from .base import (
@@ -140,10 +140,12 @@ class ExportPipeline:
         inputs (`ExportInputs`): the checkpoint, photos and gate thresholds.
         plan (`ExportPlan`): formats, precisions, INT8 recipe and escalation.
         reference (`Reference`, optional): FP32 outputs already computed for these inputs' model and val photos.
+        sign (`Callable[[dict], dict]`, optional): signs each sidecar manifest (``exporters.manifest.finalise_manifest``).
     """
 
-    def __init__(self, inputs: ExportInputs, plan: ExportPlan, reference: Reference | None = None) -> None:
-        self.inputs, self.plan = inputs, plan
+    def __init__(self, inputs: ExportInputs, plan: ExportPlan, reference: Reference | None = None,
+                 sign: Callable[[dict], dict] | None = None) -> None:
+        self.inputs, self.plan, self.sign = inputs, plan, sign
         self.reference = reference or Reference.compute(inputs)
         if self.reference.val_sha1 != inputs.photos.digest("val"):
             raise ExportConfigError("the reference outputs given were computed on other val photos")
@@ -163,7 +165,7 @@ class ExportPipeline:
             manifest = draft_manifest(self.inputs, self.reference, fmt, result.quantization, verdict.gate)
             evidence = ArtifactEvidence(*(verdict.outputs or (None, None)), self.inputs.photos.val_labels,
                                         self.reference)
-            manifest = finalise_manifest(result.path, manifest, evidence, EXPORTERS.get(fmt).embed_manifest)
+            manifest = finalise_manifest(result.path, manifest, evidence, EXPORTERS.get(fmt).embed_manifest, self.sign)
             log.info("%s %s export success %.1fs, saved as %s (%.2f MB), gate %s", fmt, precision, seconds,
                      result.path, size_mb(result.path), verdict.gate.status)
             return ArtifactRecord(fmt, precision, "ok", str(result.path), manifest.sha256, size_mb(result.path),
@@ -179,6 +181,7 @@ class ExportPipeline:
     def _export_and_escalate(self, spec: FormatSpec, precision: str) -> tuple[ExportResult, Verdict, str]:
         """The recipe as asked, then each escalation step while the INT8 gate fails; the last attempt stands."""
         path = self.inputs.out_dir / f"{self.inputs.stem}_{precision}{spec.suffix}"
+        manifest_path_for(path).unlink(missing_ok=True)  # it described the file this export replaces
         recipe = self.plan.recipe
         result = self._attempt(spec, precision, recipe, path)
         verdict = self._verify(spec, result, precision)
@@ -238,7 +241,7 @@ class ExportPipeline:
             bias = logits - cam.mean(axis=(2, 3))
             metrics["cam_identity_error"] = float(np.abs(bias - bias.mean(0, keepdims=True)).max())
         if precision == "int8":
-            # The fidelity gate, called from this one place.
+            # The fidelity gate: the one place an INT8 artifact is judged (its own outputs vs FP32's).
             gate = evaluate_gate(metrics, self.inputs.thresholds)
         else:
             gate = _parity(spec, result.path, precision, metrics, ref)
