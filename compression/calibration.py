@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.contract import PreprocessPolicy
-from edge_runtime.errors import DatasetError, ImageError
+from edge_runtime.errors import ImageError
 from edge_runtime.preprocess import normalize, preprocess_file
 from training.data.layouts import IMAGE_SUFFIXES, assign_splits, detect_layout, read_dataset, select
+from training.errors import DatasetError
 
 log = logging.getLogger(__name__)
 

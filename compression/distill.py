@@ -43,7 +43,8 @@ def teacher_outputs(teacher, images: np.ndarray, policy: PreprocessPolicy, batch
     return np.concatenate(logits), np.concatenate(cams)
 
 
-def _normalised(cam: torch.Tensor) -> torch.Tensor:
+def _positive_unit_cam(cam: torch.Tensor) -> torch.Tensor:
+    """One CAM map per row (N x H x W), ReLU'd and scaled to unit L2 norm: where the evidence is, not its size."""
     flat = F.relu(cam).flatten(1)
     return flat / (flat.norm(dim=1, keepdim=True) + 1e-6)
 
@@ -60,7 +61,7 @@ def distillation_loss(cfg: TrainConfig):
             grade = extra["teacher_logits"].argmax(1)
             rows = torch.arange(len(grade), device=grade.device)
             target = F.adaptive_avg_pool2d(teacher_cam, cam.shape[-2:])[rows, grade]
-            loss = loss + cam_weight * (_normalised(cam[rows, grade]) - _normalised(target)).pow(2).sum(1).mean()
+            loss = loss + cam_weight * (_positive_unit_cam(cam[rows, grade]) - _positive_unit_cam(target)).pow(2).sum(1).mean()
         return loss
 
     return loss_fn

@@ -63,14 +63,11 @@ def _quantizer(per_channel: bool, is_qat: bool = False):
     return _quantizer_class()().set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=is_qat))
 
 
-def pt2e_quantize(model, calib: np.ndarray, per_channel: bool = True, fold_quantize: bool = False):
-    """PT2E W8A8 calibrated on ``calib`` (N x C x S x S): returns (quantized graph module, quantizer).
-
-    ``fold_quantize=False`` keeps weights as float + quantize/dequantize so litert-torch can lower them
-    (TOOLCHAIN.md); ``True`` stores int8 weights with only ``dequantize_per_channel``, which coremltools lowers.
-    """
+def pt2e_calibrate(model, calib: np.ndarray, per_channel: bool = True):
+    """Export ``model`` with PT2E and observe activations on ``calib`` (N x C x S x S): returns (the calibrated,
+    not yet converted, graph module, quantizer). The graph is specialised to batch 1, like the converted models."""
     import torch
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     quantizer = _quantizer(per_channel)
     example = torch.from_numpy(calib[:1]).float()
@@ -79,7 +76,17 @@ def pt2e_quantize(model, calib: np.ndarray, per_channel: bool = True, fold_quant
     with torch.no_grad():
         for i in range(len(calib)):
             prepared(torch.from_numpy(calib[i:i + 1]).float())
-    return convert_pt2e(prepared, fold_quantize=fold_quantize), quantizer
+    return prepared, quantizer
+
+
+def pt2e_quantize(model, calib: np.ndarray, per_channel: bool = True, fold_quantize: bool = False):
+    """PT2E W8A8 calibrated on ``calib`` (N x C x S x S): returns (quantized graph module, quantizer).
+
+    ``fold_quantize=False`` keeps weights as float + quantize/dequantize so litert-torch can lower them
+    (TOOLCHAIN.md); ``True`` stores int8 weights with only ``dequantize_per_channel``, which coremltools lowers.
+    """
+    prepared, quantizer = pt2e_calibrate(model, calib, per_channel)
+    return convert_prepared(prepared, fold_quantize), quantizer
 
 
 def pt2e_qat(model, calib: np.ndarray, train_images: np.ndarray, cfg=None, per_channel: bool = True,
@@ -87,10 +94,10 @@ def pt2e_qat(model, calib: np.ndarray, train_images: np.ndarray, cfg=None, per_c
     """PT2E quantization-aware fine-tuning towards FP32, the TFLite/CoreML counterpart of ``qat.fidelity_qat``.
 
     Returns (converted graph module, quantizer) like ``pt2e_quantize``; the graph takes any batch size.
-    ``pt2e_qat_train`` and ``convert_trained`` are its two halves, for converting one fine-tuned graph twice.
+    ``pt2e_qat_train`` and ``convert_prepared`` are its two halves, for converting one fine-tuned graph twice.
     """
     trained, quantizer = pt2e_qat_train(model, calib, train_images, cfg, per_channel, progress)
-    return convert_trained(trained, fold_quantize), quantizer
+    return convert_prepared(trained, fold_quantize), quantizer
 
 
 def pt2e_qat_train(model, calib: np.ndarray, train_images: np.ndarray, cfg=None, per_channel: bool = True,
@@ -132,10 +139,11 @@ def pt2e_qat_train(model, calib: np.ndarray, train_images: np.ndarray, cfg=None,
     return prepared, quantizer
 
 
-def convert_trained(trained, fold_quantize: bool = False):
-    """The quantized graph of a ``pt2e_qat_train`` result; ``trained`` stays usable (conversion works on a copy)."""
+def convert_prepared(prepared, fold_quantize: bool = False):
+    """The quantized graph of a ``pt2e_calibrate`` or ``pt2e_qat_train`` result; ``prepared`` stays usable
+    (conversion works on a copy), so one calibration or fine-tuning serves every converter."""
     import copy
 
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    return convert_pt2e(copy.deepcopy(trained), fold_quantize=fold_quantize)
+    return convert_pt2e(copy.deepcopy(prepared), fold_quantize=fold_quantize)

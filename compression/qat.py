@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_runtime.errors import ConfigError
+from .errors import QuantizationConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class QATConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.temperature <= 0 or self.cam_weight < 0:
-            raise ConfigError(f"invalid QATConfig {self}: steps >= 0, batch_size >= 1, lr > 0, temperature > 0, "
+            raise QuantizationConfigError(f"invalid QATConfig {self}: steps >= 0, batch_size >= 1, lr > 0, temperature > 0, "
                               "cam_weight >= 0")
 
 
@@ -69,7 +69,8 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     return model
 
 
-def _normalised(cam: torch.Tensor) -> torch.Tensor:
+def _centred_unit_cams(cam: torch.Tensor) -> torch.Tensor:
+    """Each CAM map (N x K x H x W) minus its mean, scaled to unit L2 norm: compares shapes, not offsets."""
     flat = cam.flatten(2)
     flat = flat - flat.mean(-1, keepdim=True)
     return flat / (flat.norm(dim=-1, keepdim=True) + 1e-6)
@@ -100,7 +101,7 @@ def fidelity_qat(export_module: nn.Module, calib: np.ndarray, train_images: np.n
 
 def check_qat_inputs(calib: np.ndarray, train_images: np.ndarray) -> None:
     if len(calib) == 0 or len(train_images) == 0:
-        raise ConfigError("QAT needs calibration images (--calib's calib split) and unlabelled training images "
+        raise QuantizationConfigError("QAT needs calibration images (--calib's calib split) and unlabelled training images "
                           "(its train split, --tuning-images > 0)")
 
 
@@ -132,7 +133,7 @@ def fine_tune_towards(reference: nn.Module, quantized: nn.Module, train_images: 
                 ref_logits, ref_cam = reference(x)
             logits, cam = quantized(x)
             kl = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(ref_logits / t, 1), reduction="batchmean") * t * t
-            cam_loss = F.mse_loss(_normalised(cam), _normalised(ref_cam)) * cam.shape[-1] * cam.shape[-2]
+            cam_loss = F.mse_loss(_centred_unit_cams(cam), _centred_unit_cams(ref_cam)) * cam.shape[-1] * cam.shape[-2]
             loss = kl + cfg.cam_weight * cam_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

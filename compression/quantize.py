@@ -1,16 +1,27 @@
-"""Post-training INT8 quantization recipes, registered by name, calibrated on real fundus photos."""
+"""INT8 quantization recipes, registered by name, calibrated on real fundus photos.
+
+Two kinds, two typed protocols: ONNX-graph recipes (``ort``, ``nncf``, ``nncf_ac``) turn an FP32 ONNX file
+into a QDQ one; torch-graph recipes (``qat``, ``pt2e``, ``pt2e_qat``) quantize the torch module before it is
+exported (ONNX) or converted (TFLite, CoreML).
+"""
 from __future__ import annotations
 
-import difflib
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from edge_runtime.contract import QuantizationInfo
-from edge_runtime.errors import ConfigError
+from edge_runtime.registry import Registry, unknown_name
+
+from .errors import QuantizationConfigError
+
+if TYPE_CHECKING:
+    from .qat import QATConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +55,13 @@ class QuantRecipe:
     reduce_range: bool = False
 
     def __post_init__(self) -> None:
-        if self.name not in _RECIPES:
-            close = difflib.get_close_matches(self.name, list(_RECIPES), n=2)
-            raise ConfigError(f"unknown quantization recipe {self.name!r}; known: {sorted(_RECIPES)}"
-                              + (f"; did you mean {close}?" if close else ""))
+        if self.name not in ONNX_RECIPES and self.name not in TORCH_RECIPES:
+            raise unknown_name("quantization recipe", self.name, ONNX_RECIPES.names() + TORCH_RECIPES.names())
         if self.calibration not in ("minmax", "percentile", "entropy"):
-            raise ConfigError(f"calibration must be minmax|percentile|entropy, got {self.calibration!r}")
+            raise QuantizationConfigError(f"calibration must be minmax|percentile|entropy, got {self.calibration!r}")
         for kind in ("activation_type", "weight_type"):
             if getattr(self, kind) not in ("uint8", "int8"):
-                raise ConfigError(f"{kind} must be uint8|int8, got {getattr(self, kind)!r}")
+                raise QuantizationConfigError(f"{kind} must be uint8|int8, got {getattr(self, kind)!r}")
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
     @staticmethod
@@ -70,7 +79,7 @@ class QuantRecipe:
             "jetson_orin": QuantRecipe(name, activation_type="int8", weight_type="int8", target="jetson_orin"),
         }
         if target not in presets:
-            raise ConfigError(f"unknown target {target!r}; known: {sorted(presets)}")
+            raise QuantizationConfigError(f"unknown target {target!r}; known: {sorted(presets)}")
         return presets[target]
 
     def with_exclusions(self, patterns: tuple[str, ...]) -> QuantRecipe:
@@ -93,8 +102,8 @@ class QuantRecipe:
 # Node-name substrings of timm models exported by exporters.onnx; "/Conv" alone is the in-graph CAM head.
 SENSITIVE_PATTERNS = ("conv_stem", "/se/", "conv_head", "Sigmoid")
 CAM_HEAD_NODES = ("/Conv", "/ReduceMean", "/Add")
-
-_RECIPES: dict[str, Callable] = {}
+# The post-training ONNX recipes, which a failed gate may retry with layers in float.
+POST_TRAINING_ONNX_RECIPES = ("ort", "nncf")
 
 
 @dataclass(frozen=True)
@@ -110,34 +119,72 @@ class AccuracyTarget:
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_agreement <= 1:
-            raise ConfigError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
+            raise QuantizationConfigError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
 
 
-def register_recipe(name: str):
-    def decorator(fn: Callable) -> Callable:
-        _RECIPES[name] = fn
-        return fn
-    return decorator
+class OnnxGraphRecipe(Protocol):
+    """Post-training INT8 of an FP32 ONNX file: writes the QDQ model to ``out_path`` and returns it.
+    ``target`` is what accuracy control holds (``nncf_ac``); the other recipes ignore it."""
+
+    def __call__(self, fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe,
+                 target: AccuracyTarget | None) -> Path: ...
 
 
-def list_recipes() -> list[str]:
-    return sorted(_RECIPES)
+@dataclass(frozen=True)
+class TorchRecipeInputs:
+    """The photos (and QAT settings) a torch-graph recipe calibrates or fine-tunes on."""
+
+    calib: np.ndarray  # calibration photos, N x C x S x S normalised
+    tuning_images: np.ndarray  # unlabelled train-split photos QAT fine-tunes on (never the val photos)
+    qat: QATConfig | None = None  # None: QATConfig's defaults
 
 
-ONNX_RECIPES = ("ort", "nncf", "nncf_ac")
+@dataclass(frozen=True)
+class QuantizedGraph:
+    """What a torch-graph recipe made, calibrated or fine-tuned once; ``convert`` gives the graph a converter
+    takes, as often as formats need it (TFLite and CoreML convert one PT2E graph with different folding)."""
+
+    prepared: Any  # the calibrated / fine-tuned module
+    quantizer: Any | None  # the PT2E quantizer litert-torch lowers with; None for NNCF
+    converter: Callable[[Any, bool], Any]  # (prepared, fold_quantize) -> quantized module; must not mutate
+
+    def convert(self, fold_quantize: bool = False):
+        """``fold_quantize=False`` keeps weights float + quantize/dequantize (litert-torch lowers that);
+        ``True`` stores int8 weights (coremltools lowers that)."""
+        return self.converter(self.prepared, fold_quantize)
+
+
+class TorchGraphRecipe(Protocol):
+    """Quantization of a torch module (inputs -> (logits, cam)) before export or conversion."""
+
+    def __call__(self, module, inputs: TorchRecipeInputs, recipe: QuantRecipe) -> QuantizedGraph: ...
+
+
+ONNX_RECIPES: Registry[OnnxGraphRecipe] = Registry("ONNX-graph quantization recipe")
+TORCH_RECIPES: Registry[TorchGraphRecipe] = Registry("torch-graph quantization recipe")
 
 
 def quantize_onnx(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe,
                   target: AccuracyTarget | None = None) -> Path:
-    """Apply an ONNX recipe to ``fp32_path``, calibrated on ``calib`` (N x C x S x S).
+    """Apply an ONNX-graph recipe to ``fp32_path``, calibrated on ``calib`` (N x C x S x S).
 
     ``target`` is needed by ``nncf_ac`` only: the photos whose FP32 grades the INT8 model must keep.
     """
     if recipe.name not in ONNX_RECIPES:
-        raise ConfigError(f"recipe {recipe.name!r} does not post-training-quantize ONNX files; use one of {ONNX_RECIPES}")
+        raise QuantizationConfigError(f"recipe {recipe.name!r} does not post-training-quantize ONNX files; "
+                          f"use one of {ONNX_RECIPES.names()}")
     if len(calib) == 0:
-        raise ConfigError("static INT8 needs calibration images; pass --calib with real fundus photos")
-    return _RECIPES[recipe.name](Path(fp32_path), Path(out_path), calib, recipe, target)
+        raise QuantizationConfigError("static INT8 needs calibration images; pass --calib with real fundus photos")
+    return ONNX_RECIPES.get(recipe.name)(Path(fp32_path), Path(out_path), calib, recipe, target)
+
+
+def quantize_torch(module, inputs: TorchRecipeInputs, recipe: QuantRecipe) -> QuantizedGraph:
+    """Apply a torch-graph recipe to ``module`` (inputs -> (logits, cam))."""
+    if recipe.name not in TORCH_RECIPES:
+        raise QuantizationConfigError(f"recipe {recipe.name!r} does not quantize torch graphs; use one of {TORCH_RECIPES.names()}")
+    if len(inputs.calib) == 0:
+        raise QuantizationConfigError("INT8 calibrates activations on real fundus photos: pass --calib")
+    return TORCH_RECIPES.get(recipe.name)(module, inputs, recipe)
 
 
 def _excluded_nodes(model_path: Path, patterns: tuple[str, ...]) -> list[str]:
@@ -149,9 +196,9 @@ def _excluded_nodes(model_path: Path, patterns: tuple[str, ...]) -> list[str]:
     return [n.name for n in graph.node if n.name in exact or any(p in n.name or p == n.op_type for p in partial)]
 
 
-@register_recipe("ort")
+@ONNX_RECIPES.decorator("ort")
 def _ort_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe,
-                _target: AccuracyTarget | None = None) -> Path:
+                target: AccuracyTarget | None = None) -> Path:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -197,9 +244,9 @@ def _nncf_inputs(fp32_path: Path, calib: np.ndarray, recipe: QuantRecipe):
     return dataset, dict(subset_size=len(calib), preset=preset, **kwargs)
 
 
-@register_recipe("nncf")
+@ONNX_RECIPES.decorator("nncf")
 def _nncf_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe,
-                 _target: AccuracyTarget | None = None) -> Path:
+                 target: AccuracyTarget | None = None) -> Path:
     import nncf
     import onnx
 
@@ -208,7 +255,7 @@ def _nncf_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: Qua
     return out_path
 
 
-@register_recipe("nncf_ac")
+@ONNX_RECIPES.decorator("nncf_ac")
 def _nncf_accuracy_control_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe,
                                   target: AccuracyTarget | None = None) -> Path:
     """NNCF PTQ, then NNCF's accuracy restorer: layers ranked by how far their quantization moves the
@@ -221,7 +268,7 @@ def _nncf_accuracy_control_recipe(fp32_path: Path, out_path: Path, calib: np.nda
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
     if target is None or not len(target.images):
-        raise ConfigError("recipe nncf_ac needs unlabelled photos to hold FP32's grades on (the train split of --calib)")
+        raise QuantizationConfigError("recipe nncf_ac needs unlabelled photos to hold FP32's grades on (the train split of --calib)")
 
     def session(model) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -257,25 +304,29 @@ def _nncf_accuracy_control_recipe(fp32_path: Path, out_path: Path, calib: np.nda
     return out_path
 
 
-@register_recipe("pt2e")
-def pt2e_quantize(model, calib: np.ndarray, recipe: QuantRecipe | None = None, fold_quantize: bool = False):
-    """PT2E W8A8 for the TFLite and CoreML exporters; see compression/pt2e.py (ReLU6 observed after the clamp)."""
-    from .pt2e import pt2e_quantize as quantize
+@TORCH_RECIPES.decorator("pt2e")
+def _pt2e_recipe(module, inputs: TorchRecipeInputs, recipe: QuantRecipe) -> QuantizedGraph:
+    """PT2E W8A8 calibrated on ``inputs.calib`` (TFLite and CoreML); see compression/pt2e.py."""
+    from .pt2e import convert_prepared, pt2e_calibrate
 
-    return quantize(model, calib, True if recipe is None else recipe.per_channel, fold_quantize)
-
-
-@register_recipe("pt2e_qat")
-def pt2e_qat(model, calib: np.ndarray, train_images: np.ndarray, config=None, fold_quantize: bool = False):
-    """PT2E fake-quantization fine-tuned towards the FP32 outputs (TFLite/CoreML); see compression/pt2e.py."""
-    from .pt2e import pt2e_qat as quantize
-
-    return quantize(model, calib, train_images, config, fold_quantize=fold_quantize)
+    prepared, quantizer = pt2e_calibrate(module, inputs.calib, recipe.per_channel)
+    return QuantizedGraph(prepared, quantizer, convert_prepared)
 
 
-@register_recipe("qat")
-def qat_quantize(export_module, calib: np.ndarray, train_images: np.ndarray, config=None):
-    """NNCF fake-quantization fine-tuned towards the FP32 outputs; returns a module to export as QDQ ONNX."""
+@TORCH_RECIPES.decorator("pt2e_qat")
+def _pt2e_qat_recipe(module, inputs: TorchRecipeInputs, recipe: QuantRecipe) -> QuantizedGraph:
+    """PT2E fake-quantization fine-tuned towards the FP32 outputs (TFLite and CoreML); see compression/pt2e.py."""
+    from .pt2e import convert_prepared, pt2e_qat_train
+
+    prepared, quantizer = pt2e_qat_train(module, inputs.calib, inputs.tuning_images, inputs.qat, recipe.per_channel)
+    return QuantizedGraph(prepared, quantizer, convert_prepared)
+
+
+@TORCH_RECIPES.decorator("qat")
+def _nncf_qat_recipe(module, inputs: TorchRecipeInputs, recipe: QuantRecipe) -> QuantizedGraph:
+    """NNCF fake-quantization fine-tuned towards the FP32 outputs; converts to a stripped native-torch module
+    that ``torch.onnx.export`` writes as QDQ ONNX (there is no folding choice: the ONNX exporter folds)."""
     from .qat import QATConfig, fidelity_qat
 
-    return fidelity_qat(export_module, calib, train_images, config or QATConfig())
+    stripped = fidelity_qat(module, inputs.calib, inputs.tuning_images, inputs.qat or QATConfig())
+    return QuantizedGraph(stripped, None, lambda prepared, _fold_quantize: copy.deepcopy(prepared))

@@ -1,7 +1,9 @@
-"""Typed errors shared by every RetinaEdge package.
+"""Typed errors of the edge runtime, and the bases every RetinaEdge package's errors derive from.
 
 Each subclasses a built-in so callers can catch broadly, and each message says what was
-expected, what was received and how to fix it.
+expected, what was received and how to fix it. Errors live with the package that raises them:
+training's in ``training/errors.py``, quantization's in ``compression/errors.py``, export's in
+``exporters/errors.py``.
 """
 from __future__ import annotations
 
@@ -39,16 +41,8 @@ class BackendUnavailableError(RetinaEdgeError, ImportError):
 
 
 class ConfigError(RetinaEdgeError, ValueError):
-    """A configuration key or value is invalid."""
+    """A configuration key or value is invalid (the base of every package's configuration errors)."""
 
 
-class DatasetError(RetinaEdgeError, ValueError):
-    """A dataset layout cannot be read (missing files, bad grades, unknown layout)."""
-
-
-class ExportParityError(RetinaEdgeError, ValueError):
-    """An exported artifact's outputs disagree with the PyTorch model beyond tolerance."""
-
-
-class GateFailedError(RetinaEdgeError, ValueError):
-    """A quantized artifact failed the fidelity gate against its FP32 model."""
+class UnknownNameError(ConfigError):
+    """A registry or table has no entry of that name; the message lists the known names and close matches."""

@@ -1,1 +1,1 @@
-"""Exporters. ``exporters.formats`` is torch-free (the edge runtime reads it); the rest needs the export extra."""
+"""Exporters. ``exporters.formats`` stays light (no torch); ``exporters.pipeline`` registers every exporter."""

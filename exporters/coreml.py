@@ -4,7 +4,7 @@ Linux can convert but not run CoreML, and coremltools' own activation calibratio
 calibrated on the torch side: the PT2E quantizer (the TFLite path's recipe) with int8 weights folded, then
 ``torch.export`` -> coremltools, which lowers the quantize/dequantize pairs to MIL ``quantize``/``dequantize``
 and the weights to ``constexpr_affine_dequantize``. Verification here reads the spec (op types, weight and
-activation quantization, I/O names and shapes, metadata) and gates the INT8 numerics on the quantized torch
+activation quantization, I/O names and shapes) and gates the INT8 numerics on the quantized torch
 graph that was converted; on macOS the backend runs predictions.
 """
 from __future__ import annotations
@@ -17,63 +17,80 @@ from pathlib import Path
 
 import torch
 
-from edge_runtime.backends.base import embedded_manifest_json
 from edge_runtime.contract import QuantizationInfo
+from edge_runtime.formats import INPUT_NAME, MANIFEST_METADATA_KEY, RUNTIME_FORMATS
 
-from .base import ExportContext, register_exporter, register_spec_checker
+from .base import ExportRequest, ExportResult, pt2e_recipe, register_exporter
+from .errors import ExportParityError
 
 log = logging.getLogger(__name__)
 
 
-@register_exporter("coreml")
-def export_coreml(ctx: ExportContext, precision: str) -> tuple[Path, QuantizationInfo]:
+def _spec_file(path: Path) -> Path:
+    """The model spec (protobuf) inside an .mlpackage, as its Manifest.json names it."""
+    info = json.loads((path / "Manifest.json").read_text())
+    return path / "Data" / info["itemInfoEntries"][info["rootModelIdentifier"]]["path"]
+
+
+def embed_manifest(path: Path, manifest_json: str) -> None:
+    """The manifest in the spec's user-defined metadata, written into the saved package (weights untouched)."""
+    from coremltools.proto import Model_pb2
+
+    spec_file = _spec_file(path)
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_file.read_bytes())
+    spec.description.metadata.userDefined[MANIFEST_METADATA_KEY] = manifest_json
+    spec_file.write_bytes(spec.SerializeToString())
+
+
+@register_exporter("coreml", embed_manifest)
+def export_coreml(request: ExportRequest) -> ExportResult:
     import coremltools as ct
 
     from training.models import ExportModule
 
-    path = ctx.out_dir / f"{ctx.stem}_{precision}.mlpackage"
+    path = request.path
     if path.exists():
         shutil.rmtree(path)
-    example = ctx.example()
-    outputs = [ct.TensorType(name="logits"), ct.TensorType(name="cam")]
-    if precision == "int8":
-        model, quant = _convert_w8a8(ctx, example, outputs)
+    example = request.inputs.example()
+    outputs = [ct.TensorType(name=name) for name in RUNTIME_FORMATS["coreml"].output_names]
+    simulated = None
+    if request.precision == "int8":
+        model, quant, simulated = _convert_w8a8(request, example, outputs)
     else:
-        traced = torch.jit.trace(ExportModule(ctx.model).eval(), example)
-        model = ct.convert(traced, inputs=[ct.TensorType(name="input", shape=tuple(example.shape))], outputs=outputs,
+        traced = torch.jit.trace(ExportModule(request.inputs.model).eval(), example)
+        model = ct.convert(traced, inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(example.shape))], outputs=outputs,
                            convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
                            minimum_deployment_target=ct.target.iOS16)
         quant = QuantizationInfo("fp16")
-    cam_shape = tuple(int(v) for v in ctx.reference()[1].shape[2:]) if len(ctx.val) else None
-    model.user_defined_metadata["retinaedge_manifest"] = embedded_manifest_json(ctx.manifest("coreml", quant, cam_shape))
     model.short_description = "RetinaEdge DR screening aid (ICDR 0-4 logits + CAM). Not a diagnosis."
     model.save(str(path))
-    return path, quant
+    return ExportResult(path, quant, simulated, check_coreml_spec(path, tuple(example.shape), request.precision))
 
 
-def _convert_w8a8(ctx: ExportContext, example: torch.Tensor, outputs: list):
+def _convert_w8a8(request: ExportRequest, example: torch.Tensor, outputs: list):
     """PT2E W8A8 (calibrated, or QAT when the recipe is ``qat``) -> ML program (iOS 17: activation
-    quantize/dequantize ops)."""
+    quantize/dequantize ops). Also returns the converted graph's (logits, cam) on the val photos."""
     import coremltools as ct
 
-    quantized, _, recipe = ctx.pt2e_int8("apple_ane", fold_quantize=True)
+    recipe = pt2e_recipe(request.recipe, "apple_ane")
+    quantized = request.graphs.quantize(recipe).convert(fold_quantize=True)
+    val = request.inputs.photos.val
     # What CoreML will compute, measured where CoreML cannot run: the gate judges these outputs.
     with torch.no_grad():
         # Run one photo at a time: the post-training graph is specialised to batch 1, like the CoreML model.
-        pairs = [quantized(torch.from_numpy(ctx.val[i:i + 1]).float()) for i in range(len(ctx.val))]
-    ctx.simulated["coreml"] = (torch.cat([p[0] for p in pairs]).numpy(), torch.cat([p[1] for p in pairs]).numpy())
+        pairs = [quantized(torch.from_numpy(val[i:i + 1]).float()) for i in range(len(val))]
+    simulated = ((torch.cat([p[0] for p in pairs]).numpy(), torch.cat([p[1] for p in pairs]).numpy())
+                 if pairs else None)
     program = torch.export.export(quantized, (example,)).run_decompositions({})
-    model = ct.convert(program, inputs=[ct.TensorType(name="input", shape=tuple(example.shape))], outputs=outputs,
+    model = ct.convert(program, inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(example.shape))], outputs=outputs,
                        convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17)
-    return model, recipe.info(len(ctx.calib))
+    return model, recipe.info(len(request.inputs.photos.calib)), simulated
 
 
-@register_spec_checker("coreml")
-def check_coreml_spec(path: Path, ctx: ExportContext, precision: str) -> dict:
-    """Read the saved spec back and check what Linux can check: I/O, op types, weight dtypes, metadata."""
+def check_coreml_spec(path: Path, input_shape: tuple[int, ...], precision: str) -> dict[str, float]:
+    """Read the saved spec back and check what Linux can check: I/O names and shape, op types, weight dtypes."""
     import coremltools as ct
-
-    from edge_runtime.errors import ExportParityError
 
     spec = ct.utils.load_spec(str(path))
     inputs = {i.name: list(i.type.multiArrayType.shape) for i in spec.description.input}
@@ -84,17 +101,15 @@ def check_coreml_spec(path: Path, ctx: ExportContext, precision: str) -> dict:
             for op in block.operations:
                 ops[op.type] += 1
     problems = []
-    if list(inputs) != ["input"] or outputs != ["logits", "cam"]:
-        problems.append(f"I/O names {list(inputs)} -> {outputs}, expected ['input'] -> ['logits', 'cam']")
-    if inputs.get("input") != list(ctx.example().shape):
-        problems.append(f"input shape {inputs.get('input')} != {list(ctx.example().shape)}")
+    expected_outputs = list(RUNTIME_FORMATS["coreml"].output_names)
+    if list(inputs) != [INPUT_NAME] or outputs != expected_outputs:
+        problems.append(f"I/O names {list(inputs)} -> {outputs}, expected [{INPUT_NAME!r}] -> {expected_outputs}")
+    if inputs.get(INPUT_NAME) != list(input_shape):
+        problems.append(f"input shape {inputs.get(INPUT_NAME)} != {list(input_shape)}")
     if precision == "int8" and not (ops["constexpr_affine_dequantize"] or ops["constexpr_blockwise_shift_scale"]):
         problems.append("no INT8 weight dequantize ops found")
     if precision == "int8" and not ops["quantize"]:
         problems.append("no INT8 activation quantize ops found")
-    embedded = spec.description.metadata.userDefined.get("retinaedge_manifest")
-    if not embedded or json.loads(embedded)["format"] != "coreml":
-        problems.append("manifest missing from user-defined metadata")
     if problems:
         raise ExportParityError(f"{path.name}: " + "; ".join(problems))
     return {"ops": sum(ops.values()), "conv_ops": ops["conv"],

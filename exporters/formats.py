@@ -1,64 +1,107 @@
-"""The one table of format facts, read by the exporters, the edge runtime, the benchmarks and the tests.
-
-Torch-free: the edge runtime picks its backend from ``suffix`` here.
+"""The export half of the format table: what each format can be exported as, how closely it must match
+PyTorch, and what a failed INT8 gate may retry. The runtime half (suffix, backend, tensor names, where the
+manifest sits) is ``edge_runtime.formats``; every row here extends one row there.
 """
 from __future__ import annotations
 
-import difflib
-import platform
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from edge_runtime.errors import ArtifactError, ConfigError
+from compression.quantize import CAM_HEAD_NODES, POST_TRAINING_ONNX_RECIPES, SENSITIVE_PATTERNS, QuantRecipe
+from edge_runtime.formats import RUNTIME_FORMATS, RuntimeFormat
+from edge_runtime.formats import format_for_path as runtime_format_for_path
+from edge_runtime.registry import unknown_name
 
 
 @dataclass(frozen=True)
-class FormatSpec:
-    name: str  # key used on the command line, in index.json and in benchmark rows
-    suffix: str  # artifact file (or directory) suffix
+class EscalationStep:
+    """One retry after a failed INT8 gate, as data: which recipes it may follow, what it needs, what it changes.
+
+    Steps are planned from the recipe the export started with; each runs only if the one before failed.
+    """
+
+    name: str  # how FormatSpec.int8_escalation names it
+    label: str  # what logs and the index row say; ``{qat_steps}`` is filled in
+    after: tuple[str, ...] | None = None  # recipes this step may follow (None: any)
+    not_after: tuple[str, ...] = ()  # recipes it must not follow (it would repeat them)
+    recipe: str | None = None  # the recipe to switch to (None: keep it)
+    keep_in_float: tuple[str, ...] = ()  # node-name patterns added to the recipe's float exclusions
+    clear_exclusions: bool = False
+    needs_no_exclusions: bool = False  # skip when the recipe already keeps layers in float
+    needs_tuning_images: bool = False  # unlabelled train-split photos (accuracy control, QAT)
+    needs_qat_steps: bool = False  # a QATConfig with steps > 0
+
+    def applies(self, recipe: QuantRecipe, has_tuning_images: bool, qat_steps: int) -> bool:
+        return ((self.after is None or recipe.name in self.after) and recipe.name not in self.not_after
+                and not (self.needs_no_exclusions and recipe.exclude)
+                and not (self.needs_tuning_images and not has_tuning_images)
+                and not (self.needs_qat_steps and qat_steps <= 0))
+
+    def retry_recipe(self, recipe: QuantRecipe) -> QuantRecipe:
+        changed = replace(recipe, name=self.recipe or recipe.name, exclude=() if self.clear_exclusions else recipe.exclude)
+        return changed.with_exclusions(self.keep_in_float) if self.keep_in_float else changed
+
+    def describe(self, qat_steps: int) -> str:
+        return self.label.format(qat_steps=qat_steps)
+
+
+ESCALATION_STEPS: dict[str, EscalationStep] = {
+    step.name: step
+    for step in (
+        # Stem, squeeze-excite gating, head and the in-graph CAM head are what INT8 hurts most.
+        EscalationStep("sensitive_float", "sensitive layers in float", after=POST_TRAINING_ONNX_RECIPES,
+                       keep_in_float=SENSITIVE_PATTERNS + CAM_HEAD_NODES, needs_no_exclusions=True),
+        # Layers go back to float in order of sensitivity until INT8 grades the tuning photos like FP32.
+        EscalationStep("accuracy_control", "accuracy-controlled mixed precision", after=POST_TRAINING_ONNX_RECIPES,
+                       recipe="nncf_ac", clear_exclusions=True, needs_tuning_images=True),
+        # Fine-tune the fake-quantized model towards FP32 (NNCF for ONNX, PT2E for TFLite/CoreML).
+        EscalationStep("qat", "quantization-aware fine-tuning ({qat_steps} steps)", not_after=("qat",), recipe="qat",
+                       clear_exclusions=True, needs_tuning_images=True, needs_qat_steps=True),
+    )
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FormatSpec(RuntimeFormat):
     precisions: tuple[str, ...]  # what the exporter can produce
-    runtime: str  # the edge_runtime backend that runs it
-    runs_on: tuple[str, ...]  # platform.system() values where the runtime can execute it
-    atol_fp32: float  # max |delta logits| vs PyTorch for fp32 artifacts
+    atol_fp32: float  # max |delta logits| vs PyTorch for fp32 artifacts (times max(1, max |logit|))
     atol_fp16: float  # same for fp16
-    # What a failed INT8 gate retries, in order (exporters.base._fallback_retry): "sensitive_float" (stem, SE,
-    # head and CAM head in float), "accuracy_control" (nncf_ac), "qat" (quantization-aware fine-tuning).
-    int8_escalation: tuple[str, ...] = ()
-    is_directory: bool = False
+    int8_escalation: tuple[EscalationStep, ...] = ()  # what a failed INT8 gate retries, in order
     notes: str = ""
 
-    @property
-    def runs_here(self) -> bool:
-        return platform.system() in self.runs_on
+    @classmethod
+    def extend(cls, name: str, **export_half) -> FormatSpec:
+        return cls(**asdict(RUNTIME_FORMATS[name]), **export_half)
+
+
+def _steps(*names: str) -> tuple[EscalationStep, ...]:
+    return tuple(ESCALATION_STEPS[n] for n in names)
 
 
 FORMATS: dict[str, FormatSpec] = {
     spec.name: spec
     for spec in (
-        FormatSpec("onnx", ".onnx", ("fp32", "int8"), "onnxruntime", ("Linux", "Darwin", "Windows"), 1e-3, 5e-2,
-                   int8_escalation=("sensitive_float", "accuracy_control", "qat"), notes="INT8 as QDQ; opset 18"),
-        FormatSpec("tflite", ".tflite", ("fp32", "fp16", "int8"), "litert", ("Linux", "Darwin", "Windows"), 1e-3, 5e-2,
-                   int8_escalation=("qat",),
-                   notes="litert-torch; FP16 weights via ai-edge-quantizer float casting; INT8 through the PT2E "
-                         "quantizer (W8A8, per-channel weights), PT2E QAT when the gate fails"),
-        FormatSpec("coreml", ".mlpackage", ("fp16", "int8"), "coreml", ("Darwin",), 1e-3, 5e-2,
-                   int8_escalation=("qat",), is_directory=True,
-                   notes="ML program; prediction needs macOS, Linux verifies the spec only"),
+        FormatSpec.extend("onnx", precisions=("fp32", "int8"), atol_fp32=1e-3, atol_fp16=5e-2,
+                          int8_escalation=_steps("sensitive_float", "accuracy_control", "qat"),
+                          notes="INT8 as QDQ; opset 18"),
+        # The PT2E path has no mixed precision: QAT is the only retry.
+        FormatSpec.extend("tflite", precisions=("fp32", "fp16", "int8"), atol_fp32=1e-3, atol_fp16=5e-2,
+                          int8_escalation=_steps("qat"),
+                          notes="litert-torch; FP16 weights via ai-edge-quantizer float casting; INT8 through the PT2E "
+                                "quantizer (W8A8, per-channel weights), PT2E QAT when the gate fails"),
+        FormatSpec.extend("coreml", precisions=("fp16", "int8"), atol_fp32=1e-3, atol_fp16=5e-2,
+                          int8_escalation=_steps("qat"),
+                          notes="ML program; prediction needs macOS, Linux verifies the spec only"),
     )
 }
 
 
 def get_format(name: str) -> FormatSpec:
     if name not in FORMATS:
-        close = difflib.get_close_matches(name, list(FORMATS), n=2)
-        raise ConfigError(f"unknown format {name!r}; known: {sorted(FORMATS)}" + (f"; did you mean {close}?" if close else ""))
+        raise unknown_name("format", name, FORMATS)
     return FORMATS[name]
 
 
 def format_for_path(path: str | Path) -> FormatSpec:
     """The format of an artifact, from its suffix."""
-    suffix = Path(path).suffix.lower()
-    for spec in FORMATS.values():
-        if spec.suffix == suffix:
-            return spec
-    raise ArtifactError(f"{Path(path).name}: unknown artifact suffix {suffix!r}; known: {[s.suffix for s in FORMATS.values()]}")
+    return FORMATS[runtime_format_for_path(path).name]

@@ -10,41 +10,38 @@ import numpy as np
 import onnx
 import torch
 
-from compression.quantize import qat_quantize, quantize_onnx
-from edge_runtime.backends.base import embedded_manifest_json
+from compression.quantize import quantize_onnx
 from edge_runtime.contract import QuantizationInfo
+from edge_runtime.formats import INPUT_NAME, MANIFEST_METADATA_KEY, RUNTIME_FORMATS
 
-from .base import ExportContext, register_exporter
+from .base import ExportInputs, ExportRequest, ExportResult, register_exporter
 
 log = logging.getLogger(__name__)
 OPSET = 18
 
 
-def export_onnx_fp32(ctx: ExportContext, path: Path, module: torch.nn.Module | None = None) -> Path:
+def export_onnx_fp32(inputs: ExportInputs, path: Path, module: torch.nn.Module | None = None) -> Path:
     """Write ``module`` (default: the checkpoint's inputs -> (logits, cam)) as ONNX."""
     from training.models import ExportModule
 
+    names = RUNTIME_FORMATS["onnx"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # dynamo=False: 1-4 s instead of 6-17 s and it also exports NNCF-stripped models (TOOLCHAIN.md).
-        torch.onnx.export(module or ExportModule(ctx.model), (ctx.example(),), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=["input"], output_names=["logits", "cam"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "cam": {0: "batch"}})
+        torch.onnx.export(module or ExportModule(inputs.model), (inputs.example(),), str(path), dynamo=False,
+                          opset_version=OPSET, input_names=[INPUT_NAME], output_names=list(names.output_names),
+                          dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *names.output_names)})
     return path
 
 
-def embed_metadata(path: Path, manifest_json: str) -> None:
+def embed_manifest(path: Path, manifest_json: str) -> None:
+    """The manifest as the model's only ``metadata_props`` entry; the graph is checked before it is saved."""
     model = onnx.load(str(path))
     del model.metadata_props[:]
     entry = model.metadata_props.add()
-    entry.key, entry.value = "retinaedge_manifest", manifest_json
+    entry.key, entry.value = MANIFEST_METADATA_KEY, manifest_json
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-
-
-def read_embedded_manifest(path: str | Path) -> str | None:
-    model = onnx.load(str(path), load_external_data=False)
-    return next((p.value for p in model.metadata_props if p.key == "retinaedge_manifest"), None)
 
 
 def _constants(graph) -> tuple[dict, Callable[[str], str]]:
@@ -140,25 +137,17 @@ def fold_weight_quantizers(path: Path) -> int:
     return len(dropped)
 
 
-@register_exporter("onnx")
-def export_onnx(ctx: ExportContext, precision: str) -> tuple[Path, QuantizationInfo]:
-    path = ctx.out_dir / f"{ctx.stem}_{precision}.onnx"
-    if precision == "fp32":
-        export_onnx_fp32(ctx, path)
-        quant = QuantizationInfo("fp32")
-    elif ctx.recipe.name == "qat":
-        from training.models import ExportModule
-
-        module = qat_quantize(ExportModule(ctx.model), ctx.calib, ctx.tuning_images, ctx.qat)
-        export_onnx_fp32(ctx, path, module)
+@register_exporter("onnx", embed_manifest)
+def export_onnx(request: ExportRequest) -> ExportResult:
+    inputs, recipe, path = request.inputs, request.recipe, request.path
+    if request.precision == "fp32":
+        return ExportResult(export_onnx_fp32(inputs, path), QuantizationInfo("fp32"))
+    if recipe.name == "qat":  # the torch-graph recipe (NNCF QAT): fake-quantized module -> QDQ ONNX
+        export_onnx_fp32(inputs, path, request.graphs.quantize(recipe).convert())
         log.info("stored %d fake-quantized weights as integers", fold_weight_quantizers(path))
-        quant = ctx.recipe.info(len(ctx.calib), **qdq_types(path))
-    else:
-        fp32 = ctx.out_dir / f"{ctx.stem}_fp32.tmp.onnx"
-        export_onnx_fp32(ctx, fp32)
-        quantize_onnx(fp32, path, ctx.calib, ctx.recipe, ctx.accuracy_target())
+    else:  # an ONNX-graph recipe
+        fp32 = path.with_name(f"{inputs.stem}_fp32.tmp.onnx")
+        export_onnx_fp32(inputs, fp32)
+        quantize_onnx(fp32, path, inputs.photos.calib, recipe, inputs.accuracy_target())
         fp32.unlink(missing_ok=True)
-        quant = ctx.recipe.info(len(ctx.calib), **qdq_types(path))
-    cam_shape = tuple(int(v) for v in ctx.reference()[1].shape[2:]) if len(ctx.val) else None
-    embed_metadata(path, embedded_manifest_json(ctx.manifest("onnx", quant, cam_shape)))
-    return path, quant
+    return ExportResult(path, recipe.info(len(inputs.photos.calib), **qdq_types(path)))

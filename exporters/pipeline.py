@@ -1,28 +1,102 @@
-"""`retinaedge export`: one checkpoint -> every requested format x precision, plus artifacts/index.json."""
+"""`retinaedge export`: one checkpoint -> every requested format x precision, plus artifacts/index.json.
+
+Per artifact, in this order and nowhere else: export -> verify -> gate -> (escalate: the format's declarative
+steps, each only if the one before failed) -> write the manifest once (``exporters.manifest``).
+"""
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from compression.calibration import load_batch
-from compression.gate import GateThresholds
+from compression.gate import GateThresholds, compare, judge
 from compression.qat import QATConfig
 from compression.quantize import QuantRecipe
-from edge_runtime.contract import PreprocessPolicy
+from edge_runtime.backends.base import BACKENDS
+from edge_runtime.calibration import choose_operating_point
+from edge_runtime.contract import (
+    GateResult,
+    OperatingPoint,
+    PreprocessPolicy,
+    manifest_path_for,
+    operating_point_of,
+)
 
-from .registry import ArtifactRecord, ExportContext, export_artifact, write_index
+from . import coreml, onnx, tflite  # noqa: F401 - registers the exporters
+from .base import (
+    EXPORTERS,
+    ArtifactRecord,
+    ExportInputs,
+    ExportPhotos,
+    ExportRequest,
+    ExportResult,
+    Reference,
+    TorchGraphs,
+    size_mb,
+    write_index,
+)
+from .errors import ExportConfigError, ExportParityError
+from .formats import EscalationStep, FormatSpec, get_format
+from .manifest import ArtifactEvidence, draft_manifest, finalise_manifest
 
 log = logging.getLogger(__name__)
 
 
-def build_context(checkpoint: str | Path, out_dir: str | Path, calib: str | Path | Sequence[str | Path] | None,
-                  val: str | Path | Sequence[str | Path] | None,
-                  recipe: QuantRecipe | None = None, thresholds: GateThresholds | None = None,
-                  calib_limit: int = 64, val_limit: int = 128, name: str | None = None, qat: QATConfig | None = None,
-                  tuning_limit: int = 256, escalate: bool = True) -> ExportContext:
+@dataclass(frozen=True)
+class ExportPlan:
+    """What to make and how INT8 is quantized and escalated; the CLI asks it, it does not re-derive the rules."""
+
+    formats: tuple[str, ...]
+    precisions: tuple[str, ...]
+    recipe: QuantRecipe = field(default_factory=QuantRecipe)  # the CPU-class preset INT8 starts from
+    qat: QATConfig | None = None  # QAT settings; steps > 0 lets a failed gate escalate to QAT
+    escalate: bool = True  # on a failed INT8 gate, retry with the format's int8_escalation steps
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "formats", tuple(self.formats))
+        object.__setattr__(self, "precisions", tuple(self.precisions))
+        for fmt in self.formats:
+            get_format(fmt)
+
+    @property
+    def jobs(self) -> list[tuple[str, str]]:
+        return [(f, p) for f in self.formats for p in self.precisions if p in get_format(f).precisions]
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return [(f, p) for f in self.formats for p in self.precisions if p not in get_format(f).precisions]
+
+    def escalation(self, fmt: str, has_tuning_images: bool) -> list[EscalationStep]:
+        """The retries a failed INT8 gate of ``fmt`` gets, in order."""
+        if not self.escalate:
+            return []
+        qat_steps = self.qat.steps if self.qat else 0
+        return [s for s in get_format(fmt).int8_escalation if s.applies(self.recipe, has_tuning_images, qat_steps)]
+
+    @property
+    def needs_tuning_images(self) -> bool:
+        """Whether any INT8 job can use the unlabelled tuning photos (recipe nncf_ac or qat, or an escalation
+        step): loading them is skipped otherwise."""
+        int8 = [f for f, p in self.jobs if p == "int8"]
+        return bool(int8) and (self.recipe.name in ("nncf_ac", "qat") or any(
+            s.needs_tuning_images for f in int8 for s in self.escalation(f, has_tuning_images=True)))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_inputs(checkpoint: str | Path, out_dir: str | Path, calib: str | Path | Sequence[str | Path] | None,
+                val: str | Path | Sequence[str | Path] | None, thresholds: GateThresholds | None = None,
+                calib_limit: int = 64, val_limit: int = 128, name: str | None = None,
+                tuning_limit: int = 256) -> ExportInputs:
     """Load the checkpoint and the real photos every export of it needs.
 
     ``calib``'s ``calib`` split calibrates INT8 and its ``train`` split (up to ``tuning_limit`` photos,
@@ -46,32 +120,219 @@ def build_context(checkpoint: str | Path, out_dir: str | Path, calib: str | Path
 
     calib_x = load(calib, "calib", calib_limit)[0]
     val_x, val_y = load(val, "val", val_limit) if _folders(val) else (calib_x, None)
-    ctx = ExportContext(model, meta, Path(out_dir), calib_x, val_x, val_y, recipe or QuantRecipe(),
-                        thresholds or GateThresholds(), name, qat=qat, escalate=escalate)
-    if tuning_limit:  # the train split only: never the calib or val photos the result is judged on
-        ctx.tuning_images = load(calib, "train", tuning_limit, strict_split=True)[0]
-    return ctx
+    # The train split only: never the calib or val photos the result is judged on.
+    tuning = load(calib, "train", tuning_limit, strict_split=True)[0] if tuning_limit else empty
+    return ExportInputs(Path(checkpoint), model.eval(), meta, ExportPhotos(calib_x, val_x, val_y, tuning),
+                        thresholds or GateThresholds(), Path(out_dir), name)
 
 
 def _folders(sources: str | Path | Sequence[str | Path] | None) -> list[str | Path]:
     return [sources] if isinstance(sources, (str, Path)) else list(sources or [])
 
 
-def export_all(ctx: ExportContext, formats: list[str], precisions: list[str], progress: bool = True) -> list[ArtifactRecord]:
+@dataclass(frozen=True)
+class Verdict:
+    """Verification and gate of one export attempt."""
+
+    gate: GateResult
+    how: str  # how it was verified, for the index row
+    metrics: dict[str, float]  # parity / fidelity figures and spec checks, for the index row
+    outputs: tuple[np.ndarray, np.ndarray] | None  # what was judged: the artifact's outputs on the val photos
+    point: OperatingPoint | None = None  # the artifact's own operating point, chosen on those outputs
+
+
+class ExportPipeline:
+    """Exports one checkpoint's artifacts; the FP32 reference and shared torch graphs are computed once.
+
+    Args:
+        inputs (`ExportInputs`): the checkpoint, photos and gate thresholds.
+        plan (`ExportPlan`): formats, precisions, INT8 recipe and escalation.
+        reference (`Reference`, optional): FP32 outputs already computed for these inputs' model and val photos.
+        sign (`Callable[[dict], dict]`, optional): signs each sidecar manifest (``exporters.manifest.finalise_manifest``).
+    """
+
+    def __init__(self, inputs: ExportInputs, plan: ExportPlan, reference: Reference | None = None,
+                 sign: Callable[[dict], dict] | None = None) -> None:
+        self.inputs, self.plan, self.sign = inputs, plan, sign
+        self.reference = reference or Reference.compute(inputs)
+        if self.reference.val_sha1 != inputs.photos.digest("val"):
+            raise ExportConfigError("the reference outputs given were computed on other val photos")
+        self.graphs = TorchGraphs(inputs.model, inputs.photos, plan.qat)
+
+    def export(self, fmt: str, precision: str) -> ArtifactRecord:
+        """Export one format x precision, verify, gate, escalate, write its manifest; never raises (errors
+        become the row)."""
+        spec = get_format(fmt)
+        started = time.monotonic()
+        try:
+            if precision not in spec.precisions:
+                raise ExportConfigError(f"{fmt} supports precisions {spec.precisions}, not {precision!r}")
+            self.inputs.out_dir.mkdir(parents=True, exist_ok=True)
+            result, verdict, how = self._export_and_escalate(spec, precision)
+            seconds = time.monotonic() - started
+            manifest = draft_manifest(self.inputs, self.reference, fmt, result.quantization, verdict.gate,
+                                      verdict.point)
+            evidence = ArtifactEvidence(*(verdict.outputs or (None, None)), self.inputs.photos.val_labels,
+                                        self.reference)
+            manifest = finalise_manifest(result.path, manifest, evidence, EXPORTERS.get(fmt).embed_manifest, self.sign)
+            log.info("%s %s export success %.1fs, saved as %s (%.2f MB), gate %s", fmt, precision, seconds,
+                     result.path, size_mb(result.path), verdict.gate.status)
+            return ArtifactRecord(fmt, precision, "ok", str(result.path), manifest.sha256, size_mb(result.path),
+                                  round(seconds, 2), verdict.gate.status,
+                                  {k: v for k, v in verdict.metrics.items() if k != "n"}, how,
+                                  failures=list(verdict.gate.failures))
+        except Exception as exc:  # noqa: BLE001 - one format failing must not stop the others; the row says why
+            log.error("%s %s export failed: %s", fmt, precision, exc)
+            log.debug(traceback.format_exc())
+            return ArtifactRecord(fmt, precision, "failed", export_seconds=round(time.monotonic() - started, 2),
+                                  error=f"{type(exc).__name__}: {exc}")
+
+    def _export_and_escalate(self, spec: FormatSpec, precision: str) -> tuple[ExportResult, Verdict, str]:
+        """The recipe as asked, then each escalation step while the INT8 gate fails; the last attempt stands."""
+        path = self.inputs.out_dir / f"{self.inputs.stem}_{precision}{spec.suffix}"
+        manifest_path_for(path).unlink(missing_ok=True)  # it described the file this export replaces
+        recipe = self.plan.recipe
+        result = self._attempt(spec, precision, recipe, path)
+        verdict = self._verify(spec, result, precision)
+        how = verdict.how
+        if precision != "int8" or verdict.gate.status != "failed":
+            return result, verdict, how
+        why = "; ".join(verdict.gate.failures)
+        qat_steps = self.plan.qat.steps if self.plan.qat else 0
+        for step in self.plan.escalation(spec.name, has_tuning_images=len(self.inputs.photos.tuning) > 0):
+            label = step.describe(qat_steps)
+            log.warning("%s int8 failed its gate (%s); retrying: %s", spec.name, why, label)
+            result = self._attempt(spec, precision, step.retry_recipe(recipe), path)
+            verdict = self._verify(spec, result, precision)
+            how = f"{verdict.how}; {label} after: {why}"
+            if verdict.gate.status != "failed":
+                break
+            why = f"{why}; {label}: {'; '.join(verdict.gate.failures)}"
+        return result, verdict, how
+
+    def _attempt(self, spec: FormatSpec, precision: str, recipe: QuantRecipe, path: Path) -> ExportResult:
+        request = ExportRequest(self.inputs, precision, recipe, path, self.graphs)
+        return EXPORTERS.get(spec.name).export(request)
+
+    def _verify(self, spec: FormatSpec, result: ExportResult, precision: str) -> Verdict:
+        """Run the artifact on the val photos (or judge what its exporter measured where it cannot run here)."""
+        n = len(self.inputs.photos.val)
+        if not n:
+            return Verdict(GateResult("not_run", {}, {}, ("no val photos to verify on",)), "not verified: no val "
+                           "photos", dict(result.spec_checks), None)
+        if spec.runs_here:
+            # The backend class directly: the manifest is written after verification, so open_session's
+            # manifest checks do not apply yet. The draft manifest only labels the session.
+            draft = draft_manifest(self.inputs, self.reference, spec.name, result.quantization, GateResult())
+            session = BACKENDS.get(spec.runtime)(result.path, draft)
+            logits, cam = session.run(self.inputs.photos.val)
+            how = f"ran {session.info.backend}/{session.info.provider} on {n} images"
+            return self._judge(spec, result, precision, logits, cam, how)
+        how = f"spec checked only: {spec.runtime} cannot run on this OS ({', '.join(spec.runs_on)} only)"
+        if precision == "int8" and result.outputs is not None:
+            how = (f"spec checked; INT8 gated on the quantized torch graph that was converted ({n} images); "
+                   f"{spec.runtime} predictions need {'/'.join(spec.runs_on)}")
+            return self._judge(spec, result, precision, *result.outputs, how)
+        gate = GateResult("not_run", _finite(result.spec_checks), {},
+                          ("predictions need " + "/".join(spec.runs_on),))
+        return Verdict(gate, how, dict(result.spec_checks), None)
+
+    def _judge(self, spec: FormatSpec, result: ExportResult, precision: str, logits: np.ndarray, cam: np.ndarray,
+               how: str) -> Verdict:
+        ref = self.reference
+        if cam.shape != ref.cam.shape or logits.shape != ref.logits.shape:
+            raise ExportParityError(f"{result.path.name}: output shapes logits {logits.shape} cam {cam.shape}, "
+                                    f"expected {ref.logits.shape} {ref.cam.shape}")
+        metrics = compare(ref.logits, ref.cam, logits, cam)
+        point = self._operating_point(logits)
+        if spec.runs_here:
+            # The CAM identity every artifact must keep: logits - mean_hw(cam) is the (constant) classifier bias.
+            bias = logits - cam.mean(axis=(2, 3))
+            metrics["cam_identity_error"] = float(np.abs(bias - bias.mean(0, keepdims=True)).max())
+        if precision == "int8":
+            # The fidelity gate: the one place an INT8 artifact is judged (its own decisions at its own operating
+            # point vs FP32's decisions at FP32's point, on the same val photos).
+            gate = judge(ref.logits, ref.cam, logits, cam, self.inputs.photos.val_labels, point,
+                         self.inputs.thresholds, ref_operating_point=self._operating_point(ref.logits))
+            metrics = {**metrics, **gate.metrics}
+        else:
+            gate = _parity(spec, result.path, precision, metrics, ref)
+        return Verdict(gate, how, {**result.spec_checks, **metrics}, (logits, cam), point)
+
+    def _operating_point(self, logits: np.ndarray) -> OperatingPoint:
+        """Referral point chosen on these outputs for the val photos, by the checkpoint's rule and target.
+
+        Every artifact decides at a threshold chosen on its own outputs: INT8 shifts probabilities, and a threshold
+        chosen on FP32 would silently move its sensitivity. Without labels (or a class) the checkpoint's point stands.
+        """
+        trained = operating_point_of(self.inputs.meta)
+        labels = self.inputs.photos.val_labels
+        if labels is None or len(labels) == 0:
+            return trained
+        rule = trained.rule if trained.chosen_on_data else "sensitivity"
+        target = trained.target if trained.chosen_on_data else 0.90
+        try:
+            return choose_operating_point(labels, logits, rule=rule, target=target,
+                                          band_fraction=float(self.inputs.meta.get("config", {}).get(
+                                              "uncertain_fraction", 0.05)),
+                                          fingerprint=self.inputs.photos.digest("val"))
+        except ValueError as exc:  # e.g. no referable val photo: nothing to choose on
+            log.warning("operating point not chosen on the export's val photos (%s); keeping the checkpoint's", exc)
+            return trained
+
+
+def _parity(spec: FormatSpec, path: Path, precision: str, metrics: dict[str, float], ref: Reference) -> GateResult:
+    """FP32/FP16 artifacts must match PyTorch within the format's tolerance, or the export fails."""
+    atol = spec.atol_fp32 if precision == "fp32" else spec.atol_fp16
+    limit = atol * max(1.0, float(np.abs(ref.logits).max()))
+    failures = []
+    if metrics["max_abs_logit_diff"] > limit:
+        failures.append(f"max |delta logits| {metrics['max_abs_logit_diff']:.2e} > {limit:.2e}")
+    if metrics.get("cam_identity_error", 0.0) > 10 * limit:
+        failures.append(f"cam identity error {metrics['cam_identity_error']:.2e}")
+    if failures:
+        raise ExportParityError(f"{path.name}: {'; '.join(failures)}")
+    return GateResult("not_required", _finite(metrics), {"atol": limit})
+
+
+def _finite(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)}
+
+
+def export_all(inputs: ExportInputs, plan: ExportPlan, progress: bool = True,
+               pipeline: ExportPipeline | None = None) -> list[ArtifactRecord]:
+    """Every job of ``plan``; writes index.json and the resolved configuration (<stem>.export_config.yaml)."""
     from rich.progress import Progress
 
-    from exporters.formats import get_format
-
-    jobs = [(f, p) for f in formats for p in precisions if p in get_format(f).precisions]
-    skipped = [(f, p) for f in formats for p in precisions if p not in get_format(f).precisions]
+    pipeline = pipeline or ExportPipeline(inputs, plan)
     records: list[ArtifactRecord] = []
     with Progress(disable=not progress) as bar:
-        task = bar.add_task("exporting", total=len(jobs))
-        for fmt, precision in jobs:
+        task = bar.add_task("exporting", total=len(plan.jobs))
+        for fmt, precision in plan.jobs:
             bar.update(task, description=f"{fmt} {precision}")
-            records.append(export_artifact(ctx, fmt, precision))
+            records.append(pipeline.export(fmt, precision))
             bar.advance(task)
-    for fmt, precision in skipped:
+    for fmt, precision in plan.skipped:
         log.info("%s has no %s export; skipped", fmt, precision)
-    write_index(ctx.out_dir, records, ctx.meta)
+    write_index(inputs.out_dir, records, inputs.meta)
+    save_export_config(inputs, plan)
     return records
+
+
+def save_export_config(inputs: ExportInputs, plan: ExportPlan) -> Path:
+    """The resolved configuration beside the artifacts, as training writes config.yaml beside its checkpoints."""
+    config = {"checkpoint": str(inputs.checkpoint), "model_name": inputs.meta["model_name"], "stem": inputs.stem,
+              "plan": plan.to_dict(), "thresholds": dataclasses.asdict(inputs.thresholds),
+              "photos": inputs.photos.summary(), "out_dir": str(inputs.out_dir)}
+    path = inputs.out_dir / f"{inputs.stem}.export_config.yaml"
+    path.write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+    return path
+
+
+def _plain(value):
+    """Tuples as lists, for yaml.safe_dump."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -4,16 +4,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from edge_runtime.backends.base import embedded_manifest_json
 from edge_runtime.contract import QuantizationInfo
+from edge_runtime.formats import MANIFEST_METADATA_KEY
 
-from .base import ExportContext, register_exporter
+from .base import ExportRequest, ExportResult, pt2e_recipe, register_exporter
 
 log = logging.getLogger(__name__)
-METADATA_NAME = "retinaedge_manifest"
 
 
-def embed_metadata(path: Path, manifest_json: str) -> None:
+def embed_manifest(path: Path, manifest_json: str) -> None:
     """Add the manifest as a TFLite metadata buffer (the flatbuffer's Metadata table)."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
@@ -26,27 +25,16 @@ def embed_metadata(path: Path, manifest_json: str) -> None:
         if getattr(buffer, "offset", 0) > 1 and getattr(buffer, "size", 0) > 0:
             buffer.data = list(raw[buffer.offset:buffer.offset + buffer.size])
             buffer.offset, buffer.size = 0, 0
-    model.metadata = [m for m in (model.metadata or []) if m.name.decode() != METADATA_NAME]
+    model.metadata = [m for m in (model.metadata or []) if m.name.decode() != MANIFEST_METADATA_KEY]
     buffer = schema.BufferT()
     buffer.data = list(manifest_json.encode())
     model.buffers.append(buffer)
     entry = schema.MetadataT()
-    entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
+    entry.name, entry.buffer = MANIFEST_METADATA_KEY, len(model.buffers) - 1
     model.metadata.append(entry)
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     path.write_bytes(builder.Output())
-
-
-def read_embedded_manifest(path: str | Path) -> str | None:
-    from ai_edge_litert import schema_py_generated as schema
-
-    model = schema.Model.GetRootAs(bytearray(Path(path).read_bytes()), 0)
-    for i in range(model.MetadataLength()):
-        meta = model.Metadata(i)
-        if meta.Name().decode() == METADATA_NAME:
-            return bytes(model.Buffers(meta.Buffer()).DataAsNumpy()).decode()
-    return None
 
 
 def cast_weights_to_fp16(fp32_path: Path, out_path: Path) -> Path:
@@ -65,32 +53,31 @@ def cast_weights_to_fp16(fp32_path: Path, out_path: Path) -> Path:
     return out_path
 
 
-@register_exporter("tflite")
-def export_tflite(ctx: ExportContext, precision: str) -> tuple[Path, QuantizationInfo]:
+@register_exporter("tflite", embed_manifest)
+def export_tflite(request: ExportRequest) -> ExportResult:
     import litert_torch
 
     from training.models import ExportModule
 
-    path = ctx.out_dir / f"{ctx.stem}_{precision}.tflite"
-    module = ExportModule(ctx.model).eval()
-    example = (ctx.example(),)
-    if precision == "fp32":
+    inputs, path = request.inputs, request.path
+    module = ExportModule(inputs.model).eval()
+    example = (inputs.example(),)
+    if request.precision == "fp32":
         litert_torch.convert(module, example).export(str(path))
-        quant = QuantizationInfo("fp32")
-    elif precision == "fp16":
+        return ExportResult(path, QuantizationInfo("fp32"))
+    if request.precision == "fp16":
         fp32 = path.with_name(path.stem + ".fp32.tmp.tflite")
         litert_torch.convert(module, example).export(str(fp32))
         cast_weights_to_fp16(fp32, path)
         fp32.unlink(missing_ok=True)
-        quant = QuantizationInfo("fp16", "float_casting", "float32", "float16",
-                                 notes="FP16 weights with explicit DEQUANTIZE; compute stays FP32 on CPU (XNNPACK), FP16 on GPU delegates")
-    else:
-        from litert_torch.quantize.quant_config import QuantConfig
+        return ExportResult(path, QuantizationInfo(
+            "fp16", "float_casting", "float32", "float16",
+            notes="FP16 weights with explicit DEQUANTIZE; compute stays FP32 on CPU (XNNPACK), FP16 on GPU delegates"))
+    from litert_torch.quantize.quant_config import QuantConfig
 
-        # target: the LiteRT CPU kernels, not the ONNX recipe's CPU class
-        quantized, quantizer, recipe = ctx.pt2e_int8("litert_xnnpack")
-        litert_torch.convert(quantized, example, quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
-        quant = recipe.info(len(ctx.calib))
-    cam_shape = tuple(int(v) for v in ctx.reference()[1].shape[2:]) if len(ctx.val) else None
-    embed_metadata(path, embedded_manifest_json(ctx.manifest("tflite", quant, cam_shape)))
-    return path, quant
+    # target: the LiteRT CPU kernels, not the ONNX recipe's CPU class
+    recipe = pt2e_recipe(request.recipe, "litert_xnnpack")
+    graph = request.graphs.quantize(recipe)
+    litert_torch.convert(graph.convert(fold_quantize=False), example,
+                         quant_config=QuantConfig(pt2e_quantizer=graph.quantizer)).export(str(path))
+    return ExportResult(path, recipe.info(len(inputs.photos.calib)))

@@ -214,7 +214,7 @@ def export(
     from compression.gate import GateThresholds
     from compression.qat import QATConfig
     from compression.quantize import QuantRecipe
-    from exporters.pipeline import build_context, export_all
+    from exporters.pipeline import ExportPlan, export_all, load_inputs
 
     try:
         quant = replace(QuantRecipe.for_target(target, recipe), calibration=calibration)
@@ -226,13 +226,10 @@ def export(
         # --recipe qat goes straight to QAT: its default length unless --qat-steps says otherwise.
         qat = QATConfig(steps=qat_steps or (QATConfig().steps if recipe == "qat" else 0),
                         **({"lr": qat_lr} if qat_lr is not None else {}))
-        # Tuning photos serve nncf_ac and QAT, directly or through the escalation (ONNX: nncf_ac and QAT;
-        # TFLite/CoreML: QAT): skip preprocessing them when nothing can use them.
-        uses_tuning = "int8" in precisions.split(",") and (
-            recipe in ("nncf_ac", "qat") or escalate and ("onnx" in formats.split(",") or qat.steps > 0))
-        ctx = build_context(checkpoint, out, calib, val, quant, thresholds, val_limit=val_limit, name=name, qat=qat,
-                            tuning_limit=tuning_images if uses_tuning else 0, escalate=escalate)
-        records = export_all(ctx, formats.split(","), precisions.split(","))
+        plan = ExportPlan(tuple(formats.split(",")), tuple(precisions.split(",")), quant, qat, escalate)
+        inputs = load_inputs(checkpoint, out, calib, val, thresholds, val_limit=val_limit, name=name,
+                             tuning_limit=tuning_images if plan.needs_tuning_images else 0)
+        records = export_all(inputs, plan)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     _print_records(records)
@@ -241,8 +238,6 @@ def export(
 
 
 def _print_records(records) -> None:
-    from exporters.base import gate_failures
-
     table = Table(title="artifacts")
     for column in ("format", "precision", "status", "size MB", "max|dlogit|", "agreement", "CAM corr", "gate", "s", "note"):
         table.add_column(column)
@@ -253,7 +248,7 @@ def _print_records(records) -> None:
         p = r.parity
         table.add_row(r.format, r.precision, r.status, f"{r.size_mb or 0:.2f}", fmt(p, "max_abs_logit_diff", "{:.2e}"),
                       fmt(p, "agreement"), fmt(p, "cam_correlation"), r.gate or "-", f"{r.export_seconds or 0:.1f}",
-                      (r.error or "; ".join(gate_failures(r)) or r.verified or "")[:80])
+                      (r.error or "; ".join(r.failures) or r.verified or "")[:80])
     out_console.print(table)
 
 

@@ -60,7 +60,7 @@ def _free_port() -> int:
 
 def run_demo(out: Path = Path("runs/demo"), quick: bool = False, data: Path | None = None) -> dict:
     from compression.distill import distill
-    from exporters.pipeline import build_context, export_all
+    from exporters.pipeline import ExportPlan, export_all, load_inputs
     from training.config import TrainConfig
     from training.data.synthetic import write_synthetic_dataset
     from training.train import fit
@@ -85,14 +85,14 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, data: Path | No
     artifacts = out / "artifacts"
 
     def export():
-        ctx = build_context(student.best_checkpoint, artifacts, data, data, calib_limit=32, val_limit=64)
-        records = export_all(ctx, ["onnx", "tflite", "coreml"], ["fp32", "fp16", "int8"], progress=False)
-        teacher_ctx = build_context(teacher.best_checkpoint, artifacts, data, data, calib_limit=16, val_limit=32,
-                                    name=f"teacher_{plan.teacher}")
-        records += export_all(teacher_ctx, ["onnx"], ["fp32"], progress=False)
+        inputs = load_inputs(student.best_checkpoint, artifacts, data, data, calib_limit=32, val_limit=64)
+        records = export_all(inputs, ExportPlan(("onnx", "tflite", "coreml"), ("fp32", "fp16", "int8")), progress=False)
+        teacher_inputs = load_inputs(teacher.best_checkpoint, artifacts, data, data, calib_limit=16, val_limit=32,
+                                     name=f"teacher_{plan.teacher}")
+        records += export_all(teacher_inputs, ExportPlan(("onnx",), ("fp32",)), progress=False)
         from exporters.base import write_index
 
-        write_index(artifacts, records, ctx.meta)
+        write_index(artifacts, records, inputs.meta)
         return records
 
     records = steps.run("export + gate", export)

@@ -54,16 +54,16 @@ def tiny_run(tmp_path_factory, synthetic_dir):
 def tiny_artifacts(tmp_path_factory, tiny_run, synthetic_dir):
     """ONNX fp32 + int8 and TFLite fp32 + fp16 + int8 of the tiny model, verified by the export pipeline."""
     from compression.gate import GateThresholds
-    from exporters.pipeline import build_context, export_all
+    from exporters.pipeline import ExportPipeline, ExportPlan, export_all, load_inputs
 
     out = tmp_path_factory.mktemp("artifacts")
     # Loose gate so the tiny random-ish model's INT8 can be used by runtime tests; gate tests set their own.
-    ctx = build_context(tiny_run.best_checkpoint, out, synthetic_dir, synthetic_dir,
-                        thresholds=GateThresholds(
-                            min_referral_agreement=0.0, min_sensitivity_difference=-1.0,
-                            min_specificity_difference=-1.0, min_auc_ratio=0.0), calib_limit=16, val_limit=24)
-    records = export_all(ctx, ["onnx", "tflite"], ["fp32", "fp16", "int8"], progress=False)
-    return {(r.format, r.precision): r for r in records}, out, ctx
+    inputs = load_inputs(tiny_run.best_checkpoint, out, synthetic_dir, synthetic_dir,
+                         thresholds=GateThresholds(min_referral_agreement=0.0, min_sensitivity_difference=-1.0,
+                                                    min_specificity_difference=-1.0, min_auc_ratio=0.0), calib_limit=16, val_limit=24)
+    pipeline = ExportPipeline(inputs, ExportPlan(("onnx", "tflite"), ("fp32", "fp16", "int8")))
+    records = export_all(inputs, pipeline.plan, progress=False, pipeline=pipeline)
+    return {(r.format, r.precision): r for r in records}, out, pipeline
 
 
 @pytest.fixture

@@ -52,9 +52,10 @@ def test_onnx_recipes_quantize_and_keep_exclusions(tiny_artifacts, tmp_path, rec
     from compression.quantize import quantize_onnx
     from exporters.onnx import export_onnx_fp32
 
-    _, _, ctx = tiny_artifacts
-    fp32 = export_onnx_fp32(ctx, tmp_path / "m.onnx")
-    out = quantize_onnx(fp32, tmp_path / f"m_{recipe}.onnx", ctx.calib[:8], QuantRecipe(recipe))
+    inputs = tiny_artifacts[2].inputs
+    calib = inputs.photos.calib
+    fp32 = export_onnx_fp32(inputs, tmp_path / "m.onnx")
+    out = quantize_onnx(fp32, tmp_path / f"m_{recipe}.onnx", calib[:8], QuantRecipe(recipe))
     graph = onnx.load(str(out)).graph
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 5
     if recipe == "ort":  # the types read back from the graph are the recipe's (int32 biases are not reported)
@@ -64,10 +65,10 @@ def test_onnx_recipes_quantize_and_keep_exclusions(tiny_artifacts, tmp_path, rec
         assert (types["activation_type"], types["weight_type"]) == ("uint8", "uint8")
         assert types["float_layers"].startswith("0 of ")
         # U8S8: the constant bias after the CAM mean is quantized as uint8 too, but it is not a weight.
-        u8s8 = quantize_onnx(fp32, tmp_path / "m_u8s8.onnx", ctx.calib[:8], QuantRecipe.for_target("x86_vnni"))
+        u8s8 = quantize_onnx(fp32, tmp_path / "m_u8s8.onnx", calib[:8], QuantRecipe.for_target("x86_vnni"))
         assert (qdq_types(u8s8)["activation_type"], qdq_types(u8s8)["weight_type"]) == ("uint8", "int8")
     if recipe == "ort":
-        excluded = quantize_onnx(fp32, tmp_path / "m_ex.onnx", ctx.calib[:8],
+        excluded = quantize_onnx(fp32, tmp_path / "m_ex.onnx", calib[:8],
                                  QuantRecipe("ort", exclude=("conv_stem", "Conv_")))
         fewer = sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(excluded)).graph.node)
         assert fewer < sum(n.op_type == "QuantizeLinear" for n in graph.node)
@@ -79,12 +80,12 @@ def test_accuracy_control_keeps_fp32_grades_on_the_tuning_photos(tiny_artifacts,
     from compression.quantize import AccuracyTarget, quantize_onnx
     from exporters.onnx import export_onnx_fp32, qdq_types
 
-    _, _, ctx = tiny_artifacts
-    tuning = ctx.val[:16]
-    fp32 = export_onnx_fp32(ctx, tmp_path / "m.onnx")
+    inputs = tiny_artifacts[2].inputs
+    calib, tuning = inputs.photos.calib, inputs.photos.val[:16]
+    fp32 = export_onnx_fp32(inputs, tmp_path / "m.onnx")
     with pytest.raises(ConfigError, match="train split"):
-        quantize_onnx(fp32, tmp_path / "none.onnx", ctx.calib[:8], QuantRecipe("nncf_ac"))
-    out = quantize_onnx(fp32, tmp_path / "ac.onnx", ctx.calib[:8], QuantRecipe("nncf_ac"), AccuracyTarget(tuning, 1.0))
+        quantize_onnx(fp32, tmp_path / "none.onnx", calib[:8], QuantRecipe("nncf_ac"))
+    out = quantize_onnx(fp32, tmp_path / "ac.onnx", calib[:8], QuantRecipe("nncf_ac"), AccuracyTarget(tuning, 1.0))
 
     def grades(path):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -162,16 +163,16 @@ def test_qat_is_the_last_resort_after_mixed_precision(tiny_artifacts, tmp_path):
     from compression.gate import GateThresholds
     from compression.qat import QATConfig
     from edge_runtime.contract import ArtifactManifest, manifest_path_for
-    from exporters.registry import export_artifact
+    from exporters.pipeline import ExportPipeline
 
     base = tiny_artifacts[2]
     # INT8 logits are never exactly FP32's, so a mean logit cosine of 1.0 is out of reach and every step of the
     # escalation runs:
     # all-INT8 -> sensitive layers in float -> accuracy-controlled mixed precision -> QAT.
-    ctx = replace(base, out_dir=tmp_path, thresholds=GateThresholds(min_logit_cosine=1.0),
-                  qat=QATConfig(steps=2, batch_size=4), tuning_images=base.calib[:8])
-    ctx._reference = base.reference()
-    record = export_artifact(ctx, "onnx", "int8")
+    photos = replace(base.inputs.photos, tuning=base.inputs.photos.calib[:8])
+    inputs = replace(base.inputs, out_dir=tmp_path, thresholds=GateThresholds(min_logit_cosine=1.0), photos=photos)
+    plan = replace(base.plan, qat=QATConfig(steps=2, batch_size=4))
+    record = ExportPipeline(inputs, plan, base.reference).export("onnx", "int8")
     assert record.status == "ok"
     for step in ("sensitive layers in float", "accuracy-controlled mixed precision", "quantization-aware fine-tuning"):
         assert step in record.verified
@@ -190,7 +191,8 @@ def test_qat_is_the_last_resort_after_mixed_precision(tiny_artifacts, tmp_path):
     assert cosine.margin == pytest.approx(cosine.value - 1.0)
     assert any(f.startswith("logit_cosine ") for f in manifest.gate.failures)
     grade = next(c for c in manifest.gate.criteria if c.name == "grade_agreement")  # reported with its exact bound
-    n, agreeing = len(base.val), round(record.parity["agreement"] * len(base.val))
+    n = len(base.inputs.photos.val)
+    agreeing = round(record.parity["agreement"] * n)
     assert (grade.n, grade.value, grade.passed) == (n, agreeing / n, None)
     assert grade.bound == pytest.approx(clopper_pearson_lower(agreeing, n))
     assert record.parity["cam_identity_error"] < 1e-3

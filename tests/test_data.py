@@ -4,9 +4,9 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_runtime.errors import DatasetError
 from training.data.layouts import assign_splits, detect_layout, fingerprint, read_dataset
 from training.data.synthetic import generate_fundus, synthetic_batch
+from training.errors import DatasetError
 
 
 def _img(path, grade=0):

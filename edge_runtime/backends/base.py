@@ -1,9 +1,7 @@
 """One protocol for every runtime; one small class per backend, registered by artifact format."""
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -12,6 +10,8 @@ import numpy as np
 
 from ..contract import ArtifactManifest, manifest_path_for, sha256_file
 from ..errors import ArtifactError, ManifestError
+from ..formats import format_for_path
+from ..registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +33,12 @@ class Session(Protocol):
         """Normalised N x C x S x S (or NHWC per manifest) float32 -> (logits N x 5, cam N x 5 x h x w)."""
 
 
-_BACKENDS: dict[str, Callable[..., Session]] = {}
+BACKENDS: Registry[type] = Registry("runtime backend")  # runtime name -> Session class
 
 
 def register_backend(runtime: str):
-    """Register a Session class under the runtime name used in exporters.formats.FORMATS."""
-
-    def decorator(cls):
-        _BACKENDS[runtime] = cls
-        return cls
-
-    return decorator
+    """Register a Session class under the runtime name used in edge_runtime.formats.RUNTIME_FORMATS."""
+    return BACKENDS.decorator(runtime)
 
 
 def load_manifest(path: str | Path) -> ArtifactManifest:
@@ -64,8 +59,6 @@ def open_session(path: str | Path, allow_ungated: bool = False, verify_checksum:
         ManifestError: missing or invalid manifest.
         BackendUnavailableError: the runtime is not installed or cannot run on this OS.
     """
-    from exporters.formats import format_for_path
-
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"artifact {path} not found")
@@ -85,11 +78,4 @@ def open_session(path: str | Path, allow_ungated: bool = False, verify_checksum:
             f"{path.name}: fidelity gate is {manifest.gate.status!r} ({'; '.join(manifest.gate.failures) or 'no details'}); "
             "refusing to screen with it. Pass --allow-ungated to override for testing only."
         )
-    if spec.runtime not in _BACKENDS:
-        raise ArtifactError(f"no backend registered for runtime {spec.runtime!r}")
-    return _BACKENDS[spec.runtime](path, manifest, **options)
-
-
-def embedded_manifest_json(manifest: ArtifactManifest) -> str:
-    """What exporters embed inside the file: the manifest without the file's own checksum (circular)."""
-    return json.dumps({**manifest.to_dict(), "sha256": None}, sort_keys=True)
+    return BACKENDS.get(spec.runtime)(path, manifest, **options)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.errors import DatasetError
+from edge_runtime.registry import Registry
+from training.errors import DatasetError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 SPLITS = ("train", "val", "calib", "test")
@@ -29,12 +30,22 @@ class Sample:
     split: str | None = None
 
 
-_LAYOUTS: dict[str, tuple[Callable[[Path], bool], Callable[[Path], list[Sample]]]] = {}
+@dataclass(frozen=True)
+class Layout:
+    """A dataset layout: how to recognise its folder and how to read it."""
+
+    detect: Callable[[Path], bool]
+    read: Callable[[Path], list[Sample]]
+
+
+# Detection tries layouts in registration order.
+LAYOUTS: Registry[Layout] = Registry("dataset layout")
 
 
 def register_layout(name: str, detect: Callable[[Path], bool]):
+    """Register ``reader(root) -> list[Sample]`` for folders where ``detect(root)`` holds."""
     def decorator(reader: Callable[[Path], list[Sample]]):
-        _LAYOUTS[name] = (detect, reader)
+        LAYOUTS.register(name, Layout(detect, reader))
         return reader
     return decorator
 
@@ -137,8 +148,8 @@ def detect_layout(root: str | Path) -> str:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
-    for name, (detect, _) in _LAYOUTS.items():
-        if detect(root):
+    for name, layout in LAYOUTS.items():
+        if layout.detect(root):
             return name
     raise DatasetError(
         f"{root}: unknown dataset layout; expected one of: labels.csv (image,grade[,patient,split]), "
@@ -149,9 +160,7 @@ def detect_layout(root: str | Path) -> str:
 def read_dataset(root: str | Path, layout: str | None = None) -> list[Sample]:
     root = Path(root)
     layout = layout or detect_layout(root)
-    if layout not in _LAYOUTS:
-        raise DatasetError(f"unknown layout {layout!r}; known: {sorted(_LAYOUTS)}")
-    return _LAYOUTS[layout][1](root)
+    return LAYOUTS.get(layout).read(root)
 
 
 def assign_splits(samples: list[Sample], fractions: dict[str, float] | None = None, seed: int = 0) -> list[Sample]:

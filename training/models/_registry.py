@@ -1,12 +1,10 @@
 """Model registry: one decorated entrypoint per architecture, looked up by name."""
 from __future__ import annotations
 
-import difflib
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edge_runtime.errors import ConfigError
+from edge_runtime.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -23,33 +21,31 @@ class ModelCfg:
     license: str = "Apache-2.0"
 
 
-_MODEL_ENTRYPOINTS: dict[str, Callable] = {}
-_MODEL_CFGS: dict[str, ModelCfg] = {}
+@dataclass(frozen=True)
+class ModelEntry:
+    cfg: ModelCfg
+    build: Callable  # fn(pretrained=False, pretrained_file=None, **kwargs) -> DRClassifier
+
+
+MODELS: Registry[ModelEntry] = Registry("model")
 
 
 def register_model(cfg: ModelCfg) -> Callable[[Callable], Callable]:
     """Register ``fn(pretrained=False, pretrained_file=None, **kwargs) -> DRClassifier`` under ``cfg.name``."""
 
     def decorator(fn: Callable) -> Callable:
-        if cfg.name in _MODEL_ENTRYPOINTS:
-            warnings.warn(f"model {cfg.name!r} re-registered; the newer definition wins", stacklevel=2)
-        _MODEL_ENTRYPOINTS[cfg.name] = fn
-        _MODEL_CFGS[cfg.name] = cfg
+        MODELS.register(cfg.name, ModelEntry(cfg, fn))
         return fn
 
     return decorator
 
 
 def list_models(role: str | None = None) -> list[str]:
-    return sorted(n for n, c in _MODEL_CFGS.items() if role is None or c.role == role)
+    return sorted(n for n, entry in MODELS.items() if role is None or entry.cfg.role == role)
 
 
 def get_model_cfg(name: str) -> ModelCfg:
-    if name not in _MODEL_CFGS:
-        close = difflib.get_close_matches(name, list(_MODEL_CFGS), n=3)
-        hint = f" Did you mean {close}?" if close else ""
-        raise ConfigError(f"unknown model {name!r}; registered models: {list_models()}.{hint}")
-    return _MODEL_CFGS[name]
+    return MODELS.get(name).cfg
 
 
 def create_model(name: str, pretrained: bool = False, pretrained_file: str | None = None, **kwargs):
@@ -64,6 +60,6 @@ def create_model(name: str, pretrained: bool = False, pretrained_file: str | Non
         >>> model = create_model("test_dr_tiny")
         >>> logits, cam = model.forward_with_cam(torch.randn(1, 3, 64, 64))
     """
-    get_model_cfg(name)
+    build = MODELS.get(name).build
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return _MODEL_ENTRYPOINTS[name](pretrained=pretrained, pretrained_file=pretrained_file, **kwargs)
+    return build(pretrained=pretrained, pretrained_file=pretrained_file, **kwargs)

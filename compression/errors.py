@@ -1,0 +1,8 @@
+"""Errors the compression package raises."""
+from __future__ import annotations
+
+from edge_runtime.errors import ConfigError
+
+
+class QuantizationConfigError(ConfigError):
+    """A quantization recipe or QAT configuration is invalid, or the photos it needs are missing."""

@@ -1,0 +1,8 @@
+"""Errors the training package raises (configuration errors derive from ``edge_runtime.errors.ConfigError``)."""
+from __future__ import annotations
+
+from edge_runtime.errors import RetinaEdgeError
+
+
+class DatasetError(RetinaEdgeError, ValueError):
+    """A dataset layout cannot be read (missing files, bad grades, unknown layout)."""
