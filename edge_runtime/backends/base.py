@@ -6,12 +6,16 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, Union
 
 import numpy as np
 
 from ..contract import ArtifactManifest, manifest_path_for, sha256_file
 from ..errors import ArtifactError, ManifestError
+from ._inspect import inspect_artifact
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -46,31 +50,101 @@ def register_backend(runtime: str):
     return decorator
 
 
-def load_manifest(path: str | Path) -> ArtifactManifest:
+def load_manifest_dict(path: str | Path) -> dict:
+    """The sidecar manifest of ``path`` as the JSON object on disk (signature included)."""
     sidecar = manifest_path_for(path)
     if not sidecar.is_file():
         raise ManifestError(
             f"{Path(path).name} has no manifest beside it ({sidecar.name}); RetinaEdge never guesses preprocessing, "
             "labels or thresholds. Re-export it with `retinaedge export`."
         )
-    return ArtifactManifest.from_json(sidecar.read_text())
+    try:
+        data = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{sidecar.name} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ManifestError(f"{sidecar.name} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
-def open_session(path: str | Path, allow_ungated: bool = False, verify_checksum: bool = True, **options) -> Session:
-    """Open an artifact with the backend its format names, after checking manifest, checksum and gate.
+def load_manifest(path: str | Path) -> ArtifactManifest:
+    """The sidecar manifest, parsed but not checked against the file (see ``verify_artifact``)."""
+    return ArtifactManifest.from_dict(load_manifest_dict(path))
+
+
+TrustedKey = Union[str, Path, bytes, "Ed25519PublicKey", None]
+
+
+def _trusted_key(trusted_key: TrustedKey):
+    from .. import signing
+
+    if trusted_key is None:
+        return signing.trusted_key_from_env()
+    return signing.load_public_key(trusted_key)
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON-ready dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+# Exporters before the write-once pipeline embedded the manifest before the fidelity gate ran, so the embedded
+# copy says gate "not_run" (and may carry an earlier created_at) while the sidecar has the verdict. Tolerated for
+# unsigned manifests only; everything that changes a grade (preprocess, threshold, labels, quantization) must match.
+_LEGACY_UNGATED_EMBEDDED = ("gate", "created_at")
+
+
+def check_embedded_manifest(name: str, sidecar: dict, embedded: dict) -> None:
+    """Refuse a sidecar that disagrees with the manifest inside the file (sha256 and signature aside)."""
+    try:
+        side = ArtifactManifest.from_dict({k: v for k, v in sidecar.items() if k != "signature"}).to_dict()
+        inner = ArtifactManifest.from_dict({k: v for k, v in embedded.items() if k != "signature"}).to_dict()
+    except ManifestError as exc:
+        raise ManifestError(f"{name}: the manifest embedded in the file is invalid ({exc}); re-export it") from exc
+    ignored = {"sha256", "signature"}
+    if sidecar.get("signature") is None and inner["gate"]["status"] == "not_run":
+        ignored.update(_LEGACY_UNGATED_EMBEDDED)
+    differing = [k for k in _differences(side, inner) if k.split(".")[0] not in ignored]
+    if differing:
+        raise ManifestError(
+            f"{name}: the sidecar manifest disagrees with the one embedded in the file on {', '.join(differing[:8])}; "
+            "the sidecar was edited or belongs to another file. Restore the published sidecar or download the model again."
+        )
+
+
+def verify_artifact(path: str | Path, allow_ungated: bool = False, verify_checksum: bool = True,
+                    trusted_key: TrustedKey = None) -> ArtifactManifest:
+    """Every check that precedes screening with ``path``; returns its manifest.
+
+    Order: sidecar exists and parses; signature (when a publisher key is trusted, via ``trusted_key`` or
+    $RETINAEDGE_TRUSTED_KEY); format; sha256 of the file; sidecar == embedded manifest; stored weight types ==
+    the manifest's precision; fidelity gate.
 
     Raises:
-        ArtifactError: missing file, unknown suffix, checksum mismatch, or a failed/unrun fidelity gate.
-        ManifestError: missing or invalid manifest.
-        BackendUnavailableError: the runtime is not installed or cannot run on this OS.
+        ArtifactError: missing file, unknown suffix, checksum mismatch, weights of another precision, failed gate.
+        ManifestError: missing, invalid or edited manifest (ManifestSignatureError: unsigned or altered when a key
+            is trusted).
     """
     from exporters.formats import format_for_path
+
+    from ..signing import verify_manifest
 
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"artifact {path} not found")
     spec = format_for_path(path)
-    manifest = load_manifest(path)
+    raw = load_manifest_dict(path)
+    key = _trusted_key(trusted_key)
+    if key is not None:
+        verify_manifest(raw, key, what=f"{path.name}: sidecar manifest")
+    manifest = ArtifactManifest.from_dict(raw)
     if manifest.format != spec.name:
         raise ArtifactError(f"{path.name}: manifest says format {manifest.format!r} but the file is {spec.name!r}")
     if verify_checksum:
@@ -80,16 +154,69 @@ def open_session(path: str | Path, allow_ungated: bool = False, verify_checksum:
                 f"{path.name}: sha256 {actual[:12]}... does not match the manifest's {str(manifest.sha256)[:12]}...; "
                 "the file is corrupt or was replaced. Download or export it again."
             )
+    facts = inspect_artifact(path, spec.name)
+    if not facts.readable:
+        log.warning("%s: %s; sidecar not cross-checked", path.name, "; ".join(facts.notes))
+    elif facts.embedded_manifest is None:
+        raise ManifestError(f"{path.name} carries no embedded manifest to check its sidecar against; "
+                            "re-export it with `retinaedge export`")
+    else:
+        if key is not None:
+            verify_manifest(facts.embedded_manifest, key, what=f"{path.name}: embedded manifest")
+        check_embedded_manifest(path.name, raw, facts.embedded_manifest)
+    stored = facts.weights.precision if facts.weights else None
+    if stored is not None and stored != manifest.quantization.precision:
+        raise ArtifactError(
+            f"{path.name}: the manifest says {manifest.quantization.precision} but the file stores {stored} weights "
+            f"({facts.weights}); it was replaced or mislabelled. Download or export it again."
+        )
     if not manifest.ready and not allow_ungated:
         raise ArtifactError(
             f"{path.name}: fidelity gate is {manifest.gate.status!r} ({'; '.join(manifest.gate.failures) or 'no details'}); "
             "refusing to screen with it. Pass --allow-ungated to override for testing only."
         )
+    return manifest
+
+
+def open_session(path: str | Path, allow_ungated: bool = False, verify_checksum: bool = True,
+                 trusted_key: TrustedKey = None, **options) -> Session:
+    """Open an artifact with the backend its format names, after ``verify_artifact``'s checks.
+
+    ``trusted_key``: the publisher's Ed25519 public key (PEM path or text, raw base64); default
+    $RETINAEDGE_TRUSTED_KEY. With a key, unsigned or altered manifests are refused.
+
+    Raises:
+        ArtifactError: missing file, unknown suffix, checksum mismatch, mislabelled weights, failed/unrun gate.
+        ManifestError: missing, invalid, edited or (with a key) unsigned manifest.
+        BackendUnavailableError: the runtime is not installed or cannot run on this OS.
+    """
+    from exporters.formats import format_for_path
+
+    path = Path(path)
+    manifest = verify_artifact(path, allow_ungated, verify_checksum, trusted_key)
+    spec = format_for_path(path)
     if spec.runtime not in _BACKENDS:
         raise ArtifactError(f"no backend registered for runtime {spec.runtime!r}")
     return _BACKENDS[spec.runtime](path, manifest, **options)
 
 
-def embedded_manifest_json(manifest: ArtifactManifest) -> str:
-    """What exporters embed inside the file: the manifest without the file's own checksum (circular)."""
-    return json.dumps({**manifest.to_dict(), "sha256": None}, sort_keys=True)
+def embedded_manifest_json(manifest: ArtifactManifest, private_key=None) -> str:
+    """What exporters embed inside the file: the manifest without the file's own checksum (circular), signed
+    with the publisher's Ed25519 ``private_key`` (edge_runtime.signing.load_private_key) when one is given."""
+    data = {**manifest.to_dict(), "sha256": None, "signature": None}
+    if private_key is not None:
+        from ..signing import sign_manifest
+
+        data = sign_manifest(data, private_key)
+    return json.dumps(data, sort_keys=True)
+
+
+def sidecar_manifest_json(manifest: ArtifactManifest, artifact: str | Path, private_key=None) -> str:
+    """The sidecar beside ``artifact``: the manifest with the file's sha256, signed when ``private_key`` is given
+    (the signature then covers the sha256 and so every byte of the file)."""
+    data = {**manifest.to_dict(), "sha256": sha256_file(artifact), "signature": None}
+    if private_key is not None:
+        from ..signing import sign_manifest
+
+        data = sign_manifest(data, private_key)
+    return json.dumps(data, indent=2, sort_keys=True)
