@@ -1,7 +1,7 @@
 """Ed25519 signatures over artifact manifests: the publisher signs at export, devices verify before screening.
 
 What is signed is the manifest's canonical JSON (sorted keys, no whitespace, ASCII) without its ``signature`` field.
-The sidecar's signature covers the model's sha256, so a signed sidecar binds every byte of the file; the copy
+NaN gate metrics are written as ``NaN`` (Python's JSON). The sidecar's signature covers the model's sha256, so a signed sidecar binds every byte of the file; the copy
 embedded in the file carries ``sha256: null`` (a file cannot hold its own hash) and its own signature.
 
 Torch-free and small on purpose; ``cryptography`` is imported only when a key is used, so devices without a
@@ -120,13 +120,13 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 
 
 def canonical_manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
-    """The bytes a signature covers: the manifest without its signature, sorted keys, compact, ASCII."""
+    """The bytes a signature covers: the manifest without its signature, sorted keys, compact, ASCII, NaN as NaN."""
     if not isinstance(manifest, Mapping):
         raise ManifestSignatureError(f"a manifest to sign must be a JSON object, got {type(manifest).__name__}")
     unsigned = {k: v for k, v in manifest.items() if k != SIGNATURE_FIELD}
     try:
-        return json.dumps(unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                          allow_nan=False).encode()
+        # allow_nan: gate metrics can be NaN (e.g. a QWK ratio on one class); Python writes them as NaN.
+        return json.dumps(unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     except (TypeError, ValueError) as exc:
         raise ManifestSignatureError(f"manifest cannot be canonicalised for signing: {exc}") from exc
 

@@ -30,14 +30,16 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from .backends.base import TrustedKey, verify_artifact
+from .backends.base import TrustedKey, resolve_trusted_key, verify_artifact
 from .contract import ArtifactManifest, manifest_path_for
-from .errors import ArtifactError, ManifestError, ModelUpdateError
+from .errors import ArtifactError, ManifestError, ManifestSignatureError, ModelUpdateError
+from .signing import verify_manifest
 
 log = logging.getLogger(__name__)
 SAFE_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
@@ -130,9 +132,10 @@ def _stream(response: httpx.Response, cap: int, deadline: _Deadline, what: str, 
 
 def _latest(client: httpx.Client, base: httpx.URL, token: str, fmt: str, origin: tuple, limits: UpdateLimits,
             deadline: _Deadline) -> dict:
-    url = base.join("/v1/models/latest").copy_merge_params({"format": fmt})
+    # Relative, so a path prefix such as https://host/retina/ is kept.
+    url = base.join("v1/models/latest").copy_merge_params({"format": fmt})
     body = bytearray()
-    with _send(client, url, token, origin, limits, "the /latest request") as response:
+    with closing(_send(client, url, token, origin, limits, "the /latest request")) as response:
         if response.status_code == 404:
             raise ModelUpdateError(f"the server has no {fmt} model yet")
         if response.status_code in (401, 403):
@@ -192,7 +195,8 @@ def _check_offer(info: dict, fmt: str, suffix: str, limits: UpdateLimits) -> tup
 def _download(client: httpx.Client, url: httpx.URL, token: str, origin: tuple, limits: UpdateLimits,
               deadline: _Deadline, target: Path, size: int | None) -> str:
     digest = hashlib.sha256()
-    with _send(client, url, token, origin, limits, "the model download") as response, open(target, "wb") as fh:
+    with closing(_send(client, url, token, origin, limits, "the model download")) as response, \
+            open(target, "wb") as fh:
         if response.status_code != 200:
             raise ModelUpdateError(f"the model download answered HTTP {response.status_code}; keeping the current model")
 
@@ -285,9 +289,15 @@ def install_latest_model(server: str, token: str, fmt: str, dest_dir: str | Path
     versions = dest / "versions"
     versions.mkdir(parents=True, exist_ok=True)
     timeout = httpx.Timeout(min(limits.io_timeout_s, limits.deadline_s))
+    key = resolve_trusted_key(trusted_key)
     with httpx.Client(timeout=timeout, transport=transport, follow_redirects=False) as client:
         info = _latest(client, base, token, fmt, origin, limits, deadline)
         raw, manifest, size = _check_offer(info, fmt, spec.suffix, limits)
+        if key is not None:  # before the download; verify_artifact checks it again on the staged file
+            try:
+                verify_manifest(raw, key, what="the published manifest")
+            except ManifestSignatureError as exc:
+                raise ModelUpdateError(f"{exc}. Keeping the current model.") from exc
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=versions))
         try:
             model = staging / f"model{spec.suffix}"
@@ -297,11 +307,11 @@ def install_latest_model(server: str, token: str, fmt: str, dest_dir: str | Path
                 raise ArtifactError(f"downloaded model has sha256 {actual[:12]}..., expected {manifest.sha256[:12]}...; "
                                     "keeping the current model")
             manifest_path_for(model).write_text(json.dumps(raw, indent=2, sort_keys=True))
-            _verified(model, trusted_key)
+            _verified(model, key)
             final = versions / f"{manifest.model_version}-{manifest.sha256[:12]}"
             if final.exists():  # the same model again: keep the installed copy unless it no longer verifies
                 try:
-                    _verified(final / model.name, trusted_key)
+                    _verified(final / model.name, key)
                 except ModelUpdateError:
                     trash = final.rename(versions / f"{STAGING_PREFIX}old-{uuid.uuid4().hex}")
                     os.replace(staging, final)

@@ -75,7 +75,7 @@ def load_manifest(path: str | Path) -> ArtifactManifest:
 TrustedKey = Union[str, Path, bytes, "Ed25519PublicKey", None]
 
 
-def _trusted_key(trusted_key: TrustedKey):
+def resolve_trusted_key(trusted_key: TrustedKey):
     from .. import signing
 
     if trusted_key is None:
@@ -90,7 +90,7 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
         x, y = a.get(key), b.get(key)
         if isinstance(x, dict) and isinstance(y, dict):
             out += _differences(x, y, f"{prefix}{key}.")
-        elif x != y:
+        elif json.dumps(x, sort_keys=True) != json.dumps(y, sort_keys=True):  # NaN metrics equal themselves here
             out.append(f"{prefix}{key}")
     return out
 
@@ -141,7 +141,7 @@ def verify_artifact(path: str | Path, allow_ungated: bool = False, verify_checks
         raise ArtifactError(f"artifact {path} not found")
     spec = format_for_path(path)
     raw = load_manifest_dict(path)
-    key = _trusted_key(trusted_key)
+    key = resolve_trusted_key(trusted_key)
     if key is not None:
         verify_manifest(raw, key, what=f"{path.name}: sidecar manifest")
     manifest = ArtifactManifest.from_dict(raw)
