@@ -112,6 +112,12 @@ def trusted_key_from_env() -> Ed25519PublicKey | None:
     return load_public_key(value) if value else None
 
 
+def signing_key_from_env() -> Ed25519PrivateKey | None:
+    """The publisher's private key named by $RETINAEDGE_SIGNING_KEY (exporters), or None when unset or empty."""
+    value = os.environ.get(SIGNING_KEY_ENV, "").strip()
+    return load_private_key(value) if value else None
+
+
 def key_id(public_key: Ed25519PublicKey) -> str:
     """Short fingerprint of a public key (first 16 hex of the sha256 of its raw bytes), shown in errors."""
     serialization = _serialization()

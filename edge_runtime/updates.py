@@ -8,7 +8,7 @@ The server is treated as hostile:
   refuses the update before any request is sent there;
 - sizes and time are bounded: the ``/latest`` JSON, the model (its published ``size_bytes`` and a local cap) and
   the whole update (an overall deadline, so a byte-every-few-seconds drip cannot hold the device forever);
-- the staged model must pass ``verify_artifact`` (sha256, sidecar == embedded manifest, weight types, signature
+- the staged model must pass ``check_artifact`` (sha256, sidecar == embedded manifest, weight types, signature
   when a publisher key is trusted, fidelity gate) before ``current`` is switched to it atomically; the previous
   model stays installed as ``previous``.
 
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import httpx
 
-from .backends.base import TrustedKey, resolve_trusted_key, verify_artifact
+from .backends.base import TrustedKey, check_artifact, format_named, resolve_trusted_key
 from .contract import ArtifactManifest, manifest_path_for
 from .errors import ArtifactError, ManifestError, ManifestSignatureError, ModelUpdateError
 from .signing import verify_manifest
@@ -217,7 +217,7 @@ def _download(client: httpx.Client, url: httpx.URL, token: str, origin: tuple, l
 def _verified(model: Path, trusted_key: TrustedKey) -> None:
     """The checks a screening session makes (gate, format, sha256, embedded manifest, weights, signature)."""
     try:
-        verify_artifact(model, trusted_key=trusted_key)
+        check_artifact(model, trusted_key=trusted_key)
     except (ArtifactError, ManifestError) as exc:
         raise ModelUpdateError(f"the downloaded model failed its checks: {exc} Keeping the current model.") from exc
 
@@ -272,10 +272,8 @@ def install_latest_model(server: str, token: str, fmt: str, dest_dir: str | Path
         ModelUpdateError: refused offer (origin, names, size, deadline, gate, format, redirects, empty body).
         ArtifactError, ManifestError: the download does not match the published sha256 or manifest.
     """
-    from exporters.formats import get_format
-
     limits = limits or UpdateLimits()
-    spec = get_format(fmt)
+    spec = format_named(fmt)
     if spec.is_directory:
         raise ModelUpdateError(f"{fmt} artifacts are directories and cannot be downloaded as one file")
     try:
@@ -293,7 +291,7 @@ def install_latest_model(server: str, token: str, fmt: str, dest_dir: str | Path
     with httpx.Client(timeout=timeout, transport=transport, follow_redirects=False) as client:
         info = _latest(client, base, token, fmt, origin, limits, deadline)
         raw, manifest, size = _check_offer(info, fmt, spec.suffix, limits)
-        if key is not None:  # before the download; verify_artifact checks it again on the staged file
+        if key is not None:  # before the download; check_artifact checks it again on the staged file
             try:
                 verify_manifest(raw, key, what="the published manifest")
             except ManifestSignatureError as exc:

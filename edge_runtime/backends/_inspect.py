@@ -191,7 +191,8 @@ def _inspect_tflite(path: Path) -> ArtifactFacts:
         for t in range(graph.TensorsLength()):
             tensor = graph.Tensors(t)
             buffer = model.Buffers(tensor.Buffer()) if 0 < tensor.Buffer() < model.BuffersLength() else None
-            if buffer is None or not (buffer.DataLength() or buffer.Size() > 0):
+            # Data inline, or (ai-edge-quantizer) after the flatbuffer at offset/size.
+            if buffer is None or not (buffer.DataLength() or getattr(buffer, "Size", lambda: 0)() > 0):
                 continue  # not a constant
             elements = math.prod(int(d) for d in tensor.ShapeAsNumpy()) if tensor.ShapeLength() else 1
             for name, types in (("int8", _TFLITE_INT8), ("fp16", _TFLITE_FP16), ("fp32", _TFLITE_FP32)):

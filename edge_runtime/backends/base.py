@@ -50,6 +50,21 @@ def register_backend(runtime: str):
     return decorator
 
 
+def format_named(name: str):
+    """The format facts for ``name`` (suffix, runtime, directory or file). The one place the runtime reads the
+    format table from, so moving that table into edge_runtime (issue 19) changes only these two imports."""
+    from exporters.formats import get_format
+
+    return get_format(name)
+
+
+def format_of(path: str | Path):
+    """The format facts of an artifact, from its suffix."""
+    from exporters.formats import format_for_path
+
+    return format_for_path(path)
+
+
 def load_manifest_dict(path: str | Path) -> dict:
     """The sidecar manifest of ``path`` as the JSON object on disk (signature included)."""
     sidecar = manifest_path_for(path)
@@ -68,7 +83,7 @@ def load_manifest_dict(path: str | Path) -> dict:
 
 
 def load_manifest(path: str | Path) -> ArtifactManifest:
-    """The sidecar manifest, parsed but not checked against the file (see ``verify_artifact``)."""
+    """The sidecar manifest, parsed but not checked against the file (see ``check_artifact``)."""
     return ArtifactManifest.from_dict(load_manifest_dict(path))
 
 
@@ -119,7 +134,7 @@ def check_embedded_manifest(name: str, sidecar: dict, embedded: dict) -> None:
         )
 
 
-def verify_artifact(path: str | Path, allow_ungated: bool = False, verify_checksum: bool = True,
+def check_artifact(path: str | Path, allow_ungated: bool = False, verify_checksum: bool = True,
                     trusted_key: TrustedKey = None) -> ArtifactManifest:
     """Every check that precedes screening with ``path``; returns its manifest.
 
@@ -132,14 +147,12 @@ def verify_artifact(path: str | Path, allow_ungated: bool = False, verify_checks
         ManifestError: missing, invalid or edited manifest (ManifestSignatureError: unsigned or altered when a key
             is trusted).
     """
-    from exporters.formats import format_for_path
-
     from ..signing import verify_manifest
 
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"artifact {path} not found")
-    spec = format_for_path(path)
+    spec = format_of(path)
     raw = load_manifest_dict(path)
     key = resolve_trusted_key(trusted_key)
     if key is not None:
@@ -180,7 +193,7 @@ def verify_artifact(path: str | Path, allow_ungated: bool = False, verify_checks
 
 def open_session(path: str | Path, allow_ungated: bool = False, verify_checksum: bool = True,
                  trusted_key: TrustedKey = None, **options) -> Session:
-    """Open an artifact with the backend its format names, after ``verify_artifact``'s checks.
+    """Open an artifact with the backend its format names, after ``check_artifact``'s checks.
 
     ``trusted_key``: the publisher's Ed25519 public key (PEM path or text, raw base64); default
     $RETINAEDGE_TRUSTED_KEY. With a key, unsigned or altered manifests are refused.
@@ -190,11 +203,9 @@ def open_session(path: str | Path, allow_ungated: bool = False, verify_checksum:
         ManifestError: missing, invalid, edited or (with a key) unsigned manifest.
         BackendUnavailableError: the runtime is not installed or cannot run on this OS.
     """
-    from exporters.formats import format_for_path
-
     path = Path(path)
-    manifest = verify_artifact(path, allow_ungated, verify_checksum, trusted_key)
-    spec = format_for_path(path)
+    manifest = check_artifact(path, allow_ungated, verify_checksum, trusted_key)
+    spec = format_of(path)
     if spec.runtime not in _BACKENDS:
         raise ArtifactError(f"no backend registered for runtime {spec.runtime!r}")
     return _BACKENDS[spec.runtime](path, manifest, **options)
