@@ -90,7 +90,8 @@ def load_manifest(path: str | Path) -> ArtifactManifest:
 TrustedKey = Union[str, Path, bytes, "Ed25519PublicKey", None]
 
 
-def resolve_trusted_key(trusted_key: TrustedKey):
+def resolve_trusted_key(trusted_key: TrustedKey) -> Ed25519PublicKey | None:
+    """The publisher key to enforce: the one given, else $RETINAEDGE_TRUSTED_KEY, else None (no signature check)."""
     from .. import signing
 
     if trusted_key is None:
