@@ -20,6 +20,7 @@ Layout under ``dest``::
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -299,7 +300,10 @@ def install_latest_model(server: str, token: str, fmt: str, dest_dir: str | Path
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=versions))
         try:
             model = staging / f"model{spec.suffix}"
-            url = base.join(info["download_url"])
+            try:
+                url = base.join(info["download_url"])
+            except httpx.InvalidURL as exc:
+                raise ModelUpdateError(f"the published download_url is invalid ({exc}); refusing the update") from exc
             actual = _download(client, url, token, origin, limits, deadline, model, size)
             if actual != manifest.sha256:
                 raise ArtifactError(f"downloaded model has sha256 {actual[:12]}..., expected {manifest.sha256[:12]}...; "
@@ -331,5 +335,5 @@ def fetch_latest_model(server: str, token: str, fmt: str, dest_dir: str | Path,
                        limits: UpdateLimits | None = None, trusted_key: TrustedKey = None) -> Path:
     """``install_latest_model``, returning the stable path to screen with (``dest/current/model<suffix>``)."""
     if timeout is not None:
-        limits = UpdateLimits(**{**(limits or UpdateLimits()).__dict__, "io_timeout_s": timeout})
+        limits = dataclasses.replace(limits or UpdateLimits(), io_timeout_s=timeout)
     return install_latest_model(server, token, fmt, dest_dir, transport, limits, trusted_key).path

@@ -351,6 +351,33 @@ def test_medium7_sidecar_passed_cannot_override_embedded_failed(artifacts, tmp_p
         open_session(copy)
 
 
+def test_medium7_coreml_sidecar_is_checked_against_its_embedded_manifest(artifacts, tmp_path):
+    """CoreML packages are checked the same way, without coremltools on the device (it only builds the package)."""
+    import coremltools as ct
+    import numpy as np
+    from coremltools.converters.mil import Builder as mb
+
+    from edge_runtime.errors import BackendUnavailableError
+    from exporters.formats import FORMATS
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 4))])
+    def program(x):
+        return mb.linear(x=x, weight=np.eye(4, dtype=np.float32), name="y")
+
+    manifest = {**_sidecar(artifacts[("onnx", "fp32")]), "format": "coreml", "signature": None}
+    package = tmp_path / "m.mlpackage"
+    model = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16)
+    model.user_defined_metadata["retinaedge_manifest"] = embedded_manifest_json(ArtifactManifest.from_dict(manifest))
+    model.save(str(package))
+    manifest_path_for(package).write_text(sidecar_manifest_json(ArtifactManifest.from_dict(manifest), package))
+    if not FORMATS["coreml"].runs_here:  # every check passed; only the runtime is missing here
+        with pytest.raises(BackendUnavailableError):
+            open_session(package)
+    manifest_path_for(package).write_text(json.dumps({**_sidecar(package), "referable_threshold": 0.99}))
+    with pytest.raises(ManifestError, match="disagrees with the one embedded.*referable_threshold"):
+        open_session(package)
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_medium7_fp32_file_under_int8_manifest_is_refused(artifacts, tmp_path, fmt):
     suffix = ".onnx" if fmt == "onnx" else ".tflite"
@@ -377,6 +404,7 @@ def test_medium7_trusted_key_refuses_unsigned_and_altered_manifests(artifacts, h
     signed = _repackage(src, tmp_path / "signed.onnx", manifest, key=load_private_key(private_pem))
     sidecar = _sidecar(signed)
     verify_manifest(sidecar, public_pem)  # the signature covers the file's sha256
+    verify_manifest(ArtifactManifest.from_dict(sidecar).to_dict(), public_pem)  # survives a parse/re-serialise (server)
     assert sidecar["sha256"] == sha256_file(signed) and sidecar["signature"]["algorithm"] == "ed25519"
     assert open_session(signed, trusted_key=tmp_path / "publisher.pub").info.manifest.signature is not None
     # Unsigned: refused with a key, accepted without one (the sidecar/embedded checks still run).
