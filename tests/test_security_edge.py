@@ -41,7 +41,8 @@ from edge_runtime.updates import UpdateLimits, install_latest_model
 
 from .conftest import ROOT, encode
 
-pytestmark = pytest.mark.timeout(120)
+# A fuse on each test body (not on the shared tiny-model fixture, which takes minutes on a loaded machine).
+pytestmark = pytest.mark.timeout(120, func_only=True)
 
 
 # ---------------------------------------------------------------- a hostile HTTP server on loopback
