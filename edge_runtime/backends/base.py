@@ -140,8 +140,8 @@ def check_artifact(path: str | Path, allow_ungated: bool = False, verify_checksu
     """Every check that precedes screening with ``path``; returns its manifest.
 
     Order: sidecar exists and parses; signature (when a publisher key is trusted, via ``trusted_key`` or
-    $RETINAEDGE_TRUSTED_KEY); format; sha256 of the file; sidecar == embedded manifest; stored weight types ==
-    the manifest's precision (a warning only with ``allow_ungated``); fidelity gate.
+    $RETINAEDGE_TRUSTED_KEY); format; sha256 of the file; sidecar == embedded manifest; fidelity gate; stored
+    weight types == the manifest's precision (a warning only with ``allow_ungated``).
 
     Raises:
         ArtifactError: missing file, unknown suffix, checksum mismatch, weights of another precision, failed gate.
@@ -178,6 +178,11 @@ def check_artifact(path: str | Path, allow_ungated: bool = False, verify_checksu
         if key is not None:
             verify_manifest(facts.embedded_manifest, key, what=f"{path.name}: embedded manifest")
         check_embedded_manifest(path.name, raw, facts.embedded_manifest)
+    if not manifest.ready and not allow_ungated:
+        raise ArtifactError(
+            f"{path.name}: fidelity gate is {manifest.gate.status!r} ({'; '.join(manifest.gate.failures) or 'no details'}); "
+            "refusing to screen with it. Pass --allow-ungated to override for testing only."
+        )
     stored = facts.weights.precision if facts.weights else None
     if stored is not None and stored != manifest.quantization.precision:
         problem = (f"{path.name}: the manifest says {manifest.quantization.precision} but the file stores {stored} "
@@ -187,11 +192,6 @@ def check_artifact(path: str | Path, allow_ungated: bool = False, verify_checksu
         if not allow_ungated:
             raise ArtifactError(f"{problem}; it was replaced or mislabelled. Download or export it again.")
         log.warning("%s; allowed only because the gate is overridden", problem)
-    if not manifest.ready and not allow_ungated:
-        raise ArtifactError(
-            f"{path.name}: fidelity gate is {manifest.gate.status!r} ({'; '.join(manifest.gate.failures) or 'no details'}); "
-            "refusing to screen with it. Pass --allow-ungated to override for testing only."
-        )
     return manifest
 
 
