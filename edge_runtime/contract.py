@@ -268,6 +268,8 @@ class ArtifactManifest:
     created_at: str = field(default_factory=utcnow)
     schema_version: int = MANIFEST_SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    # Ed25519 over the canonical manifest without this field (edge_runtime.signing); None when unsigned.
+    signature: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         for name in ("model_name", "model_version", "format"):

@@ -40,6 +40,30 @@ class BackendUnavailableError(RetinaEdgeError, ImportError):
     """The runtime a backend needs is not installed or cannot run on this OS."""
 
 
+class ManifestSignatureError(ManifestError):
+    """A manifest is unsigned, signed by an untrusted key, or was altered after signing."""
+
+
+class SigningUnavailableError(BackendUnavailableError):
+    """A key is configured but the ``cryptography`` package that checks signatures is not installed."""
+
+
+class ModelUpdateError(ArtifactError):
+    """``update-model`` refused what the server offered (origin, size, deadline, gate, format); the current model stays."""
+
+
+class OutboxError(RetinaEdgeError, RuntimeError):
+    """The outbox database cannot be used; nothing already stored in it was deleted."""
+
+
+class OutboxMissingError(OutboxError):
+    """The outbox file does not exist or is empty where stored results were expected."""
+
+
+class OutboxCorruptError(OutboxError):
+    """The outbox file failed SQLite's integrity check or is not a database."""
+
+
 class ConfigError(RetinaEdgeError, ValueError):
     """A configuration key or value is invalid (the base of every package's configuration errors)."""
 

@@ -5,11 +5,18 @@ The sync contract (the companion API implements it):
     {"results": [{"result": ScreeningResult.to_dict(), "content_hash": str, "overlay_png_b64": str | null,
                   "image_b64": str | null}]}
     -> 200 {"items": [{"result_id": str, "status": "stored" | "duplicate" | "conflict" | "rejected", "detail": str}]}
-Only ``stored`` and ``duplicate`` acknowledge a result; ``conflict``/``rejected`` keep it, marked rejected.
+Only ``stored`` and ``duplicate`` acknowledge a result; ``conflict``/``rejected`` keep it, marked rejected. Any
+other status keeps it due (a newer server may say "retry later" in words this client does not know).
+
+The network is hostile: an answer that is not the protocol (a captive portal's HTML 200) is a typed
+``UnexpectedResponseError`` and the batch stays due; an answer that moves nothing forward (``{"items": []}``)
+counts as a failed round with backoff, and a one-shot sync gives up after ``max_stalled_rounds`` such rounds
+(``SyncStalledError``) instead of posting forever.
 """
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import random
 import time
@@ -21,6 +28,7 @@ from .outbox import Outbox
 
 log = logging.getLogger(__name__)
 ACK_STATUSES = ("stored", "duplicate")
+FINAL_REFUSALS = ("conflict", "rejected")  # the server will never store these as sent
 
 
 @dataclass
@@ -30,17 +38,34 @@ class SyncReport:
     rejected: int = 0
     errors: int = 0
     rounds: int = 0
+    quarantined: int = 0  # outbox rows kept aside because they cannot be decoded (never sent, never deleted)
 
 
 class SyncError(RuntimeError):
     """The server could not be reached or refused the batch; the outbox is unchanged apart from attempt counts."""
 
 
+class TokenRefusedError(SyncError):
+    """401/403: retrying cannot help until the device has a valid token."""
+
+
+class UnexpectedResponseError(SyncError):
+    """The server (or something pretending to be it) answered outside the sync protocol; nothing was acknowledged."""
+
+
+class NoProgressError(SyncError):
+    """The server answered but acknowledged or refused none of the batch."""
+
+
+class SyncStalledError(SyncError):
+    """A one-shot sync gave up after several rounds in a row that moved nothing forward; results stay due."""
+
+
 class SyncClient:
     def __init__(self, server: str, token: str, outbox: Outbox, batch_size: int = 25, timeout: float = 30.0,
                  base_delay: float = 1.0, max_delay: float = 300.0, transport: httpx.BaseTransport | None = None,
-                 sleep=time.sleep):
-        self.outbox, self.batch_size = outbox, batch_size
+                 sleep=time.sleep, max_stalled_rounds: int = 5):
+        self.outbox, self.batch_size, self.max_stalled_rounds = outbox, batch_size, max_stalled_rounds
         self.base_delay, self.max_delay, self.sleep = base_delay, max_delay, sleep
         self.client = httpx.Client(base_url=server.rstrip("/"), timeout=timeout, transport=transport,
                                    headers={"Authorization": f"Bearer {token}"})
@@ -67,36 +92,58 @@ class SyncClient:
         if response.status_code == 429:
             raise RetryAfter(_retry_after(response))
         if response.status_code in (401, 403):
-            raise SyncError(f"server refused the device token ({response.status_code}); ask an administrator for a new one")
+            raise TokenRefusedError(f"server refused the device token ({response.status_code}); ask an administrator "
+                                    "for a new one")
         if response.status_code >= 400:
             self.outbox.record_error(ids, f"HTTP {response.status_code}")
             raise SyncError(f"server answered HTTP {response.status_code}: {response.text[:200]}")
-        acked, rejected = [], 0
-        for entry in response.json().get("items", []):
-            if entry.get("status") in ACK_STATUSES:
-                acked.append(entry["result_id"])
-            elif entry.get("result_id") in ids:
-                self.outbox.mark_rejected(entry["result_id"], f"{entry.get('status')}: {entry.get('detail', '')}")
+        try:
+            entries = _protocol_items(response, len(ids))
+        except UnexpectedResponseError as exc:
+            self.outbox.record_error(ids, str(exc))
+            raise
+        acked, rejected, unknown = [], 0, []
+        for entry in entries:
+            result_id, status = entry["result_id"], entry.get("status")
+            if result_id not in ids:
+                continue  # only what this batch sent can be settled by this answer
+            if status in ACK_STATUSES:
+                acked.append(result_id)
+            elif status in FINAL_REFUSALS:
+                self.outbox.mark_rejected(result_id, f"{status}: {entry.get('detail', '')}")
                 rejected += 1
+            else:
+                unknown.append(result_id)
+        if unknown:
+            log.warning("server answered an unknown status for %d result(s); they stay due", len(unknown))
+            self.outbox.record_error(unknown, "unknown status from the server; kept for the next sync")
         # Only what the server confirmed is acknowledged; anything it did not mention stays due.
-        self.outbox.mark_acknowledged([a for a in acked if a in ids])
+        self.outbox.mark_acknowledged(acked)
+        if not acked and not rejected:
+            raise NoProgressError(f"the server answered but settled none of {len(ids)} result(s); they stay due")
         return len(items)
 
     def run(self, loop: bool = False, max_rounds: int | None = None, idle_interval: float = 30.0) -> SyncReport:
         """Push until drained (or forever with ``loop``), backing off exponentially with jitter on failure."""
-        report, failures = SyncReport(), 0
+        report, failures, stalled = SyncReport(), 0, 0
         while max_rounds is None or report.rounds < max_rounds:
             report.rounds += 1
             try:
                 sent = self.push_batch()
-                failures = 0
+                failures = stalled = 0
             except RetryAfter as wait:
                 log.warning("server asked to slow down; retrying in %.1fs", wait.seconds)
                 self.sleep(wait.seconds)
                 continue
             except SyncError as exc:
-                if "token" in str(exc):
+                if isinstance(exc, TokenRefusedError):
                     raise
+                if isinstance(exc, (NoProgressError, UnexpectedResponseError)):
+                    stalled += 1
+                    if not loop and stalled >= self.max_stalled_rounds:
+                        raise SyncStalledError(
+                            f"{stalled} rounds in a row moved nothing forward (last: {exc}); results stay due. "
+                            "Check the server URL and the network (a captive portal?), then sync again.") from exc
                 failures += 1
                 report.errors += 1
                 delay = min(self.max_delay, self.base_delay * 2 ** min(failures, 16)) * random.uniform(0.5, 1.5)
@@ -110,7 +157,24 @@ class SyncClient:
                 self.sleep(idle_interval)
         counts = self.outbox.counts()
         report.acknowledged, report.rejected = counts["acknowledged"], counts["rejected"]
+        report.quarantined = len(self.outbox.quarantined())
         return report
+
+
+def _protocol_items(response: httpx.Response, batch: int) -> list[dict]:
+    """The ``items`` of a sync answer, or UnexpectedResponseError when the answer is not the protocol."""
+    kept = f"{batch} result(s) kept for the next sync"
+    content_type = response.headers.get("content-type", "no content type")
+    if response.status_code != 200:
+        raise UnexpectedResponseError(f"server answered HTTP {response.status_code} ({content_type}); {kept}")
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UnexpectedResponseError(f"server answered HTTP 200 with {content_type[:60]}, not JSON (a captive "
+                                      f"portal or proxy login page?); {kept}") from exc
+    if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+        raise UnexpectedResponseError(f"server answered JSON without an items list (not the sync protocol); {kept}")
+    return [e for e in body["items"] if isinstance(e, dict) and isinstance(e.get("result_id"), str)]
 
 
 class RetryAfter(Exception):

@@ -334,34 +334,48 @@ def watch(
 @app.command()
 def sync(
     server: str = typer.Option(..., help="Companion server URL."), token: str = typer.Option(..., envvar="RETINAEDGE_TOKEN"),
-    outbox: Path = typer.Option(Path("retinaedge_outbox.db")), loop: bool = typer.Option(False, "--loop"),
-    batch_size: int = typer.Option(25), max_rounds: int | None = typer.Option(None),
+    outbox: Path = typer.Option(Path("retinaedge_outbox.db"), help="An existing outbox (sync never creates one)."),
+    loop: bool = typer.Option(False, "--loop"), batch_size: int = typer.Option(25), max_rounds: int | None = typer.Option(None),
 ):
     """Send unacknowledged results to the companion server (idempotent; resumes after restarts)."""
     _logging(False)
+    from edge_runtime.errors import OutboxError
     from edge_runtime.outbox import Outbox
     from edge_runtime.sync import SyncClient, SyncError
 
-    box = Outbox(outbox)
     try:
+        box = Outbox(outbox, create=False)
         report = SyncClient(server, token, box, batch_size).run(loop=loop, max_rounds=max_rounds)
-    except SyncError as exc:
+        counts = box.counts()
+        quarantined = box.quarantined() if report.quarantined else []
+    except (SyncError, OutboxError) as exc:
         _fail(exc)
-    console.print(f"sent {report.sent}, outbox {box.counts()}, errors {report.errors}")
+    console.print(f"sent {report.sent}, outbox {counts}, errors {report.errors}, quarantined {report.quarantined}")
+    for row in quarantined[:10]:
+        console.print(f"[yellow]quarantined (kept in {outbox}, never sent): {row.result_id}: {row.reason}[/yellow]")
 
 
 @app.command("update-model")
-def update_model(server: str = typer.Option(...), token: str = typer.Option(..., envvar="RETINAEDGE_TOKEN"),
-                 format: str = typer.Option("onnx"), dest: Path = typer.Option(Path("models"))):
-    """Download the newest artifact from the companion server; it is used only if its sha256 matches."""
+def update_model(
+    server: str = typer.Option(...), token: str = typer.Option(..., envvar="RETINAEDGE_TOKEN"),
+    format: str = typer.Option("onnx"), dest: Path = typer.Option(Path("models")),
+    trusted_key: str | None = typer.Option(None, "--trusted-key", envvar="RETINAEDGE_TRUSTED_KEY",
+                                           help="Publisher's Ed25519 public key (PEM file, PEM text or raw base64); "
+                                                "unsigned or altered manifests are then refused."),
+    max_mb: float = typer.Option(512.0, help="Largest model this device accepts, MiB."),
+    deadline: float = typer.Option(900.0, help="Seconds the whole update may take."),
+):
+    """Download the newest artifact; it replaces the current one only after every load-time check passed."""
     from edge_runtime.errors import RetinaEdgeError
-    from edge_runtime.updates import fetch_latest_model
+    from edge_runtime.updates import UpdateLimits, install_latest_model
 
     try:
-        path = fetch_latest_model(server, token, format, dest)
-    except (RetinaEdgeError, OSError) as exc:
+        limits = UpdateLimits(max_model_bytes=int(max_mb * 2**20), deadline_s=deadline)
+        installed = install_latest_model(server, token, format, dest, limits=limits, trusted_key=trusted_key)
+    except (RetinaEdgeError, OSError, ValueError) as exc:
         _fail(exc)
-    out_console.print(f"verified and installed {path}")
+    kept = f"; previous kept at {installed.previous}" if installed.previous else ""
+    out_console.print(f"verified and installed {installed.manifest.model_version}: screen with {installed.path}{kept}")
 
 
 @app.command()
