@@ -22,8 +22,8 @@ from edge_runtime.contract import (
 )
 from edge_runtime.decision import decide_batch
 from edge_runtime.errors import ImageError
+from edge_runtime.formats import RUNTIME_FORMATS, format_for_path
 from edge_runtime.preprocess import preprocess_file
-from exporters.formats import FORMATS, format_for_path
 
 from .device import fingerprint, peak_gmacs
 
@@ -186,7 +186,7 @@ def run_benchmark(artifacts: Path, out: Path, data: Path | None = None, lesion_d
     out.mkdir(parents=True, exist_ok=True)
     device = fingerprint()
     peaks = peak_gmacs(cfg.threads)
-    paths = sorted(p for p in artifacts.rglob("*") if p.suffix in {s.suffix for s in FORMATS.values()}
+    paths = sorted(p for p in artifacts.rglob("*") if p.suffix in {s.suffix for s in RUNTIME_FORMATS.values()}
                    and manifest_path_for(p).is_file() and ".tmp" not in p.name)
     rows: list[dict] = []
     eval_sets: dict = {}

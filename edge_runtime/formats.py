@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +35,12 @@ class RuntimeFormat:
         return platform.system() in self.runs_on
 
     def read_embedded_manifest(self, path: str | Path) -> ArtifactManifest | None:
-        """The manifest embedded in the artifact file, or None when it carries none."""
-        text = _READERS[self.name](Path(path))
-        return None if text is None else ArtifactManifest.from_json(text)
+        """The manifest embedded in the artifact file, or None when it carries none (read without onnx,
+        onnxruntime or coremltools: edge_runtime.backends._inspect parses the containers directly)."""
+        from .backends._inspect import inspect_artifact
+
+        embedded = inspect_artifact(path, self.name).embedded_manifest
+        return None if embedded is None else ArtifactManifest.from_dict(embedded)
 
 
 RUNTIME_FORMATS: dict[str, RuntimeFormat] = {
@@ -71,33 +73,3 @@ def embedded_manifest_json(manifest: ArtifactManifest) -> str:
     """What exporters embed inside the file: the manifest with its file-bound fields null (FILE_BOUND_FIELDS)."""
     data = manifest.to_dict()
     return json.dumps({**data, **{k: None for k in FILE_BOUND_FIELDS if k in data}}, sort_keys=True)
-
-
-def _read_onnx(path: Path) -> str | None:
-    import onnxruntime as ort  # the edge extra has onnxruntime, not onnx
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.get_modelmeta().custom_metadata_map.get(MANIFEST_METADATA_KEY)
-
-
-def _read_tflite(path: Path) -> str | None:
-    from ai_edge_litert import schema_py_generated as schema
-
-    model = schema.Model.GetRootAs(bytearray(path.read_bytes()), 0)
-    for i in range(model.MetadataLength()):
-        meta = model.Metadata(i)
-        if meta.Name().decode() == MANIFEST_METADATA_KEY:
-            return bytes(model.Buffers(meta.Buffer()).DataAsNumpy()).decode()
-    return None
-
-
-def _read_coreml(path: Path) -> str | None:
-    import coremltools as ct
-
-    return ct.utils.load_spec(str(path)).description.metadata.userDefined.get(MANIFEST_METADATA_KEY)
-
-
-_READERS: dict[str, Callable[[Path], str | None]] = {"onnx": _read_onnx, "tflite": _read_tflite, "coreml": _read_coreml}

@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from edge_runtime.contract import ArtifactManifest, sha256_file
 from edge_runtime.errors import ManifestError
-from exporters.formats import FORMATS
+from edge_runtime.formats import RUNTIME_FORMATS
 
 from ...models import ModelArtifact
 from ...schemas import ModelPublic
@@ -34,7 +34,7 @@ async def upload_model(caller: ReviewerDep, session: SessionDep, request: Reques
         parsed = ArtifactManifest.from_json(manifest)
     except ManifestError as exc:
         raise HTTPException(422, str(exc)) from exc
-    spec = FORMATS.get(parsed.format)
+    spec = RUNTIME_FORMATS.get(parsed.format)
     if spec is None or spec.is_directory:
         raise HTTPException(422, f"format {parsed.format!r} cannot be uploaded as one file")
     store = Path(request.app.state.settings.ARTIFACT_DIR)
