@@ -150,7 +150,7 @@ def export(
     out: Path = typer.Option(Path("artifacts"), help="Output folder (gets index.json)."),
     recipe: str = typer.Option("ort", help="INT8 recipe: ort | nncf | nncf_ac (ONNX; TFLite/CoreML use PT2E) | "
                                "qat (ONNX through NNCF, TFLite/CoreML through PT2E)."),
-    target: str = typer.Option("x86_avx2", help="CPU class preset: x86_avx2 | x86_avx2_fast | x86_vnni | arm64 | jetson_orin."),
+    target: str = typer.Option("x86_avx2", help="CPU class preset: auto (this CPU's int8 features) | x86_avx2 | x86_avx2_fast | x86_vnni | arm64 | jetson_orin."),
     calibration: str = typer.Option("minmax", help="minmax | percentile | entropy (ort recipe)."),
     min_agreement: float = typer.Option(0.995), min_qwk_ratio: float = typer.Option(0.995),
     max_sensitivity_drop: float = typer.Option(0.01),

@@ -4,14 +4,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from ..contract import ArtifactManifest, manifest_path_for, sha256_file
-from ..errors import ArtifactError, ManifestError
+from ..errors import ArtifactError, ConfigError, ManifestError
+from .options import RuntimeOptions
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +57,33 @@ def load_manifest(path: str | Path) -> ArtifactManifest:
     return ArtifactManifest.from_json(sidecar.read_text())
 
 
-def open_session(path: str | Path, allow_ungated: bool = False, verify_checksum: bool = True, **options) -> Session:
+def resolve_options(options: RuntimeOptions | None = None, **overrides) -> RuntimeOptions:
+    """``options`` (default: runtime defaults) with keyword overrides of its fields, e.g. ``threads=2``;
+    an unknown name is a ConfigError, never silently dropped. ``None`` overrides keep the field as it is."""
+    known = {f.name for f in fields(RuntimeOptions)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown runtime option(s) {unknown}; RuntimeOptions has {sorted(known)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return replace(options or RuntimeOptions(), **overrides)
+
+
+def open_session(path: str | Path, allow_ungated: bool = False, verify_checksum: bool = True,
+                 options: RuntimeOptions | None = None, **overrides) -> Session:
     """Open an artifact with the backend its format names, after checking manifest, checksum and gate.
 
+    ``options`` (typed, validated) says how the runtime runs it; keyword ``overrides`` replace single fields
+    (``threads=2``, ``providers=(...)``, ``allow_fallback=True``).
+
     Raises:
+        ConfigError: an unknown or invalid runtime option.
         ArtifactError: missing file, unknown suffix, checksum mismatch, or a failed/unrun fidelity gate.
         ManifestError: missing or invalid manifest.
         BackendUnavailableError: the runtime is not installed or cannot run on this OS.
     """
     from exporters.formats import format_for_path
 
+    options = resolve_options(options, **overrides)
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"artifact {path} not found")
@@ -87,7 +105,7 @@ def open_session(path: str | Path, allow_ungated: bool = False, verify_checksum:
         )
     if spec.runtime not in _BACKENDS:
         raise ArtifactError(f"no backend registered for runtime {spec.runtime!r}")
-    return _BACKENDS[spec.runtime](path, manifest, **options)
+    return _BACKENDS[spec.runtime](path, manifest, options)
 
 
 def embedded_manifest_json(manifest: ArtifactManifest) -> str:

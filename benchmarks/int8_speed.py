@@ -1,0 +1,159 @@
+"""INT8 against FP32 of the same model, per format, on this CPU: does INT8 pay here?
+
+Builds (once, cached in ``--work``) an EfficientNet-Lite0 @224 DR classifier with ImageNet backbone weights and a
+seeded random head (speed does not depend on the weights), exports ONNX FP32, ONNX full-INT8 for this CPU's
+``--target auto`` preset (U8S8 on VNNI / ARM dot-product CPUs) and TFLite FP32 + INT8, then times each at batch 1
+under the runtime options being compared (threads, ORT graph optimisation level and execution mode, XNNPACK
+threads) and prints the INT8/FP32 table per format with the CPU's int8 features named.
+
+    python -m benchmarks.int8_speed --data ../shared/data/eyepacs_full --threads 2 --work /tmp/retinaedge_int8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.backends import RuntimeOptions, cpu_features, int8_target, open_session
+
+from .device import fingerprint
+
+MODEL = "tf_efficientnet_lite0"
+
+
+def build_artifacts(work: Path, data: Path | None, target: str, formats: tuple[str, ...] = ("onnx", "tflite"),
+                    calib_limit: int = 32) -> dict[tuple[str, str], Path]:
+    """FP32 + INT8 artifacts of one Lite0, exported once and reused while ``work`` exists."""
+    index = work / "artifacts" / "index.json"
+    if index.is_file():
+        found = {(r["format"], r["precision"]): work / "artifacts" / r["file"]
+                 for r in json.loads(index.read_text()).get("artifacts", []) if r.get("status") == "ok" and r.get("file")}
+        if all((f, p) in found for f in formats for p in ("fp32", "int8")):
+            return found
+    import torch
+
+    from compression.gate import GateThresholds
+    from compression.quantize import QuantRecipe
+    from edge_runtime.contract import GRADE_NAMES, PreprocessPolicy
+    from exporters.pipeline import build_context, export_all
+    from training.models import create_model, get_model_cfg
+
+    torch.manual_seed(0)
+    model = create_model(MODEL, pretrained=True).eval()
+    cfg = get_model_cfg(MODEL)
+    policy = PreprocessPolicy(input_size=cfg.input_size, mean=cfg.mean, std=cfg.std)
+    checkpoint = work / "lite0_imagenet_random_head.pt"
+    work.mkdir(parents=True, exist_ok=True)
+    meta = {"model_name": MODEL, "input_size": policy.input_size, "preprocess": policy.__dict__,
+            "class_names": list(GRADE_NAMES), "metrics": {}, "data_fingerprint": "imagenet0", "git_sha": None,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "referable_threshold": 0.5,
+            "config": {"note": "ImageNet backbone, random head: for speed only"}, "num_features": model.num_features}
+    torch.save({"model_state": model.state_dict(), "meta": meta}, checkpoint)
+    # A random head has no clinical fidelity to hold; the gate runs (and is recorded) but nothing escalates.
+    ctx = build_context(checkpoint, work / "artifacts", data, data, QuantRecipe.for_target(target),
+                        GateThresholds(0.0, 0.0, 1.0), calib_limit=calib_limit, val_limit=calib_limit,
+                        tuning_limit=0, escalate=False)
+    records = export_all(ctx, list(formats), ["fp32", "int8"], progress=False)
+    return {(r.format, r.precision): Path(r.path) for r in records if r.status == "ok" and r.path}
+
+
+def time_artifact(path: Path, options: RuntimeOptions, runs: int = 200, warmup: int = 20) -> dict:
+    session = open_session(path, allow_ungated=True, options=options)
+    size = session.info.manifest.preprocess.input_size
+    layout = session.info.manifest.preprocess.layout
+    shape = (1, 3, size, size) if layout == "NCHW" else (1, size, size, 3)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    for _ in range(warmup):
+        session.run(x)
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(x)
+        samples.append((time.perf_counter() - start) * 1000)
+    return {"p50": float(np.percentile(samples, 50)), "p90": float(np.percentile(samples, 90)), "n": runs,
+            "provider": session.info.provider, "options": session.info.extra.get("options")}
+
+
+def option_grid(threads: int) -> dict[str, list[RuntimeOptions]]:
+    """Session options compared per format; the fastest becomes the device's recorded setting."""
+    onnx = [RuntimeOptions(threads=threads, graph_optimization=level, execution_mode=mode)
+            for level in ("extended", "all") for mode in ("sequential", "parallel")]
+    onnx.append(RuntimeOptions(threads=threads, graph_optimization="all", execution_mode="sequential", spin_wait=False))
+    tflite = [RuntimeOptions(threads=threads), RuntimeOptions(threads=threads, xnnpack=False)]
+    return {"onnx": onnx, "tflite": tflite}
+
+
+def run(work: Path, data: Path | None, threads: int, runs: int, target: str = "auto") -> dict:
+    features = cpu_features()
+    target = int8_target(features) if target == "auto" else target
+    artifacts = build_artifacts(work, data, target)
+    grid = option_grid(threads)
+    rows = []
+    for (fmt, precision), path in sorted(artifacts.items()):
+        for options in grid.get(fmt, [RuntimeOptions(threads=threads)]):
+            try:
+                rows.append({"format": fmt, "precision": precision, "file": path.name,
+                             **time_artifact(path, options, runs), "options": asdict(options)})
+            except Exception as exc:  # noqa: BLE001 - a failing combination is a row, not a crash
+                rows.append({"format": fmt, "precision": precision, "file": path.name, "options": asdict(options),
+                             "error": f"{type(exc).__name__}: {exc}"})
+    return {"device": fingerprint(), "cpu_features": features.to_dict(), "target": target, "threads": threads, "rows": rows}
+
+
+def best_rows(report: dict) -> dict[tuple[str, str], dict]:
+    best: dict[tuple[str, str], dict] = {}
+    for row in report["rows"]:
+        key = (row["format"], row["precision"])
+        if "p50" in row and (key not in best or row["p50"] < best[key]["p50"]):
+            best[key] = row
+    return best
+
+
+def to_markdown(report: dict) -> str:
+    features = report["cpu_features"]
+    named = ", ".join(features["int8"]) or "none (no int8 dot-product instructions)"
+    lines = [f"# INT8 vs FP32, {MODEL} @224, batch 1, {report['threads']} threads - {report['device']['cpu']}", "",
+             f"CPU int8 features: **{named}**; ONNX INT8 preset `--target auto` -> `{report['target']}`.", "",
+             "## Every runtime option measured", "",
+             "| format | precision | options | p50 ms | p90 ms | n |", "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if v is not None)
+        if "error" in r:
+            lines.append(f"| {r['format']} | {r['precision']} | {opts} | failed: {r['error'][:60]} | | |")
+        else:
+            lines.append(f"| {r['format']} | {r['precision']} | {opts} | {r['p50']:.2f} | {r['p90']:.2f} | {r['n']} |")
+    best = best_rows(report)
+    lines += ["", "## INT8 / FP32 per format (best options of each)", "",
+              "| format | FP32 p50 ms | INT8 p50 ms | INT8 speed-up | CPU int8 features |", "|---|---|---|---|---|"]
+    for fmt in sorted({f for f, _ in best}):
+        fp32, int8 = best.get((fmt, "fp32")), best.get((fmt, "int8"))
+        if fp32 and int8:
+            lines.append(f"| {fmt} | {fp32['p50']:.2f} | {int8['p50']:.2f} | {fp32['p50'] / int8['p50']:.2f}x | {named} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/eyepacs_full"),
+                        help="photos whose calib split calibrates INT8")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/retinaedge_int8"), help="artifact cache (not the repo)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--target", default="auto", help="ONNX INT8 preset; auto = from this CPU's flags")
+    parser.add_argument("--out", type=Path, help="also write the report (.md and .json) here")
+    args = parser.parse_args()
+    report = run(args.work, args.data if args.data.is_dir() else None, args.threads, args.runs, args.target)
+    markdown = to_markdown(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(markdown)
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
