@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import ManifestError
 
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2  # 2: operating_point replaces referable_threshold
 SCREENING_DISCLAIMER = (
     "RetinaEdge assists diabetic-retinopathy screening; it does not diagnose. "
     "A qualified clinician must confirm every result."
@@ -135,6 +135,78 @@ class GateResult:
         object.__setattr__(self, "failures", tuple(self.failures))
 
 
+REFERRAL_RULES = ("sensitivity", "specificity", "youden", "default")
+
+
+def _interval(value: Any, name: str) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    low, high = (float(v) for v in value)
+    if not 0.0 <= low <= high <= 1.0:
+        raise ManifestError(f"operating_point.{name} must be 0 <= low <= high <= 1, got {value!r}")
+    return low, high
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Where the referral decision is taken, chosen on labelled val photos and recorded with its evidence."""
+
+    rule: str = "default"  # sensitivity | specificity | youden | default (0.5, not chosen on data)
+    target: float | None = None  # the sensitivity/specificity aimed for
+    threshold: float = 0.5  # on the calibrated referable probability P(grade >= 2)
+    temperature: float = 1.0  # probabilities = softmax(logits / temperature)
+    uncertain_band: tuple[float, float] | None = None  # [low, high): "uncertain", never a clean negative
+    sensitivity: float | None = None  # on the val photos at this threshold
+    sensitivity_ci: tuple[float, float] | None = None  # 95% Wilson interval
+    specificity: float | None = None
+    specificity_ci: tuple[float, float] | None = None
+    n_positive: int | None = None  # referable val photos the point was chosen on
+    n_negative: int | None = None
+    val_fingerprint: str | None = None  # which photos: sha256 over their names and labels
+    calibration: dict[str, float] = field(default_factory=dict)  # ECE / Brier before and after temperature scaling
+
+    def __post_init__(self) -> None:
+        if self.rule not in REFERRAL_RULES:
+            raise ManifestError(f"operating_point.rule must be one of {REFERRAL_RULES}, got {self.rule!r}")
+        if self.target is not None and not 0.0 < float(self.target) < 1.0:
+            raise ManifestError(f"operating_point.target must be in (0, 1), got {self.target!r}")
+        if not 0.0 < float(self.threshold) < 1.0:
+            raise ManifestError(f"operating_point.threshold must be in (0, 1), got {self.threshold!r}")
+        if not 0.05 <= float(self.temperature) <= 20.0:
+            raise ManifestError(f"operating_point.temperature must be in [0.05, 20], got {self.temperature!r}")
+        band = _interval(self.uncertain_band, "uncertain_band")
+        if band is not None and not band[0] <= float(self.threshold) <= band[1]:
+            raise ManifestError(f"operating_point.uncertain_band {band} must contain the threshold {self.threshold}")
+        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "uncertain_band", band)
+        object.__setattr__(self, "sensitivity_ci", _interval(self.sensitivity_ci, "sensitivity_ci"))
+        object.__setattr__(self, "specificity_ci", _interval(self.specificity_ci, "specificity_ci"))
+
+    @property
+    def chosen_on_data(self) -> bool:
+        return self.rule != "default"
+
+    def describe(self) -> str:
+        """One line for people: where referral is decided and on what evidence."""
+        if not self.chosen_on_data:
+            return f"threshold {self.threshold:.3f} (default, not chosen on data)"
+        text = f"threshold {self.threshold:.3f} for {self.rule}"
+        if self.target is not None:
+            text += f" >= {self.target:.2f}"
+        if self.sensitivity is not None and self.sensitivity_ci is not None:
+            low, high = self.sensitivity_ci
+            text += f"; val sensitivity {self.sensitivity:.3f} [{low:.3f}, {high:.3f}] (n+={self.n_positive})"
+        return text
+
+
+def operating_point_of(meta: dict[str, Any]) -> OperatingPoint:
+    """The operating point a checkpoint's metadata records (older checkpoints: a bare default threshold)."""
+    if isinstance(meta.get("operating_point"), dict):
+        return _sub(OperatingPoint, meta["operating_point"], "operating_point")
+    return OperatingPoint(threshold=float(meta.get("referable_threshold", 0.5)))
+
+
 @dataclass(frozen=True)
 class ArtifactManifest:
     """Self-description every artifact carries (embedded and beside it as <name>.manifest.json)."""
@@ -146,7 +218,7 @@ class ArtifactManifest:
     class_names: tuple[str, ...] = GRADE_NAMES
     output_names: tuple[str, ...] = OUTPUT_NAMES
     cam_shape: tuple[int, int] | None = None  # (h, w) of the cam output
-    referable_threshold: float = 0.5  # on P(grade >= 2)
+    operating_point: OperatingPoint = field(default_factory=OperatingPoint)  # where referral is decided
     quantization: QuantizationInfo = field(default_factory=QuantizationInfo)
     gate: GateResult = field(default_factory=GateResult)
     sha256: str | None = None  # of the model file; None only while the file is being written
@@ -164,8 +236,6 @@ class ArtifactManifest:
             raise ManifestError(f"manifest.class_names must list {NUM_GRADES} ICDR grades, got {len(self.class_names)}")
         if tuple(self.output_names) != OUTPUT_NAMES:
             raise ManifestError(f"manifest.output_names must be {OUTPUT_NAMES}, got {tuple(self.output_names)}")
-        if not 0.0 < float(self.referable_threshold) < 1.0:
-            raise ManifestError(f"manifest.referable_threshold must be in (0, 1), got {self.referable_threshold!r}")
         if self.schema_version > MANIFEST_SCHEMA_VERSION:
             raise ManifestError(
                 f"manifest.schema_version {self.schema_version} is newer than this RetinaEdge understands "
@@ -195,13 +265,16 @@ class ArtifactManifest:
             raise ManifestError(f"manifest must be a JSON object, got {type(data).__name__}")
         try:
             known = {f.name for f in dataclasses.fields(cls)}
-            unknown = set(data) - known
+            unknown = set(data) - known - ({"referable_threshold"} if data.get("schema_version", 1) < 2 else set())
             if unknown:
                 raise ManifestError(f"manifest has unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
             missing = [n for n in ("model_name", "model_version", "format") if n not in data]
             if missing:
                 raise ManifestError(f"manifest is missing required field(s) {missing}")
             kwargs = dict(data)
+            if "referable_threshold" in kwargs:  # schema 1 kept a bare threshold, never chosen on data
+                kwargs["operating_point"] = {"threshold": kwargs.pop("referable_threshold")}
+            kwargs["operating_point"] = _sub(OperatingPoint, kwargs.get("operating_point", {}), "operating_point")
             kwargs["preprocess"] = _sub(PreprocessPolicy, data.get("preprocess", {}), "preprocess")
             kwargs["quantization"] = _sub(QuantizationInfo, data.get("quantization", {}), "quantization")
             kwargs["gate"] = _sub(GateResult, data.get("gate", {}), "gate")

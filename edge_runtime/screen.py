@@ -6,24 +6,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .backends import Session, open_session
-from .cam import cam_on_original, cam_peak, normalise_cam, overlay_png
-from .contract import REFERABLE_MIN_GRADE, QualityReport, ScreeningResult
+from .cam import cam_on_original, overlay_png
+from .contract import QualityReport, ScreeningResult
+from .decision import decide
 from .errors import ImageError
 from .outbox import Outbox
 from .preprocess import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image, detect_fov, preprocess
 from .quality import DEFAULT_THRESHOLDS, QualityThresholds, assess
 
 log = logging.getLogger(__name__)
-UNGRADABLE_OUTCOME = "ungradable - retake, or refer if a retake fails"
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
 
 @dataclass(frozen=True)
 class Screening:
@@ -87,16 +79,13 @@ class Screener:
         lap("preprocess")
         logits, cam = self.session.run(pre.tensor)
         lap("infer")
-        probs = softmax(logits[0].astype(np.float64))
-        grade = int(probs.argmax())
-        heat = normalise_cam(cam[0, grade])
-        peak = cam_peak(heat, pre)
-        overlay = overlay_png(bgr, cam_on_original(heat, pre))
+        decision = decide(logits[0], cam[0], manifest.operating_point)
+        lap("decide")
+        overlay = overlay_png(bgr, cam_on_original(decision.cam, pre))
         lap("cam")
-        referable = bool(probs[REFERABLE_MIN_GRADE:].sum() >= manifest.referable_threshold)
-        result = ScreeningResult(quality=quality, grade=grade, probabilities=tuple(round(float(p), 6) for p in probs),
-                                 confidence=round(float(probs[grade]), 6), referable=referable, cam_peak=peak,
-                                 latency_ms=timings, **common)
+        result = ScreeningResult(quality=quality, grade=decision.grade, probabilities=decision.probabilities,
+                                 confidence=decision.confidence, referable=decision.referable,
+                                 cam_peak=pre.to_original(*decision.cam_peak), latency_ms=timings, **common)
         return self._store(result, overlay, data, capture_key, lap, timings)
 
     def _store(self, result, overlay, data, capture_key, lap, timings) -> Screening:

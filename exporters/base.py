@@ -23,6 +23,7 @@ from edge_runtime.contract import (
     PreprocessPolicy,
     QuantizationInfo,
     manifest_path_for,
+    operating_point_of,
     sha256_file,
 )
 from edge_runtime.errors import ConfigError, ExportParityError
@@ -103,7 +104,7 @@ class ExportContext:
             model_name=self.meta["model_name"],
             model_version=f"{self.meta['model_name']}-{self.meta.get('data_fingerprint', 'nodata')[:8]}-{quantization.precision}",
             format=fmt, preprocess=self.policy, cam_shape=cam_shape,
-            referable_threshold=float(self.meta.get("referable_threshold", 0.5)), quantization=quantization,
+            operating_point=operating_point_of(self.meta), quantization=quantization,
             training_data_fingerprint=self.meta.get("data_fingerprint"), git_sha=self.meta.get("git_sha"),
             extra={"num_features": self.meta.get("num_features"), "macs": self.macs(),
                    "metrics": {k: v.get("qwk") for k, v in self.meta.get("metrics", {}).items() if isinstance(v, dict)}},
@@ -178,7 +179,7 @@ def verify_artifact(ctx: ExportContext, spec: FormatSpec, path: Path, manifest: 
     if cam.shape != ref_cam.shape or logits.shape != ref_logits.shape:
         raise ExportParityError(f"{path.name}: output shapes logits {logits.shape} cam {cam.shape}, "
                                 f"expected {ref_logits.shape} {ref_cam.shape}")
-    metrics = compare(ref_logits, ref_cam, logits, cam, ctx.val_labels, manifest.referable_threshold)
+    metrics = compare(ref_logits, ref_cam, logits, cam, ctx.val_labels, manifest.operating_point.threshold)
     # The CAM identity every artifact must keep: logits - mean_hw(cam) is the (constant) classifier bias.
     bias = logits - cam.mean(axis=(2, 3))
     metrics["cam_identity_error"] = float(np.abs(bias - bias.mean(0, keepdims=True)).max())
@@ -222,7 +223,7 @@ def export_artifact(ctx: ExportContext, fmt: str, precision: str) -> ArtifactRec
             simulated = ctx.simulated.pop(fmt, None)
             if simulated is not None and precision == "int8" and len(ctx.val):
                 ref_logits, ref_cam = ctx.reference()
-                fidelity = compare(ref_logits, ref_cam, *simulated, ctx.val_labels, manifest.referable_threshold)
+                fidelity = compare(ref_logits, ref_cam, *simulated, ctx.val_labels, manifest.operating_point.threshold)
                 metrics = {**metrics, **fidelity}
                 gate = evaluate_gate(fidelity, ctx.thresholds)
                 how = (f"spec checked; INT8 gated on the quantized torch graph that was converted "

@@ -31,7 +31,10 @@ def test_manifest_json_round_trip():
 
 
 @pytest.mark.parametrize("mutate, field", [
-    (lambda d: d.update(referable_threshold=1.5), "referable_threshold"),
+    (lambda d: d["operating_point"].update(threshold=1.5), "operating_point.threshold"),
+    (lambda d: d["operating_point"].update(rule="vibes"), "operating_point.rule"),
+    (lambda d: d["operating_point"].update(threshold=0.3, uncertain_band=[0.4, 0.5]), "uncertain_band"),
+    (lambda d: d.update(referable_threshold=0.4), "referable_threshold"),  # schema 2 has no bare threshold
     (lambda d: d["preprocess"].update(input_size=5), "preprocess.input_size"),
     (lambda d: d["preprocess"].update(color_order="XYZ"), "preprocess.color_order"),
     (lambda d: d.update(sha256="nothex"), "sha256"),
