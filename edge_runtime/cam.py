@@ -47,3 +47,33 @@ def overlay_png(bgr: np.ndarray, heat: np.ndarray, max_side: int = 768, alpha: f
     if not ok:
         raise RuntimeError("PNG encoding of the overlay failed")
     return png.tobytes()
+
+
+DISPLAY_SIDE = 512  # overlays are for a phone screen or a review page, never the full sensor resolution
+
+
+def render_overlay(bgr: np.ndarray, heat: np.ndarray, pre: Preprocessed, max_side: int = DISPLAY_SIDE,
+                   alpha: float = 0.45) -> bytes:
+    """PNG of the CAM (h x w grid, 0..1) over the photo, rendered at display size only.
+
+    The photo is downscaled first and the CAM grid is upsampled straight to the displayed crop, so no
+    full-resolution heat map or blend is ever computed.
+    """
+    scale = min(1.0, max_side / max(bgr.shape[:2]))
+    shown = cv2.resize(bgr, (max(1, round(bgr.shape[1] * scale)), max(1, round(bgr.shape[0] * scale))),
+                       interpolation=cv2.INTER_AREA) if scale < 1 else bgr.copy()
+    side = max(1, round(pre.square_side * scale))
+    square = np.clip(cv2.resize(heat.astype(np.float32), (side, side), interpolation=cv2.INTER_CUBIC), 0, 1)
+    x, y, w, h = (round(v * scale) for v in pre.crop_box)
+    left, top = round(pre.pad[0] * scale), round(pre.pad[1] * scale)
+    h = min(h, shown.shape[0] - y, side - top)
+    w = min(w, shown.shape[1] - x, side - left)
+    region_heat = square[top:top + h, left:left + w]
+    region = shown[y:y + h, x:x + w]
+    colour = cv2.applyColorMap((region_heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    weight = (alpha * region_heat)[..., None]
+    region[:] = (region * (1 - weight) + colour * weight).astype(np.uint8)
+    ok, png = cv2.imencode(".png", shown, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise RuntimeError("PNG encoding of the overlay failed")
+    return png.tobytes()

@@ -197,7 +197,7 @@ def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str
 
 
 # metric -> (threshold field, comparison, human-readable reason with the advice)
-_RULES = (
+RULES = (
     ("fov_fraction", "min_fov_fraction", ">=", "fundus fills too little of the frame: move closer / centre the pupil"),
     ("decentering", "max_decentering", "<=", "fundus is off-centre: re-align the camera with the pupil"),
     ("mean", "min_mean", ">=", "too dark: increase illumination or dilate the pupil"),
@@ -221,13 +221,13 @@ _RULES = (
     ("glare", "max_glare", "<=", "glare or reflections: adjust the angle of the light"),
     ("noise", "max_noise", "<=", "sensor noise too high: more light, lower gain"),
 )
-RULE_METRICS = tuple(dict.fromkeys(metric for metric, *_ in _RULES))
+RULE_METRICS = tuple(dict.fromkeys(metric for metric, *_ in RULES))
 
 
 def margins(metrics: dict[str, float], thresholds: QualityThresholds) -> dict[str, float]:
     """Signed distance of each indicator inside its limit, in units of the limit (< 0: failing)."""
     out = {}
-    for metric, field_name, op, _ in _RULES:
+    for metric, field_name, op, _ in RULES:
         limit = getattr(thresholds, field_name)
         value = metrics[metric]
         out[field_name] = ((value - limit) if op == ">=" else (limit - value)) / (abs(limit) + 1e-9)
@@ -243,7 +243,7 @@ def quality_score(metrics: dict[str, float], thresholds: QualityThresholds = DEF
 def verdict(metrics: dict[str, float], thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> QualityReport:
     """Gradable / ungradable verdict with a 0-1 score and, for each failing limit, why and what to do."""
     reasons = []
-    for metric, field_name, op, reason in _RULES:
+    for metric, field_name, op, reason in RULES:
         limit, value = getattr(thresholds, field_name), metrics[metric]
         if not (value >= limit if op == ">=" else value <= limit):
             reasons.append(f"{reason} ({metric} {value:.4g} vs limit {limit:.4g})")

@@ -1,26 +1,47 @@
-"""On-device screening: read -> quality gate -> preprocess -> infer -> grade -> CAM -> outbox."""
+"""On-device screening: decode -> quality gate -> preprocess -> infer -> decide -> CAM -> outbox.
+
+The step is built to cost little more than the model itself: JPEGs far larger than the model input are
+decoded at reduced scale, the field of view is found once on a small copy and shared by the quality gate
+and the crop, and the CAM overlay is rendered at display size only when someone asks for it.
+"""
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property, partial
 from pathlib import Path
 
 from .backends import Session, open_session
-from .cam import cam_on_original, overlay_png
-from .contract import QualityReport, ScreeningResult
+from .cam import render_overlay
+from .contract import PreprocessPolicy, QualityReport, ScreeningResult
 from .decision import decide
 from .errors import ImageError
 from .outbox import Outbox
 from .preprocess import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image, detect_fov, preprocess
-from .quality import DEFAULT_THRESHOLDS, QualityThresholds, assess
+from .quality import DEFAULT_THRESHOLDS, WORK_SIZE, QualityThresholds, assess
 
 log = logging.getLogger(__name__)
 
+
+def decode_side(policy: PreprocessPolicy) -> int:
+    """Shortest side a photo is decoded at: 1.5x the model input (INTER_AREA then still averages >= 1.5 source
+    pixels per input pixel) and never below the quality gate's working size."""
+    return max(math.ceil(1.5 * policy.input_size), WORK_SIZE)
+
+
 @dataclass(frozen=True)
 class Screening:
+    """A stored result; the CAM overlay (PNG at display size) is rendered on first access, off the critical path."""
+
     result: ScreeningResult
-    overlay_png: bytes | None
+    render_overlay: Callable[[], bytes] | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def overlay_png(self) -> bytes | None:
+        return self.render_overlay() if self.render_overlay is not None else None
 
 
 class Screener:
@@ -28,10 +49,16 @@ class Screener:
 
     def __init__(self, session: Session, device_id: str = "local", outbox: Outbox | None = None,
                  quality: QualityThresholds = DEFAULT_THRESHOLDS, keep_images: bool = False,
-                 max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS):
+                 max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS, store_overlays: bool = False,
+                 reduced_decode: bool = True):
+        """``store_overlays``: render the overlay inside the step and store it with the result (what the companion
+        server's review page shows); off, it is rendered only when ``Screening.overlay_png`` is read.
+        ``reduced_decode``: decode large JPEGs at 1/2-1/8 scale (see :func:`decode_side`)."""
         self.session, self.device_id, self.outbox = session, device_id, outbox
         self.quality, self.keep_images = quality, keep_images
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
+        self.store_overlays = store_overlays
+        self.min_side = decode_side(session.info.manifest.preprocess) if reduced_decode else None
 
     @classmethod
     def from_artifact(cls, artifact: str | Path, allow_ungated: bool = False, threads: int | None = None, **kwargs):
@@ -57,7 +84,7 @@ class Screener:
             timings[stage] = round((now - clock) * 1000, 3)
             clock = now
 
-        bgr = decode_image(data, self.max_bytes, self.max_pixels)
+        bgr = decode_image(data, self.max_bytes, self.max_pixels, self.min_side)
         lap("decode")
         try:  # found once, used by both the quality gate and the crop
             fov = detect_fov(bgr, manifest.preprocess.fov_threshold)
@@ -81,19 +108,25 @@ class Screener:
         lap("infer")
         decision = decide(logits[0], cam[0], manifest.operating_point)
         lap("decide")
-        overlay = overlay_png(bgr, cam_on_original(decision.cam, pre))
+        cam_peak = pre.to_original(*decision.cam_peak)
+        render = partial(render_overlay, bgr, decision.cam, pre)  # holds the decoded photo, not a copy
         lap("cam")
+        if self.store_overlays:
+            png = render()
+            render = partial(bytes, png)
+            lap("overlay")
         result = ScreeningResult(quality=quality, grade=decision.grade, probabilities=decision.probabilities,
                                  confidence=decision.confidence, referable=decision.referable,
-                                 cam_peak=pre.to_original(*decision.cam_peak), latency_ms=timings, **common)
-        return self._store(result, overlay, data, capture_key, lap, timings)
+                                 cam_peak=cam_peak, latency_ms=timings, **common)
+        return self._store(result, render, data, capture_key, lap, timings)
 
-    def _store(self, result, overlay, data, capture_key, lap, timings) -> Screening:
+    def _store(self, result, render, data, capture_key, lap, timings) -> Screening:
         if self.outbox is not None:
-            self.outbox.put(result, overlay, data if self.keep_images else None, capture_key)
+            stored = render() if render is not None and self.store_overlays else None
+            self.outbox.put(result, stored, data if self.keep_images else None, capture_key)
         lap("store")
         # latency_ms is a dict inside a frozen dataclass: the store time is added after the durable write.
         result.latency_ms.update(timings)
         log.info("screened %s: %s (grade %s, backend %s/%s)", result.result_id, result.outcome, result.grade,
                  result.backend, result.provider)
-        return Screening(result, overlay)
+        return Screening(result, render)

@@ -9,12 +9,12 @@ import numpy as np
 from ..contract import ArtifactManifest
 from ..errors import BackendUnavailableError
 from .base import SessionInfo, register_backend
-from .options import RuntimeOptions
+from .options import DEFAULT_OPTIONS, RuntimeOptions
 
 
 @register_backend("coreml")
 class CoreMLSession:
-    def __init__(self, path: Path, manifest: ArtifactManifest, options: RuntimeOptions = RuntimeOptions()):
+    def __init__(self, path: Path, manifest: ArtifactManifest, options: RuntimeOptions = DEFAULT_OPTIONS):
         compute_units = options.compute_units
         if platform.system() != "Darwin":
             raise BackendUnavailableError(

@@ -9,7 +9,7 @@ import numpy as np
 from ..contract import ArtifactManifest
 from ..errors import BackendUnavailableError
 from .base import SessionInfo, register_backend
-from .options import RuntimeOptions
+from .options import DEFAULT_OPTIONS, RuntimeOptions
 
 
 def _interpreter_module():
@@ -32,7 +32,7 @@ def _interpreter_module():
 
 @register_backend("litert")
 class LiteRtSession:
-    def __init__(self, path: Path, manifest: ArtifactManifest, options: RuntimeOptions = RuntimeOptions()):
+    def __init__(self, path: Path, manifest: ArtifactManifest, options: RuntimeOptions = DEFAULT_OPTIONS):
         module, package = _interpreter_module()
         kwargs = {}
         if not options.xnnpack:  # built-in kernels only; the default resolver applies XNNPACK

@@ -10,7 +10,7 @@ import numpy as np
 from ..contract import ArtifactManifest
 from ..errors import BackendUnavailableError
 from .base import SessionInfo, register_backend
-from .options import RuntimeOptions
+from .options import DEFAULT_OPTIONS, RuntimeOptions
 
 log = logging.getLogger(__name__)
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -36,7 +36,7 @@ def session_options(options: RuntimeOptions):
 
 @register_backend("onnxruntime")
 class OnnxRuntimeSession:
-    def __init__(self, path: Path, manifest: ArtifactManifest, options: RuntimeOptions = RuntimeOptions()):
+    def __init__(self, path: Path, manifest: ArtifactManifest, options: RuntimeOptions = DEFAULT_OPTIONS):
         try:
             import onnxruntime as ort
         except ImportError as exc:

@@ -116,3 +116,6 @@ def int8_target(features: CpuFeatures | None = None) -> str:
     if is_arm:
         return "arm64"
     return "x86_avx2"
+
+
+DEFAULT_OPTIONS = RuntimeOptions()
