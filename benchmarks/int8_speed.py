@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,8 +31,8 @@ def build_artifacts(work: Path, data: Path | None, target: str, formats: tuple[s
     """FP32 + INT8 artifacts of one Lite0, exported once and reused while ``work`` exists."""
     index = work / "artifacts" / "index.json"
     if index.is_file():
-        found = {(r["format"], r["precision"]): work / "artifacts" / r["file"]
-                 for r in json.loads(index.read_text()).get("artifacts", []) if r.get("status") == "ok" and r.get("file")}
+        found = {(r["format"], r["precision"]): Path(r["path"])
+                 for r in json.loads(index.read_text()).get("artifacts", []) if r.get("status") == "ok" and r.get("path")}
         if all((f, p) in found for f in formats for p in ("fp32", "int8")):
             return found
     import torch
@@ -61,21 +62,28 @@ def build_artifacts(work: Path, data: Path | None, target: str, formats: tuple[s
     return {(r.format, r.precision): Path(r.path) for r in records if r.status == "ok" and r.path}
 
 
-def time_artifact(path: Path, options: RuntimeOptions, runs: int = 200, warmup: int = 20) -> dict:
-    session = open_session(path, allow_ungated=True, options=options)
-    size = session.info.manifest.preprocess.input_size
-    layout = session.info.manifest.preprocess.layout
-    shape = (1, 3, size, size) if layout == "NCHW" else (1, size, size, 3)
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    for _ in range(warmup):
-        session.run(x)
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(x)
-        samples.append((time.perf_counter() - start) * 1000)
-    return {"p50": float(np.percentile(samples, 50)), "p90": float(np.percentile(samples, 90)), "n": runs,
-            "provider": session.info.provider, "options": session.info.extra.get("options")}
+def _input_for(session) -> np.ndarray:
+    policy = session.info.manifest.preprocess
+    size = policy.input_size
+    shape = (1, 3, size, size) if policy.layout == "NCHW" else (1, size, size, 3)
+    return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def time_interleaved(sessions: list, rounds: int, per_round: int = 10, warmup: int = 10) -> list[list[float]]:
+    """Latency samples (ms) per session, taken in rounds that visit every session in turn, so load from other
+    processes on a shared machine falls on all of them alike rather than on whichever ran last."""
+    inputs = [_input_for(s) for s in sessions]
+    for session, x in zip(sessions, inputs, strict=True):
+        for _ in range(warmup):
+            session.run(x)
+    samples: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for i, (session, x) in enumerate(zip(sessions, inputs, strict=True)):
+            for _ in range(per_round):
+                start = time.perf_counter()
+                session.run(x)
+                samples[i].append((time.perf_counter() - start) * 1000)
+    return samples
 
 
 def option_grid(threads: int) -> dict[str, list[RuntimeOptions]]:
@@ -92,16 +100,26 @@ def run(work: Path, data: Path | None, threads: int, runs: int, target: str = "a
     target = int8_target(features) if target == "auto" else target
     artifacts = build_artifacts(work, data, target)
     grid = option_grid(threads)
-    rows = []
+    rows, sessions = [], []
     for (fmt, precision), path in sorted(artifacts.items()):
         for options in grid.get(fmt, [RuntimeOptions(threads=threads)]):
+            row = {"format": fmt, "precision": precision, "file": path.name, "options": asdict(options)}
             try:
-                rows.append({"format": fmt, "precision": precision, "file": path.name,
-                             **time_artifact(path, options, runs), "options": asdict(options)})
+                session = open_session(path, allow_ungated=True, options=options)
+                sessions.append(session)
+                row["provider"] = session.info.provider
+                row["_session"] = len(sessions) - 1
             except Exception as exc:  # noqa: BLE001 - a failing combination is a row, not a crash
-                rows.append({"format": fmt, "precision": precision, "file": path.name, "options": asdict(options),
-                             "error": f"{type(exc).__name__}: {exc}"})
-    return {"device": fingerprint(), "cpu_features": features.to_dict(), "target": target, "threads": threads, "rows": rows}
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+    samples = time_interleaved(sessions, rounds=max(1, runs // 10))
+    for row in rows:
+        if "_session" in row:
+            values = samples[row.pop("_session")]
+            row.update(p50=float(np.percentile(values, 50)), p10=float(np.percentile(values, 10)),
+                       p90=float(np.percentile(values, 90)), n=len(values))
+    return {"device": fingerprint(), "cpu_features": features.to_dict(), "target": target, "threads": threads,
+            "load_average": os.getloadavg(), "rows": rows}
 
 
 def best_rows(report: dict) -> dict[tuple[str, str], dict]:
@@ -119,13 +137,16 @@ def to_markdown(report: dict) -> str:
     lines = [f"# INT8 vs FP32, {MODEL} @224, batch 1, {report['threads']} threads - {report['device']['cpu']}", "",
              f"CPU int8 features: **{named}**; ONNX INT8 preset `--target auto` -> `{report['target']}`.", "",
              "## Every runtime option measured", "",
-             "| format | precision | options | p50 ms | p90 ms | n |", "|---|---|---|---|---|---|"]
+             f"Load average while measuring (1/5/15 min): {', '.join(f'{v:.1f}' for v in report['load_average'])} "
+             f"on {report['device']['cores']} cores; samples interleaved across all rows.", "",
+             "| format | precision | options | p10 ms | p50 ms | p90 ms | n |", "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items() if v is not None)
         if "error" in r:
-            lines.append(f"| {r['format']} | {r['precision']} | {opts} | failed: {r['error'][:60]} | | |")
+            lines.append(f"| {r['format']} | {r['precision']} | {opts} | failed: {r['error'][:60]} | | | |")
         else:
-            lines.append(f"| {r['format']} | {r['precision']} | {opts} | {r['p50']:.2f} | {r['p90']:.2f} | {r['n']} |")
+            lines.append(f"| {r['format']} | {r['precision']} | {opts} | {r['p10']:.2f} | {r['p50']:.2f} | {r['p90']:.2f} "
+                         f"| {r['n']} |")
     best = best_rows(report)
     lines += ["", "## INT8 / FP32 per format (best options of each)", "",
               "| format | FP32 p50 ms | INT8 p50 ms | INT8 speed-up | CPU int8 features |", "|---|---|---|---|---|"]

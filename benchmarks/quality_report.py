@@ -28,7 +28,13 @@ import numpy as np
 from edge_runtime.contract import PreprocessPolicy
 from edge_runtime.errors import ImageError
 from edge_runtime.preprocess import decode_image, read_image
-from edge_runtime.quality import DEFAULT_THRESHOLDS, QualityThresholds, quality_metrics, quality_score, verdict
+from edge_runtime.quality import (
+    DEFAULT_THRESHOLDS,
+    QualityThresholds,
+    quality_metrics,
+    quality_score,
+    verdict,
+)
 from edge_runtime.screen import decode_side
 
 from .degradations import DEGRADATIONS, degrade, strength_bin

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.quality import QualityThresholds, RULES
+from edge_runtime.quality import RULES, QualityThresholds
 
 from .quality_report import ORIGINAL, collect
 
@@ -85,7 +85,7 @@ def choose(records: list[dict], budget: float, max_per_indicator: float = 0.02) 
     cases = sorted({r["case"] for r in degraded})
     detail = {"n_originals": n_orig, "false_reject": float(final_orig.mean()),
               "rejected_originals_per_indicator": k,
-              "caught": {c: float(np.mean([d for d, r in zip(final_deg, degraded) if r["case"] == c])) for c in cases},
+              "caught": {c: float(np.mean([d for d, r in zip(final_deg, degraded, strict=True) if r["case"] == c])) for c in cases},
               "n_degraded": {c: sum(r["case"] == c for r in degraded) for c in cases},
               "no_fundus_found": sum(r["metrics"] is None for r in records)}
     return thresholds, detail

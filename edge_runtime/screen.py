@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
 
+import numpy as np
+
 from .backends import Session, open_session
 from .cam import render_overlay
 from .contract import PreprocessPolicy, QualityReport, ScreeningResult
 from .decision import decide
 from .errors import ImageError
 from .outbox import Outbox
-from .preprocess import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image, detect_fov, preprocess
+from .preprocess import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image, detect_fov, preprocess, to_bgr8
 from .quality import DEFAULT_THRESHOLDS, WORK_SIZE, QualityThresholds, assess
 
 log = logging.getLogger(__name__)
@@ -74,59 +76,85 @@ class Screener:
 
     def screen_bytes(self, data: bytes, image_name: str | None = None, capture_key: str | None = None) -> Screening:
         """Grade one encoded image. Raises a typed ImageError for unusable bytes; ungradable photos are stored."""
-        info, manifest = self.session.info, self.session.info.manifest
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[stage] = round((now - clock) * 1000, 3)
-            clock = now
-
+        clock = _Clock()
         bgr = decode_image(data, self.max_bytes, self.max_pixels, self.min_side)
-        lap("decode")
+        clock.lap("decode")
+        return self._screen(bgr, data, image_name, capture_key, clock)
+
+    def screen_image(self, bgr: np.ndarray, image_name: str | None = None, capture_key: str | None = None) -> Screening:
+        """Grade one decoded uint8 BGR image (e.g. a video frame); stored like :meth:`screen_bytes`."""
+        clock = _Clock()
+        bgr = to_bgr8(bgr)
+        return self._screen(bgr, None, image_name, capture_key, clock)
+
+    def store_ungradable(self, quality: QualityReport, image_name: str | None = None,
+                         capture_key: str | None = None) -> Screening:
+        """Store an ungradable verdict reached elsewhere (e.g. no gradable frame in a video)."""
+        clock = _Clock()
+        result = ScreeningResult(quality=quality, outcome="ungradable", latency_ms=clock.timings, **self._common(image_name))
+        return self._store(result, None, None, capture_key, clock)
+
+    def _common(self, image_name: str | None) -> dict:
+        info = self.session.info
+        return dict(device_id=self.device_id, model_version=info.manifest.model_version,
+                    model_sha256=info.manifest.sha256 or "", backend=info.backend, provider=info.provider,
+                    image_name=image_name)
+
+    def _screen(self, bgr: np.ndarray, data: bytes | None, image_name: str | None, capture_key: str | None,
+                clock: _Clock) -> Screening:
+        manifest = self.session.info.manifest
         try:  # found once, used by both the quality gate and the crop
             fov = detect_fov(bgr, manifest.preprocess.fov_threshold)
         except ImageError:
             fov = None  # assess() reports "no fundus found" as its verdict
         quality = assess(bgr, self.quality, fov)
-        lap("quality")
-        common = dict(device_id=self.device_id, model_version=manifest.model_version, model_sha256=manifest.sha256 or "",
-                      backend=info.backend, provider=info.provider, image_name=image_name)
+        clock.lap("quality")
+        common = self._common(image_name)
         if not quality.gradable:
-            result = ScreeningResult(quality=quality, outcome="ungradable", latency_ms=timings, **common)
-            return self._store(result, None, data, capture_key, lap, timings)
+            result = ScreeningResult(quality=quality, outcome="ungradable", latency_ms=clock.timings, **common)
+            return self._store(result, None, data, capture_key, clock)
         try:
             pre = preprocess(bgr, manifest.preprocess, fov)
         except ImageError as exc:  # the gate passed but cropping failed: still a stored, ungradable capture
             quality = QualityReport(False, 0.0, quality.reasons + (str(exc),), quality.metrics)
-            result = ScreeningResult(quality=quality, outcome="ungradable", latency_ms=timings, **common)
-            return self._store(result, None, data, capture_key, lap, timings)
-        lap("preprocess")
+            result = ScreeningResult(quality=quality, outcome="ungradable", latency_ms=clock.timings, **common)
+            return self._store(result, None, data, capture_key, clock)
+        clock.lap("preprocess")
         logits, cam = self.session.run(pre.tensor)
-        lap("infer")
+        clock.lap("infer")
         decision = decide(logits[0], cam[0], manifest.operating_point)
-        lap("decide")
+        clock.lap("decide")
         cam_peak = pre.to_original(*decision.cam_peak)
         render = partial(render_overlay, bgr, decision.cam, pre)  # holds the decoded photo, not a copy
-        lap("cam")
+        clock.lap("cam")
         if self.store_overlays:
             png = render()
             render = partial(bytes, png)
-            lap("overlay")
+            clock.lap("overlay")
         result = ScreeningResult(quality=quality, grade=decision.grade, probabilities=decision.probabilities,
                                  confidence=decision.confidence, referable=decision.referable,
-                                 cam_peak=cam_peak, latency_ms=timings, **common)
-        return self._store(result, render, data, capture_key, lap, timings)
+                                 cam_peak=cam_peak, latency_ms=clock.timings, **common)
+        return self._store(result, render, data, capture_key, clock)
 
-    def _store(self, result, render, data, capture_key, lap, timings) -> Screening:
+    def _store(self, result: ScreeningResult, render: Callable[[], bytes] | None, data: bytes | None,
+               capture_key: str | None, clock: _Clock) -> Screening:
         if self.outbox is not None:
             stored = render() if render is not None and self.store_overlays else None
             self.outbox.put(result, stored, data if self.keep_images else None, capture_key)
-        lap("store")
-        # latency_ms is a dict inside a frozen dataclass: the store time is added after the durable write.
-        result.latency_ms.update(timings)
+        clock.lap("store")
         log.info("screened %s: %s (grade %s, backend %s/%s)", result.result_id, result.outcome, result.grade,
                  result.backend, result.provider)
         return Screening(result, render)
+
+
+class _Clock:
+    """Stage timings (ms) into one dict; the result holds that dict, so the store time lands after the durable write."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = round((now - self._last) * 1000, 3)
+        self._last = now
