@@ -165,6 +165,33 @@ FOV_DETECTION_SIDE = 256  # the field of view is found on a copy this large: 4 p
 _OPEN_KERNEL = np.ones((5, 5), np.uint8)  # removes specks and text burnt into the black surround
 
 
+def _refine_box(bgr: np.ndarray, x0: float, y0: float, x1: float, y1: float, threshold: int,
+                margin: int) -> tuple[int, int, int, int]:
+    """The small copy's box edges, each moved to the first/last full-resolution row or column (within ``margin``
+    of it) where >= 2 pixels are brighter than ``threshold``: the crop then does not depend on the decode scale."""
+    h_img, w_img = bgr.shape[:2]
+    left, top = max(0, int(np.floor(x0)) - margin), max(0, int(np.floor(y0)) - margin)
+    right, bottom = min(w_img, int(np.ceil(x1)) + margin), min(h_img, int(np.ceil(y1)) + margin)
+
+    def bright(region: np.ndarray, axis: int) -> np.ndarray:
+        return (region.max(axis=2) > threshold).sum(axis=axis) >= 2
+
+    def first(flags: np.ndarray, default: int) -> int:
+        hits = np.flatnonzero(flags)
+        return int(hits[0]) if hits.size else default
+
+    def last(flags: np.ndarray, default: int) -> int:
+        hits = np.flatnonzero(flags)
+        return int(hits[-1]) + 1 if hits.size else default
+
+    band = 2 * margin
+    x = left + first(bright(bgr[top:bottom, left:left + band], 0), 0)
+    x_end = right - band + last(bright(bgr[top:bottom, right - band:right], 0), band)
+    y = top + first(bright(bgr[top:top + band, left:right], 1), 0)
+    y_end = bottom - band + last(bright(bgr[bottom - band:bottom, left:right], 1), band)
+    return x, y, max(1, x_end - x), max(1, y_end - y)
+
+
 def detect_fov(bgr: np.ndarray, threshold: int = 12) -> FieldOfView:
     """Find the fundus field of view: the largest bright connected region (its surround is black).
 
@@ -189,11 +216,8 @@ def detect_fov(bgr: np.ndarray, threshold: int = 12) -> FieldOfView:
         )
     mask = ((labels == biggest) * 255).astype(np.uint8) if count > 2 else mask
     sx, sy, sw, sh = (int(v) for v in stats[biggest, :4])
-    h_img, w_img = bgr.shape[:2]
-    # Small-copy box back to image pixels, outward so the fundus is never clipped by rounding.
-    x, y = int(np.floor(sx / scale)), int(np.floor(sy / scale))
-    w = min(w_img, int(np.ceil((sx + sw) / scale))) - x
-    h = min(h_img, int(np.ceil((sy + sh) / scale))) - y
+    x, y, w, h = _refine_box(bgr, sx / scale, sy / scale, (sx + sw) / scale, (sy + sh) / scale, threshold,
+                             margin=int(np.ceil(1 / scale)) + 1)
     # The visible field is often clipped top and bottom by the sensor; the radius is half the larger side.
     radius = max(w, h) / 2.0
     return FieldOfView(x, y, w, h, (float(x + w / 2), float(y + h / 2)), float(radius), fraction, mask, scale)
