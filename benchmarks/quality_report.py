@@ -112,6 +112,16 @@ def judge(records: list[dict], thresholds: QualityThresholds) -> None:
             r["score"] = quality_score(r["metrics"], thresholds)
 
 
+def run(data: Path, split: str, limit: int | None = None, seed: int = 0,
+        thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> dict:
+    """One folder and split: {"n", "false_reject_rate", "detection": {class: rate}} with the current gate."""
+    records = collect([data], (split,), limit, seed, progress=False)
+    judge(records, thresholds)
+    summary = summarise(records)["all"]
+    return {"n": summary["n_originals"], "false_reject_rate": summary["false_reject"][0],
+            "detection": {name: value["all"][0] for name, value in summary["detection"].items()}}
+
+
 def _rate(hits: int, n: int) -> tuple[float, float, float]:
     from statsmodels.stats.proportion import proportion_confint
 
@@ -193,12 +203,20 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="at most this many photos per folder")
     parser.add_argument("--before-ref", help="git revision whose gate is the 'before' (e.g. 5c6e41c)")
     parser.add_argument("--thresholds", type=Path, help="JSON of QualityThresholds fields (default: the module's)")
+    parser.add_argument("--cache", type=Path, help="reuse/store the measured photos (JSON): re-judging with new "
+                        "thresholds then takes seconds")
     parser.add_argument("--out", type=Path, default=Path("reports/quality_gate"))
     args = parser.parse_args()
     thresholds = (QualityThresholds.from_dict(json.loads(args.thresholds.read_text())["thresholds"])
                   if args.thresholds else DEFAULT_THRESHOLDS)
     before = load_before_gate(args.before_ref) if args.before_ref else None
-    records = collect(args.data, tuple(args.split), args.limit, before=before)
+    if args.cache and args.cache.is_file():
+        records = json.loads(args.cache.read_text())
+    else:
+        records = collect(args.data, tuple(args.split), args.limit, before=before)
+        if args.cache:
+            args.cache.parent.mkdir(parents=True, exist_ok=True)
+            args.cache.write_text(json.dumps(records))
     judge(records, thresholds)
     summaries = {}
     if before is not None:

@@ -2,10 +2,10 @@
 
 Every original photo and one degraded copy per class (benchmarks/degradations.py, random strength) are
 measured as the Screener measures them. Each threshold starts just outside the range of the originals (it
-rejects none of them), then a greedy search relaxes, one original at a time, the threshold whose next step
-catches the most still-uncaught degraded photos per original it newly rejects, until the originals'
-false-reject rate reaches ``--budget``. A threshold is placed halfway between the last original it rejects
-and the first it keeps (beyond the range by half the gap to the 2nd-percentile original when it rejects
+rejects none of them), then a greedy search relaxes the threshold whose next step (past 1 to 6 more originals) catches the most
+still-uncaught degraded photos per original it newly rejects, as long as the originals' false-reject rate
+stays within ``--budget`` and no single indicator rejects more than 2% of them. A threshold is placed halfway between the last original it rejects
+and the first it keeps (beyond the range by a quarter of the gap to the 2nd-percentile original when it rejects
 none), so photos just like the originals are not rejected by an edge drawn exactly on one of them.
 
     python -m benchmarks.quality_thresholds --budget 0.02 --write   # rewrites QualityThresholds' defaults
@@ -24,6 +24,7 @@ from edge_runtime.quality import RULES, QualityThresholds
 
 from .quality_report import ORIGINAL, collect
 
+LOOKAHEAD = 6  # originals a threshold may move past in one greedy step
 QUALITY_MODULE = Path(__file__).resolve().parents[1] / "edge_runtime" / "quality.py"
 
 
@@ -32,7 +33,7 @@ def _place(sorted_values: np.ndarray, k: int, op: str) -> float:
     if k == 0:
         extreme = sorted_values[0]
         q2 = sorted_values[min(len(sorted_values) - 1, max(1, int(0.02 * len(sorted_values))))]
-        return float(extreme - 0.5 * (q2 - extreme))
+        return float(extreme - 0.25 * (q2 - extreme))
     return float((sorted_values[k - 1] + sorted_values[k]) / 2)
 
 
@@ -64,21 +65,23 @@ def choose(records: list[dict], budget: float, max_per_indicator: float = 0.02) 
     per_indicator_cap = max(1, int(max_per_indicator * n_orig))
     while True:
         current_orig = rejected(orig_values, k)
-        if current_orig.mean() >= budget:
-            break
         current_deg = rejected(deg_values, k)
-        best, best_gain = None, 0.0
+        best, best_gain = None, 0.0  # (indicator, step)
         for f in ops:
-            if k[f] + 1 >= min(n_orig, per_indicator_cap + 1):
-                continue
-            trial = dict(k, **{f: k[f] + 1})
-            new_orig = rejected(orig_values, trial).sum() - current_orig.sum()
-            gain = (rejected(deg_values, trial).sum() - current_deg.sum()) / max(new_orig, 0.5)
-            if gain > best_gain:
-                best, best_gain = f, gain
+            # Look up to LOOKAHEAD originals ahead: a gap of degraded photos can sit behind a few originals.
+            for step in range(1, LOOKAHEAD + 1):
+                if k[f] + step > min(n_orig - 1, per_indicator_cap):
+                    break
+                trial = dict(k, **{f: k[f] + step})
+                new_orig = rejected(orig_values, trial).sum() - current_orig.sum()
+                if (current_orig.sum() + new_orig) / n_orig > budget:
+                    break
+                gain = (rejected(deg_values, trial).sum() - current_deg.sum()) / max(new_orig, 0.5)
+                if gain > best_gain:
+                    best, best_gain = (f, step), gain
         if best is None:
             break
-        k[best] += 1
+        k[best[0]] += best[1]
     thresholds = QualityThresholds(**{f: round(limit(f, k[f]), 6) for f in ops})
     final_orig = rejected(orig_values, k)
     final_deg = rejected(deg_values, k)

@@ -51,12 +51,15 @@ class QualityThresholds:
     min_tenengrad: float = 60.0
     min_wavelet_hf_ratio: float = 0.004  # detail / total energy over two Haar levels
     min_directional_sharpness: float = 0.0  # weakest of 4 directions' edge energy / mean green^2 (x 1000)
+    min_sharpness_isotropy: float = 0.0  # weakest direction's edge energy / strongest's (motion blur: low)
     min_local_contrast: float = 0.0  # RMS of green minus its blur, over mean green
     max_dark_channel: float = 255.0  # p5 of min(B, G, R): a veil lifts it
     max_underexposed: float = 0.15  # share of fundus pixels darker than 15
     max_overexposed: float = 0.03  # share of fundus pixels brighter than 245
     max_red_clipped: float = 1.0  # share of fundus pixels whose red channel is >= 250
-    max_dark_area: float = 1.0  # share of the field darker than 0.3 x its median luminance
+    max_bright_area: float = 1.0  # share of fundus pixels brighter than 190 (luminance)
+    max_pale_area: float = 1.0  # share of bright (V > 170), pale (S < 90) pixels: flare; the optic disc is ~2%
+    max_dark_area: float = 1.0  # share of the field darker than 0.45 x its median luminance
     min_illumination_balance: float = 0.0  # darkest third's mean / brightest third's (top, bottom, left, right)
     max_glare: float = 0.03  # share of near-white, low-saturation pixels
     max_noise: float = 4.0  # robust noise sigma of the green channel (median absolute deviation of a high-pass)
@@ -158,6 +161,7 @@ def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str
 
     hsv = cv2.cvtColor(small, cv2.COLOR_BGR2HSV)
     glare = cv2.countNonZero(((hsv[:, :, 2] > 235) & (hsv[:, :, 1] < 40)).view(np.uint8) & mask)
+    pale = cv2.countNonZero(((hsv[:, :, 2] > 170) & (hsv[:, :, 1] < 90)).view(np.uint8) & mask)
     x0, y0, bw, bh = cv2.boundingRect(mask)
     box = cv2.bitwise_and(green, green, mask=mask)[y0:y0 + bh, x0:x0 + bw]
     # Robust noise: median absolute deviation of a 3x3 median high-pass, from histograms (values clipped to +-127).
@@ -184,12 +188,15 @@ def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str
         "tenengrad": masked_mean(cv2.magnitude(gx, gy) ** 2),
         "wavelet_hf_ratio": _haar_hf_ratio(box),
         "directional_sharpness": float(min(energies)) / green_mean ** 2 * 1000,
+        "sharpness_isotropy": float(min(energies)) / max(float(max(energies)), 1e-9),
         "local_contrast": float(np.sqrt(masked_mean(np.square(detail)))) / green_mean,
         "dark_channel": dark_channel,
         "underexposed": float(hist[:15].sum() / n_inner),
         "overexposed": float(hist[246:].sum() / n_inner),
         "red_clipped": float(red_hist[250:].sum() / n_inner),
-        "dark_area": float(hist[:int(np.ceil(0.3 * lum_median))].sum() / n_inner),
+        "dark_area": float(hist[:int(np.ceil(0.45 * lum_median))].sum() / n_inner),
+        "bright_area": float(hist[191:].sum() / n_inner),
+        "pale_area": pale / n_inner,
         "illumination_balance": min(thirds) / max(max(thirds), 1.0) if thirds else 1.0,
         "glare": glare / n_inner,
         "noise": float(noise),
@@ -210,11 +217,15 @@ RULES = (
     ("wavelet_hf_ratio", "min_wavelet_hf_ratio", ">=", "no fine detail (vessels not resolved): refocus"),
     ("directional_sharpness", "min_directional_sharpness", ">=",
      "smeared in one direction (motion blur): hold the camera and the patient still, re-capture"),
+    ("sharpness_isotropy", "min_sharpness_isotropy", ">=",
+     "detail lost along one direction (motion blur): hold the camera and the patient still, re-capture"),
     ("local_contrast", "min_local_contrast", ">=", "vessels washed out (haze, cataract or a dirty lens): clean the lens, re-capture"),
     ("dark_channel", "max_dark_channel", "<=", "veiling haze over the image: clean the lens, shield stray light, re-capture"),
     ("underexposed", "max_underexposed", "<=", "large under-exposed areas: increase illumination"),
     ("overexposed", "max_overexposed", "<=", "large over-exposed (washed-out) areas: reduce illumination"),
     ("red_clipped", "max_red_clipped", "<=", "over-exposed (red channel saturated): reduce illumination or gain"),
+    ("bright_area", "max_bright_area", "<=", "large bright areas (over-exposure): reduce illumination or gain"),
+    ("pale_area", "max_pale_area", "<=", "pale washed-out patch (lens flare or reflection): shield stray light, re-angle"),
     ("dark_area", "max_dark_area", "<=", "part of the field is dark (eyelid or lashes?): ask the patient to open wide, re-capture"),
     ("illumination_balance", "min_illumination_balance", ">=",
      "one side of the field is shadowed (eyelid, lashes or tilt): open the eye wide, re-align, re-capture"),
