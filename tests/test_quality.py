@@ -40,7 +40,8 @@ def test_every_rule_metric_is_measured(clean):
     ("defocus", "laplacian_var", -1), ("defocus", "directional_sharpness", -1),
     ("motion_blur", "directional_sharpness", -1), ("haze", "local_contrast", -1), ("haze", "dark_channel", +1),
     ("occlusion", "dark_area", +1), ("occlusion", "illumination_balance", -1), ("overexpose", "red_clipped", +1),
-    ("overexpose", "mean", +1), ("underexpose", "mean", -1), ("noise", "noise", +1), ("flare", "glare", +1),
+    ("overexpose", "mean", +1), ("overexpose", "bright_area", +1), ("underexpose", "mean", -1), ("noise", "noise", +1),
+    ("flare", "pale_area", +1), ("motion_blur", "sharpness_isotropy", -1),
 ])
 def test_indicator_moves_with_its_degradation(photo, clean, name, metric, direction):
     degraded = metrics_of(photo, name)
