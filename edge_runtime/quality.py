@@ -42,26 +42,26 @@ class QualityThresholds:
 
     min_fov_fraction: float = 0.434485  # share of the frame covered by the fundus
     max_decentering: float = 0.035315  # fundus centre offset from the frame centre, as a share of the frame diagonal
-    min_mean: float = 21.738772  # mean 8-bit luminance inside the field of view
-    max_mean: float = 165.944606
-    min_std: float = 3.979921
-    min_entropy: float = 4.556948  # bits
+    min_mean: float = 22.235035  # mean 8-bit luminance inside the field of view
+    max_mean: float = 164.788269
+    min_std: float = 4.180448
+    min_entropy: float = 4.594345  # bits
     min_dynamic_range: float = 29.5  # p99 - p1 luminance
-    min_laplacian_var: float = 13.683881  # focus; green channel at WORK_SIZE
-    min_tenengrad: float = 47.486041
-    min_wavelet_hf_ratio: float = 0.015815  # detail / total energy over two Haar levels
-    min_directional_sharpness: float = -0.287003  # weakest of 4 directions' edge energy / mean green^2 (x 1000)
-    min_sharpness_isotropy: float = 0.451963  # weakest direction's edge energy / strongest's (motion blur: low)
-    min_local_contrast: float = 0.019119  # RMS of green minus its blur, over mean green
-    max_dark_channel: float = 178.0  # p5 of min(B, G, R): a veil lifts it
-    max_underexposed: float = 0.013151  # share of fundus pixels darker than 15
-    max_overexposed: float = 0.599954  # share of fundus pixels brighter than 245
-    max_red_clipped: float = 0.872961  # share of fundus pixels whose red channel is >= 250
-    max_bright_area: float = 0.151834  # share of fundus pixels brighter than 190 (luminance)
-    max_pale_area: float = 1.683889  # share of bright (V > 170), pale (S < 90) pixels: flare; the optic disc is ~2%
-    max_dark_area: float = 0.122965  # share of the field darker than 0.45 x its median luminance
-    min_illumination_balance: float = 0.022938  # darkest third's mean / brightest third's (top, bottom, left, right)
-    max_glare: float = 0.071122  # share of near-white, low-saturation pixels
+    min_laplacian_var: float = 7.771327  # focus; green channel at WORK_SIZE
+    min_tenengrad: float = 39.437212
+    min_wavelet_hf_ratio: float = 0.010622  # detail / total energy over two Haar levels
+    min_directional_sharpness: float = 0.140082  # weakest of 4 directions' edge energy / mean green^2 (x 1000)
+    min_sharpness_isotropy: float = 0.099291  # weakest direction's edge energy / strongest's (motion blur: low)
+    min_local_contrast: float = 0.018704  # RMS of green minus its blur, over mean green
+    max_dark_channel: float = 177.0  # p5 of min(B, G, R): a veil lifts it
+    max_underexposed: float = 0.01707  # share of fundus pixels darker than 15
+    max_overexposed: float = 0.598449  # share of fundus pixels brighter than 245
+    max_red_clipped: float = 0.858716  # share of fundus pixels whose red channel is >= 250
+    max_bright_area: float = 0.140386  # share of fundus pixels brighter than 190 (luminance)
+    max_pale_area: float = 1.648273  # share of bright (V > 170), pale (S < 90) pixels: flare; the optic disc is ~2%
+    max_dark_area: float = 0.124069  # share of the field darker than 0.45 x its median luminance
+    min_illumination_balance: float = 0.026669  # darkest third's mean / brightest third's (top, bottom, left, right)
+    max_glare: float = 0.057249  # share of near-white, low-saturation pixels
     max_noise: float = 1.4826  # robust noise sigma of the green channel (median absolute deviation of a high-pass)
 
     def __post_init__(self) -> None:
