@@ -10,13 +10,14 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
 
-from .backends import Session, open_session
+from .backends import RuntimeOptions, Session, open_session
 from .cam import render_overlay
 from .contract import PreprocessPolicy, QualityReport, ScreeningResult
 from .decision import decide
@@ -52,19 +53,25 @@ class Screener:
     def __init__(self, session: Session, device_id: str = "local", outbox: Outbox | None = None,
                  quality: QualityThresholds = DEFAULT_THRESHOLDS, keep_images: bool = False,
                  max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS, store_overlays: bool = False,
-                 reduced_decode: bool = True):
+                 reduced_decode: bool = True, parallel_gate: bool = False):
         """``store_overlays``: render the overlay inside the step and store it with the result (what the companion
         server's review page shows); off, it is rendered only when ``Screening.overlay_png`` is read.
-        ``reduced_decode``: decode large JPEGs at 1/2-1/8 scale (see :func:`decode_side`)."""
+        ``reduced_decode``: decode large JPEGs at 1/2-1/8 scale (see :func:`decode_side`).
+        ``parallel_gate``: run the quality gate beside preprocessing and inference (see ``_gate_pool``)."""
         self.session, self.device_id, self.outbox = session, device_id, outbox
         self.quality, self.keep_images = quality, keep_images
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
         self.store_overlays = store_overlays
         self.min_side = decode_side(session.info.manifest.preprocess) if reduced_decode else None
+        # On, one worker thread runs the quality gate while the model runs (hides the gate where a core is free);
+        # off (default), the gate runs first and an ungradable photo skips inference. On the 2 oversubscribed
+        # cores measured (benchmarks/latency_breakdown.py --parallel-gate) neither won consistently.
+        self._gate_pool = ThreadPoolExecutor(1, thread_name_prefix="quality-gate") if parallel_gate else None
 
     @classmethod
-    def from_artifact(cls, artifact: str | Path, allow_ungated: bool = False, threads: int | None = None, **kwargs):
-        return cls(open_session(artifact, allow_ungated=allow_ungated, threads=threads), **kwargs)
+    def from_artifact(cls, artifact: str | Path, allow_ungated: bool = False, threads: int | None = None,
+                      options: RuntimeOptions | None = None, **kwargs):
+        return cls(open_session(artifact, allow_ungated=allow_ungated, options=options, threads=threads), **kwargs)
 
     def screen_file(self, path: str | Path, capture_key: str | None = None) -> Screening:
         path = Path(path)
@@ -107,21 +114,34 @@ class Screener:
             fov = detect_fov(bgr, manifest.preprocess.fov_threshold)
         except ImageError:
             fov = None  # assess() reports "no fundus found" as its verdict
-        quality = assess(bgr, self.quality, fov)
-        clock.lap("quality")
+        clock.lap("fov")
         common = self._common(image_name)
-        if not quality.gradable:
-            result = ScreeningResult(quality=quality, outcome="ungradable", latency_ms=clock.timings, **common)
-            return self._store(result, None, data, capture_key, clock)
+        if self._gate_pool is None or fov is None:
+            quality = assess(bgr, self.quality, fov)
+            clock.lap("quality")
+            if not quality.gradable:
+                result = ScreeningResult(quality=quality, outcome="ungradable", latency_ms=clock.timings, **common)
+                return self._store(result, None, data, capture_key, clock)
+            pending = None
+        else:  # the gate runs beside preprocess + inference (OpenCV releases the GIL); its verdict still decides
+            pending = self._gate_pool.submit(_timed_assess, bgr, self.quality, fov)
         try:
             pre = preprocess(bgr, manifest.preprocess, fov)
         except ImageError as exc:  # the gate passed but cropping failed: still a stored, ungradable capture
+            quality = pending.result()[0] if pending is not None else quality
             quality = QualityReport(False, 0.0, quality.reasons + (str(exc),), quality.metrics)
             result = ScreeningResult(quality=quality, outcome="ungradable", latency_ms=clock.timings, **common)
             return self._store(result, None, data, capture_key, clock)
         clock.lap("preprocess")
         logits, cam = self.session.run(pre.tensor)
         clock.lap("infer")
+        if pending is not None:
+            quality, gate_ms = pending.result()
+            clock.lap("gate_wait")  # what the gate added after inference; its own time is recorded as "quality"
+            clock.timings["quality"] = gate_ms
+            if not quality.gradable:  # the inference is discarded: an ungradable photo is never graded
+                result = ScreeningResult(quality=quality, outcome="ungradable", latency_ms=clock.timings, **common)
+                return self._store(result, None, data, capture_key, clock)
         decision = decide(logits[0], cam[0], manifest.operating_point)
         clock.lap("decide")
         cam_peak = pre.to_original(*decision.cam_peak)
@@ -145,6 +165,11 @@ class Screener:
         log.info("screened %s: %s (grade %s, backend %s/%s)", result.result_id, result.outcome, result.grade,
                  result.backend, result.provider)
         return Screening(result, render)
+
+
+def _timed_assess(bgr: np.ndarray, thresholds: QualityThresholds, fov) -> tuple[QualityReport, float]:
+    started = time.perf_counter()
+    return assess(bgr, thresholds, fov), round((time.perf_counter() - started) * 1000, 3)
 
 
 class _Clock:

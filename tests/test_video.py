@@ -8,7 +8,15 @@ from benchmarks.video_speed import synthetic_photo, write_clip
 from edge_runtime.errors import UnreadableImageError
 from edge_runtime.outbox import Outbox
 from edge_runtime.screen import Screener
-from edge_runtime.video import RETAKE, centre_square, choose_frame, eye_of, group_burst, screen_video, video_frames
+from edge_runtime.video import (
+    RETAKE,
+    centre_square,
+    choose_frame,
+    eye_of,
+    group_burst,
+    screen_video,
+    video_frames,
+)
 
 from .conftest import encode
 
@@ -108,3 +116,17 @@ def test_watch_burst_grades_best_frame_per_eye_once(tiny_artifacts, tmp_path):
     assert watch_bursts(tmp_path / "captures", screener, box, once=True) == 0  # exactly once, across polls
     names = sorted(item.result.image_name for item in box.due())
     assert names == ["visit1#eye=left&frame=1", "visit1#eye=right&frame=1"]
+
+
+def test_parallel_gate_decides_like_the_serial_one(tiny_artifacts, tmp_path):
+    from training.data.synthetic import generate_fundus
+
+    photo = generate_fundus(2, 384, np.random.default_rng(9)).image
+    path = tiny_artifacts[0][("onnx", "fp32")].path
+    serial = Screener.from_artifact(path, allow_ungated=True)
+    parallel = Screener.from_artifact(path, allow_ungated=True, parallel_gate=True, outbox=Outbox(tmp_path / "o.db"))
+    for image in (photo, cv2.GaussianBlur(photo, (0, 0), 8)):
+        a, b = serial.screen_bytes(encode(image)).result, parallel.screen_bytes(encode(image)).result
+        assert (a.outcome, a.grade, a.quality.reasons) == (b.outcome, b.grade, b.quality.reasons)
+        assert "gate_wait" in b.latency_ms and "gate_wait" not in a.latency_ms  # inference ran beside the gate
+    assert parallel.outbox.counts()["pending"] == 2
