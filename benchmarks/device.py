@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.backends import cpu_features, int8_target
+
 
 def _read(path: str) -> str | None:
     try:
@@ -29,6 +31,7 @@ def fingerprint() -> dict:
     mem = _read("/proc/meminfo") or ""
     total_kb = next((int(line.split()[1]) for line in mem.splitlines() if line.startswith("MemTotal")), 0)
     flags = _read("/proc/cpuinfo") or ""
+    features = cpu_features(flags)
     versions = {}
     for module in ("onnxruntime", "ai_edge_litert", "numpy", "cv2", "torch"):
         try:
@@ -49,6 +52,8 @@ def fingerprint() -> dict:
         "python": sys.version.split()[0], "runtimes": versions, "onnxruntime_providers": providers,
         "cpu_governor": _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
         "avx2": " avx2" in flags, "avx512_vnni": "avx512_vnni" in flags or "avx_vnni" in flags,
+        # int8 dot-product instructions (VNNI, AMX, ARM dotprod/i8mm): where INT8 can beat FP32.
+        "cpu_int8": features.to_dict(), "int8_target": int8_target(features),
     }
 
 

@@ -292,7 +292,10 @@ def _fmt_ci(row: dict, key: str) -> str:
 
 def to_markdown(report: dict) -> str:
     d = report["device"]
+    int8 = (d.get("cpu_int8") or {}).get("int8")
     lines = [f"# RetinaEdge benchmark - {d['cpu']} ({d['cores']} cores, {d['ram_gb']} GB, {d['os']})", "",
+             f"CPU int8 dot-product features: {', '.join(int8) if int8 else 'none'} "
+             f"(INT8 preset for this CPU: {d.get('int8_target', '-')}).", "",
              f"Measured GEMM peak: {report['peak_gmacs']} GMAC/s. Latency at batch 1 after warm-up. "
              "Accuracy on the labelled split; agreement and CAM correlation against the FP32 outputs of the same model.", "",
              "| artifact | format | prec. | size MB | load ms | p50 ms | p90 ms | p99 ms | mean±std ms | FPS b1 | FPS best | "

@@ -58,6 +58,13 @@ def normalise_cam(cam: np.ndarray) -> np.ndarray:
     return cam / peak if peak > 0 else cam
 
 
+def cam_grid_peak(cam: np.ndarray) -> tuple[float, float]:
+    """(x, y) of a map's maximum cell centre on its own grid, normalised 0..1."""
+    h, w = cam.shape
+    row, col = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    return (col + 0.5) / w, (row + 0.5) / h
+
+
 def _in_band(score: np.ndarray, point: OperatingPoint) -> np.ndarray:
     if point.uncertain_band is None:
         return np.zeros(np.shape(score), bool)
@@ -80,9 +87,7 @@ def decide(logits: np.ndarray, cam: np.ndarray | None, point: OperatingPoint) ->
     heat = peak = None
     if cam is not None:
         heat = normalise_cam(np.asarray(cam)[grade])
-        h, w = heat.shape
-        row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
-        peak = ((col + 0.5) / w, (row + 0.5) / h)
+        peak = cam_grid_peak(heat)
     return Decision(
         probabilities=tuple(round(float(p), 6) for p in probs), grade=grade, confidence=round(float(probs[grade]), 6),
         referable_probability=float(batch.referable_probability[0]), referable=bool(batch.referable[0]),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -32,7 +33,8 @@ class FieldOfView:
     center: tuple[float, float]
     radius: float
     fraction: float  # share of image pixels inside the field of view
-    mask: np.ndarray  # uint8 0/255, same size as the image
+    mask: np.ndarray  # uint8 0/255 of the detection copy: ``mask_scale`` times the image's size
+    mask_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -76,11 +78,25 @@ def image_size_from_header(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+# libjpeg decodes at 1/2, 1/4 or 1/8 scale by dropping DCT coefficients: cheaper than decoding every pixel and
+# then averaging them away (what INTER_AREA to the model input does anyway).
+_REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def jpeg_reduction(size: tuple[int, int] | None, min_side: int | None) -> int:
+    """The largest JPEG decode reduction (1, 2, 4 or 8) that keeps the image's shorter side >= ``min_side``."""
+    if not size or not min_side:
+        return 1
+    return next((factor for factor, _ in _REDUCED_FLAGS if min(size) // factor >= min_side), 1)
+
+
+def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
+                 min_side: int | None = None) -> np.ndarray:
     """Decode bytes to an 8-bit BGR image, honouring EXIF orientation.
 
     Grayscale is expanded to 3 channels, 16-bit is scaled to 8-bit, alpha is composited on black
-    (a fundus photo's surround is black).
+    (a fundus photo's surround is black). With ``min_side``, a JPEG much larger than needed is decoded at a
+    reduced scale (1/2, 1/4, 1/8) whose shorter side is still >= ``min_side`` pixels.
 
     Raises:
         UnreadableImageError: empty, truncated or non-image bytes.
@@ -97,8 +113,12 @@ def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int 
             "downscale it before grading"
         )
     buf = np.frombuffer(data, dtype=np.uint8)
-    # ANYDEPTH|ANYCOLOR keeps 16-bit depth and still applies EXIF orientation (IMREAD_UNCHANGED would not).
-    img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    factor = jpeg_reduction(size, min_side) if data[:2] == b"\xff\xd8" else 1
+    if factor > 1:  # 8-bit colour JPEG; reduced decoding still applies EXIF orientation
+        img = cv2.imdecode(buf, dict(_REDUCED_FLAGS)[factor])
+    else:
+        # ANYDEPTH|ANYCOLOR keeps 16-bit depth and still applies EXIF orientation (IMREAD_UNCHANGED would not).
+        img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if img is None or img.size == 0:
         raise UnreadableImageError(
             f"bytes are not a decodable image ({len(data)} bytes, starts {data[:8]!r}); expected JPEG, PNG, TIFF, BMP or WebP"
@@ -141,30 +161,66 @@ def read_image(path: str | Path, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: i
     return decode_image(path.read_bytes(), max_bytes, max_pixels)
 
 
+FOV_DETECTION_SIDE = 256  # the field of view is found on a copy this large: 4 px granularity on a 1024-px photo
+_OPEN_KERNEL = np.ones((5, 5), np.uint8)  # removes specks and text burnt into the black surround
+
+
+def _refine_box(bgr: np.ndarray, x0: float, y0: float, x1: float, y1: float, threshold: int,
+                margin: int) -> tuple[int, int, int, int]:
+    """The small copy's box edges, each moved to the first/last full-resolution row or column (within ``margin``
+    of it) where >= 2 pixels are brighter than ``threshold``: the crop then does not depend on the decode scale."""
+    h_img, w_img = bgr.shape[:2]
+    left, top = max(0, int(np.floor(x0)) - margin), max(0, int(np.floor(y0)) - margin)
+    right, bottom = min(w_img, int(np.ceil(x1)) + margin), min(h_img, int(np.ceil(y1)) + margin)
+
+    def bright(region: np.ndarray, axis: int) -> np.ndarray:
+        return (region.max(axis=2) > threshold).sum(axis=axis) >= 2
+
+    def first(flags: np.ndarray, default: int) -> int:
+        hits = np.flatnonzero(flags)
+        return int(hits[0]) if hits.size else default
+
+    def last(flags: np.ndarray, default: int) -> int:
+        hits = np.flatnonzero(flags)
+        return int(hits[-1]) + 1 if hits.size else default
+
+    band = 2 * margin
+    x = left + first(bright(bgr[top:bottom, left:left + band], 0), 0)
+    x_end = right - band + last(bright(bgr[top:bottom, right - band:right], 0), band)
+    y = top + first(bright(bgr[top:top + band, left:right], 1), 0)
+    y_end = bottom - band + last(bright(bgr[bottom - band:bottom, left:right], 1), band)
+    return x, y, max(1, x_end - x), max(1, y_end - y)
+
+
 def detect_fov(bgr: np.ndarray, threshold: int = 12) -> FieldOfView:
-    """Find the fundus field of view: the largest bright connected region (its surround is black)."""
-    small_scale = min(1.0, 512 / max(bgr.shape[:2]))
-    small = cv2.resize(bgr, None, fx=small_scale, fy=small_scale, interpolation=cv2.INTER_AREA) if small_scale < 1 else bgr
-    gray = small.max(axis=2)
-    mask = (gray > threshold).astype(np.uint8) * 255
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+    """Find the fundus field of view: the largest bright connected region (its surround is black).
+
+    Works on one small copy (longer side ``FOV_DETECTION_SIDE``); geometry is returned in ``bgr``'s pixels and the
+    mask at the small copy's scale (``mask_scale``), so callers never pay for a full-resolution mask.
+    """
+    scale = min(1.0, FOV_DETECTION_SIDE / max(bgr.shape[:2]))
+    small = cv2.resize(bgr, (max(1, round(bgr.shape[1] * scale)), max(1, round(bgr.shape[0] * scale))),
+                       interpolation=cv2.INTER_AREA) if scale < 1 else bgr
+    # Brightest channel > threshold, i.e. not black in any channel (a fundus is red, its surround black).
+    mask = cv2.threshold(cv2.max(cv2.max(small[:, :, 0], small[:, :, 1]), small[:, :, 2]), threshold, 255,
+                         cv2.THRESH_BINARY)[1]
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _OPEN_KERNEL)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if count <= 1:
         raise NoFundusError("no fundus field of view found (the image is dark everywhere); check the camera and re-capture")
     biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    mask = np.where(labels == biggest, 255, 0).astype(np.uint8)
     fraction = float(stats[biggest, cv2.CC_STAT_AREA]) / mask.size
     if fraction < MIN_FOV_FRACTION:
         raise NoFundusError(
             f"the bright region covers only {fraction:.1%} of the image (need >= {MIN_FOV_FRACTION:.0%}); no fundus to grade"
         )
-    if small_scale < 1:
-        mask = cv2.resize(mask, (bgr.shape[1], bgr.shape[0]), interpolation=cv2.INTER_NEAREST)
-    x, y, w, h = cv2.boundingRect(mask)
-    (cx, cy), radius = cv2.minEnclosingCircle(cv2.findNonZero(mask))
+    mask = ((labels == biggest) * 255).astype(np.uint8) if count > 2 else mask
+    sx, sy, sw, sh = (int(v) for v in stats[biggest, :4])
+    x, y, w, h = _refine_box(bgr, sx / scale, sy / scale, (sx + sw) / scale, (sy + sh) / scale, threshold,
+                             margin=int(np.ceil(1 / scale)) + 1)
     # The visible field is often clipped top and bottom by the sensor; the radius is half the larger side.
     radius = max(w, h) / 2.0
-    return FieldOfView(x, y, w, h, (float(x + w / 2), float(y + h / 2)), float(radius), fraction, mask)
+    return FieldOfView(x, y, w, h, (float(x + w / 2), float(y + h / 2)), float(radius), fraction, mask, scale)
 
 
 def ben_graham(rgb: np.ndarray, sigma: float) -> np.ndarray:
@@ -172,40 +228,58 @@ def ben_graham(rgb: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.addWeighted(rgb, 4.0, cv2.GaussianBlur(rgb, (0, 0), sigma), -4.0, 128)
 
 
-def crop_and_resize(bgr: np.ndarray, policy: PreprocessPolicy,
-                    fov: FieldOfView | None = None) -> tuple[np.ndarray, tuple, tuple, int]:
-    """Crop to the field of view (``fov`` if already detected), pad to square, resize:
-    returns (uint8 RGB S x S, crop_box, pad, side)."""
+def crop_and_resize(bgr: np.ndarray, policy: PreprocessPolicy, fov: FieldOfView | None = None,
+                    channel_order: str = "RGB") -> tuple[np.ndarray, tuple, tuple, int]:
+    """Crop to the field of view (``fov`` if already detected), resize, pad to square: returns
+    (uint8 S x S x 3 in ``channel_order``, crop_box, pad, side) where pad and side are in original pixels.
+
+    The crop is resized first and padded after, so no full-resolution square copy is ever made.
+    """
     h_img, w_img = bgr.shape[:2]
     if policy.crop_to_fundus:
         fov = fov or detect_fov(bgr, policy.fov_threshold)
         x, y, w, h = fov.x, fov.y, fov.w, fov.h
     else:
         x, y, w, h = 0, 0, w_img, h_img
-    crop = bgr[y:y + h, x:x + w]
     side = max(w, h)
     left, top = (side - w) // 2, (side - h) // 2
-    square = cv2.copyMakeBorder(crop, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT, value=0)
     size = policy.input_size
-    interp = getattr(cv2, policy.resize_interpolation)
-    resized = cv2.resize(square, (size, size), interpolation=interp if side > size else cv2.INTER_LINEAR)
-    rgb = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
+    scale = size / side
+    # Content box inside the S x S output, from the same square geometry as the crop (so to_original holds).
+    c_left, c_top = int(round(left * scale)), int(round(top * scale))
+    c_w, c_h = max(1, min(size - c_left, int(round(w * scale)))), max(1, min(size - c_top, int(round(h * scale))))
+    interp = getattr(cv2, policy.resize_interpolation) if side > size else cv2.INTER_LINEAR
+    content = cv2.resize(bgr[y:y + h, x:x + w], (c_w, c_h), interpolation=interp)
+    if channel_order == "RGB":
+        content = cv2.cvtColor(content, cv2.COLOR_BGR2RGB)
+    out = cv2.copyMakeBorder(content, c_top, size - c_h - c_top, c_left, size - c_w - c_left, cv2.BORDER_CONSTANT, value=0)
     if policy.ben_graham:
-        rgb = ben_graham(rgb, sigma=max(1.0, size * policy.ben_graham_sigma_fraction))
-    return rgb, (x, y, w, h), (left, top), side
+        out = ben_graham(out, sigma=max(1.0, size * policy.ben_graham_sigma_fraction))
+    return out, (x, y, w, h), (left, top), side
+
+
+@lru_cache(maxsize=16)
+def _affine(policy: PreprocessPolicy) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset) per RGB channel: (x / 255 - mean) / std == x * scale + offset, computed once per policy."""
+    std = np.asarray(policy.std, np.float32)
+    return (1.0 / (255.0 * std)).astype(np.float32), (-np.asarray(policy.mean, np.float32) / std).astype(np.float32)
 
 
 def normalize(rgb: np.ndarray, policy: PreprocessPolicy) -> np.ndarray:
     """uint8 S x S x 3 RGB (or batch N x S x S x 3) -> float32 normalised, layout per policy."""
-    arr = rgb.astype(np.float32) / 255.0
+    scale, offset = _affine(policy)
+    batch = rgb if rgb.ndim == 4 else rgb[None]
     if policy.color_order == "BGR":
-        arr = arr[..., ::-1]
-    arr = (arr - np.asarray(policy.mean, np.float32)) / np.asarray(policy.std, np.float32)
-    if arr.ndim == 3:
-        arr = arr[None]
+        batch, scale, offset = batch[..., ::-1], scale[::-1], offset[::-1]
     if policy.layout == "NCHW":
-        arr = arr.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(arr, dtype=np.float32)
+        out = np.empty((batch.shape[0], 3, batch.shape[1], batch.shape[2]), np.float32)
+        for c in range(3):  # one pass per channel straight into the output: no float copy of the whole image
+            np.multiply(batch[..., c], scale[c], out=out[:, c], dtype=np.float32)
+            out[:, c] += offset[c]
+        return out
+    out = np.multiply(batch, scale, dtype=np.float32)
+    out += offset
+    return np.ascontiguousarray(out)
 
 
 def preprocess(bgr: np.ndarray, policy: PreprocessPolicy, fov: FieldOfView | None = None) -> Preprocessed:

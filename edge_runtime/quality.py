@@ -1,109 +1,210 @@
 """Image-quality gate for fundus photos: is this capture gradable?
 
-Indicators from the smartphone-ophthalmoscopy quality literature, computed inside the field of view at a
-fixed working resolution (so thresholds do not depend on the camera's pixel count):
-statistical (mean, std, entropy, dynamic range), gradient (variance of Laplacian, Tenengrad), wavelet
-(high-frequency energy ratio over two Haar levels), field of view (mask fraction, centring),
-exposure (under/over-exposed fractions) and glare. Default thresholds were calibrated on real EyePACS
-photos and code-degraded copies (``benchmarks/quality_report.py``).
+Indicators from the smartphone-ophthalmoscopy quality literature, computed inside the field of view on one
+small copy of it (longer side ``WORK_SIZE``, so thresholds do not depend on the camera's pixel count and the
+gate costs well under a millisecond):
+
+- field of view: share of the frame it covers, centring;
+- exposure: mean, spread, entropy, dynamic range of luminance, under/over-exposed shares, clipped red channel
+  (a fundus is red: over-exposure saturates red first), glare;
+- focus and motion: variance of the Laplacian, Tenengrad, Haar high-frequency energy, and the *weakest
+  direction's* edge energy (motion blur removes detail along one direction only);
+- haze: local vessel-scale contrast and the dark channel (a veil lifts the blacks, He et al. 2009);
+- occlusion: share of the field much darker than its median (an eyelid or lash shadow), and the darkest
+  third against the brightest (uneven illumination from one side);
+- sensor noise.
+
+Thresholds are chosen on the val/calib photos of eyepacs_full and messidor2 by
+``python -m benchmarks.quality_thresholds`` (which writes ``DEFAULT_THRESHOLDS`` below); ``docs/quality_gate.md``
+says how and why.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import cv2
 import numpy as np
 
 from .contract import QualityReport
-from .errors import NoFundusError
+from .errors import ConfigError, NoFundusError
 from .preprocess import FieldOfView, detect_fov
 
-WORK_SIZE = 512  # field of view resized to this side before measuring
+WORK_SIZE = 384  # field of view resized to this longer side before measuring (256 lost motion blur on Messidor-2)
+_ERODE = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))  # keeps the rim's artificial edge out of every indicator
 
 
 @dataclass(frozen=True)
 class QualityThresholds:
-    """Limits of a gradable photo. Each failing limit adds a reason; any failure makes it ungradable."""
+    """Limits of a gradable photo. Each failing limit adds a reason; any failure makes it ungradable.
 
-    min_fov_fraction: float = 0.38  # share of the frame covered by the fundus
-    max_decentering: float = 0.06  # fundus centre offset from the frame centre, as a share of the frame diagonal
-    min_mean: float = 25.0  # mean 8-bit luminance inside the field of view
-    max_mean: float = 200.0
-    min_std: float = 7.0
-    min_entropy: float = 4.3  # bits
-    min_dynamic_range: float = 35.0  # p99 - p1 luminance
-    min_laplacian_var: float = 5.0  # focus; measured on the green channel at WORK_SIZE
-    min_tenengrad: float = 60.0
-    min_wavelet_hf_ratio: float = 0.004  # detail / total energy over two Haar levels
-    max_underexposed: float = 0.15  # share of fundus pixels darker than 15
-    max_overexposed: float = 0.03  # share of fundus pixels brighter than 245
-    max_glare: float = 0.03  # share of near-white, low-saturation blobs
-    max_noise: float = 4.0  # robust noise sigma of the green channel (median absolute deviation of a high-pass)
+    Defaults: chosen by ``benchmarks/quality_thresholds.py`` on val/calib photos (docs/quality_gate.md).
+    """
+
+    min_fov_fraction: float = 0.434485  # share of the frame covered by the fundus
+    max_decentering: float = 0.035315  # fundus centre offset from the frame centre, as a share of the frame diagonal
+    min_mean: float = 22.235035  # mean 8-bit luminance inside the field of view
+    max_mean: float = 164.788269
+    min_std: float = 4.180448
+    min_entropy: float = 4.594345  # bits
+    min_dynamic_range: float = 29.5  # p99 - p1 luminance
+    min_laplacian_var: float = 7.771327  # focus; green channel at WORK_SIZE
+    min_tenengrad: float = 39.437212
+    min_wavelet_hf_ratio: float = 0.010622  # detail / total energy over two Haar levels
+    min_directional_sharpness: float = 0.140082  # weakest of 4 directions' edge energy / mean green^2 (x 1000)
+    min_sharpness_isotropy: float = 0.099291  # weakest direction's edge energy / strongest's (motion blur: low)
+    min_local_contrast: float = 0.018704  # RMS of green minus its blur, over mean green
+    max_dark_channel: float = 177.0  # p5 of min(B, G, R): a veil lifts it
+    max_underexposed: float = 0.01707  # share of fundus pixels darker than 15
+    max_overexposed: float = 0.598449  # share of fundus pixels brighter than 245
+    max_red_clipped: float = 0.858716  # share of fundus pixels whose red channel is >= 250
+    max_bright_area: float = 0.140386  # share of fundus pixels brighter than 190 (luminance)
+    max_pale_area: float = 1.648273  # share of bright (V > 170), pale (S < 90) pixels: flare; the optic disc is ~2%
+    max_dark_area: float = 0.124069  # share of the field darker than 0.45 x its median luminance
+    min_illumination_balance: float = 0.026669  # darkest third's mean / brightest third's (top, bottom, left, right)
+    max_glare: float = 0.057249  # share of near-white, low-saturation pixels
+    max_noise: float = 1.4826  # robust noise sigma of the green channel (median absolute deviation of a high-pass)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise ConfigError(f"QualityThresholds.{f.name} must be a finite number, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, float]) -> QualityThresholds:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown quality threshold(s) {unknown}; known: {sorted(known)}")
+        return cls(**{k: float(v) for k, v in data.items()})
 
 
 DEFAULT_THRESHOLDS = QualityThresholds()
 
 
 def _haar_hf_ratio(gray: np.ndarray, levels: int = 2) -> float:
-    x = gray.astype(np.float64)
+    x = gray.astype(np.float32)
     detail = 0.0
     for _ in range(levels):
         h, w = (x.shape[0] // 2) * 2, (x.shape[1] // 2) * 2
         x = x[:h, :w]
         a, b, c, d = x[0::2, 0::2], x[0::2, 1::2], x[1::2, 0::2], x[1::2, 1::2]
-        detail += (((a - b + c - d) / 2) ** 2).sum() + (((a + b - c - d) / 2) ** 2).sum() + (((a - b - c + d) / 2) ** 2).sum()
+        detail += float(np.square(a - b + c - d).sum() + np.square(a + b - c - d).sum() + np.square(a - b - c + d).sum()) / 4
         x = (a + b + c + d) / 2
-    total = detail + (x - x.mean()).__pow__(2).sum()
-    return float(detail / total) if total > 0 else 0.0
+    total = detail + float(np.square(x - x.mean()).sum())
+    return detail / total if total > 0 else 0.0
+
+
+def _hist_stats(hist: np.ndarray) -> tuple[float, float, float, float, float, float]:
+    """(mean, std, entropy bits, p1, p99, p5) of a 256-bin histogram of 8-bit values."""
+    total = hist.sum()
+    p = hist / total
+    levels = np.arange(len(hist), dtype=np.float64)
+    mean = float((p * levels).sum())
+    std = float(np.sqrt(max(0.0, (p * (levels - mean) ** 2).sum())))
+    nonzero = p[p > 0]
+    cdf = np.cumsum(hist)
+    p1, p5, p99 = (float(np.searchsorted(cdf, q * total)) for q in (0.01, 0.05, 0.99))
+    return mean, std, float(-(nonzero * np.log2(nonzero)).sum()), p1, p99, p5
+
+
+def _hist(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """256-bin histogram of a uint8 image inside ``mask`` (uint8 0/1), float64."""
+    return cv2.calcHist([img], [0], mask, [256], [0, 256]).ravel().astype(np.float64)
+
+
+def _median_from_hist(hist: np.ndarray) -> float:
+    return float(np.searchsorted(np.cumsum(hist), hist.sum() / 2))
+
+
+def field_crop(bgr: np.ndarray, fov: FieldOfView) -> tuple[np.ndarray, np.ndarray]:
+    """The field of view at ``WORK_SIZE`` (uint8 BGR) and its eroded mask (bool), from one resize each."""
+    crop = bgr[fov.y:fov.y + fov.h, fov.x:fov.x + fov.w]
+    scale = WORK_SIZE / max(crop.shape[:2])
+    size = (max(8, int(round(crop.shape[1] * scale))), max(8, int(round(crop.shape[0] * scale))))
+    small = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    s = fov.mask_scale
+    mask = fov.mask[int(fov.y * s):int(np.ceil((fov.y + fov.h) * s)), int(fov.x * s):int(np.ceil((fov.x + fov.w) * s))]
+    mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+    return small, (cv2.erode(mask, _ERODE) > 0)
 
 
 def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str, float]:
     """All indicators for one uint8 BGR photo. Raises NoFundusError when no field of view exists."""
     fov = fov or detect_fov(bgr)
     h_img, w_img = bgr.shape[:2]
-    crop = bgr[fov.y:fov.y + fov.h, fov.x:fov.x + fov.w]
-    mask = fov.mask[fov.y:fov.y + fov.h, fov.x:fov.x + fov.w]
-    scale = WORK_SIZE / max(crop.shape[:2])
-    size = (max(8, int(round(crop.shape[1] * scale))), max(8, int(round(crop.shape[0] * scale))))
-    crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
-    inner = cv2.erode(mask, np.ones((15, 15), np.uint8)) > 0  # avoid the rim's artificial edge
-    if inner.sum() < 100:
+    small, inner = field_crop(bgr, fov)
+    n_inner = cv2.countNonZero(inner.view(np.uint8))
+    if n_inner < 100:
         raise NoFundusError("field of view too small to assess quality")
-    gray = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)
-    green = crop[:, :, 1]
-    values = gray[inner].astype(np.float64)
-    hist = np.bincount(gray[inner], minlength=256) / inner.sum()
-    nonzero = hist[hist > 0]
-    lap = cv2.Laplacian(green, cv2.CV_64F)
-    gx, gy = cv2.Sobel(green, cv2.CV_64F, 1, 0), cv2.Sobel(green, cv2.CV_64F, 0, 1)
-    hsv = cv2.cvtColor(crop, cv2.COLOR_BGR2HSV)
-    glare = (hsv[:, :, 2] > 235) & (hsv[:, :, 1] < 40) & inner
-    bbox = cv2.boundingRect(inner.astype(np.uint8))
-    masked_green = np.where(inner, green, 0).astype(np.uint8)
-    box = masked_green[bbox[1]:bbox[1] + bbox[3], bbox[0]:bbox[0] + bbox[2]]
-    high_pass = green.astype(np.float64) - cv2.medianBlur(green, 3).astype(np.float64)
-    noise = 1.4826 * np.median(np.abs(high_pass[inner] - np.median(high_pass[inner])))
+    blue, green, red = cv2.split(small)
+    gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+    mask = inner.view(np.uint8)
+    hist = _hist(gray, mask)
+    mean, std, entropy, p1, p99, _ = _hist_stats(hist)
+    dark_channel = _hist_stats(_hist(cv2.min(cv2.min(blue, green), red), mask))[5]
+    red_hist = _hist(red, mask)
+
+    def masked_mean(values: np.ndarray, where: np.ndarray = mask) -> float:
+        return float(cv2.mean(values, mask=where)[0])
+
+    g = green.astype(np.float32)
+    green_mean = max(masked_mean(g), 1.0)
+    _, lap_std = cv2.meanStdDev(cv2.Laplacian(g, cv2.CV_32F), mask=mask)
+    gx, gy = cv2.Sobel(g, cv2.CV_32F, 1, 0), cv2.Sobel(g, cv2.CV_32F, 0, 1)
+    # Edge energy along 0, 90, 45 and 135 degrees; motion blur along one angle leaves the others sharp.
+    energies = (masked_mean(np.square(g[:, 1:] - g[:, :-1]), mask[:, 1:] & mask[:, :-1]),
+                masked_mean(np.square(g[1:] - g[:-1]), mask[1:] & mask[:-1]),
+                masked_mean(np.square(g[1:, :-1] - g[:-1, 1:]), mask[1:, :-1] & mask[:-1, 1:]) / 2,
+                masked_mean(np.square(g[1:, 1:] - g[:-1, :-1]), mask[1:, 1:] & mask[:-1, :-1]) / 2)
+    detail = g - cv2.GaussianBlur(g, (0, 0), 2.0)
+
+    hsv = cv2.cvtColor(small, cv2.COLOR_BGR2HSV)
+    glare = cv2.countNonZero(((hsv[:, :, 2] > 235) & (hsv[:, :, 1] < 40)).view(np.uint8) & mask)
+    pale = cv2.countNonZero(((hsv[:, :, 2] > 170) & (hsv[:, :, 1] < 90)).view(np.uint8) & mask)
+    x0, y0, bw, bh = cv2.boundingRect(mask)
+    box = cv2.bitwise_and(green, green, mask=mask)[y0:y0 + bh, x0:x0 + bw]
+    # Robust noise: median absolute deviation of a 3x3 median high-pass, from histograms (values clipped to +-127).
+    high_pass = cv2.subtract(green.astype(np.int16), cv2.medianBlur(green, 3).astype(np.int16))
+    shifted = (np.clip(high_pass, -127, 127) + 128).astype(np.uint8)
+    hp_median = _median_from_hist(_hist(shifted, mask))
+    noise = 1.4826 * _median_from_hist(_hist(cv2.absdiff(shifted, np.full_like(shifted, int(hp_median))), mask))
+
+    lum_median = _median_from_hist(hist)
+    h_in, w_in = mask.shape
+    t_h, t_w = h_in // 3, w_in // 3
+    bands = ((gray[:t_h], mask[:t_h]), (gray[h_in - t_h:], mask[h_in - t_h:]),
+             (gray[:, :t_w], mask[:, :t_w]), (gray[:, w_in - t_w:], mask[:, w_in - t_w:]))
+    thirds = [masked_mean(values, where) for values, where in bands if cv2.countNonZero(where)]
     diagonal = float(np.hypot(w_img, h_img))
     return {
-        "fov_fraction": float(fov.mask.mean() / 255.0),
+        "fov_fraction": float(fov.fraction),
         "decentering": float(np.hypot(fov.center[0] - w_img / 2, fov.center[1] - h_img / 2) / diagonal),
-        "mean": float(values.mean()),
-        "std": float(values.std()),
-        "entropy": float(-(nonzero * np.log2(nonzero)).sum()),
-        "dynamic_range": float(np.percentile(values, 99) - np.percentile(values, 1)),
-        "laplacian_var": float(lap[inner].var()),
-        "tenengrad": float((gx[inner] ** 2 + gy[inner] ** 2).mean()),
+        "mean": mean,
+        "std": std,
+        "entropy": entropy,
+        "dynamic_range": p99 - p1,
+        "laplacian_var": float(lap_std[0, 0]) ** 2,
+        "tenengrad": masked_mean(cv2.magnitude(gx, gy) ** 2),
         "wavelet_hf_ratio": _haar_hf_ratio(box),
-        "underexposed": float((values < 15).mean()),
-        "overexposed": float((values > 245).mean()),
-        "glare": float(glare.sum() / inner.sum()),
+        "directional_sharpness": float(min(energies)) / green_mean ** 2 * 1000,
+        "sharpness_isotropy": float(min(energies)) / max(float(max(energies)), 1e-9),
+        "local_contrast": float(np.sqrt(masked_mean(np.square(detail)))) / green_mean,
+        "dark_channel": dark_channel,
+        "underexposed": float(hist[:15].sum() / n_inner),
+        "overexposed": float(hist[246:].sum() / n_inner),
+        "red_clipped": float(red_hist[250:].sum() / n_inner),
+        "dark_area": float(hist[:int(np.ceil(0.45 * lum_median))].sum() / n_inner),
+        "bright_area": float(hist[191:].sum() / n_inner),
+        "pale_area": pale / n_inner,
+        "illumination_balance": min(thirds) / max(max(thirds), 1.0) if thirds else 1.0,
+        "glare": glare / n_inner,
         "noise": float(noise),
     }
 
 
-# metric -> (threshold field, comparison, human-readable reason)
-_RULES = (
+# metric -> (threshold field, comparison, human-readable reason with the advice)
+RULES = (
     ("fov_fraction", "min_fov_fraction", ">=", "fundus fills too little of the frame: move closer / centre the pupil"),
     ("decentering", "max_decentering", "<=", "fundus is off-centre: re-align the camera with the pupil"),
     ("mean", "min_mean", ">=", "too dark: increase illumination or dilate the pupil"),
@@ -114,11 +215,51 @@ _RULES = (
     ("laplacian_var", "min_laplacian_var", ">=", "blurred (defocus or motion): hold still and refocus"),
     ("tenengrad", "min_tenengrad", ">=", "edges are soft: refocus"),
     ("wavelet_hf_ratio", "min_wavelet_hf_ratio", ">=", "no fine detail (vessels not resolved): refocus"),
-    ("underexposed", "max_underexposed", "<=", "large under-exposed areas"),
-    ("overexposed", "max_overexposed", "<=", "large over-exposed (washed-out) areas"),
+    ("directional_sharpness", "min_directional_sharpness", ">=",
+     "smeared in one direction (motion blur): hold the camera and the patient still, re-capture"),
+    ("sharpness_isotropy", "min_sharpness_isotropy", ">=",
+     "detail lost along one direction (motion blur): hold the camera and the patient still, re-capture"),
+    ("local_contrast", "min_local_contrast", ">=", "vessels washed out (haze, cataract or a dirty lens): clean the lens, re-capture"),
+    ("dark_channel", "max_dark_channel", "<=", "veiling haze over the image: clean the lens, shield stray light, re-capture"),
+    ("underexposed", "max_underexposed", "<=", "large under-exposed areas: increase illumination"),
+    ("overexposed", "max_overexposed", "<=", "large over-exposed (washed-out) areas: reduce illumination"),
+    ("red_clipped", "max_red_clipped", "<=", "over-exposed (red channel saturated): reduce illumination or gain"),
+    ("bright_area", "max_bright_area", "<=", "large bright areas (over-exposure): reduce illumination or gain"),
+    ("pale_area", "max_pale_area", "<=", "pale washed-out patch (lens flare or reflection): shield stray light, re-angle"),
+    ("dark_area", "max_dark_area", "<=", "part of the field is dark (eyelid or lashes?): ask the patient to open wide, re-capture"),
+    ("illumination_balance", "min_illumination_balance", ">=",
+     "one side of the field is shadowed (eyelid, lashes or tilt): open the eye wide, re-align, re-capture"),
     ("glare", "max_glare", "<=", "glare or reflections: adjust the angle of the light"),
     ("noise", "max_noise", "<=", "sensor noise too high: more light, lower gain"),
 )
+RULE_METRICS = tuple(dict.fromkeys(metric for metric, *_ in RULES))
+
+
+def margins(metrics: dict[str, float], thresholds: QualityThresholds) -> dict[str, float]:
+    """Signed distance of each indicator inside its limit, in units of the limit (< 0: failing)."""
+    out = {}
+    for metric, field_name, op, _ in RULES:
+        limit = getattr(thresholds, field_name)
+        value = metrics[metric]
+        out[field_name] = ((value - limit) if op == ">=" else (limit - value)) / (abs(limit) + 1e-9)
+    return out
+
+
+def quality_score(metrics: dict[str, float], thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> float:
+    """0-1, monotone in the worst indicator's margin: 0.5 at its limit, higher is better (the ROC's score)."""
+    worst = min(margins(metrics, thresholds).values())
+    return float(np.clip(0.5 + 0.5 * np.tanh(2 * worst), 0, 1))
+
+
+def verdict(metrics: dict[str, float], thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> QualityReport:
+    """Gradable / ungradable verdict with a 0-1 score and, for each failing limit, why and what to do."""
+    reasons = []
+    for metric, field_name, op, reason in RULES:
+        limit, value = getattr(thresholds, field_name), metrics[metric]
+        if not (value >= limit if op == ">=" else value <= limit):
+            reasons.append(f"{reason} ({metric} {value:.4g} vs limit {limit:.4g})")
+    return QualityReport(not reasons, round(quality_score(metrics, thresholds), 4), tuple(reasons),
+                         {k: round(v, 6) for k, v in metrics.items()})
 
 
 def assess(bgr: np.ndarray, thresholds: QualityThresholds = DEFAULT_THRESHOLDS,
@@ -127,16 +268,5 @@ def assess(bgr: np.ndarray, thresholds: QualityThresholds = DEFAULT_THRESHOLDS,
     try:
         metrics = quality_metrics(bgr, fov)
     except NoFundusError as exc:
-        return QualityReport(False, 0.0, (f"no fundus found: {exc}",), {})
-    reasons, margins = [], []
-    for metric, field_name, op, reason in _RULES:
-        limit = getattr(thresholds, field_name)
-        value = metrics[metric]
-        ok = value >= limit if op == ">=" else value <= limit
-        # Margin in units of the limit, clipped: 0 at the limit, 1 comfortably inside.
-        margin = (value - limit) / (abs(limit) + 1e-9) if op == ">=" else (limit - value) / (abs(limit) + 1e-9)
-        margins.append(float(np.clip(margin + 0.5, 0, 1)))
-        if not ok:
-            reasons.append(f"{reason} ({metric} {value:.4g} vs limit {limit:.4g})")
-    score = float(np.clip(min(margins) if reasons else 0.5 + 0.5 * float(np.mean(margins)), 0, 1))
-    return QualityReport(not reasons, round(score, 4), tuple(reasons), {k: round(v, 6) for k, v in metrics.items()})
+        return QualityReport(False, 0.0, (f"no fundus found: {exc}; centre the pupil and re-capture",), {})
+    return verdict(metrics, thresholds)

@@ -42,3 +42,43 @@ def watch_folder(folder: Path, screener: Screener, outbox: Outbox, interval: flo
         if once:
             return graded
         time.sleep(interval)
+
+
+def _bursts(folder: Path) -> list[Path]:
+    """Each sub-folder holding photos is one capture burst; photos directly in ``folder`` form one more."""
+    bursts = [p for p in sorted(folder.iterdir()) if p.is_dir() and any(q.suffix.lower() in SUFFIXES for q in p.iterdir())]
+    if any(p.suffix.lower() in SUFFIXES for p in folder.iterdir()):
+        bursts.append(folder)
+    return bursts
+
+
+def watch_bursts(folder: Path, screener: Screener, outbox: Outbox, interval: float = 2.0, once: bool = False,
+                 settle_seconds: float = 1.0) -> int:
+    """Poll ``folder`` for bursts of frames (see :func:`_bursts`); for each burst and eye (from the photo names:
+    left/right/OS/OD) the sharpest gradable frame is graded and stored once, as ``<burst>#eye=..&frame=..``, or
+    the burst is stored as ungradable with retake advice. Returns how many results were stored. A burst waits
+    until none of its files changed within ``settle_seconds``; frames added after it was graded are ignored."""
+    from .video import burst_frames, choose_frame, group_burst, screen_choice
+
+    stored = 0
+    while True:
+        for burst in _bursts(folder):
+            photos = [p for p in burst.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES]
+            try:
+                if not once and time.time() - max(p.stat().st_mtime for p in photos) < settle_seconds:
+                    continue
+            except (FileNotFoundError, ValueError):
+                continue
+            for eye, paths in group_burst(photos).items():
+                key = f"burst:{burst.resolve()}#eye={eye}"
+                if outbox.has_capture(key):
+                    continue
+                try:
+                    choice = choose_frame(burst_frames(paths), screener.quality)
+                    screen_choice(screener, choice, burst.name, eye, capture_key=key)
+                    stored += 1
+                except ImageError as exc:
+                    log.warning("cannot grade burst %s (%s eye): %s", burst.name, eye or "unknown", exc)
+        if once:
+            return stored
+        time.sleep(interval)

@@ -184,7 +184,7 @@ def export(
     out: Path = typer.Option(Path("artifacts"), help="Output folder (gets index.json)."),
     recipe: str = typer.Option("ort", help="INT8 recipe: ort | nncf | nncf_ac (ONNX; TFLite/CoreML use PT2E) | "
                                "qat (ONNX through NNCF, TFLite/CoreML through PT2E)."),
-    target: str = typer.Option("x86_avx2", help="CPU class preset: x86_avx2 | x86_avx2_fast | x86_vnni | arm64 | jetson_orin."),
+    target: str = typer.Option("x86_avx2", help="CPU class preset: auto (this CPU's int8 features) | x86_avx2 | x86_avx2_fast | x86_vnni | arm64 | jetson_orin."),
     calibration: str = typer.Option("minmax", help="minmax | percentile | entropy (ort recipe)."),
     min_referral_agreement: float = typer.Option(0.98, help="Gate: one-sided 95% lower bound of INT8-FP32 referral "
                                                  "agreement (docs/fidelity_gate.md)."),
@@ -255,7 +255,13 @@ def _print_records(records) -> None:
 # ---------------------------------------------------------------- edge
 @app.command()
 def grade(
-    images: list[Path] = typer.Argument(..., help="Fundus photos."),
+    images: list[Path] | None = typer.Argument(None, help="Fundus photos."),
+    video: list[Path] | None = typer.Option(None, "--video", help="Capture video(s): the sharpest gradable frame of "
+                                            "each is graded and stored as one result (repeat for several)."),
+    eye: str | None = typer.Option(None, help="left | right: the eye --video shows (recorded with the result)."),
+    stride: int = typer.Option(1, help="--video: score every n-th frame."),
+    store_overlays: bool = typer.Option(False, "--store-overlays", help="Render each CAM overlay inside the step and "
+                                        "store it with the result (for the server's review page); off: on demand."),
     artifact: Path = typer.Option(..., help="An exported artifact (.onnx, .tflite, .mlpackage) with its manifest."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object per image."),
     save_overlay: Path | None = typer.Option(None, help="Folder for CAM overlay PNGs."),
@@ -270,11 +276,35 @@ def grade(
 
     try:
         screener = Screener.from_artifact(artifact, allow_ungated=allow_ungated, threads=threads, device_id=device_id,
-                                          outbox=Outbox(outbox) if outbox else None)
+                                          outbox=Outbox(outbox) if outbox else None, store_overlays=store_overlays)
     except (RetinaEdgeError, ImportError) as exc:
         _fail(exc)
+    if eye not in (None, "left", "right"):
+        _fail(ValueError(f"--eye must be left or right, got {eye!r}"))
+    if not images and not video:
+        _fail(ValueError("give fundus photos and/or --video clips"))
     failures = 0
-    for image in images:
+    for clip in video or []:
+        from edge_runtime.video import screen_video
+
+        try:
+            screening, choice = screen_video(screener, clip, eye=eye, stride=stride)
+        except ImageError as exc:
+            failures += 1
+            payload = {"video": str(clip), "error": type(exc).__name__, "detail": str(exc)}
+            print(json.dumps(payload)) if json_output else console.print(f"[red]{clip.name}: {exc}[/red]")
+            continue
+        result = screening.result
+        if json_output:
+            print(json.dumps({**_grade_json(result, None), "frame": choice.index, "frames_scored": len(choice.scored),
+                              "gradable_frames": sum(q.report.gradable for q in choice.scored)}))
+        else:
+            verdict = (f"grade {result.grade} ({result.grade_name}), confidence {result.confidence:.2f}, "
+                       f"referable {'YES' if result.referable else 'no'}") if result.grade is not None else \
+                "UNGRADABLE - " + "; ".join(result.quality.reasons)
+            out_console.print(f"{result.image_name}: frame {choice.index} of {len(choice.scored)} scored, quality "
+                              f"{result.quality.score:.2f}: {verdict}  [{result.backend}/{result.provider}]")
+    for image in images or []:
         try:
             screening = screener.screen_file(image)
         except ImageError as exc:
@@ -318,16 +348,20 @@ def watch(
     device_id: str = typer.Option("local"), interval: float = typer.Option(2.0),
     once: bool = typer.Option(False, "--once", help="Grade what is there now, then exit."),
     allow_ungated: bool = typer.Option(False, "--allow-ungated"),
+    burst: bool = typer.Option(False, "--burst", help="Each sub-folder is a burst of frames of one capture: grade "
+                               "only the sharpest gradable frame per eye (eye from the file names: left/right/OS/OD)."),
+    store_overlays: bool = typer.Option(False, "--store-overlays", help="Store each CAM overlay with its result."),
 ):
     """Grade each new image in a capture folder exactly once, surviving restarts."""
     _logging(False)
     from edge_runtime.outbox import Outbox
     from edge_runtime.screen import Screener
-    from edge_runtime.watch import watch_folder
+    from edge_runtime.watch import watch_bursts, watch_folder
 
     box = Outbox(outbox)
-    screener = Screener.from_artifact(artifact, allow_ungated=allow_ungated, device_id=device_id, outbox=box)
-    graded = watch_folder(folder, screener, box, interval=interval, once=once)
+    screener = Screener.from_artifact(artifact, allow_ungated=allow_ungated, device_id=device_id, outbox=box,
+                                      store_overlays=store_overlays)
+    graded = (watch_bursts if burst else watch_folder)(folder, screener, box, interval=interval, once=once)
     console.print(f"graded {graded} new image(s); outbox {box.counts()}")
 
 

@@ -83,7 +83,7 @@ def test_screening_result_carries_everything(tiny_artifacts, fundus_bgr, tmp_pat
     assert 0 <= r.cam_peak[0] <= 1 and 0 <= r.cam_peak[1] <= 1
     assert r.backend == ("onnxruntime" if fmt == "onnx" else "litert") and r.provider
     assert r.model_sha256 == tiny_artifacts[0][(fmt, "int8")].sha256
-    assert set(r.latency_ms) == {"decode", "quality", "preprocess", "infer", "decide", "cam", "store"}
+    assert set(r.latency_ms) == {"decode", "fov", "quality", "preprocess", "infer", "decide", "cam", "store"}
     assert screening.overlay_png[:8] == b"\x89PNG\r\n\x1a\n"
     stored, state = box.get(r.result_id)
     assert state == "pending" and stored.grade == r.grade

@@ -96,3 +96,43 @@ def test_no_fundus_raises():
     speck[10:20, 10:20] = 200
     with pytest.raises(NoFundusError, match="covers only"):
         detect_fov(speck)
+
+
+def test_reduced_jpeg_decode_keeps_the_model_input(fundus_bgr):
+    """A 1/2-scale JPEG decode gives (nearly) the model input of a full decode: same crop, pixels within a few levels."""
+    from edge_runtime.preprocess import jpeg_reduction
+
+    big = cv2.resize(fundus_bgr, (1024, 1024), interpolation=cv2.INTER_CUBIC)
+    data = encode(big)
+    full, reduced = decode_image(data), decode_image(data, min_side=336)
+    assert full.shape[:2] == (1024, 1024) and reduced.shape[:2] == (512, 512)
+    assert jpeg_reduction((1024, 683), 336) == 2 and jpeg_reduction((512, 512), 336) == 1
+    assert jpeg_reduction((4000, 3000), 336) == 8
+    policy = PreprocessPolicy(input_size=224)
+    a, b = preprocess(full, policy), preprocess(reduced, policy)
+    assert np.abs(a.resized_rgb.astype(int) - b.resized_rgb).mean() < 2.0
+    assert np.allclose(a.to_original(0.3, 0.6), b.to_original(0.3, 0.6), atol=0.01)
+    png = encode(big, ".png")  # only JPEG decodes at reduced scale
+    assert decode_image(png, min_side=336).shape[:2] == (1024, 1024)
+
+
+def test_fov_mask_is_small_and_geometry_is_in_image_pixels():
+    img = np.zeros((1200, 1600, 3), np.uint8)
+    cv2.circle(img, (800, 600), 500, (40, 80, 160), -1)
+    fov = detect_fov(img)
+    assert max(fov.mask.shape) <= 256 and fov.mask_scale == pytest.approx(256 / 1600)
+    assert abs(fov.x - 300) <= 7 and abs(fov.w - 1001) <= 14 and abs(fov.center[1] - 600) <= 7
+    assert fov.fraction == pytest.approx(np.pi * 500 ** 2 / (1200 * 1600), rel=0.03)
+
+
+def test_normalize_matches_the_formula():
+    from edge_runtime.preprocess import normalize
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    policy = PreprocessPolicy(input_size=16, mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7))
+    expected = ((rgb / 255.0 - np.array(policy.mean)) / np.array(policy.std)).transpose(0, 3, 1, 2)
+    assert np.allclose(normalize(rgb, policy), expected, atol=1e-5)
+    bgr_policy = PreprocessPolicy(input_size=16, color_order="BGR", layout="NHWC")
+    expected_bgr = (rgb[..., ::-1] / 255.0 - np.array(bgr_policy.mean)[::-1]) / np.array(bgr_policy.std)[::-1]
+    assert np.allclose(normalize(rgb, bgr_policy), expected_bgr, atol=1e-5)

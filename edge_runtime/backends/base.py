@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Union
 
 import numpy as np
 
 from ..contract import ArtifactManifest, manifest_path_for, sha256_file
-from ..errors import ArtifactError, ManifestError
+from ..errors import ArtifactError, ConfigError, ManifestError
 from ..formats import format_for_path
 from ..registry import Registry
 from ._inspect import inspect_artifact
+from .options import RuntimeOptions
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -168,19 +169,32 @@ def check_artifact(path: str | Path, allow_ungated: bool = False, verify_checksu
     return manifest
 
 
+def resolve_options(options: RuntimeOptions | None = None, **overrides) -> RuntimeOptions:
+    """``options`` (default: runtime defaults) with keyword overrides of its fields, e.g. ``threads=2``;
+    an unknown name is a ConfigError, never silently dropped. ``None`` overrides keep the field as it is."""
+    known = {f.name for f in fields(RuntimeOptions)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown runtime option(s) {unknown}; RuntimeOptions has {sorted(known)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return replace(options or RuntimeOptions(), **overrides)
+
+
 def open_session(path: str | Path, allow_ungated: bool = False, verify_checksum: bool = True,
-                 trusted_key: TrustedKey = None, **options) -> Session:
+                 trusted_key: TrustedKey = None, options: RuntimeOptions | None = None, **overrides) -> Session:
     """Open an artifact with the backend its format names, after ``check_artifact``'s checks.
 
     ``trusted_key``: the publisher's Ed25519 public key (PEM path or text, raw base64); default
-    $RETINAEDGE_TRUSTED_KEY. With a key, unsigned or altered manifests are refused.
+    $RETINAEDGE_TRUSTED_KEY. With a key, unsigned or altered manifests are refused. ``options`` (typed, validated)
+    says how the runtime runs it; keyword ``overrides`` replace single fields (``threads=2``, ``providers=(...)``).
 
     Raises:
         ArtifactError: missing file, unknown suffix, checksum mismatch, mislabelled weights, failed/unrun gate.
         ManifestError: missing, invalid, edited or (with a key) unsigned manifest.
         BackendUnavailableError: the runtime is not installed or cannot run on this OS.
     """
+    options = resolve_options(options, **overrides)
     path = Path(path)
     manifest = check_artifact(path, allow_ungated, verify_checksum, trusted_key)
     spec = format_for_path(path)
-    return BACKENDS.get(spec.runtime)(path, manifest, **options)
+    return BACKENDS.get(spec.runtime)(path, manifest, options)

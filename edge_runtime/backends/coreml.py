@@ -9,11 +9,13 @@ import numpy as np
 from ..contract import ArtifactManifest
 from ..errors import BackendUnavailableError
 from .base import SessionInfo, register_backend
+from .options import DEFAULT_OPTIONS, RuntimeOptions
 
 
 @register_backend("coreml")
 class CoreMLSession:
-    def __init__(self, path: Path, manifest: ArtifactManifest, compute_units: str = "ALL", **_: object):
+    def __init__(self, path: Path, manifest: ArtifactManifest, options: RuntimeOptions = DEFAULT_OPTIONS):
+        compute_units = options.compute_units
         if platform.system() != "Darwin":
             raise BackendUnavailableError(
                 f"CoreML models run only on macOS/iOS (this is {platform.system()}); use the .onnx or .tflite artifact "

@@ -1,6 +1,7 @@
 """LiteRT (TFLite) backend: ai_edge_litert's interpreter, or tflite_runtime where that is all a device has."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -8,19 +9,21 @@ import numpy as np
 from ..contract import ArtifactManifest
 from ..errors import BackendUnavailableError
 from .base import SessionInfo, register_backend
+from .options import DEFAULT_OPTIONS, RuntimeOptions
 
 
-def _interpreter_class():
+def _interpreter_module():
+    """The interpreter module (it holds ``Interpreter`` and ``OpResolverType``) and its package's name."""
     try:
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert import interpreter
 
-        return Interpreter, "ai_edge_litert"
+        return interpreter, "ai_edge_litert"
     except ImportError:
         pass
     try:  # older devices; its last release needs numpy<2 and runs INT8 10-30x slower (TOOLCHAIN.md)
-        from tflite_runtime.interpreter import Interpreter
+        from tflite_runtime import interpreter
 
-        return Interpreter, "tflite_runtime"
+        return interpreter, "tflite_runtime"
     except ImportError as exc:
         raise BackendUnavailableError(
             "no TFLite runtime: pip install 'retinaedge[edge]' (ai-edge-litert), or tflite-runtime on old devices"
@@ -29,9 +32,13 @@ def _interpreter_class():
 
 @register_backend("litert")
 class LiteRtSession:
-    def __init__(self, path: Path, manifest: ArtifactManifest, threads: int | None = None, **_: object):
-        Interpreter, package = _interpreter_class()
-        self.interpreter = Interpreter(model_path=str(path), num_threads=threads or None)
+    def __init__(self, path: Path, manifest: ArtifactManifest, options: RuntimeOptions = DEFAULT_OPTIONS):
+        module, package = _interpreter_module()
+        kwargs = {}
+        if not options.xnnpack:  # built-in kernels only; the default resolver applies XNNPACK
+            kwargs["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        # num_threads sizes both the interpreter's and the XNNPACK delegate's thread pool.
+        self.interpreter = module.Interpreter(model_path=str(path), num_threads=options.threads, **kwargs)
         self.input_detail = self.interpreter.get_input_details()[0]
         outputs = self.interpreter.get_output_details()
         # Output order is not guaranteed by the converter: tell logits (rank 2) from cam (rank 4) by shape.
@@ -39,8 +46,9 @@ class LiteRtSession:
         self.cam_detail = next(o for o in outputs if len(o["shape"]) == 4)
         self.batch = int(self.input_detail["shape"][0])
         self.interpreter.allocate_tensors()
-        self.info = SessionInfo("litert", f"{package}/XNNPACK", manifest, path, None,
-                                {"threads": threads, "input_dtype": str(self.input_detail["dtype"])})
+        self.info = SessionInfo("litert", f"{package}/{'XNNPACK' if options.xnnpack else 'builtin'}", manifest, path,
+                                None, {"threads": options.threads, "input_dtype": str(self.input_detail["dtype"]),
+                                       "options": asdict(options)})
 
     def _run_one(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self.interpreter.set_tensor(self.input_detail["index"], _quantize(x, self.input_detail))

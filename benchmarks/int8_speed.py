@@ -1,0 +1,190 @@
+"""INT8 against FP32 of the same model, per format, on this CPU: does INT8 pay here?
+
+Builds (once, cached in ``--work``) an EfficientNet-Lite0 @224 DR classifier with ImageNet backbone weights and a
+seeded random head (speed does not depend on the weights), exports ONNX FP32, ONNX full-INT8 for this CPU's
+``--target auto`` preset (U8S8 on VNNI / ARM dot-product CPUs) and TFLite FP32 + INT8, then times each at batch 1
+under the runtime options being compared (threads, ORT graph optimisation level and execution mode, XNNPACK
+threads) and prints the INT8/FP32 table per format with the CPU's int8 features named.
+
+    python -m benchmarks.int8_speed --data ../shared/data/eyepacs_full --threads 2 --work /tmp/retinaedge_int8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.backends import RuntimeOptions, cpu_features, int8_target, open_session
+
+from .device import fingerprint
+
+MODEL = "tf_efficientnet_lite0"
+
+
+def build_artifacts(work: Path, data: Path | None, target: str, formats: tuple[str, ...] = ("onnx", "tflite"),
+                    calib_limit: int = 32) -> dict[tuple[str, str], Path]:
+    """FP32 + INT8 artifacts of one Lite0, exported once and reused while ``work`` exists."""
+    index = work / "artifacts" / "index.json"
+    if index.is_file():
+        found = {(r["format"], r["precision"]): Path(r["path"])
+                 for r in json.loads(index.read_text()).get("artifacts", []) if r.get("status") == "ok" and r.get("path")}
+        if all((f, p) in found for f in formats for p in ("fp32", "int8")):
+            return found
+    import torch
+
+    from compression.gate import GateThresholds
+    from compression.quantize import QuantRecipe
+    from edge_runtime.contract import GRADE_NAMES, PreprocessPolicy
+    from exporters.pipeline import build_context, export_all
+    from training.models import create_model, get_model_cfg
+
+    torch.manual_seed(0)
+    model = create_model(MODEL, pretrained=True).eval()
+    cfg = get_model_cfg(MODEL)
+    policy = PreprocessPolicy(input_size=cfg.input_size, mean=cfg.mean, std=cfg.std)
+    checkpoint = work / "lite0_imagenet_random_head.pt"
+    work.mkdir(parents=True, exist_ok=True)
+    meta = {"model_name": MODEL, "input_size": policy.input_size, "preprocess": policy.__dict__,
+            "class_names": list(GRADE_NAMES), "metrics": {}, "data_fingerprint": "imagenet0", "git_sha": None,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "referable_threshold": 0.5,
+            "config": {"note": "ImageNet backbone, random head: for speed only"}, "num_features": model.num_features}
+    torch.save({"model_state": model.state_dict(), "meta": meta}, checkpoint)
+    # A random head has no clinical fidelity to hold; the gate runs (and is recorded) but nothing escalates.
+    ctx = build_context(checkpoint, work / "artifacts", data, data, QuantRecipe.for_target(target),
+                        GateThresholds(0.0, 0.0, 1.0), calib_limit=calib_limit, val_limit=calib_limit,
+                        tuning_limit=0, escalate=False)
+    records = export_all(ctx, list(formats), ["fp32", "int8"], progress=False)
+    return {(r.format, r.precision): Path(r.path) for r in records if r.status == "ok" and r.path}
+
+
+def _input_for(session) -> np.ndarray:
+    policy = session.info.manifest.preprocess
+    size = policy.input_size
+    shape = (1, 3, size, size) if policy.layout == "NCHW" else (1, size, size, 3)
+    return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def time_interleaved(sessions: list, rounds: int, per_round: int = 10, warmup: int = 10) -> list[list[float]]:
+    """Latency samples (ms) per session, taken in rounds that visit every session in turn, so load from other
+    processes on a shared machine falls on all of them alike rather than on whichever ran last."""
+    inputs = [_input_for(s) for s in sessions]
+    for session, x in zip(sessions, inputs, strict=True):
+        for _ in range(warmup):
+            session.run(x)
+    samples: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for i, (session, x) in enumerate(zip(sessions, inputs, strict=True)):
+            for _ in range(per_round):
+                start = time.perf_counter()
+                session.run(x)
+                samples[i].append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+def option_grid(threads: int) -> dict[str, list[RuntimeOptions]]:
+    """Session options compared per format; the fastest becomes the device's recorded setting."""
+    onnx = [RuntimeOptions(threads=threads, graph_optimization=level, execution_mode=mode)
+            for level in ("extended", "all") for mode in ("sequential", "parallel")]
+    onnx.append(RuntimeOptions(threads=threads, graph_optimization="all", execution_mode="sequential", spin_wait=False))
+    tflite = [RuntimeOptions(threads=threads), RuntimeOptions(threads=threads, xnnpack=False)]
+    return {"onnx": onnx, "tflite": tflite}
+
+
+def _stats(values: list[float]) -> dict:
+    return {"p10": float(np.percentile(values, 10)), "p50": float(np.percentile(values, 50)),
+            "p90": float(np.percentile(values, 90)), "n": len(values)}
+
+
+def run(work: Path, data: Path | None, threads: int, runs: int, target: str = "auto") -> dict:
+    """Phase 1: every option set of every artifact, one artifact at a time (a short run each), to pick the
+    fastest per artifact. Phase 2: the picked FP32 and INT8 sessions of every format, interleaved for ``runs``
+    samples each, so the INT8/FP32 ratio is measured under the same load."""
+    features = cpu_features()
+    target = int8_target(features) if target == "auto" else target
+    artifacts = build_artifacts(work, data, target)
+    grid = option_grid(threads)
+    sweep, chosen = [], {}
+    for (fmt, precision), path in sorted(artifacts.items()):
+        for options in grid.get(fmt, [RuntimeOptions(threads=threads)]):
+            row = {"format": fmt, "precision": precision, "file": path.name, "options": options}
+            try:
+                session = open_session(path, allow_ungated=True, options=options)
+                values = time_interleaved([session], rounds=max(1, runs // 40))[0]
+                row.update(provider=session.info.provider, **_stats(values))
+                del session
+            except Exception as exc:  # noqa: BLE001 - a failing combination is a row, not a crash
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            sweep.append(row)
+            if "p50" in row and ((fmt, precision) not in chosen or row["p50"] < chosen[(fmt, precision)]["p50"]):
+                chosen[(fmt, precision)] = row
+    keys = sorted(chosen)
+    sessions = [open_session(artifacts[k], allow_ungated=True, options=chosen[k]["options"]) for k in keys]
+    samples = time_interleaved(sessions, rounds=max(1, runs // 10))
+    final = [{**chosen[k], **_stats(values)} for k, values in zip(keys, samples, strict=True)]
+    for row in sweep + final:
+        if isinstance(row["options"], RuntimeOptions):
+            row["options"] = asdict(row["options"])
+    return {"device": fingerprint(), "cpu_features": features.to_dict(), "target": target, "threads": threads,
+            "load_average": os.getloadavg(), "sweep": sweep, "rows": final}
+
+
+def _options_text(options: dict) -> str:
+    shown = ("threads", "graph_optimization", "execution_mode", "spin_wait", "xnnpack")
+    return ", ".join(f"{k}={options[k]}" for k in shown if options.get(k) is not None)
+
+
+def to_markdown(report: dict) -> str:
+    features = report["cpu_features"]
+    named = ", ".join(features["int8"]) or "none (no int8 dot-product instructions)"
+    lines = [f"# INT8 vs FP32, {MODEL} @224, batch 1, {report['threads']} threads - {report['device']['cpu']}", "",
+             f"CPU int8 features: **{named}**; ONNX INT8 preset `--target auto` -> `{report['target']}`. "
+             f"Load average while measuring (1/5/15 min): {', '.join(f'{v:.1f}' for v in report['load_average'])} "
+             f"on {report['device']['cores']} cores.", "",
+             "## Runtime options swept (one artifact at a time; the fastest p50 per artifact is kept)", "",
+             "| format | precision | options | p10 ms | p50 ms | p90 ms | n |", "|---|---|---|---|---|---|---|"]
+    for r in report["sweep"]:
+        opts = _options_text(r["options"])
+        if "error" in r:
+            lines.append(f"| {r['format']} | {r['precision']} | {opts} | failed: {r['error'][:60]} | | | |")
+        else:
+            lines.append(f"| {r['format']} | {r['precision']} | {opts} | {r['p10']:.2f} | {r['p50']:.2f} | "
+                         f"{r['p90']:.2f} | {r['n']} |")
+    best = {(r["format"], r["precision"]): r for r in report["rows"]}
+    lines += ["", "## INT8 / FP32 per format (each with its fastest options, samples interleaved)", "",
+              "| format | FP32 options | INT8 options | FP32 p10 / p50 ms | INT8 p10 / p50 ms | speed-up p10 | "
+              "speed-up p50 | CPU int8 features |", "|---|---|---|---|---|---|---|---|"]
+    for fmt in sorted({f for f, _ in best}):
+        fp32, int8 = best.get((fmt, "fp32")), best.get((fmt, "int8"))
+        if fp32 and int8:
+            lines.append(f"| {fmt} | {_options_text(fp32['options'])} | {_options_text(int8['options'])} | "
+                         f"{fp32['p10']:.2f} / {fp32['p50']:.2f} | {int8['p10']:.2f} / {int8['p50']:.2f} | "
+                         f"{fp32['p10'] / int8['p10']:.2f}x | {fp32['p50'] / int8['p50']:.2f}x | {named} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/eyepacs_full"),
+                        help="photos whose calib split calibrates INT8")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/retinaedge_int8"), help="artifact cache (not the repo)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--target", default="auto", help="ONNX INT8 preset; auto = from this CPU's flags")
+    parser.add_argument("--out", type=Path, help="also write the report (.md and .json) here")
+    args = parser.parse_args()
+    report = run(args.work, args.data if args.data.is_dir() else None, args.threads, args.runs, args.target)
+    markdown = to_markdown(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(markdown)
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
