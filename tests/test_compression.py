@@ -74,6 +74,7 @@ def test_onnx_recipes_quantize_and_keep_exclusions(tiny_artifacts, tmp_path, rec
         assert fewer < sum(n.op_type == "QuantizeLinear" for n in graph.node)
 
 
+@pytest.mark.slow  # NNCF accuracy control: ~40 s of ranking and retries
 def test_accuracy_control_keeps_fp32_grades_on_the_tuning_photos(tiny_artifacts, tmp_path):
     import onnxruntime as ort
 
@@ -155,6 +156,7 @@ def test_batch_norm_folding_keeps_outputs():
             assert torch.allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.slow  # every escalation step, QAT last: ~60 s
 def test_qat_is_the_last_resort_after_mixed_precision(tiny_artifacts, tmp_path):
     from dataclasses import replace
 
@@ -234,6 +236,7 @@ def test_fidelity_fine_tuning_pulls_a_perturbed_copy_back_to_fp32():
     assert distance() < 0.5 * before
 
 
+@pytest.mark.slow  # torch.export + PT2E QAT preparation: ~30 s
 def test_pt2e_qat_gives_a_fake_quantized_graph_for_any_batch():
     import torch
 

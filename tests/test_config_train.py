@@ -57,6 +57,7 @@ def test_resume_continues_from_last(tmp_path, synthetic_dir):
     assert [h["epoch"] for h in resumed.metrics["history"]] == [1, 2]
 
 
+@pytest.mark.slow  # two torchrun ranks start torch twice: ~40 s
 def test_torchrun_two_cpu_processes(tmp_path, synthetic_dir):
     """DDP with the gloo backend: two CPU ranks train one model on tiny data."""
     from .faults import free_port
