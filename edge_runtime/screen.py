@@ -36,6 +36,21 @@ def decode_side(policy: PreprocessPolicy) -> int:
 
 
 @dataclass(frozen=True)
+class Visit:
+    """Which patient visit (encounter) and eye a capture belongs to; programmes refer per visit, not per photo."""
+
+    encounter_id: str | None = None  # an opaque visit id from the clinic's system, never a patient name
+    eye: str | None = None  # left | right
+
+    def __post_init__(self) -> None:
+        if self.eye not in (None, "left", "right"):
+            raise ValueError(f"eye must be 'left' or 'right', got {self.eye!r}")
+
+
+NO_VISIT = Visit()
+
+
+@dataclass(frozen=True)
 class Screening:
     """A stored result; the CAM overlay (PNG at display size) is rendered on first access, off the critical path."""
 
@@ -73,49 +88,52 @@ class Screener:
                       options: RuntimeOptions | None = None, **kwargs):
         return cls(open_session(artifact, allow_ungated=allow_ungated, options=options, threads=threads), **kwargs)
 
-    def screen_file(self, path: str | Path, capture_key: str | None = None) -> Screening:
+    def screen_file(self, path: str | Path, capture_key: str | None = None, visit: Visit = NO_VISIT) -> Screening:
         path = Path(path)
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise ImageError(f"cannot read {path}: {exc.strerror}") from exc
-        return self.screen_bytes(data, path.name, capture_key)
+        return self.screen_bytes(data, path.name, capture_key, visit)
 
-    def screen_bytes(self, data: bytes, image_name: str | None = None, capture_key: str | None = None) -> Screening:
+    def screen_bytes(self, data: bytes, image_name: str | None = None, capture_key: str | None = None,
+                     visit: Visit = NO_VISIT) -> Screening:
         """Grade one encoded image. Raises a typed ImageError for unusable bytes; ungradable photos are stored."""
         clock = _Clock()
         bgr = decode_image(data, self.max_bytes, self.max_pixels, self.min_side)
         clock.lap("decode")
-        return self._screen(bgr, data, image_name, capture_key, clock)
+        return self._screen(bgr, data, image_name, capture_key, clock, visit)
 
-    def screen_image(self, bgr: np.ndarray, image_name: str | None = None, capture_key: str | None = None) -> Screening:
+    def screen_image(self, bgr: np.ndarray, image_name: str | None = None, capture_key: str | None = None,
+                     visit: Visit = NO_VISIT) -> Screening:
         """Grade one decoded uint8 BGR image (e.g. a video frame); stored like :meth:`screen_bytes`."""
         clock = _Clock()
         bgr = to_bgr8(bgr)
-        return self._screen(bgr, None, image_name, capture_key, clock)
+        return self._screen(bgr, None, image_name, capture_key, clock, visit)
 
     def store_ungradable(self, quality: QualityReport, image_name: str | None = None,
-                         capture_key: str | None = None) -> Screening:
+                         capture_key: str | None = None, visit: Visit = NO_VISIT) -> Screening:
         """Store an ungradable verdict reached elsewhere (e.g. no gradable frame in a video)."""
         clock = _Clock()
-        result = ScreeningResult(quality=quality, outcome="ungradable", latency_ms=clock.timings, **self._common(image_name))
+        result = ScreeningResult(quality=quality, outcome="ungradable", latency_ms=clock.timings,
+                                 **self._common(image_name, visit))
         return self._store(result, None, None, capture_key, clock)
 
-    def _common(self, image_name: str | None) -> dict:
+    def _common(self, image_name: str | None, visit: Visit) -> dict:
         info = self.session.info
         return dict(device_id=self.device_id, model_version=info.manifest.model_version,
                     model_sha256=info.manifest.sha256 or "", backend=info.backend, provider=info.provider,
-                    image_name=image_name)
+                    image_name=image_name, encounter_id=visit.encounter_id, eye=visit.eye)
 
     def _screen(self, bgr: np.ndarray, data: bytes | None, image_name: str | None, capture_key: str | None,
-                clock: _Clock) -> Screening:
+                clock: _Clock, visit: Visit = NO_VISIT) -> Screening:
         manifest = self.session.info.manifest
         try:  # found once, used by both the quality gate and the crop
             fov = detect_fov(bgr, manifest.preprocess.fov_threshold)
         except ImageError:
             fov = None  # assess() reports "no fundus found" as its verdict
         clock.lap("fov")
-        common = self._common(image_name)
+        common = self._common(image_name, visit)
         if self._gate_pool is None or fov is None:
             quality = assess(bgr, self.quality, fov)
             clock.lap("quality")

@@ -19,7 +19,7 @@ from .contract import QualityReport
 from .errors import ImageError, UnreadableImageError
 from .preprocess import read_image, to_bgr8
 from .quality import DEFAULT_THRESHOLDS, QualityThresholds, assess
-from .screen import Screener, Screening
+from .screen import Screener, Screening, Visit
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".m4v", ".webm")
 RETAKE = "no gradable frame in the capture: retake (steady the camera, focus, adjust the light)"
@@ -140,7 +140,7 @@ def eye_of(name: str) -> str | None:
 
 
 def screen_choice(screener: Screener, choice: FrameChoice, source: str, eye: str | None = None,
-                  capture_key: str | None = None) -> Screening:
+                  capture_key: str | None = None, encounter_id: str | None = None) -> Screening:
     """Grade and store the chosen frame; an all-ungradable stream is stored as ungradable with retake advice."""
     name = frame_name(source, choice.index, eye)
     if not choice.gradable:
@@ -148,16 +148,17 @@ def screen_choice(screener: Screener, choice: FrameChoice, source: str, eye: str
         report = QualityReport(False, choice.report.score,
                                (f"{RETAKE}; best of {n} frame(s) was #{choice.index}",) + choice.report.reasons,
                                choice.report.metrics)
-        return screener.store_ungradable(report, name, capture_key)
-    return screener.screen_image(choice.frame, name, capture_key)
+        return screener.store_ungradable(report, name, capture_key, Visit(encounter_id, eye))
+    return screener.screen_image(choice.frame, name, capture_key, Visit(encounter_id, eye))
 
 
 def screen_video(screener: Screener, path: str | Path, eye: str | None = None, stride: int = 1,
-                 max_frames: int | None = None, capture_key: str | None = None) -> tuple[Screening, FrameChoice]:
+                 max_frames: int | None = None, capture_key: str | None = None,
+                 encounter_id: str | None = None) -> tuple[Screening, FrameChoice]:
     """Best frame of a video -> one stored result for the eye it shows."""
     path = Path(path)
     choice = choose_frame(video_frames(path, stride, max_frames), screener.quality)
-    return screen_choice(screener, choice, path.name, eye, capture_key), choice
+    return screen_choice(screener, choice, path.name, eye, capture_key, encounter_id), choice
 
 
 def group_burst(paths: Iterable[Path]) -> dict[str | None, list[Path]]:

@@ -255,10 +255,14 @@ def _print_records(records) -> None:
 # ---------------------------------------------------------------- edge
 @app.command()
 def grade(
-    images: list[Path] | None = typer.Argument(None, help="Fundus photos."),
+    images: list[Path] | None = typer.Argument(None, help="Fundus photos, or one folder per encounter (visit): its "
+                                               "photos' names say the eye (left/right/OS/OD)."),
+    encounter: str | None = typer.Option(None, help="Visit id the photos belong to (an opaque id, never a name); "
+                                         "prints the visit's referral decision over both eyes."),
     video: list[Path] | None = typer.Option(None, "--video", help="Capture video(s): the sharpest gradable frame of "
                                             "each is graded and stored as one result (repeat for several)."),
-    eye: str | None = typer.Option(None, help="left | right: the eye --video shows (recorded with the result)."),
+    eye: str | None = typer.Option(None, help="left | right: the eye the photos or --video show (default: from "
+                                   "each file name)."),
     stride: int = typer.Option(1, help="--video: score every n-th frame."),
     store_overlays: bool = typer.Option(False, "--store-overlays", help="Render each CAM overlay inside the step and "
                                         "store it with the result (for the server's review page); off: on demand."),
@@ -283,12 +287,22 @@ def grade(
         _fail(ValueError(f"--eye must be left or right, got {eye!r}"))
     if not images and not video:
         _fail(ValueError("give fundus photos and/or --video clips"))
-    failures = 0
+    from edge_runtime.screen import Visit
+    from edge_runtime.video import eye_of
+
+    captures: list[tuple[Path, Visit]] = []
+    for item in images or []:
+        if item.is_dir():  # a folder per encounter: its name is the visit id, the file names say the eye
+            for photo in sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+                captures.append((photo, Visit(encounter or item.name, eye or eye_of(photo.name))))
+        else:
+            captures.append((item, Visit(encounter, eye or eye_of(item.name))))
+    failures, visits = 0, {}
     for clip in video or []:
         from edge_runtime.video import screen_video
 
         try:
-            screening, choice = screen_video(screener, clip, eye=eye, stride=stride)
+            screening, choice = screen_video(screener, clip, eye=eye, stride=stride, encounter_id=encounter)
         except ImageError as exc:
             failures += 1
             payload = {"video": str(clip), "error": type(exc).__name__, "detail": str(exc)}
@@ -299,14 +313,13 @@ def grade(
             print(json.dumps({**_grade_json(result, None), "frame": choice.index, "frames_scored": len(choice.scored),
                               "gradable_frames": sum(q.report.gradable for q in choice.scored)}))
         else:
-            verdict = (f"grade {result.grade} ({result.grade_name}), confidence {result.confidence:.2f}, "
-                       f"referable {'YES' if result.referable else 'no'}") if result.grade is not None else \
-                "UNGRADABLE - " + "; ".join(result.quality.reasons)
+            verdict = _verdict(result)
             out_console.print(f"{result.image_name}: frame {choice.index} of {len(choice.scored)} scored, quality "
                               f"{result.quality.score:.2f}: {verdict}  [{result.backend}/{result.provider}]")
-    for image in images or []:
+        visits.setdefault(encounter, []).append(screening.result)
+    for image, visit in captures:
         try:
-            screening = screener.screen_file(image)
+            screening = screener.screen_file(image, visit=visit)
         except ImageError as exc:
             failures += 1
             payload = {"image": str(image), "error": type(exc).__name__, "detail": str(exc)}
@@ -321,19 +334,48 @@ def grade(
         if json_output:
             print(json.dumps(_grade_json(result, overlay_path)))
         else:
-            verdict = (f"grade {result.grade} ({result.grade_name}), confidence {result.confidence:.2f}, "
-                       f"referable {'YES' if result.referable else 'no'}") if result.grade is not None else \
-                "UNGRADABLE - retake, or refer if a retake fails: " + "; ".join(result.quality.reasons)
+            verdict = _verdict(result)
             out_console.print(f"{image.name}: {verdict}  [{result.backend}/{result.provider}, {result.model_version}]")
+        visits.setdefault(visit.encounter_id, []).append(result)
+    _print_encounters(visits, json_output)
     if not json_output:
         console.print(DISCLAIMER)
     raise typer.Exit(1 if failures else 0)
 
 
+def _verdict(result) -> str:
+    if result.outcome == "ungradable":
+        return "UNGRADABLE - retake, or refer if a retake fails: " + "; ".join(result.quality.reasons)
+    text = (f"grade {result.grade} ({result.grade_name}), P(referable) {result.referable_probability:.2f} at "
+            f"threshold {result.threshold:.2f}: ")
+    if result.outcome == "uncertain":
+        return text + "UNCERTAIN - refer or get a second read"
+    return text + ("REFER" if result.referable else "no referral")
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
+
+def _print_encounters(visits: dict, json_output: bool) -> None:
+    """Each visit's referral decision over both eyes (refer if either eye is referable, uncertain or ungradable)."""
+    from edge_runtime.wire import encounter_decision
+
+    for encounter_id, results in visits.items():
+        if encounter_id is None:
+            continue
+        decision = encounter_decision(results)
+        if json_output:
+            print(json.dumps({"encounter": encounter_id, "decision": decision.decision, "reason": decision.reason,
+                              "eyes": {eye: r.result_id for eye, r in decision.eyes.items()}}))
+        else:
+            out_console.print(f"visit {encounter_id}: [bold]{decision.decision.upper()}[/bold] - {decision.reason}")
+
+
 def _grade_json(result, overlay_path) -> dict:
     return {"image": result.image_name, "result_id": result.result_id, "outcome": result.outcome, "grade": result.grade,
             "grade_name": result.grade_name, "probabilities": result.probabilities, "confidence": result.confidence,
-            "referable": result.referable,
+            "referable": result.referable, "referable_probability": result.referable_probability,
+            "threshold": result.threshold, "encounter_id": result.encounter_id, "eye": result.eye,
             "quality": {"gradable": result.quality.gradable, "score": result.quality.score,
                         "reasons": list(result.quality.reasons), "metrics": result.quality.metrics},
             "cam_peak": result.cam_peak, "overlay": str(overlay_path) if overlay_path else None,

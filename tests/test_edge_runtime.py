@@ -269,3 +269,24 @@ def test_cam_peak_maps_to_lesion_location(onnx_artifact):
     cam[2, 6] = 1.0  # upper right of the fundus
     x, y = cam_peak(cam, pre)
     assert x > 400 / 600 and y < 0.5
+
+
+def test_cli_grades_an_encounter_folder_and_refers_per_visit(onnx_artifact, fundus_bgr, tmp_path):
+    """A folder per visit: eyes from the file names, one decision per visit by the per-visit rule."""
+    import cv2
+
+    visit = tmp_path / "V0042"
+    visit.mkdir()
+    (visit / "V0042_left.jpg").write_bytes(encode(fundus_bgr))
+    (visit / "V0042_right.jpg").write_bytes(encode(cv2.GaussianBlur(fundus_bgr, (0, 0), 12)))  # ungradable retake
+    proc = subprocess.run([sys.executable, "-m", "retinaedge.cli", "grade", str(visit), "--artifact", onnx_artifact,
+                           "--json", "--outbox", str(tmp_path / "o.db")], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    *eyes, visit_line = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert {(e["eye"], e["encounter_id"]) for e in eyes} == {("left", "V0042"), ("right", "V0042")}
+    right = next(e for e in eyes if e["eye"] == "right")
+    assert right["outcome"] == "ungradable"
+    # An ungradable eye refers the whole visit, whatever the other eye shows.
+    assert visit_line["encounter"] == "V0042" and visit_line["decision"] == "refer"
+    assert "right eye ungradable" in visit_line["reason"]
