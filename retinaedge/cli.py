@@ -305,8 +305,7 @@ def grade(
             screening, choice = screen_video(screener, clip, eye=eye, stride=stride, encounter_id=encounter)
         except ImageError as exc:
             failures += 1
-            payload = {"video": str(clip), "error": type(exc).__name__, "detail": str(exc)}
-            print(json.dumps(payload)) if json_output else console.print(f"[red]{clip.name}: {exc}[/red]")
+            _report_capture_error("video", clip, exc, json_output)
             continue
         result = screening.result
         if json_output:
@@ -322,8 +321,7 @@ def grade(
             screening = screener.screen_file(image, visit=visit)
         except ImageError as exc:
             failures += 1
-            payload = {"image": str(image), "error": type(exc).__name__, "detail": str(exc)}
-            print(json.dumps(payload)) if json_output else console.print(f"[red]{image.name}: {exc}[/red]")
+            _report_capture_error("image", image, exc, json_output)
             continue
         result = screening.result
         overlay_path = None
@@ -341,6 +339,13 @@ def grade(
     if not json_output:
         console.print(DISCLAIMER)
     raise typer.Exit(1 if failures else 0)
+
+
+def _report_capture_error(kind: str, path: Path, exc: Exception, json_output: bool) -> None:
+    if json_output:
+        print(json.dumps({kind: str(path), "error": type(exc).__name__, "detail": str(exc)}))
+    else:
+        console.print(f"[red]{path.name}: {exc}[/red]")
 
 
 def _verdict(result) -> str:
