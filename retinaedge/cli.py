@@ -233,8 +233,24 @@ def export(
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     _print_records(records)
+    _print_gate_criteria(records)
     if any(r.status != "ok" or r.gate in ("failed", "insufficient_evidence") for r in records):
         raise typer.Exit(1)
+
+
+def _print_gate_criteria(records) -> None:
+    """Each gated artifact's criteria: value, bound, threshold, margin; and how many more val photos are needed."""
+    from compression.gate import criteria_table
+    from edge_runtime.contract import ArtifactManifest, manifest_path_for
+
+    for r in records:
+        if r.status != "ok" or not r.path or r.gate not in ("passed", "failed", "insufficient_evidence"):
+            continue
+        manifest = ArtifactManifest.from_json(manifest_path_for(r.path).read_text())
+        out_console.print(criteria_table(manifest.gate, title=f"{Path(r.path).name}: gate {manifest.gate.status}"))
+        out_console.print(f"operating point: {manifest.operating_point.describe()}")
+        for failure in manifest.gate.failures:
+            out_console.print(f"  - {failure}")
 
 
 def _print_records(records) -> None:
