@@ -18,7 +18,6 @@ from edge_runtime.contract import (
     OperatingPoint,
     PreprocessPolicy,
     manifest_path_for,
-    operating_point_of,
 )
 from edge_runtime.decision import decide_batch
 from edge_runtime.errors import ImageError
@@ -255,19 +254,19 @@ def _bench_torch(checkpoint: Path, cfg, eval_for, references, lesion_dir, peaks)
         started = time.perf_counter()
         model, meta = load_checkpoint(checkpoint)
         load_s = time.perf_counter() - started
-        policy = PreprocessPolicy.from_dict(meta["preprocess"])
+        policy = meta.preprocess
 
         @torch.no_grad()
         def run(x):
             logits, cam = model.forward_with_cam(torch.from_numpy(x))
             return logits.numpy(), cam.numpy()
 
-        row = bench_session(checkpoint.name, "torch", "fp32", meta["model_name"], round(checkpoint.stat().st_size / 1e6, 3),
+        row = bench_session(checkpoint.name, "torch", "fp32", meta.model_name, round(checkpoint.stat().st_size / 1e6, 3),
                             count_macs(model, policy.input_size), run, load_s, policy, cfg, eval_for(policy), None,
-                            lesion_dir, peaks, max(cfg.batch_sizes), rss_before, operating_point_of(meta))
+                            lesion_dir, peaks, max(cfg.batch_sizes), rss_before, meta.operating_point)
         outputs = row.pop("_outputs", None)
         if outputs is not None:
-            references.setdefault(meta["model_name"], outputs)
+            references.setdefault(meta.model_name, outputs)
         row.update(backend="pytorch", provider="eager", gate="not_required")
         return row
     except Exception as exc:  # noqa: BLE001

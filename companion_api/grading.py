@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from edge_runtime.cam import cam_on_original, overlay_png
-from edge_runtime.contract import OperatingPoint, PreprocessPolicy, model_version_of, operating_point_of
+from edge_runtime.contract import OperatingPoint
 from edge_runtime.decision import Decision, decide
 from edge_runtime.preprocess import preprocess
 
@@ -21,8 +21,7 @@ def load_teacher(path: str):
     from training.models import load_checkpoint
 
     model, meta = load_checkpoint(path)
-    policy = PreprocessPolicy.from_dict(meta["preprocess"])
-    return model, meta, policy
+    return model, meta, meta.preprocess
 
 
 @dataclass(frozen=True)
@@ -45,10 +44,10 @@ def grade_with_gradcam(checkpoint: str, bgr: np.ndarray) -> ServerGrading:
     with _lock:
         with torch.no_grad():
             logits = model(x)[0].numpy()
-        point = operating_point_of(meta)
+        point = meta.operating_point
         decision = decide(logits, None, point)
         target_layer = model.backbone.conv_head if hasattr(model.backbone, "conv_head") else list(model.backbone.children())[-1]
         with GradCAM(model=model, target_layers=[target_layer]) as cam:
             heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(decision.grade)])[0]
     overlay = overlay_png(bgr, cam_on_original(heat.astype(np.float32), pre))
-    return ServerGrading(decision, overlay, model_version_of(meta, "fp32"), point)
+    return ServerGrading(decision, overlay, meta.model_version("fp32"), point)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from compression.gate import cam_correlation
-from edge_runtime.contract import PreprocessPolicy, operating_point_of
+from edge_runtime.contract import PreprocessPolicy
 from training.config import TrainConfig
 from training.data.dataset import FundusDataset, cache_images
 from training.data.layouts import select
@@ -25,10 +25,6 @@ from training.models import load_checkpoint
 from training.train import RunResult, fit, load_samples, metrics_at, predict
 
 log = logging.getLogger(__name__)
-
-
-def _policy(meta: dict) -> PreprocessPolicy:
-    return PreprocessPolicy.from_dict(meta["preprocess"])
 
 
 @torch.no_grad()
@@ -72,7 +68,7 @@ def distill(cfg: TrainConfig, progress: bool = True) -> tuple[RunResult, dict]:
     if not cfg.teacher:
         raise ValueError("distillation needs --teacher CKPT (a checkpoint from `retinaedge train`)")
     teacher, teacher_meta = load_checkpoint(cfg.teacher)
-    teacher_policy = _policy(teacher_meta)
+    teacher_policy = teacher_meta.preprocess
     samples = load_samples(cfg)
     train_samples = select(samples, cfg.train_splits)
     key = hashlib.sha256((Path(cfg.teacher).resolve().as_posix() + str(Path(cfg.teacher).stat().st_mtime_ns)
@@ -103,11 +99,11 @@ def compare_with_teacher(student_ckpt, teacher_ckpt, samples, cfg: TrainConfig, 
     outputs = {}
     for role, ckpt in (("student", student_ckpt), ("teacher", teacher_ckpt)):
         model, meta = load_checkpoint(ckpt)
-        policy = _policy(meta)
+        policy = meta.preprocess
         images = cache_images(chosen, policy, cfg.cache_dir, False)
         logits, cams = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=16), torch.device("cpu"), True)
         outputs[role] = (logits, cams)
-        m = metrics_at(operating_point_of(meta), y, logits)
+        m = metrics_at(meta.operating_point, y, logits)
         out[role] = {k: m[k] for k in ("qwk", "accuracy", "referable_sensitivity", "referable_specificity", "referable_auc")}
     (sp, sc), (tp, tc) = outputs["student"], outputs["teacher"]
     out["agreement"] = float((sp.argmax(1) == tp.argmax(1)).mean())

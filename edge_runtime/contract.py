@@ -236,18 +236,6 @@ class OperatingPoint:
         return text
 
 
-def model_version_of(meta: dict[str, Any], precision: str) -> str:
-    """The one model-version string: model, training-data fingerprint, precision (e.g. lite0-1a2b3c4d-int8)."""
-    return f"{meta['model_name']}-{(meta.get('data_fingerprint') or 'nodata')[:8]}-{precision}"
-
-
-def operating_point_of(meta: dict[str, Any]) -> OperatingPoint:
-    """The operating point a checkpoint's metadata records (older checkpoints: a bare default threshold)."""
-    if isinstance(meta.get("operating_point"), dict):
-        return _sub(OperatingPoint, meta["operating_point"], "operating_point")
-    return OperatingPoint(threshold=float(meta.get("referable_threshold", 0.5)))
-
-
 @dataclass(frozen=True)
 class ArtifactManifest:
     """Self-description every artifact carries (embedded and beside it as <name>.manifest.json)."""

@@ -20,6 +20,7 @@ from compression.gate import GateThresholds
 from compression.quantize import AccuracyTarget, QuantizedGraph, QuantRecipe
 from edge_runtime.contract import PreprocessPolicy, QuantizationInfo
 from edge_runtime.registry import Registry
+from training.checkpoint import CheckpointMeta
 
 from .errors import ExportConfigError
 from .formats import get_format
@@ -57,7 +58,7 @@ class ExportInputs:
 
     checkpoint: Path
     model: torch.nn.Module  # DRClassifier in eval mode, padding frozen to the manifest's input size
-    meta: dict  # checkpoint metadata
+    meta: CheckpointMeta  # the checkpoint's validated metadata
     photos: ExportPhotos
     thresholds: GateThresholds = field(default_factory=GateThresholds)
     out_dir: Path = Path("artifacts")
@@ -65,11 +66,11 @@ class ExportInputs:
 
     @property
     def policy(self) -> PreprocessPolicy:
-        return PreprocessPolicy.from_dict(self.meta["preprocess"])
+        return self.meta.preprocess
 
     @property
     def stem(self) -> str:
-        return self.name or self.meta["model_name"]
+        return self.name or self.meta.model_name
 
     def example(self) -> torch.Tensor:
         size = self.policy.input_size
@@ -204,8 +205,8 @@ def size_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in files) / 1e6, 3)
 
 
-def write_index(out_dir: Path, records: list[ArtifactRecord], meta: dict) -> Path:
-    index = {"schema_version": 1, "model_name": meta["model_name"], "data_fingerprint": meta.get("data_fingerprint"),
+def write_index(out_dir: Path, records: list[ArtifactRecord], meta: CheckpointMeta) -> Path:
+    index = {"schema_version": 1, "model_name": meta.model_name, "data_fingerprint": meta.data_fingerprint,
              "artifacts": [dataclasses.asdict(r) for r in records]}
     path = out_dir / "index.json"
     path.write_text(json.dumps(index, indent=2, default=float))

@@ -20,8 +20,6 @@ from edge_runtime.contract import (
     OperatingPoint,
     QuantizationInfo,
     manifest_path_for,
-    model_version_of,
-    operating_point_of,
     sha256_file,
 )
 from edge_runtime.formats import embedded_manifest_json, runtime_format
@@ -36,12 +34,12 @@ def draft_manifest(inputs: ExportInputs, reference: Reference, fmt: str, quantiz
     checkpoint's)."""
     meta = inputs.meta
     return ArtifactManifest(
-        model_name=meta["model_name"], model_version=model_version_of(meta, quantization.precision),
+        model_name=meta.model_name, model_version=meta.model_version(quantization.precision),
         format=fmt, preprocess=inputs.policy, cam_shape=reference.cam_shape,
-        operating_point=point or operating_point_of(meta), quantization=quantization, gate=gate,
-        training_data_fingerprint=meta.get("data_fingerprint"), git_sha=meta.get("git_sha"),
-        extra={"num_features": meta.get("num_features"), "macs": reference.macs,
-               "metrics": {k: v.get("qwk") for k, v in meta.get("metrics", {}).items() if isinstance(v, dict)}},
+        operating_point=point or meta.operating_point, quantization=quantization, gate=gate,
+        training_data_fingerprint=meta.data_fingerprint, git_sha=meta.git_sha,
+        extra={"num_features": meta.num_features, "macs": reference.macs,
+               "metrics": {k: v.get("qwk") for k, v in meta.metrics.items() if isinstance(v, dict)}},
     )
 
 

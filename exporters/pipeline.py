@@ -25,9 +25,7 @@ from edge_runtime.calibration import choose_operating_point
 from edge_runtime.contract import (
     GateResult,
     OperatingPoint,
-    PreprocessPolicy,
     manifest_path_for,
-    operating_point_of,
 )
 
 from . import coreml, onnx, tflite  # noqa: F401 - registers the exporters
@@ -107,7 +105,7 @@ def load_inputs(checkpoint: str | Path, out_dir: str | Path, calib: str | Path |
     from training.models.dr_classifier import freeze_dynamic_padding
 
     model, meta = load_checkpoint(checkpoint)
-    policy = PreprocessPolicy.from_dict(meta["preprocess"])
+    policy = meta.preprocess
     freeze_dynamic_padding(model, policy.input_size)  # artifacts have a fixed input size (the manifest's)
     empty = np.zeros((0, 3, policy.input_size, policy.input_size), np.float32)
 
@@ -265,7 +263,7 @@ class ExportPipeline:
         Every artifact decides at a threshold chosen on its own outputs: INT8 shifts probabilities, and a threshold
         chosen on FP32 would silently move its sensitivity. Without labels (or a class) the checkpoint's point stands.
         """
-        trained = operating_point_of(self.inputs.meta)
+        trained = self.inputs.meta.operating_point
         labels = self.inputs.photos.val_labels
         if labels is None or len(labels) == 0:
             return trained
@@ -273,7 +271,7 @@ class ExportPipeline:
         target = trained.target if trained.chosen_on_data else 0.90
         try:
             return choose_operating_point(labels, logits, rule=rule, target=target,
-                                          band_fraction=float(self.inputs.meta.get("config", {}).get(
+                                          band_fraction=float(self.inputs.meta.config.get(
                                               "uncertain_fraction", 0.05)),
                                           fingerprint=self.inputs.photos.digest("val"))
         except ValueError as exc:  # e.g. no referable val photo: nothing to choose on
@@ -321,7 +319,7 @@ def export_all(inputs: ExportInputs, plan: ExportPlan, progress: bool = True,
 
 def save_export_config(inputs: ExportInputs, plan: ExportPlan) -> Path:
     """The resolved configuration beside the artifacts, as training writes config.yaml beside its checkpoints."""
-    config = {"checkpoint": str(inputs.checkpoint), "model_name": inputs.meta["model_name"], "stem": inputs.stem,
+    config = {"checkpoint": str(inputs.checkpoint), "model_name": inputs.meta.model_name, "stem": inputs.stem,
               "plan": plan.to_dict(), "thresholds": dataclasses.asdict(inputs.thresholds),
               "photos": inputs.photos.summary(), "out_dir": str(inputs.out_dir)}
     path = inputs.out_dir / f"{inputs.stem}.export_config.yaml"

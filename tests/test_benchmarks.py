@@ -11,7 +11,8 @@ def test_bench_report_rows_and_failed_artifact(tiny_artifacts, tiny_run, synthet
     import torch
 
     from benchmarks.runner import BenchConfig, run_benchmark
-    from edge_runtime.contract import ArtifactManifest, manifest_path_for, operating_point_of
+    from edge_runtime.contract import ArtifactManifest, manifest_path_for
+    from training.checkpoint import CheckpointMeta
     from training.data.layouts import assign_splits, read_dataset, select
 
     _, art_dir, _ = tiny_artifacts
@@ -22,7 +23,7 @@ def test_bench_report_rows_and_failed_artifact(tiny_artifacts, tiny_run, synthet
     cfg = BenchConfig(runs=5, min_seconds=0.05, warmup=1, batch_sizes=(1, 2), eval_limit=10, split="test")
     report = run_benchmark(art_dir, tmp_path / "bench", synthetic_dir, None, [tiny_run.best_checkpoint], cfg, progress=False)
     rows = {r["name"]: r for r in report["rows"]}
-    trained_point = operating_point_of(torch.load(tiny_run.best_checkpoint, weights_only=False)["meta"])
+    trained_point = CheckpointMeta.from_dict(torch.load(tiny_run.best_checkpoint, weights_only=False)["meta"]).operating_point
     assert trained_point.rule == "sensitivity"
     n_eval = len(select(assign_splits(read_dataset(synthetic_dir)), "test")[:10])
     assert rows["broken_fp32.onnx"]["status"] == "failed" and rows["broken_fp32.onnx"]["error"]

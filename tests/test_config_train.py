@@ -75,11 +75,11 @@ def test_training_chooses_the_operating_point_on_val_and_evaluate_reports_it(tin
     """The checkpoint records a val-chosen point; re-deciding the val photos at it reproduces its recorded numbers."""
     import torch
 
-    from edge_runtime.contract import operating_point_of
+    from training.checkpoint import CheckpointMeta
     from training.evaluate import choose_point_for_checkpoint, evaluate
 
     meta = torch.load(tiny_run.best_checkpoint, weights_only=False)["meta"]
-    point = operating_point_of(meta)
+    point = CheckpointMeta.from_dict(meta).operating_point
     assert point.rule == "sensitivity" and point.target == 0.90 and point.n_positive > 0
     val = tiny_run.metrics["val"]
     assert val["referable_threshold"] == point.threshold
@@ -96,4 +96,22 @@ def test_training_chooses_the_operating_point_on_val_and_evaluate_reports_it(tin
     copy.write_bytes(tiny_run.best_checkpoint.read_bytes())
     youden = choose_point_for_checkpoint(copy, [synthetic_dir], "val", rule="youden", cache_dir=str(tmp_path / "c"))
     assert youden.rule == "youden" and youden.target is None
-    assert operating_point_of(torch.load(copy, weights_only=False)["meta"]) == youden
+    assert CheckpointMeta.from_dict(torch.load(copy, weights_only=False)["meta"]).operating_point == youden
+
+
+def test_checkpoint_metadata_is_a_validated_record():
+    from edge_runtime.contract import PreprocessPolicy
+    from training.checkpoint import CheckpointMeta
+    from training.errors import CheckpointError
+
+    meta = CheckpointMeta("tf_efficientnet_lite0", PreprocessPolicy(input_size=224), data_fingerprint="1a2b3c4d5e")
+    again = CheckpointMeta.from_dict(meta.to_dict())
+    assert again == meta and again.input_size == 224 and again.model_version("int8") == "tf_efficientnet_lite0-1a2b3c4d-int8"
+    old = CheckpointMeta.from_dict({"model_name": "m", "preprocess": {"input_size": 64}, "referable_threshold": 0.3})
+    assert old.operating_point.threshold == 0.3 and not old.operating_point.chosen_on_data
+    with pytest.raises(CheckpointError, match="unknown meta field.*'bogus'"):
+        CheckpointMeta.from_dict({**meta.to_dict(), "bogus": 1})
+    with pytest.raises(CheckpointError, match="no 'preprocess'"):
+        CheckpointMeta.from_dict({"model_name": "m"})
+    with pytest.raises(CheckpointError, match="threshold"):
+        CheckpointMeta.from_dict({**meta.to_dict(), "operating_point": {"threshold": 2.0}})

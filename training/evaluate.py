@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from edge_runtime.calibration import choose_operating_point
-from edge_runtime.contract import OperatingPoint, PreprocessPolicy, operating_point_of
+from edge_runtime.contract import OperatingPoint
 from edge_runtime.decision import decide_batch
 from edge_runtime.metrics import is_referable, screening_metrics
 
@@ -53,22 +53,22 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cach
              out: str | Path | None = None) -> dict:
     """Metrics of a checkpoint on one split at its recorded operating point; JSON, confusion and ROC PNGs in ``out``."""
     model, meta = load_checkpoint(checkpoint)
-    policy = PreprocessPolicy.from_dict(meta["preprocess"])
+    policy = meta.preprocess
     samples = select(assign_splits(read_dataset(data)), split)
     if not samples:
         raise ValueError(f"{data} has no {split!r} split")
     images = cache_images(samples, policy, cache_dir, False)
     y = np.array([s.grade for s in samples])
     logits = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=32), torch.device("cpu"))
-    point = operating_point_of(meta)
+    point = meta.operating_point
     metrics = report_at(point, y, logits)
-    metrics.update(checkpoint=str(checkpoint), data=str(data), split=split, model=meta["model_name"])
+    metrics.update(checkpoint=str(checkpoint), data=str(data), split=split, model=meta.model_name)
     if out:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         stem = f"eval_{Path(data).name}_{split}"
         (out / f"{stem}.json").write_text(json.dumps(metrics, indent=2))
-        title = f"{meta['model_name']} {Path(data).name} {split}"
+        title = f"{meta.model_name} {Path(data).name} {split}"
         save_confusion_png(metrics["confusion_matrix"], str(out / f"{stem}.png"), title)
         save_roc_png(y, decide_batch(logits, point).referable_probability, point, str(out / f"{stem}_roc.png"), title)
         metrics["roc_png"] = str(out / f"{stem}_roc.png")
@@ -80,7 +80,7 @@ def choose_point_for_checkpoint(checkpoint: str | Path, data: list[str | Path], 
                                 cache_dir: str = ".cache/retinaedge") -> OperatingPoint:
     """Re-choose a checkpoint's temperature and referral threshold on the ``split`` photos of ``data`` and save it."""
     model, meta = load_checkpoint(checkpoint)
-    policy = PreprocessPolicy.from_dict(meta["preprocess"])
+    policy = meta.preprocess
     samples = [s for root in data for s in select(assign_splits(read_dataset(root)), split)]
     if not samples:
         raise ValueError(f"no {split!r} photos in {[str(d) for d in data]}")

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from edge_runtime.calibration import choose_operating_point
-from edge_runtime.contract import GRADE_NAMES, OperatingPoint, PreprocessPolicy, utcnow
+from edge_runtime.contract import OperatingPoint, PreprocessPolicy, utcnow
 from edge_runtime.decision import decide_batch
 from edge_runtime.metrics import screening_metrics
 
+from .checkpoint import CheckpointMeta
 from .config import TrainConfig, save_config
 from .data.dataset import FundusDataset, cache_images
 from .data.layouts import Sample, assign_splits, fingerprint, read_dataset, select
@@ -163,11 +164,10 @@ class _Run:
         return self.out_dir / "best.pt"
 
     def meta(self, metrics: dict, point: OperatingPoint | None = None) -> dict:
-        return {"model_name": self.cfg.model, "input_size": self.policy.input_size, "preprocess": self.policy.__dict__,
-                "class_names": list(GRADE_NAMES), "metrics": metrics, "data_fingerprint": self.data_fp,
-                "git_sha": git_sha(), "created_at": utcnow(),
-                "operating_point": dataclasses.asdict(point or OperatingPoint()),
-                "config": self.cfg.to_dict(), "num_features": self.model.num_features}
+        return CheckpointMeta(
+            model_name=self.cfg.model, preprocess=self.policy, operating_point=point or OperatingPoint(),
+            data_fingerprint=self.data_fp, num_features=self.model.num_features, metrics=metrics,
+            config=self.cfg.to_dict(), git_sha=git_sha(), created_at=utcnow()).to_dict()
 
 
 def fit(cfg: TrainConfig, extra_loss: Callable | None = None, extra_targets: dict[str, np.ndarray] | None = None,

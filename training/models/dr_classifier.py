@@ -16,9 +16,12 @@ from torch import nn
 
 from edge_runtime.contract import IMAGENET_MEAN, IMAGENET_STD, NUM_GRADES
 
+from ..checkpoint import CheckpointMeta
+from ..errors import CheckpointError
 from ._registry import ModelCfg, get_model_cfg, register_model
 
 log = logging.getLogger(__name__)
+
 
 
 class DRClassifier(nn.Module):
@@ -140,8 +143,8 @@ def test_dr_tiny(pretrained=False, pretrained_file=None, **kwargs) -> DRClassifi
     return _build("test_dr_tiny", False, pretrained_file, **kwargs)
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[DRClassifier, dict]:
-    """Rebuild a model from a RetinaEdge checkpoint; returns (model in eval mode, checkpoint metadata)."""
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[DRClassifier, CheckpointMeta]:
+    """Rebuild a model from a RetinaEdge checkpoint; returns (model in eval mode, its validated metadata)."""
     from ._registry import create_model
 
     path = Path(path)
@@ -149,9 +152,9 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[DRClas
         raise FileNotFoundError(f"checkpoint {path} not found; train one with `retinaedge train`")
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
     if not isinstance(ckpt, dict) or "model_state" not in ckpt or "meta" not in ckpt:
-        raise ValueError(f"{path} is not a RetinaEdge checkpoint (expected keys model_state and meta)")
-    meta = ckpt["meta"]
-    model = create_model(meta["model_name"], pretrained=False)
+        raise CheckpointError(f"{path} is not a RetinaEdge checkpoint (expected keys model_state and meta)")
+    meta = CheckpointMeta.from_dict(ckpt["meta"], str(path))
+    model = create_model(meta.model_name, pretrained=False)
     model.load_state_dict(ckpt["model_state"])
     return model.eval(), meta
 

@@ -1,0 +1,74 @@
+"""What a RetinaEdge checkpoint says about itself: one typed, validated record instead of a dict read with defaults."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_runtime.contract import GRADE_NAMES, OperatingPoint, PreprocessPolicy
+from edge_runtime.errors import ManifestError
+
+from .errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """The metadata ``training.train.fit`` saves beside the weights (``best.pt["meta"]``)."""
+
+    model_name: str  # registered name (training.models.list_models())
+    preprocess: PreprocessPolicy  # how photos become this model's input
+    operating_point: OperatingPoint = field(default_factory=OperatingPoint)  # referral point chosen on val
+    data_fingerprint: str | None = None  # of the training photos
+    num_features: int | None = None  # width of the pooled features (the CAM head's input)
+    class_names: tuple[str, ...] = GRADE_NAMES
+    metrics: dict[str, Any] = field(default_factory=dict)  # val/test metrics at the operating point
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved TrainConfig
+    git_sha: str | None = None
+    created_at: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise CheckpointError(f"checkpoint meta.model_name must be a non-empty string, got {self.model_name!r}")
+        if tuple(self.class_names) != GRADE_NAMES:
+            raise CheckpointError(f"checkpoint meta.class_names must be the ICDR grades {GRADE_NAMES}, "
+                                  f"got {self.class_names!r}")
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocess.input_size
+
+    def model_version(self, precision: str) -> str:
+        """The one model-version string: model, training-data fingerprint, precision (e.g. lite0-1a2b3c4d-int8)."""
+        return f"{self.model_name}-{(self.data_fingerprint or 'nodata')[:8]}-{precision}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["input_size"] = self.input_size  # kept for readers of older RetinaEdge versions
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "checkpoint") -> CheckpointMeta:
+        """Validate a saved ``meta``; older checkpoints kept a bare ``referable_threshold`` (never chosen on data)."""
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{source}: meta must be a dict, got {type(data).__name__}; re-train or re-save it")
+        data = dict(data)
+        data.pop("input_size", None)  # derived from preprocess
+        threshold = data.pop("referable_threshold", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CheckpointError(f"{source}: unknown meta field(s) {unknown}; known: {sorted(known)}")
+        for required in ("model_name", "preprocess"):
+            if required not in data:
+                raise CheckpointError(f"{source}: meta has no {required!r}; it was not written by `retinaedge train`")
+        try:
+            data["preprocess"] = PreprocessPolicy.from_dict(data["preprocess"])
+            point = data.get("operating_point")
+            if isinstance(point, dict):
+                data["operating_point"] = OperatingPoint(**point)
+            elif point is None:
+                data["operating_point"] = OperatingPoint(threshold=float(threshold if threshold is not None else 0.5))
+            return cls(**data)
+        except (ManifestError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: invalid meta: {exc}") from exc
