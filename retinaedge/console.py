@@ -55,9 +55,12 @@ def quiet_output(log_path: Path, verbose: bool = False) -> Iterator[QuietOutput]
     root.handlers = [handler]
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
+    saved_streams = sys.stdout, sys.stderr
     try:
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
+        # Python-level writes too, where sys.stdout/stderr are not the fd 1/2 wrappers (pytest, notebooks).
+        sys.stdout = sys.stderr = log_file
         with warnings.catch_warnings():
             warnings.simplefilter("default")  # once per location, into the log through logging.captureWarnings
             yield QuietOutput(console, log_path)
@@ -65,6 +68,7 @@ def quiet_output(log_path: Path, verbose: bool = False) -> Iterator[QuietOutput]
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(AttributeError, ValueError, OSError):
                 stream.flush()
+        sys.stdout, sys.stderr = saved_streams
         os.dup2(saved_out, 1)
         os.dup2(saved_err, 2)
         for fd in (saved_out, saved_err, log_fd):

@@ -82,7 +82,10 @@ class DemoPlan:
             raise ConfigError(f"{path}:{mode}: {exc}") from exc
 
     def jobs(self, fmt: str) -> list[str]:
-        return [p for p in self.precisions if f"{fmt}/{p}" not in self.skip]
+        """The precisions of ``fmt`` this plan exports: those the format has, less the skipped ones."""
+        from exporters.formats import get_format
+
+        return [p for p in self.precisions if p in get_format(fmt).precisions and f"{fmt}/{p}" not in self.skip]
 
 
 @dataclass(frozen=True)
@@ -212,11 +215,12 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, data: Path | No
             model=plan.student, pretrained=plan.student_pretrained, input_size=plan.student_size,
             epochs=plan.student_epochs, lr=plan.student_lr, teacher=str(teacher.best_checkpoint), cam_weight=0.5,
             out=str(out / "student"), **common), progress=False)
-        artifacts = out / "artifacts"
+        artifacts, teacher_artifacts = out / "artifacts", out / "teacher" / "artifacts"
         records, teacher_onnx = steps.run("export + INT8 gate", _export, plan, student.best_checkpoint,
-                                          teacher.best_checkpoint, artifacts, data, escalate)
+                                          teacher.best_checkpoint, artifacts, teacher_artifacts, data, escalate)
         evaluation = steps.run("evaluation", _evaluate, records, teacher_onnx, data)
-        bench_report = steps.run("benchmark", _bench, plan, artifacts, out / "bench", data, teacher.best_checkpoint)
+        bench_report = steps.run("benchmark", _bench, plan, artifacts, teacher_artifacts, out / "bench", data,
+                                 teacher.best_checkpoint)
         chosen = _screening_artifact(records)
         screened = steps.run("edge screening", _screen, out, chosen, data, lesions, plan.gallery_images)
         server = steps.run("server sync", _sync, out, screened)
@@ -254,8 +258,10 @@ def _write_outputs(out: Path, summary: dict, bench_report: dict, steps: Steps, s
 
 
 # ---------------------------------------------------------------- export and gate
-def _export(plan: DemoPlan, student_ckpt: Path, teacher_ckpt: Path, artifacts: Path, data: Path, escalate: bool):
-    """Student artifacts in every planned format x precision; the teacher as ONNX FP32 for evaluation.
+def _export(plan: DemoPlan, student_ckpt: Path, teacher_ckpt: Path, artifacts: Path, teacher_artifacts: Path,
+            data: Path, escalate: bool):
+    """Student artifacts in every planned format x precision; the teacher as ONNX FP32 for evaluation, in its own
+    folder (teacher and student may share an architecture, and the benchmark pairs files by model name).
 
     Without ``escalate`` a failed INT8 gate gets only the seconds-long retry (sensitive layers kept in float,
     ONNX); ``escalate`` adds accuracy-controlled mixed precision and QAT, minutes on a CPU."""
@@ -274,11 +280,10 @@ def _export(plan: DemoPlan, student_ckpt: Path, teacher_ckpt: Path, artifacts: P
     for fmt in plan.formats:
         if plan.jobs(fmt):
             records += export_all(ctx, [fmt], plan.jobs(fmt), progress=False)
-    teacher_ctx = build_context(teacher_ckpt, artifacts, data, data, calib_limit=plan.calib_images,
-                                val_limit=plan.gate_images, name=f"teacher_{Path(teacher_ckpt).parent.name}",
-                                tuning_limit=0)
+    write_index(artifacts, records, ctx.meta)
+    teacher_ctx = build_context(teacher_ckpt, teacher_artifacts, data, data, calib_limit=plan.calib_images,
+                                val_limit=plan.gate_images, name=f"teacher_{plan.teacher}", tuning_limit=0)
     teacher_records = export_all(teacher_ctx, ["onnx"], ["fp32"], progress=False)
-    write_index(artifacts, records + teacher_records, ctx.meta)
     teacher_onnx = next((r for r in teacher_records if r.status == "ok"), None)
     return records, teacher_onnx
 
@@ -387,12 +392,21 @@ def clinical_metrics(y: np.ndarray, probs: np.ndarray, threshold: float) -> dict
 
 
 # ---------------------------------------------------------------- benchmark
-def _bench(plan: DemoPlan, artifacts: Path, out: Path, data: Path, teacher_ckpt: Path) -> dict:
-    from benchmarks.runner import BenchConfig, run_benchmark
+def _bench(plan: DemoPlan, artifacts: Path, teacher_artifacts: Path, out: Path, data: Path, teacher_ckpt: Path) -> dict:
+    """Teacher (PyTorch eager and ONNX) and student artifacts, benchmarked apart so that each file's
+    'agreement with FP32' is against its own model's FP32, then merged into one report."""
+    from benchmarks.runner import BenchConfig, run_benchmark, write_report
 
     cfg = BenchConfig(runs=plan.bench_runs, min_seconds=plan.bench_seconds, warmup=3, batch_sizes=(1, 4),
                       eval_limit=plan.bench_eval_images)
-    return run_benchmark(artifacts, out, data, None, [teacher_ckpt], cfg, progress=False)
+    teacher = run_benchmark(teacher_artifacts, out / "teacher", data, None, [teacher_ckpt], cfg, progress=False)
+    for row in teacher["rows"]:
+        row["name"] = row["name"] if row["name"].startswith("teacher") else f"teacher_{row['name']}"
+    student = run_benchmark(artifacts, out, data, None, None, cfg, progress=False)
+    merged = {**student, "rows": teacher["rows"] + student["rows"]}
+    (out / "history.csv").unlink(missing_ok=True)  # written by the student run; the merged report writes it whole
+    write_report(merged, out)
+    return merged
 
 
 # ---------------------------------------------------------------- edge screening and the server
