@@ -501,6 +501,7 @@ def demo(quick: bool = typer.Option(False, "--quick", help="Toy sizes (tests): a
     """End-to-end demo: data -> teacher -> distilled student -> INT8 + gate -> exports -> bench -> grade -> sync -> report."""
     from retinaedge.demo import run_demo
 
+    (out / "demo.log").unlink(missing_ok=True)  # one run's details per log
     try:
         with _quiet(out / "demo.log", verbose) as where:
             summary = run_demo(out, quick, data, lesions, escalate, console=where.console)
