@@ -159,7 +159,7 @@ class Steps:
         return result
 
     def skip(self, name: str) -> None:
-        self.progress.update(self.tasks[name], description=f"[dim]{name} (skipped)", completed=1)
+        self.progress.remove_task(self.tasks[name])
 
 
 def _load_average() -> list[float] | None:
