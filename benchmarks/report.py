@@ -1,7 +1,6 @@
 """Plots, HTML and cross-device comparison for benchmark reports."""
 from __future__ import annotations
 
-import base64
 import html
 import json
 from pathlib import Path
@@ -49,16 +48,45 @@ def write_plots(report: dict, out: Path, suffix: str = "") -> list[Path]:
 
 
 def write_html(report: dict, out: Path) -> Path:
-    from .runner import to_markdown
+    """report.html: the device, the plots (embedded) and one HTML table of every row."""
+    from .html_report import fmt, latency_size_plot, png_img, section, status, table
+    from .runner import ratio_lines
 
-    images = "".join(f"<img src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}' style='max-width:48%'>"
-                     for p in sorted(out.glob("latency_*.png")))
-    table = html.escape(to_markdown(report))
-    page = (f"<html><head><meta charset='utf-8'><title>RetinaEdge benchmark</title></head><body style='font-family:sans-serif'>"
-            f"<h1>RetinaEdge benchmark</h1><pre>{html.escape(json.dumps(report['device'], indent=1))}</pre>{images}"
-            f"<pre style='font-size:11px'>{table}</pre></body></html>")
+    d = report["device"]
+    device_rows = [("CPU", d.get("cpu")), ("cores", d.get("cores")), ("RAM GB", d.get("ram_gb")), ("OS", d.get("os")),
+                   ("INT8 dot-product (VNNI)", d.get("avx512_vnni")), ("runtimes", ", ".join(
+                       f"{k} {v}" for k, v in (d.get("runtimes") or {}).items())),
+                   ("measured GEMM peak GMAC/s", ", ".join(f"{k} {v:.0f}" for k, v in (report.get("peak_gmacs") or {}).items()))]
+    images = [png_img(p.read_bytes(), p.stem.replace("_", " ")) for p in sorted(out.glob("latency_*.png"))]
+    sized = [r for r in report["rows"] if r.get("size_mb")]
+    if sized:
+        images.append(png_img(latency_size_plot(sized), "latency vs size"))
+    rows = []
+    for r in report["rows"]:
+        lat = r.get("latency_ms") or {}
+        rows.append((r.get("name"), r.get("format"), r.get("precision"), fmt(r.get("size_mb"), ".2f"),
+                     fmt(r.get("load_ms"), ".0f"), fmt(lat.get("p50"), ".2f"), fmt(lat.get("p90"), ".2f"),
+                     fmt(lat.get("p99"), ".2f"), fmt(r.get("fps_batch1"), ".1f"), fmt(r.get("rss_added_mb"), ".0f"),
+                     fmt(r.get("qwk"), ".3f"), fmt(r.get("referable_sensitivity"), ".3f"),
+                     fmt(r.get("referable_specificity"), ".3f"), fmt(r.get("agreement_fp32"), ".3f"),
+                     fmt(r.get("cam_corr_fp32"), ".3f"), fmt(r.get("pointing_game"), ".2f"), fmt(r.get("roofline_pct"), ".1f"),
+                     status(r.get("gate")), status(r.get("status")), (r.get("error") or "")[:80]))
+    headers = ["artifact", "format", "prec.", "MB", "load ms", "p50 ms", "p90 ms", "p99 ms", "FPS b1", "+RSS MB", "QWK",
+               "ref. sens", "ref. spec", "agree FP32", "CAM corr", "pointing", "roofline %", "gate", "status", "note"]
+    ratios = "".join(f"<li>{html.escape(line[2:])}</li>" for line in ratio_lines(report["rows"]) if line.startswith("- "))
+    body = (section("Device", table(["", ""], device_rows)) +
+            section("Plots", "<div class='grid'>" + "".join(images) + "</div>") +
+            section("Every artifact", table(headers, rows, numeric=list(range(3, 17))), f"<ul>{ratios}</ul>",
+                    explain="Latency at batch 1 after warm-up. Accuracy on the labelled split; agreement and CAM "
+                            "correlation against the FP32 outputs of the same model; 'skipped' rows cannot run on "
+                            "this OS."))
+    from edge_runtime.contract import SCREENING_DISCLAIMER
+
+    from .html_report import page
+
     path = out / "report.html"
-    path.write_text(page)
+    path.write_text(page("RetinaEdge benchmark", f"{d.get('cpu')}, {report.get('created_at')}", SCREENING_DISCLAIMER,
+                         [body]))
     return path
 
 

@@ -29,6 +29,15 @@ def _logging(verbose: bool) -> None:
                         stream=sys.stderr, force=True)
 
 
+def _quiet(log_path: Path, verbose: bool):
+    """Third-party warnings and progress dumps go to ``log_path`` unless --verbose (retinaedge.console)."""
+    from retinaedge.console import quiet_output
+
+    if not verbose:
+        console.print(f"[dim]details: {log_path} (--verbose prints them here)[/dim]")
+    return quiet_output(log_path, verbose)
+
+
 def _fail(exc: Exception, code: int = 2) -> None:
     console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
     raise typer.Exit(code)
@@ -58,7 +67,6 @@ def train(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Fine-tune a registered model (defaults -> YAML -> flags). Works under torchrun for multi-GPU."""
-    _logging(verbose)
     from training.config import TrainConfig, resolve_config
     from training.train import fit
 
@@ -67,7 +75,12 @@ def train(
             model=model, data=data, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
             pretrained=pretrained, pretrained_file=pretrained_file, loss=loss, device=device,
             max_minutes=max_minutes, resume=resume, out=out, seed=seed))
-        result = fit(cfg)
+        with _quiet(Path(cfg.out) / "train.log", verbose) as where:
+            if verbose:
+                result = fit(cfg)
+            else:
+                with where.console.status(f"training {cfg.model}, {cfg.epochs} epochs (per-epoch lines in the log)"):
+                    result = fit(cfg, progress=False)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)
     if result.metrics.get("val"):
@@ -147,7 +160,6 @@ def distill(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Distil a teacher into a student: soft targets (KL at temperature T) + class-weighted CE (+ CAM transfer)."""
-    _logging(verbose)
     from compression.distill import distill as run_distill
     from training.config import TrainConfig, resolve_config
 
@@ -158,7 +170,12 @@ def distill(
             max_minutes=max_minutes, out=out))
         if out is None and cfg.out == TrainConfig().out:  # neither YAML nor flags chose a folder
             cfg = dataclasses.replace(cfg, out="runs/distill")
-        run, report = run_distill(cfg)
+        with _quiet(Path(cfg.out) / "distill.log", verbose) as where:
+            if verbose:
+                run, report = run_distill(cfg)
+            else:
+                with where.console.status(f"distilling into {cfg.model}, {cfg.epochs} epochs (details in the log)"):
+                    run, report = run_distill(cfg, progress=False)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)
     table = Table(title=f"student vs teacher on {report['split']} (n={report['n']})")
@@ -208,7 +225,6 @@ def export(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Export self-describing artifacts, verify each numerically, gate INT8; non-zero exit if any fails."""
-    _logging(verbose)
     from dataclasses import replace
 
     from compression.gate import GateThresholds
@@ -227,9 +243,10 @@ def export(
         qat = QATConfig(steps=qat_steps or (QATConfig().steps if recipe == "qat" else 0),
                         **({"lr": qat_lr} if qat_lr is not None else {}))
         plan = ExportPlan(tuple(formats.split(",")), tuple(precisions.split(",")), quant, qat, escalate)
-        inputs = load_inputs(checkpoint, out, calib, val, thresholds, val_limit=val_limit, name=name,
-                             tuning_limit=tuning_images if plan.needs_tuning_images else 0)
-        records = export_all(inputs, plan)
+        with _quiet(out / "export.log", verbose):
+            inputs = load_inputs(checkpoint, out, calib, val, thresholds, val_limit=val_limit, name=name,
+                                 tuning_limit=tuning_images if plan.needs_tuning_images else 0)
+            records = export_all(inputs, plan)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     _print_records(records)
@@ -515,18 +532,19 @@ def bench(
     runs: int = typer.Option(100), min_seconds: float = typer.Option(10.0), threads: int | None = typer.Option(None),
     mlperf: bool = typer.Option(False, "--mlperf", help="MLPerf single-stream: >= 1024 queries and >= 60 s."),
     eval_limit: int | None = typer.Option(None), split: str = typer.Option("test"),
-    out: Path = typer.Option(Path("bench")),
+    out: Path = typer.Option(Path("bench")), verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Benchmark every artifact this device can run; writes JSON, Markdown, plots and HTML."""
     if ctx.invoked_subcommand is not None:
         return
     if artifacts is None:
         _fail(ValueError("--artifacts DIR is required"))
-    _logging(False)
     from benchmarks.runner import BenchConfig, run_benchmark, to_markdown
 
     cfg = BenchConfig(runs=runs, min_seconds=min_seconds, threads=threads, mlperf=mlperf, eval_limit=eval_limit, split=split)
-    report = run_benchmark(artifacts, out, data, lesions, torch_checkpoint, cfg)
+    with _quiet(out / "bench.log", verbose) as where:
+        with where.console.status(f"benchmarking {artifacts} (runs >= {runs}, >= {min_seconds} s each)"):
+            report = run_benchmark(artifacts, out, data, lesions, torch_checkpoint, cfg, progress=False)
     print(to_markdown(report))
     if any(r.get("status") == "failed" for r in report["rows"]):
         raise typer.Exit(1)
@@ -603,25 +621,51 @@ def revoke(name: str):
 
 
 @app.command()
-def demo(quick: bool = typer.Option(False, "--quick", help="Smaller data and models: under 3 minutes."),
+def demo(quick: bool = typer.Option(False, "--quick", help="Toy sizes (tests): about half a minute."),
          data: Path | None = typer.Option(None, help="A real labelled folder instead of synthetic data."),
-         out: Path = typer.Option(Path("runs/demo"))):
+         lesions: Path | None = typer.Option(None, help="A lesion_boxes folder: CAM gallery with lesion boxes and "
+                                              "the pointing game."),
+         escalate: bool = typer.Option(False, "--escalate", help="After a failed INT8 gate also try accuracy-controlled "
+                                       "mixed precision and QAT (minutes on a CPU); off: only the seconds-long retry."),
+         out: Path = typer.Option(Path("runs/demo")), verbose: bool = typer.Option(False, "--verbose", "-v")):
     """End-to-end demo: data -> teacher -> distilled student -> INT8 + gate -> exports -> bench -> grade -> sync -> report."""
-    _logging(False)
-    for noisy in ("exporters", "coremltools", "root", "absl", "training.train", "companion_api"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     from retinaedge.demo import run_demo
 
-    summary = run_demo(out, quick, data)
+    (out / "demo.log").unlink(missing_ok=True)  # one run's details per log
+    try:
+        with _quiet(out / "demo.log", verbose) as where:
+            summary = run_demo(out, quick, data, lesions, escalate, console=where.console)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(exc)
     table = Table(title=f"RetinaEdge demo ({summary['mode']}): {summary['total_s']} s")
     table.add_column("step")
-    table.add_column("seconds")
+    table.add_column("wall s", justify="right")
+    table.add_column("CPU s", justify="right")
     for step, seconds in summary["timings_s"].items():
-        table.add_row(step, str(seconds))
+        table.add_row(step, f"{seconds:.1f}", f"{summary['cpu_s'][step]:.1f}")
+    table.add_row("total", f"{summary['total_s']:.1f}", f"{sum(summary['cpu_s'].values()):.1f}", style="bold")
     out_console.print(table)
-    out_console.print(f"report: {out / 'report.html'}   artifacts: {out / 'artifacts' / 'index.json'}   "
-                    f"bench: {out / 'bench' / 'report.md'}")
+    load = summary.get("load_average")
+    if load:
+        out_console.print(f"load average {load[0]} / {load[1]} / {load[2]} (1/5/15 min) on {summary['device']['cores']} cores")
+    out_console.print(_demo_headline(summary))
+    out_console.print(f"report: {out / 'report.html'}   log: {out / 'demo.log'}   artifacts: {out / 'artifacts'}")
     console.print(DISCLAIMER)
+
+
+def _demo_headline(summary: dict) -> str:
+    def value(metric: dict) -> str:
+        ci = metric.get("ci")
+        return f"{metric['value']:.2f}" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "") if metric.get("value") is not None else "-"
+
+    lines = []
+    for m in summary["evaluation"]["models"]:
+        lines.append(f"{m['role']} {m['precision']}: QWK {value(m['qwk'])}, referable sensitivity {value(m['sensitivity'])}, "
+                     f"specificity {value(m['specificity'])} (test n={m['n']})")
+    gates = ", ".join(f"{a['format']} {a['precision']} {a['gate']}" for a in summary["artifacts"] if a["precision"] == "int8")
+    chosen = summary["screening_artifact"]
+    lines.append(f"INT8 gate: {gates or '-'}; the device screened with {Path(chosen['path']).name}")
+    return "\n".join(lines)
 
 
 def main() -> None:
