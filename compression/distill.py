@@ -21,8 +21,9 @@ from edge_runtime.contract import PreprocessPolicy
 from training.config import TrainConfig
 from training.data.dataset import FundusDataset, cache_images
 from training.data.layouts import select
+from training.metrics import report_at
 from training.models import load_checkpoint
-from training.train import RunResult, fit, load_samples, metrics_at, predict
+from training.train import RunResult, fit, load_samples, predict
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def compare_with_teacher(student_ckpt, teacher_ckpt, samples, cfg: TrainConfig, 
         images = cache_images(chosen, policy, cfg.cache_dir, False)
         logits, cams = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=16), torch.device("cpu"), True)
         outputs[role] = (logits, cams)
-        m = metrics_at(meta.operating_point, y, logits)
+        m = report_at(meta.operating_point, y, logits, auc_ci=False)
         out[role] = {k: m[k] for k in ("qwk", "accuracy", "referable_sensitivity", "referable_specificity", "referable_auc")}
     (sp, sc), (tp, tc) = outputs["student"], outputs["teacher"]
     out["agreement"] = float((sp.argmax(1) == tp.argmax(1)).mean())

@@ -350,8 +350,7 @@ def _bootstrap(statistic, *arrays, seed: int = 0) -> list[float] | None:
 def clinical_metrics(y: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
     from sklearn.metrics import roc_auc_score
 
-    from training.evaluate import auc_interval
-    from training.metrics import confusion, quadratic_weighted_kappa
+    from training.metrics import auc_interval, confusion, quadratic_weighted_kappa
 
     y = np.asarray(y, int)
     predicted = probs.argmax(1)

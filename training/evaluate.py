@@ -12,41 +12,12 @@ from torch.utils.data import DataLoader
 from edge_runtime.calibration import choose_operating_point
 from edge_runtime.contract import OperatingPoint
 from edge_runtime.decision import decide_batch
-from edge_runtime.metrics import is_referable, screening_metrics
 
 from .data.dataset import FundusDataset, cache_images
 from .data.layouts import assign_splits, fingerprint, read_dataset, select
-from .metrics import save_confusion_png, save_roc_png
+from .metrics import report_at, save_confusion_png, save_roc_png
 from .models import load_checkpoint
 from .train import predict
-
-
-def auc_interval(y_true, score, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Stratified percentile bootstrap interval of the referable AUC (scipy): referable and non-referable photos
-    are resampled separately, so every resample has both classes; the AUC is the Mann-Whitney U / (n+ n-)."""
-    from scipy import stats
-
-    positive, score = is_referable(y_true), np.asarray(score, float)
-    pos, neg = score[positive], score[~positive]
-    if len(pos) < 2 or len(neg) < 2:
-        return float("nan"), float("nan")
-
-    def auc(p: np.ndarray, n: np.ndarray, axis: int = -1) -> np.ndarray:
-        return stats.mannwhitneyu(p, n, axis=axis).statistic / (p.shape[axis] * n.shape[axis])
-
-    result = stats.bootstrap((pos, neg), auc, vectorized=True, n_resamples=n_resamples, confidence_level=confidence,
-                             method="percentile", rng=np.random.default_rng(seed))
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
-
-
-def report_at(point: OperatingPoint, y: np.ndarray, logits: np.ndarray) -> dict:
-    """Screening metrics at an operating point, each with n and a 95% interval, plus the uncertain share."""
-    decisions = decide_batch(logits, point)
-    metrics = screening_metrics(y, decisions.probabilities, point.threshold)
-    metrics["referable_auc_ci"] = auc_interval(y, decisions.referable_probability)
-    metrics["uncertain"] = int(decisions.uncertain.sum())
-    metrics["operating_point"] = point.describe()
-    return metrics
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cache_dir: str = ".cache/retinaedge",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_runtime.contract import OperatingPoint
+from edge_runtime.decision import decide_batch
 from edge_runtime.metrics import (  # noqa: F401 - re-exported for training code and notebooks
     confusion,
     is_referable,
@@ -12,6 +13,36 @@ from edge_runtime.metrics import (  # noqa: F401 - re-exported for training code
     roc_auc,
     screening_metrics,
 )
+
+
+def auc_interval(y_true, score, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Stratified percentile bootstrap interval of the referable AUC (scipy): referable and non-referable photos
+    are resampled separately, so every resample has both classes; the AUC is the Mann-Whitney U / (n+ n-)."""
+    from scipy import stats
+
+    positive, score = is_referable(y_true), np.asarray(score, float)
+    pos, neg = score[positive], score[~positive]
+    if len(pos) < 2 or len(neg) < 2:
+        return float("nan"), float("nan")
+
+    def auc(p: np.ndarray, n: np.ndarray, axis: int = -1) -> np.ndarray:
+        return stats.mannwhitneyu(p, n, axis=axis).statistic / (p.shape[axis] * n.shape[axis])
+
+    result = stats.bootstrap((pos, neg), auc, vectorized=True, n_resamples=n_resamples, confidence_level=confidence,
+                             method="percentile", rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def report_at(point: OperatingPoint, y: np.ndarray, logits: np.ndarray, auc_ci: bool = True) -> dict:
+    """Screening metrics of ``logits`` decided at ``point`` (decide_batch), each with n and a 95% interval, plus how
+    many photos fell in the uncertain band. ``auc_ci=False`` skips the AUC bootstrap (per-epoch validation)."""
+    decisions = decide_batch(logits, point)
+    metrics = screening_metrics(y, decisions.probabilities, point.threshold)
+    if auc_ci:
+        metrics["referable_auc_ci"] = auc_interval(y, decisions.referable_probability)
+    metrics["uncertain"] = int(decisions.uncertain.sum())
+    metrics["operating_point"] = point.describe()
+    return metrics
 
 
 def save_confusion_png(cm: list[list[int]], path: str, title: str = "Confusion matrix") -> None:

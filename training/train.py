@@ -20,15 +20,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from edge_runtime.calibration import choose_operating_point
 from edge_runtime.contract import OperatingPoint, PreprocessPolicy, utcnow
-from edge_runtime.decision import decide_batch
-from edge_runtime.metrics import screening_metrics
 
 from .checkpoint import CheckpointMeta
 from .config import TrainConfig, save_config
 from .data.dataset import FundusDataset, cache_images
 from .data.layouts import Sample, assign_splits, fingerprint, read_dataset, select
 from .data.synthetic import write_synthetic_dataset
-from .metrics import save_confusion_png
+from .metrics import report_at, save_confusion_png
 from .models import DRClassifier, create_model, get_model_cfg
 
 log = logging.getLogger(__name__)
@@ -106,10 +104,6 @@ def choose_referral_point(cfg: TrainConfig, y: np.ndarray, logits: np.ndarray, s
     """Temperature and referral threshold chosen on the val photos for the configured rule and target."""
     return choose_operating_point(y, logits, rule=cfg.referral_rule, target=cfg.referral_target,
                                   band_fraction=cfg.uncertain_fraction, fingerprint=fingerprint(samples))
-
-
-def metrics_at(point: OperatingPoint, y: np.ndarray, logits: np.ndarray) -> dict:
-    return screening_metrics(y, decide_batch(logits, point).probabilities, point.threshold)
 
 
 @dataclass
@@ -295,7 +289,7 @@ def _evaluate_and_checkpoint(run: _Run, epoch: int, train_loss: float) -> bool:
     """Val metrics, best/last checkpoints; True when training should stop (patience or time budget)."""
     cfg = run.cfg
     # Model selection uses QWK, which needs no threshold: the operating point is chosen once, at the end.
-    val_metrics = metrics_at(OperatingPoint(), run.val_y, predict(run.model, run.val_loader, run.device))
+    val_metrics = report_at(OperatingPoint(), run.val_y, predict(run.model, run.val_loader, run.device), auc_ci=False)
     run.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_qwk": val_metrics["qwk"],
                         "val_accuracy": val_metrics["accuracy"], "minutes": (time.monotonic() - run.started) / 60})
     improved = val_metrics["qwk"] > run.best_qwk
@@ -340,7 +334,7 @@ def _finalise(run: _Run) -> RunResult:
                 xs = cache_images(split_samples, run.policy, cfg.cache_dir, run.show)
                 logits = predict(run.model, DataLoader(FundusDataset(xs, ys, run.policy), batch_size=cfg.batch_size * 2),
                                  run.device)
-            metrics[split_name] = metrics_at(point, ys, logits)
+            metrics[split_name] = report_at(point, ys, logits)
             save_confusion_png(metrics[split_name]["confusion_matrix"], str(run.out_dir / f"confusion_{split_name}.png"),
                                f"{cfg.model} - {split_name}")
         metrics["operating_point"] = dataclasses.asdict(point)
