@@ -264,7 +264,7 @@ def _print_gate_criteria(records) -> None:
         if r.status != "ok" or not r.path or r.gate not in ("passed", "failed", "insufficient_evidence"):
             continue
         manifest = ArtifactManifest.from_json(manifest_path_for(r.path).read_text())
-        out_console.print(criteria_table(manifest.gate, title=f"{Path(r.path).name}: gate {manifest.gate.status}"))
+        out_console.print(criteria_table(manifest.gate, title=f"{Path(r.path).name}: fidelity gate"))
         out_console.print(f"operating point: {manifest.operating_point.describe()}")
         for failure in manifest.gate.failures:
             out_console.print(f"  - {failure}")
