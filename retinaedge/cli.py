@@ -123,6 +123,10 @@ def evaluate(checkpoint: Path = typer.Option(...), data: Path = typer.Option(...
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     _metrics_table({"test": metrics}, f"{metrics['model']} on {data.name}/{split}")
+    cal = metrics["calibration"]
+    out_console.print(f"calibration on these photos (T={cal['temperature']:.3f}): ECE {cal['ece_before']:.3f} -> "
+                      f"{cal['ece_after']:.3f}, Brier {cal['brier_before']:.3f} -> {cal['brier_after']:.3f}, referable "
+                      f"ECE {cal['referable_ece_before']:.3f} -> {cal['referable_ece_after']:.3f} (n={int(cal['n'])})")
     out_console.print(f"ROC with the operating point: {metrics['roc_png']}")
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from edge_runtime.calibration import choose_operating_point
+from edge_runtime.calibration import calibration_report, choose_operating_point
 from edge_runtime.contract import OperatingPoint
 from edge_runtime.decision import decide_batch
 
@@ -33,6 +33,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cach
     logits = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=32), torch.device("cpu"))
     point = meta.operating_point
     metrics = report_at(point, y, logits)
+    # Calibration measured on photos the temperature was not fitted on: ECE/Brier at T = 1 and at the point's T.
+    metrics["calibration"] = calibration_report(logits, y, point.temperature)
     metrics.update(checkpoint=str(checkpoint), data=str(data), split=split, model=meta.model_name)
     if out:
         out = Path(out)
