@@ -54,6 +54,10 @@ def quiet_output(log_path: Path, verbose: bool = False) -> Iterator[QuietOutput]
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.handlers = [handler]
     root.setLevel(logging.INFO)
+    # Libraries that log through their own handlers and do not propagate (NNCF does) are sent to the log too.
+    detached = {lg: lg.handlers[:] for lg in _non_propagating_loggers()}
+    for lg in detached:
+        lg.handlers = [handler]
     logging.captureWarnings(True)
     saved_streams = sys.stdout, sys.stderr
     try:
@@ -75,6 +79,13 @@ def quiet_output(log_path: Path, verbose: bool = False) -> Iterator[QuietOutput]
             os.close(fd)
         logging.captureWarnings(False)
         root.handlers, root.level = saved_handlers, saved_level
+        for lg, handlers in detached.items():
+            lg.handlers = handlers
         handler.close()
         log_file.close()
         terminal.close()
+
+
+def _non_propagating_loggers() -> list[logging.Logger]:
+    return [lg for lg in logging.root.manager.loggerDict.values()
+            if isinstance(lg, logging.Logger) and not lg.propagate and lg.handlers]
