@@ -22,6 +22,7 @@ import numpy as np
 from edge_runtime.backends import RuntimeOptions, cpu_features, int8_target, open_session
 
 from .device import fingerprint
+from .report import write_markdown_and_json
 
 MODEL = "tf_efficientnet_lite0"
 
@@ -180,9 +181,7 @@ def main() -> None:
     report = run(args.work, args.data if args.data.is_dir() else None, args.threads, args.runs, args.target)
     markdown = to_markdown(report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(markdown)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+        write_markdown_and_json(args.out, markdown, report)
     print(markdown)
 
 

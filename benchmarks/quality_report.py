@@ -38,6 +38,7 @@ from edge_runtime.quality import (
 from edge_runtime.screen import decode_side
 
 from .degradations import DEGRADATIONS, degrade, strength_bin
+from .report import write_markdown_and_json
 
 ORIGINAL = "original"
 SCREEN_DECODE_SIDE = decode_side(PreprocessPolicy())  # the Screener's decode for a 224-px model
@@ -223,9 +224,7 @@ def main() -> None:
         summaries[f"before ({args.before_ref})"] = summarise(records, "before_gradable", "before_score")
     summaries["after"] = summarise(records)
     markdown = to_markdown(summaries, f"Quality gate on real photos, split {'+'.join(args.split)}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(markdown)
-    args.out.with_suffix(".json").write_text(json.dumps(summaries, indent=2, default=float))
+    write_markdown_and_json(args.out, markdown, summaries)
     print(markdown)
 
 

@@ -114,3 +114,18 @@ def compare(reports: list[Path], out: Path) -> str:
     markdown = "\n".join(lines) + "\n"
     (out / "compare.md").write_text(markdown)
     return markdown
+
+
+def write_markdown_and_json(out: Path, markdown: str, data) -> None:
+    """``out``.md and ``out``.json side by side (the command-line benchmarks' printed table and its numbers)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(markdown)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=_plain))
+
+
+def _plain(value):
+    """numpy numbers as numbers, anything else (paths, enums) as text."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)

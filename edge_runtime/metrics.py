@@ -65,26 +65,24 @@ def _check_counts(successes: int, n: int) -> None:
         raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
 
 
-def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Two-sided Wilson score interval of a proportion (statsmodels); (nan, nan) when n == 0."""
+def _proportion_interval(successes: int, n: int, confidence: float, method: str) -> tuple[float, float]:
     from statsmodels.stats.proportion import proportion_confint
 
     _check_counts(successes, n)
     if n == 0:
         return float("nan"), float("nan")
-    low, high = proportion_confint(successes, n, alpha=1 - confidence, method="wilson")
+    low, high = proportion_confint(successes, n, alpha=1 - confidence, method=method)
     return float(low), float(high)
+
+
+def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Two-sided Wilson score interval of a proportion (statsmodels); (nan, nan) when n == 0."""
+    return _proportion_interval(successes, n, confidence, "wilson")
 
 
 def clopper_pearson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Two-sided exact (Clopper-Pearson) interval of a proportion (statsmodels ``beta``); (nan, nan) when n == 0."""
-    from statsmodels.stats.proportion import proportion_confint
-
-    _check_counts(successes, n)
-    if n == 0:
-        return float("nan"), float("nan")
-    low, high = proportion_confint(successes, n, alpha=1 - confidence, method="beta")
-    return float(low), float(high)
+    return _proportion_interval(successes, n, confidence, "beta")
 
 
 def clopper_pearson_lower(successes: int, n: int, confidence: float = CONFIDENCE) -> float:
