@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_runtime.contract import REFERABLE_MIN_GRADE
+
 from .errors import QuantizationConfigError
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,11 @@ class QATConfig:
         lr (`float`, defaults to 1e-5): small, so weights move only as far as quantization needs.
         temperature (`float`, defaults to 2.0): softens logits for the KL term.
         cam_weight (`float`, defaults to 1.0): weight of the normalised-CAM MSE term.
+        margin_weight (`float`, defaults to 0.0): weight of the margin-aware referral term: the squared difference of
+            the referable log-odds, weighted per photo by how close FP32's referable probability is to
+            ``referral_threshold`` (the referral decisions the gate judges flip there); 0 disables it.
+        referral_threshold (`float`, optional): the FP32 operating point's threshold on P(grade >= 2).
+        referral_temperature (`float`, defaults to 1.0): the operating point's softmax temperature.
         seed (`int`, defaults to 0).
     """
 
@@ -39,12 +46,18 @@ class QATConfig:
     lr: float = 1e-5
     temperature: float = 2.0
     cam_weight: float = 1.0
+    margin_weight: float = 0.0
+    referral_threshold: float | None = None
+    referral_temperature: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.temperature <= 0 or self.cam_weight < 0:
             raise QuantizationConfigError(f"invalid QATConfig {self}: steps >= 0, batch_size >= 1, lr > 0, temperature > 0, "
                               "cam_weight >= 0")
+        if self.margin_weight < 0 or (self.margin_weight > 0 and not 0 < (self.referral_threshold or 0) < 1):
+            raise QuantizationConfigError(f"QATConfig.margin_weight {self.margin_weight} needs a referral_threshold in "
+                                          f"(0, 1), got {self.referral_threshold!r}; pass the operating point's threshold")
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
@@ -105,11 +118,32 @@ def check_qat_inputs(calib: np.ndarray, train_images: np.ndarray) -> None:
                           "(its train split, --tuning-images > 0)")
 
 
+def referable_log_odds(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log P(grade >= 2) - log P(grade < 2) at the operating point's temperature, per photo."""
+    log_p = F.log_softmax(logits / temperature, 1)
+    return torch.logsumexp(log_p[:, REFERABLE_MIN_GRADE:], 1) - torch.logsumexp(log_p[:, :REFERABLE_MIN_GRADE], 1)
+
+
+def margin_aware_referral_loss(logits: torch.Tensor, ref_logits: torch.Tensor, cfg: QATConfig) -> torch.Tensor:
+    """Squared difference of the referable log-odds, weighted towards photos FP32 places near the threshold.
+
+    A referral flips only where the quantized log-odds cross the threshold's, so photos whose FP32 probability is
+    close to it matter most: weight 1 + 9 exp(-|logit(p) - logit(threshold)|) puts up to 10x more on them.
+    """
+    threshold = torch.tensor(float(cfg.referral_threshold))
+    threshold_odds = torch.log(threshold) - torch.log1p(-threshold)
+    ref_odds = referable_log_odds(ref_logits, cfg.referral_temperature)
+    weights = 1 + 9 * torch.exp(-(ref_odds - threshold_odds).abs())
+    odds = referable_log_odds(logits, cfg.referral_temperature)
+    return (weights * (odds - ref_odds) ** 2).mean()
+
+
 def fine_tune_towards(reference: nn.Module, quantized: nn.Module, train_images: np.ndarray, cfg: QATConfig,
                       progress: bool = True, on_step=None) -> None:
     """Train ``quantized`` (fake-quantized, inputs -> (logits, cam)) to reproduce ``reference``'s FP32 outputs.
 
-    Loss: KL between the logits at ``cfg.temperature`` plus ``cfg.cam_weight`` x MSE between normalised CAMs.
+    Loss: KL between the logits at ``cfg.temperature`` plus ``cfg.cam_weight`` x MSE between normalised CAMs, plus
+    ``cfg.margin_weight`` x the margin-aware referral term (``margin_aware_referral_loss``).
     ``on_step(step)`` runs before each step (PT2E freezes its observers half way through).
     """
     reference = copy.deepcopy(reference).eval()
@@ -135,6 +169,8 @@ def fine_tune_towards(reference: nn.Module, quantized: nn.Module, train_images: 
             kl = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(ref_logits / t, 1), reduction="batchmean") * t * t
             cam_loss = F.mse_loss(_centred_unit_cams(cam), _centred_unit_cams(ref_cam)) * cam.shape[-1] * cam.shape[-2]
             loss = kl + cfg.cam_weight * cam_loss
+            if cfg.margin_weight > 0:
+                loss = loss + cfg.margin_weight * margin_aware_referral_loss(logits, ref_logits, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

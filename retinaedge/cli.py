@@ -220,6 +220,8 @@ def export(
     qat_steps: int = typer.Option(0, help="Quantization-aware fine-tuning steps when post-training INT8 and its "
                                   "mixed-precision retries all fail the gate (0: off); uses --calib's train split."),
     qat_lr: float | None = typer.Option(None, help="QAT learning rate (Adam; default QATConfig's 1e-5)."),
+    qat_margin_weight: float = typer.Option(0.0, help="QAT: weight of the margin-aware referral term, which holds "
+                                            "the referable log-odds of photos near the checkpoint's threshold (0: off)."),
     tuning_images: int = typer.Option(256, help="Unlabelled photos from --calib's train split that accuracy-"
                                       "controlled mixed precision and QAT hold to FP32's grades (0: none)."),
     escalate: bool = typer.Option(True, "--escalate/--no-escalate",
@@ -250,6 +252,11 @@ def export(
         with _quiet(out / "export.log", verbose):
             inputs = load_inputs(checkpoint, out, calib, val, thresholds, val_limit=val_limit, name=name,
                                  tuning_limit=tuning_images if plan.needs_tuning_images else 0)
+            if qat_margin_weight > 0:  # the referral decisions the gate judges are taken at the checkpoint's point
+                point = inputs.meta.operating_point
+                plan = replace(plan, qat=replace(qat, margin_weight=qat_margin_weight,
+                                                 referral_threshold=point.threshold,
+                                                 referral_temperature=point.temperature))
             records = export_all(inputs, plan)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)

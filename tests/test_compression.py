@@ -260,3 +260,29 @@ def test_pt2e_qat_gives_a_fake_quantized_graph_for_any_batch():
     assert torch.nn.functional.cosine_similarity(logits.flatten(), ref_logits.flatten(), dim=0) > 0.99
     with pytest.raises(ConfigError, match="train split"):
         pt2e_qat(module, calib, train[:0], QATConfig(steps=2), progress=False)
+
+
+def test_margin_aware_referral_loss_weights_photos_near_the_threshold():
+    import torch
+
+    from compression.errors import QuantizationConfigError
+    from compression.qat import QATConfig, margin_aware_referral_loss, referable_log_odds
+
+    cfg = QATConfig(margin_weight=1.0, referral_threshold=0.5)
+    # Two photos: FP32 P(referable) = 0.5 (at the threshold) and ~0.999 (far from it); the same error in the
+    # log-odds costs 10x more at the threshold.
+    ref = torch.tensor([[0.0, 0.0, 0.0, 0.0, -100.0], [0.0, 0.0, 8.0, -100.0, -100.0]])
+    near = torch.tensor([[0.0, 0.0, 0.5, 0.0, -100.0]])
+    odds = referable_log_odds(ref, 1.0)
+    assert odds[0].item() == pytest.approx(0.0, abs=1e-6) and odds[1].item() > 6
+    loss_near = margin_aware_referral_loss(near, ref[:1], cfg)
+    diff = (referable_log_odds(near, 1.0) - odds[:1]).item()
+    assert loss_near.item() == pytest.approx(10 * diff ** 2, rel=1e-5)  # weight 1 + 9 at the threshold
+    far_ref, far = ref[1:], ref[1:].clone()
+    far[0, 2] += 1.0
+    far_diff = (referable_log_odds(far, 1.0) - odds[1:]).item()
+    far_weight = 1 + 9 * torch.exp(-odds[1].abs()).item()
+    assert margin_aware_referral_loss(far, far_ref, cfg).item() == pytest.approx(far_weight * far_diff ** 2, rel=1e-4)
+    assert far_weight < 1.02
+    with pytest.raises(QuantizationConfigError, match="referral_threshold"):
+        QATConfig(margin_weight=1.0)
