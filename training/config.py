@@ -34,7 +34,11 @@ class TrainConfig:
     class_weighted: bool = True  # inverse-frequency class weights (DR data is dominated by grade 0)
     patience: int = 5  # early stopping on validation QWK
     max_minutes: float | None = None  # wall-clock budget; training stops after the epoch that crosses it
-    amp: bool = True  # mixed precision, used on CUDA only
+    amp: bool = True  # mixed precision on CUDA: bf16 where the GPU supports it (no loss scaling), else fp16
+    augment_on: str = "auto"  # auto | loader | device: where training photos are augmented (auto: device on CUDA)
+    channels_last: bool = True  # NHWC activations on CUDA (faster convolutions on tensor cores); ignored on CPU
+    compile: bool = False  # torch.compile the training model (long first epoch; pays on long GPU schedules)
+    val_every: int = 1  # validate and checkpoint every N epochs (and always after the last); patience is in epochs
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     workers: int = 0
     seed: int = 0
@@ -54,9 +58,11 @@ class TrainConfig:
     cam_weight: float = 0.0  # CAM-attention transfer weight (0 = off)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "synthetic_per_grade", "synthetic_size"):
+        for name in ("epochs", "batch_size", "synthetic_per_grade", "synthetic_size", "val_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.augment_on not in ("auto", "loader", "device"):
+            raise ConfigError(f"augment_on must be auto | loader | device, got {self.augment_on!r}")
         if self.loss not in ("ce", "focal"):
             raise ConfigError(f"loss must be 'ce' or 'focal', got {self.loss!r}")
         if not 0 < self.lr < 1:

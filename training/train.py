@@ -24,6 +24,7 @@ from edge_runtime.contract import OperatingPoint, PreprocessPolicy, utcnow
 from .checkpoint import CheckpointMeta
 from .config import TrainConfig, save_config
 from .data.dataset import FundusDataset, cache_images
+from .data.device_batches import DeviceBatches, fits_on_device
 from .data.layouts import Sample, assign_splits, fingerprint, read_dataset, select
 from .data.synthetic import write_synthetic_dataset
 from .metrics import report_at, save_confusion_png
@@ -128,8 +129,8 @@ class _Run:
     policy: PreprocessPolicy
     model: DRClassifier
     train_model: torch.nn.Module
-    train_loader: DataLoader
-    sampler: DistributedSampler | None
+    train_loader: DataLoader | DeviceBatches
+    sampler: DistributedSampler | DeviceBatches | None  # what set_epoch reshuffles
     val_loader: DataLoader
     val_y: np.ndarray
     val_x: np.ndarray
@@ -139,13 +140,16 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     use_amp: bool
+    amp_dtype: torch.dtype
+    channels_last: bool
     weight: torch.Tensor | None
     extra_loss: Callable | None
     extra_targets: dict[str, np.ndarray] | None
     show: bool
     start_epoch: int = 0
     best_qwk: float = -float("inf")
-    stale: int = 0
+    stale: int = 0  # epochs since the best validation QWK
+    last_validated: int = -1  # epoch index of the latest validation
     history: list[dict] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
@@ -176,8 +180,9 @@ def fit(cfg: TrainConfig, extra_loss: Callable | None = None, extra_targets: dic
     with bar:
         task = bar.add_task("training", total=(cfg.epochs - run.start_epoch) * len(run.train_loader))
         for epoch in range(run.start_epoch, cfg.epochs):
-            train_loss = _train_one_epoch(run, epoch, bar, task)
-            if _evaluate_and_checkpoint(run, epoch, train_loss):
+            train_loss, images_per_s = _train_one_epoch(run, epoch, bar, task)
+            due = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs or _over_budget(run)
+            if due and _evaluate_and_checkpoint(run, epoch, train_loss, images_per_s):
                 break
     return _finalise(run)
 
@@ -192,6 +197,9 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
     if distributed and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels once
     torch.manual_seed(cfg.seed + rank)
     out_dir = Path(cfg.out)
     if _is_main():
@@ -217,30 +225,50 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
     train_y = np.array([s.grade for s in samples["train"]])
     val_y = np.array([s.grade for s in samples["val"]])
 
+    channels_last = cfg.channels_last and on_gpu
     model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     train_model: torch.nn.Module = model
     if distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
 
-    train_ds = _IndexedDataset(FundusDataset(train_x, train_y, policy, train=True, seed=cfg.seed + rank,
-                                             geometric=cfg.cam_weight == 0), np.arange(len(train_y)))
-    sampler = DistributedSampler(train_ds, seed=cfg.seed) if distributed else None
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                              num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size,
-                              generator=torch.Generator().manual_seed(cfg.seed))
-    val_loader = DataLoader(FundusDataset(val_x, val_y, policy), batch_size=cfg.batch_size * 2, num_workers=cfg.workers)
+    # Teacher CAMs are per-pixel targets: flips and rotations would misalign them.
+    geometric = cfg.cam_weight == 0
+    world = dist.get_world_size() if distributed else 1
+    train_loader: DataLoader | DeviceBatches
+    if _augment_on_device(cfg, device, train_x):
+        train_loader = DeviceBatches(train_x, train_y, policy, device, cfg.batch_size, seed=cfg.seed, geometric=geometric,
+                                     drop_last=len(train_y) > cfg.batch_size, rank=rank, world=world,
+                                     channels_last=channels_last)
+        sampler = train_loader
+    else:
+        train_ds = _IndexedDataset(FundusDataset(train_x, train_y, policy, train=True, seed=cfg.seed + rank,
+                                                 geometric=geometric), np.arange(len(train_y)))
+        sampler = DistributedSampler(train_ds, seed=cfg.seed) if distributed else None
+        train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                                  num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size,
+                                  generator=torch.Generator().manual_seed(cfg.seed), pin_memory=on_gpu,
+                                  persistent_workers=cfg.workers > 0)
+    val_loader = DataLoader(FundusDataset(val_x, val_y, policy), batch_size=cfg.batch_size * 2, num_workers=cfg.workers,
+                            pin_memory=on_gpu)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train_loader))
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else
                                                   0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
-    use_amp = cfg.amp and device.type == "cuda"
+    use_amp = cfg.amp and on_gpu
+    # bf16 has fp32's exponent range, so it needs no loss scaling; fp16 (pre-Ampere GPUs) does.
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     run = _Run(cfg=cfg, device=device, distributed=distributed, out_dir=out_dir, policy=policy, model=model,
                train_model=train_model, train_loader=train_loader, sampler=sampler, val_loader=val_loader,
                val_y=val_y, val_x=val_x, samples=samples, data_fp=fingerprint(samples["train"]),
-               optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler("cuda", enabled=use_amp),
-               use_amp=use_amp, weight=class_weights(train_y).to(device) if cfg.class_weighted else None,
+               optimizer=optimizer, scheduler=scheduler,
+               scaler=torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16),
+               use_amp=use_amp, amp_dtype=amp_dtype, channels_last=channels_last, weight=class_weights(train_y).to(device) if cfg.class_weighted else None,
                extra_loss=extra_loss, extra_targets=extra_targets, show=show)
     if cfg.resume and run.last_path.is_file():
         state = torch.load(run.last_path, map_location=device, weights_only=False)
@@ -249,20 +277,44 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
         scheduler.load_state_dict(state["scheduler"])
         run.start_epoch, run.best_qwk, run.stale, run.history = (state["epoch"] + 1, state["best_qwk"], state["stale"],
                                                                  state["history"])
+        run.last_validated = state["epoch"]
         log.info("resumed from %s at epoch %d", run.last_path, run.start_epoch)
     return run
 
 
-def _train_one_epoch(run: _Run, epoch: int, bar, task) -> float:
-    """One pass over the training photos; returns the mean training loss."""
+def _augment_on_device(cfg: TrainConfig, device: torch.device, train_x: np.ndarray) -> bool:
+    """Device-resident batches on a GPU when the crops fit; the CPU keeps the per-photo DataLoader path."""
+    if cfg.augment_on == "loader":
+        return False
+    if cfg.augment_on == "device":
+        return True
+    if device.type != "cuda":
+        return False
+    if not fits_on_device(train_x, device):
+        log.info("training crops (%.1f GB) do not fit beside the model on %s: augmenting in the DataLoader",
+                 train_x.nbytes / 1e9, device)
+        return False
+    return True
+
+
+def _over_budget(run: _Run) -> bool:
+    return bool(run.cfg.max_minutes) and (time.monotonic() - run.started) / 60 > run.cfg.max_minutes
+
+
+def _train_one_epoch(run: _Run, epoch: int, bar, task) -> tuple[float, float]:
+    """One pass over the training photos; returns the mean training loss and the photos per second."""
     cfg, device = run.cfg, run.device
     if run.sampler is not None:
         run.sampler.set_epoch(epoch)
     run.train_model.train()
-    running, seen = 0.0, 0
+    # Accumulated on the device: a float() per step would wait for the GPU every batch.
+    running, seen = torch.zeros((), device=device), 0
+    started = time.perf_counter()
     for x, y, idx in run.train_loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, enabled=run.use_amp):
+        if run.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
             if run.extra_loss is not None:
                 logits, cam = run.train_model(x, return_cam=True)
             else:
@@ -279,21 +331,29 @@ def _train_one_epoch(run: _Run, epoch: int, bar, task) -> float:
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.scheduler.step()
-        running += float(loss.detach()) * len(y)
+        running += loss.detach().float() * len(y)
         seen += len(y)
-        bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {running / seen:.3f}")
-    return running / max(1, seen)
+        bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs}")
+    mean_loss = float(running) / max(1, seen)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    images_per_s = seen / max(time.perf_counter() - started, 1e-9)
+    bar.update(task, description=f"epoch {epoch + 1}/{cfg.epochs} loss {mean_loss:.3f} ({images_per_s:.0f} img/s)")
+    return mean_loss, images_per_s
 
 
-def _evaluate_and_checkpoint(run: _Run, epoch: int, train_loss: float) -> bool:
+def _evaluate_and_checkpoint(run: _Run, epoch: int, train_loss: float, images_per_s: float) -> bool:
     """Val metrics, best/last checkpoints; True when training should stop (patience or time budget)."""
     cfg = run.cfg
     # Model selection uses QWK, which needs no threshold: the operating point is chosen once, at the end.
     val_metrics = report_at(OperatingPoint(), run.val_y, predict(run.model, run.val_loader, run.device), auc_ci=False)
     run.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_qwk": val_metrics["qwk"],
-                        "val_accuracy": val_metrics["accuracy"], "minutes": (time.monotonic() - run.started) / 60})
+                        "val_accuracy": val_metrics["accuracy"], "train_images_per_s": images_per_s,
+                        "minutes": (time.monotonic() - run.started) / 60})
     improved = val_metrics["qwk"] > run.best_qwk
-    run.best_qwk, run.stale = (val_metrics["qwk"], 0) if improved else (run.best_qwk, run.stale + 1)
+    epochs_since = epoch - run.last_validated
+    run.last_validated = epoch
+    run.best_qwk, run.stale = (val_metrics["qwk"], 0) if improved else (run.best_qwk, run.stale + epochs_since)
     if _is_main():
         log.info("epoch %d: loss %.4f val QWK %.4f acc %.3f", epoch + 1, train_loss, val_metrics["qwk"],
                  val_metrics["accuracy"])
@@ -305,7 +365,7 @@ def _evaluate_and_checkpoint(run: _Run, epoch: int, train_loss: float) -> bool:
     if run.stale >= cfg.patience:
         log.info("early stopping: validation QWK has not improved for %d epochs", cfg.patience)
         return True
-    if cfg.max_minutes and (time.monotonic() - run.started) / 60 > cfg.max_minutes:
+    if _over_budget(run):
         log.info("stopping: time budget of %.1f min reached", cfg.max_minutes)
         return True
     return False
