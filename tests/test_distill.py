@@ -251,6 +251,32 @@ def test_distillation_config_is_checked_before_any_work(tmp_path):
     assert not (tmp_path / "none").exists()  # nothing was trained or written
 
 
+def test_cli_distill_takes_repeated_teachers_and_unlabelled_folders(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from retinaedge.cli import app
+
+    captured = {}
+    metrics = {"qwk": 0.5, "referable_sensitivity": 0.9, "referable_specificity": 0.8, "referable_auc": 0.85}
+
+    def fake_distill(cfg, progress=True):
+        captured["cfg"] = cfg
+        members = [{"model": "m", "temperature": 1.0, "checkpoint": t, **metrics} for t in cfg.teacher]
+        report = {"split": "test", "n": 3, "student": metrics, "teacher": metrics, "teachers": members,
+                  "agreement": 1.0, "cam_correlation": 0.5, "device": "cpu",
+                  "photos": {"labelled": 2, "unlabelled": 1, "unlabelled_sources": {"u": 1}}}
+        return None, report
+
+    monkeypatch.setattr(distill_module, "distill", fake_distill)
+    result = CliRunner().invoke(app, ["distill", "--teacher", "a.pt", "--teacher", "b.pt", "--unlabelled", "u1",
+                                      "--unlabelled", "u2", "--no-distill-on-calib", "--out", str(tmp_path / "o"),
+                                      "--verbose"])
+    assert result.exit_code == 0, result.output
+    cfg = captured["cfg"]
+    assert (cfg.teacher, cfg.unlabelled, cfg.distill_on_calib) == (("a.pt", "b.pt"), ("u1", "u2"), False)
+    assert "ensemble" in result.output
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_teacher_outputs_and_distillation_on_cuda(tiny_run, synthetic_dir, tmp_path, monkeypatch):
