@@ -146,7 +146,7 @@ def test_unlabelled_photos_train_without_their_labels(synthetic_dir, tmp_path, m
     seen: list[tuple] = []
 
     def spy_loss(logits, cam, y, ce_loss, batch_extra, x):
-        seen.append((logits.detach(), y.clone(), float(ce_loss), batch_extra["row"].clone()))
+        seen.append((logits.detach(), y.clone(), float(ce_loss.detach()), batch_extra["row"].clone()))
         return ce_loss + 0.0 * cam.sum()
 
     rows = np.arange(len(labelled) + len(extra))

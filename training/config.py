@@ -50,6 +50,7 @@ class TrainConfig:
     # Distillation (compression.distill); ignored when teacher is empty.
     teacher: tuple[str, ...] = ()  # teacher checkpoint(s); several = an ensemble of their calibrated outputs
     unlabelled: tuple[str, ...] = ()  # folders of extra photos the teachers label (any layout; labels ignored)
+    # The calib split only sets INT8 ranges and the teacher never trained on it: honest soft labels, no lost verdicts.
     distill_on_calib: bool = True  # the data folders' calib split joins as unlabelled photos (never val/test)
     teacher_batch_size: int | None = None  # teacher forward passes; None -> 4 x batch_size (no gradients kept)
     alpha: float = 0.7  # weight of the soft-target KL term
