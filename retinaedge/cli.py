@@ -45,11 +45,9 @@ def _fail(exc: Exception, code: int = 2) -> None:
 
 # ---------------------------------------------------------------- training and compression
 def _train_overrides(**kwargs) -> dict:
-    data = kwargs.pop("data")
-    overrides = {k: v for k, v in kwargs.items() if v is not None}
-    if data:
-        overrides["data"] = tuple(data)
-    return overrides
+    """Flags given on the command line; a repeatable flag given zero times leaves the YAML's value alone."""
+    return {k: tuple(str(p) for p in v) if isinstance(v, list) else v for k, v in kwargs.items()
+            if v is not None and v != []}
 
 
 @app.command()
@@ -152,10 +150,18 @@ def operating_point(
 
 @app.command()
 def distill(
-    teacher: Path = typer.Option(..., help="Teacher checkpoint (best.pt of a train run)."),
+    teacher: list[Path] | None = typer.Option(None, help="Teacher checkpoint (best.pt of a train run); repeat for "
+                                              "an ensemble (mean of calibrated outputs). Or `teacher:` in the YAML."),
     student: str = typer.Option("tf_efficientnet_lite0", help="Registered student model."),
     config: Path | None = typer.Option(None, "--config", "-c"),
-    data: list[str] | None = typer.Option(None), epochs: int | None = typer.Option(None),
+    data: list[str] | None = typer.Option(None, help="Labelled dataset folder(s); none = synthetic fundus data."),
+    unlabelled: list[str] | None = typer.Option(None, help="Folder of extra photos the teachers label (repeatable; "
+                                                "any layout, labels ignored; never one of the --data folders)."),
+    distill_on_calib: bool | None = typer.Option(None, "--distill-on-calib/--no-distill-on-calib",
+                                                 help="Also distil on the --data folders' calib split (default on)."),
+    teacher_batch_size: int | None = typer.Option(None, help="Batch of the teachers' forward passes (default 4 x batch)."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N; the teachers run there too."),
+    epochs: int | None = typer.Option(None),
     alpha: float | None = typer.Option(None), temperature: float | None = typer.Option(None),
     cam_weight: float | None = typer.Option(None, help="CAM-attention transfer weight (0 = off)."),
     input_size: int | None = typer.Option(None), pretrained: bool | None = typer.Option(None, "--pretrained/--no-pretrained"),
@@ -169,7 +175,8 @@ def distill(
 
     try:
         cfg = resolve_config(TrainConfig, config, _train_overrides(
-            teacher=str(teacher), model=student, data=data, epochs=epochs, alpha=alpha, temperature=temperature,
+            teacher=teacher, model=student, data=data, unlabelled=unlabelled, distill_on_calib=distill_on_calib,
+            teacher_batch_size=teacher_batch_size, device=device, epochs=epochs, alpha=alpha, temperature=temperature,
             cam_weight=cam_weight, input_size=input_size, pretrained=pretrained, batch_size=batch_size, lr=lr,
             max_minutes=max_minutes, out=out))
         if out is None and cfg.out == TrainConfig().out:  # neither YAML nor flags chose a folder
@@ -185,10 +192,15 @@ def distill(
     table = Table(title=f"student vs teacher on {report['split']} (n={report['n']})")
     for column in ("model", "QWK", "ref. sens", "ref. spec", "ref. AUC"):
         table.add_column(column)
-    for role in ("student", "teacher"):
-        m = report[role]
-        table.add_row(role, *(f"{m[k]:.3f}" for k in ("qwk", "referable_sensitivity", "referable_specificity", "referable_auc")))
+    rows = [("student", report["student"]), ("teacher" if len(report["teachers"]) == 1 else "ensemble", report["teacher"])]
+    if len(report["teachers"]) > 1:
+        rows += [(f"  {m['model']} (T={m['temperature']:.2f}) {m['checkpoint']}", m) for m in report["teachers"]]
+    for name, m in rows:
+        table.add_row(name, *(f"{m[k]:.3f}" for k in ("qwk", "referable_sensitivity", "referable_specificity", "referable_auc")))
     out_console.print(table)
+    photos = report["photos"]
+    out_console.print(f"photos: {photos['labelled']} labelled + {photos['unlabelled']} labelled by the teacher "
+                      f"{photos['unlabelled_sources']}; teacher outputs on {report['device']}")
     out_console.print(f"grade agreement {report['agreement']:.3f}, CAM correlation {report['cam_correlation']:.3f}")
 
 

@@ -23,6 +23,7 @@ class CheckpointMeta:
     class_names: tuple[str, ...] = GRADE_NAMES
     metrics: dict[str, Any] = field(default_factory=dict)  # val/test metrics at the operating point
     config: dict[str, Any] = field(default_factory=dict)  # the resolved TrainConfig
+    distillation: dict[str, Any] = field(default_factory=dict)  # teachers and photos of a distilled model
     git_sha: str | None = None
     created_at: str | None = None
 

@@ -51,8 +51,12 @@ class TrainConfig:
     referral_rule: str = "sensitivity"  # how the val photos choose the threshold: sensitivity | specificity | youden
     referral_target: float = 0.90  # the val sensitivity (or specificity) the threshold must reach
     uncertain_fraction: float = 0.05  # share of val photos nearest the threshold reported "uncertain"
-    # Distillation (compression.distill); ignored when teacher is None.
-    teacher: str | None = None  # teacher checkpoint path
+    # Distillation (compression.distill); ignored when teacher is empty.
+    teacher: tuple[str, ...] = ()  # teacher checkpoint(s); several = an ensemble of their calibrated outputs
+    unlabelled: tuple[str, ...] = ()  # folders of extra photos the teachers label (any layout; labels ignored)
+    # The calib split only sets INT8 ranges and the teacher never trained on it: honest soft labels, no lost verdicts.
+    distill_on_calib: bool = True  # the data folders' calib split joins as unlabelled photos (never val/test)
+    teacher_batch_size: int | None = None  # teacher forward passes; None -> 4 x batch_size (no gradients kept)
     alpha: float = 0.7  # weight of the soft-target KL term
     temperature: float = 4.0
     cam_weight: float = 0.0  # CAM-attention transfer weight (0 = off)
@@ -76,13 +80,36 @@ class TrainConfig:
                               f"{self.referral_target!r}, {self.uncertain_fraction!r}")
         if self.input_size is not None and not 32 <= self.input_size <= 1024:
             raise ConfigError(f"input_size must be in [32, 1024], got {self.input_size!r}")
-        if isinstance(self.data, str):
-            object.__setattr__(self, "data", (self.data,))
-        object.__setattr__(self, "data", tuple(str(d) for d in self.data))
+        if self.teacher_batch_size is not None and int(self.teacher_batch_size) < 1:
+            raise ConfigError(f"teacher_batch_size must be >= 1 (or None for 4 x batch_size), got {self.teacher_batch_size!r}")
+        for name in ("data", "teacher", "unlabelled"):
+            object.__setattr__(self, name, _paths(getattr(self, name), name))
+        if self.unlabelled and not self.teacher:
+            raise ConfigError(f"unlabelled photos {list(self.unlabelled)} need a teacher to label them: set teacher "
+                              "(`retinaedge distill --teacher CKPT`) or drop unlabelled")
         object.__setattr__(self, "train_splits", tuple(self.train_splits))
+
+    @property
+    def teacher_batch(self) -> int:
+        """Teacher forward passes keep no activations for backward, so a batch several times training's fits."""
+        return self.teacher_batch_size or 4 * self.batch_size
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _paths(value: Any, name: str) -> tuple[str, ...]:
+    """A YAML list, a single string or None (nothing) -> a tuple of distinct paths."""
+    if value is None:
+        return ()
+    paths = (str(value),) if isinstance(value, (str, Path)) else tuple(str(v) for v in value)
+    if any(not p.strip() for p in paths):
+        raise ConfigError(f"{name} has an empty path: {list(paths)}")
+    repeated = sorted({p for p in paths if paths.count(p) > 1})
+    if repeated:
+        # An ensemble member listed twice would silently count double in the average.
+        raise ConfigError(f"{name} lists {repeated} more than once; list each path once")
+    return paths
 
 
 def check_keys(cls: type, data: dict[str, Any], source: str) -> None:

@@ -8,7 +8,7 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from .checkpoint import CheckpointMeta
 from .config import TrainConfig, save_config
 from .data.dataset import FundusDataset, cache_images
 from .data.device_batches import DeviceBatches, fits_on_device
-from .data.layouts import Sample, assign_splits, fingerprint, read_dataset, select
+from .data.layouts import UNLABELLED, Sample, assign_splits, fingerprint, read_dataset, select
 from .data.synthetic import write_synthetic_dataset
 from .metrics import report_at, save_confusion_png
 from .models import DRClassifier, create_model, get_model_cfg
@@ -77,11 +77,19 @@ def class_weights(grades: np.ndarray, k: int = 5) -> torch.Tensor:
     return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
 
 
-def focal_loss(logits, target, weight, gamma):
-    log_p = F.log_softmax(logits, dim=1)
-    ce = F.nll_loss(log_p, target, weight=weight, reduction="none")
-    p_t = log_p.gather(1, target[:, None]).squeeze(1).exp()
-    return ((1 - p_t) ** gamma * ce).mean()
+def labelled_loss(logits, target, weight, focal_gamma: float | None = None) -> torch.Tensor:
+    """Class-weighted cross-entropy (or focal loss with ``focal_gamma``) over the rows that have a grade.
+
+    ``UNLABELLED`` rows (photos only a teacher labels) add nothing, and a batch of them gives 0, not NaN.
+    Masked by arithmetic rather than indexing, so a batch costs no host-device synchronisation.
+    """
+    labelled = target != UNLABELLED
+    safe_target = torch.where(labelled, target, torch.zeros_like(target))
+    nll = -F.log_softmax(logits, dim=1).gather(1, safe_target[:, None]).squeeze(1)
+    row_weight = (weight[safe_target] if weight is not None else torch.ones_like(nll)) * labelled
+    if focal_gamma is None:  # F.cross_entropy's weighted mean: sum(w_y * nll) / sum(w_y)
+        return (row_weight * nll).sum() / row_weight.sum().clamp(min=1e-12)
+    return ((1 - (-nll).exp()) ** focal_gamma * row_weight * nll).sum() / labelled.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -169,13 +177,14 @@ class _Run:
 
 
 def fit(cfg: TrainConfig, extra_loss: Callable | None = None, extra_targets: dict[str, np.ndarray] | None = None,
-        progress: bool = True) -> RunResult:
+        progress: bool = True, unlabelled: Sequence[Sample] = ()) -> RunResult:
     """Train ``cfg.model``; returns the run folder, best checkpoint and final metrics.
 
     ``extra_targets`` are per-training-image arrays (e.g. cached teacher logits) handed to
-    ``extra_loss(logits, cam, targets, batch_extra) -> loss`` with the batch's rows.
+    ``extra_loss(logits, cam, targets, batch_extra) -> loss`` with the batch's rows: the labelled
+    training photos, then ``unlabelled`` (their grades are ignored, so only ``extra_loss`` learns from them).
     """
-    run = _set_up(cfg, extra_loss, extra_targets, progress)
+    run = _set_up(cfg, extra_loss, extra_targets, progress, unlabelled)
     bar = _progress(run.show)
     with bar:
         task = bar.add_task("training", total=(cfg.epochs - run.start_epoch) * len(run.train_loader))
@@ -188,7 +197,7 @@ def fit(cfg: TrainConfig, extra_loss: Callable | None = None, extra_targets: dic
 
 
 def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[str, np.ndarray] | None,
-            progress: bool) -> _Run:
+            progress: bool, unlabelled: Sequence[Sample] = ()) -> _Run:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
@@ -213,6 +222,7 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
     if not samples["train"] or not samples["val"]:
         raise ValueError(f"need non-empty train {cfg.train_splits} and val {cfg.val_split!r} splits; "
                          f"got {len(samples['train'])} / {len(samples['val'])} images")
+    samples["train"] += [dataclasses.replace(s, grade=UNLABELLED) for s in unlabelled]
     show = progress and _is_main()
     # Every rank needs the crops; rank 0 builds the cache first so the others only read it.
     if _is_main():
@@ -268,7 +278,8 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
                val_y=val_y, val_x=val_x, samples=samples, data_fp=fingerprint(samples["train"]),
                optimizer=optimizer, scheduler=scheduler,
                scaler=torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16),
-               use_amp=use_amp, amp_dtype=amp_dtype, channels_last=channels_last, weight=class_weights(train_y).to(device) if cfg.class_weighted else None,
+               use_amp=use_amp, amp_dtype=amp_dtype, channels_last=channels_last,
+               weight=class_weights(train_y[train_y != UNLABELLED]).to(device) if cfg.class_weighted else None,
                extra_loss=extra_loss, extra_targets=extra_targets, show=show)
     if cfg.resume and run.last_path.is_file():
         state = torch.load(run.last_path, map_location=device, weights_only=False)
@@ -319,10 +330,7 @@ def _train_one_epoch(run: _Run, epoch: int, bar, task) -> tuple[float, float]:
                 logits, cam = run.train_model(x, return_cam=True)
             else:
                 logits, cam = run.train_model(x), None
-            if cfg.loss == "focal":
-                loss = focal_loss(logits.float(), y, run.weight, cfg.focal_gamma)
-            else:
-                loss = F.cross_entropy(logits.float(), y, weight=run.weight)
+            loss = labelled_loss(logits.float(), y, run.weight, cfg.focal_gamma if cfg.loss == "focal" else None)
             if run.extra_loss is not None:
                 batch_extra = {k: torch.as_tensor(v[idx.numpy()]).to(device) for k, v in (run.extra_targets or {}).items()}
                 loss = run.extra_loss(logits.float(), cam.float(), y, loss, batch_extra, x)

@@ -21,15 +21,19 @@ from .layouts import Sample
 log = logging.getLogger(__name__)
 
 
+def photos_key(samples: list[Sample], policy: PreprocessPolicy) -> str:
+    """Which photos (path, modification time, order) through which preprocessing: the key of per-photo caches."""
+    return hashlib.sha256(json.dumps(
+        [[str(s.path), s.path.stat().st_mtime_ns] for s in samples] + [repr(policy)]).encode()).hexdigest()[:20]
+
+
 def cache_images(samples: list[Sample], policy: PreprocessPolicy, cache_dir: str | Path | None,
                  progress: bool = True) -> np.ndarray:
     """Preprocess every image once (crop, pad, resize) into a uint8 N x S x S x 3 RGB array, cached on disk.
 
     Decoding a 1024-px JPEG costs more than a Lite0 forward pass on a CPU, so epochs read the cache.
     """
-    key = hashlib.sha256(json.dumps(
-        [[str(s.path), s.path.stat().st_mtime_ns] for s in samples] + [repr(policy)]).encode()).hexdigest()[:20]
-    cache_file = Path(cache_dir) / f"crops_{policy.input_size}_{key}.npy" if cache_dir else None
+    cache_file = Path(cache_dir) / f"crops_{policy.input_size}_{photos_key(samples, policy)}.npy" if cache_dir else None
     if cache_file and cache_file.is_file():
         return np.load(cache_file, mmap_mode="r")
     out = np.empty((len(samples), policy.input_size, policy.input_size, 3), np.uint8)

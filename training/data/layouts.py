@@ -20,6 +20,7 @@ from training.errors import DatasetError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 SPLITS = ("train", "val", "calib", "test")
+UNLABELLED = -1  # the grade of a photo only a teacher labels (distillation): it has no cross-entropy term
 
 
 @dataclass(frozen=True)
@@ -144,13 +145,17 @@ def read_folders(root: Path) -> list[Sample]:
     return samples
 
 
+def _find_layout(root: Path) -> str | None:
+    return next((name for name, layout in LAYOUTS.items() if layout.detect(root)), None)
+
+
 def detect_layout(root: str | Path) -> str:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
-    for name, layout in LAYOUTS.items():
-        if layout.detect(root):
-            return name
+    name = _find_layout(root)
+    if name is not None:
+        return name
     raise DatasetError(
         f"{root}: unknown dataset layout; expected one of: labels.csv (image,grade[,patient,split]), "
         "APTOS train.csv + train_images/, EyePACS trainLabels.csv, an IDRiD grading CSV, or folders 0/..4/"
@@ -161,6 +166,23 @@ def read_dataset(root: str | Path, layout: str | None = None) -> list[Sample]:
     root = Path(root)
     layout = layout or detect_layout(root)
     return LAYOUTS.get(layout).read(root)
+
+
+def read_unlabelled(root: str | Path) -> list[Sample]:
+    """Every photo of a folder, graded ``UNLABELLED``: a supported layout's photos (its labels and splits
+    ignored), otherwise every image file below ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"unlabelled photo folder {root} does not exist")
+    layout = _find_layout(root)
+    if layout is not None:  # a recognised but broken layout raises: fix it rather than read it as loose files
+        samples = read_dataset(root, layout)
+    else:
+        samples = [Sample(p, UNLABELLED, p.stem) for p in sorted(root.rglob("*"))
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not samples:
+        raise DatasetError(f"{root}: no photos ({', '.join(IMAGE_SUFFIXES)}) for distillation")
+    return [replace(s, grade=UNLABELLED, split=None) for s in samples]
 
 
 def assign_splits(samples: list[Sample], fractions: dict[str, float] | None = None, seed: int = 0) -> list[Sample]:
