@@ -342,7 +342,9 @@ def compare_with_teacher(student_ckpt, teachers: Sequence[Teacher], samples: lis
     """Student and teacher ensemble side by side on the same photos, on the training device: QWK, referable
     sens/spec, grade agreement, CAM correlation; ``teachers`` lists each member's own numbers."""
     split = split or cfg.test_split
-    chosen = select(samples, split) or select(samples, cfg.val_split)
+    chosen = select(samples, split)
+    if not chosen:  # no test photos (a small folder): say that the numbers are on val
+        split, chosen = cfg.val_split, select(samples, cfg.val_split)
     y = np.array([s.grade for s in chosen])
     device = resolve_device(cfg.device)
     student, meta = load_checkpoint(student_ckpt)

@@ -165,6 +165,7 @@ def distill(
     alpha: float | None = typer.Option(None), temperature: float | None = typer.Option(None),
     cam_weight: float | None = typer.Option(None, help="CAM-attention transfer weight (0 = off)."),
     input_size: int | None = typer.Option(None), pretrained: bool | None = typer.Option(None, "--pretrained/--no-pretrained"),
+    pretrained_file: str | None = typer.Option(None, help="Local ImageNet checkpoint for the student (offline machines)."),
     batch_size: int | None = typer.Option(None), lr: float | None = typer.Option(None),
     max_minutes: float | None = typer.Option(None), out: str | None = typer.Option(None),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -177,8 +178,8 @@ def distill(
         cfg = resolve_config(TrainConfig, config, _train_overrides(
             teacher=teacher, model=student, data=data, unlabelled=unlabelled, distill_on_calib=distill_on_calib,
             teacher_batch_size=teacher_batch_size, device=device, epochs=epochs, alpha=alpha, temperature=temperature,
-            cam_weight=cam_weight, input_size=input_size, pretrained=pretrained, batch_size=batch_size, lr=lr,
-            max_minutes=max_minutes, out=out))
+            cam_weight=cam_weight, input_size=input_size, pretrained=pretrained, pretrained_file=pretrained_file,
+            batch_size=batch_size, lr=lr, max_minutes=max_minutes, out=out))
         if out is None and cfg.out == TrainConfig().out:  # neither YAML nor flags chose a folder
             cfg = dataclasses.replace(cfg, out="runs/distill")
         with _quiet(Path(cfg.out) / "distill.log", verbose) as where:

@@ -115,3 +115,33 @@ def test_checkpoint_metadata_is_a_validated_record():
         CheckpointMeta.from_dict({"model_name": "m"})
     with pytest.raises(CheckpointError, match="threshold"):
         CheckpointMeta.from_dict({**meta.to_dict(), "operating_point": {"threshold": 2.0}})
+
+
+SHIPPED_TRAIN_CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "training" / "configs").glob("*.yaml")
+                               if p.name != "demo.yaml")  # demo.yaml holds DemoPlan sizes, not a TrainConfig
+
+
+@pytest.mark.parametrize("path", SHIPPED_TRAIN_CONFIGS, ids=lambda p: p.name)
+def test_shipped_train_configs_resolve_to_registered_models(path):
+    from training.models import get_model_cfg
+
+    cfg = resolve_config(TrainConfig, path)  # unknown keys and invalid values raise ConfigError
+    assert get_model_cfg(cfg.model).name == cfg.model
+    assert all(folder.startswith("../shared/data/") for folder in cfg.data), cfg.data
+
+
+def test_distill_cli_takes_a_local_imagenet_file(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import compression.distill as distill_module
+    from retinaedge.cli import app
+
+    captured = {}
+
+    def fake_distill(cfg, progress=True):
+        captured["cfg"] = cfg
+        raise RuntimeError("stop after the config")
+
+    monkeypatch.setattr(distill_module, "distill", fake_distill)
+    CliRunner().invoke(app, ["distill", "--teacher", "t.pt", "--pretrained-file", "w.pth", "--out", str(tmp_path)])
+    assert captured["cfg"].pretrained_file == "w.pth"
