@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny model trained on synthetic fundus data, its exported artifacts, real-data paths."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -110,3 +111,14 @@ def reset_postgres() -> None:
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """CLI commands under test call ``logging.basicConfig(stream=sys.stderr, force=True)``; under pytest that
+    stream is a capture file closed after the test, and a library logging at interpreter exit (JAX does) would
+    then write to a closed file. Give the root logger back its handlers and level after every test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers, root.level = handlers, level
