@@ -13,6 +13,7 @@ from training.data import device_batches
 from training.data.dataset import FundusDataset
 from training.data.device_batches import DeviceBatches, augment_batch, phone_capture_batch
 from training.data.synthetic import generate_fundus
+from training.train import fit
 
 POLICY = PreprocessPolicy(input_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 PROBABILITIES = ("CROP_PROBABILITY", "ROTATION_PROBABILITY", "BLUR_PROBABILITY", "VIGNETTE_PROBABILITY",
@@ -189,3 +190,13 @@ def test_augment_recipe_is_validated_with_a_suggestion(tmp_path):
     assert resolve_config(TrainConfig, path).augment == "phone"
     assert TrainConfig().augment == "basic"  # earlier configs keep training as they did
 
+
+@pytest.mark.parametrize("augment_on", ["device", "loader"])
+def test_training_runs_with_phone_augmentation_on_either_path(tmp_path, augment_on):
+    cfg = TrainConfig(model="test_dr_tiny", pretrained=False, synthetic_per_grade=6, synthetic_size=64, input_size=64,
+                      epochs=1, batch_size=8, augment="phone", augment_on=augment_on,
+                      cache_dir=str(tmp_path / "cache"), out=str(tmp_path / augment_on))
+    run = fit(cfg, progress=False)
+    assert run.metrics["history"][0]["train_images_per_s"] > 0
+    assert run.best_checkpoint.is_file()
+    assert "augment: phone" in (tmp_path / augment_on / "config.yaml").read_text()
