@@ -11,6 +11,11 @@ import yaml
 
 from edge_runtime.errors import ConfigError
 
+# What each training photo goes through (transforms in training/data/device_batches.py): `basic` = orientation and
+# brightness/contrast/channel jitter (the recipe every earlier run used); `phone` = basic plus the framing, optics and
+# tone variation of phone ophthalmoscopes and handheld fundus cameras.
+AUGMENTATIONS = ("basic", "phone")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -35,6 +40,7 @@ class TrainConfig:
     patience: int = 5  # early stopping on validation QWK
     max_minutes: float | None = None  # wall-clock budget; training stops after the epoch that crosses it
     amp: bool = True  # mixed precision on CUDA: bf16 where the GPU supports it (no loss scaling), else fp16
+    augment: str = "basic"  # basic | phone: which augmentation recipe (AUGMENTATIONS)
     augment_on: str = "auto"  # auto | loader | device: where training photos are augmented (auto: device on CUDA)
     channels_last: bool = True  # NHWC activations on CUDA (faster convolutions on tensor cores); ignored on CPU
     compile: bool = False  # torch.compile the training model (long first epoch; pays on long GPU schedules)
@@ -65,6 +71,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "synthetic_per_grade", "synthetic_size", "val_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        check_augment(self.augment)
         if self.augment_on not in ("auto", "loader", "device"):
             raise ConfigError(f"augment_on must be auto | loader | device, got {self.augment_on!r}")
         if self.loss not in ("ce", "focal"):
@@ -96,6 +103,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def check_augment(name: str) -> None:
+    """Refuse an augmentation recipe that does not exist (a typo would otherwise train with `basic` silently)."""
+    if name not in AUGMENTATIONS:
+        close = difflib.get_close_matches(str(name), AUGMENTATIONS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"augment must be {' | '.join(AUGMENTATIONS)}, got {name!r}{hint}")
 
 
 def _paths(value: Any, name: str) -> tuple[str, ...]:

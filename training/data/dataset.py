@@ -16,6 +16,8 @@ from edge_runtime.contract import PreprocessPolicy
 from edge_runtime.errors import NoFundusError
 from edge_runtime.preprocess import crop_and_resize, read_image
 
+from ..config import check_augment
+from .device_batches import phone_capture_batch
 from .layouts import Sample
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,9 @@ class FundusDataset(Dataset):
     """uint8 RGB crops -> normalised float tensors; augmentation only when ``train``."""
 
     def __init__(self, images: np.ndarray, grades: np.ndarray, policy: PreprocessPolicy, train: bool = False,
-                 seed: int = 0, geometric: bool = True):
+                 seed: int = 0, geometric: bool = True, augment: str = "basic"):
+        check_augment(augment)
+        self.augment_recipe = augment  # training.config.AUGMENTATIONS
         self.images, self.grades, self.policy, self.train = images, np.asarray(grades, np.int64), policy, train
         self.geometric = geometric  # off when per-pixel targets (teacher CAMs) must stay aligned
         self.mean = torch.tensor(policy.mean).view(3, 1, 1)
@@ -85,6 +89,9 @@ class FundusDataset(Dataset):
         """Fundus photos have no canonical orientation (left/right eyes, camera roll): flips and
         rotations are label-preserving; colour and exposure jitter mimic camera variation."""
         g = self.generator
+        if self.augment_recipe == "phone":
+            # The batched transforms of the device path on a batch of one: one implementation, one distribution.
+            x = phone_capture_batch(x[None], g, self.geometric)[0]
         if self.geometric:
             if torch.rand(1, generator=g) < 0.5:
                 x = x.flip(2)
