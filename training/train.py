@@ -77,18 +77,26 @@ def class_weights(grades: np.ndarray, k: int = 5) -> torch.Tensor:
     return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
 
 
-def labelled_loss(logits, target, weight, focal_gamma: float | None = None) -> torch.Tensor:
+def labelled_loss(logits, target, weight, focal_gamma: float | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
     """Class-weighted cross-entropy (or focal loss with ``focal_gamma``) over the rows that have a grade.
 
     ``UNLABELLED`` rows (photos only a teacher labels) add nothing, and a batch of them gives 0, not NaN.
     Masked by arithmetic rather than indexing, so a batch costs no host-device synchronisation.
+    ``label_smoothing`` (cross-entropy only) matches ``F.cross_entropy(label_smoothing=)`` on the labelled rows.
     """
     labelled = target != UNLABELLED
     safe_target = torch.where(labelled, target, torch.zeros_like(target))
-    nll = -F.log_softmax(logits, dim=1).gather(1, safe_target[:, None]).squeeze(1)
+    log_p = F.log_softmax(logits, dim=1)
+    nll = -log_p.gather(1, safe_target[:, None]).squeeze(1)
     row_weight = (weight[safe_target] if weight is not None else torch.ones_like(nll)) * labelled
     if focal_gamma is None:  # F.cross_entropy's weighted mean: sum(w_y * nll) / sum(w_y)
-        return (row_weight * nll).sum() / row_weight.sum().clamp(min=1e-12)
+        row_loss = row_weight * nll
+        if label_smoothing:  # skipped at 0 so unsmoothed runs keep their exact arithmetic
+            # As in F.cross_entropy: the spread share is weighted per class (w_k), the mean still divides by sum(w_y).
+            class_weight = weight if weight is not None else torch.ones_like(log_p[0])
+            spread = -(log_p * class_weight).mean(dim=1) * labelled
+            row_loss = (1 - label_smoothing) * row_loss + label_smoothing * spread
+        return row_loss.sum() / row_weight.sum().clamp(min=1e-12)
     return ((1 - (-nll).exp()) ** focal_gamma * row_weight * nll).sum() / labelled.sum().clamp(min=1)
 
 
@@ -330,7 +338,8 @@ def _train_one_epoch(run: _Run, epoch: int, bar, task) -> tuple[float, float]:
                 logits, cam = run.train_model(x, return_cam=True)
             else:
                 logits, cam = run.train_model(x), None
-            loss = labelled_loss(logits.float(), y, run.weight, cfg.focal_gamma if cfg.loss == "focal" else None)
+            loss = labelled_loss(logits.float(), y, run.weight, cfg.focal_gamma if cfg.loss == "focal" else None,
+                                 label_smoothing=cfg.label_smoothing)
             if run.extra_loss is not None:
                 batch_extra = {k: torch.as_tensor(v[idx.numpy()]).to(device) for k, v in (run.extra_targets or {}).items()}
                 loss = run.extra_loss(logits.float(), cam.float(), y, loss, batch_extra, x)
