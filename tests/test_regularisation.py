@@ -53,3 +53,62 @@ def test_label_smoothing_config_errors_name_the_valid_range(bad, match):
         TrainConfig(**bad)
     TrainConfig(label_smoothing=0.1)
     TrainConfig(loss="focal")
+
+
+def _drop_paths(model: torch.nn.Module) -> list[float]:
+    from timm.layers import DropPath
+
+    return [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+
+
+def test_drop_path_is_identity_in_eval_and_stochastic_in_training():
+    from training.models import create_model
+
+    # The Lite0 student (random init, 64 px): test_dr_tiny has no residual blocks, so drop path never fires there.
+    torch.manual_seed(0)
+    plain = create_model("tf_efficientnet_lite0", drop_rate=0.0)  # no head dropout: only drop path adds noise
+    deep = create_model("tf_efficientnet_lite0", drop_rate=0.0, drop_path_rate=0.5)
+    assert _drop_paths(plain) == [] and max(_drop_paths(deep)) > 0
+    deep.load_state_dict(plain.state_dict())  # drop path adds no weights: same keys, same weights
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), deep.eval()(x))
+        plain.train(), deep.train()
+        assert torch.equal(plain(x), plain(x))  # batch-statistics BatchNorm alone is deterministic...
+        assert not torch.allclose(plain(x), deep(x))  # ...so the difference is the dropped residual branches
+
+
+def test_fit_builds_the_backbone_with_the_configured_drop_path_rate(tmp_path, monkeypatch):
+    from training import train as train_module
+
+    built = []
+
+    class Built(Exception):
+        """Stops fit once the model exists: the rate is what this test checks, not training."""
+
+    real_create_model = train_module.create_model
+
+    def spy(*args, **kwargs):
+        built.append(real_create_model(*args, **kwargs))
+        raise Built
+
+    monkeypatch.setattr(train_module, "create_model", spy)
+    cfg = TrainConfig(model="test_dr_tiny", pretrained=False, synthetic_per_grade=3, synthetic_size=64, input_size=64,
+                      drop_path_rate=0.25, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"))
+    with pytest.raises(Built):
+        train_module.fit(cfg, progress=False)
+    rates = _drop_paths(built[0])
+    # timm scales the rate linearly with block index i / n_blocks (block 0 gets none, so no DropPath module).
+    assert rates and max(rates) == pytest.approx(0.25 * (len(rates)) / (len(rates) + 1))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(drop_path_rate=1.0), r"drop_path_rate must be in \[0, 1\)"),
+    (dict(drop_path_rate=-0.1), r"drop_path_rate must be in \[0, 1\)"),
+    (dict(ema_decay=1.0), r"ema_decay must be in \(0, 1\)"),
+    (dict(ema_decay=0.0), r"ema_decay must be in \(0, 1\)"),
+])
+def test_ema_and_drop_path_config_errors_name_the_valid_range(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**bad)
+    TrainConfig(ema_decay=0.999, drop_path_rate=0.2)

@@ -244,7 +244,8 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
     val_y = np.array([s.grade for s in samples["val"]])
 
     channels_last = cfg.channels_last and on_gpu
-    model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file).to(device)
+    model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file,
+                         drop_path_rate=cfg.drop_path_rate).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_model: torch.nn.Module = model
