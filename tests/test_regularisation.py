@@ -4,11 +4,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 
 from edge_runtime.errors import ConfigError
 from training.config import TrainConfig
 from training.data.layouts import UNLABELLED
 from training.train import labelled_loss
+
+
+def _tiny_cfg(tmp_path, **overrides) -> TrainConfig:
+    """test_dr_tiny on 30 synthetic photos: a fit takes a few seconds on a CPU."""
+    return TrainConfig(model="test_dr_tiny", pretrained=False, synthetic_per_grade=6, synthetic_size=64, input_size=48,
+                       batch_size=8, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"), **overrides)
 
 
 def test_label_smoothing_moves_the_loss_by_the_known_amount_and_ignores_unlabelled_rows():
@@ -93,10 +100,8 @@ def test_fit_builds_the_backbone_with_the_configured_drop_path_rate(tmp_path, mo
         raise Built
 
     monkeypatch.setattr(train_module, "create_model", spy)
-    cfg = TrainConfig(model="test_dr_tiny", pretrained=False, synthetic_per_grade=3, synthetic_size=64, input_size=64,
-                      drop_path_rate=0.25, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"))
     with pytest.raises(Built):
-        train_module.fit(cfg, progress=False)
+        train_module.fit(_tiny_cfg(tmp_path, drop_path_rate=0.25), progress=False)
     rates = _drop_paths(built[0])
     # timm scales the rate linearly with block index i / n_blocks (block 0 gets none, so no DropPath module).
     assert rates and max(rates) == pytest.approx(0.25 * (len(rates)) / (len(rates) + 1))
@@ -112,3 +117,56 @@ def test_ema_and_drop_path_config_errors_name_the_valid_range(bad, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(**bad)
     TrainConfig(ema_decay=0.999, drop_path_rate=0.2)
+
+
+def test_ema_weights_are_validated_selected_and_saved_as_best(tmp_path, monkeypatch):
+    from training import train as train_module
+
+    updates, validated = [], []
+    real_update, real_predict = ModelEmaV3.update, train_module.predict
+
+    def spy_update(self, model, step=None):
+        updates.append((self, {k: v.clone() for k, v in self.module.state_dict().items()}))
+        return real_update(self, model, step)
+
+    monkeypatch.setattr(ModelEmaV3, "update", spy_update)
+    monkeypatch.setattr(train_module, "predict", lambda model, *a, **k: validated.append(model) or real_predict(model, *a, **k))
+    # Validated once, after epoch 2: best.pt and last.pt then come from the same step.
+    result = train_module.fit(_tiny_cfg(tmp_path, epochs=2, val_every=2, ema_decay=0.5), progress=False)
+    best = torch.load(result.best_checkpoint, weights_only=False)
+    last = torch.load(result.out_dir / "last.pt", weights_only=False)
+    ema, before_last_update = updates[-1]
+    assert len(updates) == last["scheduler"]["last_epoch"] and {id(e) for e, _ in updates} == {id(ema)}  # every step
+    assert validated and all(model is ema.module for model in validated)  # model selection and the operating point
+    raw, saved = last["model_state"], best["model_state"]
+    for key, value in saved.items():
+        assert torch.equal(value, last["ema_state"][key]), key
+        if value.is_floating_point():  # decay 0.5 after the last optimizer step, BatchNorm running stats included
+            torch.testing.assert_close(value, 0.5 * before_last_update[key] + 0.5 * raw[key])
+        else:  # num_batches_tracked is copied, not averaged
+            assert torch.equal(value, raw[key]), key
+    differs = [k for k in raw if not torch.equal(raw[k], saved[k])]
+    assert any(k.endswith(".running_var") for k in differs) and any(k.endswith(".weight") for k in differs)
+    assert best["meta"]["ema_weights"] and not last["meta"]["ema_weights"] and best["meta"]["config"]["ema_decay"] == 0.5
+
+
+@pytest.mark.parametrize("first_ema_decay", [0.5, None])
+def test_resume_restores_the_ema_or_starts_it_from_the_resumed_weights(tmp_path, monkeypatch, first_ema_decay):
+    from training.train import fit
+
+    fit(_tiny_cfg(tmp_path, epochs=1, ema_decay=first_ema_decay), progress=False)
+    first = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    resumed_from = []
+    real_update = ModelEmaV3.update
+
+    def spy_update(self, model, step=None):
+        if not resumed_from:
+            resumed_from.append({k: v.clone() for k, v in self.module.state_dict().items()})
+        return real_update(self, model, step)
+
+    monkeypatch.setattr(ModelEmaV3, "update", spy_update)
+    fit(_tiny_cfg(tmp_path, epochs=2, ema_decay=0.5, resume=True), progress=False)
+    expected = first["ema_state"] if first_ema_decay else first["model_state"]
+    assert all(torch.equal(resumed_from[0][k], v) for k, v in expected.items())
+    if first_ema_decay:  # an EMA rebuilt from the resumed raw weights would not match
+        assert not all(torch.equal(resumed_from[0][k], v) for k, v in first["model_state"].items())
