@@ -23,6 +23,7 @@ class CheckpointMeta:
     class_names: tuple[str, ...] = GRADE_NAMES
     metrics: dict[str, Any] = field(default_factory=dict)  # val/test metrics at the operating point
     config: dict[str, Any] = field(default_factory=dict)  # the resolved TrainConfig
+    ema_weights: bool = False  # model_state is the moving average of the weights (config ema_decay), not one step's
     distillation: dict[str, Any] = field(default_factory=dict)  # teachers and photos of a distilled model
     git_sha: str | None = None
     created_at: str | None = None

@@ -36,6 +36,10 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     loss: str = "ce"  # ce | focal
     focal_gamma: float = 2.0
+    # Regularisation (issue 15); each default is off, so runs without these keys reproduce earlier numbers.
+    label_smoothing: float = 0.0  # in [0, 0.5): share of each hard label spread evenly over the 5 grades (ce only)
+    ema_decay: float | None = None  # e.g. 0.999: validate, select and save an EMA of the weights (~1/(1-d) steps)
+    drop_path_rate: float = 0.0  # in [0, 1): stochastic depth of the backbone's residual blocks (timm drop_path_rate)
     class_weighted: bool = True  # inverse-frequency class weights (DR data is dominated by grade 0)
     patience: int = 5  # early stopping on validation QWK
     max_minutes: float | None = None  # wall-clock budget; training stops after the epoch that crosses it
@@ -76,6 +80,15 @@ class TrainConfig:
             raise ConfigError(f"augment_on must be auto | loader | device, got {self.augment_on!r}")
         if self.loss not in ("ce", "focal"):
             raise ConfigError(f"loss must be 'ce' or 'focal', got {self.loss!r}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5) (0 = off), got {self.label_smoothing!r}")
+        if self.label_smoothing and self.loss != "ce":  # focal's (1 - p_y)^gamma has no single p_y for a spread label
+            raise ConfigError(f"label_smoothing applies to the cross-entropy loss only; with loss {self.loss!r} "
+                              "set label_smoothing: 0 or use loss: ce")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in (0, 1), e.g. 0.999, or None for no EMA; got {self.ema_decay!r}")
+        if not 0 <= self.drop_path_rate < 1:
+            raise ConfigError(f"drop_path_rate must be in [0, 1) (0 = off), got {self.drop_path_rate!r}")
         if not 0 < self.lr < 1:
             raise ConfigError(f"lr must be in (0, 1), got {self.lr!r}")
         if not 0 <= self.alpha <= 1 or self.temperature <= 0:

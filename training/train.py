@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, DistributedSampler
 
 from edge_runtime.calibration import choose_operating_point
@@ -77,18 +78,26 @@ def class_weights(grades: np.ndarray, k: int = 5) -> torch.Tensor:
     return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
 
 
-def labelled_loss(logits, target, weight, focal_gamma: float | None = None) -> torch.Tensor:
+def labelled_loss(logits, target, weight, focal_gamma: float | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
     """Class-weighted cross-entropy (or focal loss with ``focal_gamma``) over the rows that have a grade.
 
     ``UNLABELLED`` rows (photos only a teacher labels) add nothing, and a batch of them gives 0, not NaN.
     Masked by arithmetic rather than indexing, so a batch costs no host-device synchronisation.
+    ``label_smoothing`` (cross-entropy only) matches ``F.cross_entropy(label_smoothing=)`` on the labelled rows.
     """
     labelled = target != UNLABELLED
     safe_target = torch.where(labelled, target, torch.zeros_like(target))
-    nll = -F.log_softmax(logits, dim=1).gather(1, safe_target[:, None]).squeeze(1)
+    log_p = F.log_softmax(logits, dim=1)
+    nll = -log_p.gather(1, safe_target[:, None]).squeeze(1)
     row_weight = (weight[safe_target] if weight is not None else torch.ones_like(nll)) * labelled
     if focal_gamma is None:  # F.cross_entropy's weighted mean: sum(w_y * nll) / sum(w_y)
-        return (row_weight * nll).sum() / row_weight.sum().clamp(min=1e-12)
+        row_loss = row_weight * nll
+        if label_smoothing:  # skipped at 0 so unsmoothed runs keep their exact arithmetic
+            # As in F.cross_entropy: the spread share is weighted per class (w_k), the mean still divides by sum(w_y).
+            class_weight = weight if weight is not None else torch.ones_like(log_p[0])
+            spread = -(log_p * class_weight).mean(dim=1) * labelled
+            row_loss = (1 - label_smoothing) * row_loss + label_smoothing * spread
+        return row_loss.sum() / row_weight.sum().clamp(min=1e-12)
     return ((1 - (-nll).exp()) ** focal_gamma * row_weight * nll).sum() / labelled.sum().clamp(min=1)
 
 
@@ -154,6 +163,7 @@ class _Run:
     extra_loss: Callable | None
     extra_targets: dict[str, np.ndarray] | None
     show: bool
+    ema: ModelEmaV3 | None  # moving average of ``model``'s weights (cfg.ema_decay); None when off
     start_epoch: int = 0
     best_qwk: float = -float("inf")
     stale: int = 0  # epochs since the best validation QWK
@@ -169,11 +179,18 @@ class _Run:
     def best_path(self) -> Path:
         return self.out_dir / "best.pt"
 
-    def meta(self, metrics: dict, point: OperatingPoint | None = None) -> dict:
+    @property
+    def eval_model(self) -> DRClassifier:
+        """The weights that are validated, selected, saved as best.pt and given the operating point: the EMA if on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def meta(self, metrics: dict, point: OperatingPoint | None = None, raw_weights: bool = False) -> dict:
+        """``raw_weights``: the checkpoint holds ``model``'s own weights (last.pt), not ``eval_model``'s."""
         return CheckpointMeta(
             model_name=self.cfg.model, preprocess=self.policy, operating_point=point or OperatingPoint(),
             data_fingerprint=self.data_fp, num_features=self.model.num_features, metrics=metrics,
-            config=self.cfg.to_dict(), git_sha=git_sha(), created_at=utcnow()).to_dict()
+            config=self.cfg.to_dict(), ema_weights=self.ema is not None and not raw_weights, git_sha=git_sha(),
+            created_at=utcnow()).to_dict()
 
 
 def fit(cfg: TrainConfig, extra_loss: Callable | None = None, extra_targets: dict[str, np.ndarray] | None = None,
@@ -236,9 +253,15 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
     val_y = np.array([s.grade for s in samples["val"]])
 
     channels_last = cfg.channels_last and on_gpu
-    model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file).to(device)
+    model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file,
+                         drop_path_rate=cfg.drop_path_rate).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # timm's ModelEmaV3 rather than torch's AveragedModel: it averages every floating state_dict entry (BatchNorm
+    # running statistics included) and copies the integer ones, in place, and its .module keeps the model's own
+    # state_dict keys, so best.pt loads with load_checkpoint unchanged. Built from the unwrapped model, before
+    # DDP and torch.compile, so every rank averages the same plain weights.
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay is not None else None
     train_model: torch.nn.Module = model
     if distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
@@ -268,6 +291,10 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train_loader))
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    if ema is not None and cfg.ema_decay ** total > 0.05:
+        log.warning("ema_decay %g averages over ~%d optimizer steps but this run takes %d: the starting weights "
+                    "still hold %.0f%% of the EMA at the end; lower ema_decay or train longer", cfg.ema_decay,
+                    round(1 / (1 - cfg.ema_decay)), total, 100 * cfg.ema_decay ** total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else
                                                   0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
     use_amp = cfg.amp and on_gpu
@@ -280,10 +307,16 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
                scaler=torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16),
                use_amp=use_amp, amp_dtype=amp_dtype, channels_last=channels_last,
                weight=class_weights(train_y[train_y != UNLABELLED]).to(device) if cfg.class_weighted else None,
-               extra_loss=extra_loss, extra_targets=extra_targets, show=show)
+               extra_loss=extra_loss, extra_targets=extra_targets, show=show, ema=ema)
     if cfg.resume and run.last_path.is_file():
         state = torch.load(run.last_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model_state"])
+        if ema is not None and state.get("ema_state") is not None:
+            ema.module.load_state_dict(state["ema_state"])
+        elif ema is not None:
+            log.warning("%s holds no EMA (it was trained without ema_decay): the average starts from its weights",
+                        run.last_path)
+            ema.set(model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         run.start_epoch, run.best_qwk, run.stale, run.history = (state["epoch"] + 1, state["best_qwk"], state["stale"],
@@ -330,7 +363,8 @@ def _train_one_epoch(run: _Run, epoch: int, bar, task) -> tuple[float, float]:
                 logits, cam = run.train_model(x, return_cam=True)
             else:
                 logits, cam = run.train_model(x), None
-            loss = labelled_loss(logits.float(), y, run.weight, cfg.focal_gamma if cfg.loss == "focal" else None)
+            loss = labelled_loss(logits.float(), y, run.weight, cfg.focal_gamma if cfg.loss == "focal" else None,
+                                 label_smoothing=cfg.label_smoothing)
             if run.extra_loss is not None:
                 batch_extra = {k: torch.as_tensor(v[idx.numpy()]).to(device) for k, v in (run.extra_targets or {}).items()}
                 loss = run.extra_loss(logits.float(), cam.float(), y, loss, batch_extra, x)
@@ -338,6 +372,8 @@ def _train_one_epoch(run: _Run, epoch: int, bar, task) -> tuple[float, float]:
         run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)
         run.scaler.update()
+        if run.ema is not None:
+            run.ema.update(run.model)  # a fixed decay (no warm-up), so ema_decay means the same in every run
         run.scheduler.step()
         running += loss.detach().float() * len(y)
         seen += len(y)
@@ -354,7 +390,8 @@ def _evaluate_and_checkpoint(run: _Run, epoch: int, train_loss: float, images_pe
     """Val metrics, best/last checkpoints; True when training should stop (patience or time budget)."""
     cfg = run.cfg
     # Model selection uses QWK, which needs no threshold: the operating point is chosen once, at the end.
-    val_metrics = report_at(OperatingPoint(), run.val_y, predict(run.model, run.val_loader, run.device), auc_ci=False)
+    val_metrics = report_at(OperatingPoint(), run.val_y, predict(run.eval_model, run.val_loader, run.device),
+                            auc_ci=False)
     run.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_qwk": val_metrics["qwk"],
                         "val_accuracy": val_metrics["accuracy"], "train_images_per_s": images_per_s,
                         "minutes": (time.monotonic() - run.started) / 60})
@@ -366,10 +403,14 @@ def _evaluate_and_checkpoint(run: _Run, epoch: int, train_loss: float, images_pe
         log.info("epoch %d: loss %.4f val QWK %.4f acc %.3f", epoch + 1, train_loss, val_metrics["qwk"],
                  val_metrics["accuracy"])
         if improved:
-            torch.save({"model_state": run.model.state_dict(), "meta": run.meta({"val": val_metrics})}, run.best_path)
+            torch.save({"model_state": run.eval_model.state_dict(), "meta": run.meta({"val": val_metrics})},
+                       run.best_path)
+        # last.pt resumes training, so it keeps the raw weights, and the EMA beside them.
         torch.save({"model_state": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                     "scheduler": run.scheduler.state_dict(), "epoch": epoch, "best_qwk": run.best_qwk,
-                    "stale": run.stale, "history": run.history, "meta": run.meta({"val": val_metrics})}, run.last_path)
+                    "stale": run.stale, "history": run.history,
+                    "ema_state": run.ema.module.state_dict() if run.ema is not None else None,
+                    "meta": run.meta({"val": val_metrics}, raw_weights=True)}, run.last_path)
     if run.stale >= cfg.patience:
         log.info("early stopping: validation QWK has not improved for %d epochs", cfg.patience)
         return True
@@ -387,8 +428,8 @@ def _finalise(run: _Run) -> RunResult:
     metrics: dict = {"history": run.history}
     if _is_main():
         best = torch.load(run.best_path, map_location=run.device, weights_only=False)
-        run.model.load_state_dict(best["model_state"])
-        val_logits = predict(run.model, run.val_loader, run.device)
+        run.eval_model.load_state_dict(best["model_state"])
+        val_logits = predict(run.eval_model, run.val_loader, run.device)
         point = choose_referral_point(cfg, run.val_y, val_logits, run.samples["val"])
         log.info("operating point: %s", point.describe())
         for split_name in ("val", "test"):
@@ -400,8 +441,8 @@ def _finalise(run: _Run) -> RunResult:
                 logits = val_logits
             else:
                 xs = cache_images(split_samples, run.policy, cfg.cache_dir, run.show)
-                logits = predict(run.model, DataLoader(FundusDataset(xs, ys, run.policy), batch_size=cfg.batch_size * 2),
-                                 run.device)
+                logits = predict(run.eval_model, DataLoader(FundusDataset(xs, ys, run.policy),
+                                                            batch_size=cfg.batch_size * 2), run.device)
             metrics[split_name] = report_at(point, ys, logits)
             save_confusion_png(metrics[split_name]["confusion_matrix"], str(run.out_dir / f"confusion_{split_name}.png"),
                                f"{cfg.model} - {split_name}")
