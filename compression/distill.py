@@ -40,11 +40,11 @@ from training.metrics import report_at
 from training.models import DRClassifier, load_checkpoint
 from training.train import (
     RunResult,
-    _progress,
     choose_referral_point,
     fit,
     load_samples,
     predict,
+    progress_bar,
     resolve_device,
 )
 
@@ -89,7 +89,7 @@ def model_outputs(model: DRClassifier, images: np.ndarray, policy: PreprocessPol
     model.to(device)
     try:
         dtype = _inference_dtype(device, amp)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), _progress(progress) as bar:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), progress_bar(progress) as bar:
             task = bar.add_task(f"{label}: {len(images)} photos on {device} ({_precision(device, amp)})", total=len(loader))
             return predict(model, _advancing(loader, bar, task), device, with_cam=True)
     finally:

@@ -202,7 +202,7 @@ def fit(cfg: TrainConfig, extra_loss: Callable | None = None, extra_targets: dic
     training photos, then ``unlabelled`` (their grades are ignored, so only ``extra_loss`` learns from them).
     """
     run = _set_up(cfg, extra_loss, extra_targets, progress, unlabelled)
-    bar = _progress(run.show)
+    bar = progress_bar(run.show)
     with bar:
         task = bar.add_task("training", total=(cfg.epochs - run.start_epoch) * len(run.train_loader))
         for epoch in range(run.start_epoch, cfg.epochs):
@@ -471,7 +471,8 @@ class _IndexedDataset(torch.utils.data.Dataset):
         return x, y, int(self.indices[i])
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
+    """A rich progress bar on stderr, shown only on a terminal (training epochs, teacher passes)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
