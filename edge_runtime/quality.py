@@ -142,7 +142,7 @@ def _pale_patch(whiteness: np.ndarray, mask: np.ndarray, median: float) -> float
     """
     h, w = mask.shape
     size = (max(4, w // PATCH_SCALE), max(4, h // PATCH_SCALE))
-    small = cv2.resize(cv2.bitwise_and(whiteness, whiteness, mask=mask), size, interpolation=cv2.INTER_AREA)
+    small = cv2.resize(whiteness, size, interpolation=cv2.INTER_AREA)  # a cell wholly inside sees no surround
     inside = cv2.resize(mask * 255, size, interpolation=cv2.INTER_AREA) == 255  # cells wholly inside the field
     diameter = max(3, int(round(PATCH_DIAMETER * max(h, w) / PATCH_SCALE)) | 1)
     eroded = cv2.erode(np.where(inside, small, 0).astype(np.uint8),
