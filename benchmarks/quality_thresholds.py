@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.quality import RULES, QualityThresholds
+from edge_runtime.quality import RULES, SHARE_LIMITS, QualityThresholds
 
 from .quality_report import ORIGINAL, collect
 
@@ -96,6 +96,8 @@ def choose(records: list[dict], budget: float, max_per_indicator: float = 0.02) 
             ordered = order[f]
             q5 = ordered[min(len(ordered) - 1, max(1, int(0.05 * len(ordered))))]
             limits[f] = float(ordered[0] - (q5 - ordered[0]))
+            if f in SHARE_LIMITS:  # a share limit past [0, 1] could never fire, and is refused by QualityThresholds
+                limits[f] = float(np.clip(limits[f], 0.0, 1.0))
             lenient.append(f)
     thresholds = QualityThresholds(**{f: round(v, 6) for f, v in limits.items()})
     k = {f: (0 if f in lenient else k[f]) for f in ops}

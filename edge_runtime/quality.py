@@ -6,9 +6,10 @@ gate costs well under a millisecond):
 
 - field of view: share of the frame it covers, centring;
 - exposure: mean, spread, entropy, dynamic range of luminance, under/over-exposed shares, clipped red channel
-  (a fundus is red: over-exposure saturates red first), glare;
+  (a fundus is red: over-exposure saturates red first), glare, and a pale patch wider than the optic disc (lens
+  flare: stray light makes a large region bright in every channel);
 - focus and motion: variance of the Laplacian, Tenengrad, Haar high-frequency energy, and the *weakest
-  direction's* edge energy (motion blur removes detail along one direction only);
+  direction's* edge energy away from the rim (motion blur removes detail along one direction only);
 - haze: local vessel-scale contrast and the dark channel (a veil lifts the blacks, He et al. 2009);
 - occlusion: share of the field much darker than its median (an eyelid or lash shadow), and the darkest
   third against the brightest (uneven illumination from one side);
@@ -31,6 +32,16 @@ from .preprocess import FieldOfView, detect_fov
 
 WORK_SIZE = 384  # field of view resized to this longer side before measuring (256 lost motion blur on Messidor-2)
 _ERODE = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))  # keeps the rim's artificial edge out of every indicator
+# The directional measures also skip a rim band of ~4% of WORK_SIZE: any blur smears the black surround into the
+# field by half its length, and that radial edge (present at every angle) hid motion blur from the isotropy ratio.
+_RIM_BAND = cv2.getStructuringElement(cv2.MORPH_RECT, (31, 31))
+PATCH_SCALE = 4  # the pale-patch indicator works on a 1/4-scale copy (96 px): a region larger than the disc survives
+PATCH_DIAMETER = 0.2  # its disc element, as a share of the field's longer side; the optic disc is ~0.14 (2% of the area)
+
+# Limits on shares or ratios of like quantities, valid only in [0, 1].
+SHARE_LIMITS = frozenset({
+    "min_fov_fraction", "max_decentering", "min_wavelet_hf_ratio", "min_sharpness_isotropy", "max_underexposed",
+    "max_overexposed", "max_red_clipped", "max_bright_area", "max_dark_area", "min_illumination_balance", "max_glare"})
 
 
 @dataclass(frozen=True)
@@ -46,22 +57,22 @@ class QualityThresholds:
     max_mean: float = 164.788269
     min_std: float = 4.180448
     min_entropy: float = 4.594345  # bits
-    min_dynamic_range: float = 29.5  # p99 - p1 luminance
-    min_laplacian_var: float = 7.771327  # focus; green channel at WORK_SIZE
+    min_dynamic_range: float = 14.0  # p99 - p1 luminance
+    min_laplacian_var: float = 7.09083  # focus; green channel at WORK_SIZE
     min_tenengrad: float = 39.437212
-    min_wavelet_hf_ratio: float = 0.010622  # detail / total energy over two Haar levels
-    min_directional_sharpness: float = 0.140082  # weakest of 4 directions' edge energy / mean green^2 (x 1000)
-    min_sharpness_isotropy: float = 0.099291  # weakest direction's edge energy / strongest's (motion blur: low)
-    min_local_contrast: float = 0.018704  # RMS of green minus its blur, over mean green
+    min_wavelet_hf_ratio: float = 0.003064  # detail / total energy over two Haar levels
+    min_directional_sharpness: float = 0.11394  # weakest of 4 directions' edge energy / mean green^2 (x 1000)
+    min_sharpness_isotropy: float = 0.537435  # weakest direction's edge energy / strongest's (motion blur: low)
+    min_local_contrast: float = 0.015156  # RMS of green minus its blur, over mean green
     max_dark_channel: float = 177.0  # p5 of min(B, G, R): a veil lifts it
-    max_underexposed: float = 0.01707  # share of fundus pixels darker than 15
+    max_underexposed: float = 0.002676  # share of fundus pixels darker than 15
     max_overexposed: float = 0.598449  # share of fundus pixels brighter than 245
     max_red_clipped: float = 0.858716  # share of fundus pixels whose red channel is >= 250
-    max_bright_area: float = 0.140386  # share of fundus pixels brighter than 190 (luminance)
-    max_pale_area: float = 1.648273  # share of bright (V > 170), pale (S < 90) pixels: flare; the optic disc is ~2%
+    max_bright_area: float = 0.205159  # share of fundus pixels brighter than 190 (luminance)
+    max_pale_patch: float = 57.5  # whiteness (min of B, G, R) of the palest region wider than the optic disc, over the median
     max_dark_area: float = 0.124069  # share of the field darker than 0.45 x its median luminance
     min_illumination_balance: float = 0.026669  # darkest third's mean / brightest third's (top, bottom, left, right)
-    max_glare: float = 0.057249  # share of near-white, low-saturation pixels
+    max_glare: float = 0.781995  # share of near-white, low-saturation pixels
     max_noise: float = 1.4826  # robust noise sigma of the green channel (median absolute deviation of a high-pass)
 
     def __post_init__(self) -> None:
@@ -69,6 +80,9 @@ class QualityThresholds:
             value = getattr(self, f.name)
             if not isinstance(value, (int, float)) or not np.isfinite(value):
                 raise ConfigError(f"QualityThresholds.{f.name} must be a finite number, got {value!r}")
+            if f.name in SHARE_LIMITS and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"QualityThresholds.{f.name} is a share and must lie in [0, 1], got {value!r}; "
+                                  "a limit outside that range can never fire (re-run benchmarks.quality_thresholds)")
 
     @classmethod
     def from_dict(cls, data: dict[str, float]) -> QualityThresholds:
@@ -117,6 +131,25 @@ def _median_from_hist(hist: np.ndarray) -> float:
     return float(np.searchsorted(np.cumsum(hist), hist.sum() / 2))
 
 
+def _pale_patch(whiteness: np.ndarray, mask: np.ndarray, median: float) -> float:
+    """Whiteness of the palest region wider than the optic disc, minus the field's median whiteness (8-bit levels).
+
+    Whiteness is min(B, G, R): high only where every channel is bright, i.e. bright *and* desaturated, as stray
+    light (lens flare, a reflection off the cornea or the phone's own lens) makes the red fundus look. A grey-level
+    erosion with a disc of ``PATCH_DIAMETER`` x the field removes every pale structure narrower than that (the optic
+    disc, exudates, vessel reflexes), so its maximum is the level that a whole disc-wider region exceeds. Done at
+    1/``PATCH_SCALE`` scale: the region is large, and the erosion then costs a few hundredths of a millisecond.
+    """
+    h, w = mask.shape
+    size = (max(4, w // PATCH_SCALE), max(4, h // PATCH_SCALE))
+    small = cv2.resize(whiteness, size, interpolation=cv2.INTER_AREA)  # a cell wholly inside sees no surround
+    inside = cv2.resize(mask * 255, size, interpolation=cv2.INTER_AREA) == 255  # cells wholly inside the field
+    diameter = max(3, int(round(PATCH_DIAMETER * max(h, w) / PATCH_SCALE)) | 1)
+    eroded = cv2.erode(np.where(inside, small, 0).astype(np.uint8),
+                       cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (diameter, diameter)))
+    return max(0.0, float(eroded.max()) - median) if inside.any() else 0.0
+
+
 def field_crop(bgr: np.ndarray, fov: FieldOfView) -> tuple[np.ndarray, np.ndarray]:
     """The field of view at ``WORK_SIZE`` (uint8 BGR) and its eroded mask (bool), from one resize each."""
     crop = bgr[fov.y:fov.y + fov.h, fov.x:fov.x + fov.w]
@@ -142,7 +175,9 @@ def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str
     mask = inner.view(np.uint8)
     hist = _hist(gray, mask)
     mean, std, entropy, p1, p99, _ = _hist_stats(hist)
-    dark_channel = _hist_stats(_hist(cv2.min(cv2.min(blue, green), red), mask))[5]
+    whiteness = cv2.min(cv2.min(blue, green), red)
+    whiteness_hist = _hist(whiteness, mask)
+    dark_channel = _hist_stats(whiteness_hist)[5]
     red_hist = _hist(red, mask)
 
     def masked_mean(values: np.ndarray, where: np.ndarray = mask) -> float:
@@ -153,15 +188,16 @@ def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str
     _, lap_std = cv2.meanStdDev(cv2.Laplacian(g, cv2.CV_32F), mask=mask)
     gx, gy = cv2.Sobel(g, cv2.CV_32F, 1, 0), cv2.Sobel(g, cv2.CV_32F, 0, 1)
     # Edge energy along 0, 90, 45 and 135 degrees; motion blur along one angle leaves the others sharp.
-    energies = (masked_mean(np.square(g[:, 1:] - g[:, :-1]), mask[:, 1:] & mask[:, :-1]),
-                masked_mean(np.square(g[1:] - g[:-1]), mask[1:] & mask[:-1]),
-                masked_mean(np.square(g[1:, :-1] - g[:-1, 1:]), mask[1:, :-1] & mask[:-1, 1:]) / 2,
-                masked_mean(np.square(g[1:, 1:] - g[:-1, :-1]), mask[1:, 1:] & mask[:-1, :-1]) / 2)
+    core = cv2.erode(mask, _RIM_BAND)
+    core = core if cv2.countNonZero(core) >= 100 else mask
+    energies = (masked_mean(np.square(g[:, 1:] - g[:, :-1]), core[:, 1:] & core[:, :-1]),
+                masked_mean(np.square(g[1:] - g[:-1]), core[1:] & core[:-1]),
+                masked_mean(np.square(g[1:, :-1] - g[:-1, 1:]), core[1:, :-1] & core[:-1, 1:]) / 2,
+                masked_mean(np.square(g[1:, 1:] - g[:-1, :-1]), core[1:, 1:] & core[:-1, :-1]) / 2)
     detail = g - cv2.GaussianBlur(g, (0, 0), 2.0)
 
     hsv = cv2.cvtColor(small, cv2.COLOR_BGR2HSV)
     glare = cv2.countNonZero(((hsv[:, :, 2] > 235) & (hsv[:, :, 1] < 40)).view(np.uint8) & mask)
-    pale = cv2.countNonZero(((hsv[:, :, 2] > 170) & (hsv[:, :, 1] < 90)).view(np.uint8) & mask)
     x0, y0, bw, bh = cv2.boundingRect(mask)
     box = cv2.bitwise_and(green, green, mask=mask)[y0:y0 + bh, x0:x0 + bw]
     # Robust noise: median absolute deviation of a 3x3 median high-pass, from histograms (values clipped to +-127).
@@ -196,7 +232,7 @@ def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str
         "red_clipped": float(red_hist[250:].sum() / n_inner),
         "dark_area": float(hist[:int(np.ceil(0.45 * lum_median))].sum() / n_inner),
         "bright_area": float(hist[191:].sum() / n_inner),
-        "pale_area": pale / n_inner,
+        "pale_patch": _pale_patch(whiteness, mask, _median_from_hist(whiteness_hist)),
         "illumination_balance": min(thirds) / max(max(thirds), 1.0) if thirds else 1.0,
         "glare": glare / n_inner,
         "noise": float(noise),
@@ -225,7 +261,8 @@ RULES = (
     ("overexposed", "max_overexposed", "<=", "large over-exposed (washed-out) areas: reduce illumination"),
     ("red_clipped", "max_red_clipped", "<=", "over-exposed (red channel saturated): reduce illumination or gain"),
     ("bright_area", "max_bright_area", "<=", "large bright areas (over-exposure): reduce illumination or gain"),
-    ("pale_area", "max_pale_area", "<=", "pale washed-out patch (lens flare or reflection): shield stray light, re-angle"),
+    ("pale_patch", "max_pale_patch", "<=",
+     "pale washed-out patch larger than the optic disc (lens flare or reflection): shield stray light, re-angle"),
     ("dark_area", "max_dark_area", "<=", "part of the field is dark (eyelid or lashes?): ask the patient to open wide, re-capture"),
     ("illumination_balance", "min_illumination_balance", ">=",
      "one side of the field is shadowed (eyelid, lashes or tilt): open the eye wide, re-align, re-capture"),

@@ -41,7 +41,7 @@ def test_every_rule_metric_is_measured(clean):
     ("motion_blur", "directional_sharpness", -1), ("haze", "local_contrast", -1), ("haze", "dark_channel", +1),
     ("occlusion", "dark_area", +1), ("occlusion", "illumination_balance", -1), ("overexpose", "red_clipped", +1),
     ("overexpose", "mean", +1), ("overexpose", "bright_area", +1), ("underexpose", "mean", -1), ("noise", "noise", +1),
-    ("flare", "pale_area", +1), ("motion_blur", "sharpness_isotropy", -1),
+    ("flare", "pale_patch", +1), ("motion_blur", "sharpness_isotropy", -1),
 ])
 def test_indicator_moves_with_its_degradation(photo, clean, name, metric, direction):
     degraded = metrics_of(photo, name)
@@ -58,6 +58,73 @@ def test_motion_blur_at_any_angle_is_seen(photo):
     clean = quality_metrics(photo)["directional_sharpness"]
     drops = [metrics_of(photo, "motion_blur", 0.5, seed)["directional_sharpness"] / clean for seed in range(4)]
     assert max(drops) < 0.6, drops
+
+
+def _pale_region(img: np.ndarray, diameter: float, bgr: tuple[int, int, int], opacity: float = 0.85) -> np.ndarray:
+    """A soft-edged, flat-topped pale disc (not the degradation's Gaussian) of ``diameter`` x the field, off-centre."""
+    import cv2
+
+    from edge_runtime.preprocess import detect_fov
+
+    fov = detect_fov(img)
+    size = max(fov.w, fov.h)
+    alpha = np.zeros(img.shape[:2], np.float32)
+    cv2.circle(alpha, (int(fov.center[0] + 0.15 * size), int(fov.center[1] - 0.1 * size)), int(diameter * size / 2), 1.0, -1)
+    alpha = cv2.GaussianBlur(alpha, (0, 0), 0.01 * size)[..., None] * opacity
+    return (img * (1 - alpha) + np.array(bgr, np.float32) * alpha).astype(np.uint8)
+
+
+def test_pale_patch_fires_on_a_pale_region_wider_than_the_disc(photo, clean):
+    limit = DEFAULT_THRESHOLDS.max_pale_patch
+    assert clean["pale_patch"] < limit / 2
+    flared = _pale_region(photo, 0.3, (235, 240, 245))  # stray light: white, a third of the field wide
+    assert quality_metrics(flared)["pale_patch"] > limit
+    report = assess(flared)
+    assert not report.gradable and any("flare" in r for r in report.reasons)
+
+
+@pytest.mark.parametrize("bgr", [(150, 220, 245), (235, 240, 245)])  # a yellowish disc, and a white one
+def test_pale_patch_ignores_an_optic_disc_sized_spot(photo, clean, bgr):
+    spot = _pale_region(photo, 0.14, bgr, opacity=1.0)  # ~2% of the field: the size of an optic disc
+    assert quality_metrics(spot)["pale_patch"] <= clean["pale_patch"] + 0.1 * DEFAULT_THRESHOLDS.max_pale_patch
+
+
+def _line_blur(img: np.ndarray, angle: float, length: int) -> np.ndarray:
+    """Camera shake: a straight line kernel (written here, not the degradation's) at ``angle`` degrees."""
+    import cv2
+
+    size = length | 1
+    kernel = np.zeros((size, size), np.float32)
+    kernel[size // 2, :] = 1.0
+    kernel = cv2.warpAffine(kernel, cv2.getRotationMatrix2D(((size - 1) / 2, (size - 1) / 2), angle, 1.0), (size, size))
+    return cv2.filter2D(img, -1, kernel / kernel.sum())
+
+
+@pytest.mark.parametrize("angle", [0, 30, 60, 90, 120, 150])
+def test_motion_blur_at_several_angles_lowers_isotropy(photo, clean, angle):
+    blurred = quality_metrics(_line_blur(photo, angle, int(0.03 * photo.shape[1])))
+    assert blurred["sharpness_isotropy"] < 0.8 * clean["sharpness_isotropy"], (angle, blurred["sharpness_isotropy"])
+
+
+def _real_test_photos(shared_data, n: int) -> list[np.ndarray]:
+    import csv
+
+    from edge_runtime.preprocess import read_image
+
+    data = shared_data / "messidor2"
+    rows = [r for r in csv.DictReader(open(data / "labels.csv")) if r["split"] == "test"][:n]
+    return [read_image(data / "images" / row["image"]) for row in rows]
+
+
+def test_real_photos_keep_pale_patch_and_isotropy_and_lose_isotropy_to_shake(shared_data):
+    """Clean real photos stay inside both new limits; shaken at any of 4 angles they fall below the isotropy limit."""
+    t = DEFAULT_THRESHOLDS
+    for image in _real_test_photos(shared_data, 3):
+        metrics = quality_metrics(image)
+        assert metrics["pale_patch"] <= t.max_pale_patch and metrics["sharpness_isotropy"] >= t.min_sharpness_isotropy
+        for angle in (0, 45, 100, 160):
+            shaken = quality_metrics(_line_blur(image, angle, int(0.03 * image.shape[1])))
+            assert shaken["sharpness_isotropy"] < t.min_sharpness_isotropy, (angle, shaken["sharpness_isotropy"])
 
 
 def test_indicators_do_not_depend_on_pixel_count(photo):
@@ -93,6 +160,10 @@ def test_thresholds_validate():
         QualityThresholds.from_dict({"min_sharpness_typo": 1.0})
     with pytest.raises(ConfigError, match="finite"):
         QualityThresholds(min_mean=float("nan"))
+    with pytest.raises(ConfigError, match=r"share and must lie in \[0, 1\]"):
+        QualityThresholds(max_glare=1.648)  # a share limit above 1 can never fire
+    with pytest.raises(ConfigError, match="max_bright_area"):
+        QualityThresholds(max_bright_area=-0.1)
 
 
 def test_degradations_cover_strength_bins():
@@ -127,6 +198,14 @@ def test_chooser_separates_what_is_separable_within_budget():
     assert 30 <= thresholds.min_laplacian_var <= 60 and thresholds.min_laplacian_var not in values  # never on an original
     assert detail["caught"]["defocus"] == 1.0 and detail["false_reject"] <= 0.02
     assert detail["caught"]["motion_blur"] < 0.3  # an overlapping class is not "caught" by fiat
+
+
+def test_chooser_keeps_a_lenient_share_limit_inside_0_1():
+    rng = np.random.default_rng(0)
+    originals = _records({"glare": list(rng.uniform(0.5, 0.99, 200))}, "original")  # catches nothing: lenient edge
+    blurred = _records({"laplacian_var": list(rng.uniform(0.0, 0.1, 50))}, "defocus")
+    thresholds, detail = choose(originals + blurred, budget=0.02)
+    assert "max_glare" in detail["lenient_indicators"] and thresholds.max_glare == 1.0
 
 
 def test_gate_on_real_photos(shared_data):
