@@ -128,7 +128,10 @@ class TrainConfig:
             return "fundus"
         if self.pretrained_file:
             return "file"
-        return "imagenet" if self.pretrained and self.model != "test_dr_tiny" else "random"
+        from .models import get_model_cfg  # lazy: the registry imports timm
+
+        # Test-only models (test_dr_tiny) have no ImageNet weights and ignore `pretrained`.
+        return "imagenet" if self.pretrained and get_model_cfg(self.model).role != "test" else "random"
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
