@@ -59,6 +59,7 @@ def train(
     lr: float | None = typer.Option(None), input_size: int | None = typer.Option(None),
     pretrained: bool | None = typer.Option(None, "--pretrained/--no-pretrained"),
     pretrained_file: str | None = typer.Option(None, help="Local ImageNet checkpoint (offline machines)."),
+    init_from: str | None = typer.Option(None, help="Fundus backbone.pt from `retinaedge pretrain` (replaces ImageNet)."),
     loss: str | None = typer.Option(None, help="ce | focal"), device: str | None = typer.Option(None),
     max_minutes: float | None = typer.Option(None), resume: bool | None = typer.Option(None, "--resume"),
     out: str | None = typer.Option(None), seed: int | None = typer.Option(None),
@@ -71,7 +72,7 @@ def train(
     try:
         cfg = resolve_config(TrainConfig, config, _train_overrides(
             model=model, data=data, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
-            pretrained=pretrained, pretrained_file=pretrained_file, loss=loss, device=device,
+            pretrained=pretrained, pretrained_file=pretrained_file, init_from=init_from, loss=loss, device=device,
             max_minutes=max_minutes, resume=resume, out=out, seed=seed))
         with _quiet(Path(cfg.out) / "train.log", verbose) as where:
             if verbose:
@@ -83,6 +84,40 @@ def train(
         _fail(exc)
     if result.metrics.get("val"):
         _metrics_table(result.metrics, f"{cfg.model} -> {result.best_checkpoint}")
+
+
+@app.command()
+def pretrain(
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML with PretrainConfig keys (CLI flags win)."),
+    model: str | None = typer.Option(None, help="Registered model whose backbone to pretrain."),
+    data: list[str] | None = typer.Option(None, help="Labelled fundus folder(s) (repeatable); their train splits train."),
+    epochs: int | None = typer.Option(None), batch_size: int | None = typer.Option(None),
+    lr: float | None = typer.Option(None), input_size: int | None = typer.Option(None),
+    pretrained: bool | None = typer.Option(None, "--pretrained/--no-pretrained", help="Start from ImageNet or random."),
+    device: str | None = typer.Option(None), max_minutes: float | None = typer.Option(None),
+    out: str | None = typer.Option(None), seed: int | None = typer.Option(None),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Pretrain a backbone on labelled fundus folders (grade, abnormal, DME heads) for `train --init-from`."""
+    from training.config import resolve_config
+    from training.pretrain import PretrainConfig
+    from training.pretrain import pretrain as run_pretrain
+
+    try:
+        cfg = resolve_config(PretrainConfig, config, _train_overrides(
+            model=model, data=data, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
+            pretrained=pretrained, device=device, max_minutes=max_minutes, out=out, seed=seed))
+        with _quiet(Path(cfg.out) / "pretrain.log", verbose) as where:
+            if verbose:
+                path = run_pretrain(cfg)
+            else:
+                with where.console.status(f"pretraining {cfg.model}, {cfg.epochs} epochs (per-epoch lines in the log)"):
+                    path = run_pretrain(cfg, progress=False)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(exc)
+    val = json.loads(path.with_suffix(".json").read_text())["val"]
+    out_console.print(f"backbone: {path} (val grade QWK {val['grade_qwk']:.3f}, abnormal AUC {val['abnormal_auc']:.3f}, "
+                      f"DME AUC {val['dme_auc']:.3f} on {val['n_dme']} photos); use `retinaedge train --init-from {path}`")
 
 
 def _with_ci(m: dict, key: str) -> str:

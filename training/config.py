@@ -28,6 +28,7 @@ class TrainConfig:
     input_size: int | None = None  # None -> the model's native resolution
     pretrained: bool = True  # ImageNet initialisation
     pretrained_file: str | None = None  # local ImageNet checkpoint for offline machines
+    init_from: str | None = None  # fundus backbone.pt from `retinaedge pretrain`; replaces ImageNet/random init
     ben_graham: bool = False  # local-contrast normalisation in preprocessing
     epochs: int = 10
     batch_size: int = 16
@@ -102,6 +103,12 @@ class TrainConfig:
             raise ConfigError(f"input_size must be in [32, 1024], got {self.input_size!r}")
         if self.teacher_batch_size is not None and int(self.teacher_batch_size) < 1:
             raise ConfigError(f"teacher_batch_size must be >= 1 (or None for 4 x batch_size), got {self.teacher_batch_size!r}")
+        if self.init_from is not None:
+            if self.pretrained_file:
+                raise ConfigError(f"init_from ({self.init_from}) and pretrained_file ({self.pretrained_file}) both set "
+                                  "the backbone's starting weights; keep one")
+            if not Path(self.init_from).is_file():
+                raise ConfigError(f"init_from backbone {self.init_from} not found; write one with `retinaedge pretrain`")
         for name in ("data", "teacher", "unlabelled"):
             object.__setattr__(self, name, _paths(getattr(self, name), name))
         if self.unlabelled and not self.teacher:
@@ -113,6 +120,18 @@ class TrainConfig:
     def teacher_batch(self) -> int:
         """Teacher forward passes keep no activations for backward, so a batch several times training's fits."""
         return self.teacher_batch_size or 4 * self.batch_size
+
+    @property
+    def backbone_init(self) -> str:
+        """Where the backbone's starting weights came from, for metrics and model cards: fundus | file | imagenet | random."""
+        if self.init_from:
+            return "fundus"
+        if self.pretrained_file:
+            return "file"
+        from .models import get_model_cfg  # lazy: the registry imports timm
+
+        # Test-only models (test_dr_tiny) have no ImageNet weights and ignore `pretrained`.
+        return "imagenet" if self.pretrained and get_model_cfg(self.model).role != "test" else "random"
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

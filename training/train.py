@@ -253,7 +253,8 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
     val_y = np.array([s.grade for s in samples["val"]])
 
     channels_last = cfg.channels_last and on_gpu
-    model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file,
+    # A fundus backbone (init_from) is a timm-keyed state dict like a local ImageNet file: the same loading path.
+    model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.init_from or cfg.pretrained_file,
                          drop_path_rate=cfg.drop_path_rate).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -448,6 +449,7 @@ def _finalise(run: _Run) -> RunResult:
                                f"{cfg.model} - {split_name}")
         metrics["operating_point"] = dataclasses.asdict(point)
         metrics["train_minutes"] = (time.monotonic() - run.started) / 60
+        metrics["backbone_init"] = cfg.backbone_init  # fundus | file | imagenet | random (config holds the path)
         best["meta"] = run.meta({k: v for k, v in metrics.items() if k != "history"}, point)
         torch.save(best, run.best_path)
         (run.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

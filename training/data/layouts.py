@@ -21,6 +21,7 @@ from training.errors import DatasetError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 SPLITS = ("train", "val", "calib", "test")
 UNLABELLED = -1  # the grade of a photo only a teacher labels (distillation): it has no cross-entropy term
+MISSING = UNLABELLED  # any per-photo label a folder lacks (pretraining's DME): masked out of that task's loss
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,31 @@ def read_dataset(root: str | Path, layout: str | None = None) -> list[Sample]:
     root = Path(root)
     layout = layout or detect_layout(root)
     return LAYOUTS.get(layout).read(root)
+
+
+def read_dme(root: str | Path) -> dict[Path, int]:
+    """Diabetic macular edema labels (0/1) by image path, or {} when the folder has none: a ``dme`` column of a
+    generic ``labels.csv``, else Messidor-2's ``provenance.csv`` (``adjudicated_dme``; photos adjudicated
+    ungradable get none). Blank cells are left out, so those photos count as unlabelled, not as "no edema"."""
+    root = Path(root)
+    image_dir = root / "images" if (root / "images").is_dir() else root
+    for name, column in (("labels.csv", "dme"), ("provenance.csv", "adjudicated_dme")):
+        rows = _read_rows(root / name) if (root / name).is_file() else []
+        if not rows or column not in rows[0]:
+            continue
+        labels, bad = {}, []
+        for r in rows:
+            if not r[column] or r.get("adjudicated_gradable", "1") == "0":
+                continue
+            path = _find_image(image_dir, r["image"])
+            if r[column] not in ("0", "1") or path is None:
+                bad.append(f"{r['image']}: {r[column]!r}")
+                continue
+            labels[path] = int(r[column])
+        if bad:
+            raise DatasetError(f"{root / name}: {len(bad)} {column} row(s) not 0/1 or without an image (first: {bad[:5]})")
+        return labels
+    return {}
 
 
 def read_unlabelled(root: str | Path) -> list[Sample]:
