@@ -110,7 +110,7 @@ class TrainConfig:
             if not Path(self.init_from).is_file():
                 raise ConfigError(f"init_from backbone {self.init_from} not found; write one with `retinaedge pretrain`")
         for name in ("data", "teacher", "unlabelled"):
-            object.__setattr__(self, name, _paths(getattr(self, name), name))
+            object.__setattr__(self, name, path_tuple(getattr(self, name), name))
         if self.unlabelled and not self.teacher:
             raise ConfigError(f"unlabelled photos {list(self.unlabelled)} need a teacher to label them: set teacher "
                               "(`retinaedge distill --teacher CKPT`) or drop unlabelled")
@@ -145,7 +145,7 @@ def check_augment(name: str) -> None:
         raise ConfigError(f"augment must be {' | '.join(AUGMENTATIONS)}, got {name!r}{hint}")
 
 
-def _paths(value: Any, name: str) -> tuple[str, ...]:
+def path_tuple(value: Any, name: str) -> tuple[str, ...]:
     """A YAML list, a single string or None (nothing) -> a tuple of distinct paths."""
     if value is None:
         return ()

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from edge_runtime.contract import PreprocessPolicy, utcnow
 from edge_runtime.errors import ConfigError
 
-from .config import _paths, check_augment, save_config
+from .config import check_augment, path_tuple, save_config
 from .data.dataset import FundusDataset, cache_images
 from .data.layouts import (
     MISSING,
@@ -95,7 +95,7 @@ class PretrainConfig:
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"max_minutes must be > 0 (or None for no budget), got {self.max_minutes!r}")
         check_augment(self.augment)
-        object.__setattr__(self, "data", _paths(self.data, "data"))
+        object.__setattr__(self, "data", path_tuple(self.data, "data"))
         if not self.data:
             raise ConfigError("pretraining needs at least one labelled fundus folder: --data FOLDER (repeatable)")
         splits = tuple(self.train_splits)
