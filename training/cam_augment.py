@@ -25,6 +25,7 @@ crop, so a teacher at another resolution still points at the same places).
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,14 @@ def cam_erase(x: torch.Tensor, cam: torch.Tensor, floor: float, fill: torch.Tens
     return fill + mask * (x - fill)
 
 
+def _read_only_tensor(images: np.ndarray) -> torch.Tensor:
+    """The cached crops are a read-only memory map; the views only index them, so torch's warning about
+    non-writable arrays does not apply, and copying the crops (1.4 GB at 380 px) would cost memory for nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(images))
+
+
 class CamAugmenter:
     """Per-photo CAMs of one run and the views built from them; ``extend`` appends the views to a batch."""
 
@@ -87,7 +96,7 @@ class CamAugmenter:
         self.cfg, self.policy, self.device, self.geometric = cfg, policy, device, geometric
         self.images_np = images if isinstance(images, np.ndarray) else None
         # N x S x S x 3 uint8; the device-resident path hands over its own tensor, so nothing is copied twice.
-        self.images = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+        self.images = images if isinstance(images, torch.Tensor) else _read_only_tensor(images)
         self.grades = np.asarray(grades)
         self.mean = torch.tensor(policy.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(policy.std, device=device).view(1, 3, 1, 1)
