@@ -15,6 +15,8 @@ from edge_runtime.errors import ConfigError
 # brightness/contrast/channel jitter (the recipe every earlier run used); `phone` = basic plus the framing, optics and
 # tone variation of phone ophthalmoscopes and handheld fundus cameras.
 AUGMENTATIONS = ("basic", "phone")
+# CAM-guided views appended to every training batch (training/cam_augment.py): crop on the CAM, erase the rest, or both.
+CAM_AUGMENTS = ("off", "crop", "erase", "both")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,13 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA: bf16 where the GPU supports it (no loss scaling), else fp16
     augment: str = "basic"  # basic | phone: which augmentation recipe (AUGMENTATIONS)
     augment_on: str = "auto"  # auto | loader | device: where training photos are augmented (auto: device on CUDA)
+    # CAM-guided augmentation (issue 18); off by default, so runs without these keys reproduce earlier numbers.
+    cam_augment: str = "off"  # off | crop | erase | both: one extra view per photo, appended to each batch
+    cam_augment_source: str = "self"  # self (the run's own CAMs) | teacher (cam_augment_teacher's)
+    cam_augment_teacher: str | None = None  # checkpoint whose CAMs guide the views when cam_augment_source: teacher
+    cam_augment_every: int = 2  # self: epochs between CAM refreshes (the first comes after epoch 1)
+    cam_crop_scale: tuple[float, float] = (0.5, 0.8)  # crop side as a share of the image side, drawn in [low, high]
+    cam_erase_floor: float = 0.3  # in [0, 1): contrast kept where the CAM is 0 (1 where it peaks)
     channels_last: bool = True  # NHWC activations on CUDA (faster convolutions on tensor cores); ignored on CPU
     compile: bool = False  # torch.compile the training model (long first epoch; pays on long GPU schedules)
     val_every: int = 1  # validate and checkpoint every N epochs (and always after the last); patience is in epochs
@@ -77,6 +86,7 @@ class TrainConfig:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         check_augment(self.augment)
+        self._check_cam_augment()
         if self.augment_on not in ("auto", "loader", "device"):
             raise ConfigError(f"augment_on must be auto | loader | device, got {self.augment_on!r}")
         if self.loss not in ("ce", "focal"):
@@ -115,6 +125,32 @@ class TrainConfig:
             raise ConfigError(f"unlabelled photos {list(self.unlabelled)} need a teacher to label them: set teacher "
                               "(`retinaedge distill --teacher CKPT`) or drop unlabelled")
         object.__setattr__(self, "train_splits", tuple(self.train_splits))
+
+    def _check_cam_augment(self) -> None:
+        if self.cam_augment not in CAM_AUGMENTS:
+            raise ConfigError(f"cam_augment must be {' | '.join(CAM_AUGMENTS)}, got {self.cam_augment!r}")
+        if self.cam_augment_source not in ("self", "teacher"):
+            raise ConfigError(f"cam_augment_source must be self | teacher, got {self.cam_augment_source!r}")
+        if self.cam_augment_source == "teacher" and not self.cam_augment_teacher:
+            raise ConfigError("cam_augment_source: teacher needs cam_augment_teacher: PATH (a best.pt)")
+        if self.cam_augment_teacher and self.cam_augment_source != "teacher":
+            raise ConfigError("cam_augment_teacher is read only with cam_augment_source: teacher; set both or neither")
+        if int(self.cam_augment_every) < 1:
+            raise ConfigError(f"cam_augment_every must be >= 1, got {self.cam_augment_every!r}")
+        try:
+            low, high = (float(v) for v in self.cam_crop_scale)
+        except (TypeError, ValueError):
+            raise ConfigError(f"cam_crop_scale must be [low, high], got {self.cam_crop_scale!r}") from None
+        if not 0.2 <= low <= high <= 1:  # below 0.2 a 4 x 4 CAM cell would fill the whole view
+            raise ConfigError(f"cam_crop_scale must satisfy 0.2 <= low <= high <= 1, got {self.cam_crop_scale!r}")
+        object.__setattr__(self, "cam_crop_scale", (low, high))
+        if not 0 <= self.cam_erase_floor < 1:
+            raise ConfigError(f"cam_erase_floor must be in [0, 1), got {self.cam_erase_floor!r}")
+        # Teacher-CAM alignment compares the student's CAM with the teacher's on the *original* frame, pixel by
+        # pixel; a cropped or faded view has no aligned target, so the two are not combined.
+        if self.cam_augment != "off" and self.cam_weight > 0:
+            raise ConfigError(f"cam_augment: {self.cam_augment} cannot be combined with cam_weight > 0 (teacher CAM "
+                              "alignment needs photos in their original frame); set cam_weight: 0 or cam_augment: off")
 
     @property
     def teacher_batch(self) -> int:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from edge_runtime.calibration import choose_operating_point
 from edge_runtime.contract import OperatingPoint, PreprocessPolicy, utcnow
 
+from .cam_augment import CamAugmenter
 from .checkpoint import CheckpointMeta
 from .config import TrainConfig, save_config
 from .data.dataset import FundusDataset, cache_images
@@ -164,6 +165,7 @@ class _Run:
     extra_targets: dict[str, np.ndarray] | None
     show: bool
     ema: ModelEmaV3 | None  # moving average of ``model``'s weights (cfg.ema_decay); None when off
+    cam_aug: CamAugmenter | None = None  # CAM-guided extra views (cfg.cam_augment); None when off
     start_epoch: int = 0
     best_qwk: float = -float("inf")
     stale: int = 0  # epochs since the best validation QWK
@@ -324,6 +326,12 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
                                                                  state["history"])
         run.last_validated = state["epoch"]
         log.info("resumed from %s at epoch %d", run.last_path, run.start_epoch)
+    if cfg.cam_augment != "off":
+        # The views start from the unaugmented crops; the device path's own tensor is shared, not copied.
+        images = train_loader.images if isinstance(train_loader, DeviceBatches) else train_x
+        run.cam_aug = CamAugmenter(cfg, images, train_y, policy, device, geometric=geometric)
+        if cfg.cam_augment_source == "teacher":
+            run.cam_aug.load_teacher(samples["train"])
     return run
 
 
@@ -354,9 +362,17 @@ def _train_one_epoch(run: _Run, epoch: int, bar, task) -> tuple[float, float]:
     run.train_model.train()
     # Accumulated on the device: a float() per step would wait for the GPU every batch.
     running, seen = torch.zeros((), device=device), 0
+    if run.cam_aug is not None and run.cam_aug.due(epoch):
+        run.cam_aug.refresh(run.eval_model, amp=run.use_amp)
+        run.train_model.train()
     started = time.perf_counter()
     for x, y, idx in run.train_loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        photos = len(y)  # throughput counts training photos, not the CAM views appended below
+        if run.cam_aug is not None and run.cam_aug.ready:
+            # Appended, not replacing: the originals keep the baseline's distribution and steps per epoch (so the
+            # LR schedule is the same); the views add CAM-focused copies at twice the compute per step.
+            x, y, idx = run.cam_aug.extend(x, y, idx)
         if run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
@@ -376,8 +392,8 @@ def _train_one_epoch(run: _Run, epoch: int, bar, task) -> tuple[float, float]:
         if run.ema is not None:
             run.ema.update(run.model)  # a fixed decay (no warm-up), so ema_decay means the same in every run
         run.scheduler.step()
-        running += loss.detach().float() * len(y)
-        seen += len(y)
+        running += loss.detach().float() * photos
+        seen += photos
         bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs}")
     mean_loss = float(running) / max(1, seen)
     if device.type == "cuda":
