@@ -1,5 +1,4 @@
 """Device-resident training batches: the GPU path's augmentation and sharding, run on the CPU."""
-import itertools
 
 import numpy as np
 import pytest
@@ -86,7 +85,7 @@ def test_training_runs_with_either_augmentation_path_and_records_throughput(tmp_
     assert run.best_checkpoint.is_file()
 
 
-def test_val_every_must_be_positive():
+def test_val_every_and_augment_on_are_validated():
     from edge_runtime.errors import ConfigError
 
     with pytest.raises(ConfigError, match="val_every"):
@@ -94,8 +93,3 @@ def test_val_every_must_be_positive():
     with pytest.raises(ConfigError, match="augment_on"):
         TrainConfig(augment_on="gpu")
 
-
-def test_orientation_helper_lists_eight_distinct_views():
-    image = torch.arange(3 * 5 * 5, dtype=torch.float32).view(3, 5, 5)
-    views = _orientations(image)
-    assert all(not torch.equal(a, b) for a, b in itertools.combinations(views, 2))
