@@ -49,9 +49,9 @@ class GateThresholds:
     min_cam_correlation: float | None = None  # mean Pearson r of the FP32-predicted grade's CAM
     confidence: float = 0.95  # of every one-sided bound (and of the two-sided intervals shown beside them)
     n_resamples: int = 2000  # paired bootstrap
-    # Not judged by the gate: the grade agreement with FP32 that accuracy-controlled mixed precision (nncf_ac)
-    # holds on the unlabelled tuning photos, a proxy that needs no labels.
-    tuning_grade_agreement: float = 0.995
+    # Not judged by the gate: the agreement with FP32's referral decisions (grades without an operating point)
+    # that accuracy-controlled mixed precision (nncf_ac) holds on the unlabelled tuning photos, which need no labels.
+    tuning_agreement: float = 0.995
 
     def __post_init__(self) -> None:
         for name in ("min_referral_agreement", "min_grade_agreement"):
@@ -59,8 +59,8 @@ class GateThresholds:
             if value is not None and not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} is judged on a lower confidence bound, which never reaches 1: it must be "
                                   f"in [0, 1), got {value}")
-        if not 0.0 <= self.tuning_grade_agreement <= 1.0:
-            raise ConfigError(f"tuning_grade_agreement must be in [0, 1], got {self.tuning_grade_agreement}")
+        if not 0.0 <= self.tuning_agreement <= 1.0:
+            raise ConfigError(f"tuning_agreement must be in [0, 1], got {self.tuning_agreement}")
         for name in ("min_logit_cosine", "min_cam_correlation"):
             value = getattr(self, name)
             if value is not None and not -1.0 <= value <= 1.0:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from edge_runtime.contract import QuantizationInfo
+from edge_runtime.contract import OperatingPoint, QuantizationInfo
+from edge_runtime.decision import decide_batch
 from edge_runtime.registry import Registry, unknown_name
 
 from .errors import QuantizationConfigError
@@ -112,7 +113,8 @@ POST_TRAINING_ONNX_RECIPES = ("ort", "nncf")
 
 @dataclass(frozen=True)
 class AccuracyTarget:
-    """What accuracy-controlled quantization must keep: FP32's grades on ``images``.
+    """What accuracy-controlled quantization must keep on ``images``: FP32's referral decisions at
+    ``operating_point`` (what the fidelity gate judges), or FP32's grades when there is no point chosen on data.
 
     ``images`` are unlabelled photos from the train split (N x C x S x S, normalised), never the val photos
     the gate later judges, so the gate stays an independent check.
@@ -120,6 +122,29 @@ class AccuracyTarget:
 
     images: np.ndarray
     min_agreement: float = 0.995
+    operating_point: OperatingPoint | None = None
+
+    @property
+    def judges(self) -> str:
+        return "grade" if self.operating_point is None else "referral"
+
+    def agreement(self, reference: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """Per photo: 1 if ``logits`` keep the reference's decision, minus a tie-breaker below 1e-4.
+
+        NNCF ranks layers by this score (its output-distance ranking is OpenVINO-only), and on agreement alone
+        most single layers tie at no change. The tie-breaker (how far the referable probability, or the logits,
+        moved) stays below 1e-4, so it never outweighs one changed decision in fewer than 10,000 photos and
+        the restorer's stopping rule is still agreement.
+        """
+        reference, logits = np.asarray(reference, np.float64), np.asarray(logits, np.float64)
+        if self.operating_point is None:
+            kept = logits.argmax(axis=1) == reference.argmax(axis=1)
+            error = np.sum((logits - reference) ** 2, axis=1) / (np.sum(reference ** 2, axis=1) + 1e-12)
+        else:
+            ref, test = decide_batch(reference, self.operating_point), decide_batch(logits, self.operating_point)
+            kept = ref.referable == test.referable
+            error = np.abs(test.referable_probability - ref.referable_probability)
+        return kept.astype(np.float64) - 1e-4 * np.minimum(error, 1.0)
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_agreement <= 1:
@@ -262,9 +287,9 @@ def _nncf_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: Qua
 @ONNX_RECIPES.decorator("nncf_ac")
 def _nncf_accuracy_control_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: QuantRecipe,
                                   target: AccuracyTarget | None = None) -> Path:
-    """NNCF PTQ, then NNCF's accuracy restorer: layers ranked by how far their quantization moves the
-    outputs (logits and CAM) from FP32 go back to float one by one until the INT8 model gives FP32's
-    grade on ``target.images``. The result is as much INT8 as that agreement allows."""
+    """NNCF PTQ, then NNCF's accuracy restorer: layers ranked by how far their quantization moves FP32's
+    decisions go back to float one by one until the INT8 model keeps FP32's referral decision (or grade, see
+    ``AccuracyTarget``) on ``target.images``. The result is as much INT8 as that agreement allows."""
     import nncf
     import onnx
     import onnxruntime as ort
@@ -272,7 +297,7 @@ def _nncf_accuracy_control_recipe(fp32_path: Path, out_path: Path, calib: np.nda
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
     if target is None or not len(target.images):
-        raise QuantizationConfigError("recipe nncf_ac needs unlabelled photos to hold FP32's grades on (the train split of --calib)")
+        raise QuantizationConfigError("recipe nncf_ac needs unlabelled photos to hold FP32's decisions on (the train split of --calib)")
 
     def session(model) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -285,17 +310,10 @@ def _nncf_accuracy_control_recipe(fp32_path: Path, out_path: Path, calib: np.nda
     reference = [fp32.run(["logits"], {"input": images[i:i + 1]})[0] for i in range(len(images))]
 
     def agreement_with_fp32(model, items) -> tuple[float, list[float]]:
-        # Per photo: 1 if INT8 keeps FP32's grade, minus a logit-error tie-breaker. NNCF ranks layers by this
-        # metric (its output-distance ranking is OpenVINO-only), and on agreement alone most single layers
-        # tie at 0 flips. The tie-breaker stays below 1e-4, so it never outweighs one flipped grade in
-        # fewer than 10,000 photos and the restorer's stopping rule is still grade agreement.
         runner = session(model)
-        scores = []
-        for index, x in items:
-            logits, ref = runner.run(["logits"], {"input": x})[0], reference[index]
-            error = float(np.sum((logits - ref) ** 2) / (np.sum(ref ** 2) + 1e-12))
-            scores.append(float(logits.argmax() == ref.argmax()) - 1e-4 * min(error, 1.0))
-        return float(np.mean(scores)), scores
+        logits = np.concatenate([runner.run(["logits"], {"input": x})[0] for _, x in items])
+        scores = target.agreement(np.concatenate([reference[index] for index, _ in items]), logits)
+        return float(np.mean(scores)), [float(v) for v in scores]
 
     validation = nncf.Dataset([(i, images[i:i + 1]) for i in range(len(images))], lambda item: {"input": item[1]})
     dataset, kwargs = _nncf_inputs(fp32_path, calib, recipe)

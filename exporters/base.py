@@ -78,10 +78,12 @@ class ExportInputs:
         return torch.from_numpy(val[:1]).float() if len(val) else torch.randn(1, 3, size, size)
 
     def accuracy_target(self) -> AccuracyTarget | None:
-        """FP32 grades on the tuning photos, to be kept at the gate's agreement (recipe nncf_ac)."""
+        """FP32's referral decisions at the checkpoint's operating point (its grades when the point was not
+        chosen on data) on the tuning photos, to be kept by recipe nncf_ac."""
         if not len(self.photos.tuning):
             return None
-        return AccuracyTarget(self.photos.tuning, self.thresholds.tuning_grade_agreement)
+        point = self.meta.operating_point if self.meta.operating_point.chosen_on_data else None
+        return AccuracyTarget(self.photos.tuning, self.thresholds.tuning_agreement, point)
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,28 @@ def test_accuracy_control_keeps_fp32_grades_on_the_tuning_photos(tiny_artifacts,
         AccuracyTarget(tuning, 1.5)
 
 
+def test_accuracy_target_judges_referrals_at_the_operating_point_and_grades_without_one():
+    from compression.quantize import AccuracyTarget
+    from edge_runtime.contract import OperatingPoint
+
+    reference = np.array([[4.0, 1.0, 0.0, 0.0, 0.0],    # grade 0, not referable
+                          [0.0, 0.0, 4.0, 1.0, 0.0],    # grade 2, referable
+                          [0.0, 4.0, 0.0, 0.0, 0.0]])   # grade 1, not referable
+    moved = np.array([[1.0, 4.0, 0.0, 0.0, 0.0],        # 0 -> 1: the referral is kept
+                      [0.0, 2.0, 4.0, 1.0, 0.0],        # still grade 2, a little less referable
+                      [0.0, 0.0, 4.0, 0.0, 0.0]])       # 1 -> 2: now referred
+    images = np.zeros((3, 3, 8, 8), np.float32)
+    by_referral = AccuracyTarget(images, 0.99, OperatingPoint(rule="sensitivity", target=0.9, threshold=0.5))
+    by_grade = AccuracyTarget(images, 0.99)
+    assert (by_referral.judges, by_grade.judges) == ("referral", "grade")
+    np.testing.assert_array_equal(np.round(by_referral.agreement(reference, moved)), [1, 1, 0])
+    np.testing.assert_array_equal(np.round(by_grade.agreement(reference, moved)), [0, 1, 0])
+    # The tie-breaker ranks a move of the referable probability lower without outweighing a changed decision.
+    kept = by_referral.agreement(reference, moved)[1]
+    assert 1.0 - 1e-4 < kept < 1.0
+    assert by_referral.agreement(reference, reference).tolist() == [1.0, 1.0, 1.0]
+
+
 def test_pt2e_quantizes_relu6_after_the_clamp():
     import torch
 
