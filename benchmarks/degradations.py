@@ -35,6 +35,16 @@ def _lerp(strength: float, mild: float, severe: float) -> float:
     return mild + (severe - mild) * float(np.clip(strength, 0, 1))
 
 
+NORMAL_MEAN = 90.0  # a typical exposure: about the median field luminance of the val/calib originals (both folders)
+
+
+def _field_mean(img: np.ndarray) -> float:
+    """Mean luminance of the field of view (>= 1)."""
+    mask, _, _ = _fov(img)
+    luminance = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[mask]
+    return max(float(luminance.mean()) if luminance.size else NORMAL_MEAN, 1.0)
+
+
 def defocus(img, strength, rng):
     _, diameter, _ = _fov(img)
     sigma = diameter * _lerp(strength, 0.006, 0.014)
@@ -54,7 +64,10 @@ def motion_blur(img, strength, rng):
 
 
 def underexpose(img, strength, rng):
-    gain = _lerp(strength, 0.28, 0.08)
+    """x0.28 (-1.8 EV) to x0.08 (-3.6 EV) under a typical exposure: a photo brighter than typical (``NORMAL_MEAN``)
+    is first brought down to it, since x0.28 of an already-bright photo (mean luminance up to 224 on val/calib) is
+    an ordinary exposure (the mirror image of ``overexpose_gain``)."""
+    gain = _lerp(strength, 0.28, 0.08) * min(1.0, NORMAL_MEAN / _field_mean(img))
     return (img.astype(np.float32) * gain).astype(np.uint8)
 
 
@@ -83,9 +96,6 @@ def overexpose(img, strength, rng):
     return np.where(mask[..., None], out, img).astype(np.uint8)
 
 
-NORMAL_MEAN = 90.0  # a typical exposure: about the median field luminance of the val/calib originals (both folders)
-
-
 def overexpose_gain(img, strength, rng):
     """Camera over-exposure by exposure value: +1 EV (x2) to +2 EV (x4) over a typical exposure, on the whole
     frame, clipped as a sensor clips. A photo darker than typical (``NORMAL_MEAN``) is first brought up to it:
@@ -93,10 +103,7 @@ def overexpose_gain(img, strength, rng):
     copies inside the originals' range, most of them from photos with a mean luminance of 40-70). Unlike
     ``overexpose`` nothing is lifted and the result's brightness is not fixed: red saturates and the disc blows
     out first, and a pre-cropped Messidor-2 photo lands where its own colours take it."""
-    mask, _, _ = _fov(img)
-    luminance = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[mask]
-    current = max(float(luminance.mean()) if luminance.size else NORMAL_MEAN, 1.0)
-    gain = 2.0 ** _lerp(strength, 1.0, 2.0) * max(1.0, NORMAL_MEAN / current)
+    gain = 2.0 ** _lerp(strength, 1.0, 2.0) * max(1.0, NORMAL_MEAN / _field_mean(img))
     return np.clip(img.astype(np.float32) * gain, 0, 255).astype(np.uint8)
 
 

@@ -62,7 +62,7 @@ class QualityThresholds:
 
     min_fov_fraction: float = 0.434485  # share of the frame covered by the fundus
     max_decentering: float = 0.01504  # fundus centre offset from the frame centre, as a share of the frame diagonal
-    min_mean: float = 38.204187  # mean 8-bit luminance inside the field of view
+    min_mean: float = 22.176231  # mean 8-bit luminance inside the field of view
     max_mean: float = 164.666435
     min_std: float = 4.222386
     min_entropy: float = 4.737454  # bits
