@@ -1,8 +1,8 @@
 """Image-quality gate for fundus photos: is this capture gradable?
 
 Indicators from the smartphone-ophthalmoscopy quality literature, computed inside the field of view on one
-small copy of it (longer side ``WORK_SIZE``, so thresholds do not depend on the camera's pixel count and the
-gate costs well under a millisecond):
+small copy of it (longer side ``WORK_SIZE``, so thresholds do not depend on the camera's pixel count), mostly on
+8-bit planes (half the previous gate's time per photo, ``python -m benchmarks.quality_speed``):
 
 - field of view: share of the frame it covers, centring;
 - exposure: mean, spread, entropy, dynamic range of luminance, under/over-exposed shares, clipped red channel
@@ -11,8 +11,9 @@ gate costs well under a millisecond):
 - focus and motion: variance of the Laplacian, Tenengrad, Haar high-frequency energy, and the *weakest
   direction's* edge energy away from the rim (motion blur removes detail along one direction only);
 - haze: local vessel-scale contrast and the dark channel (a veil lifts the blacks, He et al. 2009);
-- occlusion: share of the field much darker than its median (an eyelid or lash shadow), and the darkest
-  third against the brightest (uneven illumination from one side);
+- occlusion: a dark region wider than a tenth of the field (an eyelid or a shadow, not the camera's thin dark rim
+  crescent), the share of the field much darker than its median, and the darkest third against the brightest
+  (uneven illumination from one side);
 - sensor noise.
 
 Thresholds are chosen on the val/calib photos of eyepacs_full and messidor2 by
