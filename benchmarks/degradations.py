@@ -6,9 +6,9 @@ Messidor-2 photo and a 1024-px raw EyePACS photo are degraded alike. ``degrade(i
 strength uniformly; ``STRENGTH_BINS`` names the thirds mild / moderate / severe for reports.
 
 What phones produce (issue 20): defocus; motion blur at any angle; under- and over-exposure (also of photos
-that are already bright or pre-cropped, so over-exposure is defined by where the result lands, not a fixed
-gain); an off-centre field; veiling haze (cataract, a fogged or dirty lens), uneven across the field; noise;
-partial eyelid occlusion from the top (a soft-edged, curved shadow with lashes); lens flare; heavy JPEG.
+that are already bright or pre-cropped: ``overexpose`` is defined by where the result lands, ``overexpose_gain``
+by +1 to +2 EV over a typical exposure); an off-centre field; veiling haze (cataract, a fogged or dirty lens),
+uneven across the field; noise; partial eyelid occlusion from the top (a soft-edged, curved shadow with lashes); lens flare; heavy JPEG.
 """
 from __future__ import annotations
 
@@ -35,6 +35,16 @@ def _lerp(strength: float, mild: float, severe: float) -> float:
     return mild + (severe - mild) * float(np.clip(strength, 0, 1))
 
 
+NORMAL_MEAN = 90.0  # a typical exposure: about the median field luminance of the val/calib originals (both folders)
+
+
+def _field_mean(img: np.ndarray) -> float:
+    """Mean luminance of the field of view (>= 1)."""
+    mask, _, _ = _fov(img)
+    luminance = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[mask]
+    return max(float(luminance.mean()) if luminance.size else NORMAL_MEAN, 1.0)
+
+
 def defocus(img, strength, rng):
     _, diameter, _ = _fov(img)
     sigma = diameter * _lerp(strength, 0.006, 0.014)
@@ -54,21 +64,47 @@ def motion_blur(img, strength, rng):
 
 
 def underexpose(img, strength, rng):
-    gain = _lerp(strength, 0.28, 0.08)
+    """x0.28 (-1.8 EV) to x0.08 (-3.6 EV) under a typical exposure: a photo brighter than typical (``NORMAL_MEAN``)
+    is first brought down to it, since x0.28 of an already-bright photo (mean luminance up to 224 on val/calib) is
+    an ordinary exposure (the mirror image of ``overexpose_gain``)."""
+    gain = _lerp(strength, 0.28, 0.08) * min(1.0, NORMAL_MEAN / _field_mean(img))
     return (img.astype(np.float32) * gain).astype(np.uint8)
 
 
 def overexpose(img, strength, rng):
     """Scaled so the field's mean luminance lands at 165-235 whatever it was (already-bright photos included),
-    plus a flat lift of the blacks; highlights clip as a sensor's would."""
+    plus a flat lift of the blacks; highlights clip as a sensor's would. The gain is solved for the clipped
+    result (a few fixed-point steps): clipping alone used to leave mild copies of bright photos 1-10 levels short
+    of the target."""
     mask, _, _ = _fov(img)
-    luminance = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[mask]
-    current = max(float(luminance.mean()) if luminance.size else 100.0, 1.0)
+    field = img[mask].astype(np.float32)
+    weights = np.array([0.114, 0.587, 0.299], np.float32)  # BGR luminance
+
+    def mean_luminance(values: np.ndarray) -> float:
+        return float((values @ weights).mean()) if values.size else 100.0
+
+    current = max(mean_luminance(field), 1.0)
     target = _lerp(strength, 165, 235)
     lift = rng.uniform(5, 30)
     gain = max(1.0, (target - lift) / current)
+    for _ in range(6):  # clipping lowers the mean: raise the gain until the clipped field lands on the target
+        reached = mean_luminance(np.clip(field * gain + lift, 0, 255))
+        if reached >= target - 0.5 or reached >= 254:
+            break
+        gain *= (target - lift) / max(reached - lift, 1.0)
     out = np.clip(img.astype(np.float32) * gain + lift, 0, 255)
     return np.where(mask[..., None], out, img).astype(np.uint8)
+
+
+def overexpose_gain(img, strength, rng):
+    """Camera over-exposure by exposure value: +1 EV (x2) to +2 EV (x4) over a typical exposure, on the whole
+    frame, clipped as a sensor clips. A photo darker than typical (``NORMAL_MEAN``) is first brought up to it:
+    +1 EV of an under-exposed photo only corrects it (on val/calib, x2 to x4 of the photos as taken left 30 of 381
+    copies inside the originals' range, most of them from photos with a mean luminance of 40-70). Unlike
+    ``overexpose`` nothing is lifted and the result's brightness is not fixed: red saturates and the disc blows
+    out first, and a pre-cropped Messidor-2 photo lands where its own colours take it."""
+    gain = 2.0 ** _lerp(strength, 1.0, 2.0) * max(1.0, NORMAL_MEAN / _field_mean(img))
+    return np.clip(img.astype(np.float32) * gain, 0, 255).astype(np.uint8)
 
 
 def off_centre(img, strength, rng):
@@ -145,7 +181,7 @@ def heavy_jpeg(img, strength, rng):
 
 Degradation = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
 DEGRADATIONS: dict[str, Degradation] = {f.__name__: f for f in (
-    defocus, motion_blur, underexpose, overexpose, off_centre, haze, noise, occlusion, flare, heavy_jpeg)}
+    defocus, motion_blur, underexpose, overexpose, off_centre, haze, noise, occlusion, flare, heavy_jpeg, overexpose_gain)}
 
 
 def degrade(img: np.ndarray, name: str, rng: np.random.Generator, strength: float | None = None) -> tuple[np.ndarray, float]:

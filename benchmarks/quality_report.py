@@ -80,9 +80,11 @@ def load_before_gate(ref: str) -> Callable[[np.ndarray], tuple[bool, float]]:
 
 
 def collect(datasets: list[Path], splits: tuple[str, ...], limit: int | None = None, seed: int = 0,
-            before: Callable[[np.ndarray], tuple[bool, float]] | None = None, progress: bool = True) -> list[dict]:
+            before: Callable[[np.ndarray], tuple[bool, float]] | None = None, progress: bool = True,
+            before_screened: bool = False) -> list[dict]:
     """One record per (photo, case): its indicators after the Screener's decode (None: no fundus found) and,
-    with ``before``, the old gate's verdict on the same full-resolution pixels."""
+    with ``before``, the old gate's verdict on the same pixels: full resolution, or with ``before_screened`` the
+    very decode the current gate sees."""
     records = []
     started = time.time()
     for data in datasets:
@@ -94,12 +96,13 @@ def collect(datasets: list[Path], splits: tuple[str, ...], limit: int | None = N
             for case, img, strength in cases:
                 record = {"dataset": data.name, "image": row["image"], "split": row["split"], "case": case,
                           "strength": strength}
+                screened = as_screened(img)
                 try:
-                    record["metrics"] = quality_metrics(as_screened(img))
+                    record["metrics"] = quality_metrics(screened)
                 except ImageError:
                     record["metrics"] = None
                 if before is not None:
-                    record["before_gradable"], record["before_score"] = before(img)
+                    record["before_gradable"], record["before_score"] = before(screened if before_screened else img)
                 records.append(record)
             if progress and (i + 1) % 25 == 0:
                 print(f"{data.name}: {i + 1}/{len(rows)} photos, {time.time() - started:.0f} s", file=sys.stderr)
@@ -206,6 +209,8 @@ def main() -> None:
     parser.add_argument("--split", nargs="+", default=["test"])
     parser.add_argument("--limit", type=int, help="at most this many photos per folder")
     parser.add_argument("--before-ref", help="git revision whose gate is the 'before' (e.g. 5c6e41c)")
+    parser.add_argument("--before-screened", action="store_true", help="run the --before-ref gate on the Screener's "
+                        "reduced decode too (default: full resolution, as that gate was run)")
     parser.add_argument("--thresholds", type=Path, help="JSON of QualityThresholds fields (default: the module's)")
     parser.add_argument("--cache", type=Path, help="reuse/store the measured photos (JSON): re-judging with new "
                         "thresholds then takes seconds")
@@ -217,14 +222,15 @@ def main() -> None:
     if args.cache and args.cache.is_file():
         records = json.loads(args.cache.read_text())
     else:
-        records = collect(args.data, tuple(args.split), args.limit, before=before)
+        records = collect(args.data, tuple(args.split), args.limit, before=before, before_screened=args.before_screened)
         if args.cache:
             args.cache.parent.mkdir(parents=True, exist_ok=True)
             args.cache.write_text(json.dumps(records))
     judge(records, thresholds)
     summaries = {}
     if before is not None:
-        summaries[f"before ({args.before_ref})"] = summarise(records, "before_gradable", "before_score")
+        decode = "Screener decode" if args.before_screened else "full resolution"
+        summaries[f"before ({args.before_ref}, {decode})"] = summarise(records, "before_gradable", "before_score")
     summaries["after"] = summarise(records)
     markdown = to_markdown(summaries, f"Quality gate on real photos, split {'+'.join(args.split)}")
     write_markdown_and_json(args.out, markdown, summaries)

@@ -168,7 +168,7 @@ def test_thresholds_validate():
 
 def test_degradations_cover_strength_bins():
     assert [strength_bin(s) for s in (0.0, 0.5, 0.99)] == ["mild", "moderate", "severe"]
-    assert {"occlusion", "haze", "overexpose", "motion_blur", "flare", "heavy_jpeg"} <= set(DEGRADATIONS)
+    assert {"occlusion", "haze", "overexpose", "overexpose_gain", "motion_blur", "flare", "heavy_jpeg"} <= set(DEGRADATIONS)
 
 
 def _records(metric_values: dict[str, list[float]], case: str) -> list[dict]:
@@ -223,3 +223,104 @@ def test_gate_on_real_photos(shared_data):
         passed += assess(image).gradable
         caught += not assess(degrade(image, "defocus", rng, 1.0)[0]).gradable
     assert passed >= 10 and caught == len(rows)
+
+
+@pytest.fixture(scope="module")
+def bright_photo(photo) -> np.ndarray:
+    """The synthetic photo already bright (x1.6, red partly clipped), still gradable: the case the gate found hardest."""
+    out = np.clip(photo.astype(np.float32) * 1.6, 0, 255).astype(np.uint8)
+    assert assess(out).gradable, assess(out).reasons
+    return out
+
+
+@pytest.mark.parametrize("name", ["overexpose", "overexpose_gain"])
+def test_mild_overexposure_of_an_already_bright_photo_is_rejected_with_advice(bright_photo, name):
+    degraded, _ = degrade(bright_photo, name, np.random.default_rng(0), 0.0)  # the mildest strength
+    report = assess(degraded)
+    assert not report.gradable
+    exposure = [r for r in report.reasons if "over-exposure" in r or "over-exposed" in r or "too bright" in r]
+    assert exposure and all("reduce illumination" in r for r in exposure), report.reasons
+
+
+def test_overexpose_lands_on_its_target_brightness(bright_photo):
+    """The degradation does what it says even where clipping pulls the mean down (it used to fall short)."""
+    import cv2
+
+    from benchmarks.degradations import _fov
+
+    mask = _fov(bright_photo)[0]
+    degraded, _ = degrade(bright_photo, "overexpose", np.random.default_rng(0), 0.0)
+    assert cv2.cvtColor(degraded, cv2.COLOR_BGR2GRAY)[mask].mean() >= 165 - 1.0
+
+
+def _dark_band(img: np.ndarray, depth: float, level: float = 0.1) -> np.ndarray:
+    """Darken everything above a horizontal line ``depth`` x the field below its top (a lid, written here)."""
+    from edge_runtime.preprocess import detect_fov
+
+    fov = detect_fov(img)
+    out = img.astype(np.float32)
+    out[: int(fov.y + depth * fov.h)] *= level
+    return out.astype(np.uint8)
+
+
+def _dark_crescent(img: np.ndarray, width: float) -> np.ndarray:
+    """A dark crescent ``width`` x the field wide along the left rim, as many cameras leave (not an eyelid)."""
+    import cv2
+
+    from edge_runtime.preprocess import detect_fov
+
+    fov = detect_fov(img)
+    ring = np.zeros(img.shape[:2], np.uint8)
+    centre = (int(fov.center[0]), int(fov.center[1]))
+    cv2.circle(ring, centre, int(fov.radius), 1, -1)
+    cv2.circle(ring, (centre[0] + int(width * fov.w), centre[1]), int(fov.radius), 0, -1)
+    out = img.copy()
+    out[ring > 0] = (out[ring > 0] * 0.05).astype(np.uint8)
+    return out
+
+
+def test_dark_patch_fires_on_a_lid_and_not_on_a_rim_crescent(photo, clean):
+    limit = DEFAULT_THRESHOLDS.max_dark_patch
+    assert clean["dark_patch"] < limit
+    report = assess(_dark_band(photo, 0.25))
+    assert not report.gradable and any("open wide" in r for r in report.reasons), report.reasons
+    assert quality_metrics(_dark_band(photo, 0.25))["dark_patch"] > limit
+    assert quality_metrics(_dark_crescent(photo, 0.04))["dark_patch"] < limit
+
+
+def test_haar_ratio_from_energies_matches_two_explicit_levels():
+    from edge_runtime.quality import _haar_hf_ratio
+
+    x = np.random.default_rng(0).integers(0, 256, (64, 96)).astype(np.uint8)
+    f = x.astype(np.float64)
+    detail = 0.0
+    for _ in range(2):
+        a, b, c, d = f[0::2, 0::2], f[0::2, 1::2], f[1::2, 0::2], f[1::2, 1::2]
+        detail += (np.square(a - b + c - d).sum() + np.square(a + b - c - d).sum() + np.square(a - b - c + d).sum()) / 4
+        f = (a + b + c + d) / 2
+    expected = detail / (detail + np.square(f - f.mean()).sum())
+    assert _haar_hf_ratio(x) == pytest.approx(expected, rel=1e-5)
+
+
+def test_glare_without_hsv_matches_the_hsv_definition():
+    import cv2
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(200, 256, (64, 64, 3)).astype(np.uint8)
+    img[:, :32] = np.clip(img[:, :32].astype(int) - rng.integers(0, 60, (64, 32, 1)), 0, 255).astype(np.uint8)
+    img = cv2.copyMakeBorder(img, 40, 40, 40, 40, cv2.BORDER_CONSTANT, value=0)  # inside a black surround
+    cv2.circle(img, (72, 72), 60, (230, 235, 240), 20)  # keep a field of view to find
+    metrics = quality_metrics(img)
+    from edge_runtime.preprocess import detect_fov
+    from edge_runtime.quality import field_crop
+
+    small, inner = field_crop(img, detect_fov(img))
+    hsv = cv2.cvtColor(small, cv2.COLOR_BGR2HSV).astype(int)
+    sat = 255 * (hsv[..., 2] - small.min(axis=2)) / np.maximum(hsv[..., 2], 1)
+    expected = np.count_nonzero((hsv[..., 2] > 235) & (sat < 40) & inner) / np.count_nonzero(inner)
+    assert metrics["glare"] == pytest.approx(expected, abs=2e-3)
+
+
+def test_dark_patch_limit_is_a_share():
+    with pytest.raises(ConfigError, match="max_dark_patch"):
+        QualityThresholds(max_dark_patch=1.2)
