@@ -63,6 +63,7 @@ def train(
     loss: str | None = typer.Option(None, help="ce | focal"), device: str | None = typer.Option(None),
     max_minutes: float | None = typer.Option(None), resume: bool | None = typer.Option(None, "--resume"),
     out: str | None = typer.Option(None), seed: int | None = typer.Option(None),
+    head: list[str] | None = typer.Option(None, help="Heads (repeatable): grade, dme. E.g. --head grade --head dme."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Fine-tune a registered model (defaults -> YAML -> flags). Works under torchrun for multi-GPU."""
@@ -73,7 +74,7 @@ def train(
         cfg = resolve_config(TrainConfig, config, _train_overrides(
             model=model, data=data, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
             pretrained=pretrained, pretrained_file=pretrained_file, init_from=init_from, loss=loss, device=device,
-            max_minutes=max_minutes, resume=resume, out=out, seed=seed))
+            max_minutes=max_minutes, resume=resume, out=out, seed=seed, heads=head))
         with _quiet(Path(cfg.out) / "train.log", verbose) as where:
             if verbose:
                 result = fit(cfg)
