@@ -17,7 +17,7 @@ from .data.dataset import FundusDataset, cache_images
 from .data.layouts import MISSING, assign_splits, fingerprint, read_dataset, read_dme, select
 from .metrics import report_at, save_confusion_png, save_roc_png
 from .models import load_checkpoint
-from .train import predict, predict_heads
+from .train import predict
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cache_dir: str = ".cache/retinaedge",
@@ -30,8 +30,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cach
         raise ValueError(f"{data} has no {split!r} split")
     images = cache_images(samples, policy, cache_dir, False)
     y = np.array([s.grade for s in samples])
-    logits, dme_logits = predict_heads(model, DataLoader(FundusDataset(images, y, policy), batch_size=32),
-                                       torch.device("cpu"))
+    logits, dme_logits = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=32),
+                                 torch.device("cpu"), heads=True)
     point = meta.operating_point
     dme = {}
     if dme_logits is not None:  # DME metrics on the photos this folder labels (none: only the referral count)

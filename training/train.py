@@ -138,34 +138,30 @@ def positive_weight(labels: np.ndarray, cap: float = 10.0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: DRClassifier, loader: DataLoader, device: torch.device, with_cam: bool = False):
-    """Raw logits (and CAMs) for every batch of a loader, in order; probabilities come from ``decide_batch``."""
+def predict(model: DRClassifier, loader: DataLoader, device: torch.device, with_cam: bool = False,
+            heads: bool = False):
+    """Raw logits (and CAMs) for every batch of a loader, in order; probabilities come from ``decide_batch``.
+
+    ``heads``: (grade logits (n, 5), DME logits (n,) or None without a DME head) instead."""
     model.eval()
-    logits_all, cams = [], []
+    logits_all, cams, dme = [], [], []
     for x, *_ in loader:
         x = x.to(device)
-        if with_cam:
+        if heads:
+            out = model(x, heads=True)
+            logits = out.logits
+            if out.dme_logit is not None:
+                dme.append(out.dme_logit.float().cpu().numpy())
+        elif with_cam:
             logits, cam = model.forward_with_cam(x)
             cams.append(cam.float().cpu().numpy())
         else:
             logits = model(x)
         logits_all.append(logits.float().cpu().numpy())
     logits = np.concatenate(logits_all) if logits_all else np.zeros((0, 5), np.float32)
+    if heads:
+        return logits, (np.concatenate(dme) if dme else np.zeros(0, np.float32)) if model.has_dme else None
     return (logits, np.concatenate(cams)) if with_cam else logits
-
-
-@torch.no_grad()
-def predict_heads(model: DRClassifier, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray | None]:
-    """Raw grade logits (n, 5) and DME logits (n,) (None without a DME head) for every batch of a loader, in order."""
-    model.eval()
-    grade, dme = [], []
-    for x, *_ in loader:
-        out = model(x.to(device), heads=True)
-        grade.append(out.logits.float().cpu().numpy())
-        if out.dme_logit is not None:
-            dme.append(out.dme_logit.float().cpu().numpy())
-    logits = np.concatenate(grade) if grade else np.zeros((0, 5), np.float32)
-    return logits, (np.concatenate(dme) if dme else np.zeros(0, np.float32)) if model.has_dme else None
 
 
 def choose_dme_point(cfg: TrainConfig, labels: np.ndarray, dme_logits: np.ndarray,
@@ -484,7 +480,7 @@ def _evaluate_and_checkpoint(run: _Run, epoch: int, train_loss: float, images_pe
     """Val metrics, best/last checkpoints; True when training should stop (patience or time budget)."""
     cfg = run.cfg
     # Model selection uses QWK, which needs no threshold: the operating points are chosen once, at the end.
-    logits, dme_logits = predict_heads(run.eval_model, run.val_loader, run.device)
+    logits, dme_logits = predict(run.eval_model, run.val_loader, run.device, heads=True)
     val_metrics = report_at(OperatingPoint(), run.val_y, logits, auc_ci=False, dme_labels=run.val_dme,
                             dme_logits=dme_logits)
     run.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_qwk": val_metrics["qwk"],
@@ -525,7 +521,7 @@ def _finalise(run: _Run) -> RunResult:
     if _is_main():
         best = torch.load(run.best_path, map_location=run.device, weights_only=False)
         run.eval_model.load_state_dict(best["model_state"])
-        val_logits, val_dme_logits = predict_heads(run.eval_model, run.val_loader, run.device)
+        val_logits, val_dme_logits = predict(run.eval_model, run.val_loader, run.device, heads=True)
         point = choose_referral_point(cfg, run.val_y, val_logits, run.samples["val"])
         log.info("operating point: %s", point.describe())
         dme_point = None
@@ -541,8 +537,9 @@ def _finalise(run: _Run) -> RunResult:
                 logits, dme_logits = val_logits, val_dme_logits
             else:
                 xs = cache_images(split_samples, run.policy, cfg.cache_dir, run.show)
-                logits, dme_logits = predict_heads(run.eval_model, DataLoader(FundusDataset(xs, ys, run.policy),
-                                                                              batch_size=cfg.batch_size * 2), run.device)
+                logits, dme_logits = predict(run.eval_model, DataLoader(FundusDataset(xs, ys, run.policy),
+                                                                        batch_size=cfg.batch_size * 2), run.device,
+                                             heads=True)
             dme = {}
             if dme_logits is not None:
                 dme = dict(dme_labels=dme_labels(cfg, split_samples), dme_logits=dme_logits,
