@@ -257,14 +257,20 @@ def test_training_reports_dme_metrics_and_records_its_operating_point(dme_run):
 
 @pytest.fixture(scope="module")
 def dme_artifacts(dme_run, tmp_path_factory):
+    from compression.gate import GateThresholds
     from exporters.pipeline import ExportPipeline, ExportPlan, export_all, load_inputs
 
     result, data = dme_run
     out = tmp_path_factory.mktemp("dme_artifacts")
-    inputs = load_inputs(result.best_checkpoint, out, data, data, calib_limit=8, val_limit=16)
+    # A loose gate: the tiny model's INT8 only has to carry the DME outputs here (the gate has its own tests).
+    loose = GateThresholds(min_referral_agreement=0.0, min_sensitivity_difference=-1.0,
+                           min_specificity_difference=-1.0, min_auc_ratio=0.0)
+    inputs = load_inputs(result.best_checkpoint, out, data, data, thresholds=loose, calib_limit=8, val_limit=16)
     plan = ExportPlan(("onnx", "tflite"), ("fp32",))
-    records = export_all(inputs, plan, progress=False, pipeline=ExportPipeline(inputs, plan))
-    return {r.format: r for r in records}
+    pipeline = ExportPipeline(inputs, plan)
+    records = {r.format: r for r in export_all(inputs, plan, progress=False, pipeline=pipeline)}
+    records["onnx_int8"] = pipeline.export("onnx", "int8")
+    return records
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
@@ -285,6 +291,18 @@ def test_exported_dme_head_keeps_its_cam_identity_and_parity(dme_artifacts, dme_
     bias = out.dme_logit - out.dme_cam.mean(axis=(2, 3))  # the CAM identity, read from the artifact's outputs
     assert out.dme_logit.shape == (2, 1) and np.abs(bias - bias.mean()).max() < 1e-4
     assert session.run(x)[0].shape == (2, 5)  # the grade-only view is unchanged
+
+
+def test_int8_artifact_carries_the_dme_outputs(dme_artifacts):
+    from edge_runtime.backends import open_session
+
+    record = dme_artifacts["onnx_int8"]
+    assert record.status == "ok", record.error
+    session = open_session(record.path, allow_ungated=True)
+    assert session.info.manifest.heads == DME_HEADS and session.info.manifest.quantization.precision == "int8"
+    out = session.run_heads(np.zeros((1, 3, 64, 64), np.float32))
+    assert out.dme_logit.shape == (1, 1) and out.dme_cam.shape[:2] == (1, 1)
+    assert "max_abs_dme_logit_diff" in record.parity  # reported beside the gate's figures
 
 
 def test_screener_reports_dme_from_the_artifact(dme_artifacts, fundus_bgr):
