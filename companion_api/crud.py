@@ -14,7 +14,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from edge_runtime.contract import GRADE_NAMES, SCREENING_DISCLAIMER
-from edge_runtime.wire import RESULT_ID, ScreeningResult, content_hash_of, encounter_decision
+from edge_runtime.wire import (
+    RESULT_ID,
+    ScreeningResult,
+    content_hash_of,
+    encounter_decision,
+    result_referral_reason,
+)
 
 from .core.security import hash_token, new_token
 from .models import Principal, Result
@@ -139,7 +145,7 @@ def _row(device: str, c: _Candidate, received_at: datetime) -> dict:
     # grade_name and referable are the server's own derivations (the model re-derived and cross-checked them).
     return {"device": device, "result_id": r.result_id, "content_hash": c.content_hash, "payload": c.canonical,
             "outcome": r.outcome, "grade": r.grade, "referable": r.referable, "confidence": r.confidence,
-            "captured_at": r.captured_at, "received_at": received_at, "overlay_png": c.overlay, "image": c.image,
+            "dme_present": r.dme_present, "dme_probability": r.dme_probability, "captured_at": r.captured_at, "received_at": received_at, "overlay_png": c.overlay, "image": c.image,
             "encounter_id": r.encounter_id, "eye": r.eye}
 
 
@@ -197,12 +203,22 @@ def _same_or_conflict(result_id: str, stored_hash: str, content_hash: str) -> Sy
     return SyncItemStatus(result_id=result_id, status="conflict", detail="same result id, different content")
 
 
+def referral_reason_of(row: Result, payload: dict) -> str | None:
+    """Why a stored result is referred (``ScreeningResult.referral_reason`` from the validated stored fields)."""
+    score, threshold = payload.get("referable_probability"), payload.get("threshold")
+    dr_referable = None if score is None or threshold is None else score >= threshold
+    return result_referral_reason(row.outcome, dr_referable, row.dme_present)
+
+
 def to_public(row: Result) -> ResultPublic:
+    payload = json.loads(row.payload)
     return ResultPublic(result_id=row.result_id, device=row.device, outcome=row.outcome, grade=row.grade,
                         grade_name=GRADE_NAMES[row.grade] if row.grade is not None else None, referable=row.referable,
+                        referral_reason=referral_reason_of(row, payload), dme_present=row.dme_present,
+                        dme_probability=row.dme_probability,
                         confidence=row.confidence, captured_at=row.captured_at, received_at=row.received_at,
                         encounter_id=row.encounter_id, eye=row.eye, has_overlay=row.overlay_png is not None,
-                        result=json.loads(row.payload), disclaimer=SCREENING_DISCLAIMER)
+                        result=payload, disclaimer=SCREENING_DISCLAIMER)
 
 
 def find_result(*, session: Session, result_id: str, device: str | None) -> Result | None:
@@ -214,9 +230,11 @@ def find_result(*, session: Session, result_id: str, device: str | None) -> Resu
     return rows[0] if len(rows) == 1 else None
 
 
-def _filtered(query, *, device, grade, referable, since, until):
+def _filtered(query, *, device, grade, referable, since, until, dme=None):
     if device is not None:
         query = query.where(Result.device == device)
+    if dme is not None:
+        query = query.where(Result.dme_present == dme)
     if grade is not None:
         query = query.where(Result.grade == grade)
     if referable is not None:
@@ -229,8 +247,10 @@ def _filtered(query, *, device, grade, referable, since, until):
 
 
 def query_results(*, session: Session, device: str | None, grade: int | None, referable: bool | None,
-                  since: datetime | None, until: datetime | None, offset: int, limit: int):
-    query = _filtered(select(Result), device=device, grade=grade, referable=referable, since=since, until=until)
+                  since: datetime | None, until: datetime | None, offset: int, limit: int, dme: bool | None = None):
+    """``dme``: only results whose DME head found edema (True) or not (False); DR-only results match neither."""
+    query = _filtered(select(Result), device=device, grade=grade, referable=referable, since=since, until=until,
+                      dme=dme)
     count = session.scalar(select(func.count()).select_from(query.subquery()))
     rows = session.scalars(query.order_by(Result.captured_at.desc(), Result.device, Result.result_id)
                            .offset(offset).limit(limit)).all()

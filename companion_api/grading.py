@@ -43,9 +43,12 @@ def grade_with_gradcam(checkpoint: str, bgr: np.ndarray) -> ServerGrading:
     x = torch.from_numpy(pre.tensor)
     with _lock:
         with torch.no_grad():
-            logits = model(x)[0].numpy()
+            out = model(x, heads=True)
         point = meta.operating_point
-        decision = decide(logits, None, point)
+        dme = {}
+        if out.dme_logit is not None:  # a teacher with a DME head: referral is referable DR or DME present
+            dme = dict(dme_logit=out.dme_logit[0].numpy(), dme_point=meta.dme_point)
+        decision = decide(out.logits[0].numpy(), None, point, **dme)
         target_layer = model.backbone.conv_head if hasattr(model.backbone, "conv_head") else list(model.backbone.children())[-1]
         with GradCAM(model=model, target_layers=[target_layer]) as cam:
             heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(decision.grade)])[0]

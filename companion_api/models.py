@@ -76,6 +76,9 @@ class Result(Base):
     grade: Mapped[int | None] = mapped_column(Integer, index=True, nullable=True)
     referable: Mapped[bool | None] = mapped_column(Boolean, index=True, nullable=True)
     confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Models with a DME head (migration 0003); NULL for DR-only models and ungradable captures.
+    dme_present: Mapped[bool | None] = mapped_column(Boolean, index=True, nullable=True)
+    dme_probability: Mapped[float | None] = mapped_column(Float, nullable=True)
     captured_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
     overlay_png: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)

@@ -43,7 +43,10 @@ class ResultPublic(BaseModel):
     outcome: str
     grade: int | None
     grade_name: str | None  # derived by the server from the grade
-    referable: bool | None  # derived by the server: referable_probability >= threshold
+    referable: bool | None  # cross-checked by the server: referable DR (probability >= threshold) or DME present
+    referral_reason: str | None = None  # "referable DR", "DME present", both, uncertain, ungradable; None: not referred
+    dme_present: bool | None = None  # models with a DME head; None for DR-only models and ungradable captures
+    dme_probability: float | None = None
     confidence: float | None
     captured_at: datetime
     received_at: datetime
@@ -102,8 +105,11 @@ class PredictResponse(BaseModel):
     grade_name: str | None
     confidence: float | None
     probabilities: list[float] | None
-    referable: bool | None
+    referable: bool | None  # referable DR, or DME present (teachers with a DME head)
     referable_probability: float | None = None  # calibrated P(grade >= 2)
+    dme_probability: float | None = None  # calibrated P(DME), teachers with a DME head
+    dme_present: bool | None = None
+    referral_reason: str | None = None
     threshold: float | None = None  # the teacher's operating point (chosen on val at training)
     operating_point: str | None = None  # in words: rule, target, val evidence
     outcome: str

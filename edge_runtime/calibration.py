@@ -7,6 +7,8 @@
 - ``choose_operating_point``: the referral threshold on the calibrated P(grade >= 2) that reaches a target
   sensitivity (or specificity, or maximises Youden's J) on val, with 95% Wilson intervals, n, and the
   "uncertain" band around it.
+- ``choose_binary_operating_point``: the same for a binary head (DME): temperature-scaled sigmoid of its logit,
+  threshold by the same rules, Wilson intervals and n.
 
 numpy at import; scipy and scikit-learn are imported inside the functions (the ``edge`` install has neither and
 only reads the resulting ``OperatingPoint`` from the manifest).
@@ -18,8 +20,13 @@ import math
 import numpy as np
 
 from .contract import NUM_GRADES, OperatingPoint
-from .decision import decide_batch, softmax
-from .metrics import is_referable, referable_probability, sensitivity_specificity
+from .decision import decide_batch, sigmoid, softmax
+from .metrics import (
+    binary_sensitivity_specificity,
+    is_referable,
+    referable_probability,
+    sensitivity_specificity,
+)
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)  # beyond these a model is broken, not over- or under-confident
 ECE_BINS = 15  # Guo et al. (2017); equal-width bins on [0, 1]
@@ -197,3 +204,80 @@ def referral_decisions(logits, operating_point: OperatingPoint) -> tuple[np.ndar
     """Calibrated P(grade >= 2) and the 0/1 referral decision (probability >= threshold) for a batch."""
     decisions = decide_batch(logits, operating_point)
     return decisions.referable_probability, decisions.referable
+
+
+def _check_binary(positive, logits) -> tuple[np.ndarray, np.ndarray]:
+    positive, logits = np.asarray(positive), np.asarray(logits, float).reshape(-1)
+    if positive.shape != logits.shape:
+        raise ValueError(f"need one 0/1 label per logit, got {positive.shape} labels and {logits.shape} logits")
+    if not np.isin(positive, (0, 1)).all():
+        raise ValueError(f"binary labels must be 0/1 (drop missing labels first), got {sorted(set(positive.tolist()))}")
+    if not np.isfinite(logits).all():
+        raise ValueError(f"logits contain {int((~np.isfinite(logits)).sum())} non-finite values; check the model")
+    return positive.astype(bool), logits
+
+
+def binary_negative_log_likelihood(positive, logits, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of 0/1 labels under sigmoid(logits / temperature)."""
+    from scipy.special import log_expit
+
+    positive, logits = _check_binary(positive, logits)
+    z = logits / temperature
+    return float(-np.where(positive, log_expit(z), log_expit(-z)).mean())
+
+
+def fit_binary_temperature(positive, logits) -> float:
+    """Temperature T minimising the val NLL of sigmoid(logit / T) (a binary head's ``fit_temperature``)."""
+    from scipy.optimize import minimize_scalar
+
+    positive, logits = _check_binary(positive, logits)
+    low, high = (math.log(b) for b in TEMPERATURE_BOUNDS)
+    result = minimize_scalar(lambda log_t: binary_negative_log_likelihood(positive, logits, math.exp(log_t)),
+                             bounds=(low, high), method="bounded", options={"xatol": 1e-6})
+    if not result.success:
+        raise RuntimeError(f"temperature fit did not converge: {result.message}")
+    return float(math.exp(result.x))
+
+
+def choose_binary_operating_point(positive, logits, rule: str = "sensitivity", target: float | None = 0.90,
+                                  temperature: float | None = None,
+                                  fingerprint: str | None = None) -> OperatingPoint:
+    """The operating point of a binary head (DME) chosen on labelled val photos, as ``choose_operating_point``
+    chooses the referral point: threshold on sigmoid(logit / T) by ``rule`` (sensitivity | specificity | youden),
+    with val sensitivity/specificity, 95% Wilson intervals and n. No uncertainty band: the band belongs to the
+    grade (an uncertain grade is already referred or read twice).
+
+    Args:
+        positive: 0/1 reference labels of the val photos that have one (missing labels removed by the caller).
+        logits: the head's logit per photo.
+        temperature: None fits it on these photos (``fit_binary_temperature``).
+    """
+    positive, logits = _check_binary(positive, logits)
+    if rule not in ("sensitivity", "specificity", "youden"):
+        raise ValueError(f"rule must be sensitivity | specificity | youden, got {rule!r}")
+    if rule == "youden":
+        target = None
+    elif target is None or not 0.0 < target < 1.0:
+        raise ValueError(f"rule {rule!r} needs a target in (0, 1), got {target!r}")
+    if positive.all() or not positive.any():
+        raise ValueError(f"the val photos need both positive and negative labels to choose an operating point; "
+                         f"got {int(positive.sum())} positive of {len(positive)}")
+    if temperature is None:
+        temperature = fit_binary_temperature(positive, logits)
+    score = sigmoid(logits, temperature)
+    threshold = _pick_threshold(positive, score, rule, target)
+    val = binary_sensitivity_specificity(positive, score >= threshold)
+    from sklearn.metrics import brier_score_loss
+
+    report: dict[str, float] = {"temperature": float(temperature), "n": float(len(positive))}
+    for when, t in (("before", 1.0), ("after", float(temperature))):
+        probs = sigmoid(logits, t)
+        report[f"ece_{when}"] = expected_calibration_error(probs, positive)
+        report[f"brier_{when}"] = float(brier_score_loss(positive, probs))
+        report[f"nll_{when}"] = binary_negative_log_likelihood(positive, logits, t)
+    return OperatingPoint(
+        rule=rule, target=target, threshold=threshold, temperature=float(temperature),
+        sensitivity=val["sensitivity"], sensitivity_ci=val["sensitivity_ci"],
+        specificity=val["specificity"], specificity_ci=val["specificity_ci"],
+        n_positive=val["n_positive"], n_negative=val["n_negative"], val_fingerprint=fingerprint, calibration=report,
+    )

@@ -18,7 +18,7 @@ from .errors import ManifestError
 if TYPE_CHECKING:
     from .wire import QualityReport, ScreeningResult  # noqa: F401 - re-exported lazily, see __getattr__
 
-MANIFEST_SCHEMA_VERSION = 2  # 2: operating_point replaces referable_threshold
+MANIFEST_SCHEMA_VERSION = 3  # 2: operating_point replaces referable_threshold; 3: heads + dme_operating_point
 SCREENING_DISCLAIMER = (
     "RetinaEdge assists diabetic-retinopathy screening; it does not diagnose. "
     "A qualified clinician must confirm every result."
@@ -48,6 +48,44 @@ GRADE_NAMES: tuple[str, ...] = ("No DR", "Mild NPDR", "Moderate NPDR", "Severe N
 NUM_GRADES = len(GRADE_NAMES)
 REFERABLE_MIN_GRADE = 2
 OUTPUT_NAMES: tuple[str, str] = ("logits", "cam")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One supervised head over the shared pooled features: its graph outputs (a logit tensor and its exact CAM)."""
+
+    name: str  # how manifests, checkpoints and configs name it
+    outputs: tuple[str, str]  # (logits N x k, cam N x k x h x w): logits[j] = mean(cam[j]) + bias[j]
+    classes: int  # k
+    description: str
+
+
+# Every artifact has the grade head, first; the others are optional and follow in this order.
+HEADS: dict[str, HeadSpec] = {
+    spec.name: spec
+    for spec in (
+        HeadSpec("grade", OUTPUT_NAMES, NUM_GRADES, "ICDR grades 0-4 (softmax); referable DR = P(grade >= 2)"),
+        HeadSpec("dme", ("dme_logit", "dme_cam"), 1, "diabetic macular edema present (sigmoid)"),
+    )
+}
+DEFAULT_HEADS: tuple[str, ...] = ("grade",)
+
+
+def check_heads(heads: Any, what: str = "heads") -> tuple[str, ...]:
+    """Validated head names in canonical order: ``grade`` first, each known head at most once."""
+    if isinstance(heads, str):
+        heads = (heads,)
+    heads = tuple(heads)
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown or len(set(heads)) != len(heads) or not heads or heads[0] != "grade":
+        raise ManifestError(f"{what} must list 'grade' first and then any of {list(HEADS)[1:]} once each, "
+                            f"got {list(heads)}" + (f" (unknown: {unknown})" if unknown else ""))
+    return tuple(h for h in HEADS if h in heads)
+
+
+def output_names_for(heads: tuple[str, ...]) -> tuple[str, ...]:
+    """The graph's output names for these heads, in order: logits, cam[, dme_logit, dme_cam]."""
+    return tuple(name for head in check_heads(heads) for name in HEADS[head].outputs)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -245,9 +283,12 @@ class ArtifactManifest:
     format: str  # key into exporters.formats.FORMATS
     preprocess: PreprocessPolicy = field(default_factory=PreprocessPolicy)
     class_names: tuple[str, ...] = GRADE_NAMES
-    output_names: tuple[str, ...] = OUTPUT_NAMES
-    cam_shape: tuple[int, int] | None = None  # (h, w) of the cam output
+    output_names: tuple[str, ...] = OUTPUT_NAMES  # output_names_for(heads)
+    cam_shape: tuple[int, int] | None = None  # (h, w) of the cam output (every head's CAM has this grid)
     operating_point: OperatingPoint = field(default_factory=OperatingPoint)  # where referral is decided
+    heads: tuple[str, ...] = DEFAULT_HEADS  # HEADS the graph outputs; manifests before schema 3: grade only
+    # Where "DME present" is decided (threshold on sigmoid(dme_logit / temperature)); set exactly when heads has dme.
+    dme_operating_point: OperatingPoint | None = None
     quantization: QuantizationInfo = field(default_factory=QuantizationInfo)
     gate: GateResult = field(default_factory=GateResult)
     sha256: str | None = None  # of the model file; None only while the file is being written
@@ -265,8 +306,14 @@ class ArtifactManifest:
                 raise ManifestError(f"manifest.{name} must be a non-empty string, got {getattr(self, name)!r}")
         if len(self.class_names) != NUM_GRADES:
             raise ManifestError(f"manifest.class_names must list {NUM_GRADES} ICDR grades, got {len(self.class_names)}")
-        if tuple(self.output_names) != OUTPUT_NAMES:
-            raise ManifestError(f"manifest.output_names must be {OUTPUT_NAMES}, got {tuple(self.output_names)}")
+        object.__setattr__(self, "heads", check_heads(self.heads, "manifest.heads"))
+        expected = output_names_for(self.heads)
+        if tuple(self.output_names) != expected:
+            raise ManifestError(f"manifest.output_names must be {expected} for heads {list(self.heads)}, "
+                                f"got {tuple(self.output_names)}")
+        if ("dme" in self.heads) != (self.dme_operating_point is not None):
+            raise ManifestError("manifest.dme_operating_point is set exactly when heads lists 'dme' "
+                                f"(heads {list(self.heads)}, dme_operating_point {self.dme_operating_point!r})")
         if self.schema_version > MANIFEST_SCHEMA_VERSION:
             raise ManifestError(
                 f"manifest.schema_version {self.schema_version} is newer than this RetinaEdge understands "
@@ -278,6 +325,10 @@ class ArtifactManifest:
         object.__setattr__(self, "output_names", tuple(self.output_names))
         if self.cam_shape is not None:
             object.__setattr__(self, "cam_shape", tuple(int(v) for v in self.cam_shape))
+
+    @property
+    def has_dme(self) -> bool:
+        return "dme" in self.heads
 
     @property
     def ready(self) -> bool:
@@ -306,6 +357,8 @@ class ArtifactManifest:
             if "referable_threshold" in kwargs:  # schema 1 kept a bare threshold, never chosen on data
                 kwargs["operating_point"] = {"threshold": kwargs.pop("referable_threshold")}
             kwargs["operating_point"] = _sub(OperatingPoint, kwargs.get("operating_point", {}), "operating_point")
+            if kwargs.get("dme_operating_point") is not None:
+                kwargs["dme_operating_point"] = _sub(OperatingPoint, kwargs["dme_operating_point"], "dme_operating_point")
             kwargs["preprocess"] = _sub(PreprocessPolicy, data.get("preprocess", {}), "preprocess")
             kwargs["quantization"] = _sub(QuantizationInfo, data.get("quantization", {}), "quantization")
             kwargs["gate"] = _sub(GateResult, data.get("gate", {}), "gate")

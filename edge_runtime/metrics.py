@@ -209,7 +209,13 @@ def paired_bootstrap_auc_ratio(labels, test_scores, reference_scores, confidence
 
 def sensitivity_specificity(y_true, referred) -> dict[str, float | int | tuple[float, float]]:
     """Referable sensitivity and specificity of 0/1 referral decisions, each with its 95% Wilson interval and n."""
-    positive, referred = is_referable(y_true), np.asarray(referred, bool)
+    return binary_sensitivity_specificity(is_referable(y_true), referred)
+
+
+def binary_sensitivity_specificity(positive, referred) -> dict[str, float | int | tuple[float, float]]:
+    """Sensitivity and specificity of 0/1 decisions against 0/1 reference labels (any binary finding, e.g. DME),
+    each with its 95% Wilson interval and n."""
+    positive, referred = np.asarray(positive, bool), np.asarray(referred, bool)
     tp, n_pos = int((referred & positive).sum()), int(positive.sum())
     tn, n_neg = int((~referred & ~positive).sum()), int((~positive).sum())
     return {

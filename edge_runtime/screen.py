@@ -151,7 +151,7 @@ class Screener:
             result = ScreeningResult(quality=quality, outcome="ungradable", latency_ms=clock.timings, **common)
             return self._store(result, None, data, capture_key, clock)
         clock.lap("preprocess")
-        logits, cam = self.session.run(pre.tensor)
+        outputs = self.session.run_heads(pre.tensor)
         clock.lap("infer")
         if pending is not None:
             quality, gate_ms = pending.result()
@@ -160,9 +160,15 @@ class Screener:
             if not quality.gradable:  # the inference is discarded: an ungradable photo is never graded
                 result = ScreeningResult(quality=quality, outcome="ungradable", latency_ms=clock.timings, **common)
                 return self._store(result, None, data, capture_key, clock)
-        decision = decide(logits[0], cam[0], manifest.operating_point)
+        dme = {}
+        if manifest.has_dme:
+            dme = dict(dme_logit=outputs.dme_logit[0], dme_cam=outputs.dme_cam[0], dme_point=manifest.dme_operating_point)
+        decision = decide(outputs.logits[0], outputs.cam[0], manifest.operating_point, **dme)
         clock.lap("decide")
         cam_peak = pre.to_original(*decision.cam_peak)
+        if decision.dme is not None:
+            common.update(dme_probability=decision.dme.probability, dme_present=decision.dme.present,
+                          dme_threshold=decision.dme.threshold, dme_cam_peak=pre.to_original(*decision.dme.cam_peak))
         render = partial(render_overlay, bgr, decision.cam, pre)  # holds the decoded photo, not a copy
         clock.lap("cam")
         if self.store_overlays:

@@ -8,7 +8,11 @@ Everything a device writes is untrusted on the server, so the model checks itsel
   referral flag; ``ungradable`` carries no grade and no probabilities;
 - ``referable_probability`` is P(grade >= 2) = sum(probabilities[2:]) and ``referable`` is
   ``referable_probability >= threshold``; the grade is an argmax of the probabilities;
-- ``grade_name`` is derived from the grade, never read from the device.
+- ``grade_name`` is derived from the grade, never read from the device;
+- models with a DME head add ``dme_probability``, ``dme_present`` and ``dme_threshold`` (all or none, graded and
+  uncertain results only), with ``dme_present`` = ``dme_probability >= dme_threshold``; ``referable`` is then
+  referable DR *or* DME present (``referral_reason`` says which). DR-only results omit the DME keys entirely, so
+  their canonical JSON, and the content hash the server checks, is what it was before DME existed.
 
 Torch-free: the edge runtime, the CLI and the companion server all import it. ``encounter_decision`` is the one
 per-visit rule (refer when either eye is referable, uncertain or ungradable).
@@ -30,6 +34,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StrictBool,
     StrictInt,
     StrictStr,
@@ -37,10 +42,12 @@ from pydantic import (
     computed_field,
     field_serializer,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
 from .contract import GRADE_NAMES, NUM_GRADES, REFERABLE_MIN_GRADE, SCREENING_DISCLAIMER
+from .decision import referral_reason
 
 # Plausible capture window. The server passes its receive time (and its own allowance) through the validation
 # context: ScreeningResult.model_validate(data, context={"received_at": now, "max_future": timedelta(days=1)}).
@@ -54,6 +61,8 @@ Eye = Literal["left", "right"]
 SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
 RESULT_ID = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# The DME head's fields: all absent (DR-only model, or ungradable) or the first three present together.
+DME_FIELDS = ("dme_probability", "dme_present", "dme_threshold", "dme_cam_peak")
 
 
 def _plain_text(value: str) -> str:
@@ -80,6 +89,7 @@ def Text(max_length: int, min_length: int = 0) -> Any:  # noqa: N802 - a type fa
 
 Finite = Annotated[float, Field(strict=True), AfterValidator(_finite)]
 UnitFloat = Annotated[float, Field(strict=True, ge=0.0, le=1.0), AfterValidator(_finite)]
+Threshold = Annotated[float, Field(strict=True, gt=0.0, lt=1.0), AfterValidator(_finite)]
 MetricKey = Annotated[StrictStr, Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
@@ -133,11 +143,15 @@ class ScreeningResult(_Strict):
     grade: Annotated[StrictInt, Field(ge=0, le=NUM_GRADES - 1)] | None = None  # None when ungradable
     probabilities: tuple[UnitFloat, ...] | None = None  # calibrated, one per ICDR grade
     confidence: UnitFloat | None = None  # probability of the reported grade
-    referable: StrictBool | None = None
+    referable: StrictBool | None = None  # referable DR (P(grade >= 2) >= threshold), or DME present
     outcome: Outcome = "graded"
     referable_probability: UnitFloat | None = None  # P(grade >= 2); derived from probabilities when omitted
-    threshold: Annotated[float, Field(strict=True, gt=0.0, lt=1.0), AfterValidator(_finite)] | None = None
+    threshold: Threshold | None = None
     cam_peak: tuple[UnitFloat, UnitFloat] | None = None  # (x, y) normalised to the original image
+    dme_probability: UnitFloat | None = None  # calibrated P(DME); models with a DME head only
+    dme_present: StrictBool | None = None  # dme_probability >= dme_threshold
+    dme_threshold: Threshold | None = None  # the manifest's dme_operating_point threshold
+    dme_cam_peak: tuple[UnitFloat, UnitFloat] | None = None  # (x, y) of the DME CAM maximum, original image
     latency_ms: dict[MetricKey, Annotated[float, Field(strict=True, ge=0.0), AfterValidator(_finite)]] = Field(
         default_factory=dict, max_length=16)
     result_id: Annotated[StrictStr, Field(pattern=RESULT_ID)] = Field(default_factory=_new_id)
@@ -160,7 +174,7 @@ class ScreeningResult(_Strict):
             if name != expected:
                 raise ValueError(f"grade_name {str(name)[:40]!r} does not match grade {grade!r}; "
                                  "the name is derived from the grade, omit it")
-        for key in ("probabilities", "cam_peak"):
+        for key in ("probabilities", "cam_peak", "dme_cam_peak"):
             if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
         probs = data.get("probabilities")
@@ -201,8 +215,8 @@ class ScreeningResult(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> ScreeningResult:
         if self.outcome == "ungradable":
-            stray = [name for name in ("grade", "probabilities", "confidence", "referable", "referable_probability")
-                     if getattr(self, name) is not None]
+            stray = [name for name in ("grade", "probabilities", "confidence", "referable", "referable_probability",
+                                       *DME_FIELDS) if getattr(self, name) is not None]
             if stray:
                 raise ValueError(f"an ungradable result carries no {', '.join(stray)}")
             return self
@@ -222,10 +236,53 @@ class ScreeningResult(_Strict):
         if abs(self.referable_probability - derived) > DERIVED_TOLERANCE:
             raise ValueError(f"referable_probability {self.referable_probability} != sum(probabilities[2:]) = "
                              f"{derived:.6f}")
-        if self.referable != (self.referable_probability >= self.threshold):
+        self._check_dme()
+        if self.referable != (self.dr_referable or bool(self.dme_present)):
+            dme = f" and dme_present={self.dme_present}" if self.has_dme else ""
             raise ValueError(f"referable={self.referable} contradicts referable_probability "
-                             f"{self.referable_probability} at threshold {self.threshold}")
+                             f"{self.referable_probability} at threshold {self.threshold}{dme}")
         return self
+
+    def _check_dme(self) -> None:
+        given = [name for name in DME_FIELDS[:3] if getattr(self, name) is not None]
+        if not given:
+            if self.dme_cam_peak is not None:
+                raise ValueError("dme_cam_peak needs dme_probability, dme_present and dme_threshold")
+            return
+        if len(given) < 3:
+            missing = [name for name in DME_FIELDS[:3] if name not in given]
+            raise ValueError(f"a DME result needs dme_probability, dme_present and dme_threshold; missing "
+                             f"{', '.join(missing)}")
+        if self.dme_present != (self.dme_probability >= self.dme_threshold):
+            raise ValueError(f"dme_present={self.dme_present} contradicts dme_probability {self.dme_probability} "
+                             f"at dme_threshold {self.dme_threshold}")
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_heads(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A DR-only result serialises exactly as before DME existed: same keys, same canonical JSON and hash.
+        data = handler(self)
+        for name in DME_FIELDS:
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
+
+    @property
+    def has_dme(self) -> bool:
+        """The result carries a DME finding (a model with a DME head graded it)."""
+        return self.dme_present is not None
+
+    @property
+    def dr_referable(self) -> bool | None:
+        """Referable DR alone: P(grade >= 2) >= threshold; None when ungradable."""
+        if self.referable_probability is None or self.threshold is None:
+            return None
+        return self.referable_probability >= self.threshold
+
+    @property
+    def referral_reason(self) -> str | None:
+        """Why this result is referred: "referable DR", "DME present", both, "uncertain (second read)", "ungradable";
+        None when it is not."""
+        return result_referral_reason(self.outcome, self.dr_referable, self.dme_present)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -259,6 +316,17 @@ class ScreeningResult(_Strict):
         return self.outcome != "graded" or bool(self.referable)
 
 
+def result_referral_reason(outcome: str, dr_referable: bool | None, dme_present: bool | None) -> str | None:
+    """Why a result is referred, from its outcome and findings (``ScreeningResult.referral_reason``; the server
+    calls it with its stored columns); None when it is not referred."""
+    if outcome == "ungradable":
+        return "ungradable"
+    reason = referral_reason(bool(dr_referable), dme_present)
+    if outcome == "uncertain":
+        return "; ".join(filter(None, ["uncertain (second read)", reason]))
+    return reason
+
+
 def content_hash_of(canonical_json: str) -> str:
     """sha256 of a result's canonical JSON (ScreeningResult.canonical_json)."""
     return hashlib.sha256(canonical_json.encode()).hexdigest()
@@ -269,6 +337,7 @@ class EyeResult(Protocol):
 
     outcome: str
     referable: bool | None
+    dme_present: bool | None  # None: no DME head
     eye: str | None
     captured_at: datetime
 
@@ -305,7 +374,7 @@ def encounter_decision(results: Iterable[EyeResult]) -> EncounterDecision:
         elif result.outcome == "uncertain":
             reasons.append(f"{eye} eye uncertain (second read)")
         elif result.referable:
-            reasons.append(f"{eye} eye referable")
+            reasons.append(f"{eye} eye referable" + (" (DME present)" if result.dme_present else ""))
     if reasons:
         return EncounterDecision("refer", "; ".join(reasons), chosen)
     if len(chosen) < 2:

@@ -88,12 +88,14 @@ class ExportInputs:
 
 @dataclass(frozen=True)
 class Reference:
-    """The FP32 PyTorch model's (logits, cam) on the val photos and its MACs: computed once per inputs."""
+    """The FP32 PyTorch model's outputs on the val photos (every head's) and its MACs: computed once per inputs."""
 
     logits: np.ndarray  # N x 5
     cam: np.ndarray  # N x 5 x h x w
     macs: int
     val_sha1: str  # which val photos these outputs belong to
+    dme_logit: np.ndarray | None = None  # N x 1, models with a DME head
+    dme_cam: np.ndarray | None = None  # N x 1 x h x w
 
     @property
     def cam_shape(self) -> tuple[int, int] | None:
@@ -105,10 +107,12 @@ class Reference:
         from training.models.profile import count_macs
 
         model, val = inputs.model.eval(), inputs.photos.val
-        pairs = [model.forward_with_cam(torch.from_numpy(val[i:i + 16]).float()) for i in range(0, len(val), 16)]
-        logits = np.concatenate([p[0].numpy() for p in pairs]) if pairs else np.zeros((0, 5), np.float32)
-        cam = np.concatenate([p[1].numpy() for p in pairs]) if pairs else np.zeros((0, 5, 1, 1), np.float32)
-        return cls(logits, cam, count_macs(model, inputs.policy.input_size), inputs.photos.digest("val"))
+        size = inputs.policy.input_size
+        batches = [model.forward_outputs(torch.from_numpy(val[i:i + 16]).float()) for i in range(0, len(val), 16)]
+        if not batches:  # no val photos: the shapes still tell which outputs exist
+            batches = [tuple(t[:0] for t in model.forward_outputs(torch.zeros(1, 3, size, size)))]
+        outputs = [np.concatenate([b[k].numpy() for b in batches]) for k in range(len(batches[0]))]
+        return cls(outputs[0], outputs[1], count_macs(model, size), inputs.photos.digest("val"), *outputs[2:])
 
 
 class TorchGraphs:
@@ -152,7 +156,8 @@ class ExportResult:
     path: Path
     quantization: QuantizationInfo
     # (logits, cam) on the val photos of the quantized torch graph that was converted, for formats whose runtime
-    # cannot run here (CoreML on Linux); the gate judges these. None where the runtime runs the file itself.
+    # cannot run here (CoreML on Linux); the gate judges these (the grade head's). None where the runtime runs the
+    # file itself.
     outputs: tuple[np.ndarray, np.ndarray] | None = None
     spec_checks: dict[str, float] = field(default_factory=dict)  # what was read back from the file's spec
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from edge_runtime.contract import QuantizationInfo
-from edge_runtime.formats import INPUT_NAME, MANIFEST_METADATA_KEY, RUNTIME_FORMATS
+from edge_runtime.contract import QuantizationInfo, output_names_for
+from edge_runtime.formats import INPUT_NAME, MANIFEST_METADATA_KEY
 
 from .base import ExportRequest, ExportResult, pt2e_recipe, register_exporter
 from .errors import ExportParityError
@@ -53,7 +53,8 @@ def export_coreml(request: ExportRequest) -> ExportResult:
     if path.exists():
         shutil.rmtree(path)
     example = request.inputs.example()
-    outputs = [ct.TensorType(name=name) for name in RUNTIME_FORMATS["coreml"].output_names]
+    names = output_names_for(request.inputs.meta.heads)
+    outputs = [ct.TensorType(name=name) for name in names]
     simulated = None
     if request.precision == "int8":
         model, quant, simulated = _convert_w8a8(request, example, outputs)
@@ -65,7 +66,7 @@ def export_coreml(request: ExportRequest) -> ExportResult:
         quant = QuantizationInfo("fp16")
     model.short_description = "RetinaEdge DR screening aid (ICDR 0-4 logits + CAM). Not a diagnosis."
     model.save(str(path))
-    return ExportResult(path, quant, simulated, check_coreml_spec(path, tuple(example.shape), request.precision))
+    return ExportResult(path, quant, simulated, check_coreml_spec(path, tuple(example.shape), request.precision, names))
 
 
 def _convert_w8a8(request: ExportRequest, example: torch.Tensor, outputs: list):
@@ -88,7 +89,8 @@ def _convert_w8a8(request: ExportRequest, example: torch.Tensor, outputs: list):
     return model, recipe.info(len(request.inputs.photos.calib)), simulated
 
 
-def check_coreml_spec(path: Path, input_shape: tuple[int, ...], precision: str) -> dict[str, float]:
+def check_coreml_spec(path: Path, input_shape: tuple[int, ...], precision: str,
+                      output_names: tuple[str, ...] = ("logits", "cam")) -> dict[str, float]:
     """Read the saved spec back and check what Linux can check: I/O names and shape, op types, weight dtypes."""
     import coremltools as ct
 
@@ -101,7 +103,7 @@ def check_coreml_spec(path: Path, input_shape: tuple[int, ...], precision: str) 
             for op in block.operations:
                 ops[op.type] += 1
     problems = []
-    expected_outputs = list(RUNTIME_FORMATS["coreml"].output_names)
+    expected_outputs = list(output_names)
     if list(inputs) != [INPUT_NAME] or outputs != expected_outputs:
         problems.append(f"I/O names {list(inputs)} -> {outputs}, expected [{INPUT_NAME!r}] -> {expected_outputs}")
     if inputs.get(INPUT_NAME) != list(input_shape):

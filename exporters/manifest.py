@@ -20,6 +20,7 @@ from edge_runtime.contract import (
     OperatingPoint,
     QuantizationInfo,
     manifest_path_for,
+    output_names_for,
     sha256_file,
 )
 from edge_runtime.formats import embedded_manifest_json, runtime_format
@@ -37,6 +38,7 @@ def draft_manifest(inputs: ExportInputs, reference: Reference, fmt: str, quantiz
         model_name=meta.model_name, model_version=meta.model_version(quantization.precision),
         format=fmt, preprocess=inputs.policy, cam_shape=reference.cam_shape,
         operating_point=point or meta.operating_point, quantization=quantization, gate=gate,
+        heads=meta.heads, output_names=output_names_for(meta.heads), dme_operating_point=meta.dme_point,
         training_data_fingerprint=meta.data_fingerprint, git_sha=meta.git_sha,
         extra={"num_features": meta.num_features, "macs": reference.macs,
                "metrics": {k: v.get("qwk") for k, v in meta.metrics.items() if isinstance(v, dict)}},

@@ -11,8 +11,8 @@ import onnx
 import torch
 
 from compression.quantize import quantize_onnx
-from edge_runtime.contract import QuantizationInfo
-from edge_runtime.formats import INPUT_NAME, MANIFEST_METADATA_KEY, RUNTIME_FORMATS
+from edge_runtime.contract import QuantizationInfo, output_names_for
+from edge_runtime.formats import INPUT_NAME, MANIFEST_METADATA_KEY
 
 from .base import ExportInputs, ExportRequest, ExportResult, register_exporter
 
@@ -21,16 +21,16 @@ OPSET = 18
 
 
 def export_onnx_fp32(inputs: ExportInputs, path: Path, module: torch.nn.Module | None = None) -> Path:
-    """Write ``module`` (default: the checkpoint's inputs -> (logits, cam)) as ONNX."""
+    """Write ``module`` (default: the checkpoint's inputs -> (logits, cam[, dme_logit, dme_cam])) as ONNX."""
     from training.models import ExportModule
 
-    names = RUNTIME_FORMATS["onnx"]
+    names = output_names_for(inputs.meta.heads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # dynamo=False: 1-4 s instead of 6-17 s and it also exports NNCF-stripped models (TOOLCHAIN.md).
         torch.onnx.export(module or ExportModule(inputs.model), (inputs.example(),), str(path), dynamo=False,
-                          opset_version=OPSET, input_names=[INPUT_NAME], output_names=list(names.output_names),
-                          dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *names.output_names)})
+                          opset_version=OPSET, input_names=[INPUT_NAME], output_names=list(names),
+                          dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *names)})
     return path
 
 

@@ -223,9 +223,10 @@ class ExportPipeline:
             # manifest checks do not apply yet. The draft manifest only labels the session.
             draft = draft_manifest(self.inputs, self.reference, spec.name, result.quantization, GateResult())
             session = BACKENDS.get(spec.runtime)(result.path, draft)
-            logits, cam = session.run(self.inputs.photos.val)
+            outputs = session.run_heads(self.inputs.photos.val)
             how = f"ran {session.info.backend}/{session.info.provider} on {n} images"
-            return self._judge(spec, result, precision, logits, cam, how)
+            return self._judge(spec, result, precision, outputs.logits, outputs.cam, how,
+                               self._dme_checks(result, outputs.dme_logit, outputs.dme_cam))
         how = f"spec checked only: {spec.runtime} cannot run on this OS ({', '.join(spec.runs_on)} only)"
         if precision == "int8" and result.outputs is not None:
             how = (f"spec checked; INT8 gated on the quantized torch graph that was converted ({n} images); "
@@ -235,13 +236,29 @@ class ExportPipeline:
                           ("predictions need " + "/".join(spec.runs_on),))
         return Verdict(gate, how, dict(result.spec_checks), None)
 
+    def _dme_checks(self, result: ExportResult, dme_logit: np.ndarray | None,
+                    dme_cam: np.ndarray | None) -> dict[str, float]:
+        """The DME head's parity with PyTorch and its CAM identity (empty without a DME head)."""
+        ref = self.reference
+        if ref.dme_logit is None:
+            return {}
+        if dme_logit is None or dme_cam is None or dme_logit.shape != ref.dme_logit.shape \
+                or dme_cam.shape != ref.dme_cam.shape:
+            raise ExportParityError(f"{result.path.name}: DME outputs {None if dme_logit is None else dme_logit.shape} "
+                                    f"{None if dme_cam is None else dme_cam.shape}, expected {ref.dme_logit.shape} "
+                                    f"{ref.dme_cam.shape}; the manifest lists the dme head")
+        bias = dme_logit - dme_cam.mean(axis=(2, 3))
+        return {"max_abs_dme_logit_diff": float(np.abs(dme_logit - ref.dme_logit).max()),
+                "max_abs_dme_cam_diff": float(np.abs(dme_cam - ref.dme_cam).max()),
+                "dme_cam_identity_error": float(np.abs(bias - bias.mean(0, keepdims=True)).max())}
+
     def _judge(self, spec: FormatSpec, result: ExportResult, precision: str, logits: np.ndarray, cam: np.ndarray,
-               how: str) -> Verdict:
+               how: str, dme_checks: dict[str, float] | None = None) -> Verdict:
         ref = self.reference
         if cam.shape != ref.cam.shape or logits.shape != ref.logits.shape:
             raise ExportParityError(f"{result.path.name}: output shapes logits {logits.shape} cam {cam.shape}, "
                                     f"expected {ref.logits.shape} {ref.cam.shape}")
-        metrics = compare(ref.logits, ref.cam, logits, cam)
+        metrics = {**compare(ref.logits, ref.cam, logits, cam), **(dme_checks or {})}
         point = self._operating_point(logits)
         if spec.runs_here:
             # The CAM identity every artifact must keep: logits - mean_hw(cam) is the (constant) classifier bias.
@@ -288,6 +305,12 @@ def _parity(spec: FormatSpec, path: Path, precision: str, metrics: dict[str, flo
         failures.append(f"max |delta logits| {metrics['max_abs_logit_diff']:.2e} > {limit:.2e}")
     if metrics.get("cam_identity_error", 0.0) > 10 * limit:
         failures.append(f"cam identity error {metrics['cam_identity_error']:.2e}")
+    if ref.dme_logit is not None:  # the DME head is held to the same tolerance, scaled by its own logits
+        dme_limit = atol * max(1.0, float(np.abs(ref.dme_logit).max()))
+        if metrics["max_abs_dme_logit_diff"] > dme_limit:
+            failures.append(f"max |delta DME logit| {metrics['max_abs_dme_logit_diff']:.2e} > {dme_limit:.2e}")
+        if metrics["dme_cam_identity_error"] > 10 * dme_limit:
+            failures.append(f"DME cam identity error {metrics['dme_cam_identity_error']:.2e}")
     if failures:
         raise ExportParityError(f"{path.name}: {'; '.join(failures)}")
     return GateResult("not_required", _finite(metrics), {"atol": limit})

@@ -63,6 +63,7 @@ def train(
     loss: str | None = typer.Option(None, help="ce | focal"), device: str | None = typer.Option(None),
     max_minutes: float | None = typer.Option(None), resume: bool | None = typer.Option(None, "--resume"),
     out: str | None = typer.Option(None), seed: int | None = typer.Option(None),
+    head: list[str] | None = typer.Option(None, help="Heads (repeatable): grade, dme. E.g. --head grade --head dme."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Fine-tune a registered model (defaults -> YAML -> flags). Works under torchrun for multi-GPU."""
@@ -73,7 +74,7 @@ def train(
         cfg = resolve_config(TrainConfig, config, _train_overrides(
             model=model, data=data, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
             pretrained=pretrained, pretrained_file=pretrained_file, init_from=init_from, loss=loss, device=device,
-            max_minutes=max_minutes, resume=resume, out=out, seed=seed))
+            max_minutes=max_minutes, resume=resume, out=out, seed=seed, heads=head))
         with _quiet(Path(cfg.out) / "train.log", verbose) as where:
             if verbose:
                 result = fit(cfg)
@@ -138,6 +139,12 @@ def _metrics_table(metrics: dict, title: str) -> None:
                           _with_ci(m, "referable_sensitivity"), _with_ci(m, "referable_specificity"),
                           _with_ci(m, "referable_auc"), str(m.get("uncertain", "-")))
     out_console.print(table)
+    for split in ("val", "test"):
+        dme = (metrics.get(split) or {}).get("dme")
+        if dme:
+            out_console.print(f"DME {split} (n={dme['n']}, n+={dme['n_positive']}, unlabelled {dme['n_missing']}): "
+                              f"AUC {_with_ci(dme, 'auc')}, sensitivity {_with_ci(dme, 'sensitivity')}, "
+                              f"specificity {_with_ci(dme, 'specificity')}; {dme.get('operating_point', '')}")
     point = metrics.get("operating_point") or (metrics.get("test") or {}).get("operating_point")
     if point:
         from edge_runtime.contract import OperatingPoint
@@ -444,10 +451,12 @@ def _verdict(result) -> str:
     if result.outcome == "ungradable":
         return "UNGRADABLE - retake, or refer if a retake fails: " + "; ".join(result.quality.reasons)
     text = (f"grade {result.grade} ({result.grade_name}), P(referable) {result.referable_probability:.2f} at "
-            f"threshold {result.threshold:.2f}: ")
+            f"threshold {result.threshold:.2f}")
+    if result.has_dme:
+        text += f", P(DME) {result.dme_probability:.2f} at {result.dme_threshold:.2f}"
     if result.outcome == "uncertain":
-        return text + "UNCERTAIN - refer or get a second read"
-    return text + ("REFER" if result.referable else "no referral")
+        return text + ": UNCERTAIN - refer or get a second read"
+    return text + (f": REFER ({result.referral_reason})" if result.referable else ": no referral")
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -476,6 +485,9 @@ def _grade_json(result, overlay_path) -> dict:
             "quality": {"gradable": result.quality.gradable, "score": result.quality.score,
                         "reasons": list(result.quality.reasons), "metrics": result.quality.metrics},
             "cam_peak": result.cam_peak, "overlay": str(overlay_path) if overlay_path else None,
+            **({"dme_probability": result.dme_probability, "dme_present": result.dme_present,
+                "dme_threshold": result.dme_threshold, "referral_reason": result.referral_reason}
+               if result.has_dme else {}),
             "model_version": result.model_version, "model_sha256": result.model_sha256, "backend": result.backend,
             "provider": result.provider, "latency_ms": result.latency_ms, "disclaimer": result.disclaimer}
 

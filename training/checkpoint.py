@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_runtime.contract import GRADE_NAMES, OperatingPoint, PreprocessPolicy
+from edge_runtime.contract import DEFAULT_HEADS, GRADE_NAMES, OperatingPoint, PreprocessPolicy, check_heads
 from edge_runtime.errors import ManifestError
 
 from .errors import CheckpointError
@@ -21,6 +21,8 @@ class CheckpointMeta:
     data_fingerprint: str | None = None  # of the training photos
     num_features: int | None = None  # width of the pooled features (the CAM head's input)
     class_names: tuple[str, ...] = GRADE_NAMES
+    heads: tuple[str, ...] = DEFAULT_HEADS  # the model's heads (edge_runtime.contract.HEADS); older checkpoints: grade
+    dme_operating_point: OperatingPoint | None = None  # where "DME present" is decided, chosen on val (DME head only)
     metrics: dict[str, Any] = field(default_factory=dict)  # val/test metrics at the operating point
     config: dict[str, Any] = field(default_factory=dict)  # the resolved TrainConfig
     ema_weights: bool = False  # model_state is the moving average of the weights (config ema_decay), not one step's
@@ -35,6 +37,22 @@ class CheckpointMeta:
             raise CheckpointError(f"checkpoint meta.class_names must be the ICDR grades {GRADE_NAMES}, "
                                   f"got {self.class_names!r}")
         object.__setattr__(self, "class_names", tuple(self.class_names))
+        try:
+            object.__setattr__(self, "heads", check_heads(self.heads, "checkpoint meta.heads"))
+        except ManifestError as exc:
+            raise CheckpointError(str(exc)) from exc
+
+    @property
+    def has_dme(self) -> bool:
+        return "dme" in self.heads
+
+    @property
+    def dme_point(self) -> OperatingPoint | None:
+        """The DME operating point a manifest carries: the one chosen on val, else the default 0.5 (DME head
+        only; None without one)."""
+        if not self.has_dme:
+            return None
+        return self.dme_operating_point or OperatingPoint()
 
     @property
     def input_size(self) -> int:
@@ -71,6 +89,8 @@ class CheckpointMeta:
                 data["operating_point"] = OperatingPoint(**point)
             elif point is None:
                 data["operating_point"] = OperatingPoint(threshold=float(threshold if threshold is not None else 0.5))
+            if isinstance(data.get("dme_operating_point"), dict):
+                data["dme_operating_point"] = OperatingPoint(**data["dme_operating_point"])
             return cls(**data)
         except (ManifestError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{source}: invalid meta: {exc}") from exc

@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from edge_runtime.errors import ConfigError
+from edge_runtime.contract import check_heads
+from edge_runtime.errors import ConfigError, ManifestError
 
 # What each training photo goes through (transforms in training/data/device_batches.py): `basic` = orientation and
 # brightness/contrast/channel jitter (the recipe every earlier run used); `phone` = basic plus the framing, optics and
@@ -71,6 +72,12 @@ class TrainConfig:
     referral_rule: str = "sensitivity"  # how the val photos choose the threshold: sensitivity | specificity | youden
     referral_target: float = 0.90  # the val sensitivity (or specificity) the threshold must reach
     uncertain_fraction: float = 0.05  # share of val photos nearest the threshold reported "uncertain"
+    # Heads over the shared pooled features (issue 18): grade (always), dme = binary diabetic macular edema, trained
+    # on the folders' DME labels (layouts.read_dme) with the loss masked where a photo has none.
+    heads: tuple[str, ...] = ("grade",)
+    dme_loss_weight: float = 1.0  # weight of the DME loss beside the grade loss
+    dme_rule: str = "sensitivity"  # how the val photos with DME labels choose "DME present": sensitivity | specificity | youden
+    dme_target: float = 0.90  # the val sensitivity (or specificity) the DME threshold must reach
     # Distillation (compression.distill); ignored when teacher is empty.
     teacher: tuple[str, ...] = ()  # teacher checkpoint(s); several = an ensemble of their calibrated outputs
     unlabelled: tuple[str, ...] = ()  # folders of extra photos the teachers label (any layout; labels ignored)
@@ -125,6 +132,19 @@ class TrainConfig:
             raise ConfigError(f"unlabelled photos {list(self.unlabelled)} need a teacher to label them: set teacher "
                               "(`retinaedge distill --teacher CKPT`) or drop unlabelled")
         object.__setattr__(self, "train_splits", tuple(self.train_splits))
+        self._check_heads()
+
+    def _check_heads(self) -> None:
+        try:
+            object.__setattr__(self, "heads", check_heads(self.heads))
+        except ManifestError as exc:
+            raise ConfigError(str(exc)) from exc
+        if self.dme_loss_weight < 0:
+            raise ConfigError(f"dme_loss_weight must be >= 0, got {self.dme_loss_weight!r}")
+        if self.dme_rule not in ("sensitivity", "specificity", "youden"):
+            raise ConfigError(f"dme_rule must be sensitivity | specificity | youden, got {self.dme_rule!r}")
+        if not 0 < self.dme_target < 1:
+            raise ConfigError(f"dme_target must be in (0, 1), got {self.dme_target!r}")
 
     def _check_cam_augment(self) -> None:
         if self.cam_augment not in CAM_AUGMENTS:

@@ -14,7 +14,7 @@ from edge_runtime.contract import OperatingPoint
 from edge_runtime.decision import decide_batch
 
 from .data.dataset import FundusDataset, cache_images
-from .data.layouts import assign_splits, fingerprint, read_dataset, select
+from .data.layouts import MISSING, assign_splits, fingerprint, read_dataset, read_dme, select
 from .metrics import report_at, save_confusion_png, save_roc_png
 from .models import load_checkpoint
 from .train import predict
@@ -30,9 +30,15 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cach
         raise ValueError(f"{data} has no {split!r} split")
     images = cache_images(samples, policy, cache_dir, False)
     y = np.array([s.grade for s in samples])
-    logits = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=32), torch.device("cpu"))
+    logits, dme_logits = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=32),
+                                 torch.device("cpu"), heads=True)
     point = meta.operating_point
-    metrics = report_at(point, y, logits)
+    dme = {}
+    if dme_logits is not None:  # DME metrics on the photos this folder labels (none: only the referral count)
+        labels = read_dme(data)
+        dme = dict(dme_labels=np.array([labels.get(s.path, MISSING) for s in samples]), dme_logits=dme_logits,
+                   dme_point=meta.dme_point)
+    metrics = report_at(point, y, logits, **dme)
     # Calibration measured on photos the temperature was not fitted on: ECE/Brier at T = 1 and at the point's T.
     metrics["calibration"] = calibration_report(logits, y, point.temperature)
     metrics.update(checkpoint=str(checkpoint), data=str(data), split=split, model=meta.model_name)

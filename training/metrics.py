@@ -6,6 +6,7 @@ import numpy as np
 from edge_runtime.contract import OperatingPoint
 from edge_runtime.decision import decide_batch
 from edge_runtime.metrics import (  # noqa: F401 - re-exported for training code and notebooks
+    binary_sensitivity_specificity,
     confusion,
     is_referable,
     quadratic_weighted_kappa,
@@ -14,13 +15,21 @@ from edge_runtime.metrics import (  # noqa: F401 - re-exported for training code
     screening_metrics,
 )
 
+from .data.layouts import MISSING
+
 
 def auc_interval(y_true, score, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Stratified percentile bootstrap interval of the referable AUC (scipy): referable and non-referable photos
     are resampled separately, so every resample has both classes; the AUC is the Mann-Whitney U / (n+ n-)."""
+    return binary_auc_interval(is_referable(y_true), score, confidence, n_resamples, seed)
+
+
+def binary_auc_interval(positive, score, confidence: float = 0.95, n_resamples: int = 2000,
+                        seed: int = 0) -> tuple[float, float]:
+    """``auc_interval`` for any 0/1 reference labels (e.g. DME); (nan, nan) with fewer than 2 photos per class."""
     from scipy import stats
 
-    positive, score = is_referable(y_true), np.asarray(score, float)
+    positive, score = np.asarray(positive, bool), np.asarray(score, float)
     pos, neg = score[positive], score[~positive]
     if len(pos) < 2 or len(neg) < 2:
         return float("nan"), float("nan")
@@ -33,16 +42,39 @@ def auc_interval(y_true, score, confidence: float = 0.95, n_resamples: int = 200
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def report_at(point: OperatingPoint, y: np.ndarray, logits: np.ndarray, auc_ci: bool = True) -> dict:
+def report_at(point: OperatingPoint, y: np.ndarray, logits: np.ndarray, auc_ci: bool = True,
+              dme_labels: np.ndarray | None = None, dme_logits: np.ndarray | None = None,
+              dme_point: OperatingPoint | None = None) -> dict:
     """Screening metrics of ``logits`` decided at ``point`` (decide_batch), each with n and a 95% interval, plus how
-    many photos fell in the uncertain band. ``auc_ci=False`` skips the AUC bootstrap (per-epoch validation)."""
-    decisions = decide_batch(logits, point)
+    many photos fell in the uncertain band. ``auc_ci=False`` skips the AUC bootstrap (per-epoch validation).
+
+    With a DME head's ``dme_logits`` (and its photos' ``dme_labels``, ``MISSING`` where unknown) the report gains
+    ``dme``: AUC and sensitivity/specificity at ``dme_point`` (default 0.5) on the labelled photos, and
+    ``referred``: photos referred for referable DR or DME, the rule the device applies."""
+    if dme_logits is not None and dme_point is None:
+        dme_point = OperatingPoint()
+    decisions = decide_batch(logits, point, dme_logits, dme_point)
     metrics = screening_metrics(y, decisions.probabilities, point.threshold)
     if auc_ci:
         metrics["referable_auc_ci"] = auc_interval(y, decisions.referable_probability)
     metrics["uncertain"] = int(decisions.uncertain.sum())
     metrics["operating_point"] = point.describe()
+    if decisions.dme_probability is not None:
+        labels = np.full(len(y), MISSING) if dme_labels is None else np.asarray(dme_labels)
+        metrics["dme"] = dme_metrics(labels, decisions.dme_probability, decisions.dme_present, auc_ci)
+        metrics["dme"]["operating_point"] = dme_point.describe()
+        metrics["referred"] = int(decisions.referable.sum())
     return metrics
+
+
+def dme_metrics(labels: np.ndarray, probability: np.ndarray, present: np.ndarray, auc_ci: bool = True) -> dict:
+    """DME head on the photos with a DME label: AUC (bootstrap interval with ``auc_ci``), sensitivity and
+    specificity of ``present`` with 95% Wilson intervals and n; ``n_missing`` photos had no label."""
+    labelled = labels != MISSING
+    positive, probability, present = labels[labelled] == 1, probability[labelled], present[labelled]
+    at_point = binary_sensitivity_specificity(positive, present)
+    return {"n": int(labelled.sum()), "n_missing": int((~labelled).sum()), "auc": roc_auc(positive, probability),
+            **({"auc_ci": binary_auc_interval(positive, probability)} if auc_ci else {}), **at_point}
 
 
 def save_confusion_png(cm: list[list[int]], path: str, title: str = "Confusion matrix") -> None:

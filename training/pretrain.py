@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -51,7 +50,15 @@ from .data.layouts import (
 )
 from .metrics import quadratic_weighted_kappa, roc_auc
 from .models import DRClassifier, create_model, get_model_cfg
-from .train import class_weights, git_sha, labelled_loss, progress_bar, resolve_device
+from .train import (
+    class_weights,
+    git_sha,
+    labelled_loss,
+    masked_bce,
+    positive_weight,
+    progress_bar,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +142,6 @@ class PretrainNet(nn.Module):
         pooled = self.model.dropout(self.model.forward_features(x).mean(dim=(2, 3)))
         return {"grade": self.model.head(pooled), "abnormal": self.abnormal(pooled).squeeze(1),
                 "dme": self.dme(pooled).squeeze(1)}
-
-
-def masked_bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Binary cross-entropy over the rows whose target is not ``MISSING``; 0 (not NaN) when none is."""
-    present = target != MISSING
-    safe = torch.where(present, target, torch.zeros_like(target)).float()
-    per_row = F.binary_cross_entropy_with_logits(logits, safe, pos_weight=pos_weight, reduction="none")
-    return (per_row * present).sum() / present.sum().clamp(min=1)
 
 
 def multitask_loss(out: dict[str, torch.Tensor], grade: torch.Tensor, dme: torch.Tensor,
@@ -245,8 +244,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
                             batch_size=cfg.batch_size * 2, num_workers=cfg.workers)
     grade_weight = class_weights(train_y).to(device)
     # DME is rare (Messidor-2 train: 68 of 926): weight positives by neg/pos, capped at 10 like class_weights.
-    n_pos, n_neg = int((train_dme == 1).sum()), int((train_dme == 0).sum())
-    dme_pos_weight = torch.tensor(min(10.0, n_neg / n_pos) if n_pos else 1.0, device=device)
+    dme_pos_weight = positive_weight(train_dme).to(device)
 
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, len(train_loader))

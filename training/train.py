@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, DistributedSampler
 
-from edge_runtime.calibration import choose_operating_point
+from edge_runtime.calibration import choose_binary_operating_point, choose_operating_point
 from edge_runtime.contract import OperatingPoint, PreprocessPolicy, utcnow
 
 from .cam_augment import CamAugmenter
@@ -27,7 +27,16 @@ from .checkpoint import CheckpointMeta
 from .config import TrainConfig, save_config
 from .data.dataset import FundusDataset, cache_images
 from .data.device_batches import DeviceBatches, fits_on_device
-from .data.layouts import UNLABELLED, Sample, assign_splits, fingerprint, read_dataset, select
+from .data.layouts import (
+    MISSING,
+    UNLABELLED,
+    Sample,
+    assign_splits,
+    fingerprint,
+    read_dataset,
+    read_dme,
+    select,
+)
 from .data.synthetic import write_synthetic_dataset
 from .metrics import report_at, save_confusion_png
 from .models import DRClassifier, create_model, get_model_cfg
@@ -71,6 +80,15 @@ def load_samples(cfg: TrainConfig) -> list[Sample]:
     return samples
 
 
+def dme_labels(cfg: TrainConfig, samples: Sequence[Sample]) -> np.ndarray:
+    """Each photo's DME label (0/1) from its folder (``layouts.read_dme``: a labels.csv ``dme`` column or Messidor-2's
+    ``adjudicated_dme``); ``MISSING`` where the folder or the photo has none (e.g. EyePACS)."""
+    labels: dict[Path, int] = {}
+    for root in cfg.data:
+        labels.update(read_dme(root))
+    return np.array([labels.get(s.path, MISSING) for s in samples], np.int64)
+
+
 def class_weights(grades: np.ndarray, k: int = 5) -> torch.Tensor:
     """Inverse-frequency weights, normalised to mean 1 and capped so a 10-image grade cannot dominate."""
     counts = np.bincount(grades, minlength=k).astype(float)
@@ -102,21 +120,62 @@ def labelled_loss(logits, target, weight, focal_gamma: float | None = None, labe
     return ((1 - (-nll).exp()) ** focal_gamma * row_weight * nll).sum() / labelled.sum().clamp(min=1)
 
 
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy over the rows whose target is not ``MISSING``; 0 (not NaN) when none is.
+
+    A folder without the label (EyePACS has no DME) must not teach the head "absent": its rows add nothing."""
+    present = target != MISSING
+    safe = torch.where(present, target, torch.zeros_like(target)).float()
+    per_row = F.binary_cross_entropy_with_logits(logits, safe, pos_weight=pos_weight, reduction="none")
+    return (per_row * present).sum() / present.sum().clamp(min=1)
+
+
+def positive_weight(labels: np.ndarray, cap: float = 10.0) -> torch.Tensor:
+    """BCE ``pos_weight`` for a rare binary finding: negatives / positives among the labelled rows, capped like
+    ``class_weights`` (Messidor-2 train: 68 DME of 926); 1 without positives."""
+    n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
+    return torch.tensor(min(cap, n_neg / n_pos) if n_pos else 1.0)
+
+
 @torch.no_grad()
-def predict(model: DRClassifier, loader: DataLoader, device: torch.device, with_cam: bool = False):
-    """Raw logits (and CAMs) for every batch of a loader, in order; probabilities come from ``decide_batch``."""
+def predict(model: DRClassifier, loader: DataLoader, device: torch.device, with_cam: bool = False,
+            heads: bool = False):
+    """Raw logits (and CAMs) for every batch of a loader, in order; probabilities come from ``decide_batch``.
+
+    ``heads``: (grade logits (n, 5), DME logits (n,) or None without a DME head) instead."""
     model.eval()
-    logits_all, cams = [], []
+    logits_all, cams, dme = [], [], []
     for x, *_ in loader:
         x = x.to(device)
-        if with_cam:
+        if heads:
+            out = model(x, heads=True)
+            logits = out.logits
+            if out.dme_logit is not None:
+                dme.append(out.dme_logit.float().cpu().numpy())
+        elif with_cam:
             logits, cam = model.forward_with_cam(x)
             cams.append(cam.float().cpu().numpy())
         else:
             logits = model(x)
         logits_all.append(logits.float().cpu().numpy())
     logits = np.concatenate(logits_all) if logits_all else np.zeros((0, 5), np.float32)
+    if heads:
+        return logits, (np.concatenate(dme) if dme else np.zeros(0, np.float32)) if model.has_dme else None
     return (logits, np.concatenate(cams)) if with_cam else logits
+
+
+def choose_dme_point(cfg: TrainConfig, labels: np.ndarray, dme_logits: np.ndarray,
+                     samples: list[Sample]) -> OperatingPoint | None:
+    """Temperature and "DME present" threshold chosen on the val photos that have a DME label; None (and a warning)
+    when they lack a positive or a negative photo: the manifest then carries the default 0.5."""
+    present = labels != MISSING
+    try:
+        return choose_binary_operating_point(labels[present], dme_logits[present], rule=cfg.dme_rule,
+                                             target=cfg.dme_target,
+                                             fingerprint=fingerprint([s for s, p in zip(samples, present, strict=True) if p]))
+    except ValueError as exc:
+        log.warning("DME operating point not chosen on val (%s); the default threshold 0.5 stands", exc)
+        return None
 
 
 def choose_referral_point(cfg: TrainConfig, y: np.ndarray, logits: np.ndarray, samples: list[Sample]) -> OperatingPoint:
@@ -166,6 +225,9 @@ class _Run:
     show: bool
     ema: ModelEmaV3 | None  # moving average of ``model``'s weights (cfg.ema_decay); None when off
     cam_aug: CamAugmenter | None = None  # CAM-guided extra views (cfg.cam_augment); None when off
+    train_dme: torch.Tensor | None = None  # DME label per training row on the device (MISSING: none); DME head only
+    val_dme: np.ndarray | None = None  # DME label per val photo
+    dme_pos_weight: torch.Tensor | None = None
     start_epoch: int = 0
     best_qwk: float = -float("inf")
     stale: int = 0  # epochs since the best validation QWK
@@ -186,10 +248,12 @@ class _Run:
         """The weights that are validated, selected, saved as best.pt and given the operating point: the EMA if on."""
         return self.ema.module if self.ema is not None else self.model
 
-    def meta(self, metrics: dict, point: OperatingPoint | None = None, raw_weights: bool = False) -> dict:
+    def meta(self, metrics: dict, point: OperatingPoint | None = None, raw_weights: bool = False,
+             dme_point: OperatingPoint | None = None) -> dict:
         """``raw_weights``: the checkpoint holds ``model``'s own weights (last.pt), not ``eval_model``'s."""
         return CheckpointMeta(
             model_name=self.cfg.model, preprocess=self.policy, operating_point=point or OperatingPoint(),
+            heads=self.cfg.heads, dme_operating_point=dme_point,
             data_fingerprint=self.data_fp, num_features=self.model.num_features, metrics=metrics,
             config=self.cfg.to_dict(), ema_weights=self.ema is not None and not raw_weights, git_sha=git_sha(),
             created_at=utcnow()).to_dict()
@@ -257,7 +321,7 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
     channels_last = cfg.channels_last and on_gpu
     # A fundus backbone (init_from) is a timm-keyed state dict like a local ImageNet file: the same loading path.
     model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.init_from or cfg.pretrained_file,
-                         drop_path_rate=cfg.drop_path_rate).to(device)
+                         drop_path_rate=cfg.drop_path_rate, heads=cfg.heads).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     # timm's ModelEmaV3 rather than torch's AveragedModel: it averages every floating state_dict entry (BatchNorm
@@ -311,6 +375,14 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
                use_amp=use_amp, amp_dtype=amp_dtype, channels_last=channels_last,
                weight=class_weights(train_y[train_y != UNLABELLED]).to(device) if cfg.class_weighted else None,
                extra_loss=extra_loss, extra_targets=extra_targets, show=show, ema=ema)
+    if model.has_dme:
+        # Unlabelled (teacher-only) photos and folders without DME get MISSING: masked out of the DME loss.
+        train_dme = dme_labels(cfg, samples["train"])
+        run.train_dme, run.val_dme = torch.as_tensor(train_dme, device=device), dme_labels(cfg, samples["val"])
+        run.dme_pos_weight = positive_weight(train_dme).to(device)
+        log.info("DME labels: %d of %d training photos (%d present), %d of %d val photos",
+                 int((train_dme != MISSING).sum()), len(train_dme), int((train_dme == 1).sum()),
+                 int((run.val_dme != MISSING).sum()), len(run.val_dme))
     if cfg.resume and run.last_path.is_file():
         state = torch.load(run.last_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model_state"])
@@ -376,15 +448,16 @@ def _train_one_epoch(run: _Run, epoch: int, bar, task) -> tuple[float, float]:
         if run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
-            if run.extra_loss is not None:
-                logits, cam = run.train_model(x, return_cam=True)
-            else:
-                logits, cam = run.train_model(x), None
+            # One forward for every head, so DDP synchronises the DME head's gradients with the rest.
+            logits, cam, dme_logit = run.train_model(x, return_cam=run.extra_loss is not None, heads=True)
             loss = labelled_loss(logits.float(), y, run.weight, cfg.focal_gamma if cfg.loss == "focal" else None,
                                  label_smoothing=cfg.label_smoothing)
             if run.extra_loss is not None:
                 batch_extra = {k: torch.as_tensor(v[idx.numpy()]).to(device) for k, v in (run.extra_targets or {}).items()}
                 loss = run.extra_loss(logits.float(), cam.float(), y, loss, batch_extra, x)
+            if dme_logit is not None:
+                dme = run.train_dme[idx.to(device, non_blocking=True)]
+                loss = loss + cfg.dme_loss_weight * masked_bce(dme_logit.float(), dme, run.dme_pos_weight)
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)
@@ -406,12 +479,14 @@ def _train_one_epoch(run: _Run, epoch: int, bar, task) -> tuple[float, float]:
 def _evaluate_and_checkpoint(run: _Run, epoch: int, train_loss: float, images_per_s: float) -> bool:
     """Val metrics, best/last checkpoints; True when training should stop (patience or time budget)."""
     cfg = run.cfg
-    # Model selection uses QWK, which needs no threshold: the operating point is chosen once, at the end.
-    val_metrics = report_at(OperatingPoint(), run.val_y, predict(run.eval_model, run.val_loader, run.device),
-                            auc_ci=False)
+    # Model selection uses QWK, which needs no threshold: the operating points are chosen once, at the end.
+    logits, dme_logits = predict(run.eval_model, run.val_loader, run.device, heads=True)
+    val_metrics = report_at(OperatingPoint(), run.val_y, logits, auc_ci=False, dme_labels=run.val_dme,
+                            dme_logits=dme_logits)
     run.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_qwk": val_metrics["qwk"],
                         "val_accuracy": val_metrics["accuracy"], "train_images_per_s": images_per_s,
-                        "minutes": (time.monotonic() - run.started) / 60})
+                        "minutes": (time.monotonic() - run.started) / 60,
+                        **({"val_dme_auc": val_metrics["dme"]["auc"]} if "dme" in val_metrics else {})})
     improved = val_metrics["qwk"] > run.best_qwk
     epochs_since = epoch - run.last_validated
     run.last_validated = epoch
@@ -446,27 +521,38 @@ def _finalise(run: _Run) -> RunResult:
     if _is_main():
         best = torch.load(run.best_path, map_location=run.device, weights_only=False)
         run.eval_model.load_state_dict(best["model_state"])
-        val_logits = predict(run.eval_model, run.val_loader, run.device)
+        val_logits, val_dme_logits = predict(run.eval_model, run.val_loader, run.device, heads=True)
         point = choose_referral_point(cfg, run.val_y, val_logits, run.samples["val"])
         log.info("operating point: %s", point.describe())
+        dme_point = None
+        if val_dme_logits is not None:
+            dme_point = choose_dme_point(cfg, run.val_dme, val_dme_logits, run.samples["val"])
+            log.info("DME operating point: %s", (dme_point or OperatingPoint()).describe())
         for split_name in ("val", "test"):
             split_samples = run.samples[split_name]
             if not split_samples:
                 continue
             ys = np.array([s.grade for s in split_samples])
             if split_name == "val":
-                logits = val_logits
+                logits, dme_logits = val_logits, val_dme_logits
             else:
                 xs = cache_images(split_samples, run.policy, cfg.cache_dir, run.show)
-                logits = predict(run.eval_model, DataLoader(FundusDataset(xs, ys, run.policy),
-                                                            batch_size=cfg.batch_size * 2), run.device)
-            metrics[split_name] = report_at(point, ys, logits)
+                logits, dme_logits = predict(run.eval_model, DataLoader(FundusDataset(xs, ys, run.policy),
+                                                                        batch_size=cfg.batch_size * 2), run.device,
+                                             heads=True)
+            dme = {}
+            if dme_logits is not None:
+                dme = dict(dme_labels=dme_labels(cfg, split_samples), dme_logits=dme_logits,
+                           dme_point=dme_point or OperatingPoint())
+            metrics[split_name] = report_at(point, ys, logits, **dme)
             save_confusion_png(metrics[split_name]["confusion_matrix"], str(run.out_dir / f"confusion_{split_name}.png"),
                                f"{cfg.model} - {split_name}")
         metrics["operating_point"] = dataclasses.asdict(point)
+        if dme_point is not None:
+            metrics["dme_operating_point"] = dataclasses.asdict(dme_point)
         metrics["train_minutes"] = (time.monotonic() - run.started) / 60
         metrics["backbone_init"] = cfg.backbone_init  # fundus | file | imagenet | random (config holds the path)
-        best["meta"] = run.meta({k: v for k, v in metrics.items() if k != "history"}, point)
+        best["meta"] = run.meta({k: v for k, v in metrics.items() if k != "history"}, point, dme_point=dme_point)
         torch.save(best, run.best_path)
         (run.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if run.distributed:

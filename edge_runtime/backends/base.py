@@ -32,11 +32,51 @@ class SessionInfo:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class HeadOutputs:
+    """Every output of one run, by head (``ArtifactManifest.heads``); the DME pair is None without a DME head."""
+
+    logits: np.ndarray  # N x 5
+    cam: np.ndarray  # N x 5 x h x w
+    dme_logit: np.ndarray | None = None  # N x 1
+    dme_cam: np.ndarray | None = None  # N x 1 x h x w
+
+    @classmethod
+    def from_named(cls, outputs: dict[str, np.ndarray]) -> HeadOutputs:
+        """From the graph's outputs by name (``contract.output_names_for``)."""
+        return cls(outputs["logits"], outputs["cam"], outputs.get("dme_logit"), outputs.get("dme_cam"))
+
+    @classmethod
+    def concatenate(cls, parts: list[HeadOutputs]) -> HeadOutputs:
+        """Outputs of several runs (e.g. one per photo on a static-batch graph), in order."""
+        def join(name: str) -> np.ndarray | None:
+            arrays = [getattr(p, name) for p in parts]
+            return None if arrays[0] is None else np.concatenate(arrays)
+
+        return cls(*(join(f.name) for f in fields(cls)))
+
+
 class Session(Protocol):
     info: SessionInfo
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Normalised N x C x S x S (or NHWC per manifest) float32 -> (logits N x 5, cam N x 5 x h x w)."""
+
+    def run_heads(self, batch: np.ndarray) -> HeadOutputs:
+        """The same batch -> every head's outputs (the DME head's too, when the manifest lists it)."""
+
+
+class SessionBase:
+    """What every backend shares: ``run`` is the grade head of ``run_heads``."""
+
+    info: SessionInfo
+
+    def run_heads(self, batch: np.ndarray) -> HeadOutputs:
+        raise NotImplementedError
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outputs = self.run_heads(batch)
+        return outputs.logits, outputs.cam
 
 
 BACKENDS: Registry[type] = Registry("runtime backend")  # runtime name -> Session class

@@ -8,12 +8,12 @@ import numpy as np
 
 from ..contract import ArtifactManifest
 from ..errors import BackendUnavailableError
-from .base import SessionInfo, register_backend
+from .base import HeadOutputs, SessionBase, SessionInfo, register_backend
 from .options import DEFAULT_OPTIONS, RuntimeOptions
 
 
 @register_backend("coreml")
-class CoreMLSession:
+class CoreMLSession(SessionBase):
     def __init__(self, path: Path, manifest: ArtifactManifest, options: RuntimeOptions = DEFAULT_OPTIONS):
         compute_units = options.compute_units
         if platform.system() != "Darwin":
@@ -28,6 +28,7 @@ class CoreMLSession:
         self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units))
         self.info = SessionInfo("coreml", f"coreml/{compute_units}", manifest, path)
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run_heads(self, batch: np.ndarray) -> HeadOutputs:
+        names = self.info.manifest.output_names
         outs = [self.model.predict({"input": batch[i:i + 1]}) for i in range(len(batch))]
-        return np.concatenate([o["logits"] for o in outs]), np.concatenate([o["cam"] for o in outs])
+        return HeadOutputs.from_named({name: np.concatenate([o[name] for o in outs]) for name in names})

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import ArtifactManifest
+from ..contract import HEADS, ArtifactManifest
 from ..errors import BackendUnavailableError
-from .base import SessionInfo, register_backend
+from .base import HeadOutputs, SessionBase, SessionInfo, register_backend
 from .options import DEFAULT_OPTIONS, RuntimeOptions
 
 
@@ -31,7 +31,7 @@ def _interpreter_module():
 
 
 @register_backend("litert")
-class LiteRtSession:
+class LiteRtSession(SessionBase):
     def __init__(self, path: Path, manifest: ArtifactManifest, options: RuntimeOptions = DEFAULT_OPTIONS):
         module, package = _interpreter_module()
         kwargs = {}
@@ -41,27 +41,31 @@ class LiteRtSession:
         self.interpreter = module.Interpreter(model_path=str(path), num_threads=options.threads, **kwargs)
         self.input_detail = self.interpreter.get_input_details()[0]
         outputs = self.interpreter.get_output_details()
-        # Output order is not guaranteed by the converter: tell logits (rank 2) from cam (rank 4) by shape.
-        self.logits_detail = next(o for o in outputs if len(o["shape"]) == 2)
-        self.cam_detail = next(o for o in outputs if len(o["shape"]) == 4)
+        # Output order and names are not kept by the converter: tell them apart by shape. Per head, the logits are
+        # rank 2 and the CAM rank 4, both with the head's class count on axis 1 (5 grades, 1 for DME).
+        self.output_details = {}
+        for head in manifest.heads:
+            spec = HEADS[head]
+            for name, rank in zip(spec.outputs, (2, 4), strict=True):
+                self.output_details[name] = next(o for o in outputs if len(o["shape"]) == rank
+                                                 and int(o["shape"][1]) == spec.classes)
         self.batch = int(self.input_detail["shape"][0])
         self.interpreter.allocate_tensors()
         self.info = SessionInfo("litert", f"{package}/{'XNNPACK' if options.xnnpack else 'builtin'}", manifest, path,
                                 None, {"threads": options.threads, "input_dtype": str(self.input_detail["dtype"]),
                                        "options": asdict(options)})
 
-    def _run_one(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run_one(self, x: np.ndarray) -> HeadOutputs:
         self.interpreter.set_tensor(self.input_detail["index"], _quantize(x, self.input_detail))
         self.interpreter.invoke()
-        return (_dequantize(self.interpreter.get_tensor(self.logits_detail["index"]), self.logits_detail),
-                _dequantize(self.interpreter.get_tensor(self.cam_detail["index"]), self.cam_detail))
+        return HeadOutputs.from_named({name: _dequantize(self.interpreter.get_tensor(detail["index"]), detail)
+                                       for name, detail in self.output_details.items()})
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run_heads(self, batch: np.ndarray) -> HeadOutputs:
         if len(batch) == self.batch:
             return self._run_one(batch)
         # Static batch in the converted graph: run item by item.
-        pairs = [self._run_one(batch[i:i + 1]) for i in range(len(batch))]
-        return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+        return HeadOutputs.concatenate([self._run_one(batch[i:i + 1]) for i in range(len(batch))])
 
 
 def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..contract import ArtifactManifest
 from ..errors import BackendUnavailableError
-from .base import SessionInfo, register_backend
+from .base import HeadOutputs, SessionBase, SessionInfo, register_backend
 from .options import DEFAULT_OPTIONS, RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def session_options(options: RuntimeOptions):
 
 
 @register_backend("onnxruntime")
-class OnnxRuntimeSession:
+class OnnxRuntimeSession(SessionBase):
     def __init__(self, path: Path, manifest: ArtifactManifest, options: RuntimeOptions = DEFAULT_OPTIONS):
         try:
             import onnxruntime as ort
@@ -61,6 +61,7 @@ class OnnxRuntimeSession:
                                 {"providers": self.session.get_providers(), "ort_version": ort.__version__,
                                  "options": asdict(options)})
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, cam = self.session.run(["logits", "cam"], {self.input_name: np.ascontiguousarray(batch, np.float32)})
-        return logits, cam
+    def run_heads(self, batch: np.ndarray) -> HeadOutputs:
+        names = list(self.info.manifest.output_names)
+        arrays = self.session.run(names, {self.input_name: np.ascontiguousarray(batch, np.float32)})
+        return HeadOutputs.from_named(dict(zip(names, arrays, strict=True)))

@@ -55,7 +55,8 @@ def create_model(name: str, pretrained: bool = False, pretrained_file: str | Non
         name (str): registered name, e.g. ``"efficientnet_b4"`` or ``"tf_efficientnet_lite0"``.
         pretrained (bool): load ImageNet weights (timm's hub, or a weights package where one ships them).
         pretrained_file (str | None): a local ImageNet checkpoint; use this offline.
-        **kwargs: ``drop_rate`` sets the head's dropout; the rest go to ``timm.create_model`` for the backbone,
+        **kwargs: ``drop_rate`` sets the head's dropout; ``heads`` the supervised heads (default ``("grade",)``;
+            ``("grade", "dme")`` adds the DME head); the rest go to ``timm.create_model`` for the backbone,
             e.g. ``drop_path_rate`` (stochastic depth). ``None`` values are dropped so timm's defaults apply.
 
     Example:

@@ -1,20 +1,24 @@
-"""DR grading models: a timm backbone -> global average pool -> linear head.
+"""DR grading models: a timm backbone -> global average pool -> linear head(s).
 
-Because the head is linear after a global *average* pool, the class activation map
+Because each head is linear after a global *average* pool, its class activation map
 ``cam[k] = W[k] . F`` (F the final feature map) is exact: ``logits = mean_hw(cam) + bias``.
 Exports compute it inside the graph as a 1x1 convolution, so devices get the CAM for free.
+
+``heads=("grade", "dme")`` adds a binary diabetic-macular-edema head over the same pooled features, with its own
+CAM (``dme_cam``) under the same identity; the default is the 5-grade head alone (``edge_runtime.contract.HEADS``).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_runtime.contract import IMAGENET_MEAN, IMAGENET_STD, NUM_GRADES
+from edge_runtime.contract import DEFAULT_HEADS, HEADS, IMAGENET_MEAN, IMAGENET_STD, NUM_GRADES, check_heads
 
 from ..checkpoint import CheckpointMeta
 from ..errors import CheckpointError
@@ -24,16 +28,32 @@ log = logging.getLogger(__name__)
 
 
 
-class DRClassifier(nn.Module):
-    """Backbone features -> GAP -> linear, with the CAM available from the same weights."""
+class HeadOutputs(NamedTuple):
+    """Training-path outputs of every head: ``forward(x, heads=True)``."""
 
-    def __init__(self, cfg: ModelCfg, backbone: nn.Module, drop_rate: float = 0.2):
+    logits: torch.Tensor  # N x 5
+    cam: torch.Tensor | None  # N x 5 x h x w with return_cam, else None
+    dme_logit: torch.Tensor | None  # N (one logit per photo); None without a DME head
+
+
+class DRClassifier(nn.Module):
+    """Backbone features -> GAP -> linear head(s), with each head's CAM available from the same weights."""
+
+    def __init__(self, cfg: ModelCfg, backbone: nn.Module, drop_rate: float = 0.2,
+                 heads: tuple[str, ...] = DEFAULT_HEADS):
         super().__init__()
         self.dr_cfg = cfg
+        self.heads = check_heads(heads)
         self.backbone = backbone
         self.num_features = backbone.num_features
         self.dropout = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, NUM_GRADES)
+        # Only models that have it carry the parameter, so DR-only state dicts load exactly as before.
+        self.dme_head = nn.Linear(self.num_features, HEADS["dme"].classes) if "dme" in self.heads else None
+
+    @property
+    def has_dme(self) -> bool:
+        return self.dme_head is not None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)
@@ -41,12 +61,17 @@ class DRClassifier(nn.Module):
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(features.mean(dim=(2, 3))))
 
-    def forward(self, x: torch.Tensor, return_cam: bool = False):
+    def forward(self, x: torch.Tensor, return_cam: bool = False, heads: bool = False):
         """Logits (training path, with dropout); with ``return_cam`` also the CAM, through the same forward
-        so that a DistributedDataParallel wrapper still synchronises every gradient."""
+        so that a DistributedDataParallel wrapper still synchronises every gradient. ``heads``: a
+        ``HeadOutputs`` with every head's logits (the DME head's too), again through this one forward."""
         features = self.forward_features(x)
-        logits = self.forward_head(features)
-        return (logits, self.cam_from_features(features)) if return_cam else logits
+        if not heads:
+            logits = self.forward_head(features)
+            return (logits, self.cam_from_features(features)) if return_cam else logits
+        pooled = self.dropout(features.mean(dim=(2, 3)))
+        dme = self.dme_head(pooled).squeeze(1) if self.has_dme else None
+        return HeadOutputs(self.head(pooled), self.cam_from_features(features) if return_cam else None, dme)
 
     def cam_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """Per-grade activation maps (N x 5 x h x w) as a 1x1 convolution with the head's weights."""
@@ -58,9 +83,20 @@ class DRClassifier(nn.Module):
         logits = cam.mean(dim=(2, 3)) + self.head.bias
         return logits, cam
 
+    def forward_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every head's (logits, cam), in ``output_names_for(self.heads)`` order: what exports compute. Each head's
+        logits are mean_hw(its cam) + its bias, so every CAM identity is exact in the graph."""
+        features = self.forward_features(x)
+        outputs = []
+        for linear in (self.head, self.dme_head):
+            if linear is not None:
+                cam = F.conv2d(features, linear.weight[:, :, None, None])
+                outputs += [cam.mean(dim=(2, 3)) + linear.bias, cam]
+        return tuple(outputs)
+
 
 class ExportModule(nn.Module):
-    """What every exporter traces: inputs -> (logits, cam)."""
+    """What every exporter traces: inputs -> (logits, cam[, dme_logit, dme_cam]) as the model's heads say."""
 
     def __init__(self, model: DRClassifier):
         super().__init__()
@@ -68,8 +104,8 @@ class ExportModule(nn.Module):
         # The wrapper itself must be in eval mode: exporters restore the wrapper's mode recursively afterwards.
         self.eval()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.forward_with_cam(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model.forward_outputs(x)
 
 
 def _offline_hint(name: str, exc: Exception) -> RuntimeError:
@@ -83,6 +119,7 @@ def _offline_hint(name: str, exc: Exception) -> RuntimeError:
 def _build(name: str, pretrained: bool, pretrained_file: str | None, **kwargs) -> DRClassifier:
     cfg = get_model_cfg(name)
     drop_rate = kwargs.pop("drop_rate", 0.2)
+    heads = kwargs.pop("heads", DEFAULT_HEADS)
     backbone_kwargs = {"num_classes": 0, "global_pool": "", **kwargs}
     if pretrained_file:
         backbone = timm.create_model(cfg.timm_name, pretrained=False, **backbone_kwargs)
@@ -99,7 +136,7 @@ def _build(name: str, pretrained: bool, pretrained_file: str | None, **kwargs) -
             raise _offline_hint(name, exc) from exc
     else:
         backbone = timm.create_model(cfg.timm_name, pretrained=False, **backbone_kwargs)
-    return DRClassifier(cfg, backbone, drop_rate=drop_rate)
+    return DRClassifier(cfg, backbone, drop_rate=drop_rate, heads=heads)
 
 
 @register_model(ModelCfg("efficientnet_b4", "efficientnet_b4", 380, IMAGENET_MEAN, IMAGENET_STD, "teacher", "timm hub"))
@@ -173,7 +210,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[DRClas
     if not isinstance(ckpt, dict) or "model_state" not in ckpt or "meta" not in ckpt:
         raise CheckpointError(f"{path} is not a RetinaEdge checkpoint (expected keys model_state and meta)")
     meta = CheckpointMeta.from_dict(ckpt["meta"], str(path))
-    model = create_model(meta.model_name, pretrained=False)
+    model = create_model(meta.model_name, pretrained=False, heads=meta.heads)
     model.load_state_dict(ckpt["model_state"])
     return model.eval(), meta
 

@@ -50,6 +50,9 @@ async def predict(caller: CallerDep, session: SessionDep, request: Request, file
         clinical = dict(grade=grade, probabilities=decision.probabilities, confidence=decision.confidence,
                         referable_probability=decision.referable_probability, threshold=decision.threshold,
                         referable=decision.referable, outcome=decision.outcome)
+        if decision.dme is not None:
+            clinical.update(dme_probability=decision.dme.probability, dme_present=decision.dme.present,
+                            dme_threshold=decision.dme.threshold)
     else:
         clinical = dict(outcome="ungradable")
     record = ScreeningResult(result_id=result_id, device_id=caller.name, model_version=model_version, model_sha256="",
@@ -58,13 +61,16 @@ async def predict(caller: CallerDep, session: SessionDep, request: Request, file
     # Every server-side grading is stored and appears in history.
     session.add(Result(result_id=result_id, device=caller.name, content_hash=record.content_hash(),
                        payload=json.dumps(record.to_dict()), outcome=record.outcome, grade=grade, referable=referable,
-                       confidence=record.confidence, captured_at=record.captured_at,
+                       confidence=record.confidence, dme_present=record.dme_present,
+                       dme_probability=record.dme_probability, captured_at=record.captured_at,
                        overlay_png=graded.overlay if graded else None))
     audit(session, caller, "predict", result_id)
     session.commit()
     return PredictResponse(result_id=result_id, grade=grade, grade_name=GRADE_NAMES[grade] if grade is not None else None,
                            confidence=record.confidence, probabilities=record.probabilities, referable=referable,
                            referable_probability=record.referable_probability, threshold=record.threshold,
+                           dme_probability=record.dme_probability, dme_present=record.dme_present,
+                           referral_reason=record.referral_reason,
                            operating_point=graded.point.describe() if graded else None,
                            outcome=record.outcome, quality=quality_report, model_version=model_version,
                            overlay_png_b64=base64.b64encode(graded.overlay).decode() if graded else None,

@@ -42,6 +42,7 @@ def _utc(value: datetime | None) -> datetime | None:
 @router.get("/history", response_model=ResultsPublic | EncountersPublic, include_in_schema=False)
 def history(caller: CallerDep, session: SessionDep, device: str | None = DeviceQuery,
             grade: int | None = Query(None, ge=0, le=4), referable: bool | None = None,
+            dme: bool | None = Query(None, description="DME found (true) or not (false); models with a DME head"),
             since: datetime | None = Query(None, description="ISO 8601; without an offset it is UTC"),
             until: datetime | None = Query(None, description="ISO 8601; without an offset it is UTC"),
             group: Literal["result", "encounter"] = "result",
@@ -58,7 +59,7 @@ def history(caller: CallerDep, session: SessionDep, device: str | None = DeviceQ
         session.commit()
         return EncountersPublic(data=encounters, count=count, offset=offset, limit=limit)
     rows, count = query_results(session=session, device=device, grade=grade, referable=referable, since=_utc(since),
-                                until=_utc(until), offset=offset, limit=limit)
+                                until=_utc(until), offset=offset, limit=limit, dme=dme)
     audit(session, caller, "history", device, f"{len(rows)} rows")
     session.commit()
     return ResultsPublic(data=[to_public(r) for r in rows], count=count, offset=offset, limit=limit)

@@ -16,7 +16,7 @@ from sqlalchemy import select, tuple_
 from edge_runtime.contract import GRADE_NAMES, SCREENING_DISCLAIMER
 from edge_runtime.wire import SAFE_ID
 
-from ...crud import query_encounters, query_results
+from ...crud import query_encounters, query_results, referral_reason_of
 from ...models import Insight, Result
 from ...schemas import ResultPublic
 from ..deps import COOKIE, SessionDep, current_caller
@@ -59,8 +59,18 @@ def _grade_cell(outcome: str, grade: int | None, confidence: float | None) -> st
     return text
 
 
-def _referable_cell(referable: bool | None) -> str:
-    return "<span class='ref'>REFERABLE</span>" if referable else ("no" if referable is not None else "-")
+def _referable_cell(referable: bool | None, reason: str | None = None) -> str:
+    if not referable:
+        return "no" if referable is not None else "-"
+    return "<span class='ref'>REFERABLE</span>" + (f"<br><small class='reason'>{_E(reason)}</small>" if reason else "")
+
+
+def _dme_cell(present: bool | None, probability: float | None) -> str:
+    """The DME head's finding; '-' for DR-only models and ungradable captures."""
+    if present is None:
+        return "<span class='dme'>-</span>"
+    label = "<span class='ref'>DME PRESENT</span>" if present else "no DME"
+    return f"<span class='dme'>{label}<br><small>p {probability or 0:.2f}</small></span>"
 
 
 def _overlay(device: str, result_id: str, has_overlay: bool) -> str:
@@ -72,6 +82,7 @@ def _overlay(device: str, result_id: str, has_overlay: bool) -> str:
 
 def _result_row(row: Result, note: Insight | None) -> str:
     payload = json.loads(row.payload)
+    reason = referral_reason_of(row, payload)
     quality = payload.get("quality", {})
     verdict = "gradable" if quality.get("gradable") else "ungradable: " + _E("; ".join(quality.get("reasons", []))[:200])
     note_html = ""
@@ -81,7 +92,8 @@ def _result_row(row: Result, note: Insight | None) -> str:
                      f"<i>Follow-up: {_E(parsed['follow_up_interval'])}</i></div>")
     visit = f"<br><small>visit {_E(row.encounter_id)} {_E(row.eye or '')}</small>" if row.encounter_id else ""
     return (f"<tr class='result'><td>{_E(row.device)}<br><small>{row.captured_at:%Y-%m-%d %H:%M} UTC</small>{visit}</td>"
-            f"<td>{_grade_cell(row.outcome, row.grade, row.confidence)}</td><td>{_referable_cell(row.referable)}</td>"
+            f"<td>{_grade_cell(row.outcome, row.grade, row.confidence)}</td>"
+            f"<td>{_referable_cell(row.referable, reason)}</td><td>{_dme_cell(row.dme_present, row.dme_probability)}</td>"
             f"<td>{verdict}</td><td>{_overlay(row.device, row.result_id, row.overlay_png is not None)}</td>"
             f"<td>{note_html}<small>{_E(str(payload.get('model_version', '')))} "
             f"({_E(str(payload.get('backend', '')))})</small></td></tr>")
@@ -90,8 +102,10 @@ def _result_row(row: Result, note: Insight | None) -> str:
 def _eye_cell(result: ResultPublic | None) -> str:
     if result is None:
         return "<td class='eye'>not captured</td>"
+    dme = f"{_dme_cell(result.dme_present, result.dme_probability)}<br>" if result.dme_present is not None else ""
     return (f"<td class='eye'>{_grade_cell(result.outcome, result.grade, result.confidence)}<br>"
-            f"{_referable_cell(result.referable)}<br>{_overlay(result.device, result.result_id, result.has_overlay)}</td>")
+            f"{_referable_cell(result.referable, result.referral_reason)}<br>{dme}"
+            f"{_overlay(result.device, result.result_id, result.has_overlay)}</td>")
 
 
 def _pager(request: Request, offset: int, size: int, count: int) -> str:
@@ -107,7 +121,8 @@ def _pager(request: Request, offset: int, size: int, count: int) -> str:
 
 @router.get("/review", response_class=HTMLResponse)
 def review(request: Request, session: SessionDep, grade: int | None = Query(None, ge=0, le=4),
-           referable: bool | None = None, device: str | None = Query(None, max_length=120, pattern=SAFE_ID),
+           referable: bool | None = None, dme: bool | None = None,
+           device: str | None = Query(None, max_length=120, pattern=SAFE_ID),
            view: Literal["results", "encounters"] = "results", offset: int = Query(0, ge=0, le=1_000_000)):
     try:
         caller = current_caller(request, session)
@@ -130,15 +145,17 @@ def review(request: Request, session: SessionDep, grade: int | None = Query(None
                      + "<table><tr><th>device / visit</th><th>decision</th><th>left eye</th><th>right eye</th></tr>"
                      + rows + "</table>")
     rows, count = query_results(session=session, device=device, grade=grade, referable=referable, since=None,
-                                until=None, offset=offset, limit=size)
+                                until=None, offset=offset, limit=size, dme=dme)
     keys = [(r.device, r.result_id) for r in rows]
     notes = {(i.device, i.result_id): i for i in session.scalars(
         select(Insight).where(tuple_(Insight.device, Insight.result_id).in_(keys)))} if keys else {}
     filters = ("<form class='filters' method='get'>grade <select name='grade'><option value=''>any</option>"
                + "".join(f"<option value='{g}'>{g}</option>" for g in range(5))
                + "</select> referable <select name='referable'><option value=''>any</option><option value='true'>yes</option>"
-               "<option value='false'>no</option></select> <button id='filter' type='submit'>Filter</button></form>")
+               "<option value='false'>no</option></select> DME <select name='dme'><option value=''>any</option>"
+               "<option value='true'>present</option><option value='false'>absent</option></select> "
+               "<button id='filter' type='submit'>Filter</button></form>")
     return _page("RetinaEdge review", tabs + filters + f"<p id='count'>{count} result(s)</p>" + _pager(request, offset, size, count)
-                 + "<table><tr><th>device</th><th>grade</th><th>referable</th><th>quality</th><th>CAM</th>"
+                 + "<table><tr><th>device</th><th>grade</th><th>referable</th><th>DME</th><th>quality</th><th>CAM</th>"
                  "<th>insight / model</th></tr>" + "".join(_result_row(r, notes.get((r.device, r.result_id))) for r in rows)
                  + "</table>")
