@@ -56,17 +56,22 @@ def negative_log_likelihood(logits, labels, temperature: float = 1.0) -> float:
     return float(-log_softmax(logits / temperature, axis=1)[np.arange(len(labels)), labels].mean())
 
 
-def fit_temperature(logits, labels) -> float:
-    """Temperature T minimising the val NLL of softmax(logits / T), searched over log T (scipy, bounded)."""
+def _minimise_over_temperature(nll) -> float:
+    """The T in TEMPERATURE_BOUNDS minimising ``nll(T)``, searched over log T (scipy, bounded)."""
     from scipy.optimize import minimize_scalar
 
-    logits, labels = _check(logits, labels)
     low, high = (math.log(b) for b in TEMPERATURE_BOUNDS)
-    result = minimize_scalar(lambda log_t: negative_log_likelihood(logits, labels, math.exp(log_t)),
-                             bounds=(low, high), method="bounded", options={"xatol": 1e-6})
+    result = minimize_scalar(lambda log_t: nll(math.exp(log_t)), bounds=(low, high), method="bounded",
+                             options={"xatol": 1e-6})
     if not result.success:
         raise RuntimeError(f"temperature fit did not converge: {result.message}")
     return float(math.exp(result.x))
+
+
+def fit_temperature(logits, labels) -> float:
+    """Temperature T minimising the val NLL of softmax(logits / T)."""
+    logits, labels = _check(logits, labels)
+    return _minimise_over_temperature(lambda t: negative_log_likelihood(logits, labels, t))
 
 
 def expected_calibration_error(confidence, correct, n_bins: int = ECE_BINS) -> float:
@@ -228,15 +233,8 @@ def binary_negative_log_likelihood(positive, logits, temperature: float = 1.0) -
 
 def fit_binary_temperature(positive, logits) -> float:
     """Temperature T minimising the val NLL of sigmoid(logit / T) (a binary head's ``fit_temperature``)."""
-    from scipy.optimize import minimize_scalar
-
     positive, logits = _check_binary(positive, logits)
-    low, high = (math.log(b) for b in TEMPERATURE_BOUNDS)
-    result = minimize_scalar(lambda log_t: binary_negative_log_likelihood(positive, logits, math.exp(log_t)),
-                             bounds=(low, high), method="bounded", options={"xatol": 1e-6})
-    if not result.success:
-        raise RuntimeError(f"temperature fit did not converge: {result.message}")
-    return float(math.exp(result.x))
+    return _minimise_over_temperature(lambda t: binary_negative_log_likelihood(positive, logits, t))
 
 
 def choose_binary_operating_point(positive, logits, rule: str = "sensitivity", target: float | None = 0.90,

@@ -3,10 +3,8 @@ export, runtime decision and wire schema to the server. DR-only models, manifest
 """
 from __future__ import annotations
 
-import csv
 import json
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,19 +22,9 @@ from training.models import create_model
 from training.train import masked_bce
 
 from .test_companion_api import auth, entry, server  # noqa: F401 - the server fixture (SQLite, and PostgreSQL)
+from .test_pretrain import with_dme_column
 
 DME_HEADS = ("grade", "dme")
-
-
-def _with_dme(folder: Path) -> Path:
-    """Give a synthetic labels.csv a ``dme`` column (edema on grade >= 3 photos; every 7th cell blank = unlabelled)."""
-    rows = list(csv.DictReader(open(folder / "labels.csv", newline="")))
-    with open(folder / "labels.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[*rows[0], "dme"])
-        writer.writeheader()
-        for i, row in enumerate(rows):
-            writer.writerow({**row, "dme": "" if i % 7 == 0 else str(int(int(row["grade"]) >= 3))})
-    return folder
 
 
 def logits_for(probabilities) -> np.ndarray:
@@ -229,7 +217,7 @@ def dme_run(tmp_path_factory):
     from training.train import fit
 
     root = tmp_path_factory.mktemp("dme")
-    data = _with_dme(write_synthetic_dataset(root / "data", n_per_grade=12, size=160, seed=5))
+    data = with_dme_column(write_synthetic_dataset(root / "data", n_per_grade=12, size=160, seed=5), blank_every=7)
     cfg = TrainConfig(model="test_dr_tiny", data=(str(data),), pretrained=False, input_size=64, epochs=3, batch_size=16,
                       lr=3e-3, heads=DME_HEADS, dme_rule="youden", out=str(root / "run"), cache_dir=str(root / "cache"))
     return fit(cfg, progress=False), data

@@ -16,14 +16,16 @@ from training.models import create_model
 from training.pretrain import PretrainConfig, PretrainNet, multitask_loss, pretrain
 
 
-def _with_dme(folder: Path) -> Path:
-    """Give a synthetic labels.csv a ``dme`` column (edema on grade >= 3 photos, one cell blank = unlabelled)."""
+def with_dme_column(folder: Path, blank_every: int = 0) -> Path:
+    """Give a synthetic labels.csv a ``dme`` column: edema on grade >= 3 photos; the first cell (and every
+    ``blank_every``-th) blank, i.e. unlabelled."""
     rows = list(csv.DictReader(open(folder / "labels.csv", newline="")))
     with open(folder / "labels.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=[*rows[0], "dme"])
         writer.writeheader()
         for i, row in enumerate(rows):
-            writer.writerow({**row, "dme": "" if i == 0 else str(int(int(row["grade"]) >= 3))})
+            blank = i == 0 or (blank_every and i % blank_every == 0)
+            writer.writerow({**row, "dme": "" if blank else str(int(int(row["grade"]) >= 3))})
     return folder
 
 
@@ -32,7 +34,7 @@ def folders(tmp_path_factory) -> tuple[Path, Path]:
     """Two small labelled folders: ``plain`` without DME labels, ``dme`` with them."""
     root = tmp_path_factory.mktemp("pretrain_data")
     plain = write_synthetic_dataset(root / "plain", n_per_grade=6, size=96, seed=1)
-    dme = _with_dme(write_synthetic_dataset(root / "dme", n_per_grade=6, size=96, seed=2))
+    dme = with_dme_column(write_synthetic_dataset(root / "dme", n_per_grade=6, size=96, seed=2))
     return Path(plain), Path(dme)
 
 
