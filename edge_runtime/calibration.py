@@ -160,6 +160,17 @@ def uncertain_band(score: np.ndarray, threshold: float, band_fraction: float) ->
     return float(max(0.0, threshold - half_width)), float(min(1.0, threshold + half_width))
 
 
+def _rule_target(rule: str, target: float | None) -> float | None:
+    """The target a threshold rule aims for, validated (Youden's J has none)."""
+    if rule not in ("sensitivity", "specificity", "youden"):
+        raise ValueError(f"rule must be sensitivity | specificity | youden, got {rule!r}")
+    if rule == "youden":
+        return None
+    if target is None or not 0.0 < target < 1.0:
+        raise ValueError(f"rule {rule!r} needs a target in (0, 1), got {target!r}")
+    return target
+
+
 def choose_operating_point(y_true, logits, rule: str = "sensitivity", target: float | None = 0.90,
                            temperature: float | None = None, band_fraction: float = 0.05,
                            fingerprint: str | None = None) -> OperatingPoint:
@@ -180,12 +191,7 @@ def choose_operating_point(y_true, logits, rule: str = "sensitivity", target: fl
         with 95% Wilson intervals, n_positive and n_negative, and ECE/Brier before and after calibration.
     """
     logits, labels = _check(logits, y_true)
-    if rule not in ("sensitivity", "specificity", "youden"):
-        raise ValueError(f"rule must be sensitivity | specificity | youden, got {rule!r}")
-    if rule == "youden":
-        target = None
-    elif target is None or not 0.0 < target < 1.0:
-        raise ValueError(f"rule {rule!r} needs a target in (0, 1), got {target!r}")
+    target = _rule_target(rule, target)
     positive = is_referable(labels)
     if positive.all() or not positive.any():
         raise ValueError(f"the val photos need both referable (grade >= 2) and non-referable photos to choose an "
@@ -251,12 +257,7 @@ def choose_binary_operating_point(positive, logits, rule: str = "sensitivity", t
         temperature: None fits it on these photos (``fit_binary_temperature``).
     """
     positive, logits = _check_binary(positive, logits)
-    if rule not in ("sensitivity", "specificity", "youden"):
-        raise ValueError(f"rule must be sensitivity | specificity | youden, got {rule!r}")
-    if rule == "youden":
-        target = None
-    elif target is None or not 0.0 < target < 1.0:
-        raise ValueError(f"rule {rule!r} needs a target in (0, 1), got {target!r}")
+    target = _rule_target(rule, target)
     if positive.all() or not positive.any():
         raise ValueError(f"the val photos need both positive and negative labels to choose an operating point; "
                          f"got {int(positive.sum())} positive of {len(positive)}")
