@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -36,6 +37,16 @@ def _quiet(log_path: Path, verbose: bool):
     if not verbose:
         console.print(f"[dim]details: {log_path} (--verbose prints them here)[/dim]")
     return quiet_output(log_path, verbose)
+
+
+def _run_logged(log_path: Path, verbose: bool, status: str, run):
+    """``run()`` with its output on the console (--verbose), or ``run(progress=False)`` behind a status line
+    with the details in ``log_path``."""
+    with _quiet(log_path, verbose) as where:
+        if verbose:
+            return run()
+        with where.console.status(status):
+            return run(progress=False)
 
 
 def _fail(exc: Exception, code: int = 2) -> None:
@@ -75,12 +86,9 @@ def train(
             model=model, data=data, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
             pretrained=pretrained, pretrained_file=pretrained_file, init_from=init_from, loss=loss, device=device,
             max_minutes=max_minutes, resume=resume, out=out, seed=seed, heads=head))
-        with _quiet(Path(cfg.out) / "train.log", verbose) as where:
-            if verbose:
-                result = fit(cfg)
-            else:
-                with where.console.status(f"training {cfg.model}, {cfg.epochs} epochs (per-epoch lines in the log)"):
-                    result = fit(cfg, progress=False)
+        result = _run_logged(Path(cfg.out) / "train.log", verbose,
+                             f"training {cfg.model}, {cfg.epochs} epochs (per-epoch lines in the log)",
+                             partial(fit, cfg))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)
     if result.metrics.get("val"):
@@ -108,12 +116,9 @@ def pretrain(
         cfg = resolve_config(PretrainConfig, config, _train_overrides(
             model=model, data=data, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
             pretrained=pretrained, device=device, max_minutes=max_minutes, out=out, seed=seed))
-        with _quiet(Path(cfg.out) / "pretrain.log", verbose) as where:
-            if verbose:
-                path = run_pretrain(cfg)
-            else:
-                with where.console.status(f"pretraining {cfg.model}, {cfg.epochs} epochs (per-epoch lines in the log)"):
-                    path = run_pretrain(cfg, progress=False)
+        path = _run_logged(Path(cfg.out) / "pretrain.log", verbose,
+                           f"pretraining {cfg.model}, {cfg.epochs} epochs (per-epoch lines in the log)",
+                           partial(run_pretrain, cfg))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)
     val = json.loads(path.with_suffix(".json").read_text())["val"]
@@ -224,12 +229,9 @@ def distill(
             batch_size=batch_size, lr=lr, max_minutes=max_minutes, out=out))
         if out is None and cfg.out == TrainConfig().out:  # neither YAML nor flags chose a folder
             cfg = dataclasses.replace(cfg, out="runs/distill")
-        with _quiet(Path(cfg.out) / "distill.log", verbose) as where:
-            if verbose:
-                run, report = run_distill(cfg)
-            else:
-                with where.console.status(f"distilling into {cfg.model}, {cfg.epochs} epochs (details in the log)"):
-                    run, report = run_distill(cfg, progress=False)
+        run, report = _run_logged(Path(cfg.out) / "distill.log", verbose,
+                                  f"distilling into {cfg.model}, {cfg.epochs} epochs (details in the log)",
+                                  partial(run_distill, cfg))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)
     table = Table(title=f"student vs teacher on {report['split']} (n={report['n']})")
