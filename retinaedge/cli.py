@@ -134,13 +134,13 @@ def _with_ci(m: dict, key: str) -> str:
 
 
 def _metrics_table(metrics: dict, title: str) -> None:
-    table = Table(title=title, caption="[ ] = 95% interval (Wilson; AUC: bootstrap). Assists screening; does not diagnose.")
+    table = Table(title=title, caption="[ ] = 95% interval (Wilson; AUC, QWK: bootstrap). Assists screening; does not diagnose.")
     for column in ("split", "n (ref+)", "QWK", "ref. sensitivity", "ref. specificity", "ref. AUC", "uncertain"):
         table.add_column(column)
     for split in ("val", "test"):
         if split in metrics:
             m = metrics[split]
-            table.add_row(split, f"{m['n']} ({m.get('n_positive', '-')})", f"{m['qwk']:.3f}",
+            table.add_row(split, f"{m['n']} ({m.get('n_positive', '-')})", _with_ci(m, "qwk"),
                           _with_ci(m, "referable_sensitivity"), _with_ci(m, "referable_specificity"),
                           _with_ci(m, "referable_auc"), str(m.get("uncertain", "-")))
     out_console.print(table)

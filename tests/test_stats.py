@@ -124,6 +124,20 @@ def test_kappa_auc_confusion_known_values():
     assert confusion([0, 4, 4], [0, 3, 4]).tolist() == [[1, 0, 0, 0, 0], [0] * 5, [0] * 5, [0] * 5, [0, 0, 0, 1, 1]]
 
 
+def test_qwk_interval_is_a_seeded_paired_bootstrap():
+    from training.metrics import qwk_interval
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 400)
+    noisy = np.clip(y + rng.integers(-1, 2, 400), 0, 4)  # off by at most one grade: high but imperfect kappa
+    low, high = qwk_interval(y, noisy)
+    assert low < quadratic_weighted_kappa(y, noisy) < high and high - low < 0.1
+    assert qwk_interval(y[:40], noisy[:40])[1] - qwk_interval(y[:40], noisy[:40])[0] > high - low  # fewer photos
+    assert qwk_interval(y, noisy) == (low, high)  # seeded
+    assert qwk_interval(y, y) == (1.0, 1.0)
+    assert all(math.isnan(v) for v in qwk_interval([2], [2]))
+
+
 def test_screening_metrics_report_n_and_wilson_intervals():
     probs = [[0.9, 0.1, 0, 0, 0], [0.1, 0.1, 0.8, 0, 0], [0.6, 0.1, 0.1, 0.1, 0.1]]
     m = screening_metrics([0, 2, 3], probs)

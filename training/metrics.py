@@ -42,11 +42,26 @@ def binary_auc_interval(positive, score, confidence: float = 0.95, n_resamples: 
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
+def qwk_interval(y_true, y_pred, confidence: float = 0.95, n_resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the QWK (scipy), resampling photos with their (reference, predicted) pair;
+    (nan, nan) with fewer than 2 photos."""
+    from scipy import stats
+
+    y_true, y_pred = np.asarray(y_true, int), np.asarray(y_pred, int)
+    if len(y_true) < 2:
+        return float("nan"), float("nan")
+    result = stats.bootstrap((y_true, y_pred), quadratic_weighted_kappa, paired=True, vectorized=False,
+                             n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                             rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
 def report_at(point: OperatingPoint, y: np.ndarray, logits: np.ndarray, auc_ci: bool = True,
               dme_labels: np.ndarray | None = None, dme_logits: np.ndarray | None = None,
               dme_point: OperatingPoint | None = None) -> dict:
     """Screening metrics of ``logits`` decided at ``point`` (decide_batch), each with n and a 95% interval, plus how
-    many photos fell in the uncertain band. ``auc_ci=False`` skips the AUC bootstrap (per-epoch validation).
+    many photos fell in the uncertain band. ``auc_ci=False`` skips the AUC and QWK bootstraps (per-epoch validation).
 
     With a DME head's ``dme_logits`` (and its photos' ``dme_labels``, ``MISSING`` where unknown) the report gains
     ``dme``: AUC and sensitivity/specificity at ``dme_point`` (default 0.5) on the labelled photos, and
@@ -57,6 +72,7 @@ def report_at(point: OperatingPoint, y: np.ndarray, logits: np.ndarray, auc_ci: 
     metrics = screening_metrics(y, decisions.probabilities, point.threshold)
     if auc_ci:
         metrics["referable_auc_ci"] = auc_interval(y, decisions.referable_probability)
+        metrics["qwk_ci"] = qwk_interval(y, decisions.probabilities.argmax(1))
     metrics["uncertain"] = int(decisions.uncertain.sum())
     metrics["operating_point"] = point.describe()
     if decisions.dme_probability is not None:
