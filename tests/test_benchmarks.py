@@ -82,3 +82,21 @@ def test_ratio_lines_compare_against_the_largest_torch_model():
                          row("student int8", "onnx", 3.5, 2.0)])
     assert "teacher torch" in lines[0]
     assert "- student int8: 70.0x faster, 20.0x smaller" in lines
+
+
+def test_training_study_scores_every_run_on_the_same_test_photos(tiny_run, synthetic_dir, tmp_path):
+    from benchmarks.training_study import main
+
+    main([str(tiny_run.out_dir), "--data", str(synthetic_dir), "--cache-dir", str(tmp_path / "c"),
+          "--out", str(tmp_path / "study")])
+    data = json.loads((tmp_path / "study.json").read_text())
+    (row,) = data["rows"]
+    assert row["model"] == "test_dr_tiny" and row["init"] == "random" and row["heads"] == ["grade"]
+    assert row["test"]["n"] == len([1 for line in (synthetic_dir / "labels.csv").read_text().splitlines()
+                                     if line.endswith(",test")])
+    low, high = row["test"]["qwk_ci"]
+    assert low <= high
+    table = (tmp_path / "study.md").read_text()
+    assert f"| {tiny_run.out_dir.name} | test_dr_tiny @64 | random | grade | off | 3 |" in table
+    with pytest.raises(SystemExit):  # a folder that is not a finished run is refused by name
+        main([str(tmp_path), "--data", str(synthetic_dir)])

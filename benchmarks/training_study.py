@@ -1,0 +1,96 @@
+"""One table of several training runs, each evaluated on the same test split: the study tables of docs/.
+
+    python -m benchmarks.training_study runs/study18/l0_imagenet runs/study18/l0_random ... \\
+        --data ../shared/data/messidor2 --out reports/study18
+
+Every run is a `retinaedge train` output folder (``best.pt``, ``metrics.json``, ``config.yaml``). Each checkpoint is
+re-evaluated here on the ``--split`` photos of every ``--data`` folder (training.evaluate.evaluate, at the
+checkpoint's own val-chosen operating point), so rows trained before a metric was added still get it and every row
+is scored by the same code. A row carries what makes it differ (model, input size, backbone init, heads, CAM-guided
+augmentation), how long it trained and where (minutes, epochs, device, CPU), its val QWK, and the test figures with n
+and 95% intervals (QWK and AUC: bootstrap; sensitivity and specificity: Wilson; DME: the folder's labelled photos).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from .device import fingerprint as device_fingerprint
+from .report import write_markdown_and_json
+
+COLUMNS = ("run", "model @px", "init", "heads", "CAM aug.", "epochs", "train min", "device", "val QWK", "test n (ref+)",
+           "QWK", "ref. sensitivity", "ref. specificity", "ref. AUC", "DME n (+)", "DME AUC", "DME sens.", "DME spec.")
+
+
+def _ci(value, ci) -> str:
+    if value is None or value != value:
+        return "-"
+    if not ci or ci[0] != ci[0]:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def study_row(run: Path, data: Path, split: str, cache_dir: str) -> dict:
+    """The evaluated row of one run folder on one data folder."""
+    from training.evaluate import evaluate
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    trained = json.loads((run / "metrics.json").read_text())
+    test = evaluate(run / "best.pt", data, split, cache_dir=cache_dir)
+    dme = test.get("dme") or {}
+    history = trained.get("history") or []
+    return {
+        "run": run.name, "model": cfg["model"], "input_size": cfg.get("input_size"),
+        "init": trained.get("backbone_init", "imagenet" if cfg.get("pretrained", True) else "random"),
+        "heads": list(cfg.get("heads", ["grade"])), "cam_augment": cfg.get("cam_augment", "off"),
+        "epochs_run": len(history), "train_minutes": trained.get("train_minutes"), "device": cfg.get("device"),
+        "val_qwk": trained["val"]["qwk"], "data": data.name, "split": split, "test": test,
+        "dme": dme or None,
+    }
+
+
+def markdown(rows: list[dict], cpu: str) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        t, d = r["test"], r["dme"] or {}
+        cells = [r["run"], f"{r['model']} @{r['input_size']}", r["init"], "+".join(r["heads"]), r["cam_augment"],
+                 str(r["epochs_run"]), f"{r['train_minutes']:.1f}" if r["train_minutes"] else "-", r["device"],
+                 f"{r['val_qwk']:.3f}", f"{t['n']} ({t['n_positive']})", _ci(t["qwk"], t.get("qwk_ci")),
+                 _ci(t["referable_sensitivity"], t["referable_sensitivity_ci"]),
+                 _ci(t["referable_specificity"], t["referable_specificity_ci"]),
+                 _ci(t["referable_auc"], t.get("referable_auc_ci")),
+                 f"{d['n']} ({d['n_positive']})" if d else "-", _ci(d.get("auc"), d.get("auc_ci")),
+                 _ci(d.get("sensitivity"), d.get("sensitivity_ci")), _ci(d.get("specificity"), d.get("specificity_ci"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    split = rows[0]["split"] if rows else "test"
+    return "\n".join([
+        *lines, "",
+        f"Scored on the {split} split at each checkpoint's own val-chosen operating point; [ ] = 95% interval (QWK and "
+        "AUC: percentile bootstrap, 2,000 resamples; sensitivity/specificity: Wilson). Training device CPU: "
+        f"{cpu}. Assists screening; does not diagnose."])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="`retinaedge train` output folders")
+    parser.add_argument("--data", type=Path, action="append", required=True, help="folder(s) whose split scores every run")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--cache-dir", default=".cache/retinaedge")
+    parser.add_argument("--out", type=Path, default=Path("reports/training_study"))
+    args = parser.parse_args(argv)
+    missing = [str(r) for r in args.runs if not (r / "best.pt").is_file() or not (r / "metrics.json").is_file()]
+    if missing:
+        parser.error(f"not finished `retinaedge train` folders (need best.pt and metrics.json): {', '.join(missing)}")
+    rows = [study_row(run, data, args.split, args.cache_dir) for data in args.data for run in args.runs]
+    fingerprint = device_fingerprint()
+    cpu = f"{fingerprint['cpu']}, {fingerprint['cores']} cores (int8: {', '.join(fingerprint['cpu_int8']['int8']) or 'none'})"
+    text = markdown(rows, cpu)
+    print(text)
+    write_markdown_and_json(args.out, text, {"device": fingerprint, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
