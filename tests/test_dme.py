@@ -273,12 +273,53 @@ def test_exported_dme_head_keeps_its_cam_identity_and_parity(dme_artifacts, dme_
     manifest = session.info.manifest
     _, meta = load_checkpoint(dme_run[0].best_checkpoint)
     assert manifest.heads == DME_HEADS and manifest.output_names == ("logits", "cam", "dme_logit", "dme_cam")
-    assert manifest.dme_operating_point == meta.dme_operating_point
     x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
     out = session.run_heads(x)
     bias = out.dme_logit - out.dme_cam.mean(axis=(2, 3))  # the CAM identity, read from the artifact's outputs
     assert out.dme_logit.shape == (2, 1) and np.abs(bias - bias.mean()).max() < 1e-4
     assert session.run(x)[0].shape == (2, 5)  # the grade-only view is unchanged
+
+
+@pytest.mark.parametrize("name", ["onnx", "tflite", "onnx_int8"])
+def test_every_artifact_rechooses_its_dme_point_on_its_own_val_outputs(dme_artifacts, dme_run, name):
+    """As the referral point: the checkpoint's rule and target, applied to the artifact's DME logits on the val
+    photos with a DME label, recorded in that artifact's manifest."""
+    from compression.calibration import load_photos
+    from edge_runtime.backends import open_session
+    from training.models import load_checkpoint
+
+    record = dme_artifacts[name]
+    session = open_session(record.path, allow_ungated=True)
+    manifest = session.info.manifest
+    _, meta = load_checkpoint(dme_run[0].best_checkpoint)
+    val = load_photos(dme_run[1], meta.preprocess, "val", 16)
+    labelled = val.dme != MISSING
+    assert 0 < (val.dme[labelled] == 1).sum() < labelled.sum() < len(val.dme)  # both classes, some unlabelled
+    dme_logit = session.run_heads(val.x).dme_logit.reshape(-1)
+    expected = choose_binary_operating_point(val.dme[labelled], dme_logit[labelled], rule="youden",
+                                             temperature=manifest.dme_operating_point.temperature)
+    point = manifest.dme_operating_point
+    assert point.rule == meta.dme_operating_point.rule == "youden" and point.val_fingerprint is not None
+    assert point.val_fingerprint != meta.dme_operating_point.val_fingerprint  # chosen on the export's val photos
+    assert point.threshold == pytest.approx(expected.threshold, abs=1e-4)
+    assert (point.n_positive, point.n_negative) == (expected.n_positive, expected.n_negative)
+    assert point.sensitivity == expected.sensitivity and point.specificity == expected.specificity
+
+
+def test_int8_gate_of_a_dme_artifact_judges_the_dme_head(dme_artifacts):
+    from edge_runtime.backends import open_session
+
+    gate = open_session(dme_artifacts["onnx_int8"].path, allow_ungated=True).info.manifest.gate
+    names = [c.name for c in gate.criteria]
+    assert names[:6] == ["referral_agreement", "sensitivity_difference", "specificity_difference", "auc_ratio",
+                         "dme_agreement", "dme_auc_ratio"]
+    dme_agreement, referral_agreement = (next(c for c in gate.criteria if c.name == name)
+                                         for name in ("dme_agreement", "referral_agreement"))
+    # Agreement on every val photo (it needs no label); the AUC ratio on the DME-labelled ones only.
+    assert dme_agreement.n == referral_agreement.n and dme_agreement.interval is not None
+    assert dme_agreement.threshold == 0.98 and gate.status != "passed"  # 5 val photos: far too few
+    assert {"dme_agreement", "dme_auc", "dme_auc_fp32", "dme_n_positive"} <= set(gate.metrics)
+    assert gate.thresholds["min_dme_auc_ratio"] == 0.99
 
 
 def test_int8_artifact_carries_the_dme_outputs(dme_artifacts):
