@@ -183,16 +183,25 @@ def operating_point(
     rule: str = typer.Option("sensitivity", help="sensitivity | specificity | youden"),
     target: float = typer.Option(0.90, help="The val sensitivity (or specificity) to reach."),
     band_fraction: float = typer.Option(0.05, help="Share of val photos nearest the threshold reported uncertain."),
+    dme_rule: str | None = typer.Option(None, help="DME head: sensitivity | specificity | youden (default: the "
+                                        "checkpoint's DME rule)."),
+    dme_target: float | None = typer.Option(None, help="DME head: the val sensitivity (or specificity) to reach on "
+                                            "the photos with a DME label (default: the checkpoint's DME target)."),
 ):
-    """Choose the temperature and referral threshold of a checkpoint on labelled val photos."""
+    """Choose the temperature and referral threshold of a checkpoint on labelled val photos (and, for a model with a
+    DME head, its DME temperature and threshold on those photos that have a DME label)."""
     from training.evaluate import choose_point_for_checkpoint
 
     try:
-        point = choose_point_for_checkpoint(checkpoint, data, split, rule, target, band_fraction)
+        point, dme_point = choose_point_for_checkpoint(checkpoint, data, split, rule, target, band_fraction,
+                                                       dme_rule=dme_rule, dme_target=dme_target)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     out_console.print(f"{checkpoint}: {point.describe()}; T={point.temperature:.3f}, band {point.uncertain_band}")
     out_console.print_json(json.dumps(point.calibration))
+    if dme_point is not None:
+        out_console.print(f"DME point: {dme_point.describe()}; T={dme_point.temperature:.3f}, specificity "
+                          f"{dme_point.specificity:.3f} (n-={dme_point.n_negative})")
 
 
 @app.command()

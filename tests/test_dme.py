@@ -243,6 +243,51 @@ def test_training_reports_dme_metrics_and_records_its_operating_point(dme_run):
     assert evaluated["dme"]["n"] == test["dme"]["n"] and evaluated["dme"]["auc"] == pytest.approx(test["dme"]["auc"])
 
 
+def test_operating_point_cli_rechooses_the_dme_point_too(dme_run, tmp_path):
+    import subprocess
+    import sys
+
+    from training.checkpoint import CheckpointMeta
+    from training.data.layouts import assign_splits, read_dataset, select
+    from training.evaluate import choose_point_for_checkpoint
+    from training.models import load_checkpoint
+    from training.train import dme_labels, predict
+
+    from .conftest import ROOT
+
+    result, data = dme_run
+    copy = tmp_path / "best.pt"
+    copy.write_bytes(result.best_checkpoint.read_bytes())
+    # The CLI: both points re-chosen, the DME one by the checkpoint's rule (youden) unless told otherwise.
+    proc = subprocess.run([sys.executable, "-m", "retinaedge.cli", "operating-point", "--checkpoint", str(copy),
+                           "--data", str(data), "--dme-rule", "sensitivity", "--dme-target", "0.8"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "DME point: threshold" in proc.stdout and "for sensitivity >= 0.80" in proc.stdout
+    saved = CheckpointMeta.from_dict(torch.load(copy, weights_only=False)["meta"]).dme_operating_point
+    assert (saved.rule, saved.target) == ("sensitivity", 0.8) and saved.sensitivity >= 0.8
+    # The library call with the defaults: the checkpoint's DME rule, on the val photos with a DME label.
+    point, dme_point = choose_point_for_checkpoint(copy, [data], "val", cache_dir=str(tmp_path / "c"))
+    model, meta = load_checkpoint(copy)
+    assert meta.dme_operating_point == dme_point and meta.operating_point == point
+    samples = select(assign_splits(read_dataset(data)), "val")
+    labels = dme_labels([data], samples)
+    assert dme_point.rule == "sensitivity" and dme_point.target == 0.8  # the rule and target saved just before
+    assert dme_point.n_positive + dme_point.n_negative == int((labels != MISSING).sum())
+    from torch.utils.data import DataLoader
+
+    from training.data.dataset import FundusDataset, cache_images
+
+    images = cache_images(samples, meta.preprocess, str(tmp_path / "c"), False)
+    _, dme_logits = predict(model, DataLoader(FundusDataset(images, np.array([s.grade for s in samples]),
+                                                            meta.preprocess), batch_size=32),
+                            torch.device("cpu"), heads=True)
+    present = labels != MISSING
+    expected = choose_binary_operating_point(labels[present], dme_logits[present], rule="sensitivity", target=0.8)
+    assert dme_point.threshold == pytest.approx(expected.threshold) and dme_point.temperature == pytest.approx(
+        expected.temperature)
+
+
 @pytest.fixture(scope="module")
 def dme_artifacts(dme_run, tmp_path_factory):
     from compression.gate import GateThresholds
