@@ -278,6 +278,10 @@ def export(
     min_sensitivity_difference: float = typer.Option(-0.02, help="Gate: lower bound of INT8 - FP32 sensitivity."),
     min_specificity_difference: float = typer.Option(-0.02, help="Gate: lower bound of INT8 - FP32 specificity."),
     min_auc_ratio: float = typer.Option(0.99, help="Gate: referable AUC, INT8 / FP32."),
+    min_dme_agreement: float = typer.Option(0.98, help="Gate (DME head): one-sided 95% lower bound of INT8-FP32 "
+                                            "DME-present agreement."),
+    min_dme_auc_ratio: float = typer.Option(0.99, help="Gate (DME head): DME AUC, INT8 / FP32, on the val photos "
+                                            "with a DME label."),
     min_grade_agreement: float | None = typer.Option(None, help="Gate (optional): lower bound of grade agreement."),
     min_qwk_ratio: float | None = typer.Option(None, help="Gate (optional): QWK, INT8 / FP32."),
     min_logit_cosine: float | None = typer.Option(None, help="Gate (optional): mean logit cosine with FP32."),
@@ -309,6 +313,7 @@ def export(
         thresholds = GateThresholds(
             min_referral_agreement=min_referral_agreement, min_sensitivity_difference=min_sensitivity_difference,
             min_specificity_difference=min_specificity_difference, min_auc_ratio=min_auc_ratio,
+            min_dme_agreement=min_dme_agreement, min_dme_auc_ratio=min_dme_auc_ratio,
             min_grade_agreement=min_grade_agreement, min_qwk_ratio=min_qwk_ratio, min_logit_cosine=min_logit_cosine,
             min_cam_correlation=min_cam_correlation)
         # --recipe qat goes straight to QAT: its default length unless --qat-steps says otherwise.
