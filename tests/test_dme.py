@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -377,6 +378,38 @@ def test_int8_artifact_carries_the_dme_outputs(dme_artifacts):
     out = session.run_heads(np.zeros((1, 3, 64, 64), np.float32))
     assert out.dme_logit.shape == (1, 1) and out.dme_cam.shape[:2] == (1, 1)
     assert "max_abs_dme_logit_diff" in record.parity  # reported beside the gate's figures
+
+
+def test_bench_reports_the_dme_head_with_n_and_intervals(dme_artifacts, dme_run, tmp_path):
+    from benchmarks.runner import BenchConfig, run_benchmark
+    from compression.calibration import load_photos
+    from edge_runtime.contract import ArtifactManifest, manifest_path_for
+    from training.models import load_checkpoint
+
+    result, data = dme_run
+    art_dir = Path(dme_artifacts["onnx"].path).parent
+    cfg = BenchConfig(runs=3, min_seconds=0.01, warmup=1, batch_sizes=(1,), split="test")
+    report = run_benchmark(art_dir, tmp_path / "bench", data, None, [result.best_checkpoint], cfg, progress=False)
+    ok = [r for r in report["rows"] if r["status"] == "ok"]
+    assert {r["format"] for r in ok} == {"torch", "onnx", "tflite"}
+    _, meta = load_checkpoint(result.best_checkpoint)
+    test = load_photos(data, meta.preprocess, "test")
+    n_dme = int((test.dme != MISSING).sum())
+    for r in ok:
+        assert r["dme_n"] == n_dme and r["dme_n_missing"] == len(test.dme) - n_dme
+        assert r["dme_n_positive"] + r["dme_n_negative"] == n_dme
+        assert 0.0 <= r["dme_auc"] <= 1.0 and len(r["dme_auc_ci"]) == 2
+        assert r["dme_sensitivity_ci"][0] <= r["dme_sensitivity"] <= r["dme_sensitivity_ci"][1]
+        assert r["dme_specificity_ci"][0] <= r["dme_specificity"] <= r["dme_specificity_ci"][1]
+        point = meta.dme_point if r["format"] == "torch" else ArtifactManifest.from_json(
+            manifest_path_for(art_dir / r["name"]).read_text()).dme_operating_point
+        assert r["dme_threshold"] == point.threshold  # each decides at its own DME point
+        assert r["referred"] >= 0
+    onnx = next(r for r in ok if r["format"] == "onnx" and r["precision"] == "fp32")
+    torch_row = next(r for r in ok if r["format"] == "torch")
+    assert onnx["dme_auc"] == pytest.approx(torch_row["dme_auc"], abs=1e-3)
+    markdown = (tmp_path / "bench" / "report.md").read_text()
+    assert "DME AUC [95% CI] (n)" in markdown and f"(n={n_dme})" in markdown
 
 
 def test_screener_reports_dme_from_the_artifact(dme_artifacts, fundus_bgr):
