@@ -68,18 +68,20 @@ def write_html(report: dict, out: Path) -> Path:
                      fmt(r.get("load_ms"), ".0f"), fmt(lat.get("p50"), ".2f"), fmt(lat.get("p90"), ".2f"),
                      fmt(lat.get("p99"), ".2f"), fmt(r.get("fps_batch1"), ".1f"), fmt(r.get("rss_added_mb"), ".0f"),
                      fmt(r.get("qwk"), ".3f"), fmt(r.get("referable_sensitivity"), ".3f"),
-                     fmt(r.get("referable_specificity"), ".3f"), fmt(r.get("agreement_fp32"), ".3f"),
+                     fmt(r.get("referable_specificity"), ".3f"), fmt(r.get("dme_auc"), ".3f"),
+                     fmt(r.get("dme_sensitivity"), ".3f"), fmt(r.get("dme_specificity"), ".3f"),
+                     fmt(r.get("agreement_fp32"), ".3f"),
                      fmt(r.get("cam_corr_fp32"), ".3f"), fmt(r.get("pointing_game"), ".2f"), fmt(r.get("roofline_pct"), ".1f"),
                      status(r.get("gate")), status(r.get("status")), (r.get("error") or "")[:80]))
     headers = ["artifact", "format", "prec.", "MB", "load ms", "p50 ms", "p90 ms", "p99 ms", "FPS b1", "+RSS MB", "QWK",
-               "ref. sens", "ref. spec", "agree FP32", "CAM corr", "pointing", "roofline %", "gate", "status", "note"]
+               "ref. sens", "ref. spec", "DME AUC", "DME sens", "DME spec", "agree FP32", "CAM corr", "pointing", "roofline %", "gate", "status", "note"]
     ratios = "".join(f"<li>{html.escape(line[2:])}</li>" for line in ratio_lines(report["rows"]) if line.startswith("- "))
     body = (section("Device", table(["", ""], device_rows)) +
             section("Plots", "<div class='grid'>" + "".join(images) + "</div>") +
-            section("Every artifact", table(headers, rows, numeric=list(range(3, 17))), f"<ul>{ratios}</ul>",
+            section("Every artifact", table(headers, rows, numeric=list(range(3, 20))), f"<ul>{ratios}</ul>",
                     explain="Latency at batch 1 after warm-up. Accuracy on the labelled split; agreement and CAM "
-                            "correlation against the FP32 outputs of the same model; 'skipped' rows cannot run on "
-                            "this OS."))
+                            "correlation against the FP32 outputs of the same model; DME columns (models with a DME "
+                            "head) on the photos with a DME label; 'skipped' rows cannot run on this OS."))
     from edge_runtime.contract import SCREENING_DISCLAIMER
 
     from .html_report import page

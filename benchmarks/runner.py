@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.backends import open_session
+from edge_runtime.backends.base import HeadOutputs
 from edge_runtime.contract import (
     ArtifactManifest,
     OperatingPoint,
@@ -82,9 +83,10 @@ def time_runs(run, x: np.ndarray, cfg: BenchConfig) -> list[float]:
 
 
 def load_eval_set(data: Path, policy: PreprocessPolicy, split: str, limit: int | None):
-    from compression.calibration import load_batch
+    """The split's photos, grades and DME labels (``compression.calibration.PhotoBatch``)."""
+    from compression.calibration import load_photos
 
-    return load_batch(data, policy, split, limit)
+    return load_photos(data, policy, split, limit)
 
 
 def pointing_game(run, policy: PreprocessPolicy, lesion_dir: Path) -> float | None:
@@ -120,8 +122,13 @@ def roofline(macs: int, p50_ms: float, peak_gmacs: float) -> tuple[float, float]
 
 def bench_session(name: str, fmt: str, precision: str, model: str, size_mb: float, macs: int | None, run, load_s: float,
                   policy: PreprocessPolicy, cfg: BenchConfig, eval_set, reference, lesion_dir, peaks, max_batch: int,
-                  rss_before_mb: float | None = None, point: OperatingPoint | None = None) -> dict:
-    """One row. ``reference`` is the FP32 model's (logits, cams, referral decisions) on the same photos."""
+                  rss_before_mb: float | None = None, point: OperatingPoint | None = None,
+                  run_heads=None, dme_point: OperatingPoint | None = None) -> dict:
+    """One row. ``reference`` is the FP32 model's (logits, cams, referral decisions) on the same photos.
+
+    With ``run_heads`` (batch -> ``HeadOutputs``) and the DME head's ``dme_point``, the labelled split is decided as
+    the device decides it (referral: referable DR or DME present) and the row gains the DME AUC, sensitivity and
+    specificity with n and 95% intervals on the photos with a DME label (``dme_*``)."""
     from compression.gate import cam_correlation
     from edge_runtime.metrics import clopper_pearson_interval, clopper_pearson_lower, screening_metrics
 
@@ -129,7 +136,7 @@ def bench_session(name: str, fmt: str, precision: str, model: str, size_mb: floa
 
     x1 = np.zeros((1, 3, policy.input_size, policy.input_size), np.float32)
     if eval_set is not None:
-        x1 = eval_set[0][:1]
+        x1 = eval_set.x[:1]
     samples = time_runs(run, x1, cfg)
     stats = latency_stats(samples)
     throughput = {"1": 1000 / stats["mean"]}
@@ -150,13 +157,22 @@ def bench_session(name: str, fmt: str, precision: str, model: str, size_mb: floa
     if macs and runtime_peak:
         row["gmacs_per_s"], row["roofline_pct"] = roofline(macs, stats["p50"], runtime_peak)
     if eval_set is not None:
-        x, y = eval_set
-        outs = [run(x[i:i + 1]) for i in range(len(x))]
-        logits = np.concatenate([o[0] for o in outs])
-        cams = np.concatenate([o[1] for o in outs])
-        decisions = decide_batch(logits, point)
+        x, y = eval_set.x, eval_set.grades
+        with_dme = run_heads is not None and dme_point is not None
+        outs = HeadOutputs.concatenate([run_heads(x[i:i + 1]) if with_dme else HeadOutputs(*run(x[i:i + 1]))
+                                        for i in range(len(x))])
+        logits, cams = outs.logits, outs.cam
+        decisions = decide_batch(logits, point, outs.dme_logit if with_dme else None, dme_point if with_dme else None)
         row.update(threshold=point.threshold, operating_rule=point.rule, n_eval=len(x),
                    uncertain=int(decisions.uncertain.sum()))
+        if with_dme:
+            from training.data.layouts import MISSING
+            from training.metrics import dme_metrics
+
+            labels = eval_set.dme if eval_set.dme is not None else np.full(len(x), MISSING)
+            dme = dme_metrics(labels, decisions.dme_probability, decisions.dme_present)
+            row.update({f"dme_{k}": v for k, v in dme.items()}, dme_threshold=dme_point.threshold,
+                       dme_rule=dme_point.rule, referred=int(decisions.referable.sum()))
         if y is not None:
             m = screening_metrics(y, decisions.probabilities, point.threshold)
             row.update({k: m[k] for k in ("qwk", "accuracy", "referable_sensitivity", "referable_sensitivity_ci",
@@ -223,7 +239,7 @@ def run_benchmark(artifacts: Path, out: Path, data: Path | None = None, lesion_d
             row = bench_session(path.name, spec.name, precision, manifest.model_name, base["size_mb"],
                                 manifest.extra.get("macs"), session.run, load_s, manifest.preprocess, cfg,
                                 eval_for(manifest.preprocess), references.get(manifest.model_name), lesion_dir, peaks, max_batch,
-                                rss_before, manifest.operating_point)
+                                rss_before, manifest.operating_point, session.run_heads, manifest.dme_operating_point)
             row.update(gate=manifest.gate.status, backend=session.info.backend, provider=session.info.provider)
             outputs = row.pop("_outputs", None)
             if precision == "fp32" and outputs is not None and manifest.model_name not in references:
@@ -261,9 +277,14 @@ def _bench_torch(checkpoint: Path, cfg, eval_for, references, lesion_dir, peaks)
             logits, cam = model.forward_with_cam(torch.from_numpy(x))
             return logits.numpy(), cam.numpy()
 
+        @torch.no_grad()
+        def run_heads(x):
+            return HeadOutputs(*(t.numpy() for t in model.forward_outputs(torch.from_numpy(x))))
+
         row = bench_session(checkpoint.name, "torch", "fp32", meta.model_name, round(checkpoint.stat().st_size / 1e6, 3),
                             count_macs(model, policy.input_size), run, load_s, policy, cfg, eval_for(policy), None,
-                            lesion_dir, peaks, max(cfg.batch_sizes), rss_before, meta.operating_point)
+                            lesion_dir, peaks, max(cfg.batch_sizes), rss_before, meta.operating_point, run_heads,
+                            meta.dme_point)
         outputs = row.pop("_outputs", None)
         if outputs is not None:
             references.setdefault(meta.model_name, outputs)
@@ -296,11 +317,14 @@ def to_markdown(report: dict) -> str:
              f"CPU int8 dot-product features: {', '.join(int8) if int8 else 'none'} "
              f"(INT8 preset for this CPU: {d.get('int8_target', '-')}).", "",
              f"Measured GEMM peak: {report['peak_gmacs']} GMAC/s. Latency at batch 1 after warm-up. "
-             "Accuracy on the labelled split; agreement and CAM correlation against the FP32 outputs of the same model.", "",
+             "Accuracy on the labelled split; agreement and CAM correlation against the FP32 outputs of the same model. "
+             "DME (models with a DME head): on the photos with a DME label; referral agreement is then of referable DR "
+             "or DME, as the device refers.", "",
              "| artifact | format | prec. | size MB | load ms | p50 ms | p90 ms | p99 ms | mean±std ms | FPS b1 | FPS best | "
-             "+RSS MB | QWK | threshold | ref. sens [95% CI] | ref. spec [95% CI] | AUC | referral agree FP32 (95% lower) | grade agree FP32 | cosine FP32 | CAM corr | pointing | roofline % | gate | "
-             "status |",
-             "|" + "---|" * 25]
+             "+RSS MB | QWK | threshold | ref. sens [95% CI] | ref. spec [95% CI] | AUC | DME AUC [95% CI] (n) | "
+             "DME sens [95% CI] | DME spec [95% CI] | referral agree FP32 (95% lower) | grade agree FP32 | cosine FP32 | "
+             "CAM corr | pointing | roofline % | gate | status |",
+             "|" + "---|" * 28]
     for r in report["rows"]:
         lat = r.get("latency_ms") or {}
         lines.append("| " + " | ".join([
@@ -309,6 +333,8 @@ def to_markdown(report: dict) -> str:
             f"{lat['mean']:.2f}±{lat['std']:.2f}" if lat else "-", _fmt(r.get("fps_batch1"), ".1f"), _fmt(r.get("fps_best"), ".1f"),
             _fmt(r.get("rss_added_mb"), ".0f"), _fmt(r.get("qwk"), ".3f"), _fmt(r.get("threshold"), ".3f"),
             _fmt_ci(r, "referable_sensitivity"), _fmt_ci(r, "referable_specificity"), _fmt(r.get("referable_auc"), ".3f"),
+            f"{_fmt_ci(r, 'dme_auc')} (n={r['dme_n']})" if "dme_n" in r else "-",
+            _fmt_ci(r, "dme_sensitivity"), _fmt_ci(r, "dme_specificity"),
             f"{r['referral_agreement_fp32']:.3f} ({r['referral_agreement_lower']:.3f})" if "referral_agreement_fp32" in r else "-",
             _fmt(r.get("agreement_fp32"), ".3f"),
             _fmt(r.get("logit_cosine_fp32"), ".4f"), _fmt(r.get("cam_corr_fp32"), ".3f"), _fmt(r.get("pointing_game"), ".2f"), _fmt(r.get("roofline_pct"), ".1f"),

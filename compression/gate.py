@@ -7,6 +7,11 @@ Judged on the labelled val photos, at the artifact's operating point (docs/fidel
 - referable AUC ratio INT8 / FP32 >= 0.99;
 - grade agreement, QWK ratio, logit cosine and CAM correlation: reported, judged only when given a threshold.
 
+For an artifact with a DME head (``DmeOutputs``) the referral judged is the one ``decide_batch`` makes: referable DR
+*or* DME present, against the reference referral (grade >= 2 or a DME label of 1) on the photos where it is known;
+the referable AUC stays the DR ranking. Two criteria are added: DME-present agreement with FP32 (one-sided 95%
+Clopper-Pearson lower bound >= 0.98, every val photo) and DME AUC ratio INT8 / FP32 >= 0.99 (photos with a DME label).
+
 Verdict ``passed``, ``failed``, or ``insufficient_evidence`` when nothing failed but the val set is too small for an
 agreement bound to reach its threshold even if every decision agreed (or a required criterion cannot be estimated).
 """
@@ -17,10 +22,11 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from edge_runtime.calibration import referral_decisions
 from edge_runtime.contract import GateCriterion, GateResult, OperatingPoint
+from edge_runtime.decision import decide_batch
 from edge_runtime.errors import ConfigError
 from edge_runtime.metrics import (
+    binary_sensitivity_specificity,
     clopper_pearson_interval,
     clopper_pearson_lower,
     is_referable,
@@ -29,10 +35,11 @@ from edge_runtime.metrics import (
     photos_needed_for_lower_bound,
     quadratic_weighted_kappa,
     roc_auc,
-    sensitivity_specificity,
 )
+from training.data.layouts import MISSING
 
 REQUIRED = ("referral_agreement", "sensitivity_difference", "specificity_difference", "auc_ratio")
+REQUIRED_DME = ("dme_agreement", "dme_auc_ratio")  # added for artifacts with a DME head
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +50,8 @@ class GateThresholds:
     min_sensitivity_difference: float = -0.02  # one-sided lower bound of INT8 - FP32 (paired bootstrap)
     min_specificity_difference: float = -0.02
     min_auc_ratio: float = 0.99  # referable AUC, INT8 / FP32, point estimate
+    min_dme_agreement: float = 0.98  # DME-present decisions, one-sided lower bound (Clopper-Pearson); DME head only
+    min_dme_auc_ratio: float = 0.99  # DME AUC, INT8 / FP32, on the val photos with a DME label; DME head only
     min_grade_agreement: float | None = None  # one-sided lower bound; reported only unless set
     min_qwk_ratio: float | None = None  # QWK(INT8 vs truth) / QWK(FP32 vs truth)
     min_logit_cosine: float | None = None  # mean over photos
@@ -54,7 +63,7 @@ class GateThresholds:
     tuning_agreement: float = 0.995
 
     def __post_init__(self) -> None:
-        for name in ("min_referral_agreement", "min_grade_agreement"):
+        for name in ("min_referral_agreement", "min_grade_agreement", "min_dme_agreement"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} is judged on a lower confidence bound, which never reaches 1: it must be "
@@ -73,8 +82,30 @@ class GateThresholds:
         if self.n_resamples < 2000:
             raise ConfigError(f"n_resamples must be >= 2000 for a stable 95% bound, got {self.n_resamples}")
 
-    def as_dict(self) -> dict[str, float]:
-        return {f.name: float(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}
+    def as_dict(self, dme: bool = False) -> dict[str, float]:
+        """The thresholds a gate recorded; the DME ones only where the artifact has a DME head (``dme``)."""
+        return {f.name: float(getattr(self, f.name)) for f in fields(self)
+                if getattr(self, f.name) is not None and (dme or not f.name.startswith("min_dme_"))}
+
+
+@dataclass(frozen=True)
+class DmeOutputs:
+    """The DME head's part of the gate: both models' DME logits on the val photos, the photos' DME labels and
+    where each model decides "DME present"."""
+
+    ref_logits: np.ndarray  # FP32, (n,) or (n, 1)
+    test_logits: np.ndarray  # the artifact's, same photos
+    labels: np.ndarray | None  # 0/1 per val photo, MISSING where it has none; None: no photo has one
+    operating_point: OperatingPoint  # the artifact's DME point (temperature, threshold)
+    ref_operating_point: OperatingPoint | None = None  # FP32's, if it has its own (default: the artifact's)
+
+    def checked_labels(self, n: int) -> np.ndarray:
+        """One label per val photo: 0, 1 or MISSING."""
+        labels = np.full(n, MISSING) if self.labels is None else np.asarray(self.labels, int)
+        if labels.shape != (n,) or not np.isin(labels, (0, 1, MISSING)).all():
+            raise ValueError(f"DME labels must be one 0/1 (or MISSING={MISSING}) per val photo ({n}), got shape "
+                             f"{labels.shape} and values {sorted(set(labels.ravel().tolist()))[:5]}")
+        return labels
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -154,16 +185,40 @@ def _difference(name: str, test: np.ndarray, ref: np.ndarray, threshold: float, 
                       f"bound one-sided {thresholds.confidence:.0%}")
 
 
-def _auc_ratio(positive: np.ndarray, test_score: np.ndarray, ref_score: np.ndarray, value: float,
-               thresholds: GateThresholds, seed: int) -> GateCriterion:
-    """Judged on the value (the ranking the operating point was chosen on); the bootstrap interval is shown."""
+def _auc_ratio(name: str, finding: str, threshold: float, positive: np.ndarray, test_score: np.ndarray,
+               ref_score: np.ndarray, thresholds: GateThresholds, seed: int) -> GateCriterion:
+    """AUC of ``finding`` (referable, DME), INT8 / FP32, judged on the value (the ranking the operating point was
+    chosen on); the bootstrap interval is shown."""
+    value = _ratio(roc_auc(positive, test_score), roc_auc(positive, ref_score))
     if not math.isfinite(value) or min(positive.sum(), (~positive).sum()) < 2:
-        return _criterion("auc_ratio", value, thresholds.min_auc_ratio, n=len(positive))
+        return _criterion(name, value, threshold, n=len(positive))
     boot = paired_bootstrap_auc_ratio(positive, test_score, ref_score, thresholds.confidence,
                                       thresholds.n_resamples, seed)
-    return _criterion("auc_ratio", value, thresholds.min_auc_ratio, interval=(boot.low, boot.high), n=boot.n,
-                      method=f"referable AUC, INT8 / FP32; stratified paired bootstrap ({boot.method}, "
+    return _criterion(name, value, threshold, interval=(boot.low, boot.high), n=boot.n,
+                      method=f"{finding} AUC, INT8 / FP32; stratified paired bootstrap ({boot.method}, "
                       f"{boot.n_resamples} resamples, seed {seed}); judged on the value")
+
+
+def _dme_criteria(ref, test, dme: DmeOutputs, n: int, thresholds: GateThresholds,
+                  seed: int) -> tuple[list[GateCriterion], dict[str, float]]:
+    """DME-present agreement (every val photo; it needs no label) and the DME AUC ratio (photos with a DME label),
+    with the DME figures of both models for the flat metrics."""
+    labels = dme.checked_labels(n)
+    labelled = labels != MISSING
+    positive = labels[labelled] == 1
+    agreement = _proportion("dme_agreement", int((ref.dme_present == test.dme_present).sum()), n,
+                            thresholds.min_dme_agreement, thresholds.confidence)
+    auc_ratio = _auc_ratio("dme_auc_ratio", "DME", thresholds.min_dme_auc_ratio, positive,
+                           test.dme_probability[labelled], ref.dme_probability[labelled], thresholds, seed)
+    ref_ss = binary_sensitivity_specificity(positive, ref.dme_present[labelled])
+    test_ss = binary_sensitivity_specificity(positive, test.dme_present[labelled])
+    metrics = {"dme_agreement": agreement.value or 0.0,
+               "dme_auc": roc_auc(positive, test.dme_probability[labelled]),
+               "dme_auc_fp32": roc_auc(positive, ref.dme_probability[labelled]),
+               "dme_sensitivity": test_ss["sensitivity"], "dme_sensitivity_fp32": ref_ss["sensitivity"],
+               "dme_specificity": test_ss["specificity"], "dme_specificity_fp32": ref_ss["specificity"],
+               "dme_n_positive": float(test_ss["n_positive"]), "dme_n_negative": float(test_ss["n_negative"])}
+    return [agreement, auc_ratio], metrics
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -177,7 +232,7 @@ def _ratio(a: float, b: float) -> float:
 
 def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: OperatingPoint,
           thresholds: GateThresholds = GateThresholds(), seed: int = 0,
-          ref_operating_point: OperatingPoint | None = None) -> GateResult:
+          ref_operating_point: OperatingPoint | None = None, dme: DmeOutputs | None = None) -> GateResult:
     """The fidelity gate: ``test`` (INT8/FP16) against ``ref`` (FP32 of the same model) on labelled val photos.
 
     Args:
@@ -189,6 +244,8 @@ def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: O
         thresholds: the criteria's thresholds (``GateThresholds``).
         seed: of the paired bootstrap.
         ref_operating_point: where FP32 refers, if it has its own point (default: the artifact's).
+        dme: the DME head's logits, labels and points (artifacts with a DME head): referral is then judged as
+            ``decide_batch`` takes it (referable DR or DME present), and DME agreement and AUC ratio are added.
 
     Returns:
         ``GateResult`` with status ``passed | failed | insufficient_evidence``, a flat ``metrics`` dict, the
@@ -201,12 +258,21 @@ def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: O
     n = len(ref_logits)
     failures: list[str] = []
     non_finite = int((~np.isfinite(test_logits)).sum())
+    if dme is not None:
+        non_finite += int((~np.isfinite(np.asarray(dme.test_logits, float))).sum())
     if non_finite:  # a broken artifact (overflow, a bad scale): no statistic of its outputs means anything
-        return GateResult("failed", _finite(metrics), thresholds.as_dict(),
+        return GateResult("failed", _finite(metrics), thresholds.as_dict(dme is not None),
                           (f"the artifact produced {non_finite} non-finite logits on {n} val photos",))
 
-    ref_score, ref_refer = referral_decisions(ref_logits, ref_operating_point or operating_point)
-    test_score, test_refer = referral_decisions(test_logits, operating_point)
+    if dme is None:
+        ref = decide_batch(ref_logits, ref_operating_point or operating_point)
+        test = decide_batch(test_logits, operating_point)
+    else:
+        ref = decide_batch(ref_logits, ref_operating_point or operating_point, dme.ref_logits,
+                           dme.ref_operating_point or dme.operating_point)
+        test = decide_batch(test_logits, operating_point, dme.test_logits, dme.operating_point)
+    ref_score, ref_refer = ref.referable_probability, ref.referable  # referral as the device takes it
+    test_score, test_refer = test.referable_probability, test.referable
     criteria = [_proportion("referral_agreement", int((ref_refer == test_refer).sum()), n,
                             thresholds.min_referral_agreement, thresholds.confidence)]
     metrics.update({"referral_agreement": criteria[0].value or 0.0,
@@ -217,17 +283,25 @@ def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: O
         y_true = np.asarray(y_true, int)
         if y_true.shape != (n,):
             raise ValueError(f"y_true must hold one grade per val photo ({n}), got shape {y_true.shape}")
-        positive = is_referable(y_true)
-        ref_ss, test_ss = sensitivity_specificity(y_true, ref_refer), sensitivity_specificity(y_true, test_refer)
-        auc_ref, auc_test = roc_auc(positive, ref_score), roc_auc(positive, test_score)
+        referable = is_referable(y_true)
+        # The reference referral: referable DR, or (DME head) a DME label of 1; unknown for a non-referable photo
+        # without a DME label, which then counts in neither sensitivity nor specificity.
+        positive, known = referable, np.ones(n, bool)
+        if dme is not None:
+            dme_labels = dme.checked_labels(n)
+            positive, known = referable | (dme_labels == 1), referable | (dme_labels != MISSING)
+        ref_ss = binary_sensitivity_specificity(positive[known], ref_refer[known])
+        test_ss = binary_sensitivity_specificity(positive[known], test_refer[known])
+        auc_ref, auc_test = roc_auc(referable, ref_score), roc_auc(referable, test_score)
         qwk_ref = quadratic_weighted_kappa(y_true, ref_logits.argmax(1))
         qwk_test = quadratic_weighted_kappa(y_true, test_logits.argmax(1))
         criteria += [
-            _difference("sensitivity_difference", test_refer[positive], ref_refer[positive],
+            _difference("sensitivity_difference", test_refer[positive & known], ref_refer[positive & known],
                         thresholds.min_sensitivity_difference, thresholds, seed),
-            _difference("specificity_difference", ~test_refer[~positive], ~ref_refer[~positive],
+            _difference("specificity_difference", ~test_refer[~positive & known], ~ref_refer[~positive & known],
                         thresholds.min_specificity_difference, thresholds, seed),
-            _auc_ratio(positive, test_score, ref_score, _ratio(auc_test, auc_ref), thresholds, seed),
+            _auc_ratio("auc_ratio", "referable", thresholds.min_auc_ratio, referable, test_score, ref_score,
+                       thresholds, seed),
         ]
         metrics.update({
             "sensitivity": test_ss["sensitivity"], "sensitivity_fp32": ref_ss["sensitivity"],
@@ -237,6 +311,12 @@ def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: O
         })
     else:
         criteria += [_criterion(name, None, getattr(thresholds, f"min_{name}")) for name in REQUIRED[1:]]
+    required = REQUIRED
+    if dme is not None:
+        dme_criteria, dme_metrics = _dme_criteria(ref, test, dme, n, thresholds, seed)
+        criteria += dme_criteria
+        metrics.update(dme_metrics)
+        required += REQUIRED_DME
 
     criteria.append(_proportion("grade_agreement", int((ref_logits.argmax(1) == test_logits.argmax(1)).sum()), n,
                                 thresholds.min_grade_agreement, thresholds.confidence))
@@ -251,9 +331,11 @@ def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: O
 
     insufficient: list[str] = []
     for c in criteria:
-        if c.name in REQUIRED and c.passed is None:
-            insufficient.append(f"{c.name}: cannot be estimated on these val photos (n={c.n}); "
-                                "needs labelled photos of both referable and non-referable eyes")
+        if c.name in required and c.passed is None:
+            insufficient.append(f"{c.name}: cannot be estimated on these val photos (n={c.n}); needs "
+                                + ("at least 2 photos each with DME present and absent by their DME label"
+                                   if c.name in REQUIRED_DME else
+                                   "labelled photos of both referable and non-referable eyes"))
         elif c.passed is False:
             line = (f"{c.name} {'lower bound ' if c.bound is not None else ''}"
                     f"{c.bound if c.bound is not None else c.value:.4f} < {c.threshold:.4f} "
@@ -264,7 +346,8 @@ def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: O
             else:
                 failures.append(line)
     status = "failed" if failures else "insufficient_evidence" if insufficient else "passed"
-    return GateResult(status, _finite(metrics), thresholds.as_dict(), tuple(failures + insufficient), tuple(criteria))
+    return GateResult(status, _finite(metrics), thresholds.as_dict(dme is not None), tuple(failures + insufficient),
+                      tuple(criteria))
 
 
 def criteria_table(gate: GateResult, title: str = "fidelity gate"):

@@ -18,6 +18,7 @@ import torch
 
 from compression.gate import GateThresholds
 from compression.quantize import AccuracyTarget, QuantizedGraph, QuantRecipe
+from edge_runtime.backends.base import HeadOutputs
 from edge_runtime.contract import PreprocessPolicy, QuantizationInfo
 from edge_runtime.registry import Registry
 from training.checkpoint import CheckpointMeta
@@ -36,13 +37,16 @@ class ExportPhotos:
     val: np.ndarray  # what parity and the gate judge (the `val` split)
     val_labels: np.ndarray | None  # grades of ``val``; None for an unlabelled folder
     tuning: np.ndarray  # unlabelled train-split photos for accuracy control and QAT; never calib or val photos
+    val_dme: np.ndarray | None = None  # DME labels of ``val`` (0/1, MISSING where none); models with a DME head
 
     def __post_init__(self) -> None:
         shapes = {a.shape[1:] for a in (self.calib, self.val, self.tuning) if len(a)}
         if len(shapes) > 1:
             raise ExportConfigError(f"calib, val and tuning photos must share one input shape, got {sorted(shapes)}")
-        if self.val_labels is not None and len(self.val_labels) != len(self.val):
-            raise ExportConfigError(f"{len(self.val_labels)} val labels for {len(self.val)} val photos")
+        for name in ("val_labels", "val_dme"):
+            labels = getattr(self, name)
+            if labels is not None and len(labels) != len(self.val):
+                raise ExportConfigError(f"{len(labels)} {name} for {len(self.val)} val photos")
 
     def digest(self, name: str) -> str:
         """Identifies one set of photos (cache keys, export_config.yaml)."""
@@ -155,10 +159,9 @@ class ExportResult:
 
     path: Path
     quantization: QuantizationInfo
-    # (logits, cam) on the val photos of the quantized torch graph that was converted, for formats whose runtime
-    # cannot run here (CoreML on Linux); the gate judges these (the grade head's). None where the runtime runs the
-    # file itself.
-    outputs: tuple[np.ndarray, np.ndarray] | None = None
+    # Every head's outputs on the val photos of the quantized torch graph that was converted, for formats whose
+    # runtime cannot run here (CoreML on Linux); the gate judges these. None where the runtime runs the file itself.
+    outputs: HeadOutputs | None = None
     spec_checks: dict[str, float] = field(default_factory=dict)  # what was read back from the file's spec
 
 

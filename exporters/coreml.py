@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from edge_runtime.backends.base import HeadOutputs
 from edge_runtime.contract import QuantizationInfo, output_names_for
 from edge_runtime.formats import INPUT_NAME, MANIFEST_METADATA_KEY
 
@@ -71,7 +72,7 @@ def export_coreml(request: ExportRequest) -> ExportResult:
 
 def _convert_w8a8(request: ExportRequest, example: torch.Tensor, outputs: list):
     """PT2E W8A8 (calibrated, or QAT when the recipe is ``qat``) -> ML program (iOS 17: activation
-    quantize/dequantize ops). Also returns the converted graph's (logits, cam) on the val photos."""
+    quantize/dequantize ops). Also returns the converted graph's outputs (every head) on the val photos."""
     import coremltools as ct
 
     recipe = pt2e_recipe(request.recipe, "apple_ane")
@@ -81,7 +82,7 @@ def _convert_w8a8(request: ExportRequest, example: torch.Tensor, outputs: list):
     with torch.no_grad():
         # Run one photo at a time: the post-training graph is specialised to batch 1, like the CoreML model.
         pairs = [quantized(torch.from_numpy(val[i:i + 1]).float()) for i in range(len(val))]
-    simulated = ((torch.cat([p[0] for p in pairs]).numpy(), torch.cat([p[1] for p in pairs]).numpy())
+    simulated = (HeadOutputs(*(torch.cat([p[k] for p in pairs]).numpy() for k in range(len(pairs[0]))))
                  if pairs else None)
     program = torch.export.export(quantized, (example,)).run_decompositions({})
     model = ct.convert(program, inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(example.shape))], outputs=outputs,

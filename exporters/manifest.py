@@ -30,15 +30,16 @@ from .errors import ExportParityError
 
 
 def draft_manifest(inputs: ExportInputs, reference: Reference, fmt: str, quantization: QuantizationInfo,
-                   gate: GateResult, point: OperatingPoint | None = None) -> ArtifactManifest:
-    """Everything but the file-bound fields; ``point`` is the artifact's own operating point (default: the
-    checkpoint's)."""
+                   gate: GateResult, point: OperatingPoint | None = None,
+                   dme_point: OperatingPoint | None = None) -> ArtifactManifest:
+    """Everything but the file-bound fields; ``point`` and ``dme_point`` are the artifact's own referral and DME
+    operating points (default: the checkpoint's)."""
     meta = inputs.meta
     return ArtifactManifest(
         model_name=meta.model_name, model_version=meta.model_version(quantization.precision),
         format=fmt, preprocess=inputs.policy, cam_shape=reference.cam_shape,
         operating_point=point or meta.operating_point, quantization=quantization, gate=gate,
-        heads=meta.heads, output_names=output_names_for(meta.heads), dme_operating_point=meta.dme_point,
+        heads=meta.heads, output_names=output_names_for(meta.heads), dme_operating_point=dme_point or meta.dme_point,
         training_data_fingerprint=meta.data_fingerprint, git_sha=meta.git_sha,
         extra={"num_features": meta.num_features, "macs": reference.macs,
                "metrics": {k: v.get("qwk") for k, v in meta.metrics.items() if isinstance(v, dict)}},

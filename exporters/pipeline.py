@@ -16,17 +16,18 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from compression.calibration import load_batch
-from compression.gate import GateThresholds, compare, judge
+from compression.calibration import PhotoBatch, load_photos
+from compression.gate import DmeOutputs, GateThresholds, compare, judge
 from compression.qat import QATConfig
 from compression.quantize import QuantRecipe
-from edge_runtime.backends.base import BACKENDS
-from edge_runtime.calibration import choose_operating_point
+from edge_runtime.backends.base import BACKENDS, HeadOutputs
+from edge_runtime.calibration import choose_binary_operating_point, choose_operating_point
 from edge_runtime.contract import (
     GateResult,
     OperatingPoint,
     manifest_path_for,
 )
+from training.data.layouts import MISSING
 
 from . import coreml, onnx, tflite  # noqa: F401 - registers the exporters
 from .base import (
@@ -109,19 +110,24 @@ def load_inputs(checkpoint: str | Path, out_dir: str | Path, calib: str | Path |
     freeze_dynamic_padding(model, policy.input_size)  # artifacts have a fixed input size (the manifest's)
     empty = np.zeros((0, 3, policy.input_size, policy.input_size), np.float32)
 
-    def load(sources, split: str, limit: int, **kwargs) -> tuple[np.ndarray, np.ndarray | None]:
-        batches = [load_batch(source, policy, split, limit, **kwargs) for source in _folders(sources)]
+    def load(sources, split: str, limit: int, **kwargs) -> PhotoBatch:
+        batches = [load_photos(source, policy, split, limit, **kwargs) for source in _folders(sources)]
         if not batches:
-            return empty, None
-        labels = None if any(y is None for _, y in batches) else np.concatenate([y for _, y in batches])
-        return np.concatenate([x for x, _ in batches]), labels
+            return PhotoBatch(empty, None, None)
+        grades = None if any(b.grades is None for b in batches) else np.concatenate([b.grades for b in batches])
+        # A folder without DME labels (EyePACS, plain images) contributes photos whose DME is MISSING.
+        dme = np.concatenate([np.full(len(b.x), MISSING) if b.dme is None else b.dme for b in batches])
+        return PhotoBatch(np.concatenate([b.x for b in batches]), grades, dme)
 
-    calib_x = load(calib, "calib", calib_limit)[0]
-    val_x, val_y = load(val, "val", val_limit) if _folders(val) else (calib_x, None)
+    calib_x = load(calib, "calib", calib_limit).x
+    val_batch = load(val, "val", val_limit) if _folders(val) else PhotoBatch(calib_x, None, None)
     # The train split only: never the calib or val photos the result is judged on.
-    tuning = load(calib, "train", tuning_limit, strict_split=True)[0] if tuning_limit else empty
-    return ExportInputs(Path(checkpoint), model.eval(), meta, ExportPhotos(calib_x, val_x, val_y, tuning),
-                        thresholds or GateThresholds(), Path(out_dir), name)
+    tuning = load(calib, "train", tuning_limit, strict_split=True).x if tuning_limit else empty
+    photos = ExportPhotos(calib_x, val_batch.x, val_batch.grades, tuning,
+                          val_dme=(val_batch.dme if val_batch.dme is not None else np.full(len(val_batch.x), MISSING))
+                          if meta.has_dme else None)
+    return ExportInputs(Path(checkpoint), model.eval(), meta, photos, thresholds or GateThresholds(), Path(out_dir),
+                        name)
 
 
 def _folders(sources: str | Path | Sequence[str | Path] | None) -> list[str | Path]:
@@ -137,6 +143,7 @@ class Verdict:
     metrics: dict[str, float]  # parity / fidelity figures and spec checks, for the index row
     outputs: tuple[np.ndarray, np.ndarray] | None  # what was judged: the artifact's outputs on the val photos
     point: OperatingPoint | None = None  # the artifact's own operating point, chosen on those outputs
+    dme_point: OperatingPoint | None = None  # its own DME point, chosen on its DME outputs (DME head only)
 
 
 class ExportPipeline:
@@ -169,7 +176,7 @@ class ExportPipeline:
             result, verdict, how = self._export_and_escalate(spec, precision)
             seconds = time.monotonic() - started
             manifest = draft_manifest(self.inputs, self.reference, fmt, result.quantization, verdict.gate,
-                                      verdict.point)
+                                      verdict.point, verdict.dme_point)
             evidence = ArtifactEvidence(*(verdict.outputs or (None, None)), self.inputs.photos.val_labels,
                                         self.reference)
             manifest = finalise_manifest(result.path, manifest, evidence, EXPORTERS.get(fmt).embed_manifest, self.sign)
@@ -225,13 +232,13 @@ class ExportPipeline:
             session = BACKENDS.get(spec.runtime)(result.path, draft)
             outputs = session.run_heads(self.inputs.photos.val)
             how = f"ran {session.info.backend}/{session.info.provider} on {n} images"
-            return self._judge(spec, result, precision, outputs.logits, outputs.cam, how,
+            return self._judge(spec, result, precision, outputs, how,
                                self._dme_checks(result, outputs.dme_logit, outputs.dme_cam))
         how = f"spec checked only: {spec.runtime} cannot run on this OS ({', '.join(spec.runs_on)} only)"
         if precision == "int8" and result.outputs is not None:
             how = (f"spec checked; INT8 gated on the quantized torch graph that was converted ({n} images); "
                    f"{spec.runtime} predictions need {'/'.join(spec.runs_on)}")
-            return self._judge(spec, result, precision, *result.outputs, how)
+            return self._judge(spec, result, precision, result.outputs, how)
         gate = GateResult("not_run", _finite(result.spec_checks), {},
                           ("predictions need " + "/".join(spec.runs_on),))
         return Verdict(gate, how, dict(result.spec_checks), None)
@@ -252,27 +259,36 @@ class ExportPipeline:
                 "max_abs_dme_cam_diff": float(np.abs(dme_cam - ref.dme_cam).max()),
                 "dme_cam_identity_error": float(np.abs(bias - bias.mean(0, keepdims=True)).max())}
 
-    def _judge(self, spec: FormatSpec, result: ExportResult, precision: str, logits: np.ndarray, cam: np.ndarray,
-               how: str, dme_checks: dict[str, float] | None = None) -> Verdict:
+    def _judge(self, spec: FormatSpec, result: ExportResult, precision: str, outputs: HeadOutputs, how: str,
+               dme_checks: dict[str, float] | None = None) -> Verdict:
         ref = self.reference
+        logits, cam = outputs.logits, outputs.cam
         if cam.shape != ref.cam.shape or logits.shape != ref.logits.shape:
             raise ExportParityError(f"{result.path.name}: output shapes logits {logits.shape} cam {cam.shape}, "
                                     f"expected {ref.logits.shape} {ref.cam.shape}")
+        if ref.dme_logit is not None and (outputs.dme_logit is None or outputs.dme_logit.shape != ref.dme_logit.shape):
+            raise ExportParityError(f"{result.path.name}: DME logits "
+                                    f"{None if outputs.dme_logit is None else outputs.dme_logit.shape}, expected "
+                                    f"{ref.dme_logit.shape}; the manifest lists the dme head")
         metrics = {**compare(ref.logits, ref.cam, logits, cam), **(dme_checks or {})}
         point = self._operating_point(logits)
+        dme_point = self._dme_operating_point(outputs.dme_logit)
         if spec.runs_here:
             # The CAM identity every artifact must keep: logits - mean_hw(cam) is the (constant) classifier bias.
             bias = logits - cam.mean(axis=(2, 3))
             metrics["cam_identity_error"] = float(np.abs(bias - bias.mean(0, keepdims=True)).max())
         if precision == "int8":
             # The fidelity gate: the one place an INT8 artifact is judged (its own decisions at its own operating
-            # point vs FP32's decisions at FP32's point, on the same val photos).
+            # points vs FP32's decisions at FP32's points, on the same val photos; referral is DR or DME).
+            dme = None if ref.dme_logit is None else DmeOutputs(
+                ref.dme_logit, outputs.dme_logit, self.inputs.photos.val_dme, dme_point,
+                self._dme_operating_point(ref.dme_logit))
             gate = judge(ref.logits, ref.cam, logits, cam, self.inputs.photos.val_labels, point,
-                         self.inputs.thresholds, ref_operating_point=self._operating_point(ref.logits))
+                         self.inputs.thresholds, ref_operating_point=self._operating_point(ref.logits), dme=dme)
             metrics = {**metrics, **gate.metrics}
         else:
             gate = _parity(spec, result.path, precision, metrics, ref)
-        return Verdict(gate, how, {**result.spec_checks, **metrics}, (logits, cam), point)
+        return Verdict(gate, how, {**result.spec_checks, **metrics}, (logits, cam), point, dme_point)
 
     def _operating_point(self, logits: np.ndarray) -> OperatingPoint:
         """Referral point chosen on these outputs for the val photos, by the checkpoint's rule and target.
@@ -284,8 +300,7 @@ class ExportPipeline:
         labels = self.inputs.photos.val_labels
         if labels is None or len(labels) == 0:
             return trained
-        rule = trained.rule if trained.chosen_on_data else "sensitivity"
-        target = trained.target if trained.chosen_on_data else 0.90
+        rule, target = self.inputs.meta.rule_and_target("grade")
         try:
             return choose_operating_point(labels, logits, rule=rule, target=target,
                                           band_fraction=float(self.inputs.meta.config.get(
@@ -293,6 +308,23 @@ class ExportPipeline:
                                           fingerprint=self.inputs.photos.digest("val"))
         except ValueError as exc:  # e.g. no referable val photo: nothing to choose on
             log.warning("operating point not chosen on the export's val photos (%s); keeping the checkpoint's", exc)
+            return trained
+
+    def _dme_operating_point(self, dme_logit: np.ndarray | None) -> OperatingPoint | None:
+        """DME point chosen on these DME outputs for the val photos with a DME label, by the checkpoint's DME rule
+        and target, for the same reason as the referral point. Without a DME head: None; without DME labels (or
+        without a DME-present or a DME-absent photo) the checkpoint's point stands."""
+        trained = self.inputs.meta.dme_point
+        labels = self.inputs.photos.val_dme
+        if trained is None or dme_logit is None or labels is None:
+            return trained
+        present = labels != MISSING
+        rule, target = self.inputs.meta.rule_and_target("dme")
+        try:
+            return choose_binary_operating_point(labels[present], np.asarray(dme_logit).reshape(-1)[present],
+                                                 rule=rule, target=target, fingerprint=self.inputs.photos.digest("val"))
+        except ValueError as exc:
+            log.warning("DME point not chosen on the export's val photos (%s); keeping the checkpoint's", exc)
             return trained
 
 

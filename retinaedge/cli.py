@@ -183,16 +183,25 @@ def operating_point(
     rule: str = typer.Option("sensitivity", help="sensitivity | specificity | youden"),
     target: float = typer.Option(0.90, help="The val sensitivity (or specificity) to reach."),
     band_fraction: float = typer.Option(0.05, help="Share of val photos nearest the threshold reported uncertain."),
+    dme_rule: str | None = typer.Option(None, help="DME head: sensitivity | specificity | youden (default: the "
+                                        "checkpoint's DME rule)."),
+    dme_target: float | None = typer.Option(None, help="DME head: the val sensitivity (or specificity) to reach on "
+                                            "the photos with a DME label (default: the checkpoint's DME target)."),
 ):
-    """Choose the temperature and referral threshold of a checkpoint on labelled val photos."""
+    """Choose the temperature and referral threshold of a checkpoint on labelled val photos (and, for a model with a
+    DME head, its DME temperature and threshold on those photos that have a DME label)."""
     from training.evaluate import choose_point_for_checkpoint
 
     try:
-        point = choose_point_for_checkpoint(checkpoint, data, split, rule, target, band_fraction)
+        point, dme_point = choose_point_for_checkpoint(checkpoint, data, split, rule, target, band_fraction,
+                                                       dme_rule=dme_rule, dme_target=dme_target)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     out_console.print(f"{checkpoint}: {point.describe()}; T={point.temperature:.3f}, band {point.uncertain_band}")
     out_console.print_json(json.dumps(point.calibration))
+    if dme_point is not None:
+        out_console.print(f"DME point: {dme_point.describe()}; T={dme_point.temperature:.3f}, specificity "
+                          f"{dme_point.specificity:.3f} (n-={dme_point.n_negative})")
 
 
 @app.command()
@@ -269,6 +278,10 @@ def export(
     min_sensitivity_difference: float = typer.Option(-0.02, help="Gate: lower bound of INT8 - FP32 sensitivity."),
     min_specificity_difference: float = typer.Option(-0.02, help="Gate: lower bound of INT8 - FP32 specificity."),
     min_auc_ratio: float = typer.Option(0.99, help="Gate: referable AUC, INT8 / FP32."),
+    min_dme_agreement: float = typer.Option(0.98, help="Gate (DME head): one-sided 95% lower bound of INT8-FP32 "
+                                            "DME-present agreement."),
+    min_dme_auc_ratio: float = typer.Option(0.99, help="Gate (DME head): DME AUC, INT8 / FP32, on the val photos "
+                                            "with a DME label."),
     min_grade_agreement: float | None = typer.Option(None, help="Gate (optional): lower bound of grade agreement."),
     min_qwk_ratio: float | None = typer.Option(None, help="Gate (optional): QWK, INT8 / FP32."),
     min_logit_cosine: float | None = typer.Option(None, help="Gate (optional): mean logit cosine with FP32."),
@@ -300,6 +313,7 @@ def export(
         thresholds = GateThresholds(
             min_referral_agreement=min_referral_agreement, min_sensitivity_difference=min_sensitivity_difference,
             min_specificity_difference=min_specificity_difference, min_auc_ratio=min_auc_ratio,
+            min_dme_agreement=min_dme_agreement, min_dme_auc_ratio=min_dme_auc_ratio,
             min_grade_agreement=min_grade_agreement, min_qwk_ratio=min_qwk_ratio, min_logit_cosine=min_logit_cosine,
             min_cam_correlation=min_cam_correlation)
         # --recipe qat goes straight to QAT: its default length unless --qat-steps says otherwise.

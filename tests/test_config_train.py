@@ -94,8 +94,9 @@ def test_training_chooses_the_operating_point_on_val_and_evaluate_reports_it(tin
 
     copy = tmp_path / "best.pt"
     copy.write_bytes(tiny_run.best_checkpoint.read_bytes())
-    youden = choose_point_for_checkpoint(copy, [synthetic_dir], "val", rule="youden", cache_dir=str(tmp_path / "c"))
-    assert youden.rule == "youden" and youden.target is None
+    youden, dme_point = choose_point_for_checkpoint(copy, [synthetic_dir], "val", rule="youden",
+                                                    cache_dir=str(tmp_path / "c"))
+    assert youden.rule == "youden" and youden.target is None and dme_point is None  # no DME head
     assert CheckpointMeta.from_dict(torch.load(copy, weights_only=False)["meta"]).operating_point == youden
 
 

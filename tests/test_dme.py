@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,6 +244,51 @@ def test_training_reports_dme_metrics_and_records_its_operating_point(dme_run):
     assert evaluated["dme"]["n"] == test["dme"]["n"] and evaluated["dme"]["auc"] == pytest.approx(test["dme"]["auc"])
 
 
+def test_operating_point_cli_rechooses_the_dme_point_too(dme_run, tmp_path):
+    import subprocess
+    import sys
+
+    from training.checkpoint import CheckpointMeta
+    from training.data.layouts import assign_splits, read_dataset, select
+    from training.evaluate import choose_point_for_checkpoint
+    from training.models import load_checkpoint
+    from training.train import dme_labels, predict
+
+    from .conftest import ROOT
+
+    result, data = dme_run
+    copy = tmp_path / "best.pt"
+    copy.write_bytes(result.best_checkpoint.read_bytes())
+    # The CLI: both points re-chosen, the DME one by the checkpoint's rule (youden) unless told otherwise.
+    proc = subprocess.run([sys.executable, "-m", "retinaedge.cli", "operating-point", "--checkpoint", str(copy),
+                           "--data", str(data), "--dme-rule", "sensitivity", "--dme-target", "0.8"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "DME point: threshold" in proc.stdout and "for sensitivity >= 0.80" in proc.stdout
+    saved = CheckpointMeta.from_dict(torch.load(copy, weights_only=False)["meta"]).dme_operating_point
+    assert (saved.rule, saved.target) == ("sensitivity", 0.8) and saved.sensitivity >= 0.8
+    # The library call with the defaults: the checkpoint's DME rule, on the val photos with a DME label.
+    point, dme_point = choose_point_for_checkpoint(copy, [data], "val", cache_dir=str(tmp_path / "c"))
+    model, meta = load_checkpoint(copy)
+    assert meta.dme_operating_point == dme_point and meta.operating_point == point
+    samples = select(assign_splits(read_dataset(data)), "val")
+    labels = dme_labels([data], samples)
+    assert dme_point.rule == "sensitivity" and dme_point.target == 0.8  # the rule and target saved just before
+    assert dme_point.n_positive + dme_point.n_negative == int((labels != MISSING).sum())
+    from torch.utils.data import DataLoader
+
+    from training.data.dataset import FundusDataset, cache_images
+
+    images = cache_images(samples, meta.preprocess, str(tmp_path / "c"), False)
+    _, dme_logits = predict(model, DataLoader(FundusDataset(images, np.array([s.grade for s in samples]),
+                                                            meta.preprocess), batch_size=32),
+                            torch.device("cpu"), heads=True)
+    present = labels != MISSING
+    expected = choose_binary_operating_point(labels[present], dme_logits[present], rule="sensitivity", target=0.8)
+    assert dme_point.threshold == pytest.approx(expected.threshold) and dme_point.temperature == pytest.approx(
+        expected.temperature)
+
+
 @pytest.fixture(scope="module")
 def dme_artifacts(dme_run, tmp_path_factory):
     from compression.gate import GateThresholds
@@ -273,12 +319,53 @@ def test_exported_dme_head_keeps_its_cam_identity_and_parity(dme_artifacts, dme_
     manifest = session.info.manifest
     _, meta = load_checkpoint(dme_run[0].best_checkpoint)
     assert manifest.heads == DME_HEADS and manifest.output_names == ("logits", "cam", "dme_logit", "dme_cam")
-    assert manifest.dme_operating_point == meta.dme_operating_point
     x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
     out = session.run_heads(x)
     bias = out.dme_logit - out.dme_cam.mean(axis=(2, 3))  # the CAM identity, read from the artifact's outputs
     assert out.dme_logit.shape == (2, 1) and np.abs(bias - bias.mean()).max() < 1e-4
     assert session.run(x)[0].shape == (2, 5)  # the grade-only view is unchanged
+
+
+@pytest.mark.parametrize("name", ["onnx", "tflite", "onnx_int8"])
+def test_every_artifact_rechooses_its_dme_point_on_its_own_val_outputs(dme_artifacts, dme_run, name):
+    """As the referral point: the checkpoint's rule and target, applied to the artifact's DME logits on the val
+    photos with a DME label, recorded in that artifact's manifest."""
+    from compression.calibration import load_photos
+    from edge_runtime.backends import open_session
+    from training.models import load_checkpoint
+
+    record = dme_artifacts[name]
+    session = open_session(record.path, allow_ungated=True)
+    manifest = session.info.manifest
+    _, meta = load_checkpoint(dme_run[0].best_checkpoint)
+    val = load_photos(dme_run[1], meta.preprocess, "val", 16)
+    labelled = val.dme != MISSING
+    assert 0 < (val.dme[labelled] == 1).sum() < labelled.sum() < len(val.dme)  # both classes, some unlabelled
+    dme_logit = session.run_heads(val.x).dme_logit.reshape(-1)
+    expected = choose_binary_operating_point(val.dme[labelled], dme_logit[labelled], rule="youden",
+                                             temperature=manifest.dme_operating_point.temperature)
+    point = manifest.dme_operating_point
+    assert point.rule == meta.dme_operating_point.rule == "youden" and point.val_fingerprint is not None
+    assert point.val_fingerprint != meta.dme_operating_point.val_fingerprint  # chosen on the export's val photos
+    assert point.threshold == pytest.approx(expected.threshold, abs=1e-4)
+    assert (point.n_positive, point.n_negative) == (expected.n_positive, expected.n_negative)
+    assert point.sensitivity == expected.sensitivity and point.specificity == expected.specificity
+
+
+def test_int8_gate_of_a_dme_artifact_judges_the_dme_head(dme_artifacts):
+    from edge_runtime.backends import open_session
+
+    gate = open_session(dme_artifacts["onnx_int8"].path, allow_ungated=True).info.manifest.gate
+    names = [c.name for c in gate.criteria]
+    assert names[:6] == ["referral_agreement", "sensitivity_difference", "specificity_difference", "auc_ratio",
+                         "dme_agreement", "dme_auc_ratio"]
+    dme_agreement, referral_agreement = (next(c for c in gate.criteria if c.name == name)
+                                         for name in ("dme_agreement", "referral_agreement"))
+    # Agreement on every val photo (it needs no label); the AUC ratio on the DME-labelled ones only.
+    assert dme_agreement.n == referral_agreement.n and dme_agreement.interval is not None
+    assert dme_agreement.threshold == 0.98 and gate.status != "passed"  # 5 val photos: far too few
+    assert {"dme_agreement", "dme_auc", "dme_auc_fp32", "dme_n_positive"} <= set(gate.metrics)
+    assert gate.thresholds["min_dme_auc_ratio"] == 0.99
 
 
 def test_int8_artifact_carries_the_dme_outputs(dme_artifacts):
@@ -291,6 +378,38 @@ def test_int8_artifact_carries_the_dme_outputs(dme_artifacts):
     out = session.run_heads(np.zeros((1, 3, 64, 64), np.float32))
     assert out.dme_logit.shape == (1, 1) and out.dme_cam.shape[:2] == (1, 1)
     assert "max_abs_dme_logit_diff" in record.parity  # reported beside the gate's figures
+
+
+def test_bench_reports_the_dme_head_with_n_and_intervals(dme_artifacts, dme_run, tmp_path):
+    from benchmarks.runner import BenchConfig, run_benchmark
+    from compression.calibration import load_photos
+    from edge_runtime.contract import ArtifactManifest, manifest_path_for
+    from training.models import load_checkpoint
+
+    result, data = dme_run
+    art_dir = Path(dme_artifacts["onnx"].path).parent
+    cfg = BenchConfig(runs=3, min_seconds=0.01, warmup=1, batch_sizes=(1,), split="test")
+    report = run_benchmark(art_dir, tmp_path / "bench", data, None, [result.best_checkpoint], cfg, progress=False)
+    ok = [r for r in report["rows"] if r["status"] == "ok"]
+    assert {r["format"] for r in ok} == {"torch", "onnx", "tflite"}
+    _, meta = load_checkpoint(result.best_checkpoint)
+    test = load_photos(data, meta.preprocess, "test")
+    n_dme = int((test.dme != MISSING).sum())
+    for r in ok:
+        assert r["dme_n"] == n_dme and r["dme_n_missing"] == len(test.dme) - n_dme
+        assert r["dme_n_positive"] + r["dme_n_negative"] == n_dme
+        assert 0.0 <= r["dme_auc"] <= 1.0 and len(r["dme_auc_ci"]) == 2
+        assert r["dme_sensitivity_ci"][0] <= r["dme_sensitivity"] <= r["dme_sensitivity_ci"][1]
+        assert r["dme_specificity_ci"][0] <= r["dme_specificity"] <= r["dme_specificity_ci"][1]
+        point = meta.dme_point if r["format"] == "torch" else ArtifactManifest.from_json(
+            manifest_path_for(art_dir / r["name"]).read_text()).dme_operating_point
+        assert r["dme_threshold"] == point.threshold  # each decides at its own DME point
+        assert r["referred"] >= 0
+    onnx = next(r for r in ok if r["format"] == "onnx" and r["precision"] == "fp32")
+    torch_row = next(r for r in ok if r["format"] == "torch")
+    assert onnx["dme_auc"] == pytest.approx(torch_row["dme_auc"], abs=1e-3)
+    markdown = (tmp_path / "bench" / "report.md").read_text()
+    assert "DME AUC [95% CI] (n)" in markdown and f"(n={n_dme})" in markdown
 
 
 def test_screener_reports_dme_from_the_artifact(dme_artifacts, fundus_bgr):

@@ -9,6 +9,7 @@ from compression.gate import GateThresholds, criteria_table, judge
 from edge_runtime.contract import ArtifactManifest, GateResult, OperatingPoint
 from edge_runtime.errors import ConfigError
 from edge_runtime.metrics import clopper_pearson_lower, photos_needed_for_lower_bound
+from training.data.layouts import MISSING
 
 AT_HALF = OperatingPoint(threshold=0.5)
 
@@ -233,3 +234,104 @@ def test_an_optional_agreement_threshold_asks_for_its_own_number_of_photos():
     grade = criterion(gate, "grade_agreement")
     assert grade.photos_needed == 598 and grade.evidence_limited  # ceil(ln 0.05 / ln 0.995) = ceil(597.6)
     assert gate.status == "insufficient_evidence" and "needs 198 more val photos" in gate.failures[0]
+
+
+# ---------------------------------------------------------------- artifacts with a DME head
+DME_AT_HALF = OperatingPoint(threshold=0.5)
+
+
+def dme_outputs(y, seed: int = 0):
+    """DME labels (60 present: 20 with referable DR, 40 without; 30 DR-negative photos unlabelled), FP32 DME
+    logits s (P(DME) = sigmoid(s), |s| >= 0.5, 10% on the wrong side) and a near-copy that decides alike."""
+    rng = np.random.default_rng(seed)
+    referable, rest = np.flatnonzero(y >= 2), np.flatnonzero(y < 2)
+    labels = np.zeros(len(y), int)
+    labels[referable[:20]] = 1
+    labels[rest[:40]] = 1
+    labels[rest[40:70]] = MISSING
+    side = np.where(labels == 1, 1.0, -1.0) * np.where(rng.random(len(y)) < 0.1, -1.0, 1.0)
+    s = side * (0.5 + rng.exponential(1.5, len(y)))
+    return labels, s, s + rng.normal(scale=1e-3, size=len(y))
+
+
+def with_dme(labels, ref_s, test_s, point=DME_AT_HALF):
+    from compression.gate import DmeOutputs
+
+    return DmeOutputs(ref_s[:, None], test_s[:, None], labels, point)
+
+
+def test_a_dme_artifact_that_decides_alike_passes_with_dme_criteria_and_grade_only_gates_are_unchanged():
+    ref, cam, test, test_cam, y = outputs(400, 120)
+    labels, ref_s, test_s = dme_outputs(y)
+    grade_only = judge(ref, cam, test, test_cam, y, AT_HALF)
+    gate = judge(ref, cam, test, test_cam, y, AT_HALF, dme=with_dme(labels, ref_s, test_s))
+    assert gate.status == "passed"
+    assert [c.name for c in gate.criteria] == ["referral_agreement", "sensitivity_difference", "specificity_difference",
+                                               "auc_ratio", "dme_agreement", "dme_auc_ratio", "grade_agreement",
+                                               "qwk_ratio", "logit_cosine", "cam_correlation"]
+    agreement = criterion(gate, "dme_agreement")
+    assert (agreement.value, agreement.n, agreement.threshold) == (1.0, 400, 0.98)
+    assert agreement.bound == pytest.approx(0.05 ** (1 / 400)) and "Clopper-Pearson" in agreement.method
+    auc = criterion(gate, "dme_auc_ratio")
+    assert auc.value == pytest.approx(1.0, abs=1e-3) and auc.n == 370 and auc.interval is not None
+    assert auc.method.startswith("DME AUC, INT8 / FP32")
+    # The referral is DR or DME: its reference is known on the referable photos and the DME-labelled others.
+    assert gate.metrics["n_positive"] == 120 + 40 and gate.metrics["n_negative"] == 280 - 40 - 30
+    assert gate.metrics["dme_n_positive"] == 60 and gate.metrics["dme_n_negative"] == 310
+    assert {"min_dme_agreement", "min_dme_auc_ratio"} <= set(gate.thresholds)
+    # A grade-only gate records what it recorded before: no DME criterion, threshold or metric.
+    assert not any(c.name.startswith("dme") for c in grade_only.criteria)
+    assert not any(k.startswith(("dme", "min_dme")) for k in {**grade_only.metrics, **grade_only.thresholds})
+    assert grade_only.metrics["n_positive"] == 120 and grade_only.metrics["n_negative"] == 280
+
+
+def test_lost_dme_referrals_fail_the_referral_sensitivity_that_a_grade_only_gate_cannot_see():
+    ref, cam, test, test_cam, y = outputs(400, 120, seed=5)
+    labels, ref_s, test_s = dme_outputs(y, seed=5)
+    # DME-positive photos that FP32 refers only for DME: INT8 no longer finds DME in 10 of them.
+    dme_only = np.flatnonzero((labels == 1) & (y < 2) & (ref_s >= 0) & (p_referable(ref) < 0.5))[:10]
+    lost = test_s.copy()
+    lost[dme_only] = -0.05
+    gate = judge(ref, cam, test, test_cam, y, AT_HALF, dme=with_dme(labels, ref_s, lost))
+    assert judge(ref, cam, test, test_cam, y, AT_HALF).status == "passed"  # the grade head alone is unchanged
+    assert gate.status == "failed"
+    sensitivity = criterion(gate, "sensitivity_difference")
+    assert sensitivity.value == pytest.approx(-10 / 160) and sensitivity.n == 160 and sensitivity.passed is False
+    assert criterion(gate, "referral_agreement").value == 390 / 400
+    assert criterion(gate, "dme_agreement").value == 390 / 400 and criterion(gate, "dme_agreement").passed is False
+    assert gate.metrics["dme_sensitivity_fp32"] - gate.metrics["dme_sensitivity"] == pytest.approx(10 / 60)
+
+
+def test_dme_auc_ratio_fails_when_the_dme_ranking_degrades_without_changing_decisions():
+    ref, cam, test, test_cam, y = outputs(400, 120, seed=6)
+    labels, ref_s, test_s = dme_outputs(y, seed=6)
+    reordered = test_s.copy()
+    for side in (test_s >= 0, test_s < 0):  # as for the referable AUC: each side's highest scores to its negatives
+        idx = np.flatnonzero(side)
+        negatives_first = idx[np.lexsort((test_s[idx], labels[idx] == 1))]
+        reordered[negatives_first] = np.sort(test_s[idx])[::-1]
+    gate = judge(ref, cam, test, test_cam, y, AT_HALF, dme=with_dme(labels, ref_s, reordered))
+    assert criterion(gate, "dme_agreement").value == 1.0 and criterion(gate, "referral_agreement").value == 1.0
+    assert criterion(gate, "dme_auc_ratio").value < 0.95
+    assert [c.name for c in gate.criteria if c.passed is False] == ["dme_auc_ratio"] and gate.status == "failed"
+
+
+def test_a_dme_artifact_without_dme_labels_or_with_a_broken_dme_output_cannot_pass():
+    ref, cam, test, test_cam, y = outputs(400, 120)
+    _, ref_s, test_s = dme_outputs(y)
+    unlabelled = judge(ref, cam, test, test_cam, y, AT_HALF, dme=with_dme(None, ref_s, test_s))
+    assert unlabelled.status == "insufficient_evidence"
+    assert criterion(unlabelled, "dme_auc_ratio").value is None and criterion(unlabelled, "dme_agreement").passed
+    # Nor is the reference referral of a non-referable photo known without its DME label: no specificity.
+    assert unlabelled.failures == (
+        "specificity_difference: cannot be estimated on these val photos (n=0); needs labelled photos of both "
+        "referable and non-referable eyes",
+        "dme_auc_ratio: cannot be estimated on these val photos (n=0); needs at least 2 photos each with DME present "
+        "and absent by their DME label")
+    broken = test_s.copy()
+    broken[7] = np.inf
+    assert judge(ref, cam, test, test_cam, y, AT_HALF, dme=with_dme(None, ref_s, broken)).status == "failed"
+    with pytest.raises(ValueError, match="DME labels must be"):
+        judge(ref, cam, test, test_cam, y, AT_HALF, dme=with_dme(np.full(400, 2), ref_s, test_s))
+    with pytest.raises(ConfigError, match="min_dme_agreement"):
+        GateThresholds(min_dme_agreement=1.0)

@@ -54,6 +54,17 @@ class CheckpointMeta:
             return None
         return self.dme_operating_point or OperatingPoint()
 
+    def rule_and_target(self, head: str) -> tuple[str, float | None]:
+        """The rule and target that re-choose ``head``'s point (``grade``: referral; ``dme``) on other outputs of this
+        model (an exported artifact's, or new val photos): those of the point recorded here when it was chosen on
+        data, else the training config's (``dme_rule``/``dme_target``) or sensitivity >= 0.90."""
+        point = self.operating_point if head == "grade" else self.dme_operating_point
+        if point is not None and point.chosen_on_data:
+            return point.rule, point.target
+        if head == "grade":
+            return "sensitivity", 0.90
+        return self.config.get("dme_rule", "sensitivity"), self.config.get("dme_target", 0.90)
+
     @property
     def input_size(self) -> int:
         return self.preprocess.input_size

@@ -14,10 +14,10 @@ from edge_runtime.contract import OperatingPoint
 from edge_runtime.decision import decide_batch
 
 from .data.dataset import FundusDataset, cache_images
-from .data.layouts import MISSING, assign_splits, fingerprint, read_dataset, read_dme, select
+from .data.layouts import assign_splits, fingerprint, read_dataset, select
 from .metrics import report_at, save_confusion_png, save_roc_png
 from .models import load_checkpoint
-from .train import predict
+from .train import choose_dme_point, dme_labels, predict
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cache_dir: str = ".cache/retinaedge",
@@ -35,9 +35,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cach
     point = meta.operating_point
     dme = {}
     if dme_logits is not None:  # DME metrics on the photos this folder labels (none: only the referral count)
-        labels = read_dme(data)
-        dme = dict(dme_labels=np.array([labels.get(s.path, MISSING) for s in samples]), dme_logits=dme_logits,
-                   dme_point=meta.dme_point)
+        dme = dict(dme_labels=dme_labels([data], samples), dme_logits=dme_logits, dme_point=meta.dme_point)
     metrics = report_at(point, y, logits, **dme)
     # Calibration measured on photos the temperature was not fitted on: ECE/Brier at T = 1 and at the point's T.
     metrics["calibration"] = calibration_report(logits, y, point.temperature)
@@ -56,8 +54,15 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cach
 
 def choose_point_for_checkpoint(checkpoint: str | Path, data: list[str | Path], split: str = "val",
                                 rule: str = "sensitivity", target: float = 0.90, band_fraction: float = 0.05,
-                                cache_dir: str = ".cache/retinaedge") -> OperatingPoint:
-    """Re-choose a checkpoint's temperature and referral threshold on the ``split`` photos of ``data`` and save it."""
+                                cache_dir: str = ".cache/retinaedge", dme_rule: str | None = None,
+                                dme_target: float | None = None) -> tuple[OperatingPoint, OperatingPoint | None]:
+    """Re-choose a checkpoint's temperature and referral threshold on the ``split`` photos of ``data`` and save it.
+
+    A model with a DME head also gets its DME temperature and threshold re-chosen, on those photos that have a DME
+    label, by ``dme_rule``/``dme_target`` (default: the checkpoint's, ``CheckpointMeta.rule_and_target``), as
+    training chose it. Returns (referral point, DME point); the DME point is None without a DME head, or when the
+    photos lack a DME-present or a DME-absent label (the checkpoint's DME point is then kept, with a warning).
+    """
     model, meta = load_checkpoint(checkpoint)
     policy = meta.preprocess
     samples = [s for root in data for s in select(assign_splits(read_dataset(root)), split)]
@@ -65,10 +70,20 @@ def choose_point_for_checkpoint(checkpoint: str | Path, data: list[str | Path], 
         raise ValueError(f"no {split!r} photos in {[str(d) for d in data]}")
     images = cache_images(samples, policy, cache_dir, False)
     y = np.array([s.grade for s in samples])
-    logits = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=32), torch.device("cpu"))
+    logits, dme_logits = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=32),
+                                 torch.device("cpu"), heads=True)
     point = choose_operating_point(y, logits, rule=rule, target=target, band_fraction=band_fraction,
                                    fingerprint=fingerprint(samples))
+    dme_point = None
+    if dme_logits is not None:
+        trained_rule, trained_target = meta.rule_and_target("dme")
+        if dme_target is None:  # the checkpoint's target for its own rule; training's default for another
+            dme_target = trained_target if (dme_rule or trained_rule) == trained_rule else 0.90
+        dme_point = choose_dme_point(dme_labels(data, samples), dme_logits, samples, dme_rule or trained_rule,
+                                     dme_target)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     state["meta"]["operating_point"] = dataclasses.asdict(point)
+    if dme_point is not None:
+        state["meta"]["dme_operating_point"] = dataclasses.asdict(dme_point)
     torch.save(state, checkpoint)
-    return point
+    return point, dme_point

@@ -80,11 +80,11 @@ def load_samples(cfg: TrainConfig) -> list[Sample]:
     return samples
 
 
-def dme_labels(cfg: TrainConfig, samples: Sequence[Sample]) -> np.ndarray:
-    """Each photo's DME label (0/1) from its folder (``layouts.read_dme``: a labels.csv ``dme`` column or Messidor-2's
-    ``adjudicated_dme``); ``MISSING`` where the folder or the photo has none (e.g. EyePACS)."""
+def dme_labels(roots: Sequence[str | Path], samples: Sequence[Sample]) -> np.ndarray:
+    """Each photo's DME label (0/1) from its folder among ``roots`` (``layouts.read_dme``: a labels.csv ``dme``
+    column or Messidor-2's ``adjudicated_dme``); ``MISSING`` where the folder or the photo has none (e.g. EyePACS)."""
     labels: dict[Path, int] = {}
-    for root in cfg.data:
+    for root in roots:
         labels.update(read_dme(root))
     return np.array([labels.get(s.path, MISSING) for s in samples], np.int64)
 
@@ -164,14 +164,13 @@ def predict(model: DRClassifier, loader: DataLoader, device: torch.device, with_
     return (logits, np.concatenate(cams)) if with_cam else logits
 
 
-def choose_dme_point(cfg: TrainConfig, labels: np.ndarray, dme_logits: np.ndarray,
-                     samples: list[Sample]) -> OperatingPoint | None:
-    """Temperature and "DME present" threshold chosen on the val photos that have a DME label; None (and a warning)
-    when they lack a positive or a negative photo: the manifest then carries the default 0.5."""
+def choose_dme_point(labels: np.ndarray, dme_logits: np.ndarray, samples: list[Sample], rule: str,
+                     target: float | None) -> OperatingPoint | None:
+    """Temperature and "DME present" threshold chosen by ``rule``/``target`` on the photos that have a DME label;
+    None (and a warning) when they lack a positive or a negative photo: the manifest then carries the default 0.5."""
     present = labels != MISSING
     try:
-        return choose_binary_operating_point(labels[present], dme_logits[present], rule=cfg.dme_rule,
-                                             target=cfg.dme_target,
+        return choose_binary_operating_point(labels[present], dme_logits[present], rule=rule, target=target,
                                              fingerprint=fingerprint([s for s, p in zip(samples, present, strict=True) if p]))
     except ValueError as exc:
         log.warning("DME operating point not chosen on val (%s); the default threshold 0.5 stands", exc)
@@ -377,8 +376,8 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
                extra_loss=extra_loss, extra_targets=extra_targets, show=show, ema=ema)
     if model.has_dme:
         # Unlabelled (teacher-only) photos and folders without DME get MISSING: masked out of the DME loss.
-        train_dme = dme_labels(cfg, samples["train"])
-        run.train_dme, run.val_dme = torch.as_tensor(train_dme, device=device), dme_labels(cfg, samples["val"])
+        train_dme = dme_labels(cfg.data, samples["train"])
+        run.train_dme, run.val_dme = torch.as_tensor(train_dme, device=device), dme_labels(cfg.data, samples["val"])
         run.dme_pos_weight = positive_weight(train_dme).to(device)
         log.info("DME labels: %d of %d training photos (%d present), %d of %d val photos",
                  int((train_dme != MISSING).sum()), len(train_dme), int((train_dme == 1).sum()),
@@ -526,7 +525,7 @@ def _finalise(run: _Run) -> RunResult:
         log.info("operating point: %s", point.describe())
         dme_point = None
         if val_dme_logits is not None:
-            dme_point = choose_dme_point(cfg, run.val_dme, val_dme_logits, run.samples["val"])
+            dme_point = choose_dme_point(run.val_dme, val_dme_logits, run.samples["val"], cfg.dme_rule, cfg.dme_target)
             log.info("DME operating point: %s", (dme_point or OperatingPoint()).describe())
         for split_name in ("val", "test"):
             split_samples = run.samples[split_name]
@@ -542,7 +541,7 @@ def _finalise(run: _Run) -> RunResult:
                                              heads=True)
             dme = {}
             if dme_logits is not None:
-                dme = dict(dme_labels=dme_labels(cfg, split_samples), dme_logits=dme_logits,
+                dme = dict(dme_labels=dme_labels(cfg.data, split_samples), dme_logits=dme_logits,
                            dme_point=dme_point or OperatingPoint())
             metrics[split_name] = report_at(point, ys, logits, **dme)
             save_confusion_png(metrics[split_name]["confusion_matrix"], str(run.out_dir / f"confusion_{split_name}.png"),
