@@ -1,7 +1,7 @@
 """One table of several training runs, each evaluated on the same test split: the study tables of docs/.
 
     python -m benchmarks.training_study runs/study18/l0_imagenet runs/study18/l0_random ... \\
-        --data ../shared/data/messidor2 --out reports/study18
+        --data ../shared/data/messidor2 --baseline l0_imagenet --out reports/study18
 
 Every run is a `retinaedge train` output folder (``best.pt``, ``metrics.json``, ``config.yaml``). Each checkpoint is
 re-evaluated here on the ``--split`` photos of every ``--data`` folder (training.evaluate.evaluate, at the
@@ -9,6 +9,9 @@ checkpoint's own val-chosen operating point), so rows trained before a metric wa
 is scored by the same code. A row carries what makes it differ (model, input size, backbone init, heads, CAM-guided
 augmentation), how long it trained and where (minutes, epochs, device, CPU), its val QWK, and the test figures with n
 and 95% intervals (QWK and AUC: bootstrap; sensitivity and specificity: Wilson; DME: the folder's labelled photos).
+With ``--baseline RUN`` every row also gets its referable AUC over the baseline's on the same photos, with a paired
+bootstrap interval (edge_runtime.metrics.paired_bootstrap_auc_ratio): overlapping per-row intervals cannot say
+whether two runs differ, the paired ratio can.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from .device import fingerprint as device_fingerprint
 from .report import write_markdown_and_json
 
 COLUMNS = ("run", "model @px", "init", "heads", "CAM aug.", "epochs", "train min", "device", "val QWK", "test n (ref+)",
-           "QWK", "ref. sensitivity", "ref. specificity", "ref. AUC", "DME n (+)", "DME AUC", "DME sens.", "DME spec.")
+           "QWK", "ref. sensitivity", "ref. specificity", "ref. AUC", "AUC / baseline", "DME n (+)", "DME AUC", "DME sens.", "DME spec.")
 
 
 def _ci(value, ci) -> str:
@@ -39,7 +42,7 @@ def study_row(run: Path, data: Path, split: str, cache_dir: str) -> dict:
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     trained = json.loads((run / "metrics.json").read_text())
-    test = evaluate(run / "best.pt", data, split, cache_dir=cache_dir)
+    test = evaluate(run / "best.pt", data, split, cache_dir=cache_dir, with_scores=True)
     dme = test.get("dme") or {}
     history = trained.get("history") or []
     return {
@@ -52,6 +55,23 @@ def study_row(run: Path, data: Path, split: str, cache_dir: str) -> dict:
     }
 
 
+def add_baseline_ratios(rows: list[dict], baseline: str) -> None:
+    """Each row's referable AUC / the baseline run's on the same data folder, paired bootstrap 95% interval."""
+    from edge_runtime.metrics import is_referable, paired_bootstrap_auc_ratio
+
+    reference = {r["data"]: r["test"] for r in rows if r["run"] == baseline}
+    if not reference:
+        raise SystemExit(f"--baseline {baseline} is not one of the runs: {sorted({r['run'] for r in rows})}")
+    for row in rows:
+        ref = reference[row["data"]]
+        if ref["grades"] != row["test"]["grades"]:  # the same photos in the same order, or no pairing
+            raise SystemExit(f"{row['run']} and {baseline} were not scored on the same {row['data']} photos")
+        boot = paired_bootstrap_auc_ratio(is_referable(ref["grades"]), row["test"]["referable_probability"],
+                                          ref["referable_probability"])
+        row["auc_ratio_vs_baseline"] = {"baseline": baseline, "estimate": boot.estimate, "ci": [boot.low, boot.high],
+                                        "n": boot.n, "method": f"paired {boot.method} bootstrap"}
+
+
 def markdown(rows: list[dict], cpu: str) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
@@ -62,6 +82,8 @@ def markdown(rows: list[dict], cpu: str) -> str:
                  _ci(t["referable_sensitivity"], t["referable_sensitivity_ci"]),
                  _ci(t["referable_specificity"], t["referable_specificity_ci"]),
                  _ci(t["referable_auc"], t.get("referable_auc_ci")),
+                 _ci(r["auc_ratio_vs_baseline"]["estimate"], r["auc_ratio_vs_baseline"]["ci"])
+                 if r.get("auc_ratio_vs_baseline") else "-",
                  f"{d['n']} ({d['n_positive']})" if d else "-", _ci(d.get("auc"), d.get("auc_ci")),
                  _ci(d.get("sensitivity"), d.get("sensitivity_ci")), _ci(d.get("specificity"), d.get("specificity_ci"))]
         lines.append("| " + " | ".join(cells) + " |")
@@ -78,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="`retinaedge train` output folders")
     parser.add_argument("--data", type=Path, action="append", required=True, help="folder(s) whose split scores every run")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--baseline", help="run folder name every row's AUC is compared with (paired bootstrap)")
     parser.add_argument("--cache-dir", default=".cache/retinaedge")
     parser.add_argument("--out", type=Path, default=Path("reports/training_study"))
     args = parser.parse_args(argv)
@@ -85,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         parser.error(f"not finished `retinaedge train` folders (need best.pt and metrics.json): {', '.join(missing)}")
     rows = [study_row(run, data, args.split, args.cache_dir) for data in args.data for run in args.runs]
+    if args.baseline:
+        add_baseline_ratios(rows, args.baseline)
     fingerprint = device_fingerprint()
     cpu = f"{fingerprint['cpu']}, {fingerprint['cores']} cores (int8: {', '.join(fingerprint['cpu_int8']['int8']) or 'none'})"
     text = markdown(rows, cpu)

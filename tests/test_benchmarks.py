@@ -88,7 +88,7 @@ def test_training_study_scores_every_run_on_the_same_test_photos(tiny_run, synth
     from benchmarks.training_study import main
 
     main([str(tiny_run.out_dir), "--data", str(synthetic_dir), "--cache-dir", str(tmp_path / "c"),
-          "--out", str(tmp_path / "study")])
+          "--baseline", tiny_run.out_dir.name, "--out", str(tmp_path / "study")])
     data = json.loads((tmp_path / "study.json").read_text())
     (row,) = data["rows"]
     assert row["model"] == "test_dr_tiny" and row["init"] == "random" and row["heads"] == ["grade"]
@@ -96,7 +96,13 @@ def test_training_study_scores_every_run_on_the_same_test_photos(tiny_run, synth
                                      if line.endswith(",test")])
     low, high = row["test"]["qwk_ci"]
     assert low <= high
+    assert len(row["test"]["referable_probability"]) == row["test"]["n"]
+    ratio = row["auc_ratio_vs_baseline"]  # against itself (the interval itself: test_stats, at a usable n)
+    assert (ratio["estimate"], ratio["n"], ratio["baseline"]) == (1.0, row["test"]["n"], tiny_run.out_dir.name)
     table = (tmp_path / "study.md").read_text()
     assert f"| {tiny_run.out_dir.name} | test_dr_tiny @64 | random | grade | off | 3 |" in table
     with pytest.raises(SystemExit):  # a folder that is not a finished run is refused by name
         main([str(tmp_path), "--data", str(synthetic_dir)])
+    with pytest.raises(SystemExit, match="not one of the runs"):
+        main([str(tiny_run.out_dir), "--data", str(synthetic_dir), "--cache-dir", str(tmp_path / "c"),
+              "--baseline", "no_such_run", "--out", str(tmp_path / "study2")])

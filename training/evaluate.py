@@ -21,8 +21,11 @@ from .train import choose_dme_point, dme_labels, predict
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cache_dir: str = ".cache/retinaedge",
-             out: str | Path | None = None) -> dict:
-    """Metrics of a checkpoint on one split at its recorded operating point; JSON, confusion and ROC PNGs in ``out``."""
+             out: str | Path | None = None, with_scores: bool = False) -> dict:
+    """Metrics of a checkpoint on one split at its recorded operating point; JSON, confusion and ROC PNGs in ``out``.
+
+    ``with_scores`` adds each photo's calibrated referable probability (``referable_probability``, in the split's
+    photo order) and reference grade (``grades``), for paired comparisons of several checkpoints on the same photos."""
     model, meta = load_checkpoint(checkpoint)
     policy = meta.preprocess
     samples = select(assign_splits(read_dataset(data)), split)
@@ -40,6 +43,9 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cach
     # Calibration measured on photos the temperature was not fitted on: ECE/Brier at T = 1 and at the point's T.
     metrics["calibration"] = calibration_report(logits, y, point.temperature)
     metrics.update(checkpoint=str(checkpoint), data=str(data), split=split, model=meta.model_name)
+    if with_scores:
+        metrics.update(referable_probability=decide_batch(logits, point).referable_probability.tolist(),
+                       grades=y.tolist())
     if out:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
