@@ -69,15 +69,15 @@ class QualityThresholds:
 
     min_fov_fraction: float = 0.434485  # share of the frame covered by the fundus
     max_decentering: float = 0.01504  # fundus centre offset from the frame centre, as a share of the frame diagonal
-    min_mean: float = 22.176231  # mean 8-bit luminance inside the field of view
-    max_mean: float = 164.666435
+    min_mean: float = 22.176239  # mean 8-bit luminance inside the field of view
+    max_mean: float = 164.666443
     min_std: float = 4.222386
-    min_entropy: float = 4.737454  # bits
+    min_entropy: float = 3.611907  # bits
     min_dynamic_range: float = 14.0  # p99 - p1 luminance
     min_laplacian_var: float = 6.941603  # focus; green channel at WORK_SIZE
     min_tenengrad: float = 43.873808
     min_wavelet_hf_ratio: float = 0.009501  # detail / total energy over two Haar levels
-    min_directional_sharpness: float = 0.117855  # weakest of 4 directions' edge energy / mean green^2 (x 1000)
+    min_directional_sharpness: float = 0.163498  # weakest of 4 directions' edge energy / mean green^2 (x 1000)
     min_sharpness_isotropy: float = 0.546941  # weakest direction's edge energy / strongest's (motion blur: low)
     min_local_contrast: float = 0.008683  # RMS of green minus its blur, over mean green
     max_dark_channel: float = 177.0  # p5 of min(B, G, R): a veil lifts it
@@ -86,8 +86,8 @@ class QualityThresholds:
     max_red_clipped: float = 0.855638  # share of fundus pixels whose red channel is >= 250
     max_bright_area: float = 0.204966  # share of fundus pixels brighter than 190 (luminance)
     max_pale_patch: float = 57.5  # whiteness (min of B, G, R) of the palest region wider than the optic disc, over the median
-    max_dark_patch: float = 0.6648  # how far a region wider than 0.1 x the field falls below the median luminance (share)
-    max_dark_area: float = 0.124069  # share of the field darker than 0.45 x its median luminance
+    max_dark_patch: float = 0.869203  # how far a region wider than 0.1 x the field falls below the median luminance (share)
+    max_dark_area: float = 0.104516  # share of the field darker than 0.45 x its median luminance
     min_illumination_balance: float = 0.026487  # darkest third's mean / brightest third's (top, bottom, left, right)
     max_glare: float = 0.782851  # share of near-white, low-saturation pixels
     max_noise: float = 1.4826  # robust noise sigma of the green channel (median absolute deviation of a high-pass)
