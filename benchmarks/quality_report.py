@@ -62,10 +62,12 @@ def load_before_gate(ref: str) -> Callable[[np.ndarray], tuple[bool, float]]:
     package.mkdir()
     (package / "__init__.py").write_text("")
     repo = Path(__file__).resolve().parents[1]
-    # wire.py: contract.py re-exports QualityReport from it lazily since the pydantic wire schema (absent before)
-    for name in ("quality", "preprocess", "contract", "errors", "wire"):
+    # wire.py: contract.py re-exports QualityReport from it lazily since the pydantic wire schema (absent before);
+    # decision.py and metrics.py: wire.py imports the referral reason from them since the DME head
+    optional = ("wire", "decision", "metrics")
+    for name in ("quality", "preprocess", "contract", "errors", *optional):
         shown = subprocess.run(["git", "show", f"{ref}:edge_runtime/{name}.py"], cwd=repo, capture_output=True, text=True)
-        if shown.returncode != 0 and name == "wire":
+        if shown.returncode != 0 and name in optional:
             continue
         shown.check_returncode()
         (package / f"{name}.py").write_text(shown.stdout)

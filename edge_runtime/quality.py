@@ -14,7 +14,9 @@ small copy of it (longer side ``WORK_SIZE``, so thresholds do not depend on the 
 - occlusion: a dark region wider than a tenth of the field (an eyelid or a shadow, not the camera's thin dark rim
   crescent), the share of the field much darker than its median, and the darkest third against the brightest
   (uneven illumination from one side);
-- sensor noise.
+- sensor noise;
+- heavy JPEG compression: the 8 x 8 block grid, measured on the photo as decoded, before the resize to
+  ``WORK_SIZE`` (which would blur the grid away).
 
 Thresholds are chosen on the val/calib photos of eyepacs_full and messidor2 by
 ``python -m benchmarks.quality_thresholds`` (which writes ``DEFAULT_THRESHOLDS`` below); ``docs/quality_gate.md``
@@ -42,6 +44,10 @@ PATCH_DIAMETER = 0.2  # its disc element, as a share of the field's longer side;
 # The dark-patch indicator's element: an eyelid's edge reaches >= 0.2 of the field into it, the camera's dark rim
 # crescent and the fovea are narrower.
 DARK_PATCH_DIAMETER = 0.1
+# JPEG codes 8 x 8 blocks, which a reduced decode turns into 4 x 4 (1/2 scale, the Screener's decode of raw
+# EyePACS photos); at 1/4 and 1/8 the blocks are 2 and 1 px and the grid is not measured.
+BLOCK_PERIODS = (4, 8)
+BLOCK_RIM = 0.03  # the blockiness skips a rim band this share of the field wide: the rim's edge steps at any phase
 
 _LEVELS = np.arange(256, dtype=np.float32)
 # Neighbour pairs ((dy, dx) of a, (dy, dx) of b) of the 4 directional differences 0, 90, 45, 135 degrees, and the
@@ -63,15 +69,15 @@ class QualityThresholds:
 
     min_fov_fraction: float = 0.434485  # share of the frame covered by the fundus
     max_decentering: float = 0.01504  # fundus centre offset from the frame centre, as a share of the frame diagonal
-    min_mean: float = 22.176231  # mean 8-bit luminance inside the field of view
-    max_mean: float = 164.666435
+    min_mean: float = 22.176239  # mean 8-bit luminance inside the field of view
+    max_mean: float = 164.666443
     min_std: float = 4.222386
-    min_entropy: float = 4.737454  # bits
+    min_entropy: float = 3.611907  # bits
     min_dynamic_range: float = 14.0  # p99 - p1 luminance
     min_laplacian_var: float = 6.941603  # focus; green channel at WORK_SIZE
     min_tenengrad: float = 43.873808
     min_wavelet_hf_ratio: float = 0.009501  # detail / total energy over two Haar levels
-    min_directional_sharpness: float = 0.117855  # weakest of 4 directions' edge energy / mean green^2 (x 1000)
+    min_directional_sharpness: float = 0.163498  # weakest of 4 directions' edge energy / mean green^2 (x 1000)
     min_sharpness_isotropy: float = 0.546941  # weakest direction's edge energy / strongest's (motion blur: low)
     min_local_contrast: float = 0.008683  # RMS of green minus its blur, over mean green
     max_dark_channel: float = 177.0  # p5 of min(B, G, R): a veil lifts it
@@ -80,11 +86,12 @@ class QualityThresholds:
     max_red_clipped: float = 0.855638  # share of fundus pixels whose red channel is >= 250
     max_bright_area: float = 0.204966  # share of fundus pixels brighter than 190 (luminance)
     max_pale_patch: float = 57.5  # whiteness (min of B, G, R) of the palest region wider than the optic disc, over the median
-    max_dark_patch: float = 0.6648  # how far a region wider than 0.1 x the field falls below the median luminance (share)
-    max_dark_area: float = 0.124069  # share of the field darker than 0.45 x its median luminance
+    max_dark_patch: float = 0.869203  # how far a region wider than 0.1 x the field falls below the median luminance (share)
+    max_dark_area: float = 0.104516  # share of the field darker than 0.45 x its median luminance
     min_illumination_balance: float = 0.026487  # darkest third's mean / brightest third's (top, bottom, left, right)
     max_glare: float = 0.782851  # share of near-white, low-saturation pixels
     max_noise: float = 1.4826  # robust noise sigma of the green channel (median absolute deviation of a high-pass)
+    max_blockiness: float = 2.031047  # JPEG block grid: edge strength on the grid's strongest phase / elsewhere (1: none)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -111,6 +118,12 @@ DEFAULT_THRESHOLDS = QualityThresholds()
 def _disc(diameter: int) -> np.ndarray:
     """Elliptical structuring element, made once per size (no per-call kernel allocation)."""
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (diameter, diameter))
+
+
+@lru_cache(maxsize=16)
+def _rect(side: int) -> np.ndarray:
+    """Square structuring element, made once per size."""
+    return cv2.getStructuringElement(cv2.MORPH_RECT, (side, side))
 
 
 def _haar_hf_ratio(box: np.ndarray) -> float:
@@ -181,6 +194,45 @@ def _patches(whiteness: np.ndarray, gray: np.ndarray, mask: np.ndarray, white_me
     pale = max(0.0, cv2.minMaxLoc(eroded)[1] - white_median)
     dark = max(0.0, 1.0 - cv2.minMaxLoc(dilated)[0] / max(lum_median, 1.0))
     return pale, dark
+
+
+def _blockiness(bgr: np.ndarray, fov: FieldOfView) -> float:
+    """How much stronger the green channel's steps are on a JPEG block grid than between grid lines (1: no grid).
+
+    Heavy JPEG quantises each 8 x 8 block's detail away and leaves steps where blocks meet, so the mean absolute
+    difference between neighbours is high on every 8th column and row and low in between (the ratio of boundary
+    to within-block differences, after Wang, Sheikh and Bovik 2002). Measured on the photo as decoded, since any
+    resize blurs the grid: for each period of ``BLOCK_PERIODS`` (the grid is 4 px in a 1/2-scale decode) and each
+    axis, the phase with the largest mean difference against the other phases (the strongest phase, so a photo
+    cropped off the 8-px grid is measured too), averaged over the two axes; the largest over periods. Inside the
+    field, ``BLOCK_RIM`` away from its rim, whose edge would add strong steps at every phase.
+    """
+    x0, y0, w, h = fov.x, fov.y, fov.w, fov.h
+    green = cv2.extractChannel(bgr[y0:y0 + h, x0:x0 + w], 1)
+    s = fov.mask_scale
+    mask = fov.mask[int(y0 * s):int(np.ceil((y0 + h) * s)), int(x0 * s):int(np.ceil((x0 + w) * s))]
+    if green.shape[0] < 2 * max(BLOCK_PERIODS) or green.shape[1] < 2 * max(BLOCK_PERIODS) or not mask.size:
+        return 1.0
+    band = max(3, int(round(BLOCK_RIM * max(mask.shape))) | 1)  # eroded on the small detection mask: cheaper
+    mask = cv2.resize(cv2.erode(mask, _rect(band)), (w, h), interpolation=cv2.INTER_NEAREST)
+    ratios: dict[int, list[float]] = {p: [] for p in BLOCK_PERIODS}
+    # vertical steps summed along each row (reduced to a column), horizontal steps along each column (to a row)
+    for a, b, ma, mb, dim, offset in ((green[1:], green[:-1], mask[1:], mask[:-1], 1, y0),
+                                      (green[:, 1:], green[:, :-1], mask[:, 1:], mask[:, :-1], 0, x0)):
+        both = cv2.bitwise_and(ma, mb)
+        steps = cv2.bitwise_and(cv2.absdiff(a, b), both)
+        sums = cv2.reduce(steps, dim, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel().astype(np.float64)
+        counts = cv2.reduce(both, dim, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel() / 255.0
+        position = np.arange(1 + offset, 1 + offset + sums.size)  # the step between pixels position-1 and position
+        for p in BLOCK_PERIODS:
+            phase = position % p
+            s_phase, n_phase = np.bincount(phase, sums, p), np.bincount(phase, counts, p)
+            if n_phase.min() < 1:
+                return 1.0
+            k = int(np.argmax(s_phase / n_phase))
+            rest = (s_phase.sum() - s_phase[k]) / (n_phase.sum() - n_phase[k])
+            ratios[p].append(s_phase[k] / n_phase[k] / max(rest, 1e-3))
+    return float(max(np.mean(r) for r in ratios.values()))
 
 
 def _shrink(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -295,6 +347,7 @@ def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str
         "illumination_balance": min(thirds) / max(max(thirds), 1.0) if thirds else 1.0,
         "glare": glare / n_inner,
         "noise": float(noise),
+        "blockiness": _blockiness(bgr, fov),
     }
 
 
@@ -329,6 +382,8 @@ RULES = (
      "one side of the field is shadowed (eyelid, lashes or tilt): open the eye wide, re-align, re-capture"),
     ("glare", "max_glare", "<=", "glare or reflections: adjust the angle of the light"),
     ("noise", "max_noise", "<=", "sensor noise too high: more light, lower gain"),
+    ("blockiness", "max_blockiness", "<=",
+     "heavy JPEG compression (8 x 8 blocks visible): send the camera's original or save at a higher JPEG quality"),
 )
 RULE_METRICS = tuple(dict.fromkeys(metric for metric, *_ in RULES))
 

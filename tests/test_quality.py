@@ -41,7 +41,7 @@ def test_every_rule_metric_is_measured(clean):
     ("motion_blur", "directional_sharpness", -1), ("haze", "local_contrast", -1), ("haze", "dark_channel", +1),
     ("occlusion", "dark_area", +1), ("occlusion", "illumination_balance", -1), ("overexpose", "red_clipped", +1),
     ("overexpose", "mean", +1), ("overexpose", "bright_area", +1), ("underexpose", "mean", -1), ("noise", "noise", +1),
-    ("flare", "pale_patch", +1), ("motion_blur", "sharpness_isotropy", -1),
+    ("flare", "pale_patch", +1), ("motion_blur", "sharpness_isotropy", -1), ("heavy_jpeg", "blockiness", +1),
 ])
 def test_indicator_moves_with_its_degradation(photo, clean, name, metric, direction):
     degraded = metrics_of(photo, name)
@@ -208,6 +208,19 @@ def test_chooser_keeps_a_lenient_share_limit_inside_0_1():
     assert "max_glare" in detail["lenient_indicators"] and thresholds.max_glare == 1.0
 
 
+def test_chooser_holds_the_budget_in_each_folder():
+    """Pooled, a clean folder lets the search reject 4% of the other's originals; with a 2% folder budget it may not."""
+    rng = np.random.default_rng(0)
+    clean = [dict(r, dataset="b") for r in _records({"laplacian_var": list(rng.uniform(50, 150, 100))}, "original")]
+    soft = list(rng.uniform(50, 150, 96)) + [5.0, 6.0, 7.0, 8.0]  # 4% of folder a overlaps the blurred copies
+    mixed = [dict(r, dataset="a") for r in _records({"laplacian_var": soft}, "original")]
+    blurred = _records({"laplacian_var": list(rng.uniform(1, 10, 100))}, "defocus")
+    _, pooled = choose(clean + mixed + blurred, budget=0.02, max_per_indicator=0.05)
+    _, per_folder = choose(clean + mixed + blurred, budget=0.02, max_per_indicator=0.05, folder_budget=0.02)
+    assert pooled["false_reject_per_folder"]["a"] > 0.02 >= pooled["false_reject"]
+    assert per_folder["false_reject_per_folder"]["a"] <= 0.02 and per_folder["false_reject_per_folder"]["b"] == 0.0
+
+
 def test_gate_on_real_photos(shared_data):
     """Originals of the test split pass (most of them) and severe degradations are caught (most of them)."""
     import csv
@@ -324,3 +337,42 @@ def test_glare_without_hsv_matches_the_hsv_definition():
 def test_dark_patch_limit_is_a_share():
     with pytest.raises(ConfigError, match="max_dark_patch"):
         QualityThresholds(max_dark_patch=1.2)
+
+
+def _jpeg(img: np.ndarray, quality: int) -> bytes:
+    import cv2
+
+    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+
+
+@pytest.mark.parametrize("scale", [1, 2])  # 8-px blocks as decoded in full, 4-px blocks in a 1/2-scale decode
+def test_blockiness_sees_the_jpeg_grid_as_the_screener_decodes_it(photo, scale):
+    import cv2
+
+    from edge_runtime.preprocess import decode_image
+
+    big = cv2.resize(photo, (512 * scale, 512 * scale), interpolation=cv2.INTER_CUBIC)
+    side = 512  # decode_image picks the reduction that keeps the shorter side >= this: 1/2 for the 1024-px photo
+    clean = quality_metrics(decode_image(_jpeg(big, 95), min_side=side))["blockiness"]
+    heavy = quality_metrics(decode_image(_jpeg(big, 8), min_side=side))["blockiness"]
+    assert decode_image(_jpeg(big, 8), min_side=side).shape[0] == 512
+    assert clean < 1.5 < 3.0 < heavy, (clean, heavy)
+    assert clean < DEFAULT_THRESHOLDS.max_blockiness < heavy
+
+
+def test_blockiness_is_blind_to_where_the_grid_starts_and_to_noise(photo):
+    import cv2
+
+    heavy = cv2.imdecode(np.frombuffer(_jpeg(photo, 8), np.uint8), cv2.IMREAD_COLOR)
+    shifted = cv2.copyMakeBorder(heavy, 3, 0, 5, 0, cv2.BORDER_CONSTANT, value=0)  # grid now off the 8-px origin
+    assert quality_metrics(shifted)["blockiness"] > 3.0
+    noisy = degrade(photo, "noise", np.random.default_rng(0), 0.5)[0]  # strong steps at every phase, no grid
+    assert quality_metrics(noisy)["blockiness"] < 1.2
+
+
+def test_heavy_jpeg_is_rejected_with_advice(photo):
+    import cv2
+
+    heavy = cv2.imdecode(np.frombuffer(_jpeg(photo, 8), np.uint8), cv2.IMREAD_COLOR)
+    report = assess(heavy)
+    assert not report.gradable and any("JPEG" in r for r in report.reasons), report.reasons
