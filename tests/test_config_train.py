@@ -131,6 +131,31 @@ def test_shipped_train_configs_resolve_to_registered_models(path):
     assert all(folder.startswith("../shared/data/") for folder in cfg.data), cfg.data
 
 
+STUDY18_CONFIGS = sorted((Path(__file__).parents[1] / "training" / "configs" / "study18").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDY18_CONFIGS, ids=lambda p: p.name)
+def test_study18_configs_resolve(path, tmp_path):
+    """docs/training_study.md's YAMLs: pre_*.yaml are PretrainConfigs; a fine-tuning run's init_from names the
+    backbone a pretraining YAML of the same folder writes (stood in for here, since it exists only after that run)."""
+    from training.models import get_model_cfg
+    from training.pretrain import PretrainConfig
+
+    if path.name.startswith("pre_"):
+        cfg = resolve_config(PretrainConfig, path)
+    else:
+        init_from = (yaml.safe_load(path.read_text()) or {}).get("init_from")
+        overrides = {}
+        if init_from:
+            pretrain = Path(init_from).parent.name
+            assert (path.parent / f"{pretrain}.yaml").is_file(), f"{init_from} is written by no {pretrain}.yaml"
+            overrides["init_from"] = str(tmp_path / "backbone.pt")
+            (tmp_path / "backbone.pt").write_bytes(b"")
+        cfg = resolve_config(TrainConfig, path, overrides)
+    assert get_model_cfg(cfg.model).name == cfg.model
+    assert all(folder.startswith("../shared/data/") for folder in cfg.data), cfg.data
+
+
 def test_distill_cli_takes_a_local_imagenet_file(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
