@@ -305,7 +305,7 @@ def _fmt(value, spec=".2f") -> str:
 
 def _fmt_ci(row: dict, key: str) -> str:
     value, ci = row.get(key), row.get(f"{key}_ci")
-    if value is None:
+    if value is None or value != value:  # NaN: undefined (e.g. DME AUC on a folder without DME labels)
         return "-"
     return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and ci[0] == ci[0] else f"{value:.3f}"
 

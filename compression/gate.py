@@ -333,7 +333,7 @@ def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: O
     for c in criteria:
         if c.name in required and c.passed is None:
             insufficient.append(f"{c.name}: cannot be estimated on these val photos (n={c.n}); needs "
-                                + ("at least 2 photos each with DME present and absent by their DME label"
+                                + ("val photos with DME present and absent by their DME label"
                                    if c.name in REQUIRED_DME else
                                    "labelled photos of both referable and non-referable eyes"))
         elif c.passed is False:

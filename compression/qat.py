@@ -38,6 +38,10 @@ class QATConfig:
             ``referral_threshold`` (the referral decisions the gate judges flip there); 0 disables it.
         referral_threshold (`float`, optional): the FP32 operating point's threshold on P(grade >= 2).
         referral_temperature (`float`, defaults to 1.0): the operating point's softmax temperature.
+        dme_threshold (`float`, optional): a DME head's operating-point threshold on P(DME); with ``margin_weight``
+            the DME log-odds get the same margin-aware term around it (the gate judges DR-or-DME referral and DME
+            agreement). None: no margin term for the DME head (it is still distilled towards FP32).
+        dme_temperature (`float`, defaults to 1.0): the DME operating point's sigmoid temperature.
         seed (`int`, defaults to 0).
     """
 
@@ -49,6 +53,8 @@ class QATConfig:
     margin_weight: float = 0.0
     referral_threshold: float | None = None
     referral_temperature: float = 1.0
+    dme_threshold: float | None = None
+    dme_temperature: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -58,6 +64,10 @@ class QATConfig:
         if self.margin_weight < 0 or (self.margin_weight > 0 and not 0 < (self.referral_threshold or 0) < 1):
             raise QuantizationConfigError(f"QATConfig.margin_weight {self.margin_weight} needs a referral_threshold in "
                                           f"(0, 1), got {self.referral_threshold!r}; pass the operating point's threshold")
+        if (self.dme_threshold is not None and not 0 < self.dme_threshold < 1) or self.dme_temperature <= 0:
+            raise QuantizationConfigError(f"QATConfig.dme_threshold must be in (0, 1) and dme_temperature > 0, got "
+                                          f"{self.dme_threshold!r} and {self.dme_temperature!r}; pass the DME "
+                                          "operating point's threshold and temperature")
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
@@ -91,7 +101,7 @@ def _centred_unit_cams(cam: torch.Tensor) -> torch.Tensor:
 
 def fidelity_qat(export_module: nn.Module, calib: np.ndarray, train_images: np.ndarray, cfg: QATConfig = QATConfig(),
                  progress: bool = True) -> nn.Module:
-    """Fake-quantize ``export_module`` (inputs -> (logits, cam)) with NNCF, calibrated on ``calib``, then
+    """Fake-quantize ``export_module`` (inputs -> (logits, cam[, dme_logit, dme_cam])) with NNCF, calibrated on ``calib``, then
     fine-tune it towards the FP32 outputs on ``train_images`` (N x C x S x S, normalised).
 
     Returns a stripped native-torch module that ``torch.onnx.export(dynamo=False)`` writes as QDQ ONNX.
@@ -124,26 +134,50 @@ def referable_log_odds(logits: torch.Tensor, temperature: float) -> torch.Tensor
     return torch.logsumexp(log_p[:, REFERABLE_MIN_GRADE:], 1) - torch.logsumexp(log_p[:, :REFERABLE_MIN_GRADE], 1)
 
 
+def _margin_weighted(odds: torch.Tensor, ref_odds: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Squared log-odds difference, weighted 1 + 9 exp(-|FP32 log-odds - the threshold's|) per photo."""
+    threshold = torch.tensor(float(threshold))
+    threshold_odds = torch.log(threshold) - torch.log1p(-threshold)
+    weights = 1 + 9 * torch.exp(-(ref_odds - threshold_odds).abs())
+    return (weights * (odds - ref_odds) ** 2).mean()
+
+
 def margin_aware_referral_loss(logits: torch.Tensor, ref_logits: torch.Tensor, cfg: QATConfig) -> torch.Tensor:
     """Squared difference of the referable log-odds, weighted towards photos FP32 places near the threshold.
 
     A referral flips only where the quantized log-odds cross the threshold's, so photos whose FP32 probability is
     close to it matter most: weight 1 + 9 exp(-|logit(p) - logit(threshold)|) puts up to 10x more on them.
     """
-    threshold = torch.tensor(float(cfg.referral_threshold))
-    threshold_odds = torch.log(threshold) - torch.log1p(-threshold)
-    ref_odds = referable_log_odds(ref_logits, cfg.referral_temperature)
-    weights = 1 + 9 * torch.exp(-(ref_odds - threshold_odds).abs())
-    odds = referable_log_odds(logits, cfg.referral_temperature)
-    return (weights * (odds - ref_odds) ** 2).mean()
+    return _margin_weighted(referable_log_odds(logits, cfg.referral_temperature),
+                            referable_log_odds(ref_logits, cfg.referral_temperature), cfg.referral_threshold)
+
+
+def dme_fidelity_loss(outputs: tuple[torch.Tensor, ...], ref_outputs: tuple[torch.Tensor, ...],
+                      cfg: QATConfig) -> torch.Tensor:
+    """The DME head's part of the objective (``ExportModule`` outputs 2 and 3: dme_logit, dme_cam), as for the grade
+    head: binary KL of the DME logit at ``cfg.temperature``, ``cfg.cam_weight`` x the normalised DME-CAM MSE, and,
+    with ``cfg.margin_weight`` and ``cfg.dme_threshold``, the margin-aware term on the DME log-odds."""
+    dme, dme_cam, ref_dme, ref_cam = outputs[2], outputs[3], ref_outputs[2], ref_outputs[3]
+    t = cfg.temperature
+    p = torch.sigmoid(ref_dme / t)
+    kl = (p * (F.logsigmoid(ref_dme / t) - F.logsigmoid(dme / t))
+          + (1 - p) * (F.logsigmoid(-ref_dme / t) - F.logsigmoid(-dme / t))).mean() * t * t
+    cam_loss = F.mse_loss(_centred_unit_cams(dme_cam), _centred_unit_cams(ref_cam)) * dme_cam.shape[-1] * dme_cam.shape[-2]
+    loss = kl + cfg.cam_weight * cam_loss
+    if cfg.margin_weight > 0 and cfg.dme_threshold is not None:
+        loss = loss + cfg.margin_weight * _margin_weighted(dme.reshape(-1) / cfg.dme_temperature,
+                                                           ref_dme.reshape(-1) / cfg.dme_temperature, cfg.dme_threshold)
+    return loss
 
 
 def fine_tune_towards(reference: nn.Module, quantized: nn.Module, train_images: np.ndarray, cfg: QATConfig,
                       progress: bool = True, on_step=None) -> None:
-    """Train ``quantized`` (fake-quantized, inputs -> (logits, cam)) to reproduce ``reference``'s FP32 outputs.
+    """Train ``quantized`` (fake-quantized, inputs -> (logits, cam[, dme_logit, dme_cam]) like ``ExportModule``) to
+    reproduce ``reference``'s FP32 outputs.
 
     Loss: KL between the logits at ``cfg.temperature`` plus ``cfg.cam_weight`` x MSE between normalised CAMs, plus
-    ``cfg.margin_weight`` x the margin-aware referral term (``margin_aware_referral_loss``).
+    ``cfg.margin_weight`` x the margin-aware referral term (``margin_aware_referral_loss``); a DME head adds
+    ``dme_fidelity_loss`` (the gate judges its decisions too).
     ``on_step(step)`` runs before each step (PT2E freezes its observers half way through).
     """
     reference = copy.deepcopy(reference).eval()
@@ -164,13 +198,16 @@ def fine_tune_towards(reference: nn.Module, quantized: nn.Module, train_images: 
             if generator.random() < 0.5:
                 x = x.flip(3)
             with torch.no_grad():
-                ref_logits, ref_cam = reference(x)
-            logits, cam = quantized(x)
+                ref_outputs = reference(x)
+            outputs = quantized(x)
+            (ref_logits, ref_cam), (logits, cam) = ref_outputs[:2], outputs[:2]
             kl = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(ref_logits / t, 1), reduction="batchmean") * t * t
             cam_loss = F.mse_loss(_centred_unit_cams(cam), _centred_unit_cams(ref_cam)) * cam.shape[-1] * cam.shape[-2]
             loss = kl + cfg.cam_weight * cam_loss
             if cfg.margin_weight > 0:
                 loss = loss + cfg.margin_weight * margin_aware_referral_loss(logits, ref_logits, cfg)
+            if len(outputs) > 2:
+                loss = loss + dme_fidelity_loss(outputs, ref_outputs, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -291,7 +291,8 @@ def export(
                                   "mixed-precision retries all fail the gate (0: off); uses --calib's train split."),
     qat_lr: float | None = typer.Option(None, help="QAT learning rate (Adam; default QATConfig's 1e-5)."),
     qat_margin_weight: float = typer.Option(0.0, help="QAT: weight of the margin-aware referral term, which holds "
-                                            "the referable log-odds of photos near the checkpoint's threshold (0: off)."),
+                                            "the referable log-odds of photos near the checkpoint's threshold (a DME head: its DME "
+                                            "log-odds near its DME threshold too; 0: off)."),
     tuning_images: int = typer.Option(256, help="Unlabelled photos from --calib's train split that accuracy-"
                                       "controlled mixed precision and QAT hold to FP32's grades (0: none)."),
     escalate: bool = typer.Option(True, "--escalate/--no-escalate",
@@ -325,9 +326,12 @@ def export(
                                  tuning_limit=tuning_images if plan.needs_tuning_images else 0)
             if qat_margin_weight > 0:  # the referral decisions the gate judges are taken at the checkpoint's point
                 point = inputs.meta.operating_point
+                dme_point = inputs.meta.dme_point  # the gate judges DR-or-DME referral: hold the DME margin too
                 plan = replace(plan, qat=replace(qat, margin_weight=qat_margin_weight,
                                                  referral_threshold=point.threshold,
-                                                 referral_temperature=point.temperature))
+                                                 referral_temperature=point.temperature,
+                                                 **({"dme_threshold": dme_point.threshold,
+                                                     "dme_temperature": dme_point.temperature} if dme_point else {})))
             records = export_all(inputs, plan)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)

@@ -245,6 +245,43 @@ def test_fidelity_fine_tuning_pulls_a_perturbed_copy_back_to_fp32():
     assert distance() < 0.5 * before
 
 
+
+def test_fidelity_fine_tuning_holds_a_dme_head_too():
+    """A DME model's export module has four outputs: QAT unpacks them and pulls the DME logit back to FP32 as well."""
+    import copy
+
+    import torch
+
+    from compression.qat import QATConfig, fine_tune_towards
+
+    class DmeCamNet(torch.nn.Module):  # inputs -> (logits, cam, dme_logit, dme_cam), like ExportModule with a DME head
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                                torch.nn.Conv2d(8, 6, 1))
+
+        def forward(self, x):
+            cam = self.features(x)
+            return cam[:, :5].mean((2, 3)), cam[:, :5], cam[:, 5:].mean((2, 3)), cam[:, 5:]
+
+    torch.manual_seed(0)
+    reference = DmeCamNet().eval()
+    student = copy.deepcopy(reference)
+    with torch.no_grad():
+        student.features[2].bias[5] += 2.0  # only the DME output is off
+    images = np.random.default_rng(0).normal(size=(32, 3, 16, 16)).astype(np.float32)
+    x = torch.from_numpy(images)
+
+    def dme_distance() -> float:
+        with torch.no_grad():
+            return float(((reference(x)[2] - student(x)[2]) ** 2).mean())
+
+    before = dme_distance()
+    cfg = QATConfig(steps=60, batch_size=8, lr=3e-3, margin_weight=1.0, referral_threshold=0.5, dme_threshold=0.4)
+    fine_tune_towards(reference, student, images, cfg, progress=False)
+    assert dme_distance() < 0.5 * before
+
+
 @pytest.mark.slow  # torch.export + PT2E QAT preparation: ~30 s
 def test_pt2e_qat_gives_a_fake_quantized_graph_for_any_batch():
     import torch
@@ -295,3 +332,5 @@ def test_margin_aware_referral_loss_weights_photos_near_the_threshold():
     assert far_weight < 1.02
     with pytest.raises(QuantizationConfigError, match="referral_threshold"):
         QATConfig(margin_weight=1.0)
+    with pytest.raises(QuantizationConfigError, match="dme_threshold"):
+        QATConfig(dme_threshold=1.0)
