@@ -404,7 +404,13 @@ def test_bench_reports_the_dme_head_with_n_and_intervals(dme_artifacts, dme_run,
         point = meta.dme_point if r["format"] == "torch" else ArtifactManifest.from_json(
             manifest_path_for(art_dir / r["name"]).read_text()).dme_operating_point
         assert r["dme_threshold"] == point.threshold  # each decides at its own DME point
-        assert r["referred"] >= 0
+        # DR or DME: every photo referred for DR, and every labelled photo flagged with DME, is among the referred.
+        dr_referred = round(r["referable_sensitivity"] * r["n_positive"]
+                            + (1 - r["referable_specificity"]) * r["n_negative"])
+        dme_flagged = round(r["dme_sensitivity"] * r["dme_n_positive"] + (1 - r["dme_specificity"]) * r["dme_n_negative"])
+        unlabelled_may_add = r["dme_n_missing"]  # DME-flagged photos without a label are not in dme_flagged
+        assert max(dr_referred, dme_flagged) <= r["referred"] <= min(r["n_eval"],
+                                                                     dr_referred + dme_flagged + unlabelled_may_add)
     onnx = next(r for r in ok if r["format"] == "onnx" and r["precision"] == "fp32")
     torch_row = next(r for r in ok if r["format"] == "torch")
     assert onnx["dme_auc"] == pytest.approx(torch_row["dme_auc"], abs=1e-3)
