@@ -122,3 +122,25 @@ def _restore_root_logging():
     handlers, level = root.handlers[:], root.level
     yield
     root.handlers, root.level = handlers, level
+
+
+def database_at_revision(url: str, revision: str):
+    """A database migrated to an old Alembic ``revision`` with device ``dev-a`` registered, for migration tests:
+    returns (alembic config, engine); the test inserts its old rows, then ``command.upgrade(config, "head")``."""
+    from datetime import datetime, timezone
+
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, text
+
+    from companion_api.core.db import HERE
+
+    config = Config()
+    config.set_main_option("script_location", str(HERE / "alembic"))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # configparser interpolation
+    command.upgrade(config, revision)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO principals (name, role, token_hash, revoked, created_at) "
+                          "VALUES ('dev-a', 'device', :h, false, :t)"), {"h": "0" * 64, "t": datetime.now(timezone.utc)})
+    return config, engine

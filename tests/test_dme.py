@@ -487,24 +487,15 @@ def test_server_stores_and_returns_the_dme_finding(server):  # noqa: F811 - the 
 
 def test_migration_0003_adds_nullable_dme_columns(tmp_path):
     from alembic import command
-    from alembic.config import Config
-    from sqlalchemy import create_engine, inspect, text
+    from sqlalchemy import inspect, text
 
-    from companion_api.core.db import HERE
+    from .conftest import database_at_revision
 
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    config = Config()
-    config.set_main_option("script_location", str(HERE / "alembic"))
-    config.set_main_option("sqlalchemy.url", url)
-    command.upgrade(config, "0002")
-    engine = create_engine(url)
-    now = datetime.now(timezone.utc)
+    config, engine = database_at_revision(f"sqlite:///{tmp_path / 'old.db'}", "0002")
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO principals (name, role, token_hash, revoked, created_at) "
-                          "VALUES ('dev-a', 'device', :h, false, :t)"), {"h": "0" * 64, "t": now})
         conn.execute(text("INSERT INTO results (result_id, device, content_hash, payload, outcome, grade, referable, "
                           "confidence, captured_at, received_at) VALUES ('r1', 'dev-a', :h, '{}', 'graded', 2, true, "
-                          "0.8, :t, :t)"), {"h": "a" * 64, "t": now})
+                          "0.8, :t, :t)"), {"h": "a" * 64, "t": datetime.now(timezone.utc)})
     command.upgrade(config, "head")
     columns = {c["name"] for c in inspect(engine).get_columns("results")}
     with engine.connect() as conn:

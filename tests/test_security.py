@@ -593,21 +593,13 @@ def test_rejected_results_never_shadow_stored_ones(server):
 def test_migration_0002_keeps_results_and_insights(kind, tmp_path):
     """Upgrading a 0001 database (global result ids) to device-scoped ids and encounters loses nothing."""
     from alembic import command
-    from alembic.config import Config
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import text
 
-    from companion_api.core.db import HERE
+    from .conftest import database_at_revision
 
-    url = Settings(DATABASE_URL=database_url(kind, tmp_path)).DATABASE_URL
-    config = Config()
-    config.set_main_option("script_location", str(HERE / "alembic"))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(config, "0001")
-    engine = create_engine(url)
+    config, engine = database_at_revision(Settings(DATABASE_URL=database_url(kind, tmp_path)).DATABASE_URL, "0001")
     now = datetime.now(timezone.utc)
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO principals (name, role, token_hash, revoked, created_at) "
-                          "VALUES ('dev-a', 'device', :h, false, :t)"), {"h": "0" * 64, "t": now})
         for i in range(3):
             conn.execute(text("INSERT INTO results (result_id, device, content_hash, payload, outcome, grade, referable, "
                               "confidence, captured_at, received_at) VALUES (:id, 'dev-a', :h, '{}', 'graded', :g, :r, "
