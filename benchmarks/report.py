@@ -6,6 +6,21 @@ import json
 from pathlib import Path
 
 
+def format_ci(value, ci, ci_digits: int = 3) -> str:
+    """"0.912 [0.858, 0.957]"; "-" for a missing or NaN value (e.g. a DME AUC on a folder without DME labels); the
+    bare value when the interval is missing or NaN."""
+    if value is None or value != value:
+        return "-"
+    if not ci or ci[0] != ci[0]:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{ci[0]:.{ci_digits}f}, {ci[1]:.{ci_digits}f}]"
+
+
+def with_ci(values: dict, key: str, ci_digits: int = 3) -> str:
+    """``format_ci`` of ``values[key]`` and its interval ``values[key + "_ci"]``, the metrics dicts' convention."""
+    return format_ci(values.get(key), values.get(f"{key}_ci"), ci_digits)
+
+
 def _plt():
     import matplotlib
 

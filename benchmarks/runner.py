@@ -26,6 +26,7 @@ from edge_runtime.formats import RUNTIME_FORMATS, format_for_path
 from edge_runtime.preprocess import preprocess_file
 
 from .device import fingerprint, peak_gmacs
+from .report import with_ci
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -303,13 +304,6 @@ def _fmt(value, spec=".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _fmt_ci(row: dict, key: str) -> str:
-    value, ci = row.get(key), row.get(f"{key}_ci")
-    if value is None or value != value:  # NaN: undefined (e.g. DME AUC on a folder without DME labels)
-        return "-"
-    return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and ci[0] == ci[0] else f"{value:.3f}"
-
-
 def to_markdown(report: dict) -> str:
     d = report["device"]
     int8 = (d.get("cpu_int8") or {}).get("int8")
@@ -332,9 +326,9 @@ def to_markdown(report: dict) -> str:
             _fmt(lat.get("p50")), _fmt(lat.get("p90")), _fmt(lat.get("p99")),
             f"{lat['mean']:.2f}±{lat['std']:.2f}" if lat else "-", _fmt(r.get("fps_batch1"), ".1f"), _fmt(r.get("fps_best"), ".1f"),
             _fmt(r.get("rss_added_mb"), ".0f"), _fmt(r.get("qwk"), ".3f"), _fmt(r.get("threshold"), ".3f"),
-            _fmt_ci(r, "referable_sensitivity"), _fmt_ci(r, "referable_specificity"), _fmt(r.get("referable_auc"), ".3f"),
-            f"{_fmt_ci(r, 'dme_auc')} (n={r['dme_n']})" if "dme_n" in r else "-",
-            _fmt_ci(r, "dme_sensitivity"), _fmt_ci(r, "dme_specificity"),
+            with_ci(r, "referable_sensitivity", 2), with_ci(r, "referable_specificity", 2), _fmt(r.get("referable_auc"), ".3f"),
+            f"{with_ci(r, 'dme_auc', 2)} (n={r['dme_n']})" if "dme_n" in r else "-",
+            with_ci(r, "dme_sensitivity", 2), with_ci(r, "dme_specificity", 2),
             f"{r['referral_agreement_fp32']:.3f} ({r['referral_agreement_lower']:.3f})" if "referral_agreement_fp32" in r else "-",
             _fmt(r.get("agreement_fp32"), ".3f"),
             _fmt(r.get("logit_cosine_fp32"), ".4f"), _fmt(r.get("cam_corr_fp32"), ".3f"), _fmt(r.get("pointing_game"), ".2f"), _fmt(r.get("roofline_pct"), ".1f"),

@@ -22,18 +22,10 @@ from pathlib import Path
 import yaml
 
 from .device import fingerprint as device_fingerprint
-from .report import write_markdown_and_json
+from .report import format_ci, with_ci, write_markdown_and_json
 
 COLUMNS = ("run", "model @px", "init", "heads", "CAM aug.", "epochs", "train min", "device", "val QWK", "test n (ref+)",
            "QWK", "ref. sensitivity", "ref. specificity", "ref. AUC", "AUC / baseline", "DME n (+)", "DME AUC", "DME sens.", "DME spec.")
-
-
-def _ci(value, ci) -> str:
-    if value is None or value != value:
-        return "-"
-    if not ci or ci[0] != ci[0]:
-        return f"{value:.3f}"
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def study_row(run: Path, data: Path, split: str, cache_dir: str) -> dict:
@@ -78,14 +70,14 @@ def markdown(rows: list[dict], cpu: str) -> str:
         t, d = r["test"], r["dme"] or {}
         cells = [r["run"], f"{r['model']} @{r['input_size']}", r["init"], "+".join(r["heads"]), r["cam_augment"],
                  str(r["epochs_run"]), f"{r['train_minutes']:.1f}" if r["train_minutes"] else "-", r["device"],
-                 f"{r['val_qwk']:.3f}", f"{t['n']} ({t['n_positive']})", _ci(t["qwk"], t.get("qwk_ci")),
-                 _ci(t["referable_sensitivity"], t["referable_sensitivity_ci"]),
-                 _ci(t["referable_specificity"], t["referable_specificity_ci"]),
-                 _ci(t["referable_auc"], t.get("referable_auc_ci")),
-                 _ci(r["auc_ratio_vs_baseline"]["estimate"], r["auc_ratio_vs_baseline"]["ci"])
+                 f"{r['val_qwk']:.3f}", f"{t['n']} ({t['n_positive']})", with_ci(t, "qwk"),
+                 with_ci(t, "referable_sensitivity"),
+                 with_ci(t, "referable_specificity"),
+                 with_ci(t, "referable_auc"),
+                 format_ci(r["auc_ratio_vs_baseline"]["estimate"], r["auc_ratio_vs_baseline"]["ci"])
                  if r.get("auc_ratio_vs_baseline") else "-",
-                 f"{d['n']} ({d['n_positive']})" if d else "-", _ci(d.get("auc"), d.get("auc_ci")),
-                 _ci(d.get("sensitivity"), d.get("sensitivity_ci")), _ci(d.get("specificity"), d.get("specificity_ci"))]
+                 f"{d['n']} ({d['n_positive']})" if d else "-", with_ci(d, "auc"),
+                 with_ci(d, "sensitivity"), with_ci(d, "specificity")]
         lines.append("| " + " | ".join(cells) + " |")
     split = rows[0]["split"] if rows else "test"
     return "\n".join([

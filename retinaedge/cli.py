@@ -126,30 +126,25 @@ def pretrain(
                       f"DME AUC {val['dme_auc']:.3f} on {val['n_dme']} photos); use `retinaedge train --init-from {path}`")
 
 
-def _with_ci(m: dict, key: str) -> str:
-    value, ci = m.get(key), m.get(f"{key}_ci")
-    if value is None or value != value:
-        return "-"
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] == ci[0] else f"{value:.3f}"
-
-
 def _metrics_table(metrics: dict, title: str) -> None:
+    from benchmarks.report import with_ci
+
     table = Table(title=title, caption="[ ] = 95% interval (Wilson; AUC, QWK: bootstrap). Assists screening; does not diagnose.")
     for column in ("split", "n (ref+)", "QWK", "ref. sensitivity", "ref. specificity", "ref. AUC", "uncertain"):
         table.add_column(column)
     for split in ("val", "test"):
         if split in metrics:
             m = metrics[split]
-            table.add_row(split, f"{m['n']} ({m.get('n_positive', '-')})", _with_ci(m, "qwk"),
-                          _with_ci(m, "referable_sensitivity"), _with_ci(m, "referable_specificity"),
-                          _with_ci(m, "referable_auc"), str(m.get("uncertain", "-")))
+            table.add_row(split, f"{m['n']} ({m.get('n_positive', '-')})", with_ci(m, "qwk"),
+                          with_ci(m, "referable_sensitivity"), with_ci(m, "referable_specificity"),
+                          with_ci(m, "referable_auc"), str(m.get("uncertain", "-")))
     out_console.print(table)
     for split in ("val", "test"):
         dme = (metrics.get(split) or {}).get("dme")
         if dme:
             out_console.print(f"DME {split} (n={dme['n']}, n+={dme['n_positive']}, unlabelled {dme['n_missing']}): "
-                              f"AUC {_with_ci(dme, 'auc')}, sensitivity {_with_ci(dme, 'sensitivity')}, "
-                              f"specificity {_with_ci(dme, 'specificity')}; {dme.get('operating_point', '')}")
+                              f"AUC {with_ci(dme, 'auc')}, sensitivity {with_ci(dme, 'sensitivity')}, "
+                              f"specificity {with_ci(dme, 'specificity')}; {dme.get('operating_point', '')}")
     point = metrics.get("operating_point") or (metrics.get("test") or {}).get("operating_point")
     if point:
         from edge_runtime.contract import OperatingPoint

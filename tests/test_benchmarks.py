@@ -109,8 +109,8 @@ def test_training_study_scores_every_run_on_the_same_test_photos(tiny_run, synth
 
 
 def test_markdown_shows_an_undefined_metric_as_a_dash():
-    from benchmarks.runner import _fmt_ci
+    from benchmarks.report import with_ci
 
     nan = float("nan")
-    assert _fmt_ci({"dme_auc": nan, "dme_auc_ci": (nan, nan)}, "dme_auc") == "-"  # no DME labels in the folder
-    assert _fmt_ci({"dme_auc": 0.8, "dme_auc_ci": (0.7, 0.9)}, "dme_auc") == "0.800 [0.70, 0.90]"
+    assert with_ci({"dme_auc": nan, "dme_auc_ci": (nan, nan)}, "dme_auc", 2) == "-"  # no DME labels in the folder
+    assert with_ci({"dme_auc": 0.8, "dme_auc_ci": (0.7, 0.9)}, "dme_auc", 2) == "0.800 [0.70, 0.90]"
