@@ -42,7 +42,7 @@ def study_row(run: Path, data: Path, split: str, cache_dir: str) -> dict:
         "init": trained.get("backbone_init", "imagenet" if cfg.get("pretrained", True) else "random"),
         "heads": list(cfg.get("heads", ["grade"])), "cam_augment": cfg.get("cam_augment", "off"),
         "epochs_run": len(history), "train_minutes": trained.get("train_minutes"), "device": cfg.get("device"),
-        "val_qwk": trained["val"]["qwk"], "data": data.name, "split": split, "test": test,
+        "val_qwk": trained["val"]["qwk"], "data": str(data), "split": split, "test": test,
         "dme": dme or None,
     }
 
