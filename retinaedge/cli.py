@@ -75,6 +75,7 @@ def train(
     max_minutes: float | None = typer.Option(None), resume: bool | None = typer.Option(None, "--resume"),
     out: str | None = typer.Option(None), seed: int | None = typer.Option(None),
     head: list[str] | None = typer.Option(None, help="Heads (repeatable): grade, dme. E.g. --head grade --head dme."),
+    grade_head: str | None = typer.Option(None, help="softmax | ordinal (one severity score, adjacent-category logits)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Fine-tune a registered model (defaults -> YAML -> flags). Works under torchrun for multi-GPU."""
@@ -85,7 +86,7 @@ def train(
         cfg = resolve_config(TrainConfig, config, _train_overrides(
             model=model, data=data, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
             pretrained=pretrained, pretrained_file=pretrained_file, init_from=init_from, loss=loss, device=device,
-            max_minutes=max_minutes, resume=resume, out=out, seed=seed, heads=head))
+            max_minutes=max_minutes, resume=resume, out=out, seed=seed, heads=head, grade_head=grade_head))
         result = _run_logged(Path(cfg.out) / "train.log", verbose,
                              f"training {cfg.model}, {cfg.epochs} epochs (per-epoch lines in the log)",
                              partial(fit, cfg))

@@ -93,3 +93,88 @@ def test_pretrained_lite_loads_packaged_weights(name):
     model = create_model(name, pretrained=True)
     random = create_model(name, pretrained=False)
     assert not torch.equal(model.backbone.conv_stem.weight, random.backbone.conv_stem.weight)
+
+
+def test_grade_head_forms_are_one_list():
+    from training.checkpoint import GRADE_HEAD_FORMS
+    from training.models.dr_classifier import GRADE_HEADS
+
+    assert tuple(GRADE_HEADS) == GRADE_HEAD_FORMS
+
+
+def test_ordinal_head_keeps_the_cam_identity_and_orders_the_grades():
+    """One severity score: logit_k = (k+1) s + c_k. The CAM identity is exact, every grade's CAM is the same map
+    scaled by k+1, and a higher score can only raise P(grade >= g) for every g (stochastic ordering)."""
+    from training.models.dr_classifier import OrdinalGradeHead
+
+    torch.manual_seed(0)
+    model = create_model("test_dr_tiny", grade_head="ordinal").eval()
+    assert isinstance(model.head, OrdinalGradeHead)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        logits, cam = model.forward_with_cam(x)
+        assert torch.allclose(model(x), logits, atol=1e-5)
+        assert torch.allclose(cam.mean(dim=(2, 3)) + model.head.bias, logits, atol=1e-5)
+        ranks = torch.arange(1, 6, dtype=torch.float32)[None, :, None, None]
+        assert torch.allclose(cam, ranks * cam[:, :1], atol=1e-6)  # one severity map per photo
+        head = model.head
+        head.cutpoints.copy_(torch.tensor([2.0, 0.5, -0.5, -2.0, -4.0]))
+        scores = torch.linspace(-6, 6, 49)[:, None]
+        probs = torch.softmax(scores * ranks[0, :, 0, 0] + head.cutpoints, dim=1)
+    at_least = probs.flip(1).cumsum(1).flip(1)[:, 1:]  # P(grade >= g), g = 1..4
+    assert (at_least.diff(dim=0) >= -1e-7).all()
+    assert at_least[0, 1] < 0.01 and at_least[-1, 1] > 0.99  # referable probability spans (0, 1) with the score
+
+
+def test_ordinal_head_materialises_as_a_plain_linear_for_exports():
+    from training.models import ExportModule
+
+    model = create_model("test_dr_tiny", grade_head="ordinal").eval()
+    exported = ExportModule(model)
+    assert isinstance(exported.model.head, torch.nn.Linear) and exported.model is not model
+    assert model.grade_head == "ordinal"  # the trained model is left as it was
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for ours, theirs in zip(exported(x), model.forward_outputs(x), strict=True):
+            assert torch.allclose(ours, theirs, atol=1e-6)
+    plain = create_model("test_dr_tiny").eval()
+    assert ExportModule(plain).model is plain  # softmax heads are traced as they are
+
+
+def test_ordinal_run_saves_loads_and_exports(tmp_path, synthetic_dir):
+    """train -> best.pt records the form -> load_checkpoint rebuilds it -> the ONNX artifact matches torch."""
+    from edge_runtime.backends import open_session
+    from exporters.pipeline import ExportPipeline, ExportPlan, export_all, load_inputs
+    from training.config import TrainConfig
+    from training.models import load_checkpoint
+    from training.models.dr_classifier import OrdinalGradeHead
+    from training.train import fit
+
+    cfg = TrainConfig(model="test_dr_tiny", data=(str(synthetic_dir),), pretrained=False, input_size=64, epochs=1,
+                      batch_size=16, grade_head="ordinal", out=str(tmp_path / "run"), cache_dir=str(tmp_path / "c"))
+    run = fit(cfg, progress=False)
+    model, meta = load_checkpoint(run.best_checkpoint)
+    assert meta.grade_head == "ordinal" and isinstance(model.head, OrdinalGradeHead)
+    inputs = load_inputs(run.best_checkpoint, tmp_path / "art", synthetic_dir, synthetic_dir, calib_limit=8,
+                         val_limit=16)
+    plan = ExportPlan(("onnx",), ("fp32",))
+    (record,) = export_all(inputs, plan, progress=False, pipeline=ExportPipeline(inputs, plan))
+    assert record.status == "ok", record.error
+    x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    assert np.abs(open_session(record.path).run(x)[0] - expected).max() < 1e-4
+
+
+def test_unknown_grade_head_is_refused():
+    from training.checkpoint import CheckpointMeta
+    from training.config import TrainConfig
+    from training.errors import CheckpointError
+
+    with pytest.raises(ConfigError, match="softmax"):
+        TrainConfig(grade_head="coral")
+    with pytest.raises(ValueError, match="ordinal"):
+        create_model("test_dr_tiny", grade_head="coral")
+    with pytest.raises(CheckpointError, match="grade_head"):
+        CheckpointMeta.from_dict({"model_name": "test_dr_tiny", "preprocess": {"input_size": 64},
+                                  "grade_head": "coral"})

@@ -10,6 +10,10 @@ from edge_runtime.errors import ManifestError
 
 from .errors import CheckpointError
 
+# The forms the 5-grade head can take (training.models.GRADE_HEADS builds them): plain softmax over five linear
+# logits, or the adjacent-category ordinal model (one severity score; training.models.OrdinalGradeHead).
+GRADE_HEAD_FORMS = ("softmax", "ordinal")
+
 
 @dataclass(frozen=True)
 class CheckpointMeta:
@@ -22,6 +26,7 @@ class CheckpointMeta:
     num_features: int | None = None  # width of the pooled features (the CAM head's input)
     class_names: tuple[str, ...] = GRADE_NAMES
     heads: tuple[str, ...] = DEFAULT_HEADS  # the model's heads (edge_runtime.contract.HEADS); older checkpoints: grade
+    grade_head: str = "softmax"  # softmax | ordinal (training.models.GRADE_HEADS); older checkpoints: softmax
     dme_operating_point: OperatingPoint | None = None  # where "DME present" is decided, chosen on val (DME head only)
     metrics: dict[str, Any] = field(default_factory=dict)  # val/test metrics at the operating point
     config: dict[str, Any] = field(default_factory=dict)  # the resolved TrainConfig
@@ -37,6 +42,8 @@ class CheckpointMeta:
             raise CheckpointError(f"checkpoint meta.class_names must be the ICDR grades {GRADE_NAMES}, "
                                   f"got {self.class_names!r}")
         object.__setattr__(self, "class_names", tuple(self.class_names))
+        if self.grade_head not in GRADE_HEAD_FORMS:
+            raise CheckpointError(f"checkpoint meta.grade_head must be one of {GRADE_HEAD_FORMS}, got {self.grade_head!r}")
         try:
             object.__setattr__(self, "heads", check_heads(self.heads, "checkpoint meta.heads"))
         except ManifestError as exc:

@@ -12,6 +12,8 @@ import yaml
 from edge_runtime.contract import check_heads
 from edge_runtime.errors import ConfigError, ManifestError
 
+from .checkpoint import GRADE_HEAD_FORMS
+
 # What each training photo goes through (transforms in training/data/device_batches.py): `basic` = orientation and
 # brightness/contrast/channel jitter (the recipe every earlier run used); `phone` = basic plus the framing, optics and
 # tone variation of phone ophthalmoscopes and handheld fundus cameras.
@@ -75,6 +77,7 @@ class TrainConfig:
     # Heads over the shared pooled features (issue 18): grade (always), dme = binary diabetic macular edema, trained
     # on the folders' DME labels (layouts.read_dme) with the loss masked where a photo has none.
     heads: tuple[str, ...] = ("grade",)
+    grade_head: str = "softmax"  # softmax | ordinal: one severity score, logit_k = (k+1) s + c_k (adjacent categories)
     dme_loss_weight: float = 1.0  # weight of the DME loss beside the grade loss
     dme_rule: str = "sensitivity"  # how the val photos with DME labels choose "DME present": sensitivity | specificity | youden
     dme_target: float = 0.90  # the val sensitivity (or specificity) the DME threshold must reach
@@ -96,6 +99,8 @@ class TrainConfig:
         self._check_cam_augment()
         if self.augment_on not in ("auto", "loader", "device"):
             raise ConfigError(f"augment_on must be auto | loader | device, got {self.augment_on!r}")
+        if self.grade_head not in GRADE_HEAD_FORMS:
+            raise ConfigError(f"grade_head must be one of {' | '.join(GRADE_HEAD_FORMS)}, got {self.grade_head!r}")
         if self.loss not in ("ce", "focal"):
             raise ConfigError(f"loss must be 'ce' or 'focal', got {self.loss!r}")
         if not 0 <= self.label_smoothing < 0.5:

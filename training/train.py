@@ -252,7 +252,7 @@ class _Run:
         """``raw_weights``: the checkpoint holds ``model``'s own weights (last.pt), not ``eval_model``'s."""
         return CheckpointMeta(
             model_name=self.cfg.model, preprocess=self.policy, operating_point=point or OperatingPoint(),
-            heads=self.cfg.heads, dme_operating_point=dme_point,
+            heads=self.cfg.heads, grade_head=self.cfg.grade_head, dme_operating_point=dme_point,
             data_fingerprint=self.data_fp, num_features=self.model.num_features, metrics=metrics,
             config=self.cfg.to_dict(), ema_weights=self.ema is not None and not raw_weights, git_sha=git_sha(),
             created_at=utcnow()).to_dict()
@@ -320,7 +320,7 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
     channels_last = cfg.channels_last and on_gpu
     # A fundus backbone (init_from) is a timm-keyed state dict like a local ImageNet file: the same loading path.
     model = create_model(cfg.model, pretrained=cfg.pretrained, pretrained_file=cfg.init_from or cfg.pretrained_file,
-                         drop_path_rate=cfg.drop_path_rate, heads=cfg.heads).to(device)
+                         drop_path_rate=cfg.drop_path_rate, heads=cfg.heads, grade_head=cfg.grade_head).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     # timm's ModelEmaV3 rather than torch's AveragedModel: it averages every floating state_dict entry (BatchNorm

@@ -4,12 +4,17 @@ Because each head is linear after a global *average* pool, its class activation 
 ``cam[k] = W[k] . F`` (F the final feature map) is exact: ``logits = mean_hw(cam) + bias``.
 Exports compute it inside the graph as a 1x1 convolution, so devices get the CAM for free.
 
+``grade_head="ordinal"`` makes the grade head an adjacent-category ordinal model (one severity score per photo,
+see :class:`OrdinalGradeHead`) with the same five logits and the same exact CAM identity.
+
 ``heads=("grade", "dme")`` adds a binary diabetic-macular-edema head over the same pooled features, with its own
 CAM (``dme_cam``) under the same identity; the default is the 5-grade head alone (``edge_runtime.contract.HEADS``).
 """
 from __future__ import annotations
 
+import copy
 import logging
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,12 +25,64 @@ from torch import nn
 
 from edge_runtime.contract import DEFAULT_HEADS, HEADS, IMAGENET_MEAN, IMAGENET_STD, NUM_GRADES, check_heads
 
-from ..checkpoint import CheckpointMeta
+from ..checkpoint import GRADE_HEAD_FORMS, CheckpointMeta
 from ..errors import CheckpointError
 from ._registry import ModelCfg, get_model_cfg, register_model
 
 log = logging.getLogger(__name__)
 
+
+class OrdinalGradeHead(nn.Module):
+    """The grade head as an adjacent-category ordinal model: one severity score ``s = w . x`` per photo and
+    ``logit_k = (k + 1) s + c_k``, so ``log(p_{k+1} / p_k) = s + c_{k+1} - c_k``: a higher score moves probability
+    to higher grades, and P(referable) rises with ``s`` alone (ICDR grades are ordered; softmax ignores that).
+
+    It is still linear in the pooled features (``weight`` = ranks x ``w``, ``bias`` = the cut-points ``c``), so the
+    CAM identity ``logits = mean_hw(cam) + bias`` stays exact and every grade's CAM is the one severity map scaled
+    by k + 1. Ranks 1..5, not 0..4: softmax does not change when ``s`` is added to every logit, and this way no
+    grade's map is identically zero. Exports see it as a plain ``nn.Linear`` (:meth:`as_linear`).
+    """
+
+    def __init__(self, in_features: int, classes: int = NUM_GRADES):
+        super().__init__()
+        self.in_features, self.out_features = in_features, classes
+        bound = 1 / math.sqrt(in_features)  # nn.Linear's default initialisation range
+        self.score = nn.Parameter(torch.empty(1, in_features).uniform_(-bound, bound))
+        self.cutpoints = nn.Parameter(torch.zeros(classes))
+        self.register_buffer("ranks", torch.arange(1, classes + 1, dtype=torch.float32), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.ranks[:, None] * self.score
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.cutpoints
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def as_linear(self) -> nn.Linear:
+        """The same map as an ``nn.Linear`` with the weights materialised (what exporters and quantizers trace)."""
+        linear = nn.Linear(self.in_features, self.out_features).to(self.score.device)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight)
+            linear.bias.copy_(self.bias)
+        return linear
+
+
+# Builders of each grade-head form (TrainConfig.grade_head): pooled features -> 5 logits through ``.weight``
+# (5 x C) and ``.bias`` (5), which the CAM and the exports use.
+GRADE_HEADS = {
+    "softmax": lambda in_features: nn.Linear(in_features, NUM_GRADES),
+    "ordinal": OrdinalGradeHead,
+}
+
+
+def check_grade_head(name: str) -> str:
+    if name not in GRADE_HEADS:
+        raise ValueError(f"grade_head must be one of {GRADE_HEAD_FORMS}, got {name!r}")
+    return name
 
 
 class HeadOutputs(NamedTuple):
@@ -40,14 +97,15 @@ class DRClassifier(nn.Module):
     """Backbone features -> GAP -> linear head(s), with each head's CAM available from the same weights."""
 
     def __init__(self, cfg: ModelCfg, backbone: nn.Module, drop_rate: float = 0.2,
-                 heads: tuple[str, ...] = DEFAULT_HEADS):
+                 heads: tuple[str, ...] = DEFAULT_HEADS, grade_head: str = "softmax"):
         super().__init__()
         self.dr_cfg = cfg
         self.heads = check_heads(heads)
+        self.grade_head = check_grade_head(grade_head)
         self.backbone = backbone
         self.num_features = backbone.num_features
         self.dropout = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, NUM_GRADES)
+        self.head = GRADE_HEADS[grade_head](self.num_features)
         # Only models that have it carry the parameter, so DR-only state dicts load exactly as before.
         self.dme_head = nn.Linear(self.num_features, HEADS["dme"].classes) if "dme" in self.heads else None
 
@@ -94,13 +152,22 @@ class DRClassifier(nn.Module):
                 outputs += [cam.mean(dim=(2, 3)) + linear.bias, cam]
         return tuple(outputs)
 
+    def with_linear_heads(self) -> DRClassifier:
+        """This model if every head is an ``nn.Linear``, else a copy whose ordinal head is one (same outputs)."""
+        if isinstance(self.head, nn.Linear):
+            return self
+        plain = copy.deepcopy(self)
+        plain.head = plain.head.as_linear()
+        return plain
+
 
 class ExportModule(nn.Module):
     """What every exporter traces: inputs -> (logits, cam[, dme_logit, dme_cam]) as the model's heads say."""
 
     def __init__(self, model: DRClassifier):
         super().__init__()
-        self.model = model
+        # Exporters and quantizers trace plain 1x1-convolution heads, whatever form the grade head was trained in.
+        self.model = model.with_linear_heads()
         # The wrapper itself must be in eval mode: exporters restore the wrapper's mode recursively afterwards.
         self.eval()
 
@@ -120,6 +187,7 @@ def _build(name: str, pretrained: bool, pretrained_file: str | None, **kwargs) -
     cfg = get_model_cfg(name)
     drop_rate = kwargs.pop("drop_rate", 0.2)
     heads = kwargs.pop("heads", DEFAULT_HEADS)
+    grade_head = kwargs.pop("grade_head", "softmax")
     backbone_kwargs = {"num_classes": 0, "global_pool": "", **kwargs}
     if pretrained_file:
         backbone = timm.create_model(cfg.timm_name, pretrained=False, **backbone_kwargs)
@@ -136,7 +204,7 @@ def _build(name: str, pretrained: bool, pretrained_file: str | None, **kwargs) -
             raise _offline_hint(name, exc) from exc
     else:
         backbone = timm.create_model(cfg.timm_name, pretrained=False, **backbone_kwargs)
-    return DRClassifier(cfg, backbone, drop_rate=drop_rate, heads=heads)
+    return DRClassifier(cfg, backbone, drop_rate=drop_rate, heads=heads, grade_head=grade_head)
 
 
 @register_model(ModelCfg("efficientnet_b4", "efficientnet_b4", 380, IMAGENET_MEAN, IMAGENET_STD, "teacher", "timm hub"))
@@ -210,7 +278,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[DRClas
     if not isinstance(ckpt, dict) or "model_state" not in ckpt or "meta" not in ckpt:
         raise CheckpointError(f"{path} is not a RetinaEdge checkpoint (expected keys model_state and meta)")
     meta = CheckpointMeta.from_dict(ckpt["meta"], str(path))
-    model = create_model(meta.model_name, pretrained=False, heads=meta.heads)
+    model = create_model(meta.model_name, pretrained=False, heads=meta.heads, grade_head=meta.grade_head)
     model.load_state_dict(ckpt["model_state"])
     return model.eval(), meta
 
