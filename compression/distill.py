@@ -32,10 +32,11 @@ from torch.utils.data import DataLoader
 from compression.errors import DistillationConfigError
 from compression.gate import cam_correlation
 from edge_runtime.contract import OperatingPoint, PreprocessPolicy
+from edge_runtime.decision import decide_batch
 from training.checkpoint import CheckpointMeta
 from training.config import TrainConfig
 from training.data.dataset import FundusDataset, cache_images, photos_key
-from training.data.layouts import Sample, read_unlabelled, select
+from training.data.layouts import Sample, assign_splits, read_dataset, read_unlabelled, select
 from training.metrics import report_at
 from training.models import DRClassifier, load_checkpoint
 from training.train import (
@@ -363,6 +364,29 @@ def compare_with_teacher(student_ckpt, teachers: Sequence[Teacher], samples: lis
     pooled = F.adaptive_avg_pool2d(torch.from_numpy(teacher_cams), student_cams.shape[-2:]).numpy()
     out["cam_correlation"] = cam_correlation(student_cams, pooled, teacher_logits.argmax(1))
     return out
+
+
+def evaluate_ensemble(paths: Sequence[str | Path], data: str | Path, val_data: Sequence[str | Path],
+                      split: str = "test", cache_dir: str = ".cache/retinaedge") -> dict:
+    """The teachers' ensemble as a model of its own, scored like ``training.evaluate.evaluate(with_scores=True)``:
+    the mean of the members' calibrated logits on ``data``'s ``split`` photos, at a referral point the ensemble
+    chooses on the ``val`` photos of ``val_data`` by the first member's rule and target (a single member keeps its
+    own point), as ``distill`` does before it compares a student with its teachers. On the CPU."""
+    teachers = load_teachers(paths)
+    rule, target = teachers[0].meta.rule_and_target("grade")
+    cfg = TrainConfig(data=tuple(str(d) for d in val_data), cache_dir=cache_dir, referral_rule=rule,
+                      referral_target=target)
+    device = torch.device("cpu")
+    point = _ensemble_point(teachers, load_samples(cfg), cfg, device)
+    samples = select(assign_splits(read_dataset(data)), split)
+    if not samples:
+        raise ValueError(f"{data} has no {split!r} split")
+    logits, _ = ensemble([t.outputs(samples, cfg, device) for t in teachers], [t.temperature for t in teachers])
+    y = np.array([s.grade for s in samples])
+    metrics = report_at(point, y, logits)
+    metrics.update(members=[t.record() for t in teachers], data=str(data), split=split, model="ensemble",
+                   referable_probability=decide_batch(logits, point).referable_probability.tolist(), grades=y.tolist())
+    return metrics
 
 
 def _summary(point: OperatingPoint, y: np.ndarray, logits: np.ndarray) -> dict:

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from .conftest import ROOT
@@ -100,12 +101,32 @@ def test_training_study_scores_every_run_on_the_same_test_photos(tiny_run, synth
     ratio = row["auc_ratio_vs_baseline"]  # against itself (the interval itself: test_stats, at a usable n)
     assert (ratio["estimate"], ratio["n"], ratio["baseline"]) == (1.0, row["test"]["n"], tiny_run.out_dir.name)
     table = (tmp_path / "study.md").read_text()
-    assert f"| {tiny_run.out_dir.name} | test_dr_tiny @64 | random | grade | off | 3 |" in table
+    assert f"| {tiny_run.out_dir.name} | test_dr_tiny @64 | random | grade | - | off | 3 |" in table
     with pytest.raises(SystemExit):  # a folder that is not a finished run is refused by name
         main([str(tmp_path), "--data", str(synthetic_dir)])
     with pytest.raises(SystemExit, match="not one of the runs"):
         main([str(tiny_run.out_dir), "--data", str(synthetic_dir), "--cache-dir", str(tmp_path / "c"),
               "--baseline", "no_such_run", "--out", str(tmp_path / "study2")])
+
+
+def test_training_study_scores_an_ensemble_of_runs_as_one_model(tiny_run, synthetic_dir, tmp_path):
+    """An ensemble row is the mean of the members' calibrated logits at a point chosen on val: a run ensembled
+    with itself is that run, up to the re-fitted temperature (which cannot reorder photos)."""
+    from benchmarks.training_study import main
+
+    run = str(tiny_run.out_dir)
+    main([run, "--data", str(synthetic_dir), "--cache-dir", str(tmp_path / "c"), "--ensemble", f"twice={run},{run}",
+          "--baseline", tiny_run.out_dir.name, "--out", str(tmp_path / "study")])
+    single, twice = json.loads((tmp_path / "study.json").read_text())["rows"]
+    assert twice["run"] == "twice" and twice["model"] == "test_dr_tiny+test_dr_tiny" and twice["val_qwk"] is None
+    assert twice["test"]["grades"] == single["test"]["grades"]
+    np.testing.assert_allclose(twice["test"]["referable_probability"], single["test"]["referable_probability"],
+                               atol=0.05)
+    assert twice["test"]["referable_auc"] == pytest.approx(single["test"]["referable_auc"], abs=1e-6)
+    assert twice["auc_ratio_vs_baseline"]["estimate"] == pytest.approx(1.0, abs=1e-6)
+    assert "| twice | test_dr_tiny+test_dr_tiny @64/64 |" in (tmp_path / "study.md").read_text()
+    with pytest.raises(SystemExit):  # an ensemble needs two or more finished runs
+        main([run, "--data", str(synthetic_dir), "--ensemble", f"one={run}"])
 
 
 def test_markdown_shows_an_undefined_metric_as_a_dash():
