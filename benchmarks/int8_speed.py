@@ -1,12 +1,14 @@
 """INT8 against FP32 of the same model, per format, on this CPU: does INT8 pay here?
 
-Builds (once, cached in ``--work``) an EfficientNet-Lite0 @224 DR classifier with ImageNet backbone weights and a
+Builds (once per input size, cached in ``--work``) an EfficientNet-Lite0 DR classifier with ImageNet backbone weights and a
 seeded random head (speed does not depend on the weights), exports ONNX FP32, ONNX full-INT8 for this CPU's
 ``--target auto`` preset (U8S8 on VNNI / ARM dot-product CPUs) and TFLite FP32 + INT8, then times each at batch 1
 under the runtime options being compared (threads, ORT graph optimisation level and execution mode, XNNPACK
-threads) and prints the INT8/FP32 table per format with the CPU's int8 features named.
+threads) and prints the INT8/FP32 table per format with the CPU's int8 features named. ``--input-size`` (repeatable)
+measures the cost of a larger input (224 / 300 / 380 px: DR lesions are small) at the same settings.
 
     python -m benchmarks.int8_speed --data ../shared/data/eyepacs_full --threads 2 --work /tmp/retinaedge_int8
+    python -m benchmarks.int8_speed --input-size 224 --input-size 300 --input-size 380
 """
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ MODEL = "tf_efficientnet_lite0"
 
 
 def build_artifacts(work: Path, data: Path | None, target: str, formats: tuple[str, ...] = ("onnx", "tflite"),
-                    calib_limit: int = 32) -> dict[tuple[str, str], Path]:
-    """FP32 + INT8 artifacts of one Lite0, exported once and reused while ``work`` exists."""
+                    calib_limit: int = 32, input_size: int = 224) -> dict[tuple[str, str], Path]:
+    """FP32 + INT8 artifacts of one Lite0 at ``input_size``, exported once and reused while ``work`` exists."""
+    work = work if input_size == 224 else work / f"{input_size}px"  # 224: where earlier runs cached it
     index = work / "artifacts" / "index.json"
     if index.is_file():
         found = {(r["format"], r["precision"]): Path(r["path"])
@@ -47,7 +50,7 @@ def build_artifacts(work: Path, data: Path | None, target: str, formats: tuple[s
     torch.manual_seed(0)
     model = create_model(MODEL, pretrained=True).eval()
     cfg = get_model_cfg(MODEL)
-    policy = PreprocessPolicy(input_size=cfg.input_size, mean=cfg.mean, std=cfg.std)
+    policy = PreprocessPolicy(input_size=input_size, mean=cfg.mean, std=cfg.std)
     checkpoint = work / "lite0_imagenet_random_head.pt"
     work.mkdir(parents=True, exist_ok=True)
     meta = {"model_name": MODEL, "input_size": policy.input_size, "preprocess": policy.__dict__,
@@ -101,13 +104,24 @@ def _stats(values: list[float]) -> dict:
             "p90": float(np.percentile(values, 90)), "n": len(values)}
 
 
-def run(work: Path, data: Path | None, threads: int, runs: int, target: str = "auto") -> dict:
-    """Phase 1: every option set of every artifact, one artifact at a time (a short run each), to pick the
-    fastest per artifact. Phase 2: the picked FP32 and INT8 sessions of every format, interleaved for ``runs``
-    samples each, so the INT8/FP32 ratio is measured under the same load."""
+def run(work: Path, data: Path | None, threads: int, runs: int, target: str = "auto",
+        input_sizes: tuple[int, ...] = (224,)) -> dict:
+    """Per input size, phase 1: every option set of every artifact, one artifact at a time (a short run each), to
+    pick the fastest per artifact. Phase 2: the picked FP32 and INT8 sessions of every format, interleaved for
+    ``runs`` samples each, so the INT8/FP32 ratio is measured under the same load."""
     features = cpu_features()
     target = int8_target(features) if target == "auto" else target
-    artifacts = build_artifacts(work, data, target)
+    sweep, final = [], []
+    for size in input_sizes:
+        size_sweep, size_rows = _measure(build_artifacts(work, data, target, input_size=size), threads, runs)
+        sweep += [{**row, "input_size": size} for row in size_sweep]
+        final += [{**row, "input_size": size} for row in size_rows]
+    return {"device": fingerprint(), "cpu_features": features.to_dict(), "target": target, "threads": threads,
+            "load_average": os.getloadavg(), "sweep": sweep, "rows": final}
+
+
+def _measure(artifacts: dict[tuple[str, str], Path], threads: int, runs: int) -> tuple[list[dict], list[dict]]:
+    """(every option set's row, the fastest set per artifact re-timed interleaved) for one input size."""
     grid = option_grid(threads)
     sweep, chosen = [], {}
     for (fmt, precision), path in sorted(artifacts.items()):
@@ -130,8 +144,7 @@ def run(work: Path, data: Path | None, threads: int, runs: int, target: str = "a
     for row in sweep + final:
         if isinstance(row["options"], RuntimeOptions):
             row["options"] = asdict(row["options"])
-    return {"device": fingerprint(), "cpu_features": features.to_dict(), "target": target, "threads": threads,
-            "load_average": os.getloadavg(), "sweep": sweep, "rows": final}
+    return sweep, final
 
 
 def _options_text(options: dict) -> str:
@@ -142,27 +155,28 @@ def _options_text(options: dict) -> str:
 def to_markdown(report: dict) -> str:
     features = report["cpu_features"]
     named = ", ".join(features["int8"]) or "none (no int8 dot-product instructions)"
-    lines = [f"# INT8 vs FP32, {MODEL} @224, batch 1, {report['threads']} threads - {report['device']['cpu']}", "",
+    sizes = "/".join(str(s) for s in dict.fromkeys(r["input_size"] for r in report["rows"]))
+    lines = [f"# INT8 vs FP32, {MODEL} @{sizes}, batch 1, {report['threads']} threads - {report['device']['cpu']}", "",
              f"CPU int8 features: **{named}**; ONNX INT8 preset `--target auto` -> `{report['target']}`. "
              f"Load average while measuring (1/5/15 min): {', '.join(f'{v:.1f}' for v in report['load_average'])} "
              f"on {report['device']['cores']} cores.", "",
              "## Runtime options swept (one artifact at a time; the fastest p50 per artifact is kept)", "",
-             "| format | precision | options | p10 ms | p50 ms | p90 ms | n |", "|---|---|---|---|---|---|---|"]
+             "| px | format | precision | options | p10 ms | p50 ms | p90 ms | n |", "|---|---|---|---|---|---|---|---|"]
     for r in report["sweep"]:
         opts = _options_text(r["options"])
         if "error" in r:
-            lines.append(f"| {r['format']} | {r['precision']} | {opts} | failed: {r['error'][:60]} | | | |")
+            lines.append(f"| {r['input_size']} | {r['format']} | {r['precision']} | {opts} | failed: {r['error'][:60]} | | | |")
         else:
-            lines.append(f"| {r['format']} | {r['precision']} | {opts} | {r['p10']:.2f} | {r['p50']:.2f} | "
-                         f"{r['p90']:.2f} | {r['n']} |")
-    best = {(r["format"], r["precision"]): r for r in report["rows"]}
+            lines.append(f"| {r['input_size']} | {r['format']} | {r['precision']} | {opts} | {r['p10']:.2f} | "
+                         f"{r['p50']:.2f} | {r['p90']:.2f} | {r['n']} |")
+    best = {(r["input_size"], r["format"], r["precision"]): r for r in report["rows"]}
     lines += ["", "## INT8 / FP32 per format (each with its fastest options, samples interleaved)", "",
-              "| format | FP32 options | INT8 options | FP32 p10 / p50 ms | INT8 p10 / p50 ms | speed-up p10 | "
-              "speed-up p50 | CPU int8 features |", "|---|---|---|---|---|---|---|---|"]
-    for fmt in sorted({f for f, _ in best}):
-        fp32, int8 = best.get((fmt, "fp32")), best.get((fmt, "int8"))
+              "| px | format | FP32 options | INT8 options | FP32 p10 / p50 ms | INT8 p10 / p50 ms | speed-up p10 | "
+              "speed-up p50 | CPU int8 features |", "|---|---|---|---|---|---|---|---|---|"]
+    for size, fmt in sorted({(s, f) for s, f, _ in best}):
+        fp32, int8 = best.get((size, fmt, "fp32")), best.get((size, fmt, "int8"))
         if fp32 and int8:
-            lines.append(f"| {fmt} | {_options_text(fp32['options'])} | {_options_text(int8['options'])} | "
+            lines.append(f"| {size} | {fmt} | {_options_text(fp32['options'])} | {_options_text(int8['options'])} | "
                          f"{fp32['p10']:.2f} / {fp32['p50']:.2f} | {int8['p10']:.2f} / {int8['p50']:.2f} | "
                          f"{fp32['p10'] / int8['p10']:.2f}x | {fp32['p50'] / int8['p50']:.2f}x | {named} |")
     return "\n".join(lines) + "\n"
@@ -176,9 +190,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--target", default="auto", help="ONNX INT8 preset; auto = from this CPU's flags")
+    parser.add_argument("--input-size", type=int, action="append", help="model input side in px (repeatable; default 224)")
     parser.add_argument("--out", type=Path, help="also write the report (.md and .json) here")
     args = parser.parse_args()
-    report = run(args.work, args.data if args.data.is_dir() else None, args.threads, args.runs, args.target)
+    report = run(args.work, args.data if args.data.is_dir() else None, args.threads, args.runs, args.target,
+                 tuple(args.input_size or (224,)))
     markdown = to_markdown(report)
     if args.out:
         write_markdown_and_json(args.out, markdown, report)

@@ -135,3 +135,20 @@ def test_markdown_shows_an_undefined_metric_as_a_dash():
     nan = float("nan")
     assert with_ci({"dme_auc": nan, "dme_auc_ci": (nan, nan)}, "dme_auc", 2) == "-"  # no DME labels in the folder
     assert with_ci({"dme_auc": 0.8, "dme_auc_ci": (0.7, 0.9)}, "dme_auc", 2) == "0.800 [0.70, 0.90]"
+
+
+def test_int8_speed_table_has_one_ratio_row_per_input_size_and_format():
+    from benchmarks.int8_speed import to_markdown
+
+    options = {"threads": 2, "graph_optimization": "all", "execution_mode": "sequential", "spin_wait": False,
+               "xnnpack": True}
+    rows = [{"input_size": size, "format": "onnx", "precision": precision, "options": options,
+             "p10": p50 * 0.9, "p50": p50, "p90": p50 * 1.2, "n": 50}
+            for size, precision, p50 in ((224, "fp32", 6.0), (224, "int8", 2.0), (380, "fp32", 18.0),
+                                         (380, "int8", 9.0))]
+    report = {"rows": rows, "sweep": rows, "threads": 2, "target": "x86_vnni", "load_average": (0.1, 0.2, 0.3),
+              "device": {"cpu": "test CPU", "cores": 2}, "cpu_features": {"int8": ["avx512_vnni"]}}
+    text = to_markdown(report)
+    assert "@224/380" in text
+    assert "| 224 | onnx |" in text and "| 3.00x | avx512_vnni |" in text
+    assert "| 380 | onnx |" in text and "| 2.00x | avx512_vnni |" in text
