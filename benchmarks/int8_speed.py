@@ -30,9 +30,11 @@ MODEL = "tf_efficientnet_lite0"
 
 
 def build_artifacts(work: Path, data: Path | None, target: str, formats: tuple[str, ...] = ("onnx", "tflite"),
-                    calib_limit: int = 32, input_size: int = 224) -> dict[tuple[str, str], Path]:
-    """FP32 + INT8 artifacts of one Lite0 at ``input_size``, exported once and reused while ``work`` exists."""
-    work = work if input_size == 224 else work / f"{input_size}px"  # 224: where earlier runs cached it
+                    calib_limit: int = 32, input_size: int = 224, model_name: str = MODEL,
+                    pretrained: bool = True) -> dict[tuple[str, str], Path]:
+    """FP32 + INT8 artifacts of one model (Lite0: ImageNet backbone, seeded random head) at ``input_size``,
+    exported once and reused while ``work`` exists."""
+    work = work if (input_size, model_name) == (224, MODEL) else work / f"{model_name}_{input_size}px"
     index = work / "artifacts" / "index.json"
     if index.is_file():
         found = {(r["format"], r["precision"]): Path(r["path"])
@@ -43,26 +45,30 @@ def build_artifacts(work: Path, data: Path | None, target: str, formats: tuple[s
 
     from compression.gate import GateThresholds
     from compression.quantize import QuantRecipe
-    from edge_runtime.contract import GRADE_NAMES, PreprocessPolicy
-    from exporters.pipeline import build_context, export_all
+    from edge_runtime.contract import PreprocessPolicy
+    from exporters.pipeline import ExportPlan, export_all, load_inputs
+    from training.checkpoint import CheckpointMeta
     from training.models import create_model, get_model_cfg
 
     torch.manual_seed(0)
-    model = create_model(MODEL, pretrained=True).eval()
-    cfg = get_model_cfg(MODEL)
-    policy = PreprocessPolicy(input_size=input_size, mean=cfg.mean, std=cfg.std)
-    checkpoint = work / "lite0_imagenet_random_head.pt"
+    model = create_model(model_name, pretrained=pretrained).eval()
+    cfg = get_model_cfg(model_name)
+    meta = CheckpointMeta(model_name=model_name, preprocess=PreprocessPolicy(input_size=input_size, mean=cfg.mean,
+                                                                            std=cfg.std),
+                          data_fingerprint="imagenet0", num_features=model.num_features,
+                          config={"note": "ImageNet backbone, random head: for speed only"},
+                          created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    checkpoint = work / f"{model_name}_imagenet_random_head.pt"
     work.mkdir(parents=True, exist_ok=True)
-    meta = {"model_name": MODEL, "input_size": policy.input_size, "preprocess": policy.__dict__,
-            "class_names": list(GRADE_NAMES), "metrics": {}, "data_fingerprint": "imagenet0", "git_sha": None,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "referable_threshold": 0.5,
-            "config": {"note": "ImageNet backbone, random head: for speed only"}, "num_features": model.num_features}
-    torch.save({"model_state": model.state_dict(), "meta": meta}, checkpoint)
-    # A random head has no clinical fidelity to hold; the gate runs (and is recorded) but nothing escalates.
-    ctx = build_context(checkpoint, work / "artifacts", data, data, QuantRecipe.for_target(target),
-                        GateThresholds(0.0, 0.0, 1.0), calib_limit=calib_limit, val_limit=calib_limit,
-                        tuning_limit=0, escalate=False)
-    records = export_all(ctx, list(formats), ["fp32", "int8"], progress=False)
+    torch.save({"model_state": model.state_dict(), "meta": meta.to_dict()}, checkpoint)
+    # A random head has no clinical fidelity to hold: the gate runs (and is recorded) with bounds that always
+    # pass, and nothing escalates, so the INT8 artifact is the recipe's own.
+    no_bounds = GateThresholds(min_referral_agreement=0.0, min_sensitivity_difference=-1.0,
+                               min_specificity_difference=-1.0, min_auc_ratio=0.0)
+    inputs = load_inputs(checkpoint, work / "artifacts", data, data, thresholds=no_bounds, calib_limit=calib_limit,
+                         val_limit=calib_limit, tuning_limit=0)
+    plan = ExportPlan(tuple(formats), ("fp32", "int8"), recipe=QuantRecipe.for_target(target), escalate=False)
+    records = export_all(inputs, plan, progress=False)
     return {(r.format, r.precision): Path(r.path) for r in records if r.status == "ok" and r.path}
 
 

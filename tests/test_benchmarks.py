@@ -152,3 +152,20 @@ def test_int8_speed_table_has_one_ratio_row_per_input_size_and_format():
     assert "@224/380" in text
     assert "| 224 | onnx |" in text and "| 3.00x | avx512_vnni |" in text
     assert "| 380 | onnx |" in text and "| 2.00x | avx512_vnni |" in text
+
+
+def test_int8_speed_builds_and_times_fp32_and_int8_of_one_model(synthetic_dir, tmp_path):
+    """The benchmark's own export path (a checkpoint with a seeded random head, calibrated on real-layout photos),
+    end to end on the tiny model: FP32 + INT8 ONNX, each timed, one INT8/FP32 row."""
+    from benchmarks.int8_speed import _measure, build_artifacts
+    from edge_runtime.backends import open_session
+
+    artifacts = build_artifacts(tmp_path, synthetic_dir, "x86_vnni", formats=("onnx",), calib_limit=8, input_size=64,
+                                model_name="test_dr_tiny", pretrained=False)
+    assert set(artifacts) == {("onnx", "fp32"), ("onnx", "int8")}
+    assert open_session(artifacts[("onnx", "int8")], allow_ungated=True).info.manifest.quantization.weight_type == "int8"
+    assert build_artifacts(tmp_path, synthetic_dir, "x86_vnni", formats=("onnx",), input_size=64,
+                           model_name="test_dr_tiny", pretrained=False) == artifacts  # cached, not re-exported
+    sweep, rows = _measure(artifacts, threads=1, runs=20)
+    assert {(r["format"], r["precision"]) for r in rows} == set(artifacts)
+    assert all(r["p50"] > 0 and r["n"] == 20 for r in rows) and len(sweep) >= len(rows)
