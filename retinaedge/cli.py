@@ -220,6 +220,7 @@ def distill(
     pretrained_file: str | None = typer.Option(None, help="Local ImageNet checkpoint for the student (offline machines)."),
     batch_size: int | None = typer.Option(None), lr: float | None = typer.Option(None),
     max_minutes: float | None = typer.Option(None), out: str | None = typer.Option(None),
+    grade_head: str | None = typer.Option(None, help="Student's grade head: softmax | ordinal."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Distil a teacher into a student: soft targets (KL at temperature T) + class-weighted CE (+ CAM transfer)."""
@@ -231,7 +232,7 @@ def distill(
             teacher=teacher, model=student, data=data, unlabelled=unlabelled, distill_on_calib=distill_on_calib,
             teacher_batch_size=teacher_batch_size, device=device, epochs=epochs, alpha=alpha, temperature=temperature,
             cam_weight=cam_weight, input_size=input_size, pretrained=pretrained, pretrained_file=pretrained_file,
-            batch_size=batch_size, lr=lr, max_minutes=max_minutes, out=out))
+            batch_size=batch_size, lr=lr, max_minutes=max_minutes, out=out, grade_head=grade_head))
         if out is None and cfg.out == TrainConfig().out:  # neither YAML nor flags chose a folder
             cfg = dataclasses.replace(cfg, out="runs/distill")
         run, report = _run_logged(Path(cfg.out) / "distill.log", verbose,

@@ -270,10 +270,11 @@ def test_cli_distill_takes_repeated_teachers_and_unlabelled_folders(monkeypatch,
     monkeypatch.setattr(distill_module, "distill", fake_distill)
     result = CliRunner().invoke(app, ["distill", "--teacher", "a.pt", "--teacher", "b.pt", "--unlabelled", "u1",
                                       "--unlabelled", "u2", "--no-distill-on-calib", "--out", str(tmp_path / "o"),
-                                      "--verbose"])
+                                      "--grade-head", "ordinal", "--verbose"])
     assert result.exit_code == 0, result.output
     cfg = captured["cfg"]
     assert (cfg.teacher, cfg.unlabelled, cfg.distill_on_calib) == (("a.pt", "b.pt"), ("u1", "u2"), False)
+    assert cfg.grade_head == "ordinal"
     assert "ensemble" in result.output
 
 
