@@ -38,7 +38,7 @@ def study_row_meta(run: Path) -> dict:
         "heads": list(cfg.get("heads", ["grade"])), "grade_head": cfg.get("grade_head", "softmax"),
         "teachers": list(cfg.get("teacher") or []), "cam_augment": cfg.get("cam_augment", "off"),
         "epochs_run": len(trained.get("history") or []), "train_minutes": trained.get("train_minutes"),
-        "device": cfg.get("device"), "val_qwk": trained["val"]["qwk"],
+        "device": trained.get("device", cfg.get("device")), "val_qwk": trained["val"]["qwk"],
     }
 
 

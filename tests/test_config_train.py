@@ -45,6 +45,7 @@ def test_training_writes_checkpoint_metadata_and_reports(tiny_run):
     for key in ("model_name", "input_size", "preprocess", "class_names", "metrics", "data_fingerprint", "created_at"):
         assert key in meta
     assert set(tiny_run.metrics["val"]) >= {"qwk", "per_grade_recall", "referable_auc", "confusion_matrix"}
+    assert tiny_run.metrics["device"] == "cpu"  # resolved from the config's "auto"
 
 
 def test_resume_continues_from_last(tmp_path, synthetic_dir):

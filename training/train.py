@@ -551,6 +551,7 @@ def _finalise(run: _Run) -> RunResult:
             metrics["dme_operating_point"] = dataclasses.asdict(dme_point)
         metrics["train_minutes"] = (time.monotonic() - run.started) / 60
         metrics["backbone_init"] = cfg.backbone_init  # fundus | file | imagenet | random (config holds the path)
+        metrics["device"] = str(run.device)  # where it trained, resolved (the config may say "auto")
         best["meta"] = run.meta({k: v for k, v in metrics.items() if k != "history"}, point, dme_point=dme_point)
         torch.save(best, run.best_path)
         (run.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
