@@ -24,8 +24,8 @@ import yaml
 from .device import fingerprint as device_fingerprint
 from .report import format_ci, with_ci, write_markdown_and_json
 
-COLUMNS = ("run", "model @px", "init", "heads", "distilled from", "CAM aug.", "epochs", "train min", "device", "val QWK", "test n (ref+)",
-           "QWK", "ref. sensitivity", "ref. specificity", "ref. AUC", "AUC / baseline", "DME n (+)", "DME AUC", "DME sens.", "DME spec.")
+COLUMNS = ("run", "model @px", "init", "heads", "distilled from", "CAM aug.", "epochs", "train min", "device", "val QWK",
+           "test n (ref+)", "QWK", "ref. sensitivity", "ref. specificity", "ref. AUC", "AUC / baseline", "DME n (+)", "DME AUC", "DME sens.", "DME spec.")
 
 
 def study_row_meta(run: Path) -> dict:
