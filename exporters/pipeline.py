@@ -277,17 +277,19 @@ class ExportPipeline:
             # The CAM identity every artifact must keep: logits - mean_hw(cam) is the (constant) classifier bias.
             bias = logits - cam.mean(axis=(2, 3))
             metrics["cam_identity_error"] = float(np.abs(bias - bias.mean(0, keepdims=True)).max())
-        if precision == "int8":
-            # The fidelity gate: the one place an INT8 artifact is judged (its own decisions at its own operating
-            # points vs FP32's decisions at FP32's points, on the same val photos; referral is DR or DME).
+        if precision == "fp32":
+            gate = _parity(spec, result.path, precision, metrics, ref)
+        else:
+            if precision == "fp16":  # an FP16 export must first be numerically the same model (else it is a bug)
+                _parity(spec, result.path, precision, metrics, ref)
+            # The fidelity gate: the one place a reduced-precision artifact is judged (its own decisions at its own
+            # operating points vs FP32's decisions at FP32's points, on the same val photos; referral is DR or DME).
             dme = None if ref.dme_logit is None else DmeOutputs(
                 ref.dme_logit, outputs.dme_logit, self.inputs.photos.val_dme, dme_point,
                 self._dme_operating_point(ref.dme_logit))
             gate = judge(ref.logits, ref.cam, logits, cam, self.inputs.photos.val_labels, point,
                          self.inputs.thresholds, ref_operating_point=self._operating_point(ref.logits), dme=dme)
             metrics = {**metrics, **gate.metrics}
-        else:
-            gate = _parity(spec, result.path, precision, metrics, ref)
         return Verdict(gate, how, {**result.spec_checks, **metrics}, (logits, cam), point, dme_point)
 
     def _operating_point(self, logits: np.ndarray) -> OperatingPoint:
@@ -329,7 +331,8 @@ class ExportPipeline:
 
 
 def _parity(spec: FormatSpec, path: Path, precision: str, metrics: dict[str, float], ref: Reference) -> GateResult:
-    """FP32/FP16 artifacts must match PyTorch within the format's tolerance, or the export fails."""
+    """FP32/FP16 artifacts must match PyTorch within the format's tolerance, or the export fails. FP32 needs no
+    more (it is the reference); FP16 then faces the fidelity gate like INT8."""
     atol = spec.atol_fp32 if precision == "fp32" else spec.atol_fp16
     limit = atol * max(1.0, float(np.abs(ref.logits).max()))
     failures = []
