@@ -270,6 +270,9 @@ def export(
                                "qat (ONNX through NNCF, TFLite/CoreML through PT2E)."),
     target: str = typer.Option("x86_avx2", help="CPU class preset: auto (this CPU's int8 features) | x86_avx2 | x86_avx2_fast | x86_vnni | arm64 | jetson_orin."),
     calibration: str = typer.Option("minmax", help="minmax | percentile | entropy (ort recipe)."),
+    keep_float: list[str] | None = typer.Option(None, "--keep-float", help="ONNX ort/nncf recipes: keep nodes whose "
+                                                "name contains this, or of this op type, in float (mixed precision; "
+                                                "repeatable; benchmarks/float_islands.py measures what each costs)."),
     min_referral_agreement: float = typer.Option(0.98, help="Gate: one-sided 95% lower bound of INT8-FP32 referral "
                                                  "agreement (docs/fidelity_gate.md)."),
     min_sensitivity_difference: float = typer.Option(-0.02, help="Gate: lower bound of INT8 - FP32 sensitivity."),
@@ -307,7 +310,8 @@ def export(
     from exporters.pipeline import ExportPlan, export_all, load_inputs
 
     try:
-        quant = replace(QuantRecipe.for_target(target, recipe), calibration=calibration)
+        quant = replace(QuantRecipe.for_target(target, recipe), calibration=calibration).with_exclusions(
+            tuple(keep_float or ()))
         thresholds = GateThresholds(
             min_referral_agreement=min_referral_agreement, min_sensitivity_difference=min_sensitivity_difference,
             min_specificity_difference=min_specificity_difference, min_auc_ratio=min_auc_ratio,

@@ -169,3 +169,23 @@ def test_int8_speed_builds_and_times_fp32_and_int8_of_one_model(synthetic_dir, t
     sweep, rows = _measure(artifacts, threads=1, runs=20)
     assert {(r["format"], r["precision"]) for r in rows} == set(artifacts)
     assert all(r["p50"] > 0 and r["n"] == 20 for r in rows) and len(sweep) >= len(rows)
+
+
+def test_float_islands_gates_and_times_each_variant(tiny_run, synthetic_dir, tmp_path):
+    """Full INT8 against every Conv kept in float, on the tiny trained model: each variant is exported, gated on
+    the val photos at its own point and timed against FP32; the float-node count says what was kept."""
+    from benchmarks.float_islands import parse_variant, run, to_markdown
+
+    variants = dict([parse_variant("full_int8="), parse_variant("convs=Conv")])
+    report = run(tiny_run.best_checkpoint, [synthetic_dir], tmp_path, variants, "x86_vnni", threads=1, runs=10,
+                 val_limit=40, calib_limit=8)
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    full, convs = rows["full_int8"], rows["convs"]
+    assert full["float_nodes"] < full["weighted_nodes"] and convs["float_nodes"] > full["float_nodes"]
+    for r in rows.values():
+        assert r["n"] > 0 and 0 <= r["flips"] <= r["n"] and r["agreement_bound"] <= r["referral_agreement"]
+        assert r["verdict"] in ("passed", "failed", "insufficient_evidence") and r["p50_ms"] > 0 and r["speedup"] > 0
+    assert "| convs | `Conv` |" in to_markdown(report)
+    with pytest.raises(Exception, match="NAME=PATTERN"):
+        parse_variant("no-equals-sign")

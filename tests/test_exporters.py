@@ -247,14 +247,15 @@ def test_failed_gate_retries_with_sensitive_layers_in_float(tiny_artifacts, tmp_
     assert any(n.op_type == "DequantizeLinear" for n in graph.node)  # the rest is still INT8
 
 
-def test_cli_export_exits_nonzero_on_a_failed_gate_and_can_skip_escalation(tiny_run, synthetic_dir, tmp_path):
+def test_cli_export_exits_nonzero_on_a_failed_gate_can_skip_escalation_and_keep_layers_float(tiny_run, synthetic_dir, tmp_path):
     import subprocess
     import sys
 
     out = tmp_path / "cli"
     proc = subprocess.run([sys.executable, "-m", "retinaedge.cli", "export", "--checkpoint", str(tiny_run.best_checkpoint),
                            "--formats", "onnx", "--precisions", "int8", "--calib", str(synthetic_dir), "--val",
-                           str(synthetic_dir), "--out", str(out), "--min-logit-cosine", "1.0", "--no-escalate"],
+                           str(synthetic_dir), "--out", str(out), "--min-logit-cosine", "1.0", "--no-escalate",
+                           "--keep-float", "conv_stem"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "logit_cosine" in proc.stdout and "failed" in proc.stdout
@@ -262,6 +263,7 @@ def test_cli_export_exits_nonzero_on_a_failed_gate_and_can_skip_escalation(tiny_
     assert row["gate"] == "failed" and "after" not in row["verified"]  # no retry ran
     manifest = _sidecar(row["path"])
     assert manifest.quantization.recipe == "ort" and not manifest.ready
+    assert "conv_stem" in manifest.quantization.notes  # --keep-float reached the recipe and the manifest
     config = yaml.safe_load((out / f"{manifest.model_name}.export_config.yaml").read_text())
     assert config["plan"]["escalate"] is False and config["thresholds"]["min_logit_cosine"] == 1.0
     assert config["photos"]["tuning"]["n"] == 0  # --no-escalate with the ort recipe: the plan needs no tuning photos

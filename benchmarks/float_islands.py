@@ -1,0 +1,161 @@
+"""What float islands buy and cost: ONNX INT8 of one trained checkpoint with chosen layers kept in float.
+
+Issue 14 asks for full-INT8 artifacts that pass the evidence gate, and issue 20 for INT8 that is >= 1.6x faster than
+FP32; where float islands remain, their cost is to be reported. This exports the checkpoint's FP32 ONNX once and one
+INT8 artifact per variant (the ``ort`` recipe of ``--target``, a set of node-name substrings or op types kept in
+float, as ``retinaedge export --keep-float`` does), judges each with the evidence gate on the val photos (its own
+operating point, no escalation), and times every artifact against FP32 at batch 1, samples interleaved. The table:
+float Conv/Gemm nodes of all, referral flips and agreement with its one-sided bound, the sensitivity- and
+specificity-difference bounds, the verdict, p50 latency and the speed-up over FP32.
+
+    python -m benchmarks.float_islands runs/lite0_2f/best.pt --data ../shared/data/eyepacs_full \\
+        --data ../shared/data/messidor2 --out reports/float_islands
+    python -m benchmarks.float_islands CKPT --data DIR --variant head=conv_head,/Conv --variant adds=Add
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.backends import cpu_features, int8_target, open_session
+
+from .device import fingerprint
+from .int8_speed import time_interleaved
+from .report import write_markdown_and_json
+
+# Lite0 stages (timm ``blocks.0`` .. ``blocks.6``): the later ones hold few MACs and the noisiest activations
+# (docs/model_card.md: SQNR 11-13 dB there against 30 dB after the stem); the residual Adds and the linear
+# projections (``conv_pwl``) carry unbounded activations that share one per-tensor scale.
+DEFAULT_VARIANTS: dict[str, tuple[str, ...]] = {
+    "full_int8": (),
+    "stem+head": ("conv_stem", "conv_head", "/Conv"),
+    "residual_adds": ("Add",),
+    "projections": ("conv_pwl",),
+    "last_stage+head": ("blocks.6", "conv_head", "/Conv"),
+    "last_2_stages+head": ("blocks.5", "blocks.6", "conv_head", "/Conv"),
+    "last_3_stages+head": ("blocks.4", "blocks.5", "blocks.6", "conv_head", "/Conv"),
+    "first_2_stages": ("conv_stem", "blocks.0", "blocks.1"),
+}
+WEIGHTED = ("Conv", "Gemm", "MatMul")
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
+    """``NAME=PATTERN,PATTERN`` (an empty list: full INT8)."""
+    name, sep, patterns = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--variant takes NAME=PATTERN[,PATTERN...], got {text!r}")
+    return name, tuple(p for p in patterns.split(",") if p)
+
+
+def float_weighted_nodes(path: Path) -> tuple[int, int]:
+    """(weighted nodes left in float, weighted nodes) of a QDQ ONNX graph: a Conv/Gemm/MatMul is quantized when its
+    weight input comes from a DequantizeLinear."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dequantized = {out for n in graph.node if n.op_type == "DequantizeLinear" for out in n.output}
+    weighted = [n for n in graph.node if n.op_type in WEIGHTED and len(n.input) > 1]
+    return sum(n.input[1] not in dequantized for n in weighted), len(weighted)
+
+
+def run(checkpoint: Path, data: list[Path], out: Path, variants: dict[str, tuple[str, ...]], target: str,
+        threads: int, runs: int, val_limit: int, calib_limit: int) -> dict:
+    from compression.quantize import QuantRecipe
+    from exporters.base import Reference
+    from exporters.pipeline import ExportPipeline, ExportPlan, load_inputs
+
+    features = cpu_features()
+    target = int8_target(features) if target == "auto" else target
+    inputs = load_inputs(checkpoint, out / "artifacts", data, data, calib_limit=calib_limit, val_limit=val_limit,
+                         tuning_limit=0)
+    reference = Reference.compute(inputs)
+    base = QuantRecipe.for_target(target)
+    fp32 = ExportPipeline(inputs, ExportPlan(("onnx",), ("fp32",), base, escalate=False), reference).export("onnx", "fp32")
+    if fp32.status != "ok":
+        raise RuntimeError(f"FP32 ONNX export failed: {fp32.error}")
+    rows = []
+    for name, patterns in variants.items():
+        variant_inputs = replace(inputs, name=f"islands_{name.replace('+', '_')}")
+        plan = ExportPlan(("onnx",), ("int8",), base.with_exclusions(patterns), escalate=False)
+        record = ExportPipeline(variant_inputs, plan, reference).export("onnx", "int8")
+        row = {"variant": name, "keep_float": list(patterns), "status": record.status, "path": record.path,
+               "error": record.error}
+        if record.status == "ok":
+            path = Path(record.path)
+            gate = open_session(path, allow_ungated=True).info.manifest.gate
+            criteria = {c.name: c for c in gate.criteria}
+            agreement = criteria["referral_agreement"]
+            floats, weighted = float_weighted_nodes(path)
+            row.update(verdict=gate.status, float_nodes=floats, weighted_nodes=weighted,
+                       flips=int(round((1 - agreement.value) * agreement.n)), n=agreement.n,
+                       referral_agreement=agreement.value, agreement_bound=agreement.bound,
+                       sensitivity_bound=criteria["sensitivity_difference"].bound,
+                       specificity_bound=criteria["specificity_difference"].bound,
+                       auc_ratio=criteria["auc_ratio"].value)
+        rows.append(row)
+    timed = [Path(fp32.path)] + [Path(r["path"]) for r in rows if r["status"] == "ok"]
+    sessions = [open_session(p, allow_ungated=True, threads=threads) for p in timed]
+    samples = time_interleaved(sessions, rounds=max(1, runs // 10))
+    p50 = {str(p): float(np.percentile(s, 50)) for p, s in zip(timed, samples, strict=True)}
+    fp32_p50 = p50[str(Path(fp32.path))]
+    for row in rows:
+        if row["status"] == "ok":
+            row["p50_ms"] = p50[str(Path(row["path"]))]
+            row["speedup"] = fp32_p50 / row["p50_ms"]
+    return {"device": fingerprint(), "cpu_features": features.to_dict(), "target": target, "threads": threads,
+            "load_average": os.getloadavg(), "checkpoint": str(checkpoint), "data": [str(d) for d in data],
+            "fp32_p50_ms": fp32_p50, "rows": rows}
+
+
+def to_markdown(report: dict) -> str:
+    named = ", ".join(report["cpu_features"]["int8"]) or "none"
+    rows = [r for r in report["rows"] if r["status"] == "ok"]
+    n = rows[0]["n"] if rows else 0
+    lines = [f"# Float islands in ONNX INT8 ({report['target']} preset), {report['checkpoint']}", "",
+             f"CPU: {report['device']['cpu']}, int8 features **{named}**, {report['threads']} threads, batch 1; "
+             f"load average {', '.join(f'{v:.1f}' for v in report['load_average'])}. Gate on n = {n} val photos of "
+             f"{', '.join(Path(d).name for d in report['data'])} (each artifact at its own operating point). "
+             f"FP32 ONNX p50 {report['fp32_p50_ms']:.2f} ms.", "",
+             "| variant | kept in float | float / weighted nodes | referral flips | agreement (one-sided 95 % bound) | "
+             "sensitivity diff. bound | specificity diff. bound | AUC ratio | gate | p50 ms | vs FP32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        kept = ", ".join(f"`{p}`" for p in r["keep_float"]) or "-"
+        if r["status"] != "ok":
+            lines.append(f"| {r['variant']} | {kept} | export failed: {r['error']} | | | | | | | | |")
+            continue
+        lines.append(f"| {r['variant']} | {kept} | {r['float_nodes']} / {r['weighted_nodes']} | {r['flips']} | "
+                     f"{r['referral_agreement']:.3f} ({r['agreement_bound']:.3f}) | {r['sensitivity_bound']:+.3f} | "
+                     f"{r['specificity_bound']:+.3f} | {r['auc_ratio']:.3f} | {r['verdict']} | {r['p50_ms']:.2f} | "
+                     f"{r['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--data", type=Path, action="append", required=True,
+                        help="folder whose calib split calibrates and whose val split judges (repeatable)")
+    parser.add_argument("--variant", type=parse_variant, action="append",
+                        help="NAME=PATTERN[,PATTERN] kept in float (repeatable; default: a preset sweep)")
+    parser.add_argument("--target", default="auto", help="ONNX INT8 preset; auto = from this CPU's flags")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=200, help="latency samples per artifact")
+    parser.add_argument("--val-limit", type=int, default=400, help="val photos per folder")
+    parser.add_argument("--calib-limit", type=int, default=64, help="calibration photos per folder")
+    parser.add_argument("--out", type=Path, default=Path("reports/float_islands"))
+    args = parser.parse_args()
+    variants = dict(args.variant) if args.variant else DEFAULT_VARIANTS
+    report = run(args.checkpoint, args.data, args.out, variants, args.target, args.threads, args.runs,
+                 args.val_limit, args.calib_limit)
+    text = to_markdown(report)
+    print(text)
+    write_markdown_and_json(args.out / "float_islands", text, report)
+
+
+if __name__ == "__main__":
+    main()
