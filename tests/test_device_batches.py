@@ -93,3 +93,36 @@ def test_val_every_and_augment_on_are_validated():
     with pytest.raises(ConfigError, match="augment_on"):
         TrainConfig(augment_on="gpu")
 
+
+
+def test_sensor_noise_lands_on_the_8_bit_grid_with_a_per_photo_sigma():
+    from training.data.device_batches import sensor_noise_batch
+
+    flat = torch.full((64, 3, 32, 32), 100 / 255)
+    noisy = sensor_noise_batch(flat, torch.Generator().manual_seed(0), max_levels=6.0)
+    levels = noisy * 255
+    assert torch.allclose(levels, levels.round(), atol=1e-4) and noisy.min() >= 0 and noisy.max() <= 1
+    sigma = (levels - 100).flatten(1).std(1)  # one sigma per photo, drawn in [0, 6] levels
+    assert sigma.max() <= 6.5 and sigma.min() < 1.5 and sigma.max() > 4.5
+    assert torch.equal(sensor_noise_batch(flat, torch.Generator().manual_seed(0), 0.0), flat.mul(255).round() / 255)
+
+
+def test_sensor_noise_reaches_both_augmentation_paths_and_is_off_by_default():
+    from edge_runtime.errors import ConfigError
+    from training.data.dataset import FundusDataset
+
+    images = np.full((4, 16, 16, 3), 120, np.uint8)
+    batches = DeviceBatches(images, np.zeros(4), POLICY, torch.device("cpu"), batch_size=4, drop_last=False,
+                            geometric=False, sensor_noise=8.0)
+    x, _, _ = next(iter(batches))
+    loader_x = torch.stack([FundusDataset(images, np.zeros(4), POLICY, train=True, geometric=False,
+                                          sensor_noise=8.0)[i][0] for i in range(4)])
+    for batch in (x, loader_x):
+        pixels = (batch * 0.25 + 0.5) * 255  # undo the policy's normalisation
+        assert torch.allclose(pixels, pixels.round(), atol=1e-3)  # on the 8-bit grid, as a device's input is
+        assert (pixels.flatten(2).std(2) > 0).all()  # the flat photos got noise (jitter alone keeps each channel flat)
+    plain = DeviceBatches(images, np.zeros(4), POLICY, torch.device("cpu"), batch_size=4, drop_last=False, geometric=False)
+    assert (next(iter(plain))[0].flatten(2).std(2) < 1e-6).all()
+    assert TrainConfig().sensor_noise == 0.0
+    with pytest.raises(ConfigError, match="sensor_noise"):
+        TrainConfig(sensor_noise=-1)

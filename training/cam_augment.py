@@ -172,7 +172,7 @@ class CamAugmenter:
         if mode in ("erase", "both"):
             erased = cam_erase(x, cam, self.cfg.cam_erase_floor, self.mean)
             out = torch.where(use_crop[:, None, None, None], out, erased)
-        out = augment_batch(out, self.generator, self.geometric, self.cfg.augment)
+        out = augment_batch(out, self.generator, self.geometric, self.cfg.augment, self.cfg.sensor_noise)
         return (out - self.mean) / self.std
 
     def extend(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):

@@ -52,6 +52,10 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA: bf16 where the GPU supports it (no loss scaling), else fp16
     augment: str = "basic"  # basic | phone: which augmentation recipe (AUGMENTATIONS)
     augment_on: str = "auto"  # auto | loader | device: where training photos are augmented (auto: device on CUDA)
+    # Per-pixel Gaussian sensor noise, sigma drawn per photo in [0, sensor_noise] 8-bit levels, then rounded to 8 bits
+    # as a device's input is (0: off). Without it a Lite0's referrals flipped under invisible noise (sigma 0.25
+    # levels: 6 of 246 val photos), and INT8's rounding of the input and activations acts like such noise.
+    sensor_noise: float = 0.0
     # CAM-guided augmentation (issue 18); off by default, so runs without these keys reproduce earlier numbers.
     cam_augment: str = "off"  # off | crop | erase | both: one extra view per photo, appended to each batch
     cam_augment_source: str = "self"  # self (the run's own CAMs) | teacher (cam_augment_teacher's)
@@ -110,6 +114,9 @@ class TrainConfig:
                               "set label_smoothing: 0 or use loss: ce")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in (0, 1), e.g. 0.999, or None for no EMA; got {self.ema_decay!r}")
+        if not 0 <= self.sensor_noise <= 32:
+            raise ConfigError(f"sensor_noise is the largest noise sigma in 8-bit levels, in [0, 32] (0 = off), got "
+                              f"{self.sensor_noise!r}")
         if not 0 <= self.drop_path_rate < 1:
             raise ConfigError(f"drop_path_rate must be in [0, 1) (0 = off), got {self.drop_path_rate!r}")
         if not 0 < self.lr < 1:

@@ -341,11 +341,12 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
     if _augment_on_device(cfg, device, train_x):
         train_loader = DeviceBatches(train_x, train_y, policy, device, cfg.batch_size, seed=cfg.seed, geometric=geometric,
                                      drop_last=len(train_y) > cfg.batch_size, rank=rank, world=world,
-                                     channels_last=channels_last, augment=cfg.augment)
+                                     channels_last=channels_last, augment=cfg.augment, sensor_noise=cfg.sensor_noise)
         sampler = train_loader
     else:
         train_ds = _IndexedDataset(FundusDataset(train_x, train_y, policy, train=True, seed=cfg.seed + rank,
-                                                 geometric=geometric, augment=cfg.augment), np.arange(len(train_y)))
+                                                 geometric=geometric, augment=cfg.augment,
+                                                 sensor_noise=cfg.sensor_noise), np.arange(len(train_y)))
         sampler = DistributedSampler(train_ds, seed=cfg.seed) if distributed else None
         train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                                   num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size,

@@ -17,7 +17,7 @@ from edge_runtime.errors import NoFundusError
 from edge_runtime.preprocess import crop_and_resize, read_image
 
 from ..config import check_augment
-from .device_batches import phone_capture_batch
+from .device_batches import phone_capture_batch, sensor_noise_batch
 from .layouts import Sample
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,10 @@ class FundusDataset(Dataset):
     """uint8 RGB crops -> normalised float tensors; augmentation only when ``train``."""
 
     def __init__(self, images: np.ndarray, grades: np.ndarray, policy: PreprocessPolicy, train: bool = False,
-                 seed: int = 0, geometric: bool = True, augment: str = "basic"):
+                 seed: int = 0, geometric: bool = True, augment: str = "basic", sensor_noise: float = 0.0):
         check_augment(augment)
         self.augment_recipe = augment  # training.config.AUGMENTATIONS
+        self.sensor_noise = sensor_noise  # TrainConfig.sensor_noise: max sigma in 8-bit levels (0: off)
         self.images, self.grades, self.policy, self.train = images, np.asarray(grades, np.int64), policy, train
         self.geometric = geometric  # off when per-pixel targets (teacher CAMs) must stay aligned
         self.mean = torch.tensor(policy.mean).view(3, 1, 1)
@@ -110,4 +111,6 @@ class FundusDataset(Dataset):
             x = x.flip(0)
         if self.train:
             x = self.augment(x).clamp(0, 1)
+            if self.sensor_noise > 0:  # the device path's function on a batch of one, as for `phone`
+                x = sensor_noise_batch(x[None], self.generator, self.sensor_noise)[0]
         return (x - self.mean) / self.std, int(self.grades[index])

@@ -56,10 +56,11 @@ def _check_square(x: torch.Tensor) -> None:
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, geometric: bool = True,
-                  augment: str = "basic") -> torch.Tensor:
+                  augment: str = "basic", sensor_noise: float = 0.0) -> torch.Tensor:
     """Augment a float N x 3 x S x S batch in [0, 1], each photo with its own draw; returns values in [0, 1].
 
-    ``augment`` is a recipe of ``training.config.AUGMENTATIONS``; ``geometric=False`` keeps every pixel in place.
+    ``augment`` is a recipe of ``training.config.AUGMENTATIONS``; ``geometric=False`` keeps every pixel in place;
+    ``sensor_noise`` > 0 adds :func:`sensor_noise_batch` last.
     """
     check_augment(augment)
     if augment == "phone":
@@ -79,7 +80,21 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, geometric: bool =
     contrast = 1 + (torch.rand(n, 1, 1, 1, generator=generator, device=device) - 0.5) * CONTRAST
     channel = 1 + (torch.rand(n, 3, 1, 1, generator=generator, device=device) - 0.5) * CHANNEL
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (((x - mean) * contrast + mean) * brightness * channel).clamp(0, 1)
+    x = (((x - mean) * contrast + mean) * brightness * channel).clamp(0, 1)
+    return sensor_noise_batch(x, generator, sensor_noise) if sensor_noise > 0 else x
+
+
+def sensor_noise_batch(x: torch.Tensor, generator: torch.Generator, max_levels: float) -> torch.Tensor:
+    """Per-pixel Gaussian noise of a float N x 3 x S x S batch in [0, 1], sigma drawn per photo uniformly in
+    [0, ``max_levels``] 8-bit levels, then rounded to the 8-bit grid the device's input lies on; returns [0, 1].
+
+    Camera sensors add such noise, and an 8-bit input (and INT8's rounding of it) differs from a resampled float
+    photo by up to half a level: a model trained only on smooth inputs changes referrals under noise no one can see.
+    """
+    n = x.shape[0]
+    sigma = torch.rand(n, 1, 1, 1, generator=generator, device=x.device, dtype=x.dtype) * (max_levels / 255.0)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (x + sigma * noise).mul(255.0).round().clamp(0, 255).div(255.0)
 
 
 def phone_capture_batch(x: torch.Tensor, generator: torch.Generator, geometric: bool = True) -> torch.Tensor:
@@ -162,9 +177,10 @@ class DeviceBatches:
 
     def __init__(self, images: np.ndarray, grades: np.ndarray, policy: PreprocessPolicy, device: torch.device,
                  batch_size: int, seed: int = 0, geometric: bool = True, drop_last: bool = True,
-                 rank: int = 0, world: int = 1, channels_last: bool = False, augment: str = "basic"):
+                 rank: int = 0, world: int = 1, channels_last: bool = False, augment: str = "basic",
+                 sensor_noise: float = 0.0):
         check_augment(augment)
-        self.augment = augment
+        self.augment, self.sensor_noise = augment, sensor_noise
         self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)  # N x S x S x 3 uint8
         self.grades = torch.as_tensor(np.asarray(grades, np.int64), device=device)
         self.mean = torch.tensor(policy.mean, device=device).view(1, 3, 1, 1)
@@ -202,7 +218,8 @@ class DeviceBatches:
             x = self.images[on_device].permute(0, 3, 1, 2).float().div_(255.0)
             if self.bgr:
                 x = x.flip(1)
-            x = (augment_batch(x, self.generator, self.geometric, self.augment) - self.mean) / self.std
+            x = augment_batch(x, self.generator, self.geometric, self.augment, self.sensor_noise)
+            x = (x - self.mean) / self.std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.grades[on_device], idx
