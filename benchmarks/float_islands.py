@@ -27,20 +27,21 @@ from .device import fingerprint
 from .int8_speed import time_interleaved
 from .report import write_markdown_and_json
 
-# Lite0 stages (timm ``blocks.0`` .. ``blocks.6``): the later ones hold few MACs and the noisiest activations
-# (docs/model_card.md: SQNR 11-13 dB there against 30 dB after the stem); the residual Adds and the linear
-# projections (``conv_pwl``) carry unbounded activations that share one per-tensor scale.
+# Lite0 stages (timm ``blocks.0`` .. ``blocks.6``): the later ones hold few MACs and the lowest SQNR (11-13 dB against
+# 30 dB after the stem, docs/model_card.md); the residual Adds and the linear projections (``conv_pwl``) carry
+# unbounded activations that share one per-tensor scale; the stem sees the input, which INT8 rounds.
 DEFAULT_VARIANTS: dict[str, tuple[str, ...]] = {
     "full_int8": (),
+    "stem": ("conv_stem",),  # the stem in float also leaves the input unquantized
     "stem+head": ("conv_stem", "conv_head", "/Conv"),
     "residual_adds": ("Add",),
     "projections": ("conv_pwl",),
     "last_stage+head": ("blocks.6", "conv_head", "/Conv"),
     "last_2_stages+head": ("blocks.5", "blocks.6", "conv_head", "/Conv"),
-    "last_3_stages+head": ("blocks.4", "blocks.5", "blocks.6", "conv_head", "/Conv"),
     "first_2_stages": ("conv_stem", "blocks.0", "blocks.1"),
 }
 WEIGHTED = ("Conv", "Gemm", "MatMul")
+NOISE_LEVELS = (0.25, 0.5, 1.0, 2.0)  # Gaussian sigmas, in 8-bit levels of the photo
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
@@ -60,6 +61,49 @@ def float_weighted_nodes(path: Path) -> tuple[int, int]:
     dequantized = {out for n in graph.node if n.op_type == "DequantizeLinear" for out in n.output}
     weighted = [n for n in graph.node if n.op_type in WEIGHTED and len(n.input) > 1]
     return sum(n.input[1] not in dequantized for n in weighted), len(weighted)
+
+
+def input_grid(path: Path) -> tuple[float, int] | None:
+    """(scale, zero point) with which a QDQ graph quantizes its input; None when the input stays float."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph_inputs = {i.name for i in model.graph.input}
+    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in graph_inputs:
+            return float(constants[node.input[1]]), int(constants[node.input[2]])
+    return None
+
+
+def perturbation_flips(session, photos: np.ndarray, grid: tuple[float, int] | None,
+                       sigmas: tuple[float, ...] = NOISE_LEVELS, seed: int = 0) -> list[dict]:
+    """FP32's referrals at its own point against FP32 on perturbed copies of the same photos: rounded onto the INT8
+    input grid (what INT8's first QuantizeLinear does, nothing else), and with Gaussian noise of ``sigmas`` 8-bit
+    levels. How many referrals noise no one can see changes says how much of INT8's disagreement is the model's."""
+    from edge_runtime.decision import decide_batch
+
+    point = session.info.manifest.operating_point
+    reference = session.run_heads(photos).logits
+    refer = decide_batch(reference, point).referable
+    # One 8-bit level of the photo in the normalised input: (x / 255 - mean) / std moves by 1 / (255 std).
+    level = 1.0 / (255.0 * np.asarray(session.info.manifest.preprocess.std, np.float32)).reshape(1, 3, 1, 1)
+    rng = np.random.default_rng(seed)
+    cases: list[tuple[str, np.ndarray]] = []
+    if grid is not None:
+        scale, zero = grid
+        q = np.clip(np.rint(photos / scale) + zero, 0, 255)
+        cases.append(("input rounded to the INT8 grid", ((q - zero) * scale).astype(np.float32)))
+    for sigma in sigmas:
+        noise = rng.standard_normal(photos.shape).astype(np.float32) * (sigma * level)
+        cases.append((f"Gaussian noise, sigma {sigma:g} levels", (photos + noise).astype(np.float32)))
+    rows = []
+    for label, perturbed in cases:
+        logits = session.run_heads(perturbed).logits
+        rows.append({"perturbation": label, "flips": int((decide_batch(logits, point).referable != refer).sum()),
+                     "n": len(photos), "median_max_abs_logit_change": float(np.median(np.abs(logits - reference).max(1)))})
+    return rows
 
 
 def run(checkpoint: Path, data: list[Path], out: Path, variants: dict[str, tuple[str, ...]], target: str,
@@ -97,6 +141,9 @@ def run(checkpoint: Path, data: list[Path], out: Path, variants: dict[str, tuple
                        specificity_bound=criteria["specificity_difference"].bound,
                        auc_ratio=criteria["auc_ratio"].value)
         rows.append(row)
+    full = next((Path(r["path"]) for r in rows if r["status"] == "ok" and not r["keep_float"]), None)
+    perturbations = perturbation_flips(open_session(Path(fp32.path), allow_ungated=True), inputs.photos.val,
+                                       input_grid(full) if full else None)
     timed = [Path(fp32.path)] + [Path(r["path"]) for r in rows if r["status"] == "ok"]
     sessions = [open_session(p, allow_ungated=True, threads=threads) for p in timed]
     samples = time_interleaved(sessions, rounds=max(1, runs // 10))
@@ -108,7 +155,7 @@ def run(checkpoint: Path, data: list[Path], out: Path, variants: dict[str, tuple
             row["speedup"] = fp32_p50 / row["p50_ms"]
     return {"device": fingerprint(), "cpu_features": features.to_dict(), "target": target, "threads": threads,
             "load_average": os.getloadavg(), "checkpoint": str(checkpoint), "data": [str(d) for d in data],
-            "fp32_p50_ms": fp32_p50, "rows": rows}
+            "fp32_p50_ms": fp32_p50, "rows": rows, "fp32_perturbations": perturbations}
 
 
 def to_markdown(report: dict) -> str:
@@ -132,6 +179,10 @@ def to_markdown(report: dict) -> str:
                      f"{r['referral_agreement']:.3f} ({r['agreement_bound']:.3f}) | {r['sensitivity_bound']:+.3f} | "
                      f"{r['specificity_bound']:+.3f} | {r['auc_ratio']:.3f} | {r['verdict']} | {r['p50_ms']:.2f} | "
                      f"{r['speedup']:.2f}x |")
+    lines += ["", "FP32 alone, its referrals at its own point against FP32 on perturbed copies of the same photos:", "",
+              "| perturbation | referral flips | median max abs logit change |", "|---|---|---|"]
+    lines += [f"| {p['perturbation']} | {p['flips']} of {p['n']} | {p['median_max_abs_logit_change']:.3f} |"
+              for p in report.get("fp32_perturbations", [])]
     return "\n".join(lines) + "\n"
 
 

@@ -186,6 +186,12 @@ def test_float_islands_gates_and_times_each_variant(tiny_run, synthetic_dir, tmp
     for r in rows.values():
         assert r["n"] > 0 and 0 <= r["flips"] <= r["n"] and r["agreement_bound"] <= r["referral_agreement"]
         assert r["verdict"] in ("passed", "failed", "insufficient_evidence") and r["p50_ms"] > 0 and r["speedup"] > 0
-    assert "| convs | `Conv` |" in to_markdown(report)
+    text = to_markdown(report)
+    assert "| convs | `Conv` |" in text and "input rounded to the INT8 grid" in text
+    perturbed = report["fp32_perturbations"]
+    assert [p["perturbation"] for p in perturbed][0] == "input rounded to the INT8 grid" and len(perturbed) == 5
+    assert all(0 <= p["flips"] <= p["n"] and p["median_max_abs_logit_change"] >= 0 for p in perturbed)
+    # a bigger sigma moves the logits more
+    assert perturbed[-1]["median_max_abs_logit_change"] > perturbed[1]["median_max_abs_logit_change"]
     with pytest.raises(Exception, match="NAME=PATTERN"):
         parse_variant("no-equals-sign")
