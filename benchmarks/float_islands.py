@@ -136,6 +136,7 @@ def run(checkpoint: Path, data: list[Path], out: Path, variants: dict[str, tuple
             floats, weighted = float_weighted_nodes(path)
             row.update(verdict=gate.status, float_nodes=floats, weighted_nodes=weighted,
                        flips=int(round((1 - agreement.value) * agreement.n)), n=agreement.n,
+                       clean_flips=int(gate.metrics["clean_referral_flips"]),
                        referral_agreement=agreement.value, agreement_bound=agreement.bound,
                        sensitivity_bound=criteria["sensitivity_difference"].bound,
                        specificity_bound=criteria["specificity_difference"].bound,
@@ -167,7 +168,8 @@ def to_markdown(report: dict) -> str:
              f"load average {', '.join(f'{v:.1f}' for v in report['load_average'])}. Gate on n = {n} val photos of "
              f"{', '.join(Path(d).name for d in report['data'])} (each artifact at its own operating point). "
              f"FP32 ONNX p50 {report['fp32_p50_ms']:.2f} ms.", "",
-             "| variant | kept in float | float / weighted nodes | referral flips | agreement (one-sided 95 % bound) | "
+             "| variant | kept in float | float / weighted nodes | referral flips (outside both uncertainty bands) | "
+             "agreement (one-sided 95 % bound) | "
              "sensitivity diff. bound | specificity diff. bound | AUC ratio | gate | p50 ms | vs FP32 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
@@ -175,7 +177,8 @@ def to_markdown(report: dict) -> str:
         if r["status"] != "ok":
             lines.append(f"| {r['variant']} | {kept} | export failed: {r['error']} | | | | | | | | |")
             continue
-        lines.append(f"| {r['variant']} | {kept} | {r['float_nodes']} / {r['weighted_nodes']} | {r['flips']} | "
+        lines.append(f"| {r['variant']} | {kept} | {r['float_nodes']} / {r['weighted_nodes']} | {r['flips']} "
+                     f"({r['clean_flips']}) | "
                      f"{r['referral_agreement']:.3f} ({r['agreement_bound']:.3f}) | {r['sensitivity_bound']:+.3f} | "
                      f"{r['specificity_bound']:+.3f} | {r['auc_ratio']:.3f} | {r['verdict']} | {r['p50_ms']:.2f} | "
                      f"{r['speedup']:.2f}x |")

@@ -53,6 +53,9 @@ class GateThresholds:
     min_dme_agreement: float = 0.98  # DME-present decisions, one-sided lower bound (Clopper-Pearson); DME head only
     min_dme_auc_ratio: float = 0.99  # DME AUC, INT8 / FP32, on the val photos with a DME label; DME head only
     min_grade_agreement: float | None = None  # one-sided lower bound; reported only unless set
+    # Share of photos on which the two do not refer oppositely with both outside their uncertainty bands (a change
+    # inside either band is a result already shown as "uncertain: refer or get a second read"); reported only unless set.
+    min_clean_referral_agreement: float | None = None
     min_qwk_ratio: float | None = None  # QWK(INT8 vs truth) / QWK(FP32 vs truth)
     min_logit_cosine: float | None = None  # mean over photos
     min_cam_correlation: float | None = None  # mean Pearson r of the FP32-predicted grade's CAM
@@ -63,7 +66,8 @@ class GateThresholds:
     tuning_agreement: float = 0.995
 
     def __post_init__(self) -> None:
-        for name in ("min_referral_agreement", "min_grade_agreement", "min_dme_agreement"):
+        for name in ("min_referral_agreement", "min_grade_agreement", "min_dme_agreement",
+                     "min_clean_referral_agreement"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} is judged on a lower confidence bound, which never reaches 1: it must be "
@@ -320,6 +324,10 @@ def judge(ref_logits, ref_cam, test_logits, test_cam, y_true, operating_point: O
 
     criteria.append(_proportion("grade_agreement", int((ref_logits.argmax(1) == test_logits.argmax(1)).sum()), n,
                                 thresholds.min_grade_agreement, thresholds.confidence))
+    clean_flips = int(((ref_refer != test_refer) & ~ref.uncertain & ~test.uncertain).sum())
+    criteria.append(_proportion("clean_referral_agreement", n - clean_flips, n,
+                                thresholds.min_clean_referral_agreement, thresholds.confidence))
+    metrics["clean_referral_flips"] = float(clean_flips)
     if labelled:
         criteria.append(_criterion("qwk_ratio", _ratio(qwk_test, qwk_ref), thresholds.min_qwk_ratio, n=n,
                                    method="quadratic weighted kappa vs reference grades, INT8 / FP32"))

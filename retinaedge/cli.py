@@ -283,6 +283,9 @@ def export(
     min_dme_auc_ratio: float = typer.Option(0.99, help="Gate (DME head): DME AUC, INT8 / FP32, on the val photos "
                                             "with a DME label."),
     min_grade_agreement: float | None = typer.Option(None, help="Gate (optional): lower bound of grade agreement."),
+    min_clean_referral_agreement: float | None = typer.Option(
+        None, help="Gate (optional): lower bound of the share of photos not referred oppositely with both outside "
+        "their uncertainty bands."),
     min_qwk_ratio: float | None = typer.Option(None, help="Gate (optional): QWK, INT8 / FP32."),
     min_logit_cosine: float | None = typer.Option(None, help="Gate (optional): mean logit cosine with FP32."),
     min_cam_correlation: float | None = typer.Option(None, help="Gate (optional): mean CAM correlation with FP32."),
@@ -316,7 +319,8 @@ def export(
             min_referral_agreement=min_referral_agreement, min_sensitivity_difference=min_sensitivity_difference,
             min_specificity_difference=min_specificity_difference, min_auc_ratio=min_auc_ratio,
             min_dme_agreement=min_dme_agreement, min_dme_auc_ratio=min_dme_auc_ratio,
-            min_grade_agreement=min_grade_agreement, min_qwk_ratio=min_qwk_ratio, min_logit_cosine=min_logit_cosine,
+            min_grade_agreement=min_grade_agreement, min_clean_referral_agreement=min_clean_referral_agreement,
+            min_qwk_ratio=min_qwk_ratio, min_logit_cosine=min_logit_cosine,
             min_cam_correlation=min_cam_correlation)
         # --recipe qat goes straight to QAT: its default length unless --qat-steps says otherwise.
         qat = QATConfig(steps=qat_steps or (QATConfig().steps if recipe == "qat" else 0),

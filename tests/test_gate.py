@@ -74,8 +74,8 @@ def test_zero_disagreements_at_400_photos_passes_with_known_bounds():
     assert auc.value == pytest.approx(1.0, abs=1e-3) and auc.interval[0] <= auc.value <= auc.interval[1]
     assert auc.bound is None and "judged on the value" in auc.method
     assert [c.name for c in gate.criteria] == ["referral_agreement", "sensitivity_difference", "specificity_difference",
-                                               "auc_ratio", "grade_agreement", "qwk_ratio", "logit_cosine",
-                                               "cam_correlation"]
+                                               "auc_ratio", "grade_agreement", "clean_referral_agreement",
+                                               "qwk_ratio", "logit_cosine", "cam_correlation"]
     assert all(c.passed is None for c in gate.criteria[4:])  # reported only: no threshold set
     assert gate.metrics["n_positive"] == 120 and gate.thresholds["min_referral_agreement"] == 0.98
     # The whole verdict survives the manifest's JSON.
@@ -225,7 +225,7 @@ def test_the_criteria_table_shows_every_number_and_what_is_missing():
     assert "onnx int8: insufficient_evidence" in text
     assert "referral_agreement" in text and "needs 99 more photos" in text
     assert "0.9418" in text and "[0.9289, 1.0000]" in text and "-0.0382" in text  # bound, 95% CP, margin
-    assert text.count("reported") == 4
+    assert text.count("reported") == 5
 
 
 def test_an_optional_agreement_threshold_asks_for_its_own_number_of_photos():
@@ -234,6 +234,23 @@ def test_an_optional_agreement_threshold_asks_for_its_own_number_of_photos():
     grade = criterion(gate, "grade_agreement")
     assert grade.photos_needed == 598 and grade.evidence_limited  # ceil(ln 0.05 / ln 0.995) = ceil(597.6)
     assert gate.status == "insufficient_evidence" and "needs 198 more val photos" in gate.failures[0]
+
+
+def test_a_referral_change_inside_an_uncertainty_band_is_not_a_clean_flip():
+    """Four photos flip just across the threshold; a band around it holds them, so no result changes from one clean
+    referral to the opposite one, while the required referral agreement still counts all four."""
+    ref, cam, test, test_cam, y = outputs(400, 120)
+    moved = flip(test, [0, 1, 200, 201])
+    banded = OperatingPoint(threshold=0.5, uncertain_band=(0.45, 0.55))
+    gate = judge(ref, cam, moved, test_cam, y, banded)
+    clean = criterion(gate, "clean_referral_agreement")
+    assert criterion(gate, "referral_agreement").value == pytest.approx(396 / 400)
+    assert (clean.value, clean.passed) == (1.0, None) and gate.metrics["clean_referral_flips"] == 0
+    # Without a band every flip is clean, and an optional threshold judges the bound like the other agreements.
+    strict = judge(ref, cam, moved, test_cam, y, AT_HALF, GateThresholds(min_clean_referral_agreement=0.995))
+    clean = criterion(strict, "clean_referral_agreement")
+    assert clean.value == pytest.approx(396 / 400) and strict.metrics["clean_referral_flips"] == 4
+    assert clean.passed is False and clean.bound == pytest.approx(clopper_pearson_lower(396, 400, 0.95))
 
 
 # ---------------------------------------------------------------- artifacts with a DME head
@@ -268,7 +285,8 @@ def test_a_dme_artifact_that_decides_alike_passes_with_dme_criteria_and_grade_on
     assert gate.status == "passed"
     assert [c.name for c in gate.criteria] == ["referral_agreement", "sensitivity_difference", "specificity_difference",
                                                "auc_ratio", "dme_agreement", "dme_auc_ratio", "grade_agreement",
-                                               "qwk_ratio", "logit_cosine", "cam_correlation"]
+                                               "clean_referral_agreement", "qwk_ratio", "logit_cosine",
+                                               "cam_correlation"]
     agreement = criterion(gate, "dme_agreement")
     assert (agreement.value, agreement.n, agreement.threshold) == (1.0, 400, 0.98)
     assert agreement.bound == pytest.approx(0.05 ** (1 / 400)) and "Clopper-Pearson" in agreement.method
