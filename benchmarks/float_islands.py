@@ -159,6 +159,11 @@ def run(checkpoint: Path, data: list[Path], out: Path, variants: dict[str, tuple
             "fp32_p50_ms": fp32_p50, "rows": rows, "fp32_perturbations": perturbations}
 
 
+def _number(value: float | None, spec: str) -> str:
+    """A criterion the val photos could not estimate (e.g. no referable photo) shows as "-"."""
+    return "-" if value is None else format(value, spec)
+
+
 def to_markdown(report: dict) -> str:
     named = ", ".join(report["cpu_features"]["int8"]) or "none"
     rows = [r for r in report["rows"] if r["status"] == "ok"]
@@ -179,8 +184,8 @@ def to_markdown(report: dict) -> str:
             continue
         lines.append(f"| {r['variant']} | {kept} | {r['float_nodes']} / {r['weighted_nodes']} | {r['flips']} "
                      f"({r['clean_flips']}) | "
-                     f"{r['referral_agreement']:.3f} ({r['agreement_bound']:.3f}) | {r['sensitivity_bound']:+.3f} | "
-                     f"{r['specificity_bound']:+.3f} | {r['auc_ratio']:.3f} | {r['verdict']} | {r['p50_ms']:.2f} | "
+                     f"{r['referral_agreement']:.3f} ({r['agreement_bound']:.3f}) | {_number(r['sensitivity_bound'], '+.3f')} | "
+                     f"{_number(r['specificity_bound'], '+.3f')} | {_number(r['auc_ratio'], '.3f')} | {r['verdict']} | {r['p50_ms']:.2f} | "
                      f"{r['speedup']:.2f}x |")
     lines += ["", "FP32 alone, its referrals at its own point against FP32 on perturbed copies of the same photos:", "",
               "| perturbation | referral flips | median max abs logit change |", "|---|---|---|"]

@@ -196,3 +196,19 @@ def test_float_islands_gates_and_times_each_variant(tiny_run, synthetic_dir, tmp
     assert perturbed[-1]["median_max_abs_logit_change"] > perturbed[1]["median_max_abs_logit_change"]
     with pytest.raises(Exception, match="NAME=PATTERN"):
         parse_variant("no-equals-sign")
+
+
+def test_float_islands_table_shows_criteria_the_photos_could_not_estimate_as_a_dash():
+    from benchmarks.float_islands import to_markdown
+
+    row = {"variant": "full_int8", "keep_float": [], "status": "ok", "float_nodes": 0, "weighted_nodes": 50,
+           "flips": 2, "clean_flips": 1, "n": 40, "referral_agreement": 0.95, "agreement_bound": 0.85,
+           "sensitivity_bound": None, "specificity_bound": -0.01, "auc_ratio": None, "verdict": "insufficient_evidence",
+           "p50_ms": 2.0, "speedup": 2.5}
+    failed = {"variant": "stem", "keep_float": ["conv_stem"], "status": "failed", "error": "ValueError: x"}
+    report = {"target": "x86_vnni", "checkpoint": "c.pt", "device": {"cpu": "test CPU"}, "threads": 2,
+              "cpu_features": {"int8": ["avx512_vnni"]}, "load_average": (1.0, 1.0, 1.0), "data": ["d"],
+              "fp32_p50_ms": 5.0, "rows": [row, failed], "fp32_perturbations": []}
+    text = to_markdown(report)
+    assert "| full_int8 | - | 0 / 50 | 2 (1) | 0.950 (0.850) | - | -0.010 | - | insufficient_evidence | 2.00 | 2.50x |" in text
+    assert "| stem | `conv_stem` | export failed: ValueError: x |" in text
