@@ -170,3 +170,32 @@ def test_resume_restores_the_ema_or_starts_it_from_the_resumed_weights(tmp_path,
     assert all(torch.equal(resumed_from[0][k], v) for k, v in expected.items())
     if first_ema_decay:  # an EMA rebuilt from the resumed raw weights would not match
         assert not all(torch.equal(resumed_from[0][k], v) for k, v in first["model_state"].items())
+
+
+def test_stability_loss_is_zero_for_a_noise_blind_model_and_positive_for_a_noise_sensitive_one():
+    from edge_runtime.contract import PreprocessPolicy
+    from training.train import stability_loss
+
+    policy = PreprocessPolicy(input_size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    x = torch.zeros(4, 3, 8, 8)
+    blind = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5))
+    torch.nn.init.zeros_(blind[2].weight)  # outputs ignore the input: noise changes nothing
+    assert stability_loss(blind, x, blind(x), 1.0, policy).item() == pytest.approx(0.0, abs=1e-7)
+    pixel = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))  # reads every pixel
+    torch.manual_seed(0)
+    small, large = (stability_loss(pixel, x, pixel(x), levels, policy).item() for levels in (0.5, 8.0))
+    assert 0 < small < large  # more noise, larger divergence
+    logits = pixel(x)
+    stability_loss(pixel, x, logits, 4.0, policy).backward()
+    assert pixel[1].weight.grad.abs().sum() > 0  # it trains the model
+
+
+def test_stability_training_fits_and_its_settings_are_validated(tmp_path):
+    from training.train import fit
+
+    run = fit(_tiny_cfg(tmp_path, epochs=1, stability_weight=2.0, stability_noise=2.0), progress=False)
+    assert run.best_checkpoint.is_file() and math.isfinite(run.metrics["history"][-1]["train_loss"])
+    with pytest.raises(ConfigError, match="stability_weight"):
+        TrainConfig(stability_weight=-1)
+    with pytest.raises(ConfigError, match="stability_noise"):
+        TrainConfig(stability_noise=0)

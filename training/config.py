@@ -56,6 +56,11 @@ class TrainConfig:
     # as a device's input is (0: off). Without it a Lite0's referrals flipped under invisible noise (sigma 0.25
     # levels: 6 of 246 val photos), and INT8's rounding of the input and activations acts like such noise.
     sensor_noise: float = 0.0
+    # Stability training (Zheng et al. 2016): each step also runs a copy of the batch with Gaussian noise of
+    # stability_noise 8-bit levels and adds stability_weight x KL(clean || noisy) of the grade distributions, so
+    # invisible noise (and INT8's rounding) moves the referral less. 0: off; on, a step costs two forward passes.
+    stability_weight: float = 0.0
+    stability_noise: float = 1.0
     # CAM-guided augmentation (issue 18); off by default, so runs without these keys reproduce earlier numbers.
     cam_augment: str = "off"  # off | crop | erase | both: one extra view per photo, appended to each batch
     cam_augment_source: str = "self"  # self (the run's own CAMs) | teacher (cam_augment_teacher's)
@@ -114,6 +119,9 @@ class TrainConfig:
                               "set label_smoothing: 0 or use loss: ce")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in (0, 1), e.g. 0.999, or None for no EMA; got {self.ema_decay!r}")
+        if self.stability_weight < 0 or not 0 < self.stability_noise <= 32:
+            raise ConfigError(f"stability_weight must be >= 0 (0 = off) and stability_noise in (0, 32] 8-bit levels, "
+                              f"got {self.stability_weight!r}, {self.stability_noise!r}")
         if not 0 <= self.sensor_noise <= 32:
             raise ConfigError(f"sensor_noise is the largest noise sigma in 8-bit levels, in [0, 32] (0 = off), got "
                               f"{self.sensor_noise!r}")

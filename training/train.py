@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from edge_runtime.calibration import choose_binary_operating_point, choose_operating_point
 from edge_runtime.contract import OperatingPoint, PreprocessPolicy, utcnow
+from edge_runtime.errors import ConfigError
 
 from .cam_augment import CamAugmenter
 from .checkpoint import CheckpointMeta
@@ -95,6 +96,16 @@ def class_weights(grades: np.ndarray, k: int = 5) -> torch.Tensor:
     weights = np.where(counts > 0, counts.sum() / (k * np.maximum(counts, 1)), 0.0)
     weights = np.minimum(weights, 10.0)
     return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
+
+
+def stability_loss(model: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor, noise_levels: float,
+                   policy: PreprocessPolicy) -> torch.Tensor:
+    """KL(clean || noisy) of the grade distributions, the noisy copy carrying Gaussian noise of ``noise_levels``
+    8-bit levels (one level of the photo is 1 / (255 std) in the normalised input); gradients flow through both."""
+    level = 1.0 / (255.0 * torch.tensor(policy.std, device=x.device, dtype=x.dtype)).view(1, -1, 1, 1)
+    noisy = model(x + torch.randn_like(x) * (noise_levels * level))
+    noisy = noisy[0] if isinstance(noisy, tuple) else noisy
+    return F.kl_div(F.log_softmax(noisy.float(), 1), F.log_softmax(logits, 1), log_target=True, reduction="batchmean")
 
 
 def labelled_loss(logits, target, weight, focal_gamma: float | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -330,6 +341,9 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay is not None else None
     train_model: torch.nn.Module = model
     if distributed:
+        if cfg.stability_weight > 0:  # its second forward before one backward would fire DDP's gradient hooks twice
+            raise ConfigError("stability_weight > 0 runs two forward passes per step, which DistributedDataParallel "
+                              "does not support; train it on one device (drop torchrun) or set stability_weight: 0")
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
@@ -458,6 +472,9 @@ def _train_one_epoch(run: _Run, epoch: int, bar, task) -> tuple[float, float]:
             if dme_logit is not None:
                 dme = run.train_dme[idx.to(device, non_blocking=True)]
                 loss = loss + cfg.dme_loss_weight * masked_bce(dme_logit.float(), dme, run.dme_pos_weight)
+            if cfg.stability_weight > 0:
+                loss = loss + cfg.stability_weight * stability_loss(run.train_model, x, logits.float(),
+                                                                    cfg.stability_noise, run.policy)
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)
