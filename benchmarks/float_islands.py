@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.backends import cpu_features, int8_target, open_session
+from edge_runtime.preprocess import level_step
 
 from .device import fingerprint
 from .int8_speed import time_interleaved
@@ -87,8 +88,7 @@ def perturbation_flips(session, photos: np.ndarray, grid: tuple[float, int] | No
     point = session.info.manifest.operating_point
     reference = session.run_heads(photos).logits
     refer = decide_batch(reference, point).referable
-    # One 8-bit level of the photo in the normalised input: (x / 255 - mean) / std moves by 1 / (255 std).
-    level = 1.0 / (255.0 * np.asarray(session.info.manifest.preprocess.std, np.float32)).reshape(1, 3, 1, 1)
+    level = level_step(session.info.manifest.preprocess).reshape(1, 3, 1, 1)
     rng = np.random.default_rng(seed)
     cases: list[tuple[str, np.ndarray]] = []
     if grid is not None:

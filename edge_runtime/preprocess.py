@@ -265,6 +265,11 @@ def _affine(policy: PreprocessPolicy) -> tuple[np.ndarray, np.ndarray]:
     return (1.0 / (255.0 * std)).astype(np.float32), (-np.asarray(policy.mean, np.float32) / std).astype(np.float32)
 
 
+def level_step(policy: PreprocessPolicy) -> np.ndarray:
+    """Per RGB channel, how far one 8-bit level of the photo moves the normalised input: 1 / (255 std)."""
+    return _affine(policy)[0].copy()
+
+
 def normalize(rgb: np.ndarray, policy: PreprocessPolicy) -> np.ndarray:
     """uint8 S x S x 3 RGB (or batch N x S x S x 3) -> float32 normalised, layout per policy."""
     scale, offset = _affine(policy)

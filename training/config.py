@@ -53,12 +53,13 @@ class TrainConfig:
     augment: str = "basic"  # basic | phone: which augmentation recipe (AUGMENTATIONS)
     augment_on: str = "auto"  # auto | loader | device: where training photos are augmented (auto: device on CUDA)
     # Per-pixel Gaussian sensor noise, sigma drawn per photo in [0, sensor_noise] 8-bit levels, then rounded to 8 bits
-    # as a device's input is (0: off). Without it a Lite0's referrals flipped under invisible noise (sigma 0.25
-    # levels: 6 of 246 val photos), and INT8's rounding of the input and activations acts like such noise.
+    # as a device's input is (0: off). A Lite0's referrals flip under invisible noise (sigma 0.25 levels: 6 of 246 val
+    # photos), as under INT8's rounding; with sensor_noise 3 its logits moved half as far, but as many referrals
+    # flipped (docs/model_card.md), so it stays off by default.
     sensor_noise: float = 0.0
     # Stability training (Zheng et al. 2016): each step also runs a copy of the batch with Gaussian noise of
-    # stability_noise 8-bit levels and adds stability_weight x KL(clean || noisy) of the grade distributions, so
-    # invisible noise (and INT8's rounding) moves the referral less. 0: off; on, a step costs two forward passes.
+    # stability_noise 8-bit levels and adds stability_weight x KL(clean || noisy) of the grade distributions. Measured
+    # like sensor_noise, with the same outcome in 6 CPU epochs. 0: off; on, a step costs two forward passes.
     stability_weight: float = 0.0
     stability_noise: float = 1.0
     # CAM-guided augmentation (issue 18); off by default, so runs without these keys reproduce earlier numbers.

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from edge_runtime.calibration import choose_binary_operating_point, choose_operating_point
 from edge_runtime.contract import OperatingPoint, PreprocessPolicy, utcnow
 from edge_runtime.errors import ConfigError
+from edge_runtime.preprocess import level_step
 
 from .cam_augment import CamAugmenter
 from .checkpoint import CheckpointMeta
@@ -101,8 +102,8 @@ def class_weights(grades: np.ndarray, k: int = 5) -> torch.Tensor:
 def stability_loss(model: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor, noise_levels: float,
                    policy: PreprocessPolicy) -> torch.Tensor:
     """KL(clean || noisy) of the grade distributions, the noisy copy carrying Gaussian noise of ``noise_levels``
-    8-bit levels (one level of the photo is 1 / (255 std) in the normalised input); gradients flow through both."""
-    level = 1.0 / (255.0 * torch.tensor(policy.std, device=x.device, dtype=x.dtype)).view(1, -1, 1, 1)
+    8-bit levels of the photo; gradients flow through both."""
+    level = torch.from_numpy(level_step(policy)).to(x.device, x.dtype).view(1, -1, 1, 1)
     noisy = model(x + torch.randn_like(x) * (noise_levels * level))
     noisy = noisy[0] if isinstance(noisy, tuple) else noisy
     return F.kl_div(F.log_softmax(noisy.float(), 1), F.log_softmax(logits, 1), log_target=True, reduction="batchmean")
