@@ -26,7 +26,7 @@ from edge_runtime.preprocess import level_step
 
 from .device import fingerprint
 from .int8_speed import time_interleaved
-from .report import write_markdown_and_json
+from .report import number_or_dash, write_markdown_and_json
 
 # Lite0 stages (timm ``blocks.0`` .. ``blocks.6``): the later ones hold few MACs and the lowest SQNR (11-13 dB against
 # 30 dB after the stem, docs/model_card.md); the residual Adds and the linear projections (``conv_pwl``) carry
@@ -76,6 +76,22 @@ def input_grid(path: Path) -> tuple[float, int] | None:
         if node.op_type == "QuantizeLinear" and node.input[0] in graph_inputs:
             return float(constants[node.input[1]]), int(constants[node.input[2]])
     return None
+
+
+def gate_figures(path: Path) -> dict:
+    """What an INT8 artifact's manifest says of its gate on the val photos: the verdict, referral flips (all, and
+    the clean ones outside both uncertainty bands), agreement with its one-sided bound, the sensitivity- and
+    specificity-difference bounds, the AUC ratio, and how many weighted nodes stayed float."""
+    gate = open_session(path, allow_ungated=True).info.manifest.gate
+    criteria = {c.name: c for c in gate.criteria}
+    agreement = criteria["referral_agreement"]
+    floats, weighted = float_weighted_nodes(path)
+    return {"verdict": gate.status, "float_nodes": floats, "weighted_nodes": weighted,
+            "flips": int(round((1 - agreement.value) * agreement.n)), "n": agreement.n,
+            "clean_flips": int(gate.metrics["clean_referral_flips"]),
+            "referral_agreement": agreement.value, "agreement_bound": agreement.bound,
+            "sensitivity_bound": criteria["sensitivity_difference"].bound,
+            "specificity_bound": criteria["specificity_difference"].bound, "auc_ratio": criteria["auc_ratio"].value}
 
 
 def perturbation_flips(session, photos: np.ndarray, grid: tuple[float, int] | None,
@@ -129,18 +145,7 @@ def run(checkpoint: Path, data: list[Path], out: Path, variants: dict[str, tuple
         row = {"variant": name, "keep_float": list(patterns), "status": record.status, "path": record.path,
                "error": record.error}
         if record.status == "ok":
-            path = Path(record.path)
-            gate = open_session(path, allow_ungated=True).info.manifest.gate
-            criteria = {c.name: c for c in gate.criteria}
-            agreement = criteria["referral_agreement"]
-            floats, weighted = float_weighted_nodes(path)
-            row.update(verdict=gate.status, float_nodes=floats, weighted_nodes=weighted,
-                       flips=int(round((1 - agreement.value) * agreement.n)), n=agreement.n,
-                       clean_flips=int(gate.metrics["clean_referral_flips"]),
-                       referral_agreement=agreement.value, agreement_bound=agreement.bound,
-                       sensitivity_bound=criteria["sensitivity_difference"].bound,
-                       specificity_bound=criteria["specificity_difference"].bound,
-                       auc_ratio=criteria["auc_ratio"].value)
+            row.update(gate_figures(Path(record.path)))
         rows.append(row)
     full = next((Path(r["path"]) for r in rows if r["status"] == "ok" and not r["keep_float"]), None)
     perturbations = perturbation_flips(open_session(Path(fp32.path), allow_ungated=True), inputs.photos.val,
@@ -157,11 +162,6 @@ def run(checkpoint: Path, data: list[Path], out: Path, variants: dict[str, tuple
     return {"device": fingerprint(), "cpu_features": features.to_dict(), "target": target, "threads": threads,
             "load_average": os.getloadavg(), "checkpoint": str(checkpoint), "data": [str(d) for d in data],
             "fp32_p50_ms": fp32_p50, "rows": rows, "fp32_perturbations": perturbations}
-
-
-def _number(value: float | None, spec: str) -> str:
-    """A criterion the val photos could not estimate (e.g. no referable photo) shows as "-"."""
-    return "-" if value is None else format(value, spec)
 
 
 def to_markdown(report: dict) -> str:
@@ -184,8 +184,8 @@ def to_markdown(report: dict) -> str:
             continue
         lines.append(f"| {r['variant']} | {kept} | {r['float_nodes']} / {r['weighted_nodes']} | {r['flips']} "
                      f"({r['clean_flips']}) | "
-                     f"{r['referral_agreement']:.3f} ({r['agreement_bound']:.3f}) | {_number(r['sensitivity_bound'], '+.3f')} | "
-                     f"{_number(r['specificity_bound'], '+.3f')} | {_number(r['auc_ratio'], '.3f')} | {r['verdict']} | {r['p50_ms']:.2f} | "
+                     f"{r['referral_agreement']:.3f} ({r['agreement_bound']:.3f}) | {number_or_dash(r['sensitivity_bound'], '+.3f')} | "
+                     f"{number_or_dash(r['specificity_bound'], '+.3f')} | {number_or_dash(r['auc_ratio'], '.3f')} | {r['verdict']} | {r['p50_ms']:.2f} | "
                      f"{r['speedup']:.2f}x |")
     lines += ["", "FP32 alone, its referrals at its own point against FP32 on perturbed copies of the same photos:", "",
               "| perturbation | referral flips | median max abs logit change |", "|---|---|---|"]

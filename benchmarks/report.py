@@ -16,6 +16,11 @@ def format_ci(value, ci, ci_digits: int = 3) -> str:
     return f"{value:.3f} [{ci[0]:.{ci_digits}f}, {ci[1]:.{ci_digits}f}]"
 
 
+def number_or_dash(value: float | None, spec: str) -> str:
+    """A figure the photos could not estimate (e.g. a criterion without a referable photo) shows as "-"."""
+    return "-" if value is None else format(value, spec)
+
+
 def with_ci(values: dict, key: str, ci_digits: int = 3) -> str:
     """``format_ci`` of ``values[key]`` and its interval ``values[key + "_ci"]``, the metrics dicts' convention."""
     return format_ci(values.get(key), values.get(f"{key}_ci"), ci_digits)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ from edge_runtime.contract import REFERABLE_MIN_GRADE
 from .errors import QuantizationConfigError
 
 log = logging.getLogger(__name__)
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class QATConfig:
             the DME log-odds get the same margin-aware term around it (the gate judges DR-or-DME referral and DME
             agreement). None: no margin term for the DME head (it is still distilled towards FP32).
         dme_temperature (`float`, defaults to 1.0): the DME operating point's sigmoid temperature.
+        schedule (`str`, defaults to ``"constant"``): ``"constant"`` keeps ``lr``; ``"cosine"`` decays it to 0 over
+            ``steps``, the usual choice for long schedules (the weights settle instead of hopping between grid points).
         seed (`int`, defaults to 0).
     """
 
@@ -55,6 +60,7 @@ class QATConfig:
     referral_temperature: float = 1.0
     dme_threshold: float | None = None
     dme_temperature: float = 1.0
+    schedule: str = "constant"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,10 +70,20 @@ class QATConfig:
         if self.margin_weight < 0 or (self.margin_weight > 0 and not 0 < (self.referral_threshold or 0) < 1):
             raise QuantizationConfigError(f"QATConfig.margin_weight {self.margin_weight} needs a referral_threshold in "
                                           f"(0, 1), got {self.referral_threshold!r}; pass the operating point's threshold")
+        if self.schedule not in LR_SCHEDULES:
+            raise QuantizationConfigError(f"QATConfig.schedule must be one of {LR_SCHEDULES}, got {self.schedule!r}")
         if (self.dme_threshold is not None and not 0 < self.dme_threshold < 1) or self.dme_temperature <= 0:
             raise QuantizationConfigError(f"QATConfig.dme_threshold must be in (0, 1) and dme_temperature > 0, got "
                                           f"{self.dme_threshold!r} and {self.dme_temperature!r}; pass the DME "
                                           "operating point's threshold and temperature")
+
+    def holding_margins(self, weight: float, point, dme_point=None) -> QATConfig:
+        """This config with the margin-aware term at ``weight`` around the operating point the gate judges referrals
+        at (``point``: an ``OperatingPoint``); a DME head's point (``dme_point``) holds its DME margin too, since the
+        gate judges DR-or-DME referral."""
+        dme = {"dme_threshold": dme_point.threshold, "dme_temperature": dme_point.temperature} if dme_point else {}
+        return replace(self, margin_weight=weight, referral_threshold=point.threshold,
+                       referral_temperature=point.temperature, **dme)
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
@@ -100,10 +116,11 @@ def _centred_unit_cams(cam: torch.Tensor) -> torch.Tensor:
 
 
 def fidelity_qat(export_module: nn.Module, calib: np.ndarray, train_images: np.ndarray, cfg: QATConfig = QATConfig(),
-                 progress: bool = True) -> nn.Module:
+                 progress: bool = True, on_step: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
     """Fake-quantize ``export_module`` (inputs -> (logits, cam[, dme_logit, dme_cam])) with NNCF, calibrated on ``calib``, then
     fine-tune it towards the FP32 outputs on ``train_images`` (N x C x S x S, normalised).
 
+    ``on_step(step, fake_quantized)`` runs before each step, e.g. to watch a schedule (``benchmarks.qat_schedule``).
     Returns a stripped native-torch module that ``torch.onnx.export(dynamo=False)`` writes as QDQ ONNX.
     """
     # NNCF compiles its fake-quantize kernels on first use and gives up after 60 s by default, which a busy
@@ -117,7 +134,8 @@ def fidelity_qat(export_module: nn.Module, calib: np.ndarray, train_images: np.n
     quantized = nncf.quantize(student, dataset, subset_size=len(calib))
     # eval mode throughout: no dropout, and with BN folded there are no batch statistics to update.
     quantized.eval()
-    fine_tune_towards(export_module, quantized, train_images, cfg, progress)
+    watch = None if on_step is None else (lambda step: on_step(step, quantized))
+    fine_tune_towards(export_module, quantized, train_images, cfg, progress, on_step=watch)
     example = torch.from_numpy(calib[:1]).float()
     return nncf.strip(quantized, do_copy=True, strip_format=nncf.StripFormat.NATIVE, example_input=example).eval()
 
@@ -182,6 +200,8 @@ def fine_tune_towards(reference: nn.Module, quantized: nn.Module, train_images: 
     """
     reference = copy.deepcopy(reference).eval()
     optimizer = torch.optim.Adam([p for p in quantized.parameters() if p.requires_grad], lr=cfg.lr)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.steps, 1))
+                 if cfg.schedule == "cosine" else None)
     generator = np.random.default_rng(cfg.seed)
     t = cfg.temperature
     from rich.progress import Progress
@@ -211,6 +231,8 @@ def fine_tune_towards(reference: nn.Module, quantized: nn.Module, train_images: 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             bar.update(task, advance=1, description=f"QAT step {step + 1}/{cfg.steps} loss {loss.item():.4f}")
             if step % 50 == 0:
                 log.info("QAT step %d: KL %.4f CAM %.4f", step, kl.item(), cam_loss.item())

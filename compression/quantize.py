@@ -350,5 +350,10 @@ def _nncf_qat_recipe(module, inputs: TorchRecipeInputs, recipe: QuantRecipe) -> 
     that ``torch.onnx.export`` writes as QDQ ONNX (there is no folding choice: the ONNX exporter folds)."""
     from .qat import QATConfig, fidelity_qat
 
-    stripped = fidelity_qat(module, inputs.calib, inputs.tuning_images, inputs.qat or QATConfig())
+    return nncf_qat_graph(fidelity_qat(module, inputs.calib, inputs.tuning_images, inputs.qat or QATConfig()))
+
+
+def nncf_qat_graph(stripped) -> QuantizedGraph:
+    """A stripped NNCF QAT module (``qat.fidelity_qat``) as the graph the ONNX exporter writes; each conversion is
+    a copy, so one fine-tuned module serves every export."""
     return QuantizedGraph(stripped, None, lambda prepared, _fold_quantize: copy.deepcopy(prepared))

@@ -131,12 +131,20 @@ class TorchGraphs:
         from compression.quantize import TorchRecipeInputs, quantize_torch
         from training.models import ExportModule
 
-        # ``target`` only labels the manifest (which kernels the format runs on): one graph serves every target.
-        key = (dataclasses.replace(recipe, target=""), self._qat)
+        key = self._key(recipe)
         if key not in self._made:
             inputs = TorchRecipeInputs(self._photos.calib, self._photos.tuning, self._qat)
             self._made[key] = quantize_torch(ExportModule(self._model), inputs, recipe)
         return self._made[key]
+
+    def provide(self, recipe: QuantRecipe, graph: QuantizedGraph) -> None:
+        """Use ``graph``, made elsewhere, for ``recipe``: a study that watches QAT step by step
+        (``benchmarks.qat_schedule``) then exports and gates exactly the model it watched."""
+        self._made[self._key(recipe)] = graph
+
+    def _key(self, recipe: QuantRecipe) -> tuple:
+        # ``target`` only labels the manifest (which kernels the format runs on): one graph serves every target.
+        return dataclasses.replace(recipe, target=""), self._qat
 
     def __len__(self) -> int:
         return len(self._made)

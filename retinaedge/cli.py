@@ -293,6 +293,8 @@ def export(
     qat_steps: int = typer.Option(0, help="Quantization-aware fine-tuning steps when post-training INT8 and its "
                                   "mixed-precision retries all fail the gate (0: off); uses --calib's train split."),
     qat_lr: float | None = typer.Option(None, help="QAT learning rate (Adam; default QATConfig's 1e-5)."),
+    qat_schedule: str = typer.Option("constant", help="QAT learning-rate schedule: constant | cosine (decays to 0 "
+                                     "over --qat-steps)."),
     qat_margin_weight: float = typer.Option(0.0, help="QAT: weight of the margin-aware referral term, which holds "
                                             "the referable log-odds of photos near the checkpoint's threshold (a DME head: its DME "
                                             "log-odds near its DME threshold too; 0: off)."),
@@ -323,20 +325,15 @@ def export(
             min_qwk_ratio=min_qwk_ratio, min_logit_cosine=min_logit_cosine,
             min_cam_correlation=min_cam_correlation)
         # --recipe qat goes straight to QAT: its default length unless --qat-steps says otherwise.
-        qat = QATConfig(steps=qat_steps or (QATConfig().steps if recipe == "qat" else 0),
+        qat = QATConfig(steps=qat_steps or (QATConfig().steps if recipe == "qat" else 0), schedule=qat_schedule,
                         **({"lr": qat_lr} if qat_lr is not None else {}))
         plan = ExportPlan(tuple(formats.split(",")), tuple(precisions.split(",")), quant, qat, escalate)
         with _quiet(out / "export.log", verbose):
             inputs = load_inputs(checkpoint, out, calib, val, thresholds, val_limit=val_limit, name=name,
                                  tuning_limit=tuning_images if plan.needs_tuning_images else 0)
             if qat_margin_weight > 0:  # the referral decisions the gate judges are taken at the checkpoint's point
-                point = inputs.meta.operating_point
-                dme_point = inputs.meta.dme_point  # the gate judges DR-or-DME referral: hold the DME margin too
-                plan = replace(plan, qat=replace(qat, margin_weight=qat_margin_weight,
-                                                 referral_threshold=point.threshold,
-                                                 referral_temperature=point.temperature,
-                                                 **({"dme_threshold": dme_point.threshold,
-                                                     "dme_temperature": dme_point.temperature} if dme_point else {})))
+                plan = replace(plan, qat=qat.holding_margins(qat_margin_weight, inputs.meta.operating_point,
+                                                             inputs.meta.dme_point))
             records = export_all(inputs, plan)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,6 +197,38 @@ def test_float_islands_gates_and_times_each_variant(tiny_run, synthetic_dir, tmp
     assert perturbed[-1]["median_max_abs_logit_change"] > perturbed[1]["median_max_abs_logit_change"]
     with pytest.raises(Exception, match="NAME=PATTERN"):
         parse_variant("no-equals-sign")
+
+
+def test_qat_schedule_watches_the_fake_quantized_model_and_gates_the_one_it_watched(tiny_run, synthetic_dir, tmp_path):
+    """A short cosine QAT schedule on the tiny model: the curve has a row per --eval-every steps plus the stripped
+    model's, and the exported QAT artifact is the watched model (its referral flips at the checkpoint's point match
+    the curve's last row), gated and timed beside post-training INT8."""
+    from benchmarks.qat_schedule import run, to_markdown
+    from edge_runtime.backends import open_session
+    from edge_runtime.decision import decide_batch
+    from exporters.base import Reference
+    from exporters.pipeline import load_inputs
+
+    report = run(tiny_run.best_checkpoint, [synthetic_dir], tmp_path, steps=4, lr=1e-3, schedule="cosine",
+                 margin_weight=1.0, batch_size=4, eval_every=2, tuning_limit=16, target="x86_vnni", threads=1, runs=10,
+                 val_limit=40, calib_limit=8)
+    assert [c["step"] for c in report["curve"]] == [0, 2, 4]
+    assert all(0 <= c["flips"] <= c["n"] and c["median_max_abs_logit_change"] >= 0 for c in report["curve"])
+    rows = {r["artifact"]: r for r in report["rows"]}
+    assert set(rows) == {"post-training INT8 (ort)", "QAT, 4 steps"} and all(r["status"] == "ok" for r in rows.values())
+    for r in rows.values():
+        assert r["verdict"] in ("passed", "failed", "insufficient_evidence") and r["p50_ms"] > 0
+        assert r["agreement_bound"] <= r["referral_agreement"] and 0 <= r["clean_flips"] <= r["flips"] <= r["n"]
+    # the exported artifact is the model the curve's last row ran: the same referrals at the checkpoint's point
+    inputs = load_inputs(tiny_run.best_checkpoint, tmp_path / "check", [synthetic_dir], [synthetic_dir], val_limit=40,
+                         tuning_limit=0)
+    point = inputs.meta.operating_point
+    exported = open_session(Path(rows["QAT, 4 steps"]["path"]), allow_ungated=True).run_heads(inputs.photos.val).logits
+    reference = Reference.compute(inputs).logits
+    flips = int((decide_batch(exported, point).referable != decide_batch(reference, point).referable).sum())
+    assert abs(flips - report["curve"][-1]["flips"]) <= 1
+    text = to_markdown(report)
+    assert "| QAT, 4 steps |" in text and "| 4 |" in text and "(cosine)" in text
 
 
 def test_float_islands_table_shows_criteria_the_photos_could_not_estimate_as_a_dash():

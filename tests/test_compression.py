@@ -334,3 +334,42 @@ def test_margin_aware_referral_loss_weights_photos_near_the_threshold():
         QATConfig(margin_weight=1.0)
     with pytest.raises(QuantizationConfigError, match="dme_threshold"):
         QATConfig(dme_threshold=1.0)
+
+
+def test_qat_cosine_schedule_decays_the_rate_to_zero_and_margins_follow_the_operating_point():
+    import torch
+    from torch import nn
+
+    from compression.errors import QuantizationConfigError
+    from compression.qat import QATConfig, fine_tune_towards
+    from edge_runtime.contract import OperatingPoint
+
+    class TwoOutputs(nn.Module):  # (logits, cam) like ExportModule
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 1)
+
+        def forward(self, x):
+            cam = self.conv(x)
+            return cam.mean((2, 3)), cam
+
+    images = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+
+    def step_sizes(schedule: str) -> list[float]:
+        """The largest weight change of each of 4 Adam steps (Adam's steps are ~lr whatever the gradient)."""
+        torch.manual_seed(0)
+        reference, student = TwoOutputs(), TwoOutputs()
+        snapshots: list[torch.Tensor] = []
+        fine_tune_towards(reference, student, images, QATConfig(steps=4, batch_size=4, lr=1e-2, schedule=schedule),
+                          progress=False, on_step=lambda _: snapshots.append(student.conv.weight.detach().clone()))
+        snapshots.append(student.conv.weight.detach().clone())
+        return [float((b - a).abs().max()) for a, b in zip(snapshots, snapshots[1:])]
+
+    cosine, constant = step_sizes("cosine"), step_sizes("constant")
+    assert cosine[0] == pytest.approx(constant[0]) and cosine[0] == pytest.approx(1e-2, rel=0.05)
+    assert cosine[-1] < 0.3 * cosine[0] and constant[-1] > 0.5 * constant[0]
+    with pytest.raises(QuantizationConfigError, match="schedule"):
+        QATConfig(schedule="linear")
+    point = OperatingPoint(threshold=0.3, temperature=0.8)
+    cfg = QATConfig().holding_margins(2.0, point)
+    assert (cfg.margin_weight, cfg.referral_threshold, cfg.referral_temperature, cfg.dme_threshold) == (2.0, 0.3, 0.8, None)
