@@ -27,7 +27,7 @@ from edge_runtime.backends import cpu_features, int8_target, open_session
 from edge_runtime.decision import decide_batch
 
 from .device import fingerprint
-from .float_islands import gate_figures
+from .float_islands import gate_figures, integer_convs
 from .int8_speed import time_interleaved
 from .report import number_or_dash, write_markdown_and_json
 
@@ -94,6 +94,7 @@ def run(checkpoint: Path, data: list[Path], out: Path, steps: int, lr: float, sc
         row = {"artifact": label, "status": record.status, "path": record.path, "error": record.error}
         if record.status == "ok":
             row.update(gate_figures(Path(record.path)))
+            row["integer_convs"], row["convs"] = integer_convs(Path(record.path))
         rows.append(row)
     timed = [Path(fp32.path)] + [Path(r["path"]) for r in rows if r["status"] == "ok"]
     sessions = [open_session(p, allow_ungated=True, threads=threads) for p in timed]
@@ -127,16 +128,16 @@ def to_markdown(report: dict) -> str:
               for c in report["curve"]]
     lines += ["", f"Exported ONNX INT8, gated at its own operating point; FP32 ONNX p50 {report['fp32_p50_ms']:.2f} ms:",
               "", "| artifact | referral flips (outside both uncertainty bands) | agreement (one-sided 95 % bound) | "
-              "sensitivity diff. bound | specificity diff. bound | AUC ratio | gate | p50 ms | vs FP32 |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "sensitivity diff. bound | specificity diff. bound | AUC ratio | gate | integer convs (ORT) | p50 ms | "
+              "vs FP32 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['artifact']} | export failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['artifact']} | export failed: {r['error']} | | | | | | | | |")
             continue
         lines.append(f"| {r['artifact']} | {r['flips']} ({r['clean_flips']}) of {r['n']} | {r['referral_agreement']:.3f} "
                      f"({r['agreement_bound']:.3f}) | {number_or_dash(r['sensitivity_bound'], '+.3f')} | "
                      f"{number_or_dash(r['specificity_bound'], '+.3f')} | {number_or_dash(r['auc_ratio'], '.3f')} | {r['verdict']} | "
-                     f"{r['p50_ms']:.2f} | {r['speedup']:.2f}x |")
+                     f"{r['integer_convs']} / {r['convs']} | {r['p50_ms']:.2f} | {r['speedup']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -86,6 +86,17 @@ class QATConfig:
                        referral_temperature=point.temperature, **dme)
 
 
+def _ort_integer_kernels():
+    """NNCF's defaults target OpenVINO, which takes per-channel activation scales at depthwise inputs; ONNX Runtime's
+    integer convolutions take one scale per activation tensor and run a convolution with a per-channel input in
+    float. Lite0's QAT graph then ran 12 of its 50 convolutions as integers and was 2.4x slower than FP32; with
+    per-tensor activations, 35 (docs/model_card.md, stop 28)."""
+    from nncf import AdvancedQuantizationParameters
+    from nncf.quantization.advanced_parameters import QuantizationParameters
+
+    return AdvancedQuantizationParameters(activations_quantization_params=QuantizationParameters(per_channel=False))
+
+
 def fold_batch_norms(model: nn.Module) -> nn.Module:
     """Fold every BatchNorm that directly follows a convolution into that convolution (in place).
 
@@ -131,7 +142,7 @@ def fidelity_qat(export_module: nn.Module, calib: np.ndarray, train_images: np.n
     check_qat_inputs(calib, train_images)
     student = fold_batch_norms(copy.deepcopy(export_module).eval())
     dataset = nncf.Dataset([torch.from_numpy(calib[i:i + 1]).float() for i in range(len(calib))])
-    quantized = nncf.quantize(student, dataset, subset_size=len(calib))
+    quantized = nncf.quantize(student, dataset, subset_size=len(calib), advanced_parameters=_ort_integer_kernels())
     # eval mode throughout: no dropout, and with BN folded there are no batch statistics to update.
     quantized.eval()
     watch = None if on_step is None else (lambda step: on_step(step, quantized))
