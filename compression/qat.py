@@ -86,15 +86,19 @@ class QATConfig:
                        referral_temperature=point.temperature, **dme)
 
 
-def _ort_integer_kernels():
-    """NNCF's defaults target OpenVINO, which takes per-channel activation scales at depthwise inputs; ONNX Runtime's
-    integer convolutions take one scale per activation tensor and run a convolution with a per-channel input in
-    float. Lite0's QAT graph then ran 12 of its 50 convolutions as integers and was 2.4x slower than FP32; with
-    per-tensor activations, 35 (docs/model_card.md, stop 28)."""
-    from nncf import AdvancedQuantizationParameters
+def _ort_integer_kernels() -> dict:
+    """``nncf.quantize`` options for a graph ONNX Runtime runs as integer kernels. NNCF's defaults target OpenVINO:
+    per-channel activation scales at depthwise inputs, and int8 for signed activations beside uint8 for the rest.
+    ORT fuses a convolution only with one scale per activation tensor and the same integer type in and out, so
+    Lite0's QAT graph ran 12 of its 50 convolutions as integers and 2.4x slower than FP32. Asymmetric (uint8)
+    per-tensor activations, symmetric per-channel weights (the ``mixed`` preset: ORT's own U8S8 layout) fuse all
+    49 of the backbone's (docs/model_card.md, stop 28)."""
+    import nncf
     from nncf.quantization.advanced_parameters import QuantizationParameters
 
-    return AdvancedQuantizationParameters(activations_quantization_params=QuantizationParameters(per_channel=False))
+    per_tensor = QuantizationParameters(per_channel=False)
+    return {"preset": nncf.QuantizationPreset.MIXED,
+            "advanced_parameters": nncf.AdvancedQuantizationParameters(activations_quantization_params=per_tensor)}
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
@@ -142,7 +146,7 @@ def fidelity_qat(export_module: nn.Module, calib: np.ndarray, train_images: np.n
     check_qat_inputs(calib, train_images)
     student = fold_batch_norms(copy.deepcopy(export_module).eval())
     dataset = nncf.Dataset([torch.from_numpy(calib[i:i + 1]).float() for i in range(len(calib))])
-    quantized = nncf.quantize(student, dataset, subset_size=len(calib), advanced_parameters=_ort_integer_kernels())
+    quantized = nncf.quantize(student, dataset, subset_size=len(calib), **_ort_integer_kernels())
     # eval mode throughout: no dropout, and with BN folded there are no batch statistics to update.
     quantized.eval()
     watch = None if on_step is None else (lambda step: on_step(step, quantized))
