@@ -1,7 +1,7 @@
 """The one fundus preprocessing implementation: training, calibration, runtime and server all call it.
 
 numpy + OpenCV only. Steps: decode (with byte and pixel limits) -> 8-bit 3-channel -> field-of-view
-detection -> crop to it -> pad to square -> resize (INTER_AREA) -> optional Ben Graham local-contrast
+detection -> crop to it -> resize (INTER_AREA) -> pad to square -> optional Ben Graham local-contrast
 normalisation -> scale to 0-1 and normalise with the manifest's mean/std.
 """
 from __future__ import annotations
