@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 
@@ -363,7 +365,7 @@ def test_qat_cosine_schedule_decays_the_rate_to_zero_and_margins_follow_the_oper
         fine_tune_towards(reference, student, images, QATConfig(steps=4, batch_size=4, lr=1e-2, schedule=schedule),
                           progress=False, on_step=lambda _: snapshots.append(student.conv.weight.detach().clone()))
         snapshots.append(student.conv.weight.detach().clone())
-        return [float((b - a).abs().max()) for a, b in zip(snapshots, snapshots[1:])]
+        return [float((b - a).abs().max()) for a, b in itertools.pairwise(snapshots)]
 
     cosine, constant = step_sizes("cosine"), step_sizes("constant")
     assert cosine[0] == pytest.approx(constant[0]) and cosine[0] == pytest.approx(1e-2, rel=0.05)
