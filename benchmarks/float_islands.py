@@ -64,27 +64,6 @@ def float_weighted_nodes(path: Path) -> tuple[int, int]:
     return sum(n.input[1] not in dequantized for n in weighted), len(weighted)
 
 
-def integer_convs(path: Path) -> tuple[int, int]:
-    """(convolutions ONNX Runtime runs as integer kernels, all convolutions) in the graph the CPU provider builds from
-    a QDQ file: a Conv counts only where ORT fused DequantizeLinear -> Conv -> QuantizeLinear, which a weight stored
-    as int8 alone does not make (e.g. a per-channel activation scale, or no QuantizeLinear after the Conv, keeps it
-    float)."""
-    import tempfile
-    from collections import Counter
-
-    import onnx
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # no hardware-specific layouts
-    with tempfile.TemporaryDirectory() as tmp:
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
-    integer = ops["QLinearConv"] + ops["ConvInteger"]
-    return integer, integer + ops["Conv"] + ops["FusedConv"]
-
-
 def input_grid(path: Path) -> tuple[float, int] | None:
     """(scale, zero point) with which a QDQ graph quantizes its input; None when the input stays float."""
     import onnx

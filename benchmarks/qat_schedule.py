@@ -27,7 +27,7 @@ from edge_runtime.backends import cpu_features, int8_target, open_session
 from edge_runtime.decision import decide_batch
 
 from .device import fingerprint
-from .float_islands import gate_figures, integer_convs
+from .float_islands import gate_figures
 from .int8_speed import time_interleaved
 from .report import number_or_dash, write_markdown_and_json
 
@@ -53,6 +53,7 @@ def run(checkpoint: Path, data: list[Path], out: Path, steps: int, lr: float, sc
     from compression.qat import QATConfig, fidelity_qat
     from compression.quantize import QuantRecipe, nncf_qat_graph
     from exporters.base import Reference
+    from exporters.onnx import integer_convs
     from exporters.pipeline import ExportPipeline, ExportPlan, load_inputs
     from training.models import ExportModule
 

@@ -59,9 +59,29 @@ def _constants(graph) -> tuple[dict, Callable[[str], str]]:
     return stored, resolve
 
 
+def integer_convs(path: Path) -> tuple[int, int]:
+    """(convolutions ONNX Runtime runs as integer kernels, all convolutions) in the graph the CPU provider builds from
+    a QDQ file: a Conv counts only where ORT fused DequantizeLinear -> Conv -> QuantizeLinear, which a weight stored
+    as int8 alone does not make (e.g. a per-channel activation scale, or no QuantizeLinear after the Conv, keeps it
+    float)."""
+    import tempfile
+    from collections import Counter
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # no hardware-specific layouts
+    with tempfile.TemporaryDirectory() as tmp:
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    integer = ops["QLinearConv"] + ops["ConvInteger"]
+    return integer, integer + ops["Conv"] + ops["FusedConv"]
+
+
 def qdq_types(path: Path) -> dict[str, str]:
-    """The integer types a QDQ graph really uses (read from its zero points) and which weighted layers it
-    leaves in float, for an honest manifest."""
+    """The integer types a QDQ graph really uses (read from its zero points), which weighted layers it leaves in
+    float, and how many convolutions ONNX Runtime then runs as integers, for an honest manifest."""
     graph = onnx.load(str(path), load_external_data=False).graph
     stored, resolve = _constants(graph)
     names = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
@@ -90,10 +110,12 @@ def qdq_types(path: Path) -> dict[str, str]:
             activations.add(kind)
     producers = {n.output[0]: n.op_type for n in graph.node}
     in_float = [n.name for n in weighted if producers.get(resolve(n.input[1])) != "DequantizeLinear"]
+    integer, convs = integer_convs(path)
     return {"activation_type": "+".join(sorted(activations)) or "float",
             "weight_type": "+".join(sorted(weights)) or "float",
             "float_layers": f"{len(in_float)} of {len(weighted)} weighted layers in float"
-                            + (f" ({', '.join(in_float[:8])}{', ...' if len(in_float) > 8 else ''})" if in_float else "")}
+                            + (f" ({', '.join(in_float[:8])}{', ...' if len(in_float) > 8 else ''})" if in_float else "")
+                            + f"; ONNX Runtime runs {integer} of {convs} convolutions as integer kernels"}
 
 
 def fold_weight_quantizers(path: Path) -> int:

@@ -66,6 +66,8 @@ def test_onnx_recipes_quantize_and_keep_exclusions(tiny_artifacts, tmp_path, rec
         types = qdq_types(out)
         assert (types["activation_type"], types["weight_type"]) == ("uint8", "uint8")
         assert types["float_layers"].startswith("0 of ")
+        convs = sum(n.op_type == "Conv" for n in onnx.load(str(fp32)).graph.node)
+        assert types["float_layers"].endswith(f"ONNX Runtime runs {convs} of {convs} convolutions as integer kernels")
         # U8S8: the constant bias after the CAM mean is quantized as uint8 too, but it is not a weight.
         u8s8 = quantize_onnx(fp32, tmp_path / "m_u8s8.onnx", calib[:8], QuantRecipe.for_target("x86_vnni"))
         assert (qdq_types(u8s8)["activation_type"], qdq_types(u8s8)["weight_type"]) == ("uint8", "int8")
@@ -74,6 +76,9 @@ def test_onnx_recipes_quantize_and_keep_exclusions(tiny_artifacts, tmp_path, rec
                                  QuantRecipe("ort", exclude=("conv_stem", "Conv_")))
         fewer = sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(excluded)).graph.node)
         assert fewer < sum(n.op_type == "QuantizeLinear" for n in graph.node)
+        from exporters.onnx import integer_convs
+
+        assert integer_convs(excluded)[0] < integer_convs(out)[0] == integer_convs(out)[1]  # the manifest says so
 
 
 @pytest.mark.slow  # NNCF accuracy control: ~40 s of ranking and retries
