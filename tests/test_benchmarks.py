@@ -243,11 +243,15 @@ def _activation_quantizers(graph) -> list[tuple[int, np.dtype]]:
     """(scale size, zero-point dtype) of each QuantizeLinear on an activation (not on a stored tensor)."""
     from onnx import numpy_helper
 
-    values = {t.name: t for t in graph.initializer}
-    values.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant"})
-    values.update({n.output[0]: values[n.input[0]] for n in graph.node if n.op_type == "Identity" and n.input[0] in values})
-    return [(numpy_helper.to_array(values[n.input[1]]).size, numpy_helper.to_array(values[n.input[2]]).dtype)
-            for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in values]
+    from exporters.onnx import _constants  # the stored tensors, through torch's Identity aliases
+
+    stored, resolve = _constants(graph)
+
+    def array(name: str) -> np.ndarray:
+        return numpy_helper.to_array(stored[resolve(name)])
+
+    return [(array(n.input[1]).size, array(n.input[2]).dtype)
+            for n in graph.node if n.op_type == "QuantizeLinear" and resolve(n.input[0]) not in stored]
 
 
 def test_float_islands_table_shows_criteria_the_photos_could_not_estimate_as_a_dash():
