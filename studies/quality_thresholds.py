@@ -13,7 +13,7 @@ is per folder; pooled, a clean folder lets the search spend its share of the bud
 on val/calib a 5% folder budget traded EyePACS occlusion (100% -> 96.5%) for EyePACS false rejects (6.9% -> 4.9%),
 see docs/quality_gate.md.
 
-    python -m benchmarks.quality_thresholds --budget 0.03 --write   # rewrites QualityThresholds' defaults
+    python -m studies.quality_thresholds --budget 0.03 --write   # rewrites QualityThresholds' defaults
 """
 from __future__ import annotations
 

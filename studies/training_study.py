@@ -1,6 +1,6 @@
 """One table of several training runs, each evaluated on the same test split: the study tables of docs/.
 
-    python -m benchmarks.training_study runs/study18/l0_imagenet runs/study18/l0_random ... \\
+    python -m studies.training_study runs/study18/l0_imagenet runs/study18/l0_random ... \\
         --data ../shared/data/messidor2 --baseline l0_imagenet --out reports/study18
 
 Every run is a `retinaedge train` output folder (``best.pt``, ``metrics.json``, ``config.yaml``). Each checkpoint is

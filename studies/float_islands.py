@@ -8,9 +8,9 @@ operating point, no escalation), and times every artifact against FP32 at batch 
 float Conv/Gemm nodes of all, referral flips and agreement with its one-sided bound, the sensitivity- and
 specificity-difference bounds, the verdict, p50 latency and the speed-up over FP32.
 
-    python -m benchmarks.float_islands runs/lite0_2f/best.pt --data ../shared/data/eyepacs_full \\
+    python -m studies.float_islands runs/lite0_2f/best.pt --data ../shared/data/eyepacs_full \\
         --data ../shared/data/messidor2 --out reports/float_islands
-    python -m benchmarks.float_islands CKPT --data DIR --variant head=conv_head,/Conv --variant adds=Add
+    python -m studies.float_islands CKPT --data DIR --variant head=conv_head,/Conv --variant adds=Add
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ the run and nothing is chosen from that curve (the gate judges the same val phot
 exported, gated at its own operating point exactly as ``retinaedge export`` gates it, and timed against FP32 and
 against post-training INT8 of the same preset (``ort``), samples interleaved.
 
-    python -m benchmarks.qat_schedule runs/lite0_2f/best.pt --data ../shared/data/eyepacs_full \\
+    python -m studies.qat_schedule runs/lite0_2f/best.pt --data ../shared/data/eyepacs_full \\
         --data ../shared/data/messidor2 --steps 1200 --lr 3e-5 --schedule cosine --margin-weight 1 \\
         --out reports/qat_schedule
 """
