@@ -135,7 +135,7 @@ def fidelity_qat(export_module: nn.Module, calib: np.ndarray, train_images: np.n
     """Fake-quantize ``export_module`` (inputs -> (logits, cam[, dme_logit, dme_cam])) with NNCF, calibrated on ``calib``, then
     fine-tune it towards the FP32 outputs on ``train_images`` (N x C x S x S, normalised).
 
-    ``on_step(step, fake_quantized)`` runs before each step, e.g. to watch a schedule (``benchmarks.qat_schedule``).
+    ``on_step(step, fake_quantized)`` runs before each step, e.g. to watch a schedule (``studies.qat_schedule``).
     Returns a stripped native-torch module that ``torch.onnx.export(dynamo=False)`` writes as QDQ ONNX.
     """
     # NNCF compiles its fake-quantize kernels on first use and gives up after 60 s by default, which a busy

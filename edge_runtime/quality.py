@@ -19,7 +19,7 @@ small copy of it (longer side ``WORK_SIZE``, so thresholds do not depend on the 
   ``WORK_SIZE`` (which would blur the grid away).
 
 Thresholds are chosen on the val/calib photos of eyepacs_full and messidor2 by
-``python -m benchmarks.quality_thresholds`` (which writes ``DEFAULT_THRESHOLDS`` below); ``docs/quality_gate.md``
+``python -m studies.quality_thresholds`` (which writes ``DEFAULT_THRESHOLDS`` below); ``docs/quality_gate.md``
 says how and why.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ SHARE_LIMITS = frozenset({
 class QualityThresholds:
     """Limits of a gradable photo. Each failing limit adds a reason; any failure makes it ungradable.
 
-    Defaults: chosen by ``benchmarks/quality_thresholds.py`` on val/calib photos (docs/quality_gate.md).
+    Defaults: chosen by ``studies/quality_thresholds.py`` on val/calib photos (docs/quality_gate.md).
     """
 
     min_fov_fraction: float = 0.434485  # share of the frame covered by the fundus
@@ -100,7 +100,7 @@ class QualityThresholds:
                 raise ConfigError(f"QualityThresholds.{f.name} must be a finite number, got {value!r}")
             if f.name in SHARE_LIMITS and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"QualityThresholds.{f.name} is a share and must lie in [0, 1], got {value!r}; "
-                                  "a limit outside that range can never fire (re-run benchmarks.quality_thresholds)")
+                                  "a limit outside that range can never fire (re-run studies.quality_thresholds)")
 
     @classmethod
     def from_dict(cls, data: dict[str, float]) -> QualityThresholds:

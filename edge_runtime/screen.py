@@ -19,6 +19,7 @@ import numpy as np
 
 from .backends import RuntimeOptions, Session, open_session
 from .cam import render_overlay
+from .capture import NO_VISIT, Visit
 from .contract import PreprocessPolicy, QualityReport, ScreeningResult
 from .decision import decide
 from .errors import ImageError
@@ -33,21 +34,6 @@ def decode_side(policy: PreprocessPolicy) -> int:
     """Shortest side a photo is decoded at: 1.5x the model input (INTER_AREA then still averages >= 1.5 source
     pixels per input pixel). The quality gate's thresholds were chosen on photos decoded the same way."""
     return math.ceil(1.5 * policy.input_size)
-
-
-@dataclass(frozen=True)
-class Visit:
-    """Which patient visit (encounter) and eye a capture belongs to; programmes refer per visit, not per photo."""
-
-    encounter_id: str | None = None  # an opaque visit id from the clinic's system, never a patient name
-    eye: str | None = None  # left | right
-
-    def __post_init__(self) -> None:
-        if self.eye not in (None, "left", "right"):
-            raise ValueError(f"eye must be 'left' or 'right', got {self.eye!r}")
-
-
-NO_VISIT = Visit()
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ ungradable with the gate's reasons and "retake" advice, so a capture is never si
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,16 +14,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .capture import Visit, eye_of
 from .contract import QualityReport
 from .errors import ImageError, UnreadableImageError
 from .preprocess import read_image, to_bgr8
 from .quality import DEFAULT_THRESHOLDS, QualityThresholds, assess
-from .screen import Screener, Screening, Visit
+from .screen import Screener, Screening
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".m4v", ".webm")
 RETAKE = "no gradable frame in the capture: retake (steady the camera, focus, adjust the light)"
-_EYE_PATTERN = re.compile(r"(?:^|[^a-z])(left|right|od|os)(?:[^a-z]|$)", re.IGNORECASE)
-_EYE_NAMES = {"left": "left", "os": "left", "right": "right", "od": "right"}
 
 
 @dataclass(frozen=True)
@@ -131,12 +129,6 @@ def choose_frame(frames: Iterable[tuple[int, np.ndarray]],
 
 def frame_name(source: str, index: int, eye: str | None = None) -> str:
     return f"{source}#eye={eye}&frame={index}" if eye else f"{source}#frame={index}"
-
-
-def eye_of(name: str) -> str | None:
-    """'left' / 'right' from a file name token (left, right, OS, OD), else None."""
-    match = _EYE_PATTERN.search(Path(name).stem)
-    return _EYE_NAMES[match.group(1).lower()] if match else None
 
 
 def screen_choice(screener: Screener, choice: FrameChoice, source: str, eye: str | None = None,

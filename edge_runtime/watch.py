@@ -5,12 +5,12 @@ import logging
 import time
 from pathlib import Path
 
+from .capture import IMAGE_SUFFIXES as SUFFIXES
 from .errors import ImageError
 from .outbox import Outbox
 from .screen import Screener
 
 log = logging.getLogger(__name__)
-SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
 
 def capture_key(path: Path) -> str:

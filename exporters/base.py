@@ -139,7 +139,7 @@ class TorchGraphs:
 
     def provide(self, recipe: QuantRecipe, graph: QuantizedGraph) -> None:
         """Use ``graph``, made elsewhere, for ``recipe``: a study that watches QAT step by step
-        (``benchmarks.qat_schedule``) then exports and gates exactly the model it watched."""
+        (``studies.qat_schedule``) then exports and gates exactly the model it watched."""
         self._made[self._key(recipe)] = graph
 
     def _key(self, recipe: QuantRecipe) -> tuple:

@@ -272,7 +272,7 @@ def export(
     calibration: str = typer.Option("minmax", help="minmax | percentile | entropy (ort recipe)."),
     keep_float: list[str] | None = typer.Option(None, "--keep-float", help="ONNX ort/nncf recipes: keep nodes whose "
                                                 "name contains this, or of this op type, in float (mixed precision; "
-                                                "repeatable; benchmarks/float_islands.py measures what each costs)."),
+                                                "repeatable; studies/float_islands.py measures what each costs)."),
     min_referral_agreement: float = typer.Option(0.98, help="Gate: one-sided 95% lower bound of INT8-FP32 referral "
                                                  "agreement (docs/fidelity_gate.md)."),
     min_sensitivity_difference: float = typer.Option(-0.02, help="Gate: lower bound of INT8 - FP32 sensitivity."),

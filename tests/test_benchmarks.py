@@ -88,7 +88,7 @@ def test_ratio_lines_compare_against_the_largest_torch_model():
 
 
 def test_training_study_scores_every_run_on_the_same_test_photos(tiny_run, synthetic_dir, tmp_path):
-    from benchmarks.training_study import main
+    from studies.training_study import main
 
     main([str(tiny_run.out_dir), "--data", str(synthetic_dir), "--cache-dir", str(tmp_path / "c"),
           "--baseline", tiny_run.out_dir.name, "--out", str(tmp_path / "study")])
@@ -114,7 +114,7 @@ def test_training_study_scores_every_run_on_the_same_test_photos(tiny_run, synth
 def test_training_study_scores_an_ensemble_of_runs_as_one_model(tiny_run, synthetic_dir, tmp_path):
     """An ensemble row is the mean of the members' calibrated logits at a point chosen on val: a run ensembled
     with itself is that run, up to the re-fitted temperature (which cannot reorder photos)."""
-    from benchmarks.training_study import main
+    from studies.training_study import main
 
     run = str(tiny_run.out_dir)
     main([run, "--data", str(synthetic_dir), "--cache-dir", str(tmp_path / "c"), "--ensemble", f"twice={run},{run}",
@@ -176,7 +176,7 @@ def test_int8_speed_builds_and_times_fp32_and_int8_of_one_model(synthetic_dir, t
 def test_float_islands_gates_and_times_each_variant(tiny_run, synthetic_dir, tmp_path):
     """Full INT8 against every Conv kept in float, on the tiny trained model: each variant is exported, gated on
     the val photos at its own point and timed against FP32; the float-node count says what was kept."""
-    from benchmarks.float_islands import parse_variant, run, to_markdown
+    from studies.float_islands import parse_variant, run, to_markdown
 
     variants = dict([parse_variant("full_int8="), parse_variant("convs=Conv")])
     report = run(tiny_run.best_checkpoint, [synthetic_dir], tmp_path, variants, "x86_vnni", threads=1, runs=10,
@@ -204,7 +204,7 @@ def test_qat_schedule_watches_the_fake_quantized_model_and_gates_the_one_it_watc
     """A short cosine QAT schedule on the tiny model: the curve has a row per --eval-every steps plus the stripped
     model's, and the exported QAT artifact is the watched model (its referral flips at the checkpoint's point match
     the curve's last row), gated and timed beside post-training INT8."""
-    from benchmarks.qat_schedule import run, to_markdown
+    from studies.qat_schedule import run, to_markdown
     from edge_runtime.backends import open_session
     from edge_runtime.decision import decide_batch
     from exporters.base import Reference
@@ -255,7 +255,7 @@ def _activation_quantizers(graph) -> list[tuple[int, np.dtype]]:
 
 
 def test_float_islands_table_shows_criteria_the_photos_could_not_estimate_as_a_dash():
-    from benchmarks.float_islands import to_markdown
+    from studies.float_islands import to_markdown
 
     row = {"variant": "full_int8", "keep_float": [], "status": "ok", "float_nodes": 0, "weighted_nodes": 50,
            "flips": 2, "clean_flips": 1, "n": 40, "referral_agreement": 0.95, "agreement_bound": 0.85,

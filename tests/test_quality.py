@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from benchmarks.degradations import DEGRADATIONS, degrade, strength_bin
-from benchmarks.quality_thresholds import choose
+from studies.quality_thresholds import choose
 from edge_runtime.errors import ConfigError
 from edge_runtime.quality import (
     DEFAULT_THRESHOLDS,
