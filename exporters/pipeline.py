@@ -10,7 +10,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from edge_runtime.contract import (
     OperatingPoint,
     manifest_path_for,
 )
+from training.checkpoint import CheckpointMeta
 from training.data.layouts import MISSING
 
 from . import coreml, onnx, tflite  # noqa: F401 - registers the exporters
@@ -58,6 +59,8 @@ class ExportPlan:
     recipe: QuantRecipe = field(default_factory=QuantRecipe)  # the CPU-class preset INT8 starts from
     qat: QATConfig | None = None  # QAT settings; steps > 0 lets a failed gate escalate to QAT
     escalate: bool = True  # on a failed INT8 gate, retry with the format's int8_escalation steps
+    # QAT's margin-aware referral term, held around the checkpoint's own operating point (``for_checkpoint``).
+    qat_margin_weight: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "formats", tuple(self.formats))
@@ -90,6 +93,13 @@ class ExportPlan:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def for_checkpoint(self, meta: CheckpointMeta) -> ExportPlan:
+        """The plan with what only the checkpoint knows: QAT's margin term holds the referable (and DME) log-odds
+        around the operating point the gate judges referrals at."""
+        if self.qat is None or self.qat_margin_weight <= 0:
+            return self
+        return replace(self, qat=self.qat.holding_margins(self.qat_margin_weight, meta.operating_point, meta.dme_point))
 
 
 def load_inputs(checkpoint: str | Path, out_dir: str | Path, calib: str | Path | Sequence[str | Path] | None,
@@ -360,6 +370,7 @@ def export_all(inputs: ExportInputs, plan: ExportPlan, progress: bool = True,
     """Every job of ``plan``; writes index.json and the resolved configuration (<stem>.export_config.yaml)."""
     from rich.progress import Progress
 
+    plan = plan.for_checkpoint(inputs.meta)
     pipeline = pipeline or ExportPipeline(inputs, plan)
     records: list[ArtifactRecord] = []
     with Progress(disable=not progress) as bar:

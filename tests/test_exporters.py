@@ -254,7 +254,7 @@ def test_cli_export_exits_nonzero_on_a_failed_gate_can_skip_escalation_and_keep_
     out = tmp_path / "cli"
     proc = subprocess.run([sys.executable, "-m", "retinaedge.cli", "export", "--checkpoint", str(tiny_run.best_checkpoint),
                            "--formats", "onnx", "--precisions", "int8", "--calib", str(synthetic_dir), "--val",
-                           str(synthetic_dir), "--out", str(out), "--min-logit-cosine", "1.0", "--no-escalate",
+                           str(synthetic_dir), "--out", str(out), "--gate", "min_logit_cosine=1.0", "--no-escalate",
                            "--keep-float", "conv_stem"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]

@@ -1,0 +1,3 @@
+from retinaedge.cli import main
+
+main()
