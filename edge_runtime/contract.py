@@ -169,14 +169,15 @@ class GateCriterion:
 
     name: str
     value: float | None  # point estimate (None: could not be computed, e.g. no referable photos)
-    bound: float | None = None  # one-sided lower confidence bound, when the criterion is judged on evidence
+    bound: float | None = None  # one-sided confidence bound (lower for "min", upper for "max"), when judged on evidence
     threshold: float | None = None  # None: reported only
-    margin: float | None = None  # (bound, else value) - threshold; negative when it fails
+    margin: float | None = None  # how far (bound, else value) clears the threshold; negative when it fails
     passed: bool | None = None  # None: reported only, or not computable
     interval: tuple[float, float] | None = None  # two-sided interval at the gate's confidence, for the reader
     n: int | None = None  # photos the number rests on
     method: str = ""  # how the interval/bound was computed
     photos_needed: int | None = None  # agreement criteria: fewest photos with which perfect agreement clears it
+    direction: str = "min"  # "min": must reach the threshold; "max": must stay at or below it
 
     @property
     def evidence_limited(self) -> bool:
@@ -189,6 +190,8 @@ class GateCriterion:
     def __post_init__(self) -> None:
         if self.interval is not None:
             object.__setattr__(self, "interval", tuple(float(v) for v in self.interval))
+        if self.direction not in ("min", "max"):
+            raise ManifestError(f"gate criterion {self.name}: direction must be min|max, got {self.direction!r}")
 
 
 @dataclass(frozen=True)
