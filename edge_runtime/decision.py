@@ -7,6 +7,11 @@ Models with a DME head (``ArtifactManifest.heads``) add one binary finding: DME 
 ``sigmoid(dme_logit / T) >= threshold`` at the manifest's ``dme_operating_point``. Clinical referral rules refer
 for referable DR (moderate NPDR or worse) *or* any DME, so ``referable`` is the OR of the two and
 ``referral_reason`` says which.
+
+The grade shown agrees with the referral: a photo referred for DR shows the most probable referable grade (2-4),
+one that is not shows the most probable non-referable grade (0-1). An argmax of 4 below the threshold would
+otherwise read "4 - Proliferative DR ... not referable" on one screen; the threshold, chosen on validation
+photos, is the decision, so the grade follows it.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .contract import OperatingPoint
+from .contract import REFERABLE_MIN_GRADE, OperatingPoint
 from .metrics import referable_probability
 
 
@@ -55,7 +60,7 @@ class Decision:
     """What one photo's outputs mean at an operating point."""
 
     probabilities: tuple[float, ...]  # calibrated (temperature-scaled)
-    grade: int  # most probable ICDR grade
+    grade: int  # most probable ICDR grade on the side of the referral decision (consistent_grades)
     confidence: float  # probability of that grade
     referable_probability: float
     referable: bool  # dr_referable, or DME present (models with a DME head)
@@ -84,7 +89,7 @@ class BatchDecision:
     """``decide`` over many photos at once, as arrays (evaluation, gate, benchmarks)."""
 
     probabilities: np.ndarray  # (n, 5) calibrated
-    grades: np.ndarray  # (n,)
+    grades: np.ndarray  # (n,) consistent with dr_referable (consistent_grades)
     referable_probability: np.ndarray  # (n,)
     referable: np.ndarray  # (n,) bool: referable DR, or DME present when DME logits were given
     uncertain: np.ndarray  # (n,) bool
@@ -109,6 +114,15 @@ def cam_grid_peak(cam: np.ndarray) -> tuple[float, float]:
     h, w = cam.shape
     row, col = np.unravel_index(int(np.argmax(cam)), cam.shape)
     return (col + 0.5) / w, (row + 0.5) / h
+
+
+def consistent_grades(probabilities: np.ndarray, dr_referable: np.ndarray) -> np.ndarray:
+    """Per photo, the most probable grade among those the referral decision allows: 2-4 when referred for DR,
+    0-1 when not (ties to the lower grade, as argmax does)."""
+    probs = np.asarray(probabilities).reshape(len(probabilities), -1)
+    referable_side = probs[:, REFERABLE_MIN_GRADE:].argmax(axis=1) + REFERABLE_MIN_GRADE
+    clean_side = probs[:, :REFERABLE_MIN_GRADE].argmax(axis=1)
+    return np.where(np.asarray(dr_referable, bool), referable_side, clean_side)
 
 
 def _in_band(score: np.ndarray, point: OperatingPoint) -> np.ndarray:
@@ -138,11 +152,12 @@ def decide_batch(logits: np.ndarray, point: OperatingPoint, dme_logits: np.ndarr
     score = referable_probability(probs)
     dr_referable = score >= point.threshold
     dme_logits = _check_dme(dme_logits, dme_point, len(probs))
+    grades = consistent_grades(probs, dr_referable)
     if dme_logits is None:
-        return BatchDecision(probs, probs.argmax(axis=1), score, dr_referable, _in_band(score, point))
+        return BatchDecision(probs, grades, score, dr_referable, _in_band(score, point))
     dme_probability = sigmoid(dme_logits, dme_point.temperature)
     dme_present = dme_probability >= dme_point.threshold
-    return BatchDecision(probs, probs.argmax(axis=1), score, dr_referable | dme_present, _in_band(score, point),
+    return BatchDecision(probs, grades, score, dr_referable | dme_present, _in_band(score, point),
                          dr_referable, dme_probability, dme_present)
 
 

@@ -7,7 +7,8 @@ Everything a device writes is untrusted on the server, so the model checks itsel
 - ``graded``/``uncertain`` need a grade, 5 probabilities in [0, 1] summing to 1, the operating threshold and a
   referral flag; ``ungradable`` carries no grade and no probabilities;
 - ``referable_probability`` is P(grade >= 2) = sum(probabilities[2:]) and ``referable`` is
-  ``referable_probability >= threshold``; the grade is an argmax of the probabilities;
+  ``referable_probability >= threshold``; the grade agrees with that decision (2-4 exactly when referred for DR) and
+  is the most probable grade on its side (``edge_runtime.decision.consistent_grades``);
 - ``grade_name`` is derived from the grade, never read from the device;
 - models with a DME head add ``dme_probability``, ``dme_present`` and ``dme_threshold`` (all or none, graded and
   uncertain results only), with ``dme_present`` = ``dme_probability >= dme_threshold``; ``referable`` is then
@@ -228,14 +229,21 @@ class ScreeningResult(_Strict):
             raise ValueError(f"probabilities must hold {NUM_GRADES} values (one per ICDR grade), got {len(probs)}")
         if abs(sum(probs) - 1.0) > PROBABILITY_SUM_TOLERANCE:
             raise ValueError(f"probabilities must sum to 1 (±{PROBABILITY_SUM_TOLERANCE}), got {sum(probs):.6f}")
-        if probs[self.grade] < max(probs) - DERIVED_TOLERANCE:
-            raise ValueError(f"grade {self.grade} is not the most probable grade of {list(probs)}")
-        if self.confidence is not None and abs(self.confidence - probs[self.grade]) > DERIVED_TOLERANCE:
-            raise ValueError(f"confidence {self.confidence} is not the probability of grade {self.grade}")
         derived = sum(probs[REFERABLE_MIN_GRADE:])
         if abs(self.referable_probability - derived) > DERIVED_TOLERANCE:
             raise ValueError(f"referable_probability {self.referable_probability} != sum(probabilities[2:]) = "
                              f"{derived:.6f}")
+        # The grade shown must say what the referral says (edge_runtime.decision.consistent_grades).
+        if (self.grade >= REFERABLE_MIN_GRADE) != self.dr_referable:
+            raise ValueError(f"grade {self.grade} contradicts the referral decision (referable_probability "
+                             f"{self.referable_probability} at threshold {self.threshold}): a referred photo shows "
+                             "grade 2-4, one not referred 0-1; update the device software")
+        side = probs[REFERABLE_MIN_GRADE:] if self.grade >= REFERABLE_MIN_GRADE else probs[:REFERABLE_MIN_GRADE]
+        if probs[self.grade] < max(side) - DERIVED_TOLERANCE:
+            raise ValueError(f"grade {self.grade} is not the most probable grade on its side of the referral "
+                             f"decision in {list(probs)}")
+        if self.confidence is not None and abs(self.confidence - probs[self.grade]) > DERIVED_TOLERANCE:
+            raise ValueError(f"confidence {self.confidence} is not the probability of grade {self.grade}")
         self._check_dme()
         if self.referable != (self.dr_referable or bool(self.dme_present)):
             dme = f" and dme_present={self.dme_present}" if self.has_dme else ""
@@ -335,7 +343,9 @@ def content_hash_of(canonical_json: str) -> str:
 class EyeResult(Protocol):
     """What the encounter rule reads: a ScreeningResult, or a server row with the same attributes."""
 
+    result_id: str
     outcome: str
+    grade: int | None
     referable: bool | None
     dme_present: bool | None  # None: no DME head
     eye: str | None
@@ -344,37 +354,62 @@ class EyeResult(Protocol):
 
 @dataclass(frozen=True)
 class EncounterDecision:
-    """One patient visit: the result that counts per eye and what to do."""
+    """One patient visit: the result shown per eye and what to do."""
 
     decision: Literal["refer", "no_referral", "incomplete"]
     reason: str
-    eyes: dict[str, Any]  # "left"/"right" -> the result that counts (latest gradable one, else latest ungradable)
+    eyes: dict[str, Any]  # "left"/"right" -> the capture shown for that eye (the one that drives the decision)
+
+
+def _refers(result: EyeResult) -> bool:
+    """A gradable capture that asks for referral: referable, or uncertain (second read)."""
+    return result.outcome == "uncertain" or (result.outcome == "graded" and bool(result.referable))
+
+
+def _shown_key(result: EyeResult) -> tuple:
+    # Referable before uncertain, then the higher grade, then the later capture; result_id breaks exact ties, so
+    # the choice never depends on the order rows were inserted or read.
+    return (result.outcome == "graded" and bool(result.referable), result.grade or 0, result.captured_at,
+            result.result_id)
+
+
+def _state(result: EyeResult) -> str:
+    if result.outcome == "ungradable":
+        return "ungradable"
+    if result.outcome == "uncertain":
+        return "uncertain (second read)"
+    return "referable" + (" (DME present)" if result.dme_present else "")
 
 
 def encounter_decision(results: Iterable[EyeResult]) -> EncounterDecision:
-    """Per-visit rule: refer if either eye is referable, uncertain, or ungradable after retakes.
+    """Per-visit rule: refer if any gradable capture of either eye is referable or uncertain, or an eye has only
+    ungradable captures; a capture whose eye is unknown refers the visit when it is referable, uncertain or
+    ungradable (it may be either eye).
 
-    A gradable retake supersedes an ungradable capture of the same eye; among gradable captures the latest counts.
-    With one eye missing and the other not referred, the visit is ``incomplete`` (never a clean negative).
+    A later clean retake never cancels an earlier referable capture of the same eye: every gradable capture counts,
+    so the decision depends on the set of captures, not on their timestamps or insert order. A gradable capture
+    supersedes ungradable ones of the same eye. With one eye missing and nothing referred, the visit is
+    ``incomplete`` (never a clean negative).
     """
+    by_eye: dict[str | None, list[EyeResult]] = {"left": [], "right": [], None: []}
+    for result in sorted(results, key=lambda r: (r.captured_at, r.result_id)):
+        by_eye[result.eye if result.eye in ("left", "right") else None].append(result)
     chosen: dict[str, Any] = {}
-    for result in sorted(results, key=lambda r: r.captured_at):
-        if result.eye not in ("left", "right"):
-            continue
-        current = chosen.get(result.eye)
-        if current is None or result.outcome != "ungradable" or current.outcome == "ungradable":
-            chosen[result.eye] = result
     reasons = []
     for eye in ("left", "right"):
-        result = chosen.get(eye)
-        if result is None:
+        captures = by_eye[eye]
+        if not captures:
             continue
-        if result.outcome == "ungradable":
-            reasons.append(f"{eye} eye ungradable after retakes")
-        elif result.outcome == "uncertain":
-            reasons.append(f"{eye} eye uncertain (second read)")
-        elif result.referable:
-            reasons.append(f"{eye} eye referable" + (" (DME present)" if result.dme_present else ""))
+        gradable = [r for r in captures if r.outcome != "ungradable"]
+        referred = [r for r in gradable if _refers(r)]
+        chosen[eye] = max(referred, key=_shown_key) if referred else (gradable or captures)[-1]
+        if referred or not gradable:
+            reasons.append(f"{eye} eye {_state(chosen[eye])}" + ("" if referred else " after retakes"))
+    unknown = [r for r in by_eye[None] if r.outcome == "ungradable" or _refers(r)]
+    if unknown:
+        worst = max(unknown, key=lambda r: (_refers(r), *_shown_key(r)))
+        count = f"{len(unknown)} captures of unknown eye, the worst" if len(unknown) > 1 else "a capture of unknown eye"
+        reasons.append(f"{count} {_state(worst)}")
     if reasons:
         return EncounterDecision("refer", "; ".join(reasons), chosen)
     if len(chosen) < 2:

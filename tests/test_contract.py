@@ -151,7 +151,7 @@ def test_ungradable_and_uncertain_results():
     u = ScreeningResult(device_id="d", model_version="v", model_sha256="", backend="b", provider="p",
                         quality=QualityReport(False, 0.1, ("blurred",)), outcome="ungradable")
     assert u.grade_name is None and u.needs_referral and ScreeningResult.from_dict(u.to_dict()) == u
-    uncertain = graded(probabilities=(0.3, 0.22, 0.4, 0.04, 0.04), grade=2, confidence=0.4, referable=False,
+    uncertain = graded(probabilities=(0.3, 0.22, 0.4, 0.04, 0.04), grade=0, confidence=0.3, referable=False,
                        threshold=0.5, outcome="uncertain")
     assert uncertain.referable_probability == pytest.approx(0.48) and uncertain.needs_referral
 
@@ -179,3 +179,63 @@ def test_encounter_rule_refers_when_either_eye_needs_it():
     assert encounter_decision([eye("left", 0, **ungradable), eye("left", 2, **ungradable),
                                eye("right", 1, **clean)]).decision == "refer"
     assert encounter_decision([eye("left", 0, **clean)]).decision == "incomplete"
+
+
+def _visit_capture(side, minutes, grade=0, outcome="graded", result_id=None, **kw):
+    """One capture of visit v1; grade 0 clean, grade >= 2 referable (threshold 0.5), or ungradable."""
+    from datetime import datetime, timedelta, timezone
+
+    at = datetime(2026, 3, 1, tzinfo=timezone.utc) + timedelta(minutes=minutes)
+    ids = {} if result_id is None else {"result_id": result_id}
+    if outcome == "ungradable":
+        return ScreeningResult(device_id="d", model_version="v", model_sha256="", backend="b", provider="p",
+                               quality=QualityReport(False, 0.1, ("blurred",)), outcome="ungradable", eye=side,
+                               encounter_id="v1", captured_at=at, **ids)
+    probs = [0.05] * 5
+    probs[grade] = 0.8
+    return graded(grade=grade, probabilities=tuple(probs), confidence=0.8, referable=grade >= 2, threshold=0.5,
+                  eye=side, encounter_id="v1", captured_at=at, outcome=outcome, **ids, **kw)
+
+
+@pytest.mark.parametrize("unknown", [dict(grade=4), dict(outcome="ungradable"), dict(grade=0, outcome="uncertain")])
+def test_medium3_a_capture_without_an_eye_counts_in_the_visit(unknown):
+    """Re-test: left and right clean plus a referable retake_2.png (eye None) gave "no referral"."""
+    from edge_runtime.wire import encounter_decision
+
+    clean = [_visit_capture("left", 0), _visit_capture("right", 1)]
+    assert encounter_decision(clean).decision == "no_referral"
+    decision = encounter_decision([*clean, _visit_capture(None, 2, **unknown)])
+    assert decision.decision == "refer" and "unknown eye" in decision.reason
+    # A clean capture of unknown eye changes nothing.
+    assert encounter_decision([*clean, _visit_capture(None, 2)]).decision == "no_referral"
+
+
+def test_low2_a_later_clean_retake_does_not_cancel_a_referable_capture():
+    """Re-test: a later non-referable retake overrode an earlier grade-4 capture of the same eye."""
+    from edge_runtime.wire import encounter_decision
+
+    decision = encounter_decision([_visit_capture("left", 0, grade=4), _visit_capture("left", 5),
+                                   _visit_capture("right", 1)])
+    assert decision.decision == "refer" and decision.reason == "left eye referable"
+    assert decision.eyes["left"].grade == 4
+
+
+def test_low3_equal_timestamps_do_not_make_the_visit_depend_on_insert_order():
+    """Re-test: two captures of one eye with the same captured_at: the visit followed the row order."""
+    from edge_runtime.wire import encounter_decision
+
+    ids = ("00000000-0000-4000-8000-000000000001", "00000000-0000-4000-8000-000000000002")
+    a = _visit_capture("left", 0, grade=3, result_id=ids[0])
+    b = _visit_capture("left", 0, grade=0, result_id=ids[1])
+    right = _visit_capture("right", 0)
+    first, second = encounter_decision([a, b, right]), encounter_decision([b, right, a])
+    assert first.decision == second.decision == "refer"
+    assert first.eyes["left"].result_id == second.eyes["left"].result_id == ids[0]
+    # Clean captures with equal times: the same one is shown whatever the order.
+    c = _visit_capture("right", 0, result_id=ids[1])
+    assert encounter_decision([a, right, c]).eyes["right"].result_id == encounter_decision([c, a, right]).eyes["right"].result_id
+
+
+def test_medium5_wire_schema_refuses_a_grade_that_contradicts_the_referral():
+    with pytest.raises(ValueError, match="contradicts the referral"):
+        graded(grade=4, probabilities=(0.35, 0.25, 0.0, 0.0, 0.40), confidence=0.40, referable=False, threshold=0.5)

@@ -23,7 +23,8 @@ def test_referral_is_decided_at_the_operating_point_not_at_the_argmax():
     # P(grade >= 2) = 0.30: the argmax is grade 0, yet a sensitivity-chosen threshold of 0.25 refers.
     z = logits_for([0.6, 0.1, 0.2, 0.05, 0.05])
     low = decide(z, None, OperatingPoint(rule="sensitivity", target=0.9, threshold=0.25))
-    assert (low.grade, low.referable, low.referable_probability) == (0, True, pytest.approx(0.30))
+    # Referred, so the grade shown is the most probable referable grade (2), never the argmax 0.
+    assert (low.grade, low.referable, low.referable_probability) == (2, True, pytest.approx(0.30))
     high = decide(z, None, OperatingPoint(threshold=0.5))
     assert high.referable is False and high.outcome == "graded"
 
@@ -70,3 +71,22 @@ def test_operating_point_validates_itself():
         OperatingPoint(temperature=0.0)
     with pytest.raises(ManifestError, match="sensitivity_ci"):
         OperatingPoint(sensitivity_ci=(0.9, 0.8))
+
+
+@pytest.mark.parametrize("probabilities, threshold, grade, referable", [
+    # argmax 4, P(grade >= 2) = 0.40 below the 0.5 threshold: shown as grade 0 or 1, never "4 ... not referable".
+    ((0.35, 0.25, 0.0, 0.0, 0.40), 0.5, 0, False),
+    ((0.20, 0.40, 0.05, 0.30, 0.05), 0.5, 1, False),
+    # argmax 0, P(grade >= 2) = 0.45 above a 0.3 threshold: referred, shown as the most probable of grades 2-4.
+    ((0.50, 0.05, 0.10, 0.05, 0.30), 0.3, 4, True),
+    ((0.10, 0.10, 0.50, 0.20, 0.10), 0.5, 2, True),
+])
+def test_medium5_grade_and_referral_agree(probabilities, threshold, grade, referable):
+    """Re-test: a result showed argmax grade 4 and "not referable" (P(grade >= 2) below the threshold)."""
+    point = OperatingPoint(threshold=threshold)
+    one = decide(logits_for(np.asarray(probabilities) + 1e-12), None, point)
+    assert (one.grade, one.referable) == (grade, referable)
+    assert (one.grade >= 2) == one.dr_referable
+    assert one.confidence == pytest.approx(probabilities[grade], abs=1e-6)
+    batch = decide_batch(logits_for(np.asarray([probabilities]) + 1e-12), point)
+    assert int(batch.grades[0]) == grade and bool(batch.referable[0]) == referable
