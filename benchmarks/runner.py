@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import gc
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from edge_runtime.formats import RUNTIME_FORMATS, format_for_path
 from edge_runtime.preprocess import preprocess_file
 
 from .device import fingerprint, peak_gmacs
-from .report import with_ci
+from .report import write_report
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -298,70 +297,3 @@ def _bench_torch(checkpoint: Path, cfg, eval_for, references, lesion_dir, peaks)
 def _size_mb(path: Path) -> float:
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
     return round(sum(p.stat().st_size for p in files) / 1e6, 3)
-
-
-def _fmt(value, spec=".2f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def to_markdown(report: dict) -> str:
-    d = report["device"]
-    int8 = (d.get("cpu_int8") or {}).get("int8")
-    lines = [f"# RetinaEdge benchmark - {d['cpu']} ({d['cores']} cores, {d['ram_gb']} GB, {d['os']})", "",
-             f"CPU int8 dot-product features: {', '.join(int8) if int8 else 'none'} "
-             f"(INT8 preset for this CPU: {d.get('int8_target', '-')}).", "",
-             f"Measured GEMM peak: {report['peak_gmacs']} GMAC/s. Latency at batch 1 after warm-up. "
-             "Accuracy on the labelled split; agreement and CAM correlation against the FP32 outputs of the same model. "
-             "DME (models with a DME head): on the photos with a DME label; referral agreement is then of referable DR "
-             "or DME, as the device refers.", "",
-             "| artifact | format | prec. | size MB | load ms | p50 ms | p90 ms | p99 ms | mean±std ms | FPS b1 | FPS best | "
-             "+RSS MB | QWK | threshold | ref. sens [95% CI] | ref. spec [95% CI] | AUC | DME AUC [95% CI] (n) | "
-             "DME sens [95% CI] | DME spec [95% CI] | referral agree FP32 (95% lower) | grade agree FP32 | cosine FP32 | "
-             "CAM corr | pointing | roofline % | gate | status |",
-             "|" + "---|" * 28]
-    for r in report["rows"]:
-        lat = r.get("latency_ms") or {}
-        lines.append("| " + " | ".join([
-            r.get("name", "-"), r.get("format", "-"), r.get("precision", "-"), _fmt(r.get("size_mb")), _fmt(r.get("load_ms"), ".0f"),
-            _fmt(lat.get("p50")), _fmt(lat.get("p90")), _fmt(lat.get("p99")),
-            f"{lat['mean']:.2f}±{lat['std']:.2f}" if lat else "-", _fmt(r.get("fps_batch1"), ".1f"), _fmt(r.get("fps_best"), ".1f"),
-            _fmt(r.get("rss_added_mb"), ".0f"), _fmt(r.get("qwk"), ".3f"), _fmt(r.get("threshold"), ".3f"),
-            with_ci(r, "referable_sensitivity", 2), with_ci(r, "referable_specificity", 2), _fmt(r.get("referable_auc"), ".3f"),
-            f"{with_ci(r, 'dme_auc', 2)} (n={r['dme_n']})" if "dme_n" in r else "-",
-            with_ci(r, "dme_sensitivity", 2), with_ci(r, "dme_specificity", 2),
-            f"{r['referral_agreement_fp32']:.3f} ({r['referral_agreement_lower']:.3f})" if "referral_agreement_fp32" in r else "-",
-            _fmt(r.get("agreement_fp32"), ".3f"),
-            _fmt(r.get("logit_cosine_fp32"), ".4f"), _fmt(r.get("cam_corr_fp32"), ".3f"), _fmt(r.get("pointing_game"), ".2f"), _fmt(r.get("roofline_pct"), ".1f"),
-            r.get("gate", "-"), r.get("status", "-") + (f": {r['error'][:60]}" if r.get("error") else "")]) + " |")
-    ratios = ratio_lines(report["rows"])
-    return "\n".join(lines + ([""] + ratios if ratios else [])) + "\n"
-
-
-def ratio_lines(rows: list[dict]) -> list[str]:
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("latency_ms")]
-    # The teacher is the largest FP32 model run in PyTorch eager (several --torch-checkpoint rows may be present).
-    teacher = max((r for r in ok if r["format"] == "torch"), key=lambda r: r["size_mb"], default=None)
-    if teacher is None:
-        return []
-    out = [f"Ratios against the largest FP32 model in PyTorch eager, the teacher when it was benchmarked "
-           f"({teacher['name']}, p50 {teacher['latency_ms']['p50']:.1f} ms, {teacher['size_mb']:.1f} MB):", ""]
-    for r in ok:
-        if r is teacher:
-            continue
-        out.append(f"- {r['name']}: {teacher['latency_ms']['p50'] / r['latency_ms']['p50']:.1f}x faster, "
-                   f"{teacher['size_mb'] / r['size_mb']:.1f}x smaller" + (f", QWK {r['qwk']:.3f}" if r.get("qwk") is not None else ""))
-    return out
-
-
-def write_report(report: dict, out: Path) -> None:
-    from .report import write_html, write_plots
-
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
-    (out / "report.md").write_text(to_markdown(report))
-    write_plots(report, out)
-    write_html(report, out)
-    with open(out / "history.csv", "a", newline="") as fh:  # one line per row per run, appended
-        writer = csv.writer(fh)
-        for r in report["rows"]:
-            writer.writerow([report["created_at"], report["device"]["cpu"], r.get("name"), r.get("format"), r.get("precision"),
-                             (r.get("latency_ms") or {}).get("p50"), r.get("qwk"), r.get("status")])

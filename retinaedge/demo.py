@@ -372,7 +372,8 @@ def clinical_metrics(y: np.ndarray, probs: np.ndarray, threshold: float) -> dict
 def _bench(plan: DemoPlan, artifacts: Path, teacher_artifacts: Path, out: Path, data: Path, teacher_ckpt: Path) -> dict:
     """Teacher (PyTorch eager and ONNX) and student artifacts, benchmarked apart so that each file's
     'agreement with FP32' is against its own model's FP32, then merged into one report."""
-    from benchmarks.runner import BenchConfig, run_benchmark, write_report
+    from benchmarks.report import write_report
+    from benchmarks.runner import BenchConfig, run_benchmark
 
     cfg = BenchConfig(runs=plan.bench_runs, min_seconds=plan.bench_seconds, warmup=3, batch_sizes=(1, 4),
                       eval_limit=plan.bench_eval_images)

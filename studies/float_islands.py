@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.device import fingerprint
+from benchmarks.int8_speed import time_interleaved
+from benchmarks.report import number_or_dash, write_markdown_and_json
 from edge_runtime.backends import cpu_features, int8_target, open_session
 from edge_runtime.preprocess import level_step
-
-from .device import fingerprint
-from .int8_speed import time_interleaved
-from .report import number_or_dash, write_markdown_and_json
 
 # Lite0 stages (timm ``blocks.0`` .. ``blocks.6``): the later ones hold few MACs and the lowest SQNR (11-13 dB against
 # 30 dB after the stem, docs/model_card.md); the residual Adds and the linear projections (``conv_pwl``) carry

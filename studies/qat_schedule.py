@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.device import fingerprint
+from benchmarks.int8_speed import time_interleaved
+from benchmarks.report import number_or_dash, write_markdown_and_json
 from edge_runtime.backends import cpu_features, int8_target, open_session
 from edge_runtime.decision import decide_batch
 
-from .device import fingerprint
 from .float_islands import gate_figures
-from .int8_speed import time_interleaved
-from .report import number_or_dash, write_markdown_and_json
 
 
 def referral_changes(logits: np.ndarray, reference: np.ndarray, point) -> dict:

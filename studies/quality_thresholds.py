@@ -1,36 +1,91 @@
-"""Choose the quality gate's thresholds on the val + calib photos of eyepacs_full and messidor2, and write them.
+"""Choose the quality gate's rule limits on val + calib photos and write them to the runtime's data file.
 
-Every original photo and one degraded copy per class (benchmarks/degradations.py, random strength) are
-measured as the Screener measures them. Each threshold starts just outside the range of the originals (it
-rejects none of them), then a greedy search relaxes the threshold whose next step (past 1 to 6 more originals) catches the most
-still-uncaught degraded photos per original it newly rejects, as long as the originals' false-reject rate
-stays within ``--budget`` and no single indicator rejects more than 2% of them. A threshold is placed halfway between the last original it rejects
-and the first it keeps (beyond the range by a quarter of the gap to the 2nd-percentile original when it rejects
-none), so photos just like the originals are not rejected by an edge drawn exactly on one of them.
+Every original photo, one degraded copy per class (benchmarks/degradations.py, random strength) and the
+photo framed as other cameras frame it (``REFRAMED``: gradable copies, chosen limits must keep them) are measured
+as the Screener measures them (the photo as a JPEG, decoded for a 224-px model, then ``quality_metrics``). Each
+limit starts just outside the range of the originals (it rejects none of them), then a greedy search relaxes the
+limit whose next step (past 1 to 6 more originals) catches the most still-uncaught degraded photos per original it
+newly rejects, as long as the originals' false-reject rate stays within ``--budget`` and no single indicator
+rejects more than 2% of them. A limit is placed halfway between the last original it rejects and the first it
+keeps (beyond the range by a quarter of the gap to the 2nd-percentile original when it rejects none), so photos
+just like the originals are not rejected by an edge drawn exactly on one of them.
 
 With ``--folder-budget`` the false-reject rate must also stay within that rate in each folder (the gate's target
-is per folder; pooled, a clean folder lets the search spend its share of the budget on another). Off by default:
-on val/calib a 5% folder budget traded EyePACS occlusion (100% -> 96.5%) for EyePACS false rejects (6.9% -> 4.9%),
-see docs/quality_gate.md.
+is per folder; pooled, a clean folder lets the search spend its share of the budget on another).
 
-    python -m studies.quality_thresholds --budget 0.03 --write   # rewrites QualityThresholds' defaults
+    python -m studies.quality_thresholds --budget 0.03 --cache /tmp/valcalib.json --write
+    # --write: edge_runtime/data/quality_thresholds.json (packaged with the runtime; QualityThresholds' defaults)
+
+``measure`` is shared with ``studies.quality_model``, which fits the learned score on the same measurements.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
-import re
-from dataclasses import asdict, fields
+import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.quality import RULES, SHARE_LIMITS, QualityThresholds
+from benchmarks.degradations import DEGRADATIONS, REFRAMINGS, degrade
+from benchmarks.quality_report import EYEQ_FILE, INPUT_SIZE, ORIGINAL, as_jpeg
+from edge_runtime.contract import PreprocessPolicy
+from edge_runtime.errors import ImageError
+from edge_runtime.preprocess import decode_image, read_image
+from edge_runtime.quality import RULES, SHARE_LIMITS, THRESHOLDS_FILE, QualityThresholds, quality_metrics
+from edge_runtime.screen import decode_side
 
-from .quality_report import ORIGINAL, collect
+# Other cameras' framings measured as gradable originals (a subset of REFRAMINGS: a clipped 3:2 frame, the public
+# 760 x 570 format at JPEG 75, a field small in a large frame, the photo at JPEG 50).
+REFRAMED = ("clip_3x2", "camera_760x570_q75", "field_small", "jpeg_q50")
+REFRAMED_PREFIX = "reframed:"
+DATA_FILE = Path(__file__).resolve().parents[1] / "edge_runtime" / THRESHOLDS_FILE
+
+
+def measure(datasets: list[Path], splits: tuple[str, ...], limit: int | None = None, seed: int = 0,
+            labelled_only: tuple[str, ...] = (), degraded: bool = True, reframed: tuple[str, ...] = REFRAMED,
+            progress: bool = True) -> list[dict]:
+    """One record per (photo, case): the indicators as the Screener measures them (None: refused, no field).
+
+    ``labelled_only``: splits of which only photos with an EyeQ grade are measured (the train split, for the
+    learned score). Records carry ``dataset``, ``image``, ``split``, ``quality`` (EyeQ grade or None), ``case``
+    (``original``, a degradation, or ``reframed:<name>``) and ``strength``.
+    """
+    side = decode_side(PreprocessPolicy(input_size=INPUT_SIZE))
+    records, started = [], time.time()
+    for data in datasets:
+        labels = {}
+        if (data / EYEQ_FILE).is_file():
+            labels = {r["image"]: r["quality"] for r in csv.DictReader(open(data / EYEQ_FILE))}
+        rows = [r for r in csv.DictReader(open(data / "labels.csv")) if r["split"] in splits
+                and (r["split"] not in labelled_only or r["image"] in labels)]
+        rows = rows[:limit] if limit else rows
+        for i, row in enumerate(rows):
+            rng = np.random.default_rng([seed, i, len(data.name)])
+            image = read_image(data / "images" / row["image"])
+            cases = [(ORIGINAL, (data / "images" / row["image"]).read_bytes(), None)]
+            if degraded:
+                for name in DEGRADATIONS:
+                    copy, strength = degrade(image, name, rng)
+                    cases.append((name, as_jpeg(copy), strength))
+            cases += [(REFRAMED_PREFIX + name, REFRAMINGS[name](image), None) for name in reframed]
+            for case, encoded, strength in cases:
+                try:
+                    metrics = quality_metrics(decode_image(encoded, min_side=side))
+                except ImageError:
+                    metrics = None
+                records.append({"dataset": data.name, "image": row["image"], "split": row["split"],
+                                "quality": labels.get(row["image"]), "case": case, "strength": strength,
+                                "metrics": metrics})
+            if progress and (i + 1) % 25 == 0:
+                print(f"{data.name}: {i + 1}/{len(rows)} photos, {time.time() - started:.0f} s", file=sys.stderr)
+    return records
+
 
 LOOKAHEAD = 6  # originals a threshold may move past in one greedy step
-QUALITY_MODULE = Path(__file__).resolve().parents[1] / "edge_runtime" / "quality.py"
 
 
 def _place(sorted_values: np.ndarray, k: int, op: str) -> float:
@@ -49,9 +104,9 @@ def choose(records: list[dict], budget: float, max_per_indicator: float = 0.02,
     ``folder_budget``: a false-reject budget that must also hold in each folder (``dataset``) of originals, since
     the gate's target is per folder: pooled alone, a clean folder lets the search spend its share on another.
     """
-    measured = [r for r in records if r["metrics"] is not None]
-    originals = [r for r in measured if r["case"] == ORIGINAL]
-    degraded = [r for r in measured if r["case"] != ORIGINAL]
+    measured = [r for r in records if r["metrics"] is not None and r.get("quality") != "reject"]
+    originals = [r for r in measured if r["case"] == ORIGINAL or r["case"].startswith(REFRAMED_PREFIX)]
+    degraded = [r for r in measured if r["case"] in DEGRADATIONS]
     n_orig = len(originals)
     folders = np.array([r.get("dataset", "") for r in originals])
     folder_sizes = {f: int((folders == f).sum()) for f in np.unique(folders)} if folder_budget is not None else {}
@@ -134,33 +189,30 @@ def choose(records: list[dict], budget: float, max_per_indicator: float = 0.02,
     return thresholds, detail
 
 
-def write_defaults(thresholds: QualityThresholds, path: Path = QUALITY_MODULE) -> None:
-    """Rewrite the ``name: float = value`` defaults of QualityThresholds in edge_runtime/quality.py."""
-    text = path.read_text()
-    for f in fields(QualityThresholds):
-        value = getattr(thresholds, f.name)
-        text, count = re.subn(rf"(\n    {f.name}: float = )[-0-9.e+]+", rf"\g<1>{value!r}", text, count=1)
-        if count != 1:
-            raise RuntimeError(f"could not find the default of {f.name} in {path}")
-    path.write_text(text)
+def write_data(thresholds: QualityThresholds, report: dict, path: Path = DATA_FILE) -> None:
+    """Write the limits (and how they were chosen) to the runtime's data file, which QualityThresholds reads."""
+    summary = {k: report[k] for k in ("splits", "datasets", "budget", "folder_budget", "n_originals", "false_reject",
+                                      "false_reject_per_folder", "lenient_indicators")}
+    path.write_text(json.dumps({"written_by": "python -m studies.quality_thresholds", "chosen_on": summary,
+                                "thresholds": asdict(thresholds)}, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, nargs="+",
-                        default=[Path("../shared/data/eyepacs_full"), Path("../shared/data/messidor2")])
+    parser.add_argument("--data", type=Path, nargs="+", default=[Path("../shared/data/eyepacs_full"),
+                        Path("../shared/data/messidor2"), Path("../shared/data/mexico_dme")])
     parser.add_argument("--split", nargs="+", default=["val", "calib"])
     parser.add_argument("--budget", type=float, default=0.02, help="false-reject rate of the originals allowed here")
     parser.add_argument("--folder-budget", type=float, help="false-reject rate allowed in each folder as well")
     parser.add_argument("--limit", type=int)
     parser.add_argument("--cache", type=Path, help="reuse/store the measured indicators (JSON)")
     parser.add_argument("--out", type=Path, default=Path("reports/quality_thresholds.json"))
-    parser.add_argument("--write", action="store_true", help="rewrite QualityThresholds' defaults in edge_runtime/quality.py")
+    parser.add_argument("--write", action="store_true", help=f"write the limits to {DATA_FILE}")
     args = parser.parse_args()
     if args.cache and args.cache.is_file():
         records = json.loads(args.cache.read_text())
     else:
-        records = collect(args.data, tuple(args.split), args.limit)
+        records = measure(args.data, tuple(args.split), args.limit)
         if args.cache:
             args.cache.parent.mkdir(parents=True, exist_ok=True)
             args.cache.write_text(json.dumps(records))
@@ -171,7 +223,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     if args.write:
-        write_defaults(thresholds)
+        write_data(thresholds, report)
     print(json.dumps(report, indent=2))
 
 

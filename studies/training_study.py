@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from .device import fingerprint as device_fingerprint
-from .report import format_ci, with_ci, write_markdown_and_json
+from benchmarks.device import fingerprint as device_fingerprint
+from benchmarks.report import format_ci, with_ci, write_markdown_and_json
 
 COLUMNS = ("run", "model @px", "init", "heads", "distilled from", "CAM aug.", "epochs", "train min", "device", "val QWK",
            "test n (ref+)", "QWK", "ref. sensitivity", "ref. specificity", "ref. AUC", "AUC / baseline", "DME n (+)", "DME AUC", "DME sens.", "DME spec.")

@@ -76,7 +76,7 @@ def test_bench_compare_merges_devices(tmp_path):
 
 
 def test_ratio_lines_compare_against_the_largest_torch_model():
-    from benchmarks.runner import ratio_lines
+    from benchmarks.report import ratio_lines
 
     def row(name, fmt, size, p50):
         return {"name": name, "format": fmt, "status": "ok", "size_mb": size, "latency_ms": {"p50": p50}}
@@ -204,11 +204,11 @@ def test_qat_schedule_watches_the_fake_quantized_model_and_gates_the_one_it_watc
     """A short cosine QAT schedule on the tiny model: the curve has a row per --eval-every steps plus the stripped
     model's, and the exported QAT artifact is the watched model (its referral flips at the checkpoint's point match
     the curve's last row), gated and timed beside post-training INT8."""
-    from studies.qat_schedule import run, to_markdown
     from edge_runtime.backends import open_session
     from edge_runtime.decision import decide_batch
     from exporters.base import Reference
     from exporters.pipeline import load_inputs
+    from studies.qat_schedule import run, to_markdown
 
     report = run(tiny_run.best_checkpoint, [synthetic_dir], tmp_path, steps=4, lr=1e-3, schedule="cosine",
                  margin_weight=1.0, batch_size=4, eval_every=2, tuning_limit=16, target="x86_vnni", threads=1, runs=10,

@@ -40,6 +40,7 @@ from .config import TrainConfig
 from .data.dataset import FundusDataset, cache_images
 from .data.device_batches import augment_batch
 from .data.layouts import UNLABELLED, Sample
+from .inference import predict
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,6 @@ class CamAugmenter:
 
     def refresh(self, model, amp: bool = False) -> None:
         """Recompute the CAMs with ``model`` on the unaugmented training crops (eval mode, one batched pass)."""
-        from .train import predict  # train imports this module
 
         loader = DataLoader(FundusDataset(self._numpy_images(), self.grades, self.policy),
                             batch_size=2 * self.cfg.batch_size)
@@ -134,7 +134,6 @@ class CamAugmenter:
     def load_teacher(self, samples: list[Sample]) -> None:
         """The teacher checkpoint's CAMs on the training photos, with the teacher's own preprocessing."""
         from .models import load_checkpoint
-        from .train import predict
 
         path = Path(self.cfg.cam_augment_teacher or "")
         if not path.is_file():

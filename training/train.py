@@ -40,6 +40,7 @@ from .data.layouts import (
     select,
 )
 from .data.synthetic import write_synthetic_dataset
+from .inference import predict
 from .metrics import report_at, save_confusion_png
 from .models import DRClassifier, create_model, get_model_cfg
 
@@ -147,33 +148,6 @@ def positive_weight(labels: np.ndarray, cap: float = 10.0) -> torch.Tensor:
     ``class_weights`` (Messidor-2 train: 68 DME of 926); 1 without positives."""
     n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
     return torch.tensor(min(cap, n_neg / n_pos) if n_pos else 1.0)
-
-
-@torch.no_grad()
-def predict(model: DRClassifier, loader: DataLoader, device: torch.device, with_cam: bool = False,
-            heads: bool = False):
-    """Raw logits (and CAMs) for every batch of a loader, in order; probabilities come from ``decide_batch``.
-
-    ``heads``: (grade logits (n, 5), DME logits (n,) or None without a DME head) instead."""
-    model.eval()
-    logits_all, cams, dme = [], [], []
-    for x, *_ in loader:
-        x = x.to(device)
-        if heads:
-            out = model(x, heads=True)
-            logits = out.logits
-            if out.dme_logit is not None:
-                dme.append(out.dme_logit.float().cpu().numpy())
-        elif with_cam:
-            logits, cam = model.forward_with_cam(x)
-            cams.append(cam.float().cpu().numpy())
-        else:
-            logits = model(x)
-        logits_all.append(logits.float().cpu().numpy())
-    logits = np.concatenate(logits_all) if logits_all else np.zeros((0, 5), np.float32)
-    if heads:
-        return logits, (np.concatenate(dme) if dme else np.zeros(0, np.float32)) if model.has_dme else None
-    return (logits, np.concatenate(cams)) if with_cam else logits
 
 
 def choose_dme_point(labels: np.ndarray, dme_logits: np.ndarray, samples: list[Sample], rule: str,

@@ -26,7 +26,8 @@ def bench(
         return
     if artifacts is None:
         fail(ValueError("--artifacts DIR is required"))
-    from benchmarks.runner import BenchConfig, run_benchmark, to_markdown
+    from benchmarks.report import to_markdown
+    from benchmarks.runner import BenchConfig, run_benchmark
 
     cfg = BenchConfig(runs=runs, min_seconds=min_seconds, threads=threads, mlperf=mlperf, eval_limit=eval_limit, split=split)
     with quiet(out / "bench.log", verbose) as where:
