@@ -235,7 +235,7 @@ def run_benchmark(artifacts: Path, out: Path, data: Path | None = None, lesion_d
             started = time.perf_counter()
             session = open_session(path, allow_ungated=True, threads=cfg.threads)
             load_s = time.perf_counter() - started
-            max_batch = 1 if spec.name == "tflite" else max(cfg.batch_sizes)
+            max_batch = min(spec.max_batch or max(cfg.batch_sizes), max(cfg.batch_sizes))
             row = bench_session(path.name, spec.name, precision, manifest.model_name, base["size_mb"],
                                 manifest.extra.get("macs"), session.run, load_s, manifest.preprocess, cfg,
                                 eval_for(manifest.preprocess), references.get(manifest.model_name), lesion_dir, peaks, max_batch,

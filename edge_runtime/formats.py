@@ -29,6 +29,7 @@ class RuntimeFormat:
     is_directory: bool = False
     input_name: str = INPUT_NAME
     output_names: tuple[str, ...] = OUTPUT_NAMES  # TFLite drops names: its outputs are told apart by rank
+    max_batch: int | None = None  # largest batch one call runs (None: any); a static-shape export runs batch 1
 
     @property
     def runs_here(self) -> bool:
@@ -47,7 +48,7 @@ RUNTIME_FORMATS: dict[str, RuntimeFormat] = {
     spec.name: spec
     for spec in (
         RuntimeFormat("onnx", ".onnx", "onnxruntime", ("Linux", "Darwin", "Windows")),
-        RuntimeFormat("tflite", ".tflite", "litert", ("Linux", "Darwin", "Windows")),
+        RuntimeFormat("tflite", ".tflite", "litert", ("Linux", "Darwin", "Windows"), max_batch=1),
         RuntimeFormat("coreml", ".mlpackage", "coreml", ("Darwin",), is_directory=True),
     )
 }
