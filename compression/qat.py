@@ -92,7 +92,7 @@ def _ort_integer_kernels() -> dict:
     ORT fuses a convolution only with one scale per activation tensor and the same integer type in and out, so
     Lite0's QAT graph ran 12 of its 50 convolutions as integers and 2.4x slower than FP32. Asymmetric (uint8)
     per-tensor activations, symmetric per-channel weights (the ``mixed`` preset: ORT's own U8S8 layout) fuse all
-    49 of the backbone's (docs/model_card.md, stop 28)."""
+    49 of the backbone's (docs/studies/qat_schedule.md)."""
     import nncf
     from nncf.quantization.advanced_parameters import QuantizationParameters
 

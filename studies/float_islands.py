@@ -1,7 +1,7 @@
 """What float islands buy and cost: ONNX INT8 of one trained checkpoint with chosen layers kept in float.
 
-Issue 14 asks for full-INT8 artifacts that pass the evidence gate, and issue 20 for INT8 that is >= 1.6x faster than
-FP32; where float islands remain, their cost is to be reported. This exports the checkpoint's FP32 ONNX once and one
+Full-INT8 artifacts are fastest, but some layers lose most in INT8; where float islands remain, their cost in speed
+and in fidelity is what this measures. It exports the checkpoint's FP32 ONNX once and one
 INT8 artifact per variant (the ``ort`` recipe of ``--target``, a set of node-name substrings or op types kept in
 float, as ``retinaedge export --keep-float`` does), judges each with the evidence gate on the val photos (its own
 operating point, no escalation), and times every artifact against FP32 at batch 1, samples interleaved. The table:

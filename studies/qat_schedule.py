@@ -1,7 +1,7 @@
 """How a quantization-aware fine-tuning schedule moves INT8's referrals: NNCF QAT watched step by step, then gated.
 
-Issue 14 asks, where post-training INT8 fails the evidence gate, for QAT with a margin-aware objective and longer
-schedules. This runs one fixed schedule of the ``qat`` recipe (``retinaedge export --recipe qat``) on one trained
+Where post-training INT8 fails the fidelity gate, QAT with a margin-aware objective and a longer schedule is the
+next step. This runs one fixed schedule of the ``qat`` recipe (``retinaedge export --recipe qat``) on one trained
 checkpoint and, every ``--eval-every`` steps, runs the fake-quantized model on the val photos: how many referrals it
 changes against FP32 at the checkpoint's operating point, and how far its logits move. The length is fixed before
 the run and nothing is chosen from that curve (the gate judges the same val photos), so the final model is then

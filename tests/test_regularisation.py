@@ -1,4 +1,4 @@
-"""Regularisation options of the training recipe (issue 15): label smoothing, EMA of the weights, stochastic depth."""
+"""Regularisation options of the training recipe: label smoothing, EMA of the weights, stochastic depth."""
 import math
 
 import pytest

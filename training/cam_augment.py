@@ -1,4 +1,4 @@
-"""CAM-guided augmentation (issue 18): extra training views built from where a model looks.
+"""CAM-guided augmentation: extra training views built from where a model looks.
 
 Each training photo gets one class activation map: the CAM of its grade (the predicted grade for unlabelled
 rows), ReLU'd and scaled to a maximum of 1, on the model's low-resolution grid (h x w, e.g. 4 x 4 at 128 px).

@@ -42,7 +42,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     loss: str = "ce"  # ce | focal
     focal_gamma: float = 2.0
-    # Regularisation (issue 15); each default is off, so runs without these keys reproduce earlier numbers.
+    # Regularisation; each default is off, so runs without these keys reproduce earlier numbers.
     label_smoothing: float = 0.0  # in [0, 0.5): share of each hard label spread evenly over the 5 grades (ce only)
     ema_decay: float | None = None  # e.g. 0.999: validate, select and save an EMA of the weights (~1/(1-d) steps)
     drop_path_rate: float = 0.0  # in [0, 1): stochastic depth of the backbone's residual blocks (timm drop_path_rate)
@@ -62,7 +62,7 @@ class TrainConfig:
     # like sensor_noise, with the same outcome in 6 CPU epochs. 0: off; on, a step costs two forward passes.
     stability_weight: float = 0.0
     stability_noise: float = 1.0
-    # CAM-guided augmentation (issue 18); off by default, so runs without these keys reproduce earlier numbers.
+    # CAM-guided augmentation; off by default, so runs without these keys reproduce earlier numbers.
     cam_augment: str = "off"  # off | crop | erase | both: one extra view per photo, appended to each batch
     cam_augment_source: str = "self"  # self (the run's own CAMs) | teacher (cam_augment_teacher's)
     cam_augment_teacher: str | None = None  # checkpoint whose CAMs guide the views when cam_augment_source: teacher
@@ -84,7 +84,7 @@ class TrainConfig:
     referral_rule: str = "sensitivity"  # how the val photos choose the threshold: sensitivity | specificity | youden
     referral_target: float = 0.90  # the val sensitivity (or specificity) the threshold must reach
     uncertain_fraction: float = 0.05  # share of val photos nearest the threshold reported "uncertain"
-    # Heads over the shared pooled features (issue 18): grade (always), dme = binary diabetic macular edema, trained
+    # Heads over the shared pooled features: grade (always), dme = binary diabetic macular edema, trained
     # on the folders' DME labels (layouts.read_dme) with the loss masked where a photo has none.
     heads: tuple[str, ...] = ("grade",)
     grade_head: str = "softmax"  # softmax | ordinal: one severity score, logit_k = (k+1) s + c_k (adjacent categories)
