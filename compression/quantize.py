@@ -90,16 +90,17 @@ class QuantRecipe:
     def with_exclusions(self, patterns: tuple[str, ...]) -> QuantRecipe:
         return replace(self, exclude=tuple(dict.fromkeys(self.exclude + patterns)))
 
-    def info(self, calibration_images: int, activation_type: str | None = None,
-             weight_type: str | None = None, float_layers: str | None = None) -> QuantizationInfo:
-        """Manifest record; pass what was read back from the artifact where it can differ from the recipe."""
+    def info(self, calibration_images: int, activation_type: str | None = None, weight_type: str | None = None,
+             **read_back: Any) -> QuantizationInfo:
+        """Manifest record; pass what was read back from the artifact where it can differ from the recipe
+        (types, and the counts of ``QuantizationInfo``: weighted_layers, float_layers, convolutions, integer_kernels)."""
         return QuantizationInfo("int8", self.name, activation_type or self.activation_type,
                                 weight_type or self.weight_type, self.per_channel,
-                                self.calibration, calibration_images, self.target, self.notes(float_layers))
+                                self.calibration, calibration_images, self.target, self.notes(), **read_back)
 
-    def notes(self, float_layers: str | None = None) -> str | None:
+    def notes(self) -> str | None:
         parts = ([f"float kept for {list(self.exclude)}"] if self.exclude else []) + (
-            ["7-bit weight range (reduce_range)"] if self.reduce_range else []) + ([float_layers] if float_layers else [])
+            ["7-bit weight range (reduce_range)"] if self.reduce_range else [])
         return "; ".join(parts) or None
 
 

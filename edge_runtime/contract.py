@@ -18,7 +18,8 @@ from .errors import ManifestError
 if TYPE_CHECKING:
     from .wire import QualityReport, ScreeningResult  # noqa: F401 - re-exported lazily, see __getattr__
 
-MANIFEST_SCHEMA_VERSION = 3  # 2: operating_point replaces referable_threshold; 3: heads + dme_operating_point
+# 2: operating_point replaces referable_threshold; 3: heads + dme_operating_point; 4: quantization counts as integers
+MANIFEST_SCHEMA_VERSION = 4
 SCREENING_DISCLAIMER = (
     "RetinaEdge assists diabetic-retinopathy screening; it does not diagnose. "
     "A qualified clinician must confirm every result."
@@ -153,11 +154,44 @@ class QuantizationInfo:
     calibration: str | None = None  # minmax | percentile | entropy
     calibration_images: int | None = None
     target: str | None = None  # CPU class the recipe was chosen for, e.g. "x86_avx2"
-    notes: str | None = None
+    notes: str | None = None  # the recipe's choices in words (layers kept in float by pattern, reduced range)
+    # What the file really runs, read back from it rather than from the recipe (a weight stored as int8 does not
+    # make a convolution integer): weighted layers (Conv/Gemm/MatMul), the names of those left in float, and the
+    # convolutions the runtime fuses into integer kernels. None where the format cannot be inspected here.
+    weighted_layers: int | None = None
+    float_layers: tuple[str, ...] = ()
+    convolutions: int | None = None
+    integer_kernels: int | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "fp16", "int8"):
             raise ManifestError(f"quantization.precision must be fp32|fp16|int8, got {self.precision!r}")
+        object.__setattr__(self, "float_layers", tuple(self.float_layers))
+        for name in ("weighted_layers", "convolutions", "integer_kernels"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ManifestError(f"quantization.{name} must be a count (an integer >= 0), got {value!r}")
+        if None not in (self.integer_kernels, self.convolutions) and self.integer_kernels > self.convolutions:
+            raise ManifestError(f"quantization.integer_kernels ({self.integer_kernels}) exceeds convolutions "
+                                f"({self.convolutions})")
+
+    @property
+    def fully_integer(self) -> bool | None:
+        """Every convolution runs as an integer kernel; None where the runtime's graph was not inspected."""
+        if self.integer_kernels is None or self.convolutions is None:
+            return None
+        return self.integer_kernels == self.convolutions
+
+    def describe(self) -> str:
+        """One line for tables and logs, e.g. "0 of 51 weighted layers in float; 50 of 50 convolutions integer"."""
+        parts = [self.notes] if self.notes else []
+        if self.weighted_layers is not None:
+            named = f" ({', '.join(self.float_layers[:8])}{', ...' if len(self.float_layers) > 8 else ''})"
+            parts.append(f"{len(self.float_layers)} of {self.weighted_layers} weighted layers in float"
+                         + (named if self.float_layers else ""))
+        if self.convolutions is not None:
+            parts.append(f"{self.integer_kernels} of {self.convolutions} convolutions run as integer kernels")
+        return "; ".join(parts)
 
 
 GATE_STATUSES = ("passed", "failed", "insufficient_evidence", "not_run", "not_required")

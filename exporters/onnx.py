@@ -79,7 +79,7 @@ def integer_convs(path: Path) -> tuple[int, int]:
     return integer, integer + ops["Conv"] + ops["FusedConv"]
 
 
-def qdq_types(path: Path) -> dict[str, str]:
+def qdq_types(path: Path) -> dict:
     """The integer types a QDQ graph really uses (read from its zero points), which weighted layers it leaves in
     float, and how many convolutions ONNX Runtime then runs as integers, for an honest manifest."""
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -113,9 +113,8 @@ def qdq_types(path: Path) -> dict[str, str]:
     integer, convs = integer_convs(path)
     return {"activation_type": "+".join(sorted(activations)) or "float",
             "weight_type": "+".join(sorted(weights)) or "float",
-            "float_layers": f"{len(in_float)} of {len(weighted)} weighted layers in float"
-                            + (f" ({', '.join(in_float[:8])}{', ...' if len(in_float) > 8 else ''})" if in_float else "")
-                            + f"; ONNX Runtime runs {integer} of {convs} convolutions as integer kernels"}
+            "weighted_layers": len(weighted), "float_layers": tuple(in_float),
+            "convolutions": convs, "integer_kernels": integer}
 
 
 def fold_weight_quantizers(path: Path) -> int:

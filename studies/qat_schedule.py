@@ -27,6 +27,7 @@ from benchmarks.device import fingerprint
 from benchmarks.int8_speed import time_interleaved
 from benchmarks.report import number_or_dash, write_markdown_and_json
 from edge_runtime.backends import cpu_features, int8_target, open_session
+from edge_runtime.contract import ArtifactManifest, manifest_path_for
 from edge_runtime.decision import decide_batch
 
 from .float_islands import gate_figures
@@ -53,7 +54,6 @@ def run(checkpoint: Path, data: list[Path], out: Path, steps: int, lr: float, sc
     from compression.qat import QATConfig, fidelity_qat
     from compression.quantize import QuantRecipe, nncf_qat_graph
     from exporters.base import Reference
-    from exporters.onnx import integer_convs
     from exporters.pipeline import ExportPipeline, ExportPlan, load_inputs
     from training.models import ExportModule
 
@@ -95,7 +95,8 @@ def run(checkpoint: Path, data: list[Path], out: Path, steps: int, lr: float, sc
         row = {"artifact": label, "status": record.status, "path": record.path, "error": record.error}
         if record.status == "ok":
             row.update(gate_figures(Path(record.path)))
-            row["integer_convs"], row["convs"] = integer_convs(Path(record.path))
+            counted = ArtifactManifest.from_json(manifest_path_for(record.path).read_text()).quantization
+            row["integer_convs"], row["convs"] = counted.integer_kernels, counted.convolutions
         rows.append(row)
     timed = [Path(fp32.path)] + [Path(r["path"]) for r in rows if r["status"] == "ok"]
     sessions = [open_session(p, allow_ungated=True, threads=threads) for p in timed]

@@ -239,3 +239,25 @@ def test_low3_equal_timestamps_do_not_make_the_visit_depend_on_insert_order():
 def test_medium5_wire_schema_refuses_a_grade_that_contradicts_the_referral():
     with pytest.raises(ValueError, match="contradicts the referral"):
         graded(grade=4, probabilities=(0.35, 0.25, 0.0, 0.0, 0.40), confidence=0.40, referable=False, threshold=0.5)
+
+
+def test_quantization_counts_are_integers_and_older_manifests_still_load():
+    from edge_runtime.contract import ArtifactManifest, QuantizationInfo
+    from edge_runtime.errors import ManifestError
+
+    old = ArtifactManifest(model_name="m", model_version="v", format="onnx").to_dict()
+    old["schema_version"] = 3  # before the counts: the integer-kernel count lived in the notes' prose
+    old["quantization"] = {"precision": "int8", "recipe": "ort",
+                           "notes": "0 of 51 weighted layers in float; ONNX Runtime runs 50 of 50 convolutions"}
+    loaded = ArtifactManifest.from_dict(old).quantization
+    assert loaded.integer_kernels is None and loaded.fully_integer is None and loaded.float_layers == ()
+
+    info = QuantizationInfo("int8", "ort", weighted_layers=51, float_layers=["/conv_head/Conv"], convolutions=50,
+                            integer_kernels=49)
+    assert info.float_layers == ("/conv_head/Conv",) and info.fully_integer is False
+    assert info.describe() == ("1 of 51 weighted layers in float (/conv_head/Conv); "
+                               "49 of 50 convolutions run as integer kernels")
+    with pytest.raises(ManifestError, match="count"):
+        QuantizationInfo("int8", integer_kernels=2.5)
+    with pytest.raises(ManifestError, match="exceeds"):
+        QuantizationInfo("int8", convolutions=3, integer_kernels=4)
