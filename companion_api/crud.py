@@ -23,6 +23,7 @@ from edge_runtime.wire import (
 )
 
 from .core.security import hash_token, new_token
+from .imaging import OVERLAY_MAX_PIXELS, DecodeSlots
 from .models import Principal, Result
 from .schemas import EncounterPublic, ResultPublic, SyncEntry, SyncItemStatus
 
@@ -69,21 +70,37 @@ def _decode(data: str | None, limit: int, what: str) -> bytes | None:
         raise ValueError(f"{what} is not valid base64") from exc
 
 
-def _check_images(overlay: bytes | None, image: bytes | None, max_bytes: int) -> str | None:
-    """Overlays are shown to reviewers: they must be real, size-limited PNGs (no bombs, no polyglots)."""
+def _check_images(overlay: bytes | None, image: bytes | None, max_bytes: int, max_pixels: int,
+                  slots: DecodeSlots) -> str | None:
+    """Overlays are shown to reviewers: real PNGs of display size, decoded in full (no bombs, no polyglots) in a
+    decode slot. The raw capture is kept, never shown: an accepted format whose header is within the pixel limit.
+    Both headers are read before anything is decoded."""
     from edge_runtime.errors import ImageError
-    from edge_runtime.preprocess import decode_image
+    from edge_runtime.preprocess import check_image_header, decode_image
 
-    for name, data in (("overlay", overlay), ("image", image)):
-        if data is None:
-            continue
-        if name == "overlay" and data[:8] != b"\x89PNG\r\n\x1a\n":
+    try:
+        if image is not None:
+            check_image_header(image, max_bytes, max_pixels)
+    except ImageError as exc:
+        return f"image: {exc}"
+    if overlay is None:
+        return None
+    try:
+        if check_image_header(overlay, max_bytes, OVERLAY_MAX_PIXELS).format != "PNG":
             return "overlay is not a PNG"
-        try:
-            decode_image(data, max_bytes, 25_000_000)
-        except ImageError as exc:
-            return f"{name}: {exc}"
+        with slots.held():
+            decode_image(overlay, max_bytes, OVERLAY_MAX_PIXELS)
+    except ImageError as exc:
+        return f"overlay: {exc}"
     return None
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What a synced image may weigh: bytes (encoded) and width x height (from its header)."""
+
+    max_bytes: int
+    max_pixels: int
 
 
 @dataclass(frozen=True)
@@ -115,8 +132,8 @@ class _Candidate:
     image: bytes | None
 
 
-def _check_entry(index: int, entry: SyncEntry, device: str, window: CaptureWindow,
-                 max_image_bytes: int) -> _Candidate | SyncItemStatus:
+def _check_entry(index: int, entry: SyncEntry, device: str, window: CaptureWindow, limits: ImageLimits,
+                 slots: DecodeSlots) -> _Candidate | SyncItemStatus:
     raw_id = entry.result.get("result_id")
     rid = raw_id if isinstance(raw_id, str) and re.fullmatch(RESULT_ID, raw_id) else ""
     try:
@@ -130,11 +147,11 @@ def _check_entry(index: int, entry: SyncEntry, device: str, window: CaptureWindo
         return SyncItemStatus(result_id=rid, status="rejected",
                               detail="content_hash does not match the result; send ScreeningResult.content_hash()")
     try:
-        overlay = _decode(entry.overlay_png_b64, max_image_bytes, "overlay")
-        image = _decode(entry.image_b64, max_image_bytes, "image")
+        overlay = _decode(entry.overlay_png_b64, limits.max_bytes, "overlay")
+        image = _decode(entry.image_b64, limits.max_bytes, "image")
     except ValueError as exc:
         return SyncItemStatus(result_id=rid, status="rejected", detail=str(exc))
-    problem = _check_images(overlay, image, max_image_bytes)
+    problem = _check_images(overlay, image, limits.max_bytes, limits.max_pixels, slots)
     if problem:
         return SyncItemStatus(result_id=rid, status="rejected", detail=problem)
     return _Candidate(index, result, canonical, entry.content_hash, overlay, image)
@@ -158,8 +175,8 @@ def _insert_ignoring_conflicts(session: Session, rows: list[dict]) -> set[str]:
     return set(session.scalars(statement, rows))
 
 
-def store_batch(*, session: Session, device: str, entries: list[SyncEntry], max_image_bytes: int,
-                window: CaptureWindow) -> list[SyncItemStatus]:
+def store_batch(*, session: Session, device: str, entries: list[SyncEntry], limits: ImageLimits,
+                window: CaptureWindow, slots: DecodeSlots) -> list[SyncItemStatus]:
     """Idempotent on (device, result UUID), one transaction: same id + content -> duplicate; different -> conflict.
 
     Rows are inserted in result-id order with ON CONFLICT DO NOTHING, so two batches holding the same ids in
@@ -169,7 +186,7 @@ def store_batch(*, session: Session, device: str, entries: list[SyncEntry], max_
     statuses: dict[int, SyncItemStatus] = {}
     candidates: list[_Candidate] = []
     for index, entry in enumerate(entries):
-        checked = _check_entry(index, entry, device, window, max_image_bytes)
+        checked = _check_entry(index, entry, device, window, limits, slots)
         if isinstance(checked, SyncItemStatus):
             statuses[index] = checked
         else:

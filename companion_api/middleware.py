@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Awaitable, Callable
 from urllib.parse import unquote_to_bytes
+
+import anyio
 
 Scope = dict
 SECURITY_HEADERS = [
@@ -15,6 +19,9 @@ PAGE_CSP = (b"default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; for
             b"frame-ancestors 'none'; base-uri 'none'")
 # Swagger UI (/docs) loads its script and styles from a CDN; it still may not be framed.
 DOCS_CSP = b"frame-ancestors 'none'"
+# The web app (/app/) runs its own scripts and WebAssembly (ONNX Runtime Web) from this origin, nothing else.
+APP_CSP = (b"default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self' blob:; img-src 'self' blob: data:; "
+           b"media-src 'self' blob: mediastream:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
 
 async def _send_json(send, status: int, detail: str, headers: list | None = None) -> None:
@@ -26,14 +33,26 @@ async def _send_json(send, status: int, detail: str, headers: list | None = None
 
 
 class BodyLimitMiddleware:
-    """Counts the bytes actually received (Content-Length or chunked) and answers 413 once ``limit`` is crossed.
+    """Counts the bytes actually received (Content-Length or chunked), bounds how long they may take, and answers
+    before routing once a limit is crossed.
 
-    The body is read here, before routing and before the token is looked up, and replayed to the app: a client
-    without a valid token can make the server hold at most ``limit`` bytes, whatever it claims or streams.
+    The body is read here, before routing, and replayed to the app. A request without a valid token may send at
+    most ``preauth_limit`` bytes within ``preauth_timeout_s``: past that, ``authenticate`` (a token lookup, off the
+    event loop) must accept its token, else it is answered 413 and the connection closed; so a client without a
+    token cannot make the server hold more than a few KB per connection, nor hold a connection open by stalling.
+    An authenticated body may reach ``limit`` bytes within ``timeout_s``, with at most ``idle_timeout_s`` between
+    two chunks (408 otherwise).
     """
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, preauth_limit: int = 64 * 1024, preauth_timeout_s: float = 10.0,
+                 timeout_s: float = 120.0, idle_timeout_s: float = 30.0,
+                 authenticate: Callable[[Scope], Awaitable[bool]] | None = None):
+        self.app, self.limit, self.preauth_limit = app, limit, min(preauth_limit, limit)
+        self.preauth_timeout_s, self.timeout_s, self.idle_timeout_s = preauth_timeout_s, timeout_s, idle_timeout_s
+        self.authenticate = authenticate
+
+    async def _authenticated(self, scope: Scope) -> bool:
+        return self.authenticate is not None and await self.authenticate(scope)
 
     async def __call__(self, scope: Scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -42,18 +61,34 @@ class BodyLimitMiddleware:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await _send_json(send, 413, too_big)
+        limit, started = self.preauth_limit, time.monotonic()
+        deadline = started + self.preauth_timeout_s
+        if length is not None and int(length) > limit:  # announced: decide before reading a byte of it
+            if not await self._authenticated(scope):
+                return await _send_json(send, 413, f"request body over {limit} bytes without a valid token")
+            limit, deadline = self.limit, started + self.timeout_s
         messages, size = [], 0
         while True:
+            wait = min(self.idle_timeout_s, deadline - time.monotonic())
             try:
-                message = await receive()
+                with anyio.fail_after(max(wait, 0.001)):
+                    message = await receive()
+            except TimeoutError:
+                return await _send_json(send, 408, "the request body arrived too slowly; send it again")
             except Exception:  # noqa: BLE001 - a broken body stream is the client's error, as FastAPI answers it
                 return await _send_json(send, 400, "the request body could not be read")
             if message["type"] == "http.disconnect":
                 messages.append(message)
                 break
             size += len(message.get("body", b""))
-            if size > self.limit:
-                return await _send_json(send, 413, too_big)
+            if size > limit:
+                if limit == self.limit:
+                    return await _send_json(send, 413, too_big)
+                if not await self._authenticated(scope):
+                    return await _send_json(send, 413, f"request body over {limit} bytes without a valid token")
+                limit, deadline = self.limit, started + self.timeout_s
+                if size > limit:
+                    return await _send_json(send, 413, too_big)
             messages.append(message)
             if not message.get("more_body", False):
                 break
@@ -86,6 +121,7 @@ class HardeningMiddleware:
             return await _send_json(send, 422, "the request path or query holds NUL bytes or invalid UTF-8")
         path = scope["path"]
         csp = DOCS_CSP if path.startswith(("/docs", "/redoc")) else PAGE_CSP
+        csp = APP_CSP if path == "/app" or path.startswith("/app/") else csp
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":

@@ -20,6 +20,10 @@ class UnreadableImageError(ImageError):
     """The bytes are not a decodable image (empty, truncated, wrong format, polyglot)."""
 
 
+class UnsupportedImageFormatError(UnreadableImageError):
+    """The bytes are an image format the product does not accept (only JPEG, PNG and WebP are)."""
+
+
 class ImageTooLargeError(ImageError):
     """The image exceeds the byte or pixel limit (decompression-bomb guard)."""
 

@@ -15,7 +15,13 @@ import cv2
 import numpy as np
 
 from .contract import PreprocessPolicy
-from .errors import ImageTooLargeError, NoFundusError, UnreadableImageError
+from .errors import (
+    ImageError,
+    ImageTooLargeError,
+    NoFundusError,
+    UnreadableImageError,
+    UnsupportedImageFormatError,
+)
 
 MAX_IMAGE_BYTES = 40 * 1024 * 1024  # a 24 MP camera JPEG is ~10 MB
 MAX_IMAGE_PIXELS = 50_000_000  # decompression-bomb guard, checked from the header before decoding
@@ -56,26 +62,61 @@ class Preprocessed:
         return float(np.clip(x / w, 0, 1)), float(np.clip(y / h, 0, 1))
 
 
+# The formats a fundus camera or phone hands over, by Pillow's format name: JPEG (MPO is a multi-picture JPEG),
+# PNG and WebP. Everything else OpenCV could decode (TIFF, HDR, JPEG 2000, GIF, PFM, ...) is refused before any
+# pixel is decoded: those decoders allocate the full image before a size check can run.
+ACCEPTED_IMAGE_FORMATS = {"JPEG": (".jpg", ".jpeg"), "MPO": (), "PNG": (".png",), "WEBP": (".webp",)}
+IMAGE_SUFFIXES = tuple(suffix for suffixes in ACCEPTED_IMAGE_FORMATS.values() for suffix in suffixes)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read without decoding pixels."""
+
+    format: str  # Pillow's name: JPEG, MPO, PNG or WEBP
+    size: tuple[int, int]  # (width, height) as stored (before EXIF rotation)
+
+    @property
+    def is_jpeg(self) -> bool:
+        return self.format in ("JPEG", "MPO")
+
+
+def read_image_header(data: bytes) -> ImageHeader:
+    """Format and (width, height) from the header with Pillow's lazy ``Image.open`` (a maintained parser: it skips
+    ``FF`` fill bytes in JPEG marker streams, checks PNG chunk CRCs), restricted to :data:`ACCEPTED_IMAGE_FORMATS`.
+
+    Raises:
+        UnsupportedImageFormatError: not a JPEG, PNG or WebP (including formats OpenCV would decode).
+        UnreadableImageError: an accepted format whose header is broken.
+        ImageTooLargeError: Pillow's own decompression-bomb limit was crossed while reading the header.
+    """
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller compares with its own limit
+            with Image.open(io.BytesIO(data), formats=[f for f in ACCEPTED_IMAGE_FORMATS if f != "MPO"]) as image:
+                return ImageHeader(str(image.format), (int(image.size[0]), int(image.size[1])))
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image header declares too many pixels ({exc}); downscale it before grading") from exc
+    except UnidentifiedImageError as exc:
+        raise UnsupportedImageFormatError(
+            f"not a JPEG, PNG or WebP image ({len(data)} bytes, starts {data[:8]!r}); fundus photos are accepted in "
+            "those formats only: export or convert the photo to JPEG or PNG") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise UnreadableImageError(f"the image header is broken ({type(exc).__name__}); re-capture or re-export "
+                                   "the photo") from exc
+
+
 def image_size_from_header(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG or JPEG header without decoding pixels; None if not recognised."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        return struct.unpack(">II", data[16:24])
-    if data[:2] == b"\xff\xd8":
-        i = 2
-        while i + 9 < len(data):
-            if data[i] != 0xFF:
-                i += 1
-                continue
-            marker = data[i + 1]
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-                i += 2
-                continue
-            seg_len = struct.unpack(">H", data[i + 2:i + 4])[0]
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                h, w = struct.unpack(">HH", data[i + 5:i + 9])
-                return w, h
-            i += 2 + seg_len
-    return None
+    """(width, height) from an accepted image's header without decoding pixels; None if not an accepted image."""
+    try:
+        return read_image_header(data).size
+    except ImageError:
+        return None
 
 
 # libjpeg decodes at 1/2, 1/4 or 1/8 scale by dropping DCT coefficients: cheaper than decoding every pixel and
@@ -90,30 +131,45 @@ def jpeg_reduction(size: tuple[int, int] | None, min_side: int | None) -> int:
     return next((factor for factor, _ in _REDUCED_FLAGS if min(size) // factor >= min_side), 1)
 
 
-def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
-                 min_side: int | None = None) -> np.ndarray:
-    """Decode bytes to an 8-bit BGR image, honouring EXIF orientation.
-
-    Grayscale is expanded to 3 channels, 16-bit is scaled to 8-bit, alpha is composited on black
-    (a fundus photo's surround is black). With ``min_side``, a JPEG much larger than needed is decoded at a
-    reduced scale (1/2, 1/4, 1/8) whose shorter side is still >= ``min_side`` pixels.
+def check_image_header(data: bytes, max_bytes: int = MAX_IMAGE_BYTES,
+                       max_pixels: int = MAX_IMAGE_PIXELS) -> ImageHeader:
+    """The checks that precede any decode: bytes, accepted format, and width x height from the header.
 
     Raises:
-        UnreadableImageError: empty, truncated or non-image bytes.
-        ImageTooLargeError: over ``max_bytes`` or ``max_pixels``.
+        UnreadableImageError: empty bytes or a broken header (UnsupportedImageFormatError: not JPEG, PNG or WebP).
+        ImageTooLargeError: over ``max_bytes``, or the header declares more than ``max_pixels``.
     """
     if not data:
         raise UnreadableImageError("image is empty (0 bytes); re-capture or check the file")
     if len(data) > max_bytes:
         raise ImageTooLargeError(f"image is {len(data) / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit")
-    size = image_size_from_header(data)
-    if size and size[0] * size[1] > max_pixels:
+    header = read_image_header(data)
+    width, height = header.size
+    if width * height > max_pixels:
         raise ImageTooLargeError(
-            f"image is {size[0]}x{size[1]} = {size[0] * size[1] / 1e6:.0f} MP, over the {max_pixels / 1e6:.0f} MP limit; "
+            f"image is {width}x{height} = {width * height / 1e6:.0f} MP, over the {max_pixels / 1e6:.0f} MP limit; "
             "downscale it before grading"
         )
+    return header
+
+
+def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
+                 min_side: int | None = None) -> np.ndarray:
+    """Decode bytes to an 8-bit BGR image, honouring EXIF orientation.
+
+    Only JPEG, PNG and WebP are accepted, and their header's width x height is checked against ``max_pixels``
+    before any pixel is decoded (:func:`check_image_header`). Grayscale is expanded to 3 channels, 16-bit is
+    scaled to 8-bit, alpha is composited on black (a fundus photo's surround is black). With ``min_side``, a JPEG
+    much larger than needed is decoded at a reduced scale (1/2, 1/4, 1/8) whose shorter side is still >=
+    ``min_side`` pixels.
+
+    Raises:
+        UnreadableImageError: empty, truncated or non-image bytes (UnsupportedImageFormatError: another format).
+        ImageTooLargeError: over ``max_bytes`` or ``max_pixels``.
+    """
+    header = check_image_header(data, max_bytes, max_pixels)
     buf = np.frombuffer(data, dtype=np.uint8)
-    factor = jpeg_reduction(size, min_side) if data[:2] == b"\xff\xd8" else 1
+    factor = jpeg_reduction(header.size, min_side) if header.is_jpeg else 1
     if factor > 1:  # 8-bit colour JPEG; reduced decoding still applies EXIF orientation
         img = cv2.imdecode(buf, dict(_REDUCED_FLAGS)[factor])
     else:
@@ -121,8 +177,9 @@ def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int 
         img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if img is None or img.size == 0:
         raise UnreadableImageError(
-            f"bytes are not a decodable image ({len(data)} bytes, starts {data[:8]!r}); expected JPEG, PNG, TIFF, BMP or WebP"
+            f"bytes are not a decodable {header.format} image ({len(data)} bytes); re-capture or re-export the photo"
         )
+    # OpenCV picks its decoder from the same signature; a decode larger than the header said is refused all the same.
     if img.shape[0] * img.shape[1] > max_pixels:
         raise ImageTooLargeError(f"decoded image is {img.shape[1]}x{img.shape[0]}, over the {max_pixels / 1e6:.0f} MP limit")
     if img.ndim == 3 and img.shape[2] == 4:

@@ -144,13 +144,38 @@ def test_predict_with_gradcam_and_bad_images(server, fundus_bgr):
     r = client.post("/v1/predict", files={"file": ("eye.jpg", encode(fundus_bgr), "image/jpeg")}, headers=auth(tokens["dev-a"]))
     assert r.status_code == 200, r.text
     body = r.json()
-    assert 0 <= body["grade"] <= 4 and "not diagnose" in body["disclaimer"]
-    # Decided at the teacher's val-chosen operating point, through the same decide() as the device.
-    assert body["referable"] == (body["referable_probability"] >= body["threshold"])
-    assert body["outcome"] in ("graded", "uncertain") and "sensitivity" in body["operating_point"]
-    assert base64.b64decode(body["overlay_png_b64"])[:4] == b"\x89PNG"
+    assert "not diagnose" in body["disclaimer"] and body["backend"] == "pytorch"
+    if body["outcome"] == "ungradable":  # the device's quality gate, at the Screener's decode scale, refused it
+        assert body["grade"] is None and body["quality"]["reasons"] and body["overlay_png_b64"] is None
+    else:
+        # Decided at the teacher's val-chosen operating point, through the same decide() as the device.
+        assert 0 <= body["grade"] <= 4 and (body["grade"] >= 2) == (body["referable_probability"] >= body["threshold"])
+        assert body["referable"] == (body["referable_probability"] >= body["threshold"])
+        assert "sensitivity" in body["operating_point"]
+        assert base64.b64decode(body["overlay_png_b64"])[:4] == b"\x89PNG"
     assert client.get(f"/v1/results/{body['result_id']}", headers=auth(tokens["dev-a"])).status_code == 200
     assert client.post("/predict", files={"file": ("x.jpg", b"garbage", "image/jpeg")}, headers=auth(tokens["dev-a"])).status_code == 422
+
+
+@pytest.mark.parametrize("size", [256, 768])
+def test_predict_runs_the_device_screener_path(server, tiny_artifacts, size):
+    """One JPEG gets the same quality verdict and decision from /v1/predict (FP32 teacher) as from a device's
+    Screener on the FP32 ONNX export of the same checkpoint: one decode scale, one gate, one decide()."""
+    from edge_runtime.screen import Screener
+    from training.data.synthetic import generate_fundus
+
+    client, tokens, _ = server
+    data = encode(generate_fundus(3, size, np.random.default_rng(11)).image)
+    device = Screener.from_artifact(tiny_artifacts[0][("onnx", "fp32")].path, allow_ungated=True).screen_bytes(data)
+    r = client.post("/v1/predict", files={"file": ("eye.jpg", data, "image/jpeg")}, headers=auth(tokens["dev-a"]))
+    assert r.status_code == 200, r.text
+    body, expected = r.json(), device.result
+    assert body["quality"]["gradable"] == expected.quality.gradable
+    assert body["quality"]["reasons"] == list(expected.quality.reasons)
+    assert body["quality"]["metrics"] == pytest.approx(expected.quality.metrics, rel=1e-6, abs=1e-9)
+    assert (body["outcome"], body["grade"], body["referable"]) == (expected.outcome, expected.grade, expected.referable)
+    if expected.probabilities is not None:
+        assert body["probabilities"] == pytest.approx(expected.probabilities, abs=1e-4)
 
 
 def test_insight_guideline_fallback_is_cached(server):

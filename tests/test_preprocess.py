@@ -1,5 +1,6 @@
 import io
 import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -77,10 +78,13 @@ def test_truncated_jpeg_raises(fundus_bgr):
 
 def test_decompression_bomb_rejected_from_header():
     # A PNG header claiming 60000 x 60000 pixels: refused before any decoding.
-    header = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">II", 60000, 60000) + b"\x08\x02\x00\x00\x00"
-    assert image_size_from_header(header) == (60000, 60000)
+    ihdr = b"IHDR" + struct.pack(">II", 9000, 9000) + b"\x08\x02\x00\x00\x00"
+    header = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+    idat = b"IDAT" + zlib.compress(b"\x00" * 1000)
+    png = header + struct.pack(">I", len(idat) - 4) + idat + struct.pack(">I", zlib.crc32(idat))
+    assert image_size_from_header(png) == (9000, 9000)
     with pytest.raises(ImageTooLargeError, match="MP"):
-        decode_image(header + b"\x00" * 100)
+        decode_image(png)
     with pytest.raises(ImageTooLargeError):
         decode_image(b"\xff\xd8" + b"\x00" * 100, max_bytes=50)
 

@@ -14,12 +14,23 @@ class Settings(BaseSettings):
     DATABASE_URL: str = "sqlite:///./retinaedge.db"  # postgresql://user@host/db in production
     REDIS_URL: str | None = None  # shared rate-limit counters across workers; in-process when unset
     RATE_LIMIT: str = "600/minute"  # per token
-    AUTH_FAILURE_LIMIT: str = "30/minute"  # wrong or missing tokens per client address (guessing is throttled)
+    AUTH_FAILURE_LIMIT: str = "30/minute"  # wrong tokens per client address (guessing is throttled; valid tokens pass)
+    # Reverse proxies whose X-Forwarded-For is believed (IPs or networks, e.g. ["10.0.0.0/8"]); the failure limit then
+    # counts per forwarded client instead of per proxy. Empty: the peer address counts.
+    TRUSTED_PROXIES: list[str] = Field(default_factory=list)
     REDIS_RETRY_S: float = 30.0  # with Redis down, limits are in-process; try Redis again this often
     MAX_BODY_BYTES: int = 25 * 1024 * 1024
+    # Before its token is accepted a request may send this much body, within this time; then it is answered.
+    PREAUTH_BODY_BYTES: int = Field(default=64 * 1024, ge=1024)
+    PREAUTH_BODY_TIMEOUT_S: float = Field(default=10.0, gt=0)
+    BODY_TIMEOUT_S: float = Field(default=120.0, gt=0)  # a whole authenticated body (25 MB at ~2 Mbit/s)
+    BODY_IDLE_TIMEOUT_S: float = Field(default=30.0, gt=0)  # the longest pause between two chunks of a body
     MAX_IMAGE_BYTES: int = 15 * 1024 * 1024
     MAX_IMAGE_PIXELS: int = 40_000_000
     MAX_SYNC_ITEMS: int = 200
+    # Image decodes in flight per worker (predict and sync overlays): what bounds a worker's memory, not the requests.
+    DECODE_CONCURRENCY: int = Field(default=2, ge=1, le=64)
+    DECODE_WAIT_S: float = Field(default=30.0, gt=0)  # then 503 + Retry-After instead of an endless queue
     # Plausible capture window: results dated before CAPTURED_AT_MIN or more than CAPTURED_AT_MAX_FUTURE_S after
     # the server received them are rejected (a clock reset to 9999 or 0001 must not take the history down).
     CAPTURED_AT_MIN: datetime = datetime(2000, 1, 1, tzinfo=timezone.utc)

@@ -25,7 +25,7 @@ def insight(result_id: str, caller: CallerDep, session: SessionDep, request: Req
     if cached is None:
         payload = json.loads(row.payload)
         body, source = make_insight(request.app.state.settings, row.grade, row.confidence, payload.get("quality", {}),
-                                    payload.get("cam_peak"), row.outcome)
+                                    payload.get("cam_peak"), row.outcome, row.dme_present, row.dme_probability)
         cached = Insight(device=row.device, result_id=row.result_id, source=source, body=body.model_dump_json())
         session.add(cached)
         audit(session, caller, "insight", row.result_id, source)

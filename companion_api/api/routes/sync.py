@@ -3,8 +3,9 @@ from datetime import datetime, timedelta, timezone
 from fastapi import APIRouter, HTTPException, Request
 from sqlalchemy.exc import DBAPIError
 
-from ...crud import CaptureWindow, store_batch
+from ...crud import CaptureWindow, ImageLimits, store_batch
 from ...errors import RetryableDatabaseError, is_retryable
+from ...imaging import DecodeBusyError
 from ...schemas import SyncRequest, SyncResponse
 from ..deps import DeviceDep, SessionDep, audit
 
@@ -27,10 +28,14 @@ def sync(body: SyncRequest, caller: DeviceDep, session: SessionDep, request: Req
     for attempt in range(ATTEMPTS):
         try:
             items = store_batch(session=session, device=caller.name, entries=body.results,
-                                max_image_bytes=settings.MAX_IMAGE_BYTES, window=window)
+                                limits=ImageLimits(settings.MAX_IMAGE_BYTES, settings.MAX_IMAGE_PIXELS), window=window,
+                                slots=request.app.state.decode_slots)
             audit(session, caller, "sync", None, f"{sum(i.status == 'stored' for i in items)} stored of {len(items)}")
             session.commit()
             return SyncResponse(items=items)
+        except DecodeBusyError as exc:
+            session.rollback()
+            raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from exc
         except DBAPIError as exc:
             session.rollback()
             if not is_retryable(exc):
