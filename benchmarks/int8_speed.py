@@ -96,6 +96,23 @@ def time_interleaved(sessions: list, rounds: int, per_round: int = 10, warmup: i
     return samples
 
 
+def add_speedups(fp32: Path, rows: list[dict], threads: int, runs: int) -> float:
+    """Time the FP32 artifact and every exported row's artifact (``row["path"]``, rows with status "ok"), samples
+    interleaved; fill each row's ``p50_ms`` and ``speedup`` over FP32 and return FP32's p50 (ms)."""
+    from edge_runtime.backends import open_session
+
+    timed = [Path(fp32)] + [Path(r["path"]) for r in rows if r["status"] == "ok"]
+    sessions = [open_session(p, allow_ungated=True, threads=threads) for p in timed]
+    samples = time_interleaved(sessions, rounds=max(1, runs // 10))
+    p50 = {str(p): float(np.percentile(s, 50)) for p, s in zip(timed, samples, strict=True)}
+    fp32_p50 = p50[str(Path(fp32))]
+    for row in rows:
+        if row["status"] == "ok":
+            row["p50_ms"] = p50[str(Path(row["path"]))]
+            row["speedup"] = fp32_p50 / row["p50_ms"]
+    return fp32_p50
+
+
 def option_grid(threads: int) -> dict[str, list[RuntimeOptions]]:
     """Session options compared per format; the fastest becomes the device's recorded setting."""
     onnx = [RuntimeOptions(threads=threads, graph_optimization=level, execution_mode=mode)

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from benchmarks.device import fingerprint
-from benchmarks.int8_speed import time_interleaved
+from benchmarks.int8_speed import add_speedups
 from benchmarks.report import number_or_dash, write_markdown_and_json
-from edge_runtime.backends import cpu_features, int8_target, open_session
+from edge_runtime.backends import cpu_features, int8_target
 from edge_runtime.contract import ArtifactManifest, manifest_path_for
 from edge_runtime.decision import decide_batch
 
@@ -98,15 +98,7 @@ def run(checkpoint: Path, data: list[Path], out: Path, steps: int, lr: float, sc
             counted = ArtifactManifest.from_json(manifest_path_for(record.path).read_text()).quantization
             row["integer_convs"], row["convs"] = counted.integer_kernels, counted.convolutions
         rows.append(row)
-    timed = [Path(fp32.path)] + [Path(r["path"]) for r in rows if r["status"] == "ok"]
-    sessions = [open_session(p, allow_ungated=True, threads=threads) for p in timed]
-    samples = time_interleaved(sessions, rounds=max(1, runs // 10))
-    p50 = {str(p): float(np.percentile(s, 50)) for p, s in zip(timed, samples, strict=True)}
-    fp32_p50 = p50[str(Path(fp32.path))]
-    for row in rows:
-        if row["status"] == "ok":
-            row["p50_ms"] = p50[str(Path(row["path"]))]
-            row["speedup"] = fp32_p50 / row["p50_ms"]
+    fp32_p50 = add_speedups(Path(fp32.path), rows, threads, runs)
     return {"device": fingerprint(), "cpu_features": features.to_dict(), "target": target, "threads": threads,
             "load_average": os.getloadavg(), "checkpoint": str(checkpoint), "data": [str(d) for d in data],
             "qat": {"steps": steps, "lr": lr, "schedule": schedule, "margin_weight": margin_weight,
