@@ -16,7 +16,8 @@ INPUT_NAME = "input"
 # Key of the manifest in ONNX metadata_props, the TFLite Metadata table and CoreML user-defined metadata.
 MANIFEST_METADATA_KEY = "retinaedge_manifest"
 # Manifest fields that describe the final file (its hash, a signature over the sidecar), so the copy embedded in
-# that file cannot hold them: the embedded manifest is the sidecar with these set to null (docs/manifest.md).
+# that file cannot hold them: the embedded manifest is the sidecar with these set to null
+# (docs/reference/manifest.md).
 FILE_BOUND_FIELDS = ("sha256", "signature")
 
 

@@ -3,7 +3,7 @@
 ``finalise_manifest`` is the one place a manifest is written. What ``sha256`` covers: the artifact's final
 bytes (every file of a directory artifact), i.e. *with* the embedded manifest in it. The embedded copy cannot
 describe the file that contains it, so it is the sidecar with its file-bound fields (``sha256``, and a
-signature once manifests are signed) set to null; everything else is identical (docs/manifest.md).
+signature once manifests are signed) set to null; everything else is identical (docs/reference/manifest.md).
 """
 from __future__ import annotations
 

@@ -28,8 +28,9 @@ from edge_runtime.backends import cpu_features, int8_target, open_session
 from edge_runtime.preprocess import level_step
 
 # Lite0 stages (timm ``blocks.0`` .. ``blocks.6``): the later ones hold few MACs and the lowest SQNR (11-13 dB against
-# 30 dB after the stem, docs/model_card.md); the residual Adds and the linear projections (``conv_pwl``) carry
-# unbounded activations that share one per-tensor scale; the stem sees the input, which INT8 rounds.
+# 30 dB after the stem, docs/studies/2026-11-25_per_format_referral.md); the residual Adds and the linear
+# projections (``conv_pwl``) carry unbounded activations that share one per-tensor scale; the stem sees the
+# input, which INT8 rounds.
 DEFAULT_VARIANTS: dict[str, tuple[str, ...]] = {
     "full_int8": (),
     "stem": ("conv_stem",),  # the stem in float also leaves the input unquantized

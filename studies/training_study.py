@@ -1,4 +1,4 @@
-"""One table of several training runs, each evaluated on the same test split: the study tables of docs/.
+"""One table of several training runs, each evaluated on the same test split (the tables of docs/studies/).
 
     python -m studies.training_study runs/study18/l0_imagenet runs/study18/l0_random ... \\
         --data ../shared/data/messidor2 --baseline l0_imagenet --out reports/study18

@@ -137,8 +137,9 @@ STUDY18_CONFIGS = sorted((Path(__file__).parents[1] / "training" / "configs" / "
 
 @pytest.mark.parametrize("path", STUDY18_CONFIGS, ids=lambda p: p.name)
 def test_study18_configs_resolve(path, tmp_path):
-    """docs/training_study.md's YAMLs: pre_*.yaml are PretrainConfigs; a fine-tuning run's init_from names the
-    backbone a pretraining YAML of the same folder writes (stood in for here, since it exists only after that run)."""
+    """The YAMLs of docs/studies/2026-11-25_heads_camaug_init.md: pre_*.yaml are PretrainConfigs; a
+    fine-tuning run's init_from names the backbone a pretraining YAML of the same folder writes (stood in for
+    here, since it exists only after that run)."""
     from training.models import get_model_cfg
     from training.pretrain import PretrainConfig
 

@@ -55,7 +55,7 @@ class TrainConfig:
     # Per-pixel Gaussian sensor noise, sigma drawn per photo in [0, sensor_noise] 8-bit levels, then rounded to 8 bits
     # as a device's input is (0: off). A Lite0's referrals flip under invisible noise (sigma 0.25 levels: 6 of 246 val
     # photos), as under INT8's rounding; with sensor_noise 3 its logits moved half as far, but as many referrals
-    # flipped (docs/model_card.md), so it stays off by default.
+    # flipped (docs/studies/2026-11-25_int8_float_islands.md), so it stays off by default.
     sensor_noise: float = 0.0
     # Stability training (Zheng et al. 2016): each step also runs a copy of the batch with Gaussian noise of
     # stability_noise 8-bit levels and adds stability_weight x KL(clean || noisy) of the grade distributions. Measured
