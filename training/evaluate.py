@@ -20,6 +20,15 @@ from .models import load_checkpoint
 from .train import choose_dme_point, dme_labels, predict
 
 
+def _scores(model, policy, samples, cache_dir: str):
+    """(reference grades, grade logits, DME logits or None) of ``samples`` on the CPU, at the model's preprocessing."""
+    y = np.array([s.grade for s in samples])
+    images = cache_images(samples, policy, cache_dir, False)
+    logits, dme_logits = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=32),
+                                 torch.device("cpu"), heads=True)
+    return y, logits, dme_logits
+
+
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cache_dir: str = ".cache/retinaedge",
              out: str | Path | None = None, with_scores: bool = False) -> dict:
     """Metrics of a checkpoint on one split at its recorded operating point; JSON, confusion and ROC PNGs in ``out``.
@@ -31,10 +40,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cach
     samples = select(assign_splits(read_dataset(data)), split)
     if not samples:
         raise ValueError(f"{data} has no {split!r} split")
-    images = cache_images(samples, policy, cache_dir, False)
-    y = np.array([s.grade for s in samples])
-    logits, dme_logits = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=32),
-                                 torch.device("cpu"), heads=True)
+    y, logits, dme_logits = _scores(model, policy, samples, cache_dir)
     point = meta.operating_point
     dme = {}
     if dme_logits is not None:  # DME metrics on the photos this folder labels (none: only the referral count)
@@ -74,10 +80,7 @@ def choose_point_for_checkpoint(checkpoint: str | Path, data: list[str | Path], 
     samples = [s for root in data for s in select(assign_splits(read_dataset(root)), split)]
     if not samples:
         raise ValueError(f"no {split!r} photos in {[str(d) for d in data]}")
-    images = cache_images(samples, policy, cache_dir, False)
-    y = np.array([s.grade for s in samples])
-    logits, dme_logits = predict(model, DataLoader(FundusDataset(images, y, policy), batch_size=32),
-                                 torch.device("cpu"), heads=True)
+    y, logits, dme_logits = _scores(model, policy, samples, cache_dir)
     point = choose_operating_point(y, logits, rule=rule, target=target, band_fraction=band_fraction,
                                    fingerprint=fingerprint(samples))
     dme_point = None
