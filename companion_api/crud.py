@@ -5,17 +5,19 @@ import base64
 import binascii
 import json
 import re
+from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from pydantic import ValidationError
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import func, literal, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from edge_runtime.contract import GRADE_NAMES, SCREENING_DISCLAIMER
 from edge_runtime.wire import (
     RESULT_ID,
+    SAFE_ID,
     ScreeningResult,
     content_hash_of,
     encounter_decision,
@@ -24,7 +26,7 @@ from edge_runtime.wire import (
 
 from .core.security import hash_token, new_token
 from .imaging import OVERLAY_MAX_PIXELS, DecodeSlots
-from .models import Principal, Result
+from .models import Encounter, Principal, Result
 from .schemas import EncounterPublic, ResultPublic, SyncEntry, SyncItemStatus
 
 
@@ -176,8 +178,10 @@ def _insert_ignoring_conflicts(session: Session, rows: list[dict]) -> set[str]:
 
 
 def store_batch(*, session: Session, device: str, entries: list[SyncEntry], limits: ImageLimits,
-                window: CaptureWindow, slots: DecodeSlots) -> list[SyncItemStatus]:
+                window: CaptureWindow, slots: DecodeSlots,
+                max_captures: int) -> list[SyncItemStatus]:
     """Idempotent on (device, result UUID), one transaction: same id + content -> duplicate; different -> conflict.
+    A result that would give its encounter more than ``max_captures`` captures is rejected.
 
     Rows are inserted in result-id order with ON CONFLICT DO NOTHING, so two batches holding the same ids in
     opposite orders cannot deadlock on PostgreSQL, and a concurrent insert of the same id is a duplicate/conflict
@@ -203,8 +207,16 @@ def store_batch(*, session: Session, device: str, entries: list[SyncEntry], limi
             fresh[rid] = c
         else:
             statuses[c.index] = _same_or_conflict(rid, earlier, c.content_hash)
+    for rid, c in list(fresh.items()):  # a visit holds a bounded number of captures (its page stays bounded)
+        if not _room_in_encounter(session, device, c.result.encounter_id, fresh, rid, max_captures):
+            statuses[c.index] = SyncItemStatus(
+                result_id=rid, status="rejected",
+                detail=f"encounter {c.result.encounter_id} already holds {max_captures} captures (the most one visit "
+                       "may hold); start a new encounter id")
+            del fresh[rid]
     if fresh:
         inserted = _insert_ignoring_conflicts(session, [_row(device, c, window.received_at) for c in fresh.values()])
+        _count_encounters(session, device, [fresh[rid].result for rid in sorted(inserted)])
         raced = sorted(set(fresh) - inserted)  # stored by a concurrent request between our read and our insert
         winners = dict(session.execute(select(Result.result_id, Result.content_hash)
                                        .where(Result.device == device, Result.result_id.in_(raced))).all()) if raced else {}
@@ -212,6 +224,37 @@ def store_batch(*, session: Session, device: str, entries: list[SyncEntry], limi
             statuses[c.index] = (SyncItemStatus(result_id=rid, status="stored") if rid in inserted
                                  else _same_or_conflict(rid, winners.get(rid, ""), c.content_hash))
     return [statuses[i] for i in range(len(entries))]
+
+
+def _room_in_encounter(session: Session, device: str, encounter_id: str | None, fresh: dict[str, _Candidate],
+                       rid: str, max_captures: int) -> bool:
+    """Whether one more capture fits the visit: those stored plus those of this batch ahead of it. (Concurrent
+    batches of one device can overshoot by at most one batch: the bound is on a page's size, not an invariant.)"""
+    if encounter_id is None:
+        return True
+    stored = session.scalar(select(Encounter.captures).where(Encounter.device == device,
+                                                             Encounter.encounter_id == encounter_id)) or 0
+    ahead = sum(1 for other, c in fresh.items() if other < rid and c.result.encounter_id == encounter_id)
+    return stored + ahead < max_captures
+
+
+def _count_encounters(session: Session, device: str, results: list[ScreeningResult]) -> None:
+    """Add the stored results to their visits (last capture time, capture count), in key order (no deadlocks)."""
+    visits: dict[str, list[datetime]] = defaultdict(list)
+    for r in results:
+        if r.encounter_id is not None:
+            visits[r.encounter_id].append(r.captured_at)
+    if not visits:
+        return
+    postgres = session.get_bind().dialect.name == "postgresql"
+    dialect = postgresql if postgres else sqlite
+    rows = [{"device": device, "encounter_id": e, "last_captured_at": max(times), "captures": len(times)}
+            for e, times in sorted(visits.items())]
+    statement = dialect.insert(Encounter)
+    latest = (func.greatest if postgres else func.max)(Encounter.last_captured_at, statement.excluded.last_captured_at)
+    session.execute(statement.on_conflict_do_update(
+        index_elements=[Encounter.device, Encounter.encounter_id],
+        set_={"last_captured_at": latest, "captures": Encounter.captures + statement.excluded.captures}), rows)
 
 
 def _same_or_conflict(result_id: str, stored_hash: str, content_hash: str) -> SyncItemStatus:
@@ -263,27 +306,76 @@ def _filtered(query, *, device, grade, referable, since, until, dme=None):
     return query
 
 
+class InvalidCursorError(ValueError):
+    """A page cursor that this server did not hand out (or for another view)."""
+
+
+def encode_cursor(at: datetime, device: str, key: str) -> str:
+    """The opaque cursor of the page after the row (at, device, key): key is a result id or an encounter id."""
+    text = json.dumps([at.astimezone(timezone.utc).isoformat(), device, key])
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, key_pattern: str) -> tuple[datetime, str, str]:
+    """(at, device, key) of a cursor; InvalidCursorError for anything this server did not write."""
+    try:
+        at, device, key = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        at = datetime.fromisoformat(at)
+        if at.tzinfo is None or not (isinstance(device, str) and re.fullmatch(SAFE_ID, device)
+                                     and isinstance(key, str) and re.fullmatch(key_pattern, key)):
+            raise ValueError(cursor)
+        return at, device, key
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, OverflowError) as exc:
+        raise InvalidCursorError("invalid page cursor: pass the next_cursor of the previous page, or none") from exc
+
+
+def _after(columns, at: datetime, device: str, key: str, same_device: bool):
+    """Rows after the cursor in the (at, device, key) descending order; with one device fixed, (at, key) compare
+    alone, so the comparison matches the device index (device, at, key)."""
+    at_column, device_column, key_column = columns
+    at_value = literal(at, type_=at_column.type)
+    if same_device:
+        return tuple_(at_column, key_column) < tuple_(at_value, literal(key))
+    return tuple_(at_column, device_column, key_column) < tuple_(at_value, literal(device), literal(key))
+
+
 def query_results(*, session: Session, device: str | None, grade: int | None, referable: bool | None,
-                  since: datetime | None, until: datetime | None, offset: int, limit: int, dme: bool | None = None):
-    """``dme``: only results whose DME head found edema (True) or not (False); DR-only results match neither."""
+                  since: datetime | None, until: datetime | None, limit: int, dme: bool | None = None,
+                  cursor: str | None = None) -> tuple[list[Result], str | None]:
+    """One page of results, newest first, and the cursor of the next page (None on the last one).
+
+    ``dme``: only results whose DME head found edema (True) or not (False); DR-only results match neither. Every
+    filter has an index in this order, so a page reads ``limit + 1`` index entries from the cursor, never the table.
+    """
     query = _filtered(select(Result), device=device, grade=grade, referable=referable, since=since, until=until,
                       dme=dme)
-    count = session.scalar(select(func.count()).select_from(query.subquery()))
-    rows = session.scalars(query.order_by(Result.captured_at.desc(), Result.device, Result.result_id)
-                           .offset(offset).limit(limit)).all()
-    return rows, count
+    columns = (Result.captured_at, Result.device, Result.result_id)
+    if cursor is not None:
+        query = query.where(_after(columns, *decode_cursor(cursor, RESULT_ID), same_device=device is not None))
+    rows = session.scalars(query.order_by(*(c.desc() for c in columns)).limit(limit + 1)).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, encode_cursor(rows[-1].captured_at, rows[-1].device, rows[-1].result_id) if more else None
 
 
 def query_encounters(*, session: Session, device: str | None, since: datetime | None, until: datetime | None,
-                     offset: int, limit: int) -> tuple[list[EncounterPublic], int]:
-    """Encounters (results sharing device + encounter_id), newest visit first, with the per-visit decision."""
-    keys = _filtered(select(Result.device, Result.encounter_id, func.max(Result.captured_at).label("last"))
-                     .where(Result.encounter_id.is_not(None)), device=device, grade=None, referable=None,
-                     since=since, until=until).group_by(Result.device, Result.encounter_id)
-    count = session.scalar(select(func.count()).select_from(keys.subquery()))
-    page = session.execute(keys.order_by(func.max(Result.captured_at).desc(), Result.device, Result.encounter_id)
-                           .offset(offset).limit(limit)).all()
-    pairs = [(k.device, k.encounter_id) for k in page]
+                     limit: int, cursor: str | None = None) -> tuple[list[EncounterPublic], str | None]:
+    """One page of encounters (results sharing device + encounter_id), newest visit first (by its last capture;
+    ``since``/``until`` select on it), each with every capture and the per-visit decision; and the next cursor."""
+    query = select(Encounter)
+    if device is not None:
+        query = query.where(Encounter.device == device)
+    if since is not None:
+        query = query.where(Encounter.last_captured_at >= since)
+    if until is not None:
+        query = query.where(Encounter.last_captured_at <= until)
+    columns = (Encounter.last_captured_at, Encounter.device, Encounter.encounter_id)
+    if cursor is not None:
+        query = query.where(_after(columns, *decode_cursor(cursor, SAFE_ID), same_device=device is not None))
+    visits = session.scalars(query.order_by(*(c.desc() for c in columns)).limit(limit + 1)).all()
+    more = len(visits) > limit
+    visits = visits[:limit]
+    pairs = [(v.device, v.encounter_id) for v in visits]
     rows = session.scalars(select(Result).where(tuple_(Result.device, Result.encounter_id).in_(pairs))).all() if pairs else []
     grouped: dict[tuple[str, str], list[Result]] = {pair: [] for pair in pairs}
     for row in rows:
@@ -291,9 +383,10 @@ def query_encounters(*, session: Session, device: str | None, since: datetime | 
     out = []
     for (dev, encounter), members in grouped.items():
         decision = encounter_decision(members)
-        members.sort(key=lambda r: r.captured_at, reverse=True)
+        members.sort(key=lambda r: (r.captured_at, r.result_id), reverse=True)
         eyes = {eye: to_public(row) for eye, row in decision.eyes.items()}
         out.append(EncounterPublic(device=dev, encounter_id=encounter, decision=decision.decision, reason=decision.reason,
                                    left=eyes.get("left"), right=eyes.get("right"),
                                    results=[to_public(r) for r in members], disclaimer=SCREENING_DISCLAIMER))
-    return out, count
+    last = visits[-1] if visits else None
+    return out, encode_cursor(last.last_captured_at, last.device, last.encounter_id) if more else None

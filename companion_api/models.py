@@ -67,24 +67,48 @@ class Result(Base):
     let one device squat another's ids and answer "belongs to another device" (an id oracle)."""
 
     __tablename__ = "results"
-    __table_args__ = (Index("ix_results_encounter", "device", "encounter_id"),)
-    device: Mapped[str] = mapped_column(String(120), ForeignKey("principals.name"), primary_key=True, index=True)
+    # One index per history view, in the views' order (captured_at, device, result_id), so every page is an index
+    # range read from its cursor, never a scan or a count of the table (migration 0004).
+    __table_args__ = (
+        Index("ix_results_encounter", "device", "encounter_id"),
+        Index("ix_results_page", "captured_at", "device", "result_id"),
+        Index("ix_results_device_page", "device", "captured_at", "result_id"),
+        Index("ix_results_grade_page", "grade", "captured_at", "device", "result_id"),
+        Index("ix_results_referable_page", "referable", "captured_at", "device", "result_id"),
+        Index("ix_results_dme_page", "dme_present", "captured_at", "device", "result_id"),
+    )
+    device: Mapped[str] = mapped_column(String(120), ForeignKey("principals.name"), primary_key=True)
     result_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     content_hash: Mapped[str] = mapped_column(String(64))
     payload: Mapped[str] = mapped_column(Text)  # ScreeningResult JSON
     outcome: Mapped[str] = mapped_column(String(16), index=True)
-    grade: Mapped[int | None] = mapped_column(Integer, index=True, nullable=True)
-    referable: Mapped[bool | None] = mapped_column(Boolean, index=True, nullable=True)
+    grade: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    referable: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Models with a DME head (migration 0003); NULL for DR-only models and ungradable captures.
-    dme_present: Mapped[bool | None] = mapped_column(Boolean, index=True, nullable=True)
+    dme_present: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     dme_probability: Mapped[float | None] = mapped_column(Float, nullable=True)
-    captured_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    captured_at: Mapped[datetime] = mapped_column(UTCDateTime)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
     overlay_png: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     image: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     encounter_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # one patient visit, both eyes
     eye: Mapped[str | None] = mapped_column(String(5), nullable=True)  # left | right
+
+
+class Encounter(Base):
+    """One patient visit of a device: kept beside its results so the visit list pages by an index (newest visit
+    first) instead of grouping every result; ``captures`` bounds how many results one visit may hold."""
+
+    __tablename__ = "encounters"
+    __table_args__ = (
+        Index("ix_encounters_page", "last_captured_at", "device", "encounter_id"),
+        Index("ix_encounters_device_page", "device", "last_captured_at", "encounter_id"),
+    )
+    device: Mapped[str] = mapped_column(String(120), ForeignKey("principals.name"), primary_key=True)
+    encounter_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_captured_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    captures: Mapped[int] = mapped_column(Integer)
 
 
 class Insight(Base):

@@ -66,22 +66,22 @@ class EncounterPublic(BaseModel):
     reason: str
     left: ResultPublic | None
     right: ResultPublic | None
-    results: list[ResultPublic]  # every capture of the visit, retakes included, newest first
+    results: list[ResultPublic]  # every capture of the visit (at most MAX_CAPTURES_PER_ENCOUNTER), newest first
     disclaimer: str
 
 
 class EncountersPublic(BaseModel):
     data: list[EncounterPublic]
-    count: int
-    offset: int
+    count: int  # encounters on this page (pages are read by key: no total is counted)
     limit: int
+    next_cursor: str | None  # pass as ?cursor= for the next (older) page; None on the last page
 
 
 class ResultsPublic(BaseModel):
     data: list[ResultPublic]
-    count: int
-    offset: int
+    count: int  # results on this page (pages are read by key: no total is counted)
     limit: int
+    next_cursor: str | None  # pass as ?cursor= for the next (older) page; None on the last page
 
 
 class InsightBody(BaseModel):

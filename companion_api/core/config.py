@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     MAX_IMAGE_BYTES: int = 15 * 1024 * 1024
     MAX_IMAGE_PIXELS: int = 40_000_000
     MAX_SYNC_ITEMS: int = 200
+    # One visit's captures (both eyes, retakes included): bounds an encounter's page however a device fills a visit.
+    MAX_CAPTURES_PER_ENCOUNTER: int = Field(default=40, ge=2, le=1000)
     # Image decodes in flight per worker (predict and sync overlays): what bounds a worker's memory, not the requests.
     DECODE_CONCURRENCY: int = Field(default=2, ge=1, le=64)
     DECODE_WAIT_S: float = Field(default=30.0, gt=0)  # then 503 + Retry-After instead of an endless queue

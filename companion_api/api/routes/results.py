@@ -6,12 +6,13 @@ from fastapi import APIRouter, HTTPException, Query, Response
 
 from edge_runtime.wire import RESULT_ID, SAFE_ID
 
-from ...crud import find_result, query_encounters, query_results, to_public
+from ...crud import InvalidCursorError, find_result, query_encounters, query_results, to_public
 from ...models import Result
 from ...schemas import EncountersPublic, ResultPublic, ResultsPublic
 from ..deps import Caller, CallerDep, SessionDep, audit
 
 router = APIRouter(tags=["results"])
+ENCOUNTER_PAGE_MAX = 100
 DeviceQuery = Query(None, max_length=120, pattern=SAFE_ID, description="reviewers: one device; devices: their own")
 
 
@@ -38,6 +39,10 @@ def _utc(value: datetime | None) -> datetime | None:
         raise HTTPException(422, "since/until is outside the representable range") from None
 
 
+CursorQuery = Query(None, max_length=400, pattern=r"^[A-Za-z0-9_-]+$",
+                    description="next_cursor of the previous page; omit for the newest page")
+
+
 @router.get("/v1/history", response_model=ResultsPublic | EncountersPublic)
 @router.get("/history", response_model=ResultsPublic | EncountersPublic, include_in_schema=False)
 def history(caller: CallerDep, session: SessionDep, device: str | None = DeviceQuery,
@@ -45,24 +50,30 @@ def history(caller: CallerDep, session: SessionDep, device: str | None = DeviceQ
             dme: bool | None = Query(None, description="DME found (true) or not (false); models with a DME head"),
             since: datetime | None = Query(None, description="ISO 8601; without an offset it is UTC"),
             until: datetime | None = Query(None, description="ISO 8601; without an offset it is UTC"),
-            group: Literal["result", "encounter"] = "result",
-            offset: int = Query(0, ge=0, le=1_000_000), limit: int = Query(50, ge=1, le=500)):
-    """Paginated results (or encounters with ``group=encounter``); devices see their own, reviewers see all."""
+            group: Literal["result", "encounter"] = "result", cursor: str | None = CursorQuery,
+            limit: int = Query(50, ge=1, le=500)):
+    """One page of results (or encounters with ``group=encounter``), newest first; devices see their own,
+    reviewers see all. Follow ``next_cursor`` for older pages."""
     if caller.role == "device":
         if device not in (None, caller.name):
             raise HTTPException(403, "devices can read only their own results")
         device = caller.name
-    if group == "encounter":
-        encounters, count = query_encounters(session=session, device=device, since=_utc(since), until=_utc(until),
-                                             offset=offset, limit=limit)
-        audit(session, caller, "history", device, f"{len(encounters)} encounters")
-        session.commit()
-        return EncountersPublic(data=encounters, count=count, offset=offset, limit=limit)
-    rows, count = query_results(session=session, device=device, grade=grade, referable=referable, since=_utc(since),
-                                until=_utc(until), offset=offset, limit=limit, dme=dme)
+    try:
+        if group == "encounter":
+            # An encounter carries up to MAX_CAPTURES_PER_ENCOUNTER results: its pages are shorter.
+            limit = min(limit, ENCOUNTER_PAGE_MAX)
+            encounters, next_cursor = query_encounters(session=session, device=device, since=_utc(since),
+                                                       until=_utc(until), limit=limit, cursor=cursor)
+            audit(session, caller, "history", device, f"{len(encounters)} encounters")
+            session.commit()
+            return EncountersPublic(data=encounters, count=len(encounters), limit=limit, next_cursor=next_cursor)
+        rows, next_cursor = query_results(session=session, device=device, grade=grade, referable=referable,
+                                          since=_utc(since), until=_utc(until), limit=limit, dme=dme, cursor=cursor)
+    except InvalidCursorError as exc:
+        raise HTTPException(422, str(exc)) from None
     audit(session, caller, "history", device, f"{len(rows)} rows")
     session.commit()
-    return ResultsPublic(data=[to_public(r) for r in rows], count=count, offset=offset, limit=limit)
+    return ResultsPublic(data=[to_public(r) for r in rows], count=len(rows), limit=limit, next_cursor=next_cursor)
 
 
 @router.get("/v1/results/{result_id}", response_model=ResultPublic)

@@ -13,10 +13,11 @@ from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlalchemy import select, tuple_
 
+from edge_runtime import presentation
 from edge_runtime.contract import GRADE_NAMES, SCREENING_DISCLAIMER
 from edge_runtime.wire import SAFE_ID
 
-from ...crud import query_encounters, query_results, referral_reason_of
+from ...crud import InvalidCursorError, query_encounters, query_results, referral_reason_of
 from ...models import Insight, Result
 from ...schemas import ResultPublic
 from ..deps import COOKIE, SessionDep, current_caller
@@ -52,10 +53,10 @@ def login(request: Request, token: str = Form(..., max_length=200)) -> RedirectR
 
 def _grade_cell(outcome: str, grade: int | None, confidence: float | None) -> str:
     if outcome == "ungradable" or grade is None:
-        return "<span class='ungr'>ungradable - retake, or refer if a retake fails</span>"
+        return f"<span class='ungr'>{_E(presentation.UNGRADABLE)}</span>"
     text = f"{grade} - {_E(GRADE_NAMES[grade])}<br>conf {confidence or 0:.2f}"
     if outcome == "uncertain":
-        text += "<br><span class='ref'>UNCERTAIN - refer or get a second read</span>"
+        text += f"<br><span class='ref'>{_E(presentation.UNCERTAIN)}</span>"
     return text
 
 
@@ -108,22 +109,23 @@ def _eye_cell(result: ResultPublic | None) -> str:
             f"{_overlay(result.device, result.result_id, result.has_overlay)}</td>")
 
 
-def _pager(request: Request, offset: int, size: int, count: int) -> str:
-    params = {k: v for k, v in request.query_params.items() if k != "offset"}
+def _pager(request: Request, next_cursor: str | None, shown: int) -> str:
+    """Newest page and next (older) page links: pages are read by key, so there is no total and no page number."""
+    params = {k: v for k, v in request.query_params.items() if k != "cursor"}
     links = []
-    if offset > 0:
-        links.append(f"<a id='prev' href='/review?{_E(urlencode({**params, 'offset': max(0, offset - size)}))}'>newer</a>")
-    if offset + size < count:
-        links.append(f"<a id='next' href='/review?{_E(urlencode({**params, 'offset': offset + size}))}'>older</a>")
-    shown = f"{min(count, offset + 1)}-{min(count, offset + size)} of {count}"
-    return f"<nav>{''.join(links)}<span id='shown'>{shown}</span></nav>"
+    if request.query_params.get("cursor"):
+        links.append(f"<a id='newest' href='/review?{_E(urlencode(params))}'>newest</a>")
+    if next_cursor:
+        links.append(f"<a id='next' href='/review?{_E(urlencode({**params, 'cursor': next_cursor}))}'>older</a>")
+    return f"<nav>{''.join(links)}<span id='shown'>{shown} shown</span></nav>"
 
 
 @router.get("/review", response_class=HTMLResponse)
 def review(request: Request, session: SessionDep, grade: int | None = Query(None, ge=0, le=4),
            referable: bool | None = None, dme: bool | None = None,
            device: str | None = Query(None, max_length=120, pattern=SAFE_ID),
-           view: Literal["results", "encounters"] = "results", offset: int = Query(0, ge=0, le=1_000_000)):
+           view: Literal["results", "encounters"] = "results",
+           cursor: str | None = Query(None, max_length=400, pattern=r"^[A-Za-z0-9_-]+$")):
     try:
         caller = current_caller(request, session)
     except HTTPException as exc:
@@ -135,17 +137,23 @@ def review(request: Request, session: SessionDep, grade: int | None = Query(None
     size = request.app.state.settings.REVIEW_PAGE_SIZE
     tabs = "<nav><a id='tab-results' href='/review'>results</a><a id='tab-encounters' href='/review?view=encounters'>encounters</a></nav>"
     if view == "encounters":
-        encounters, count = query_encounters(session=session, device=device, since=None, until=None, offset=offset,
-                                             limit=size)
+        try:
+            encounters, next_cursor = query_encounters(session=session, device=device, since=None, until=None,
+                                                       limit=size, cursor=cursor)
+        except InvalidCursorError as exc:
+            raise HTTPException(422, str(exc)) from None
         rows = "".join(
             f"<tr class='encounter'><td>{_E(e.device)}<br><small>visit {_E(e.encounter_id)}</small></td>"
             f"<td class='decision'><span class='{'ref' if e.decision == 'refer' else ''}'>{_E(e.decision.upper())}</span>"
             f"<br><small>{_E(e.reason)}</small></td>{_eye_cell(e.left)}{_eye_cell(e.right)}</tr>" for e in encounters)
-        return _page("RetinaEdge encounters", tabs + f"<p id='count'>{count} encounter(s)</p>" + _pager(request, offset, size, count)
+        return _page("RetinaEdge encounters", tabs + _pager(request, next_cursor, len(encounters))
                      + "<table><tr><th>device / visit</th><th>decision</th><th>left eye</th><th>right eye</th></tr>"
                      + rows + "</table>")
-    rows, count = query_results(session=session, device=device, grade=grade, referable=referable, since=None,
-                                until=None, offset=offset, limit=size, dme=dme)
+    try:
+        rows, next_cursor = query_results(session=session, device=device, grade=grade, referable=referable, since=None,
+                                          until=None, limit=size, dme=dme, cursor=cursor)
+    except InvalidCursorError as exc:
+        raise HTTPException(422, str(exc)) from None
     keys = [(r.device, r.result_id) for r in rows]
     notes = {(i.device, i.result_id): i for i in session.scalars(
         select(Insight).where(tuple_(Insight.device, Insight.result_id).in_(keys)))} if keys else {}
@@ -155,7 +163,7 @@ def review(request: Request, session: SessionDep, grade: int | None = Query(None
                "<option value='false'>no</option></select> DME <select name='dme'><option value=''>any</option>"
                "<option value='true'>present</option><option value='false'>absent</option></select> "
                "<button id='filter' type='submit'>Filter</button></form>")
-    return _page("RetinaEdge review", tabs + filters + f"<p id='count'>{count} result(s)</p>" + _pager(request, offset, size, count)
+    return _page("RetinaEdge review", tabs + filters + _pager(request, next_cursor, len(rows))
                  + "<table><tr><th>device</th><th>grade</th><th>referable</th><th>DME</th><th>quality</th><th>CAM</th>"
                  "<th>insight / model</th></tr>" + "".join(_result_row(r, notes.get((r.device, r.result_id))) for r in rows)
                  + "</table>")

@@ -29,7 +29,7 @@ def sync(body: SyncRequest, caller: DeviceDep, session: SessionDep, request: Req
         try:
             items = store_batch(session=session, device=caller.name, entries=body.results,
                                 limits=ImageLimits(settings.MAX_IMAGE_BYTES, settings.MAX_IMAGE_PIXELS), window=window,
-                                slots=request.app.state.decode_slots)
+                                slots=request.app.state.decode_slots, max_captures=settings.MAX_CAPTURES_PER_ENCOUNTER)
             audit(session, caller, "sync", None, f"{sum(i.status == 'stored' for i in items)} stored of {len(items)}")
             session.commit()
             return SyncResponse(items=items)
