@@ -7,9 +7,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-# Photo files every entry point grades (a folder, a watched capture folder, a burst): one list, so no entry point
-# skips a photo another one grades.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+# Photo files every entry point grades (a folder, a watched capture folder, a burst, a training layout): the
+# decoder's accepted formats, so no entry point offers a file the decoder refuses or skips one another grades.
+from .preprocess import IMAGE_SUFFIXES
 
 _EYE_PATTERN = re.compile(r"(?:^|[^a-z])(left|right|od|os)(?:[^a-z]|$)", re.IGNORECASE)
 _EYE_NAMES = {"left": "left", "os": "left", "right": "right", "od": "right"}

@@ -5,7 +5,7 @@ import logging
 import time
 from pathlib import Path
 
-from .capture import IMAGE_SUFFIXES as SUFFIXES
+from .capture import is_photo, photos_in
 from .errors import ImageError
 from .outbox import Outbox
 from .screen import Screener
@@ -24,7 +24,7 @@ def watch_folder(folder: Path, screener: Screener, outbox: Outbox, interval: flo
     ``settle_seconds``) wait for the next poll."""
     graded, failed = 0, set()
     while True:
-        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES):
+        for path in photos_in(folder):
             try:
                 if not once and time.time() - path.stat().st_mtime < settle_seconds:
                     continue
@@ -46,8 +46,8 @@ def watch_folder(folder: Path, screener: Screener, outbox: Outbox, interval: flo
 
 def _bursts(folder: Path) -> list[Path]:
     """Each sub-folder holding photos is one capture burst; photos directly in ``folder`` form one more."""
-    bursts = [p for p in sorted(folder.iterdir()) if p.is_dir() and any(q.suffix.lower() in SUFFIXES for q in p.iterdir())]
-    if any(p.suffix.lower() in SUFFIXES for p in folder.iterdir()):
+    bursts = [p for p in sorted(folder.iterdir()) if p.is_dir() and any(is_photo(q) for q in p.iterdir())]
+    if photos_in(folder):
         bursts.append(folder)
     return bursts
 
@@ -63,7 +63,7 @@ def watch_bursts(folder: Path, screener: Screener, outbox: Outbox, interval: flo
     stored = 0
     while True:
         for burst in _bursts(folder):
-            photos = [p for p in burst.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES]
+            photos = photos_in(burst)
             try:
                 if not once and time.time() - max(p.stat().st_mtime for p in photos) < settle_seconds:
                     continue

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.preprocess import IMAGE_SUFFIXES
 from edge_runtime.registry import Registry
 from training.errors import DatasetError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 SPLITS = ("train", "val", "calib", "test")
 UNLABELLED = -1  # the grade of a photo only a teacher labels (distillation): it has no cross-entropy term
 MISSING = UNLABELLED  # any per-photo label a folder lacks (pretraining's DME): masked out of that task's loss
