@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: demo test reliability install lint clean
+.PHONY: demo test reliability install lint clean web
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) web
 	$(BIN)/retinaedge demo $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) web
 	$(BIN)/python -m pytest -q $(ARGS)
 
 reliability: $(STAMP)
@@ -31,6 +31,19 @@ reliability: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+
+# The offline web app (web/ -> web/dist, served by the companion server at /app/): npm ci from the lockfile, a type
+# check and an esbuild bundle, rebuilt only when its sources change.
+WEB_SOURCES := $(wildcard web/src/*) web/build.mjs web/tsconfig.json
+web/node_modules/.ci-stamp: web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+web/.build-stamp: web/node_modules/.ci-stamp $(WEB_SOURCES)
+	cd web && npx tsc --noEmit -p . && node build.mjs
+	touch $@
+
+web: web/.build-stamp
 
 clean:
 	rm -rf runs .pytest_cache

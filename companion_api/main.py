@@ -9,7 +9,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from .api.deps import has_valid_token
-from .api.routes import health, insights, models, predict, results, review, sync
+from .api.routes import health, insights, models, predict, results, review, sync, webapp
 from .core.config import Settings
 from .core.db import make_engine, make_sessionmaker, run_migrations
 from .errors import install_error_handlers
@@ -52,6 +52,6 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
                        idle_timeout_s=settings.BODY_IDLE_TIMEOUT_S, authenticate=partial(has_valid_token, app))
     if settings.TRUSTED_PROXIES:  # outermost: every later layer sees the forwarded client address
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.TRUSTED_PROXIES)
-    for module in (health, sync, results, predict, insights, models, review):
+    for module in (health, sync, results, predict, insights, models, review, webapp):
         app.include_router(module.router)
     return app

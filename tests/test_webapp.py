@@ -1,0 +1,367 @@
+"""The offline web app (web/) in headless Debian Chromium: install, offline screening of both eyes, outbox, sync,
+refused models, and the golden fixtures that bind the browser port to edge_runtime."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from .conftest import ROOT, SHARED_DATA
+
+pytestmark = pytest.mark.browser
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+FIXTURES = ROOT / "web" / "fixtures"
+GOLDEN = FIXTURES / "golden.json"
+needs_chromium = pytest.mark.skipif(not (CHROMIUM and DRIVER),
+                                    reason="Debian chromium/chromium-driver not installed (make install adds them)")
+
+
+@pytest.fixture(scope="module")
+def web_dist() -> Path:
+    """web/dist, built (or found up to date) by the Makefile target `make test` runs first."""
+    if not shutil.which("npm"):
+        pytest.skip("node/npm not installed: the web app cannot be built here")
+    subprocess.run(["make", "-s", "web"], cwd=ROOT, check=True, timeout=600)
+    return ROOT / "web" / "dist"
+
+
+def chrome(tmp_path: Path, width: int = 412, height: int = 915):
+    """Headless Chromium at a phone-sized viewport, with its own profile (service worker, caches, IndexedDB)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / f'chrome-{uuid.uuid4().hex[:6]}'}", f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(DRIVER), options=options)
+
+
+def settled(driver, condition, timeout: float = 60, what: str = ""):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def check(_):
+        return condition()
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(
+        check, message=f"{what} (page {driver.current_url}; console {driver.get_log('browser')[-5:]})")
+
+
+def sign(manifest: dict, private_pem: bytes) -> dict:
+    from edge_runtime.signing import sign_manifest
+
+    return sign_manifest(manifest, private_pem)
+
+
+def fixture_model(precision: str) -> tuple[bytes, dict]:
+    path = FIXTURES / "model" / f"model_{precision}.onnx"
+    return path.read_bytes(), json.loads(Path(str(path) + ".manifest.json").read_text())
+
+
+class Clinic:
+    """A companion server (own process, SQLite) with a device, a reviewer, a publisher key and an uploaded model."""
+
+    def __init__(self, tmp_path: Path, monkeypatch):
+        from companion_api.core.db import make_engine, make_sessionmaker, run_migrations
+        from companion_api.crud import create_principal
+        from edge_runtime.signing import generate_key_pair
+
+        from .faults import ServerProcess
+
+        url = f"sqlite:///{tmp_path / 'clinic.db'}"
+        run_migrations(url)
+        with make_sessionmaker(make_engine(url))() as session:
+            self.device = create_principal(session=session, name="clinic-phone-1", role="device")
+            self.reviewer = create_principal(session=session, name="reviewer", role="reviewer")
+        self.private_pem, public_pem = generate_key_pair()
+        monkeypatch.setenv("RETINAEDGE_TRUSTED_KEY", public_pem.decode())
+        monkeypatch.setenv("RETINAEDGE_COOKIE_SECURE", "false")  # plain http on loopback in this test only
+        monkeypatch.setenv("RETINAEDGE_ARTIFACT_DIR", str(tmp_path / "models"))
+        self.server = ServerProcess(url, cwd=str(ROOT))
+        self.server.start()
+        self.base = f"http://127.0.0.1:{self.server.port}"
+
+    def publish(self, model: bytes, manifest: dict) -> None:
+        import httpx
+
+        response = httpx.post(f"{self.base}/v1/models", headers={"Authorization": f"Bearer {self.reviewer}"},
+                              files={"artifact": ("model.onnx", model)}, data={"manifest": json.dumps(manifest)})
+        assert response.status_code == 200, response.text
+
+    def history(self) -> list[dict]:
+        import httpx
+
+        response = httpx.get(f"{self.base}/v1/history", params={"limit": 500},
+                             headers={"Authorization": f"Bearer {self.reviewer}"})
+        assert response.status_code == 200, response.text
+        return response.json()["data"]
+
+
+OUTBOX_JS = """
+const done = arguments[arguments.length - 1];
+const open = indexedDB.open('retinaedge');
+open.onsuccess = () => {
+  const all = open.result.transaction('results').objectStore('results').getAll();
+  all.onsuccess = () => done(all.result.map((r) => ({id: r.result_id, state: r.state, outcome: r.result.outcome,
+    eye: r.result.eye, encounter: r.result.encounter_id, hash: r.content_hash, canonical: r.canonical})));
+};
+open.onerror = () => done(null);
+"""
+
+
+def both_eye_photos(tmp_path: Path) -> tuple[Path, Path]:
+    """Right and left eye of one EyePACS patient from ../shared/data (never copied), else two synthetic photos."""
+    pair = [SHARED_DATA / "eyepacs_full" / "images" / f"17_{eye}.jpg" for eye in ("right", "left")]
+    if all(p.is_file() for p in pair):
+        return pair[0], pair[1]
+    return FIXTURES / "photos" / "grade3.jpg", FIXTURES / "photos" / "grade0.jpg"
+
+
+def screen_photo(driver, photo: Path, expected_count: int) -> str:
+    from selenium.webdriver.common.by import By
+
+    field = driver.find_element(By.ID, "file")
+    driver.execute_script("arguments[0].hidden = false", field)
+    field.send_keys(str(photo))
+    settled(driver, lambda: driver.execute_script("return document.getElementById('pending').dataset.count")
+            == str(expected_count), what=f"result of {photo.name} stored")
+    return driver.find_element(By.ID, "outcome").get_attribute("data-outcome")
+
+
+@needs_chromium
+def test_install_offline_both_eyes_outbox_sync(web_dist, tmp_path, monkeypatch):
+    """Install online, screen offline (server stopped), reload, come online, sync: each result exactly once."""
+    from selenium.webdriver.common.by import By
+
+    clinic = Clinic(tmp_path, monkeypatch)
+    model, manifest = fixture_model("int8")
+    clinic.publish(model, sign(manifest, clinic.private_pem))
+    driver = chrome(tmp_path)
+    try:
+        driver.get(f"{clinic.base}/app/")
+        settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "setup", what="setup")
+        assert driver.execute_script("return self.crossOriginIsolated") is True  # COOP/COEP: WASM threads
+        driver.find_element(By.ID, "token").send_keys(clinic.device)
+        driver.find_element(By.ID, "install").click()
+        settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "screening",
+                what="model downloaded and verified")
+        settled(driver, lambda: driver.execute_script(
+            "return !!navigator.serviceWorker.controller"), what="service worker controls the page")
+
+        clinic.server.stop()  # offline: nothing answers at the server's address any more
+        driver.refresh()
+        settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "screening",
+                what="app and verified model start from the service worker's caches with no server")
+        encounter = driver.find_element(By.ID, "encounter").get_attribute("value")
+        right, left = both_eye_photos(tmp_path)
+        assert driver.find_element(By.ID, "eye-right").get_attribute("aria-checked") == "true"
+        outcomes = [screen_photo(driver, right, 1)]
+        assert "does not diagnose" in driver.find_element(By.ID, "disclaimer").text
+        assert driver.find_element(By.ID, "eye-left").get_attribute("aria-checked") == "true"  # next: the other eye
+        outcomes.append(screen_photo(driver, left, 2))
+        visit = driver.find_element(By.ID, "encounter-decision")
+        assert visit.get_attribute("data-decision") in ("refer", "no_referral")  # both eyes in: never incomplete
+        # An ungradable photo asks for a retake, with its reason and advice.
+        assert screen_photo(driver, FIXTURES / "photos" / "blurred.jpg", 3) == "ungradable"
+        assert driver.find_element(By.ID, "retake").is_displayed()
+        reasons = driver.find_element(By.ID, "reasons").text
+        assert "blurred" in reasons and "refocus" in reasons
+        assert "UNGRADABLE" in driver.find_element(By.ID, "outcome").text
+        assert "does not diagnose" in driver.page_source
+        shot = ROOT / "reports" / "webapp_result.png"
+        shot.parent.mkdir(exist_ok=True)
+        driver.save_screenshot(str(shot))
+
+        before = driver.execute_async_script(OUTBOX_JS)
+        driver.refresh()  # a reload loses nothing
+        settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "screening", what="reload")
+        after = driver.execute_async_script(OUTBOX_JS)
+        assert sorted(map(json.dumps, after)) == sorted(map(json.dumps, before)) and len(after) == 3
+        assert {r["state"] for r in after} <= {"pending", "sent"} and {r["encounter"] for r in after} == {encounter}
+
+        clinic.server.start()  # online again, same origin
+        driver.find_element(By.ID, "sync").click()
+        settled(driver, lambda: driver.execute_script("return document.getElementById('pending').dataset.count") == "0",
+                what="synced")
+        synced = driver.execute_async_script(OUTBOX_JS)
+        assert {r["state"] for r in synced} == {"acknowledged"}
+        # Idempotent: the same results sent again are duplicates on the server, never second copies.
+        driver.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            const open = indexedDB.open('retinaedge');
+            open.onsuccess = () => { const tx = open.result.transaction('results', 'readwrite'); const s = tx.objectStore('results');
+              s.getAll().onsuccess = (e) => { for (const r of e.target.result) { r.state = 'pending'; s.put(r); } };
+              tx.oncomplete = () => done(true); };""")
+        driver.find_element(By.ID, "sync").click()
+        settled(driver, lambda: driver.execute_script("return document.getElementById('pending').dataset.count") == "0",
+                what="re-sent")
+        history = clinic.history()
+        ids = [r["result_id"] for r in history]
+        assert sorted(ids) == sorted(r["id"] for r in before) and len(set(ids)) == len(ids) == 3
+        assert {r["device"] for r in history} == {"clinic-phone-1"}
+        # The reviewer page shows them like any device's, with the visit of both eyes.
+        driver.get(f"{clinic.base}/review/login")
+        driver.find_element(By.ID, "token").send_keys(clinic.reviewer)
+        driver.find_element(By.ID, "login").click()
+        settled(driver, lambda: len(driver.find_elements(By.CSS_SELECTOR, "tr.result")) == 3, what="review page")
+        assert "clinic-phone-1" in driver.page_source and outcomes[0] in ("graded", "uncertain", "ungradable")
+        driver.get(f"{clinic.base}/review?view=encounters")
+        settled(driver, lambda: len(driver.find_elements(By.CSS_SELECTOR, "tr.encounter")) == 1, what="encounter")
+    finally:
+        driver.quit()
+        clinic.server.stop()
+
+
+@needs_chromium
+def test_forged_and_ungated_models_are_refused(web_dist, tmp_path, monkeypatch):
+    """A manifest altered after signing, or a validly signed one whose fidelity gate failed, is never used."""
+    from selenium.webdriver.common.by import By
+
+    clinic = Clinic(tmp_path, monkeypatch)
+    model, manifest = fixture_model("fp32")
+    forged = sign(manifest, clinic.private_pem)
+    forged["operating_point"] = {**forged["operating_point"], "threshold": 0.99}  # refers nobody: after signing
+    clinic.publish(model, forged)
+    driver = chrome(tmp_path)
+    try:
+        driver.get(f"{clinic.base}/app/")
+        settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "setup", what="setup")
+        driver.find_element(By.ID, "token").send_keys(clinic.device)
+        driver.find_element(By.ID, "install").click()
+        settled(driver, lambda: "does not verify" in driver.find_element(By.ID, "setup-error").text, what="forged refused")
+        ungated = sign({**manifest, "gate": {**manifest["gate"], "status": "failed", "failures": ["referral agreement"]}},
+                       clinic.private_pem)
+        clinic.publish(model, ungated)
+        driver.find_element(By.ID, "install").click()
+        settled(driver, lambda: "fidelity gate is 'failed'" in driver.find_element(By.ID, "setup-error").text,
+                what="ungated refused")
+        assert driver.execute_script("return document.body.dataset.ready") == "setup"  # nothing was installed
+        assert driver.execute_async_script(
+            "const d = arguments[0]; caches.open('retinaedge-model-v1').then((c) => c.keys()).then((k) => d(k.length))") == 0
+    finally:
+        driver.quit()
+        clinic.server.stop()
+
+
+def load_make_fixtures():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("web_make_fixtures", FIXTURES / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@needs_chromium
+def test_golden_fixtures_agree(web_dist, tmp_path, monkeypatch, capsys):
+    """Python still makes the golden numbers, and the browser port makes the same: identical verdicts and
+    decisions, probabilities within 1e-4, model inputs within one 8-bit level."""
+    from cryptography.hazmat.primitives import serialization
+
+    from edge_runtime.backends import open_session
+    from edge_runtime.preprocess import level_step, preprocess
+    from edge_runtime.signing import generate_key_pair, load_public_key
+
+    from .faults import ServerProcess
+
+    fixtures = load_make_fixtures()
+    assert (ROOT / "web" / "src" / "contract.generated.json").read_text() == fixtures.contract_text(), \
+        "edge_runtime's texts or quality rules changed: run web/fixtures/make_fixtures.py"
+    golden = json.loads(GOLDEN.read_text())
+    photos = [p for p in golden["photos"] if "/" not in p["photo"] or (SHARED_DATA / p["photo"]).is_file()]
+    assert sum("/" not in p["photo"] for p in photos) >= 10  # the synthetic ones always
+    sessions = {p: open_session(FIXTURES / "model" / f"model_{p}.onnx") for p in ("fp32", "int8")}
+    policy = sessions["fp32"].info.manifest.preprocess
+    step = level_step(policy)
+    private_pem, public_pem = generate_key_pair()
+    key_b64 = b64(load_public_key(public_pem).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+    # 1. Python now == the fixtures (else edge_runtime changed: regenerate them, and the port must follow).
+    live = {}
+    for entry in photos:
+        ref = fixtures.python_reference(entry["photo"], sessions)
+        for key in ("decoded_sha256", "fov", "input_sha256", "crop_box"):
+            assert ref.get(key) == entry.get(key), f"{entry['photo']}: {key} drifted; run web/fixtures/make_fixtures.py"
+        assert (ref["quality"]["gradable"], ref["quality"]["failing"]) == (entry["quality"]["gradable"],
+                                                                          entry["quality"]["failing"]), entry["photo"]
+        for precision, model in entry["models"].items():
+            now = ref["models"][precision]
+            assert np.allclose(now["logits"], model["logits"], atol=1e-4), (entry["photo"], precision)
+            assert [now[k] for k in ("grade", "referable", "uncertain")] == [model[k] for k in ("grade", "referable", "uncertain")]
+        bgr = fixtures.decoded(entry["photo"], policy)
+        live[entry["photo"]] = (bgr, preprocess(bgr, policy) if entry["quality"]["gradable"] else None)
+
+    server = ServerProcess(f"sqlite:///{tmp_path / 'check.db'}", cwd=str(ROOT))
+    server.start()
+    driver = chrome(tmp_path)
+    rows, worst = [], {"probability": 0.0, "tensor_levels": 0.0, "metric_rel": 0.0}
+    try:
+        driver.get(f"http://127.0.0.1:{server.port}/app/check.html")
+        settled(driver, lambda: driver.execute_script("return !!window.retinaedgeCheck"), what="check page")
+        assert driver.execute_script("return self.crossOriginIsolated") is True
+        driver.set_script_timeout(120)
+        for precision in ("fp32", "int8"):
+            model, manifest = fixture_model(precision)
+            driver.execute_async_script(
+                "const d = arguments[arguments.length - 1]; window.retinaedgeCheck.open(arguments[0], arguments[1], "
+                "arguments[2]).then(d, (e) => d(String(e)))",
+                b64(model), json.dumps(sign(manifest, private_pem)), key_b64)
+            assert driver.execute_script("return window.retinaedgeCheck.decodeSide()") == golden["decode_side"]
+            for entry in photos:
+                bgr, pre = live[entry["photo"]]
+                png = cv2.imencode(".png", bgr)[1].tobytes()  # Python's decoded pixels: the port alone is compared
+                got = driver.execute_async_script(
+                    "const d = arguments[arguments.length - 1]; window.retinaedgeCheck.analyse(arguments[0], 'image/png')"
+                    ".then(d, (e) => d({error: String(e.stack || e)}))", b64(png))
+                assert "error" not in got, got
+                name = entry["photo"]
+                assert got["decoded_sha256"] == hashlib.sha256(bgr.tobytes()).hexdigest(), name
+                assert got["fov"] == entry["fov"], name
+                q = got["quality"]
+                assert q["gradable"] == entry["quality"]["gradable"], (name, q["reasons"], entry["quality"]["failing"])
+                failing = fixtures.failing_rules(q["reasons"])
+                assert failing == entry["quality"]["failing"], (name, failing)
+                for metric, value in entry["quality"]["metrics"].items():
+                    rel = abs(q["metrics"][metric] - value) / max(abs(value), 1e-6)
+                    worst["metric_rel"] = max(worst["metric_rel"], rel)
+                model_ref = entry["models"].get(precision)
+                if model_ref is None:
+                    assert got["decision"] is None, name
+                    rows.append((name, precision, "ungradable", "ungradable", 0.0))
+                    continue
+                tensor = np.frombuffer(base64.b64decode(got["tensor"]), np.float32).reshape(pre.tensor.shape)
+                levels = float((np.abs(tensor - pre.tensor) / step.reshape(1, 3, 1, 1)).max())
+                worst["tensor_levels"] = max(worst["tensor_levels"], levels)
+                assert levels <= 1.0 + 1e-3, (name, levels)
+                d = got["decision"]
+                diff = float(np.abs(np.asarray(d["probabilities"]) - np.asarray(model_ref["probabilities"])).max())
+                diff = max(diff, abs(d["referable_probability"] - model_ref["referable_probability"]))
+                worst["probability"] = max(worst["probability"], diff)
+                assert diff <= 1e-4, (name, precision, diff)
+                assert [d[k] for k in ("grade", "referable", "uncertain", "outcome")] == \
+                    [model_ref[k] for k in ("grade", "referable", "uncertain", "outcome")], (name, precision, d, model_ref)
+                rows.append((name, precision, model_ref["outcome"], d["outcome"], diff))
+    finally:
+        driver.quit()
+        server.stop()
+    with capsys.disabled():
+        real = len({r[0] for r in rows if "/" in r[0]})
+        print(f"\nweb fixtures: {len({r[0] for r in rows})} photos ({real} real), {len(rows)} photo x model pairs, "
+              f"identical verdicts and decisions {sum(r[2] == r[3] for r in rows)}/{len(rows)}; largest probability "
+              f"difference {worst['probability']:.2e}; largest input difference {worst['tensor_levels']:.3f} 8-bit "
+              f"levels; largest relative quality-metric difference {worst['metric_rel']:.2e}")

@@ -1,0 +1,78 @@
+// The page the golden-fixture tests and benchmarks/browser_speed.py drive (not part of the installed app): it runs
+// the app's own modules on photos the test hands it and returns every intermediate the Python runtime is compared on.
+import { checkModel } from "./model";
+import { parseKeepingNumbers } from "./pyjson";
+import type { Manifest } from "./contract";
+import { ModelSession } from "./runtime";
+import { analyse, decodeBlob, decodeSide, screen } from "./screen";
+import { canonicalJson } from "./result";
+
+const fromB64 = (s: string): Uint8Array<ArrayBuffer> => { const r = atob(s); const o = new Uint8Array(r.length); for (let i = 0; i < r.length; i++) o[i] = r.charCodeAt(i); return o; };
+function toB64(bytes: Uint8Array): string {
+  let text = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(text);
+}
+const f32b64 = (a: Float32Array) => toB64(new Uint8Array(a.buffer, a.byteOffset, a.byteLength));
+
+let session: ModelSession | null = null;
+
+const api = {
+  crossOriginIsolated: () => self.crossOriginIsolated,
+  /** Open a model after the app's own checks (signature against ``keyB64``, gate, sha256). */
+  async open(modelB64: string, manifestText: string, keyB64: string, threads?: number) {
+    const bytes = fromB64(modelB64);
+    const manifest = await checkModel(parseKeepingNumbers(manifestText), bytes, keyB64);
+    session = await ModelSession.open(bytes, manifest, threads);
+    return session.info;
+  },
+  /** Everything the fixtures hold for one photo. */
+  decodeSide: () => decodeSide(session!.manifest.preprocess),
+  async analyse(photoB64: string, mime: string) {
+    const started = performance.now();
+    const bgr = await decodeBlob(new Blob([fromB64(photoB64)], { type: mime }), decodeSide(session!.manifest.preprocess));
+    const decodeMs = performance.now() - started;
+    const parts = await analyse(bgr, session!);
+    const d = parts.decision;
+    const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", new Uint8Array(bgr.data)));
+    return {
+      decode_ms: decodeMs,
+      decoded_sha256: Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join(""),
+      size: [bgr.w, bgr.h],
+      fov: parts.fov ? [parts.fov.x, parts.fov.y, parts.fov.w, parts.fov.h] : null,
+      quality: parts.quality,
+      tensor: parts.pre ? f32b64(parts.pre.tensor) : null,
+      crop_box: parts.pre?.cropBox ?? null,
+      logits: parts.logits ? Array.from(parts.logits) : null,
+      decision: d ? { grade: d.grade, probabilities: d.probabilities, referable_probability: d.referableProbability,
+                      referable: d.referable, uncertain: d.uncertain, outcome: d.outcome, cam_peak: d.camPeak } : null,
+    };
+  },
+  /** p50 of ``n`` runs: inference alone, and the whole step (decode .. outbox commit) on one photo. */
+  async time(photoB64: string, mime: string, n: number) {
+    const blob = new Blob([fromB64(photoB64)], { type: mime });
+    const side = decodeSide(session!.manifest.preprocess);
+    const bgr = await decodeBlob(blob, side);
+    const parts = await analyse(bgr, session!);
+    const tensor = parts.pre!.tensor;
+    const p50 = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+    for (let i = 0; i < 3; i++) await session!.run(tensor);
+    const infer: number[] = [], step: number[] = [];
+    for (let i = 0; i < n; i++) { const t = performance.now(); await session!.run(tensor); infer.push(performance.now() - t); }
+    let last = null;
+    for (let i = 0; i < n; i++) {
+      const t = performance.now();
+      const decoded = await decodeBlob(blob, side);
+      const s = await screen(decoded, session!, "bench", { encounterId: null, eye: null }, null, performance.now() - t);
+      step.push(performance.now() - t);
+      last = s.result.latency_ms;
+    }
+    return { infer_ms: p50(infer), step_ms: p50(step), stages: last, outcome: parts.quality.gradable };
+  },
+  canonicalJson,
+};
+
+declare global { interface Window { retinaedgeCheck: typeof api } }
+window.retinaedgeCheck = api;
+document.getElementById("status")!.textContent = "ready";
+export type { Manifest };

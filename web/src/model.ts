@@ -1,0 +1,111 @@
+// Model distribution in the browser: the device runtime's checks (edge_runtime.updates) before a model is used.
+// /v1/models/latest?format=onnx -> the publisher's Ed25519 signature over the manifest (against the pinned key),
+// the fidelity gate (an ungated artifact is refused), the download's sha256 against the signed manifest. Only then
+// is the pair stored (Cache Storage, beside the app shell the service worker keeps) and opened with ONNX Runtime.
+import { ed25519Verify } from "./ed25519";
+import { Manifest, manifestReady } from "./contract";
+import { Bytes, parseKeepingNumbers, plain, pyDumps, sha256Hex } from "./pyjson";
+
+export const MODEL_CACHE = "retinaedge-model-v1";
+const MANIFEST_URL = "model/manifest.json"; // under the app's scope, so the service worker never fetches them
+const ARTIFACT_URL = "model/artifact.onnx";
+export const MAX_MODEL_BYTES = 64 * 2 ** 20; // a phone artifact is a few MB
+const MAX_LATEST_BYTES = 256 * 2 ** 10;
+
+export class ModelRefusedError extends Error {}
+
+export interface VerifiedModel { manifest: Manifest; rawManifest: unknown; bytes: Bytes }
+
+function b64(text: string): Bytes {
+  const raw = atob(text);
+  const out = new Uint8Array(raw.length);
+  for (let i = 0; i < raw.length; i++) out[i] = raw.charCodeAt(i);
+  return out;
+}
+
+/** verify_manifest: the signature over the manifest's canonical bytes (no signature field, sorted, compact). */
+export async function verifyManifestSignature(raw: unknown, trustedKeyB64: string): Promise<void> {
+  if (!raw || typeof raw !== "object" || Array.isArray(raw)) throw new ModelRefusedError("the manifest is not a JSON object");
+  const { signature, ...unsigned } = raw as Record<string, unknown>;
+  if (!signature) throw new ModelRefusedError("the manifest is unsigned; this app trusts only the publisher's signed manifests");
+  const sig = plain<{ algorithm?: string; value?: string }>(signature);
+  if (sig.algorithm !== "ed25519" || typeof sig.value !== "string") {
+    throw new ModelRefusedError("the manifest has a malformed signature (expected ed25519)");
+  }
+  let value: Bytes;
+  try { value = b64(sig.value); } catch { throw new ModelRefusedError("the manifest signature is not base64"); }
+  const message = new TextEncoder().encode(pyDumps(unsigned, { compact: true }));
+  if (!(await ed25519Verify(b64(trustedKeyB64), value, message))) {
+    throw new ModelRefusedError("the manifest signature does not verify against the pinned publisher key (forged or altered); refusing it");
+  }
+}
+
+/** The checks every model passes before it is used, downloaded now or read back from the cache. */
+export async function checkModel(raw: unknown, bytes: Bytes, trustedKeyB64: string): Promise<Manifest> {
+  await verifyManifestSignature(raw, trustedKeyB64);
+  const manifest = plain<Manifest>(raw);
+  if (manifest.format !== "onnx") throw new ModelRefusedError(`the web app runs ONNX artifacts, not ${manifest.format}`);
+  if (!manifestReady(manifest)) {
+    throw new ModelRefusedError(`the artifact's fidelity gate is '${manifest.gate?.status}' (${(manifest.gate?.failures ?? []).join("; ") || "no details"}); an ungated artifact is never used`);
+  }
+  const actual = await sha256Hex(bytes);
+  if (actual !== manifest.sha256) {
+    throw new ModelRefusedError(`the model file has sha256 ${actual.slice(0, 12)}..., its signed manifest says ${String(manifest.sha256).slice(0, 12)}...`);
+  }
+  return manifest;
+}
+
+async function boundedBody(response: Response, cap: number, what: string): Promise<Bytes> {
+  const declared = Number(response.headers.get("content-length") ?? "NaN");
+  if (declared > cap) throw new ModelRefusedError(`${what} is ${declared} bytes, over the ${cap}-byte limit`);
+  const reader = response.body!.getReader();
+  const parts: Uint8Array[] = [];
+  let received = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    received += value.length;
+    if (received > cap) { await reader.cancel(); throw new ModelRefusedError(`${what} exceeded ${cap} bytes`); }
+    parts.push(value);
+  }
+  const out = new Uint8Array(received);
+  let at = 0;
+  for (const p of parts) { out.set(p, at); at += p.length; }
+  return out;
+}
+
+/** Download, verify and store the server's current ONNX artifact; the stored one stays if anything fails. */
+export async function downloadModel(token: string, trustedKeyB64: string): Promise<VerifiedModel> {
+  const headers = { Authorization: `Bearer ${token}` };
+  const latest = await fetch("/v1/models/latest?format=onnx", { headers, cache: "no-store" });
+  if (!latest.ok) throw new ModelRefusedError(`the server has no model for this app (HTTP ${latest.status})`);
+  const info = parseKeepingNumbers(new TextDecoder().decode(await boundedBody(latest, MAX_LATEST_BYTES, "the /latest answer"))) as Record<string, unknown>;
+  const raw = info.manifest;
+  await verifyManifestSignature(raw, trustedKeyB64); // before downloading anything it names
+  const manifest = plain<Manifest>(raw);
+  if (!manifestReady(manifest)) await checkModel(raw, new Uint8Array(), trustedKeyB64); // throws the gate's reason
+  const url = new URL(String(info.download_url), location.origin);
+  if (url.origin !== location.origin) throw new ModelRefusedError(`the download points to ${url.origin}, not this server; refusing it`);
+  const download = await fetch(url, { headers, cache: "no-store" });
+  if (!download.ok) throw new ModelRefusedError(`the model download answered HTTP ${download.status}`);
+  const bytes = await boundedBody(download, MAX_MODEL_BYTES, "the model");
+  const checked = await checkModel(raw, bytes, trustedKeyB64);
+  const cache = await caches.open(MODEL_CACHE);
+  await cache.put(ARTIFACT_URL, new Response(bytes, { headers: { "Content-Type": "application/octet-stream" } }));
+  await cache.put(MANIFEST_URL, new Response(rawText(raw), { headers: { "Content-Type": "application/json" } }));
+  return { manifest: checked, rawManifest: raw, bytes };
+}
+
+function rawText(raw: unknown): string {
+  return pyDumps(raw, { compact: true }); // number texts kept: the signature still verifies when read back
+}
+
+/** The stored model, checked again (signature, gate, sha256) before use; null when none is stored. */
+export async function storedModel(trustedKeyB64: string): Promise<VerifiedModel | null> {
+  const cache = await caches.open(MODEL_CACHE);
+  const [m, a] = await Promise.all([cache.match(MANIFEST_URL), cache.match(ARTIFACT_URL)]);
+  if (!m || !a) return null;
+  const raw = parseKeepingNumbers(await m.text());
+  const bytes = new Uint8Array(await a.arrayBuffer());
+  return { manifest: await checkModel(raw, bytes, trustedKeyB64), rawManifest: raw, bytes };
+}

@@ -1,0 +1,448 @@
+// The port of edge_runtime/quality.py's indicators. The rules, thresholds, reasons and advice are not ported:
+// they are read from Python (contract.generated.json), so only the measurements are written twice, and the
+// golden fixtures bind every metric and every verdict to the Python gate.
+import { CONTRACT } from "./contract";
+import { crop, image, Image8, pyRound, resizeArea, resizeLinear, resizeNearest, sat8 } from "./image";
+import { detectFov, FieldOfView, ImageError, morphRect } from "./preprocess";
+import type { QualityReport } from "./result";
+
+const WORK_SIZE = CONTRACT.quality.work_size;
+const PATCH_SCALE = 4;
+const PATCH_DIAMETER = 0.2;
+const DARK_PATCH_DIAMETER = 0.1;
+const BLOCK_PERIODS = [4, 8];
+const BLOCK_RIM = 0.03;
+
+// ---- OpenCV primitives the gate uses (8-bit, single channel unless said) ----
+
+/** cv2.getStructuringElement(MORPH_ELLIPSE, (k, k)) as row spans [j1, j2). */
+function ellipse(k: number): [number, number][] {
+  const r = Math.floor(k / 2), c = Math.floor(k / 2);
+  const inv = r ? 1 / (r * r) : 0;
+  const rows: [number, number][] = [];
+  for (let i = 0; i < k; i++) {
+    const dy = i - r;
+    if (Math.abs(dy) > r) { rows.push([0, 0]); continue; }
+    const dx = pyRound(c * Math.sqrt((r * r - dy * dy) * inv));
+    rows.push([Math.max(c - dx, 0), Math.min(c + dx + 1, k)]);
+  }
+  return rows;
+}
+
+/** cv2.erode / cv2.dilate with an elliptical element, the image border ignored. */
+function morphEllipse(src: Image8, k: number, op: "erode" | "dilate"): Image8 {
+  const spans = ellipse(k), r = Math.floor(k / 2);
+  const { w, h } = src;
+  const out = image(w, h, 1);
+  const erode = op === "erode";
+  // Per row of the element, a running min/max along x over its span (separable per row), then combined over rows.
+  const rowExtreme = new Uint8Array(w * h);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) out.data[y * w + x] = erode ? 255 : 0;
+  }
+  for (let i = 0; i < k; i++) {
+    const [j1, j2] = spans[i];
+    if (j2 <= j1) continue;
+    for (let y = 0; y < h; y++) {
+      for (let x = 0; x < w; x++) {
+        let v = erode ? 255 : 0;
+        for (let j = Math.max(0, x + j1 - r); j < Math.min(w, x + j2 - r); j++) {
+          const s = src.data[y * w + j];
+          v = erode ? (s < v ? s : v) : (s > v ? s : v);
+        }
+        rowExtreme[y * w + x] = v;
+      }
+    }
+    const dy = i - r;
+    for (let y = Math.max(0, -dy); y < Math.min(h, h - dy); y++) {
+      for (let x = 0; x < w; x++) {
+        const s = rowExtreme[(y + dy) * w + x], o = y * w + x;
+        out.data[o] = erode ? Math.min(out.data[o], s) : Math.max(out.data[o], s);
+      }
+    }
+  }
+  return out;
+}
+
+function channel(img: Image8, ch: number): Image8 {
+  const out = image(img.w, img.h, 1);
+  for (let i = 0; i < img.w * img.h; i++) out.data[i] = img.data[i * img.c + ch];
+  return out;
+}
+
+/** cv2.cvtColor(BGR2GRAY) on 8-bit: 14-bit fixed-point weights. */
+function gray(bgr: Image8): Image8 {
+  const out = image(bgr.w, bgr.h, 1);
+  for (let i = 0; i < bgr.w * bgr.h; i++) {
+    out.data[i] = (bgr.data[3 * i] * 1868 + bgr.data[3 * i + 1] * 9617 + bgr.data[3 * i + 2] * 4899 + 8192) >> 14;
+  }
+  return out;
+}
+
+function hist(img: Image8, mask: Uint8Array): Float64Array {
+  const h = new Float64Array(256);
+  for (let i = 0; i < mask.length; i++) if (mask[i]) h[img.data[i]]++;
+  return h;
+}
+
+/** np.searchsorted(cumsum(hist), q): the first level whose cumulative count reaches q. */
+function searchsorted(histogram: Float64Array, q: number): number {
+  let cdf = 0;
+  for (let i = 0; i < 256; i++) { cdf += histogram[i]; if (cdf >= q) return i; }
+  return 256;
+}
+
+function histStats(h: Float64Array) {
+  let total = 0;
+  for (const v of h) total += v;
+  let mean = 0;
+  for (let i = 0; i < 256; i++) mean += (h[i] / total) * i;
+  let variance = 0, entropy = 0;
+  for (let i = 0; i < 256; i++) {
+    const p = h[i] / total;
+    variance += p * (i - mean) ** 2;
+    if (p > 0) entropy -= p * Math.log2(p);
+  }
+  return { mean, std: Math.sqrt(Math.max(0, variance)), entropy, p1: searchsorted(h, 0.01 * total),
+           p99: searchsorted(h, 0.99 * total), p5: searchsorted(h, 0.05 * total) };
+}
+
+const median = (h: Float64Array) => searchsorted(h, h.reduce((a, b) => a + b, 0) / 2);
+
+// 3x3 linear filters on 8-bit with BORDER_REFLECT_101 (cv2.Laplacian ksize 1, cv2.Sobel ksize 3), exact in ints.
+function filter3(img: Image8, k: number[]): Int32Array {
+  const { w, h } = img;
+  const out = new Int32Array(w * h);
+  const refl = (i: number, n: number) => (n === 1 ? 0 : i < 0 ? -i : i >= n ? 2 * n - 2 - i : i);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      let s = 0;
+      for (let dy = -1; dy <= 1; dy++) {
+        const yy = refl(y + dy, h);
+        for (let dx = -1; dx <= 1; dx++) {
+          const kv = k[(dy + 1) * 3 + dx + 1];
+          if (kv) s += kv * img.data[yy * w + refl(x + dx, w)];
+        }
+      }
+      out[y * w + x] = s;
+    }
+  }
+  return out;
+}
+
+/** cv2.GaussianBlur of a float image with sigma (kernel 8 sigma + 1, float32), BORDER_REFLECT_101. */
+function gaussian(src: Float64Array, w: number, h: number, sigma: number): Float64Array {
+  const k = (pyRound(sigma * 8 + 1)) | 1, r = k >> 1;
+  const kernel = new Float64Array(k);
+  let sum = 0;
+  for (let i = 0; i < k; i++) { kernel[i] = Math.exp(-((i - r) ** 2) / (2 * sigma * sigma)); sum += kernel[i]; }
+  for (let i = 0; i < k; i++) kernel[i] = Math.fround(kernel[i] / sum);
+  const refl = (i: number, n: number) => { while (i < 0 || i >= n) i = i < 0 ? -i : 2 * n - 2 - i; return i; };
+  const tmp = new Float64Array(w * h), out = new Float64Array(w * h);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      let s = 0;
+      for (let i = 0; i < k; i++) s += kernel[i] * src[y * w + refl(x + i - r, w)];
+      tmp[y * w + x] = Math.fround(s);
+    }
+  }
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      let s = 0;
+      for (let i = 0; i < k; i++) s += kernel[i] * tmp[refl(y + i - r, h) * w + x];
+      out[y * w + x] = Math.fround(s);
+    }
+  }
+  return out;
+}
+
+/** cv2.medianBlur(ksize=3): BORDER_REPLICATE. */
+function median3(img: Image8): Image8 {
+  const { w, h } = img;
+  const out = image(w, h, 1);
+  const v = new Array<number>(9);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      let n = 0;
+      for (let dy = -1; dy <= 1; dy++) {
+        const yy = Math.min(h - 1, Math.max(0, y + dy));
+        for (let dx = -1; dx <= 1; dx++) v[n++] = img.data[yy * w + Math.min(w - 1, Math.max(0, x + dx))];
+      }
+      v.sort((a, b) => a - b);
+      out.data[y * w + x] = v[4];
+    }
+  }
+  return out;
+}
+
+// ---- the gate ----
+
+/** _shrink: an integer-factor area average first when shrinking by 2x or more, then linear. */
+function shrink(img: Image8, sw: number, sh: number): Image8 {
+  const k = Math.floor(Math.min(img.w / sw, img.h / sh));
+  if (k >= 2) {
+    const h = Math.floor(img.h / k) * k, w = Math.floor(img.w / k) * k;
+    img = resizeArea(crop(img, 0, 0, w, h), w / k, h / k);
+  }
+  return img.w === sw && img.h === sh ? img : resizeLinear(img, sw, sh);
+}
+
+function fovMaskRegion(fov: FieldOfView, x0: number, y0: number, w: number, h: number): Image8 {
+  const s = fov.maskScale;
+  const top = Math.trunc(y0 * s), bottom = Math.min(fov.mask.h, Math.ceil((y0 + h) * s));
+  const left = Math.trunc(x0 * s), right = Math.min(fov.mask.w, Math.ceil((x0 + w) * s));
+  return crop(fov.mask, left, top, Math.max(0, right - left), Math.max(0, bottom - top));
+}
+
+/** field_crop: the field of view at WORK_SIZE and its eroded mask. */
+export function fieldCrop(bgr: Image8, fov: FieldOfView): { small: Image8; inner: Uint8Array } {
+  const region = crop(bgr, fov.x, fov.y, fov.w, fov.h);
+  const scale = WORK_SIZE / Math.max(region.w, region.h);
+  const sw = Math.max(8, pyRound(region.w * scale)), sh = Math.max(8, pyRound(region.h * scale));
+  const small = shrink(region, sw, sh);
+  const mask = resizeNearest(fovMaskRegion(fov, fov.x, fov.y, fov.w, fov.h), sw, sh);
+  const eroded = morphEllipse(mask, 9, "erode");
+  return { small, inner: Uint8Array.from(eroded.data, (v) => (v > 0 ? 1 : 0)) };
+}
+
+function haarHfRatio(box: Image8): number {
+  const h = Math.floor(box.h / 4) * 4, w = Math.floor(box.w / 4) * 4;
+  if (!h || !w) return 0;
+  let energy = 0;
+  const approx = new Float64Array((h / 4) * (w / 4));
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      const v = box.data[y * box.w + x];
+      energy += v * v;
+      approx[Math.floor(y / 4) * (w / 4) + Math.floor(x / 4)] += v;
+    }
+  }
+  let approxSq = 0, approxSum = 0;
+  for (let i = 0; i < approx.length; i++) {
+    const a = Math.fround(approx[i] * Math.fround(1 / 16));
+    approxSq += a * a; approxSum += a;
+  }
+  const approxEnergy = 16 * approxSq;
+  const detail = energy - approxEnergy;
+  const mean = approxSum / approx.length;
+  const total = detail + approxEnergy - 16 * approx.length * mean * mean;
+  return total > 0 ? detail / total : 0;
+}
+
+function patches(whiteness: Image8, lum: Image8, mask: Uint8Array, whiteMedian: number, lumMedian: number): [number, number] {
+  const h = Math.floor(whiteness.h / PATCH_SCALE) * PATCH_SCALE, w = Math.floor(whiteness.w / PATCH_SCALE) * PATCH_SCALE;
+  const sw = w / PATCH_SCALE, sh = h / PATCH_SCALE;
+  const mask255 = image(whiteness.w, whiteness.h, 1, Uint8Array.from(mask, (v) => v * 255));
+  const inside = resizeArea(crop(mask255, 0, 0, w, h), sw, sh);
+  const insideFlags = Uint8Array.from(inside.data, (v) => (v === 255 ? 255 : 0));
+  if (!insideFlags.some((v) => v)) return [0, 0];
+  const side = Math.max(h, w) / PATCH_SCALE;
+  const white = resizeArea(crop(whiteness, 0, 0, w, h), sw, sh);
+  for (let i = 0; i < white.data.length; i++) white.data[i] &= insideFlags[i];
+  const eroded = morphEllipse(white, Math.max(3, pyRound(PATCH_DIAMETER * side) | 1), "erode");
+  const small = resizeArea(crop(lum, 0, 0, w, h), sw, sh);
+  for (let i = 0; i < small.data.length; i++) small.data[i] |= 255 - insideFlags[i];
+  const dilated = morphEllipse(small, Math.max(3, pyRound(DARK_PATCH_DIAMETER * side) | 1), "dilate");
+  let maxEroded = 0, minDilated = 255;
+  for (const v of eroded.data) if (v > maxEroded) maxEroded = v;
+  for (const v of dilated.data) if (v < minDilated) minDilated = v;
+  return [Math.max(0, maxEroded - whiteMedian), Math.max(0, 1 - minDilated / Math.max(lumMedian, 1))];
+}
+
+function blockiness(bgr: Image8, fov: FieldOfView): number {
+  const { x: x0, y: y0, w, h } = fov;
+  const green = channel(crop(bgr, x0, y0, w, h), 1);
+  let mask = fovMaskRegion(fov, x0, y0, w, h);
+  const maxPeriod = Math.max(...BLOCK_PERIODS);
+  if (green.h < 2 * maxPeriod || green.w < 2 * maxPeriod || !mask.data.length) return 1;
+  const band = Math.max(3, pyRound(BLOCK_RIM * Math.max(mask.w, mask.h)) | 1);
+  mask = resizeNearest(morphRect(mask, band, "erode"), w, h);
+  const ratios: Record<number, number[]> = {};
+  for (const p of BLOCK_PERIODS) ratios[p] = [];
+  for (const vertical of [true, false]) {
+    // vertical: steps between rows y-1 and y, summed along each row; else between columns, summed along columns
+    const n = vertical ? h - 1 : w - 1;
+    const sums = new Float64Array(n), countsArr = new Float64Array(n);
+    for (let y = 0; y < (vertical ? h - 1 : h); y++) {
+      for (let x = 0; x < (vertical ? w : w - 1); x++) {
+        const a = vertical ? (y + 1) * w + x : y * w + x + 1, b = y * w + x;
+        const both = mask.data[a] & mask.data[b];
+        if (!both) continue;
+        const k = vertical ? y : x;
+        sums[k] += Math.abs(green.data[a] - green.data[b]) & both;
+        countsArr[k] += both / 255;
+      }
+    }
+    const offset = vertical ? y0 : x0;
+    for (const p of BLOCK_PERIODS) {
+      const sp = new Float64Array(p), np_ = new Float64Array(p);
+      for (let i = 0; i < n; i++) { const ph = (i + 1 + offset) % p; sp[ph] += sums[i]; np_[ph] += countsArr[i]; }
+      if (Math.min(...np_) < 1) return 1;
+      let k = 0;
+      for (let i = 1; i < p; i++) if (sp[i] / np_[i] > sp[k] / np_[k]) k = i;
+      const sTotal = sp.reduce((a, b) => a + b, 0), nTotal = np_.reduce((a, b) => a + b, 0);
+      const rest = (sTotal - sp[k]) / (nTotal - np_[k]);
+      ratios[p].push(sp[k] / np_[k] / Math.max(rest, 1e-3));
+    }
+  }
+  return Math.max(...BLOCK_PERIODS.map((p) => ratios[p].reduce((a, b) => a + b, 0) / ratios[p].length));
+}
+
+/** quality_metrics: every indicator of one photo (NoFundusError when there is no field of view). */
+export function qualityMetrics(bgr: Image8, fov?: FieldOfView): Record<string, number> {
+  fov ??= detectFov(bgr);
+  const { small, inner: mask } = fieldCrop(bgr, fov);
+  let nInner = 0;
+  for (const v of mask) nInner += v;
+  if (nInner < 100) throw new ImageError("field of view too small to assess quality");
+  const [blue, green, red] = [channel(small, 0), channel(small, 1), channel(small, 2)];
+  const lum = gray(small);
+  const lumHist = hist(lum, mask);
+  const stats = histStats(lumHist);
+  const n = small.w * small.h;
+  const whiteness = image(small.w, small.h, 1), value = image(small.w, small.h, 1);
+  for (let i = 0; i < n; i++) {
+    whiteness.data[i] = Math.min(blue.data[i], green.data[i], red.data[i]);
+    value.data[i] = Math.max(blue.data[i], green.data[i], red.data[i]);
+  }
+  const whiteHist = hist(whiteness, mask);
+  const darkChannel = histStats(whiteHist).p5;
+  let greenSum = 0;
+  for (let i = 0; i < n; i++) if (mask[i]) greenSum += green.data[i];
+  const greenMean = Math.max(greenSum / nInner, 1);
+
+  const lap = filter3(green, [0, 1, 0, 1, -4, 1, 0, 1, 0]);
+  let lapSum = 0, lapSq = 0;
+  for (let i = 0; i < n; i++) if (mask[i]) { lapSum += lap[i]; lapSq += lap[i] * lap[i]; }
+  const lapMean = lapSum / nInner;
+  const lapVar = Math.max(0, lapSq / nInner - lapMean * lapMean);
+  const gx = filter3(green, [-1, 0, 1, -2, 0, 2, -1, 0, 1]), gy = filter3(green, [-1, -2, -1, 0, 0, 0, 1, 2, 1]);
+  let ten = 0;
+  for (let i = 0; i < n; i++) if (mask[i]) ten += gx[i] * gx[i] + gy[i] * gy[i];
+  const tenengrad = ten / nInner;
+
+  const maskImg = image(small.w, small.h, 1, mask);
+  let core = morphRect(maskImg, 31, "erode").data;
+  if (core.reduce((a, b) => a + (b ? 1 : 0), 0) < 100) core = mask;
+  const W = small.w, H = small.h;
+  const directions: [[number, number], [number, number], number][] = [
+    [[0, 0], [0, 1], 1], [[0, 0], [1, 0], 1], [[1, 0], [0, 1], 2], [[0, 0], [1, 1], 2]];
+  const energies = directions.map(([[ay, ax], [by, bx], norm]) => {
+    let sum = 0, count = 0;
+    for (let y = 0; y < H - 1; y++) {
+      for (let x = 0; x < W - 1; x++) {
+        if (!core[(y + ay) * W + x + ax]) continue;
+        const d = green.data[(y + ay) * W + x + ax] - green.data[(y + by) * W + x + bx];
+        sum += d * d; count++;
+      }
+    }
+    return sum / Math.max(count, 1) / norm;
+  });
+  const g = Float64Array.from(green.data);
+  const blurred = gaussian(g, W, H, 2.0);
+  let detail = 0;
+  for (let i = 0; i < n; i++) if (mask[i]) detail += (g[i] - blurred[i]) ** 2;
+  const detailEnergy = detail / nInner;
+
+  let glare = 0, redClipped = 0;
+  for (let i = 0; i < n; i++) {
+    if (!mask[i]) continue;
+    if (value.data[i] > 235 && (value.data[i] - whiteness.data[i]) * 255 < 40 * value.data[i]) glare++;
+    if (red.data[i] > 249) redClipped++;
+  }
+  let bx0 = W, by0 = H, bx1 = -1, by1 = -1;
+  for (let y = 0; y < H; y++) for (let x = 0; x < W; x++) if (mask[y * W + x]) {
+    bx0 = Math.min(bx0, x); bx1 = Math.max(bx1, x); by0 = Math.min(by0, y); by1 = Math.max(by1, y);
+  }
+  const box = image(bx1 - bx0 + 1, by1 - by0 + 1, 1);
+  for (let y = by0; y <= by1; y++) for (let x = bx0; x <= bx1; x++) {
+    box.data[(y - by0) * box.w + x - bx0] = mask[y * W + x] ? green.data[y * W + x] : 0;
+  }
+  const med = median3(green);
+  const shifted = image(W, H, 1);
+  for (let i = 0; i < n; i++) shifted.data[i] = sat8(green.data[i] - med.data[i] + 128);
+  const hpMedian = median(hist(shifted, mask));
+  const dev = image(W, H, 1);
+  for (let i = 0; i < n; i++) dev.data[i] = sat8(Math.abs(shifted.data[i] - hpMedian));
+  const noise = 1.4826 * median(hist(dev, mask));
+
+  const lumMedian = median(lumHist);
+  const [palePatch, darkPatch] = patches(whiteness, lum, mask, median(whiteHist), lumMedian);
+  const tH = Math.floor(H / 3), tW = Math.floor(W / 3);
+  const bandMean = (y0: number, y1: number, x0: number, x1: number): number | null => {
+    let s = 0, c = 0;
+    for (let y = y0; y < y1; y++) for (let x = x0; x < x1; x++) if (mask[y * W + x]) { s += lum.data[y * W + x]; c++; }
+    return c ? s / c : null;
+  };
+  const thirds = [bandMean(0, tH, 0, W), bandMean(H - tH, H, 0, W), bandMean(0, H, 0, tW), bandMean(0, H, W - tW, W)]
+    .filter((v): v is number => v !== null);
+  const under = lumHist.slice(0, 15).reduce((a, b) => a + b, 0), over = lumHist.slice(246).reduce((a, b) => a + b, 0);
+  const darkArea = lumHist.slice(0, Math.ceil(0.45 * lumMedian)).reduce((a, b) => a + b, 0);
+  const brightArea = lumHist.slice(191).reduce((a, b) => a + b, 0);
+  const [wImg, hImg] = [bgr.w, bgr.h];
+  return {
+    fov_fraction: fov.fraction,
+    decentering: Math.hypot(fov.center[0] - wImg / 2, fov.center[1] - hImg / 2) / Math.hypot(wImg, hImg),
+    mean: stats.mean,
+    std: stats.std,
+    entropy: stats.entropy,
+    dynamic_range: stats.p99 - stats.p1,
+    laplacian_var: lapVar,
+    tenengrad,
+    wavelet_hf_ratio: haarHfRatio(box),
+    directional_sharpness: Math.min(...energies) / greenMean ** 2 * 1000,
+    sharpness_isotropy: Math.min(...energies) / Math.max(Math.max(...energies), 1e-9),
+    local_contrast: Math.sqrt(detailEnergy) / greenMean,
+    dark_channel: darkChannel,
+    underexposed: under / nInner,
+    overexposed: over / nInner,
+    red_clipped: redClipped / nInner,
+    dark_area: darkArea / nInner,
+    bright_area: brightArea / nInner,
+    pale_patch: palePatch,
+    dark_patch: darkPatch,
+    illumination_balance: thirds.length ? Math.min(...thirds) / Math.max(Math.max(...thirds), 1) : 1,
+    glare: glare / nInner,
+    noise,
+    blockiness: blockiness(bgr, fov),
+  };
+}
+
+/** Python's format(x, ".4g"). */
+export function formatG4(x: number): string {
+  if (x === 0) return "0";
+  if (!Number.isFinite(x)) return Number.isNaN(x) ? "nan" : x > 0 ? "inf" : "-inf";
+  const [m, e] = x.toExponential(3).split("e");
+  const exp = Number(e);
+  const strip = (s: string) => (s.includes(".") ? s.replace(/0+$/, "").replace(/\.$/, "") : s);
+  if (exp < -4 || exp >= 4) return `${strip(m)}e${exp < 0 ? "-" : "+"}${String(Math.abs(exp)).padStart(2, "0")}`;
+  return strip(x.toFixed(3 - exp));
+}
+
+/** verdict(): the rules and thresholds are Python's own (contract.generated.json). */
+export function verdict(metrics: Record<string, number>): QualityReport {
+  const { rules, thresholds } = CONTRACT.quality;
+  const reasons: string[] = [];
+  let worst = Infinity;
+  for (const rule of rules) {
+    const limit = thresholds[rule.limit], value = metrics[rule.metric];
+    const ok = rule.op === ">=" ? value >= limit : value <= limit;
+    if (!ok) reasons.push(`${rule.reason} (${rule.metric} ${formatG4(value)} vs limit ${formatG4(limit)})`);
+    worst = Math.min(worst, ((rule.op === ">=" ? value - limit : limit - value)) / (Math.abs(limit) + 1e-9));
+  }
+  const score = Math.min(1, Math.max(0, 0.5 + 0.5 * Math.tanh(2 * worst)));
+  const rounded: Record<string, number> = {};
+  for (const [k, v] of Object.entries(metrics)) rounded[k] = Number(v.toFixed(6));
+  return { gradable: reasons.length === 0, score: Number(score.toFixed(4)), reasons, metrics: rounded };
+}
+
+/** assess(): the verdict, or "no fundus found" as an ungradable verdict. */
+export function assess(bgr: Image8, fov?: FieldOfView | null): QualityReport {
+  try {
+    if (!fov) fov = detectFov(bgr);
+    return verdict(qualityMetrics(bgr, fov));
+  } catch (err) {
+    if (!(err instanceof ImageError)) throw err;
+    return { gradable: false, score: 0, reasons: [`no fundus found: ${err.message}; centre the pupil and re-capture`], metrics: {} };
+  }
+}
