@@ -31,6 +31,7 @@ class PhotoBatch:
     x: np.ndarray  # N x C x S x S, normalised
     grades: np.ndarray | None  # ICDR grades; None for a plain image folder
     dme: np.ndarray | None  # DME labels (0/1, MISSING where the photo has none); None for a plain image folder
+    patients: np.ndarray | None = None  # patient id per photo (bootstrap clusters); None for a plain image folder
 
 
 def load_batch(root: str | Path, policy: PreprocessPolicy, split: str | None = None, limit: int | None = None,
@@ -62,6 +63,7 @@ def load_photos(root: str | Path, policy: PreprocessPolicy, split: str | None = 
                                   np.zeros(0, int), np.zeros(0, int))
             samples = chosen or samples
         paths, labels = [s.path for s in samples], np.array([s.grade for s in samples])
+        patients = np.array([s.patient for s in samples])
     except DatasetError:
         if split and strict_split:  # an unlabelled folder has no splits to keep apart
             log.warning("%s is not a labelled dataset; no %r split to take images from", root, split)
@@ -95,4 +97,5 @@ def load_photos(root: str | Path, policy: PreprocessPolicy, split: str | None = 
         except ImageError as exc:
             log.warning("skipping %s: %s", paths[i].name, exc)
     x = normalize(np.stack(images), policy)
-    return PhotoBatch(x, labels[kept] if labels is not None else None, dme[kept] if dme is not None else None)
+    return PhotoBatch(x, labels[kept] if labels is not None else None, dme[kept] if dme is not None else None,
+                      patients[kept] if labels is not None else None)

@@ -105,13 +105,6 @@ def to_rgb8(x: np.ndarray, policy: PreprocessPolicy) -> np.ndarray:
     return np.ascontiguousarray(rgb[..., ::-1] if policy.color_order == "BGR" else rgb)
 
 
-def folder_weights(folders: np.ndarray) -> np.ndarray:
-    """Per photo, 1 / (number of folders x photos of its folder): every folder weighs the same in a mean."""
-    folders = np.asarray(folders)
-    names, index, counts = np.unique(folders, return_inverse=True, return_counts=True)
-    return 1.0 / (len(names) * counts[index])
-
-
 class ClusteredBootstrap:
     """Folder-weighted means of per-photo values, and their bootstrap distribution resampling patients (clusters)
     within each folder (stratum): each resample keeps every folder's weight, and a patient's photos move together.

@@ -38,15 +38,19 @@ class ExportPhotos:
     val_labels: np.ndarray | None  # grades of ``val``; None for an unlabelled folder
     tuning: np.ndarray  # unlabelled train-split photos for accuracy control and QAT; never calib or val photos
     val_dme: np.ndarray | None = None  # DME labels of ``val`` (0/1, MISSING where none); models with a DME head
+    val_folders: np.ndarray | None = None  # the folder (camera) of each val photo: the gate weighs folders equally
+    val_patients: np.ndarray | None = None  # the patient of each val photo: the gate's bootstrap clusters
+    calib_labels: np.ndarray | None = None  # grades of ``calib``: an operating point re-chosen off the gate set
 
     def __post_init__(self) -> None:
         shapes = {a.shape[1:] for a in (self.calib, self.val, self.tuning) if len(a)}
         if len(shapes) > 1:
             raise ExportConfigError(f"calib, val and tuning photos must share one input shape, got {sorted(shapes)}")
-        for name in ("val_labels", "val_dme"):
+        for name in ("val_labels", "val_dme", "val_folders", "val_patients", "calib_labels"):
             labels = getattr(self, name)
-            if labels is not None and len(labels) != len(self.val):
-                raise ExportConfigError(f"{len(labels)} {name} for {len(self.val)} val photos")
+            photos = self.calib if name == "calib_labels" else self.val
+            if labels is not None and len(labels) != len(photos):
+                raise ExportConfigError(f"{len(labels)} {name} for {len(photos)} photos")
 
     def digest(self, name: str) -> str:
         """Identifies one set of photos (cache keys, export_config.yaml)."""

@@ -17,11 +17,12 @@ import numpy as np
 import yaml
 
 from compression.calibration import PhotoBatch, load_photos
-from compression.gate import DmeOutputs, GateThresholds, compare, judge
+from compression.gate import DmeOutputs, Draws, GateSet, GateThresholds, compare, judge
+from compression.noise_floor import NuisanceModel
 from compression.qat import QATConfig
 from compression.quantize import QuantRecipe
 from edge_runtime.backends.base import BACKENDS, HeadOutputs
-from edge_runtime.calibration import choose_binary_operating_point, choose_operating_point
+from edge_runtime.calibration import choose_operating_point
 from edge_runtime.contract import (
     GateResult,
     OperatingPoint,
@@ -40,6 +41,7 @@ from .base import (
     ExportResult,
     Reference,
     TorchGraphs,
+    pt2e_recipe,
     size_mb,
     write_index,
 )
@@ -59,6 +61,10 @@ class ExportPlan:
     recipe: QuantRecipe = field(default_factory=QuantRecipe)  # the CPU-class preset INT8 starts from
     qat: QATConfig | None = None  # QAT settings; steps > 0 lets a failed gate escalate to QAT
     escalate: bool = True  # on a failed INT8 gate, retry with the format's int8_escalation steps
+    nuisance: NuisanceModel = field(default_factory=NuisanceModel)  # the re-capture draws of the gate's noise floor
+    # Where converted artifacts refer: "parent" keeps the checkpoint's operating point (temperature, threshold,
+    # band); "calib" re-chooses it on the artifact's outputs for the calib photos, disjoint from the gate set.
+    operating_point: str = "parent"
     # QAT's margin-aware referral term, held around the checkpoint's own operating point (``for_checkpoint``).
     qat_margin_weight: float = 0.0
 
@@ -67,6 +73,9 @@ class ExportPlan:
         object.__setattr__(self, "precisions", tuple(self.precisions))
         for fmt in self.formats:
             get_format(fmt)
+        if self.operating_point not in ("parent", "calib"):
+            raise ExportConfigError(f"operating_point must be 'parent' (the checkpoint's) or 'calib' (re-chosen on "
+                                    f"the calib photos), got {self.operating_point!r}")
 
     @property
     def jobs(self) -> list[tuple[str, str]]:
@@ -104,13 +113,14 @@ class ExportPlan:
 
 def load_inputs(checkpoint: str | Path, out_dir: str | Path, calib: str | Path | Sequence[str | Path] | None,
                 val: str | Path | Sequence[str | Path] | None, thresholds: GateThresholds | None = None,
-                calib_limit: int = 64, val_limit: int = 128, name: str | None = None,
+                calib_limit: int = 64, val_limit: int | None = None, name: str | None = None,
                 tuning_limit: int = 256) -> ExportInputs:
     """Load the checkpoint and the real photos every export of it needs.
 
     ``calib``'s ``calib`` split calibrates INT8 and its ``train`` split (up to ``tuning_limit`` photos,
-    unlabelled) drives the gate's fallbacks; the ``val`` split of ``val`` is what parity and the gate judge.
-    Both take one folder or several; limits apply per folder.
+    unlabelled) drives the gate's fallbacks; the ``val`` split of ``val`` is the gate set that parity and the gate
+    judge (every graded val photo unless ``val_limit``), each photo with its folder and patient. Both take one
+    folder or several; limits apply per folder.
     """
     from training.models import load_checkpoint
     from training.models.dr_classifier import freeze_dynamic_padding
@@ -120,28 +130,43 @@ def load_inputs(checkpoint: str | Path, out_dir: str | Path, calib: str | Path |
     freeze_dynamic_padding(model, policy.input_size)  # artifacts have a fixed input size (the manifest's)
     empty = np.zeros((0, 3, policy.input_size, policy.input_size), np.float32)
 
-    def load(sources, split: str, limit: int, **kwargs) -> PhotoBatch:
-        batches = [load_photos(source, policy, split, limit, **kwargs) for source in _folders(sources)]
+    def load(sources, split: str, limit: int | None, **kwargs) -> tuple[PhotoBatch, np.ndarray]:
+        folders = _folders(sources)
+        batches = [load_photos(source, policy, split, limit, **kwargs) for source in folders]
         if not batches:
-            return PhotoBatch(empty, None, None)
+            return PhotoBatch(empty, None, None), np.zeros(0, str)
         grades = None if any(b.grades is None for b in batches) else np.concatenate([b.grades for b in batches])
         # A folder without DME labels (EyePACS, plain images) contributes photos whose DME is MISSING.
         dme = np.concatenate([np.full(len(b.x), MISSING) if b.dme is None else b.dme for b in batches])
-        return PhotoBatch(np.concatenate([b.x for b in batches]), grades, dme)
+        names = _folder_names(folders)
+        where = np.concatenate([np.full(len(b.x), names[i], dtype=object) for i, b in enumerate(batches)]).astype(str)
+        # Patients are named within their folder; a plain image folder's photos are each their own patient.
+        patients = np.concatenate([np.char.add(f"{names[i]}/", (b.patients if b.patients is not None else
+                                                              np.arange(len(b.x))).astype(str))
+                                   for i, b in enumerate(batches)])
+        return PhotoBatch(np.concatenate([b.x for b in batches]), grades, dme, patients), where
 
-    calib_x = load(calib, "calib", calib_limit).x
-    val_batch = load(val, "val", val_limit) if _folders(val) else PhotoBatch(calib_x, None, None)
+    calib_batch, _ = load(calib, "calib", calib_limit)
+    calib_x = calib_batch.x
+    val_batch, val_folders = load(val, "val", val_limit) if _folders(val) else (PhotoBatch(calib_x, None, None), None)
     # The train split only: never the calib or val photos the result is judged on.
-    tuning = load(calib, "train", tuning_limit, strict_split=True).x if tuning_limit else empty
+    tuning = load(calib, "train", tuning_limit, strict_split=True)[0].x if tuning_limit else empty
     photos = ExportPhotos(calib_x, val_batch.x, val_batch.grades, tuning,
                           val_dme=(val_batch.dme if val_batch.dme is not None else np.full(len(val_batch.x), MISSING))
-                          if meta.has_dme else None)
+                          if meta.has_dme else None, val_folders=val_folders, val_patients=val_batch.patients,
+                          calib_labels=calib_batch.grades)
     return ExportInputs(Path(checkpoint), model.eval(), meta, photos, thresholds or GateThresholds(), Path(out_dir),
                         name)
 
 
 def _folders(sources: str | Path | Sequence[str | Path] | None) -> list[str | Path]:
     return [sources] if isinstance(sources, (str, Path)) else list(sources or [])
+
+
+def _folder_names(folders: list[str | Path]) -> list[str]:
+    """Short, distinct names of the gate set's folders (their base names, else their full paths)."""
+    names = [Path(f).name for f in folders]
+    return names if len(set(names)) == len(names) else [str(f) for f in folders]
 
 
 @dataclass(frozen=True)
@@ -164,15 +189,20 @@ class ExportPipeline:
         plan (`ExportPlan`): formats, precisions, INT8 recipe and escalation.
         reference (`Reference`, optional): FP32 outputs already computed for these inputs' model and val photos.
         sign (`Callable[[dict], dict]`, optional): signs each sidecar manifest (``exporters.manifest.finalise_manifest``).
+        reference_draws (optional): FP32's (K, n, 5) logits and (K, n) DME logits on this plan's nuisance draws of
+            these val photos, computed by another pipeline (``reference_draws`` after its first gate).
     """
 
     def __init__(self, inputs: ExportInputs, plan: ExportPlan, reference: Reference | None = None,
-                 sign: Callable[[dict], dict] | None = None) -> None:
+                 sign: Callable[[dict], dict] | None = None,
+                 reference_draws: tuple[np.ndarray, np.ndarray | None] | None = None) -> None:
         self.inputs, self.plan, self.sign = inputs, plan, sign
         self.reference = reference or Reference.compute(inputs)
         if self.reference.val_sha1 != inputs.photos.digest("val"):
             raise ExportConfigError("the reference outputs given were computed on other val photos")
         self.graphs = TorchGraphs(inputs.model, inputs.photos, plan.qat)
+        # FP32 on the nuisance draws of the gate set (computed on first use; pass them to share one computation)
+        self.reference_draws = reference_draws
 
     def export(self, fmt: str, precision: str) -> ArtifactRecord:
         """Export one format x precision, verify, gate, escalate, write its manifest; never raises (errors
@@ -208,7 +238,7 @@ class ExportPipeline:
         manifest_path_for(path).unlink(missing_ok=True)  # it described the file this export replaces
         recipe = self.plan.recipe
         result = self._attempt(spec, precision, recipe, path)
-        verdict = self._verify(spec, result, precision)
+        verdict = self._verify(spec, result, precision, recipe)
         how = verdict.how
         if precision != "int8" or verdict.gate.status != "failed":
             return result, verdict, how
@@ -217,8 +247,9 @@ class ExportPipeline:
         for step in self.plan.escalation(spec.name, has_tuning_images=len(self.inputs.photos.tuning) > 0):
             label = step.describe(qat_steps)
             log.warning("%s int8 failed its gate (%s); retrying: %s", spec.name, why, label)
-            result = self._attempt(spec, precision, step.retry_recipe(recipe), path)
-            verdict = self._verify(spec, result, precision)
+            retry = step.retry_recipe(recipe)
+            result = self._attempt(spec, precision, retry, path)
+            verdict = self._verify(spec, result, precision, retry)
             how = f"{verdict.how}; {label} after: {why}"
             if verdict.gate.status != "failed":
                 break
@@ -229,7 +260,7 @@ class ExportPipeline:
         request = ExportRequest(self.inputs, precision, recipe, path, self.graphs)
         return EXPORTERS.get(spec.name).export(request)
 
-    def _verify(self, spec: FormatSpec, result: ExportResult, precision: str) -> Verdict:
+    def _verify(self, spec: FormatSpec, result: ExportResult, precision: str, recipe: QuantRecipe) -> Verdict:
         """Run the artifact on the val photos (or judge what its exporter measured where it cannot run here)."""
         n = len(self.inputs.photos.val)
         if not n:
@@ -243,12 +274,12 @@ class ExportPipeline:
             outputs = session.run_heads(self.inputs.photos.val)
             how = f"ran {session.info.backend}/{session.info.provider} on {n} images"
             return self._judge(spec, result, precision, outputs, how,
-                               self._dme_checks(result, outputs.dme_logit, outputs.dme_cam))
+                               self._dme_checks(result, outputs.dme_logit, outputs.dme_cam), session.run_heads)
         how = f"spec checked only: {spec.runtime} cannot run on this OS ({', '.join(spec.runs_on)} only)"
         if precision == "int8" and result.outputs is not None:
             how = (f"spec checked; INT8 gated on the quantized torch graph that was converted ({n} images); "
                    f"{spec.runtime} predictions need {'/'.join(spec.runs_on)}")
-            return self._judge(spec, result, precision, result.outputs, how)
+            return self._judge(spec, result, precision, result.outputs, how, run=self._torch_graph_runner(recipe))
         gate = GateResult("not_run", _finite(result.spec_checks), {},
                           ("predictions need " + "/".join(spec.runs_on),))
         return Verdict(gate, how, dict(result.spec_checks), None)
@@ -269,8 +300,55 @@ class ExportPipeline:
                 "max_abs_dme_cam_diff": float(np.abs(dme_cam - ref.dme_cam).max()),
                 "dme_cam_identity_error": float(np.abs(bias - bias.mean(0, keepdims=True)).max())}
 
+    def _torch_graph_runner(self, recipe: QuantRecipe) -> Callable[[np.ndarray], HeadOutputs]:
+        """The quantized torch graph a format converts where its runtime cannot run here (CoreML on Linux), one
+        photo at a time as the converted model is specialised to batch 1: what the gate's draws run."""
+        import torch
+
+        quantized = self.graphs.quantize(pt2e_recipe(recipe, "apple_ane")).convert(fold_quantize=True)
+
+        @torch.no_grad()
+        def run(x: np.ndarray) -> HeadOutputs:
+            parts = [quantized(torch.from_numpy(x[i:i + 1]).float()) for i in range(len(x))]
+            return HeadOutputs(*(torch.cat([p[k] for p in parts]).numpy() for k in range(len(parts[0]))))
+
+        return run
+
+    def _fp32_runner(self, x: np.ndarray) -> HeadOutputs:
+        import torch
+
+        with torch.no_grad():
+            parts = [self.inputs.model.forward_outputs(torch.from_numpy(x[i:i + 16]).float())
+                     for i in range(0, len(x), 16)]
+        return HeadOutputs(*(np.concatenate([p[k].numpy() for p in parts]) for k in range(len(parts[0]))))
+
+    def _draw_outputs(self, run: Callable[[np.ndarray], HeadOutputs]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(K, n, 5) logits and (K, n) DME logits (None without a DME head) of ``run`` on the nuisance draws of
+        every gate photo; the draws are seeded per photo, so every model sees the same K images."""
+        nuisance, val, policy = self.plan.nuisance, self.inputs.photos.val, self.inputs.policy
+        logits, dme = [], []
+        for k in range(nuisance.draws):
+            out = run(nuisance.perturb_batch(val, policy, k))
+            logits.append(np.asarray(out.logits, float))
+            if out.dme_logit is not None:
+                dme.append(np.asarray(out.dme_logit, float).reshape(-1))
+        return np.stack(logits), (np.stack(dme) if dme else None)
+
+    def draws_for(self, run: Callable[[np.ndarray], HeadOutputs]) -> Draws:
+        """FP32's (computed once) and ``run``'s outputs on the same nuisance draws of the gate set."""
+        if self.reference_draws is None:
+            self.reference_draws = self._draw_outputs(self._fp32_runner)
+        ref_logits, ref_dme = self.reference_draws
+        test_logits, test_dme = self._draw_outputs(run)
+        return Draws(ref_logits, test_logits, ref_dme, test_dme, self.plan.nuisance)
+
+    def gate_set(self) -> GateSet:
+        photos = self.inputs.photos
+        return GateSet(photos.val_folders, photos.val_patients)
+
     def _judge(self, spec: FormatSpec, result: ExportResult, precision: str, outputs: HeadOutputs, how: str,
-               dme_checks: dict[str, float] | None = None) -> Verdict:
+               dme_checks: dict[str, float] | None = None,
+               run: Callable[[np.ndarray], HeadOutputs] | None = None) -> Verdict:
         ref = self.reference
         logits, cam = outputs.logits, outputs.cam
         if cam.shape != ref.cam.shape or logits.shape != ref.logits.shape:
@@ -281,7 +359,7 @@ class ExportPipeline:
                                     f"{None if outputs.dme_logit is None else outputs.dme_logit.shape}, expected "
                                     f"{ref.dme_logit.shape}; the manifest lists the dme head")
         metrics = {**compare(ref.logits, ref.cam, logits, cam), **(dme_checks or {})}
-        point = self._operating_point(logits)
+        point = self._operating_point(run)
         dme_point = self._dme_operating_point(outputs.dme_logit)
         if spec.runs_here:
             # The CAM identity every artifact must keep: logits - mean_hw(cam) is the (constant) classifier bias.
@@ -294,50 +372,44 @@ class ExportPipeline:
                 _parity(spec, result.path, precision, metrics, ref)
             # The fidelity gate: the one place a reduced-precision artifact is judged (its own decisions at its own
             # operating points vs FP32's decisions at FP32's points, on the same val photos; referral is DR or DME).
+            # FP32 refers at the parent's point; the candidate at its own (the parent's, unless re-chosen on the
+            # calib photos, never on the gate set it is judged on).
             dme = None if ref.dme_logit is None else DmeOutputs(
-                ref.dme_logit, outputs.dme_logit, self.inputs.photos.val_dme, dme_point,
-                self._dme_operating_point(ref.dme_logit))
-            gate = judge(ref.logits, ref.cam, logits, cam, self.inputs.photos.val_labels, point,
-                         self.inputs.thresholds, ref_operating_point=self._operating_point(ref.logits), dme=dme)
+                ref.dme_logit, outputs.dme_logit, self.inputs.photos.val_dme, dme_point, self.inputs.meta.dme_point)
+            thresholds = self.inputs.thresholds
+            draws = self.draws_for(run) if run is not None and thresholds.judges_noise_floor else None
+            gate = judge(ref.logits, ref.cam, logits, cam, self.inputs.photos.val_labels, point, thresholds,
+                         ref_operating_point=self.inputs.meta.operating_point, dme=dme, draws=draws,
+                         gate_set=self.gate_set())
             metrics = {**metrics, **gate.metrics}
         return Verdict(gate, how, {**result.spec_checks, **metrics}, (logits, cam), point, dme_point)
 
-    def _operating_point(self, logits: np.ndarray) -> OperatingPoint:
-        """Referral point chosen on these outputs for the val photos, by the checkpoint's rule and target.
-
-        Every artifact decides at a threshold chosen on its own outputs: INT8 shifts probabilities, and a threshold
-        chosen on FP32 would silently move its sensitivity. Without labels (or a class) the checkpoint's point stands.
-        """
+    def _operating_point(self, run: Callable[[np.ndarray], HeadOutputs] | None) -> OperatingPoint:
+        """Where this artifact refers. By default the parent's point (temperature, threshold, uncertainty band):
+        the gate then asks whether the conversion changed the referrals at the point the parent was validated at.
+        With ``ExportPlan.operating_point = "calib"`` it is re-chosen, by the checkpoint's rule and target, on the
+        artifact's own outputs (``run``) for the calib photos, disjoint from the gate set; the point records their
+        fingerprint."""
         trained = self.inputs.meta.operating_point
-        labels = self.inputs.photos.val_labels
-        if labels is None or len(labels) == 0:
+        photos = self.inputs.photos
+        if self.plan.operating_point == "parent":
+            return trained
+        if run is None or photos.calib_labels is None or not len(photos.calib):
+            log.warning("no labelled calib photos (or no way to run the artifact) to re-choose the operating point "
+                        "on; keeping the parent's")
             return trained
         rule, target = self.inputs.meta.rule_and_target("grade")
         try:
-            return choose_operating_point(labels, logits, rule=rule, target=target,
-                                          band_fraction=float(self.inputs.meta.config.get(
-                                              "uncertain_fraction", 0.05)),
-                                          fingerprint=self.inputs.photos.digest("val"))
-        except ValueError as exc:  # e.g. no referable val photo: nothing to choose on
-            log.warning("operating point not chosen on the export's val photos (%s); keeping the checkpoint's", exc)
+            return choose_operating_point(photos.calib_labels, run(photos.calib).logits, rule=rule, target=target,
+                                          band_fraction=float(self.inputs.meta.config.get("uncertain_fraction", 0.05)),
+                                          fingerprint=photos.digest("calib"))
+        except ValueError as exc:  # e.g. no referable calib photo: nothing to choose on
+            log.warning("operating point not chosen on the calib photos (%s); keeping the parent's", exc)
             return trained
 
     def _dme_operating_point(self, dme_logit: np.ndarray | None) -> OperatingPoint | None:
-        """DME point chosen on these DME outputs for the val photos with a DME label, by the checkpoint's DME rule
-        and target, for the same reason as the referral point. Without a DME head: None; without DME labels (or
-        without a DME-present or a DME-absent photo) the checkpoint's point stands."""
-        trained = self.inputs.meta.dme_point
-        labels = self.inputs.photos.val_dme
-        if trained is None or dme_logit is None or labels is None:
-            return trained
-        present = labels != MISSING
-        rule, target = self.inputs.meta.rule_and_target("dme")
-        try:
-            return choose_binary_operating_point(labels[present], np.asarray(dme_logit).reshape(-1)[present],
-                                                 rule=rule, target=target, fingerprint=self.inputs.photos.digest("val"))
-        except ValueError as exc:
-            log.warning("DME point not chosen on the export's val photos (%s); keeping the checkpoint's", exc)
-            return trained
+        """The parent's DME point (the candidate keeps it; see ``_operating_point``). Without a DME head: None."""
+        return None if dme_logit is None else self.inputs.meta.dme_point
 
 
 def _parity(spec: FormatSpec, path: Path, precision: str, metrics: dict[str, float], ref: Reference) -> GateResult:

@@ -55,7 +55,7 @@ class DemoPlan:
     precisions: tuple[str, ...]
     skip: tuple[str, ...]  # "format/precision" pairs left out for time
     calib_images: int
-    gate_images: int
+    gate_photos_per_grade: int  # synthetic gate set (val photos only): 5x this many photos, 3/5 of them referable
     bench_runs: int
     bench_seconds: float
     bench_eval_images: int
@@ -65,7 +65,7 @@ class DemoPlan:
         object.__setattr__(self, "formats", tuple(self.formats))
         object.__setattr__(self, "precisions", tuple(self.precisions))
         object.__setattr__(self, "skip", tuple(self.skip))
-        for name in ("synthetic_per_grade", "teacher_epochs", "student_epochs", "calib_images", "gate_images",
+        for name in ("synthetic_per_grade", "teacher_epochs", "student_epochs", "calib_images", "gate_photos_per_grade",
                      "bench_runs", "gallery_images"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"demo plan: {name} must be >= 1, got {getattr(self, name)!r}")
@@ -95,7 +95,8 @@ STEP_NOTES = {
     "synthetic data": "seeded synthetic fundus photos with grade-dependent lesions (training/data/synthetic.py)",
     "teacher": "fine-tunes the teacher on the train split, keeps the epoch with the best validation QWK",
     "student (distillation)": "trains the edge student on the teacher's soft grades and CAMs",
-    "export + INT8 gate": "ONNX/TFLite/CoreML files, each run against PyTorch; INT8 judged by the fidelity gate",
+    "export + INT8 gate": "ONNX/TFLite/CoreML files, each run against PyTorch; INT8 judged by the fidelity gate on "
+                          "its own synthetic gate set (val photos only), 16 re-capture draws of each",
     "evaluation": "teacher and student artifacts on the held-out test split: QWK, sensitivity, specificity, ROC",
     "benchmark": "latency percentiles, throughput, memory and accuracy of every artifact this machine can run",
     "edge screening": "the torch-free runtime screens test photos: quality gate, grade, CAM overlay, outbox",
@@ -166,7 +167,6 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, data: Path | No
 
     from compression.distill import distill
     from training.config import TrainConfig
-    from training.data.synthetic import write_synthetic_dataset
     from training.train import fit
 
     plan = plan or DemoPlan.load("quick" if quick else "full")
@@ -186,9 +186,9 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, data: Path | No
     cache = str(out / "cache")
     with Steps(names, console or Console(stderr=True)) as steps:
         if data is None:
-            data = steps.run("synthetic data", write_synthetic_dataset, out / "data", plan.synthetic_per_grade,
-                             plan.synthetic_size, 0)
+            data, gate_data = steps.run("synthetic data", _synthetic_data, out, plan)
         else:
+            gate_data = data  # a real folder's val split is its gate set
             steps.skip("synthetic data")
         common = dict(data=(str(data),), cache_dir=cache, batch_size=16, patience=50)
         teacher = steps.run("teacher", fit, TrainConfig(
@@ -200,7 +200,8 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, data: Path | No
             out=str(out / "student"), **common), progress=False)
         artifacts, teacher_artifacts = out / "artifacts", out / "teacher" / "artifacts"
         records, teacher_onnx = steps.run("export + INT8 gate", _export, plan, student.best_checkpoint,
-                                          teacher.best_checkpoint, artifacts, teacher_artifacts, data, escalate)
+                                          teacher.best_checkpoint, artifacts, teacher_artifacts, data, gate_data,
+                                          escalate)
         evaluation = steps.run("evaluation", _evaluate, records, teacher_onnx, data)
         bench_report = steps.run("benchmark", _bench, plan, artifacts, teacher_artifacts, out / "bench", data,
                                  teacher.best_checkpoint)
@@ -213,12 +214,13 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, data: Path | No
                    "teacher": {"model": plan.teacher, "input_size": plan.teacher_size, "metrics": teacher.metrics.get("test"),
                                "checkpoint": str(teacher.best_checkpoint)},
                    "distillation": distill_report, "artifacts": [dataclasses.asdict(r) for r in records],
+                   "gates": _gates(records),
                    "teacher_artifact": dataclasses.asdict(teacher_onnx) if teacher_onnx else None,
                    "screening_artifact": {"path": chosen.path, "format": chosen.format, "precision": chosen.precision,
                                           "gate": chosen.gate},
                    "evaluation": evaluation, "graded": screened["gallery"], "stage_ms": screened["stage_ms"],
                    "pointing_game": screened["pointing_game"], "screened": screened["counts"], "server": server,
-                   "device": bench_report["device"]}
+                   "device": bench_report["device"], "student_cost": _student_cost(plan, student.best_checkpoint)}
         steps.run("report", _write_outputs, out, summary, bench_report, steps, started)
     summary["timings_s"], summary["cpu_s"] = steps.timings, steps.cpu_seconds
     summary["total_s"] = round(time.perf_counter() - started, 1)
@@ -240,11 +242,42 @@ def _write_outputs(out: Path, summary: dict, bench_report: dict, steps: Steps, s
     write_report(out, summary, bench_report)
 
 
+def _synthetic_data(out: Path, plan: DemoPlan) -> tuple[Path, Path]:
+    """The training photos (train/val/calib/test) and, apart, the gate set: val photos only, from other seeds,
+    as many as the fidelity gate's minimum evidence asks (600 photos, 150 referable by default) in a full run."""
+    from training.data.synthetic import write_synthetic_dataset
+
+    data = write_synthetic_dataset(out / "data", plan.synthetic_per_grade, plan.synthetic_size, 0)
+    gate = write_synthetic_dataset(out / "gate_data", plan.gate_photos_per_grade, plan.synthetic_size, 1,
+                                   split_fractions=(0.0, 1.0, 0.0, 0.0))
+    return data, gate
+
+
+def _student_cost(plan: DemoPlan, student_ckpt: Path) -> dict:
+    """What the student costs per photo against an EfficientNet-B4 at 380 px (the usual DR teacher; random
+    weights, no download): multiply-accumulates and parameters. The demo's own teacher is a Lite0, so
+    comparing against it would say nothing about the student."""
+    import timm
+
+    from training.models import load_checkpoint
+    from training.models.profile import count_macs
+
+    student, meta = load_checkpoint(student_ckpt)
+    b4 = timm.create_model("efficientnet_b4", pretrained=False, num_classes=5).eval()
+    return {"student": {"model": plan.student, "input_size": meta.preprocess.input_size,
+                        "macs": count_macs(student, meta.preprocess.input_size),
+                        "params": sum(p.numel() for p in student.parameters())},
+            "b4": {"model": "efficientnet_b4", "input_size": 380, "macs": count_macs(b4, 380),
+                   "params": sum(p.numel() for p in b4.parameters())}}
+
+
 # ---------------------------------------------------------------- export and gate
 def _export(plan: DemoPlan, student_ckpt: Path, teacher_ckpt: Path, artifacts: Path, teacher_artifacts: Path,
-            data: Path, escalate: bool):
-    """Student artifacts in every planned format x precision; the teacher as ONNX FP32 for evaluation, in its own
-    folder (teacher and student may share an architecture, and the benchmark pairs files by model name).
+            data: Path, gate_data: Path, escalate: bool):
+    """Student artifacts in every planned format x precision, judged on the gate set ``gate_data``; the teacher as
+    ONNX FP32 for evaluation, in its own folder (teacher and student may share an architecture, and the benchmark
+    pairs files by model name). The gate is the product's default (``GateThresholds()``: noise floor, Tango
+    non-inferiority, minimum evidence), at the student's own operating point.
 
     Without ``escalate`` a failed INT8 gate gets only the seconds-long retry (sensitive layers kept in float,
     ONNX); ``escalate`` adds accuracy-controlled mixed precision and QAT, minutes on a CPU."""
@@ -254,8 +287,8 @@ def _export(plan: DemoPlan, student_ckpt: Path, teacher_ckpt: Path, artifacts: P
     from exporters.pipeline import ExportPipeline, ExportPlan, export_all, load_inputs
 
     # "auto": U8S8 where the CPU has int8 dot products (VNNI, ARM dotprod), U8U8 on plain AVX2 (TOOLCHAIN.md).
-    inputs = load_inputs(student_ckpt, artifacts, data, data, calib_limit=plan.calib_images,
-                         val_limit=plan.gate_images, tuning_limit=256 if escalate else 0)
+    inputs = load_inputs(student_ckpt, artifacts, data, gate_data, calib_limit=plan.calib_images,
+                         tuning_limit=256 if escalate else 0)
     full_plan = ExportPlan(tuple(plan.formats), tuple(plan.precisions), QuantRecipe.for_target("auto"),
                            QATConfig() if escalate else None, escalate=True)
     pipeline = ExportPipeline(inputs, full_plan)  # one FP32 reference and one set of torch graphs for every job
@@ -266,10 +299,23 @@ def _export(plan: DemoPlan, student_ckpt: Path, teacher_ckpt: Path, artifacts: P
             records += export_all(inputs, job_plan, progress=False, pipeline=pipeline)
     write_index(artifacts, records, inputs.meta)
     teacher_inputs = load_inputs(teacher_ckpt, teacher_artifacts, data, data, calib_limit=plan.calib_images,
-                                 val_limit=plan.gate_images, name=f"teacher_{plan.teacher}", tuning_limit=0)
+                                 name=f"teacher_{plan.teacher}", tuning_limit=0)
     teacher_records = export_all(teacher_inputs, ExportPlan(("onnx",), ("fp32",)), progress=False)
     teacher_onnx = next((r for r in teacher_records if r.status == "ok"), None)
     return records, teacher_onnx
+
+
+def _gates(records) -> dict[str, dict]:
+    """The fidelity gate of every gated artifact, as its manifest records it (status, criteria, failures)."""
+    from edge_runtime.backends import load_manifest
+
+    gates = {}
+    for r in records:
+        if r.status == "ok" and r.gate in ("passed", "failed", "insufficient_evidence"):
+            gate = load_manifest(r.path).gate
+            gates[Path(r.path).name] = {"status": gate.status, "failures": list(gate.failures),
+                                        "criteria": [dataclasses.asdict(c) for c in gate.criteria]}
+    return gates
 
 
 def _screening_artifact(records):

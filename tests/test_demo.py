@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,8 +32,17 @@ def test_quick_demo_produces_every_output():
         assert m["n"] == len(m["labels"]) == len(m["referable_probability"]) > 0
         assert m["sensitivity"]["n"] + m["specificity"]["n"] == m["n"]
         assert m["accuracy"]["ci"][0] <= m["accuracy"]["value"] <= m["accuracy"]["ci"][1]
+    # The INT8 gate is the product's default; the quick gate set (100 synthetic val photos) is below its minimum
+    # evidence, which the report's criteria table says.
+    onnx_int8 = next(a for a in summary["artifacts"] if a["format"] == "onnx" and a["precision"] == "int8")
+    gate = summary["gates"][Path(onnx_int8["path"]).name]
+    assert gate["status"] == onnx_int8["gate"] == "insufficient_evidence"
+    assert any("needs 500 more graded val photos" in f for f in gate["failures"])
+    assert {"excess_disagreement", "hard_flips", "sensitivity_difference"} <= {c["name"] for c in gate["criteria"]}
+    assert summary["screening_artifact"]["precision"] == "fp32"  # an INT8 that did not pass is not screened with
     page = (out / "report.html").read_text()
     assert "does not diagnose" in page and "<pre" not in page and "<table" in page
+    assert "criterion by criterion" in page and "student vs an EfficientNet-B4" in page
     assert page.count("data:image/png;base64,") >= 5  # ROC, confusion x2, latency vs size, stages, CAMs
 
 

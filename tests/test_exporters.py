@@ -197,7 +197,9 @@ def test_reference_must_belong_to_the_val_photos(tiny_artifacts):
     from exporters.pipeline import ExportPipeline
 
     base = tiny_artifacts[2]
-    photos = replace(base.inputs.photos, val=base.inputs.photos.val[:4], val_labels=base.inputs.photos.val_labels[:4])
+    full = base.inputs.photos
+    photos = replace(full, val=full.val[:4], val_labels=full.val_labels[:4], val_folders=full.val_folders[:4],
+                     val_patients=full.val_patients[:4])
     with pytest.raises(ExportConfigError, match="other val photos"):
         ExportPipeline(replace(base.inputs, photos=photos), base.plan, base.reference)
 
@@ -208,7 +210,7 @@ def test_strict_gate_fails_and_marks_both_manifests(tiny_artifacts, tmp_path):
     from exporters.pipeline import ExportPipeline
 
     base = tiny_artifacts[2]
-    inputs = replace(base.inputs, out_dir=tmp_path, thresholds=GateThresholds(min_logit_cosine=1.0))
+    inputs = replace(base.inputs, out_dir=tmp_path, thresholds=GateThresholds.profile("strict", min_logit_cosine=1.0))
     record = ExportPipeline(inputs, replace(base.plan, escalate=False), base.reference).export("onnx", "int8")
     assert record.status == "ok" and record.gate == "failed"
     manifest = _sidecar(record.path)
@@ -231,7 +233,7 @@ def test_failed_gate_retries_with_sensitive_layers_in_float(tiny_artifacts, tmp_
     base = tiny_artifacts[2]
     # An impossible threshold forces the retry; without tuning photos the escalation stops after its first step.
     photos = replace(base.inputs.photos, tuning=base.inputs.photos.tuning[:0])
-    inputs = replace(base.inputs, out_dir=tmp_path, thresholds=GateThresholds(min_logit_cosine=1.0), photos=photos)
+    inputs = replace(base.inputs, out_dir=tmp_path, thresholds=GateThresholds.profile("strict", min_logit_cosine=1.0), photos=photos)
     record = ExportPipeline(inputs, base.plan, base.reference).export("onnx", "int8")
     assert "sensitive layers in float after: " in record.verified and record.gate == "failed"
     assert "logit_cosine 1.0000 < 1.0000" in record.verified
@@ -257,7 +259,7 @@ def test_cli_export_exits_nonzero_on_a_failed_gate_can_skip_escalation_and_keep_
     out = tmp_path / "cli"
     proc = subprocess.run([sys.executable, "-m", "retinaedge.cli", "export", "--checkpoint", str(tiny_run.best_checkpoint),
                            "--formats", "onnx", "--precisions", "int8", "--calib", str(synthetic_dir), "--val",
-                           str(synthetic_dir), "--out", str(out), "--gate", "min_logit_cosine=1.0", "--no-escalate",
+                           str(synthetic_dir), "--out", str(out), "--gate-profile", "strict", "--gate", "min_logit_cosine=1.0", "--no-escalate",
                            "--keep-float", "conv_stem"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -300,7 +302,7 @@ def test_pt2e_formats_escalate_to_quantization_aware_fine_tuning(tiny_artifacts,
     # An impossible threshold fails the post-training PT2E artifacts; TFLite and CoreML have no mixed precision,
     # so their only retry is PT2E QAT.
     photos = replace(base.inputs.photos, tuning=base.inputs.photos.calib[:8])
-    inputs = replace(base.inputs, out_dir=tmp_path, thresholds=GateThresholds(min_logit_cosine=1.0), photos=photos)
+    inputs = replace(base.inputs, out_dir=tmp_path, thresholds=GateThresholds.profile("strict", min_logit_cosine=1.0), photos=photos)
     pipeline = ExportPipeline(inputs, replace(base.plan, qat=QATConfig(steps=2, batch_size=4)), base.reference)
     records = {fmt: pipeline.export(fmt, "int8") for fmt in ("tflite", "coreml")}
     for fmt, record in records.items():
@@ -339,7 +341,7 @@ def test_fp16_faces_the_fidelity_gate_and_a_small_val_set_is_insufficient_eviden
     manifest = _sidecar(record.path)
     assert record.gate == manifest.gate.status == "insufficient_evidence"
     assert manifest.gate.metrics["n"] == len(base.inputs.photos.val)
-    assert "needs 576 more graded val photos" in manifest.gate.failures[0]
+    assert f"needs {600 - len(base.inputs.photos.val)} more graded val photos" in manifest.gate.failures[0]
     names = {c.name for c in manifest.gate.criteria}
     assert {"noise_floor", "excess_disagreement", "hard_flips", "score_shift", "sensitivity_difference"} <= names
     assert manifest.gate.metrics["draws"] == 16 and manifest.operating_point == base.inputs.meta.operating_point

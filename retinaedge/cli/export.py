@@ -20,7 +20,8 @@ def export(
                                             "tuning (`train` split); repeat for several folders."),
     val: list[Path] | None = typer.Option(None, help="Labelled photos for parity and the fidelity gate (`val` split); "
                                           "repeat to judge the val splits of several folders together."),
-    val_limit: int = typer.Option(128, help="At most this many val photos per --val folder (grades stratified)."),
+    val_limit: int | None = typer.Option(None, help="At most this many val photos per --val folder (grades "
+                                         "stratified; default: every graded val photo, the gate's minimum evidence)."),
     out: Path = typer.Option(Path("artifacts"), help="Output folder (gets index.json)."),
     recipe: str = typer.Option("ort", help="INT8 recipe: ort | nncf | nncf_ac (ONNX; TFLite/CoreML use PT2E) | "
                                "qat (ONNX through NNCF, TFLite/CoreML through PT2E)."),
@@ -32,6 +33,8 @@ def export(
     gate: list[str] | None = typer.Option(None, "--gate", help="Fidelity-gate threshold as FIELD=VALUE (repeatable), "
                                           "any field of compression.gate.GateThresholds, e.g. --gate "
                                           "min_auc_ratio=0.995 (docs/fidelity_gate.md gives each default's reason)."),
+    gate_profile: str = typer.Option("default", "--gate-profile", help="Named gate thresholds the --gate values "
+                                     "override: default (noise floor + non-inferiority) | strict (the previous gate)."),
     name: str | None = typer.Option(None, help="Artifact file stem (default: model name)."),
     qat_steps: int = typer.Option(0, help="Quantization-aware fine-tuning steps when post-training INT8 and its "
                                   "mixed-precision retries all fail the gate (0: off); uses --calib's train split."),
@@ -59,7 +62,7 @@ def export(
     try:
         quant = replace(QuantRecipe.for_target(target, recipe), calibration=calibration).with_exclusions(
             tuple(keep_float or ()))
-        thresholds = GateThresholds(**config_overrides(GateThresholds, gate, "--gate"))
+        thresholds = GateThresholds.profile(gate_profile, **config_overrides(GateThresholds, gate, "--gate"))
         qat_settings = config_overrides(QATConfig, qat, "--qat")
         # --recipe qat goes straight to QAT: its default length unless --qat-steps says otherwise.
         qat_settings.setdefault("steps", qat_steps or (QATConfig().steps if recipe == "qat" else 0))
