@@ -147,8 +147,9 @@ async function refreshModel(token: string, key: string): Promise<void> {
     const fresh = await downloadModel(token, key);
     if (!state.session || fresh.manifest.sha256 !== state.session.manifest.sha256) await openModel(fresh);
   } catch (err) {
-    $("model-error").textContent = `Model update refused: ${(err as Error).message}` +
-      (state.session ? " (still screening with the verified model already on this phone)" : "");
+    const offline = err instanceof TypeError; // fetch's network failure: no server, not a refused model
+    $("model-error").textContent = (offline ? "Offline: no model update check" : `Model update refused: ${(err as Error).message}`) +
+      (state.session ? " (screening with the verified model already on this phone)" : "");
   }
 }
 

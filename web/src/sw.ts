@@ -31,7 +31,7 @@ sw.addEventListener("fetch", (event: FetchEvent) => {
   const path = url.pathname.slice(scope.pathname.length);
   if (path === "config.json" || path.startsWith("api/")) return; // live answers only
   event.respondWith((async () => {
-    const key = path === "" || path === "index.html" ? "index.html" : path;
+    const key = path === "" || path === "index.html" ? "./" : path; // the shell is cached under the scope URL
     const hit = (await caches.match(new URL(key, scope).href, { cacheName: SHELL, ignoreSearch: true }))
       ?? (await caches.match(event.request, { cacheName: MODEL_CACHE }));
     if (hit) return hit;
