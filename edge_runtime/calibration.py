@@ -118,7 +118,7 @@ def calibration_report(logits, labels, temperature: float) -> dict[str, float]:
     return report
 
 
-def _pick_threshold(positive: np.ndarray, score: np.ndarray, rule: str, target: float | None) -> float:
+def pick_threshold(positive: np.ndarray, score: np.ndarray, rule: str, target: float | None) -> float:
     """The threshold t (referral: score >= t) the rule picks on these photos, placed halfway to the next lower
     score so that photos scoring just below the chosen one (as new photos will) are not decided by a hair."""
     from sklearn.metrics import roc_curve
@@ -199,7 +199,7 @@ def choose_operating_point(y_true, logits, rule: str = "sensitivity", target: fl
     if temperature is None:
         temperature = fit_temperature(logits, labels)
     score = referable_probability(softmax(logits, temperature))
-    threshold = _pick_threshold(positive, score, rule, target)
+    threshold = pick_threshold(positive, score, rule, target)
     val = sensitivity_specificity(labels, score >= threshold)
     return OperatingPoint(
         rule=rule, target=target, threshold=threshold, temperature=float(temperature),
@@ -264,7 +264,7 @@ def choose_binary_operating_point(positive, logits, rule: str = "sensitivity", t
     if temperature is None:
         temperature = fit_binary_temperature(positive, logits)
     score = sigmoid(logits, temperature)
-    threshold = _pick_threshold(positive, score, rule, target)
+    threshold = pick_threshold(positive, score, rule, target)
     val = binary_sensitivity_specificity(positive, score >= threshold)
     from sklearn.metrics import brier_score_loss
 

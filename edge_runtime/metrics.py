@@ -252,6 +252,45 @@ def screening_metrics(y_true, probs, referable_threshold: float = 0.5) -> dict:
     }
 
 
+def auc_interval(y_true, score, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Stratified percentile bootstrap interval of the referable AUC (scipy): referable and non-referable photos
+    are resampled separately, so every resample has both classes; the AUC is the Mann-Whitney U / (n+ n-)."""
+    return binary_auc_interval(is_referable(y_true), score, confidence, n_resamples, seed)
+
+
+def binary_auc_interval(positive, score, confidence: float = 0.95, n_resamples: int = 2000,
+                        seed: int = 0) -> tuple[float, float]:
+    """``auc_interval`` for any 0/1 reference labels (e.g. DME); (nan, nan) with fewer than 2 photos per class."""
+    from scipy import stats
+
+    positive, score = np.asarray(positive, bool), np.asarray(score, float)
+    pos, neg = score[positive], score[~positive]
+    if len(pos) < 2 or len(neg) < 2:
+        return float("nan"), float("nan")
+
+    def auc(p: np.ndarray, n: np.ndarray, axis: int = -1) -> np.ndarray:
+        return stats.mannwhitneyu(p, n, axis=axis).statistic / (p.shape[axis] * n.shape[axis])
+
+    result = stats.bootstrap((pos, neg), auc, vectorized=True, n_resamples=n_resamples, confidence_level=confidence,
+                             method="percentile", rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def qwk_interval(y_true, y_pred, confidence: float = 0.95, n_resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the QWK (scipy), resampling photos with their (reference, predicted) pair;
+    (nan, nan) with fewer than 2 photos."""
+    from scipy import stats
+
+    y_true, y_pred = np.asarray(y_true, int), np.asarray(y_pred, int)
+    if len(y_true) < 2:
+        return float("nan"), float("nan")
+    result = stats.bootstrap((y_true, y_pred), quadratic_weighted_kappa, paired=True, vectorized=False,
+                             n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                             rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
 def tango_interval(gained: int, lost: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Tango's (1998) score interval of a paired difference of proportions, p_test - p_reference.
 

@@ -20,7 +20,7 @@ import numpy as np
 from .backends import RuntimeOptions, Session, open_session
 from .cam import render_overlay
 from .capture import NO_VISIT, Visit
-from .contract import PreprocessPolicy, QualityReport, ScreeningResult
+from .contract import OperatingPoint, PreprocessPolicy, QualityReport, ScreeningResult
 from .decision import decide
 from .errors import ImageError
 from .outbox import Outbox
@@ -54,12 +54,16 @@ class Screener:
     def __init__(self, session: Session, device_id: str = "local", outbox: Outbox | None = None,
                  quality: QualityThresholds = DEFAULT_THRESHOLDS, keep_images: bool = False,
                  max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS, store_overlays: bool = False,
-                 reduced_decode: bool = True, parallel_gate: bool = False):
+                 reduced_decode: bool = True, parallel_gate: bool = False,
+                 operating_point: OperatingPoint | None = None):
         """``store_overlays``: render the overlay inside the step and store it with the result (what the companion
         server's review page shows); off, it is rendered only when ``Screening.overlay_png`` is read.
         ``reduced_decode``: decode large JPEGs at 1/2-1/8 scale (see :func:`decode_side`).
-        ``parallel_gate``: run the quality gate beside preprocessing and inference (see ``_gate_pool``)."""
+        ``parallel_gate``: run the quality gate beside preprocessing and inference (see ``_gate_pool``).
+        ``operating_point``: where referral is decided instead of the manifest's, e.g. a site's own point
+        (``edge_runtime.site``); the manifest's by default."""
         self.session, self.device_id, self.outbox = session, device_id, outbox
+        self.operating_point = operating_point or session.info.manifest.operating_point
         self.quality, self.keep_images = quality, keep_images
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
         self.store_overlays = store_overlays
@@ -149,7 +153,7 @@ class Screener:
         dme = {}
         if manifest.has_dme:
             dme = dict(dme_logit=outputs.dme_logit[0], dme_cam=outputs.dme_cam[0], dme_point=manifest.dme_operating_point)
-        decision = decide(outputs.logits[0], outputs.cam[0], manifest.operating_point, **dme)
+        decision = decide(outputs.logits[0], outputs.cam[0], self.operating_point, **dme)
         clock.lap("decide")
         cam_peak = pre.to_original(*decision.cam_peak)
         if decision.dme is not None:

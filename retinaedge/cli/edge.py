@@ -31,6 +31,10 @@ def grade(
     outbox: Path | None = typer.Option(None, help="Outbox database; results are stored before they are printed."),
     device_id: str = typer.Option("local"), threads: int | None = typer.Option(None),
     allow_ungated: bool = typer.Option(False, "--allow-ungated", help="Use an artifact that failed its fidelity gate."),
+    site_point: Path | None = typer.Option(None, help="A signed site operating point (`validate-site "
+                                           "--choose-point`) to refer at instead of the manifest's."),
+    site_key: str | None = typer.Option(None, help="The site's Ed25519 public key (PEM file or text) that must have "
+                                        "signed --site-point."),
 ):
     """Grade fundus photos on this device (no torch needed)."""
     from edge_runtime.capture import plan_captures
@@ -47,6 +51,11 @@ def grade(
         if not images and not video:
             raise ValueError("give fundus photos and/or --video clips")
         captures = plan_captures(images or [], encounter, eye)
+        if site_point is not None:
+            from edge_runtime.site import load_site_point
+
+            screener.operating_point, site = load_site_point(site_point, screener.session.info.manifest, site_key)
+            console.print(f"referring at site {site}'s operating point: {screener.operating_point.describe()}")
     except (RetinaEdgeError, ImportError, ValueError) as exc:
         fail(exc)
     failures, visits = 0, {}
@@ -199,3 +208,55 @@ def info(artifact: Path = typer.Argument(...), allow_ungated: bool = typer.Optio
     except RetinaEdgeError as exc:
         fail(exc)
     print(json.dumps({"manifest": manifest, "runtime": backend}, indent=2, default=str))
+
+
+@app.command("validate-site")
+def validate_site(
+    artifact: Path = typer.Option(..., help="The artifact the clinic screens with (with its manifest)."),
+    data: Path = typer.Option(..., help="The clinic's labelled photos: labels.csv (image, grade[, dme, split]; "
+                              "blank grades allowed where a DME label is given) or another supported layout."),
+    split: str | None = typer.Option(None, help="Only this split of the folder (default: every photo)."),
+    max_half_width: float = typer.Option(0.10, help="Evidence: each 95% interval (sensitivity, specificity) no "
+                                         "wider than +- this."),
+    choose_point: bool = typer.Option(False, "--choose-point", help="Also choose a site operating point for the "
+                                      "manifest's rule and target (only with sufficient evidence)."),
+    site: str | None = typer.Option(None, help="--choose-point: an opaque site id recorded in the point."),
+    signing_key: Path | None = typer.Option(None, help="--choose-point: the site's Ed25519 private key (PEM) that "
+                                            "signs the point; devices apply it only with the matching public key."),
+    out: Path = typer.Option(Path("site_point.json"), help="--choose-point: where the signed point is written."),
+    threads: int | None = typer.Option(None), json_output: bool = typer.Option(False, "--json"),
+):
+    """An artifact's sensitivity and specificity at its operating point on a clinic's own labelled photos, with
+    95% intervals and an evidence verdict; optionally a signed site operating point (no torch needed)."""
+    from edge_runtime.errors import RetinaEdgeError
+    from edge_runtime.screen import Screener
+    from edge_runtime.signing import sign_manifest
+    from edge_runtime.site import SiteEvidence, choose_site_point, site_photos, site_point_document
+    from edge_runtime.site import validate_site as run_validation
+    from training.data.layouts import read_partial_labels
+    from training.errors import DatasetError
+
+    try:
+        if choose_point and not (site and signing_key):
+            raise ValueError("--choose-point needs --site and --signing-key: a site point is always signed")
+        screener = Screener.from_artifact(artifact, threads=threads)
+        photos = site_photos((p.path, p.grade, p.dme) for p in read_partial_labels(data, split))
+        report = run_validation(screener, photos, SiteEvidence(max_half_width=max_half_width))
+        document = None
+        if choose_point:
+            point = choose_site_point(report, screener.operating_point)
+            document = sign_manifest(site_point_document(report, point, screener.session.info.manifest, site),
+                                     signing_key)
+            out.write_text(json.dumps(document, indent=2, sort_keys=True))
+    except (RetinaEdgeError, DatasetError, ValueError, OSError) as exc:
+        fail(exc)
+    if json_output:
+        print(json.dumps({**report.to_dict(), "site_point": str(out) if document else None}))
+    else:
+        for line in report.lines():
+            out_console.print(line)
+        if document:
+            out_console.print(f"site operating point (threshold {document['operating_point']['threshold']:.3f}) "
+                              f"signed and written to {out}; apply with `grade --site-point {out} --site-key PUB`")
+        console.print(NOT_A_DIAGNOSIS)
+    raise typer.Exit(0 if report.evidence.value == "sufficient" else 1)

@@ -169,6 +169,43 @@ def read_dataset(root: str | Path, layout: str | None = None) -> list[Sample]:
     return LAYOUTS.get(layout).read(root)
 
 
+@dataclass(frozen=True)
+class LabelledPhoto:
+    """A photo with whatever its folder knows about it: a grade, a DME label, or either missing (None)."""
+
+    path: Path
+    grade: int | None
+    dme: int | None
+    split: str | None = None
+
+
+def read_partial_labels(root: str | Path, split: str | None = None) -> list[LabelledPhoto]:
+    """Every photo of a folder with the labels it has, blanks kept as None rather than refused or guessed (a
+    clinic's or a public set's ``labels.csv`` often grades only some photos, or labels DME only): for any
+    layout, its grades and ``read_dme``'s labels; for ``labels.csv`` also rows whose grade is blank."""
+    root = Path(root)
+    dme = read_dme(root)
+    if detect_layout(root) != "labels_csv":
+        photos = [LabelledPhoto(s.path, s.grade, dme.get(s.path), s.split) for s in read_dataset(root)]
+    else:
+        image_dir = root / "images" if (root / "images").is_dir() else root
+        photos, bad = [], []
+        for row in _read_rows(root / "labels.csv"):
+            path, text = _find_image(image_dir, row["image"]), (row.get("grade") or "").strip()
+            try:
+                grade = int(float(text)) if text else None
+            except ValueError:
+                grade = -1  # not a grade: refused below
+            if path is None or (grade is not None and grade not in range(5)) or row.get("split") not in (None, "", *SPLITS):
+                bad.append(row["image"])
+                continue
+            photos.append(LabelledPhoto(path, grade, dme.get(path), row.get("split") or None))
+        if bad:
+            raise DatasetError(f"{root / 'labels.csv'}: {len(bad)} row(s) without an image, with a grade outside 0-4 "
+                               f"or an unknown split (first: {bad[:5]})")
+    return [p for p in photos if split is None or p.split == split]
+
+
 def read_dme(root: str | Path) -> dict[Path, int]:
     """Diabetic macular edema labels (0/1) by image path, or {} when the folder has none: a ``dme`` column of a
     generic ``labels.csv``, else Messidor-2's ``provenance.csv`` (``adjudicated_dme``; photos adjudicated
