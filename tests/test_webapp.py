@@ -270,10 +270,30 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def default_photos(golden: dict) -> list[dict]:
+    """Every synthetic photo, and two gradable and two ungradable real ones (all of them with --runslow)."""
+    real = [p for p in golden["photos"] if "/" in p["photo"] and (SHARED_DATA / p["photo"]).is_file()]
+    chosen = [p for p in real if p["quality"]["gradable"]][:2] + [p for p in real if not p["quality"]["gradable"]][:2]
+    return [p for p in golden["photos"] if "/" not in p["photo"]] + chosen
+
+
 @needs_chromium
-def test_golden_fixtures_agree(web_dist, tmp_path, monkeypatch, capsys):
+def test_golden_fixtures_agree(web_dist, tmp_path, capsys):
     """Python still makes the golden numbers, and the browser port makes the same: identical verdicts and
     decisions, probabilities within 1e-4, model inputs within one 8-bit level."""
+    golden = json.loads(GOLDEN.read_text())
+    check_fixtures(golden, default_photos(golden), tmp_path, capsys)
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_golden_fixtures_agree_on_every_photo(web_dist, tmp_path, capsys):
+    golden = json.loads(GOLDEN.read_text())
+    photos = [p for p in golden["photos"] if "/" not in p["photo"] or (SHARED_DATA / p["photo"]).is_file()]
+    check_fixtures(golden, photos, tmp_path, capsys)
+
+
+def check_fixtures(golden: dict, photos: list[dict], tmp_path: Path, capsys) -> None:
     from cryptography.hazmat.primitives import serialization
 
     from edge_runtime.backends import open_session
@@ -285,8 +305,6 @@ def test_golden_fixtures_agree(web_dist, tmp_path, monkeypatch, capsys):
     fixtures = load_make_fixtures()
     assert (ROOT / "web" / "src" / "contract.generated.json").read_text() == fixtures.contract_text(), \
         "edge_runtime's texts or quality rules changed: run web/fixtures/make_fixtures.py"
-    golden = json.loads(GOLDEN.read_text())
-    photos = [p for p in golden["photos"] if "/" not in p["photo"] or (SHARED_DATA / p["photo"]).is_file()]
     assert sum("/" not in p["photo"] for p in photos) >= 10  # the synthetic ones always
     sessions = {p: open_session(FIXTURES / "model" / f"model_{p}.onnx") for p in ("fp32", "int8")}
     policy = sessions["fp32"].info.manifest.preprocess

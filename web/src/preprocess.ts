@@ -39,19 +39,28 @@ export function toOriginal(pre: Preprocessed, u: number, v: number): [number, nu
 export function morphRect(mask: Image8, k: number, op: "erode" | "dilate"): Image8 {
   const { w, h } = mask;
   const r = k >> 1;
-  const pick = op === "erode" ? Math.min : Math.max;
-  const tmp = new Uint8Array(w * h), out = new Uint8Array(w * h);
+  const erode = op === "erode";
+  const src = mask.data, tmp = new Uint8Array(w * h), out = new Uint8Array(w * h);
   for (let y = 0; y < h; y++) {
+    const row = y * w;
     for (let x = 0; x < w; x++) {
-      let v = mask.data[y * w + x];
-      for (let d = Math.max(0, x - r); d <= Math.min(w - 1, x + r); d++) v = pick(v, mask.data[y * w + d]);
-      tmp[y * w + x] = v;
+      let v = src[row + x];
+      const end = Math.min(w - 1, x + r);
+      for (let d = Math.max(0, x - r); d <= end; d++) {
+        const s = src[row + d];
+        if (erode ? s < v : s > v) v = s;
+      }
+      tmp[row + x] = v;
     }
   }
   for (let y = 0; y < h; y++) {
+    const end = Math.min(h - 1, y + r);
     for (let x = 0; x < w; x++) {
       let v = tmp[y * w + x];
-      for (let d = Math.max(0, y - r); d <= Math.min(h - 1, y + r); d++) v = pick(v, tmp[d * w + x]);
+      for (let d = Math.max(0, y - r); d <= end; d++) {
+        const s = tmp[d * w + x];
+        if (erode ? s < v : s > v) v = s;
+      }
       out[y * w + x] = v;
     }
   }

@@ -29,39 +29,36 @@ function ellipse(k: number): [number, number][] {
   return rows;
 }
 
-/** cv2.erode / cv2.dilate with an elliptical element, the image border ignored. */
+/** cv2.erode / cv2.dilate with an elliptical element, the image border ignored (a dilation is the erosion of the
+ *  inverted image). */
 function morphEllipse(src: Image8, k: number, op: "erode" | "dilate"): Image8 {
   const spans = ellipse(k), r = Math.floor(k / 2);
   const { w, h } = src;
-  const out = image(w, h, 1);
-  const erode = op === "erode";
-  // Per row of the element, a running min/max along x over its span (separable per row), then combined over rows.
-  const rowExtreme = new Uint8Array(w * h);
-  for (let y = 0; y < h; y++) {
-    for (let x = 0; x < w; x++) out.data[y * w + x] = erode ? 255 : 0;
-  }
+  const inv = op === "dilate";
+  const data = inv ? Uint8Array.from(src.data, (v) => 255 - v) : src.data;
+  const out = new Uint8Array(w * h).fill(255);
+  const rowMin = new Uint8Array(w * h);
   for (let i = 0; i < k; i++) {
     const [j1, j2] = spans[i];
     if (j2 <= j1) continue;
     for (let y = 0; y < h; y++) {
+      const row = y * w;
       for (let x = 0; x < w; x++) {
-        let v = erode ? 255 : 0;
-        for (let j = Math.max(0, x + j1 - r); j < Math.min(w, x + j2 - r); j++) {
-          const s = src.data[y * w + j];
-          v = erode ? (s < v ? s : v) : (s > v ? s : v);
-        }
-        rowExtreme[y * w + x] = v;
+        let v = 255;
+        const end = Math.min(w, x + j2 - r);
+        for (let j = Math.max(0, x + j1 - r); j < end; j++) { const s = data[row + j]; if (s < v) v = s; }
+        rowMin[row + x] = v;
       }
     }
     const dy = i - r;
-    for (let y = Math.max(0, -dy); y < Math.min(h, h - dy); y++) {
-      for (let x = 0; x < w; x++) {
-        const s = rowExtreme[(y + dy) * w + x], o = y * w + x;
-        out.data[o] = erode ? Math.min(out.data[o], s) : Math.max(out.data[o], s);
-      }
+    const y0 = Math.max(0, -dy), y1 = Math.min(h, h - dy);
+    for (let y = y0; y < y1; y++) {
+      const o = y * w, s = (y + dy) * w;
+      for (let x = 0; x < w; x++) if (rowMin[s + x] < out[o + x]) out[o + x] = rowMin[s + x];
     }
   }
-  return out;
+  if (inv) for (let i = 0; i < out.length; i++) out[i] = 255 - out[i];
+  return image(w, h, 1, out);
 }
 
 function channel(img: Image8, ch: number): Image8 {
@@ -138,18 +135,21 @@ function gaussian(src: Float64Array, w: number, h: number, sigma: number): Float
   for (let i = 0; i < k; i++) { kernel[i] = Math.exp(-((i - r) ** 2) / (2 * sigma * sigma)); sum += kernel[i]; }
   for (let i = 0; i < k; i++) kernel[i] = Math.fround(kernel[i] / sum);
   const refl = (i: number, n: number) => { while (i < 0 || i >= n) i = i < 0 ? -i : 2 * n - 2 - i; return i; };
+  const xi = Int32Array.from({ length: w + k }, (_, i) => refl(i - r, w));
+  const yi = Int32Array.from({ length: h + k }, (_, i) => refl(i - r, h) * w);
   const tmp = new Float64Array(w * h), out = new Float64Array(w * h);
   for (let y = 0; y < h; y++) {
+    const row = y * w;
     for (let x = 0; x < w; x++) {
       let s = 0;
-      for (let i = 0; i < k; i++) s += kernel[i] * src[y * w + refl(x + i - r, w)];
-      tmp[y * w + x] = Math.fround(s);
+      for (let i = 0; i < k; i++) s += kernel[i] * src[row + xi[x + i]];
+      tmp[row + x] = Math.fround(s);
     }
   }
   for (let y = 0; y < h; y++) {
     for (let x = 0; x < w; x++) {
       let s = 0;
-      for (let i = 0; i < k; i++) s += kernel[i] * tmp[refl(y + i - r, h) * w + x];
+      for (let i = 0; i < k; i++) s += kernel[i] * tmp[yi[y + i] + x];
       out[y * w + x] = Math.fround(s);
     }
   }
@@ -160,16 +160,22 @@ function gaussian(src: Float64Array, w: number, h: number, sigma: number): Float
 function median3(img: Image8): Image8 {
   const { w, h } = img;
   const out = image(w, h, 1);
-  const v = new Array<number>(9);
+  const d = img.data;
+  const v = new Int32Array(9);
+  // Paeth's 19-exchange median-of-9 network
+  const net = [1, 2, 4, 5, 7, 8, 0, 1, 3, 4, 6, 7, 1, 2, 4, 5, 7, 8, 0, 3, 5, 8, 4, 7, 3, 6, 1, 4, 2, 5, 4, 7, 4, 2, 6, 4, 4, 2];
   for (let y = 0; y < h; y++) {
+    const r0 = Math.max(0, y - 1) * w, r1 = y * w, r2 = Math.min(h - 1, y + 1) * w;
     for (let x = 0; x < w; x++) {
-      let n = 0;
-      for (let dy = -1; dy <= 1; dy++) {
-        const yy = Math.min(h - 1, Math.max(0, y + dy));
-        for (let dx = -1; dx <= 1; dx++) v[n++] = img.data[yy * w + Math.min(w - 1, Math.max(0, x + dx))];
+      const xl = Math.max(0, x - 1), xr = Math.min(w - 1, x + 1);
+      v[0] = d[r0 + xl]; v[1] = d[r0 + x]; v[2] = d[r0 + xr];
+      v[3] = d[r1 + xl]; v[4] = d[r1 + x]; v[5] = d[r1 + xr];
+      v[6] = d[r2 + xl]; v[7] = d[r2 + x]; v[8] = d[r2 + xr];
+      for (let i = 0; i < net.length; i += 2) {
+        const a = net[i], b = net[i + 1];
+        if (v[a] > v[b]) { const t = v[a]; v[a] = v[b]; v[b] = t; }
       }
-      v.sort((a, b) => a - b);
-      out.data[y * w + x] = v[4];
+      out.data[r1 + x] = v[4];
     }
   }
   return out;
@@ -327,12 +333,16 @@ export function qualityMetrics(bgr: Image8, fov?: FieldOfView): Record<string, n
   const W = small.w, H = small.h;
   const directions: [[number, number], [number, number], number][] = [
     [[0, 0], [0, 1], 1], [[0, 0], [1, 0], 1], [[1, 0], [0, 1], 2], [[0, 0], [1, 1], 2]];
+  const gd = green.data;
   const energies = directions.map(([[ay, ax], [by, bx], norm]) => {
     let sum = 0, count = 0;
+    const shift = (by - ay) * W + (bx - ax);
     for (let y = 0; y < H - 1; y++) {
+      const row = (y + ay) * W + ax;
       for (let x = 0; x < W - 1; x++) {
-        if (!core[(y + ay) * W + x + ax]) continue;
-        const d = green.data[(y + ay) * W + x + ax] - green.data[(y + by) * W + x + bx];
+        const i = row + x;
+        if (!core[i]) continue;
+        const d = gd[i] - gd[i + shift];
         sum += d * d; count++;
       }
     }
