@@ -386,3 +386,30 @@ def check_fixtures(golden: dict, photos: list[dict], tmp_path: Path, capsys) -> 
               f"identical verdicts and decisions {sum(r[2] == r[3] for r in rows)}/{len(rows)}; largest probability "
               f"difference {worst['probability']:.2e}; largest input difference {worst['tensor_levels']:.3f} 8-bit "
               f"levels; largest relative quality-metric difference {worst['metric_rel']:.2e}")
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_phone_screenshot(web_dist, tmp_path, monkeypatch):
+    """The README's picture: both eyes of a synthetic patient screened at a 360-px-wide viewport (no real photo)."""
+    from selenium.webdriver.common.by import By
+
+    clinic = Clinic(tmp_path, monkeypatch)
+    model, manifest = fixture_model("fp32")
+    clinic.publish(model, sign(manifest, clinic.private_pem))
+    driver = chrome(tmp_path, width=360, height=1000)
+    try:
+        driver.get(f"{clinic.base}/app/")
+        settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "setup", what="setup")
+        driver.find_element(By.ID, "token").send_keys(clinic.device)
+        driver.find_element(By.ID, "install").click()
+        settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "screening", what="ready")
+        screen_photo(driver, FIXTURES / "photos" / "grade0.jpg", 1)
+        screen_photo(driver, FIXTURES / "photos" / "grade4.jpg", 2)
+        assert driver.execute_script("return document.documentElement.scrollWidth") <= 360  # no sideways scrolling
+        shot = ROOT / "reports" / "webapp_phone.png"
+        shot.parent.mkdir(exist_ok=True)
+        driver.save_screenshot(str(shot))
+    finally:
+        driver.quit()
+        clinic.server.stop()

@@ -1,7 +1,7 @@
 // The page the golden-fixture tests and benchmarks/browser_speed.py drive (not part of the installed app): it runs
 // the app's own modules on photos the test hands it and returns every intermediate the Python runtime is compared on.
 import { checkModel } from "./model";
-import { parseKeepingNumbers } from "./pyjson";
+import { parseKeepingNumbers, plain } from "./pyjson";
 import type { Manifest } from "./contract";
 import { ModelSession } from "./runtime";
 import { analyse, decodeBlob, decodeSide, screen } from "./screen";
@@ -24,6 +24,12 @@ const api = {
     const bytes = fromB64(modelB64);
     const manifest = await checkModel(parseKeepingNumbers(manifestText), bytes, keyB64);
     session = await ModelSession.open(bytes, manifest, threads);
+    return session.info;
+  },
+  /** Open any artifact without the app's checks, for timing only (benchmarks/browser_speed.py); the app itself
+   *  opens nothing that has not passed checkModel. */
+  async openForTiming(modelB64: string, manifestText: string, threads?: number) {
+    session = await ModelSession.open(fromB64(modelB64), plain<Manifest>(parseKeepingNumbers(manifestText)), threads);
     return session.info;
   },
   /** Everything the fixtures hold for one photo. */
