@@ -24,19 +24,20 @@ from edge_runtime.wire import (
     result_referral_reason,
 )
 
-from .core.security import hash_token, new_token
+from .core.security import ROLES, hash_token, new_token
 from .imaging import OVERLAY_MAX_PIXELS, DecodeSlots
 from .models import Encounter, Principal, Result
 from .schemas import EncounterPublic, ResultPublic, SyncEntry, SyncItemStatus
 
 
 def create_principal(*, session: Session, name: str, role: str) -> str:
-    """Create a device or reviewer, or re-issue a revoked one; returns the token (shown once, stored hashed).
+    """Create a device, reviewer or publisher, or re-issue a revoked one; returns the token (shown once, stored
+    hashed).
 
     A revoked name can be issued again (a replaced phone keeps its name and its history); the old token stays dead.
     """
-    if role not in ("device", "reviewer"):
-        raise ValueError(f"role must be device|reviewer, got {role!r}")
+    if role not in ROLES:
+        raise ValueError(f"role must be {'|'.join(ROLES)}, got {role!r}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,119}", name):
         raise ValueError(f"principal name {name!r} must be 1-120 letters, digits or . _ : - (starting alphanumeric)")
     token = new_token(role)
@@ -107,14 +108,26 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class CaptureWindow:
-    """The server's plausible window for captured_at, evaluated at receive time."""
+    """The server's plausible window for captured_at, evaluated at receive time.
+
+    A device clock outside it (a day fast, reset to 2099 or 1999) does not cost the result: the server records both
+    clocks, the device's in the stored result (its content hash covers it) and its own receive time as the row's
+    ``captured_at`` (what history orders and filters by), with the difference in ``clock_skew_s``. Only a time no
+    calendar can hold (past year 9999 or before year 1 in UTC) is rejected.
+    """
 
     received_at: datetime
     earliest: datetime
     max_future: timedelta
 
     def context(self) -> dict:
-        return {"received_at": self.received_at, "min_captured_at": self.earliest, "max_future": self.max_future}
+        # Validation checks only that the time is representable; plausibility is decided by ``plausible``.
+        return {"received_at": datetime.max.replace(tzinfo=timezone.utc) - timedelta(days=2),
+                "min_captured_at": datetime.min.replace(tzinfo=timezone.utc) + timedelta(days=2),
+                "max_future": timedelta(0)}
+
+    def plausible(self, captured_at: datetime) -> bool:
+        return self.earliest <= captured_at <= self.received_at + self.max_future
 
 
 def describe_validation_error(exc: ValidationError, limit: int = 3) -> str:
@@ -159,13 +172,16 @@ def _check_entry(index: int, entry: SyncEntry, device: str, window: CaptureWindo
     return _Candidate(index, result, canonical, entry.content_hash, overlay, image)
 
 
-def _row(device: str, c: _Candidate, received_at: datetime) -> dict:
+def _row(device: str, c: _Candidate, window: CaptureWindow) -> dict:
     r = c.result
+    trusted = window.plausible(r.captured_at)
     # grade_name and referable are the server's own derivations (the model re-derived and cross-checked them).
     return {"device": device, "result_id": r.result_id, "content_hash": c.content_hash, "payload": c.canonical,
             "outcome": r.outcome, "grade": r.grade, "referable": r.referable, "confidence": r.confidence,
-            "dme_present": r.dme_present, "dme_probability": r.dme_probability, "captured_at": r.captured_at, "received_at": received_at, "overlay_png": c.overlay, "image": c.image,
-            "encounter_id": r.encounter_id, "eye": r.eye}
+            "dme_present": r.dme_present, "dme_probability": r.dme_probability,
+            "captured_at": r.captured_at if trusted else window.received_at, "received_at": window.received_at,
+            "clock_skew_s": None if trusted else (r.captured_at - window.received_at).total_seconds(),
+            "overlay_png": c.overlay, "image": c.image, "encounter_id": r.encounter_id, "eye": r.eye}
 
 
 def _insert_ignoring_conflicts(session: Session, rows: list[dict]) -> set[str]:
@@ -215,8 +231,10 @@ def store_batch(*, session: Session, device: str, entries: list[SyncEntry], limi
                        "may hold); start a new encounter id")
             del fresh[rid]
     if fresh:
-        inserted = _insert_ignoring_conflicts(session, [_row(device, c, window.received_at) for c in fresh.values()])
-        _count_encounters(session, device, [fresh[rid].result for rid in sorted(inserted)])
+        rows = [_row(device, c, window) for c in fresh.values()]
+        row_times = {row["result_id"]: row["captured_at"] for row in rows}
+        inserted = _insert_ignoring_conflicts(session, rows)
+        _count_encounters(session, device, [(fresh[rid].result.encounter_id, row_times[rid]) for rid in sorted(inserted)])
         raced = sorted(set(fresh) - inserted)  # stored by a concurrent request between our read and our insert
         winners = dict(session.execute(select(Result.result_id, Result.content_hash)
                                        .where(Result.device == device, Result.result_id.in_(raced))).all()) if raced else {}
@@ -238,12 +256,13 @@ def _room_in_encounter(session: Session, device: str, encounter_id: str | None, 
     return stored + ahead < max_captures
 
 
-def _count_encounters(session: Session, device: str, results: list[ScreeningResult]) -> None:
-    """Add the stored results to their visits (last capture time, capture count), in key order (no deadlocks)."""
+def _count_encounters(session: Session, device: str, stored: list[tuple[str | None, datetime]]) -> None:
+    """Add stored results, as (encounter_id, the row's captured_at), to their visits (last capture time, capture
+    count), in key order (no deadlocks)."""
     visits: dict[str, list[datetime]] = defaultdict(list)
-    for r in results:
-        if r.encounter_id is not None:
-            visits[r.encounter_id].append(r.captured_at)
+    for encounter_id, captured_at in stored:
+        if encounter_id is not None:
+            visits[encounter_id].append(captured_at)
     if not visits:
         return
     postgres = session.get_bind().dialect.name == "postgresql"
@@ -275,6 +294,7 @@ def to_public(row: Result) -> ResultPublic:
     return ResultPublic(result_id=row.result_id, device=row.device, outcome=row.outcome, grade=row.grade,
                         grade_name=GRADE_NAMES[row.grade] if row.grade is not None else None, referable=row.referable,
                         referral_reason=referral_reason_of(row, payload), dme_present=row.dme_present,
+                        device_clock_skew_s=row.clock_skew_s,
                         dme_probability=row.dme_probability,
                         confidence=row.confidence, captured_at=row.captured_at, received_at=row.received_at,
                         encounter_id=row.encounter_id, eye=row.eye, has_overlay=row.overlay_png is not None,
@@ -384,9 +404,10 @@ def query_encounters(*, session: Session, device: str | None, since: datetime | 
     for (dev, encounter), members in grouped.items():
         decision = encounter_decision(members)
         members.sort(key=lambda r: (r.captured_at, r.result_id), reverse=True)
-        eyes = {eye: to_public(row) for eye, row in decision.eyes.items()}
+        public = {r.result_id: to_public(r) for r in members}  # each payload parsed once
+        eyes = {eye: public[row.result_id] for eye, row in decision.eyes.items()}
         out.append(EncounterPublic(device=dev, encounter_id=encounter, decision=decision.decision, reason=decision.reason,
-                                   left=eyes.get("left"), right=eyes.get("right"),
-                                   results=[to_public(r) for r in members], disclaimer=SCREENING_DISCLAIMER))
+                                   left=eyes.get("left"), right=eyes.get("right"), results=list(public.values()),
+                                   disclaimer=SCREENING_DISCLAIMER))
     last = visits[-1] if visits else None
     return out, encode_cursor(last.last_captured_at, last.device, last.encounter_id) if more else None

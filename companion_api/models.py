@@ -4,6 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -56,7 +57,7 @@ class Principal(Base):
     __tablename__ = "principals"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(120), unique=True, index=True)
-    role: Mapped[str] = mapped_column(String(16))  # device | reviewer
+    role: Mapped[str] = mapped_column(String(16))  # device | reviewer | publisher
     token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
@@ -90,6 +91,9 @@ class Result(Base):
     dme_probability: Mapped[float | None] = mapped_column(Float, nullable=True)
     captured_at: Mapped[datetime] = mapped_column(UTCDateTime)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+    # The device clock was outside the plausible window: captured_at is then the server's receive time, and this
+    # the device's claim minus it (the claim itself stays in payload). NULL: the device's time was used.
+    clock_skew_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     overlay_png: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     image: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     encounter_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # one patient visit, both eyes
@@ -123,6 +127,7 @@ class Insight(Base):
 
 class ModelArtifact(Base):
     __tablename__ = "model_artifacts"
+    __table_args__ = (Index("ix_model_artifacts_release", "format", "sequence"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     format: Mapped[str] = mapped_column(String(16), index=True)
     filename: Mapped[str] = mapped_column(String(255))
@@ -131,6 +136,10 @@ class ModelArtifact(Base):
     path: Mapped[str] = mapped_column(String(500))
     uploaded_by: Mapped[str] = mapped_column(String(120))
     uploaded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+    # The signed release's sequence (edge_runtime.signing.Release): /latest is the highest, not the newest upload.
+    # NULL only for unsigned uploads a development server accepted (ALLOW_UNSIGNED_MODELS).
+    sequence: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # published: devices cap the download
 
 
 class AuditEvent(Base):

@@ -48,8 +48,9 @@ class ResultPublic(BaseModel):
     dme_present: bool | None = None  # models with a DME head; None for DR-only models and ungradable captures
     dme_probability: float | None = None
     confidence: float | None
-    captured_at: datetime
+    captured_at: datetime  # the device's clock; the server's receive time when that clock was implausible
     received_at: datetime
+    device_clock_skew_s: float | None = None  # set when the device's clock was implausible: its claim - received_at
     encounter_id: str | None
     eye: str | None
     has_overlay: bool
@@ -124,6 +125,8 @@ class ModelPublic(BaseModel):
     format: str
     filename: str
     sha256: str
-    manifest: dict[str, Any]
+    manifest: dict[str, Any]  # as the publisher signed it (signature and release included)
     download_url: str
     uploaded_at: datetime
+    size_bytes: int | None  # devices refuse a download longer than this
+    sequence: int | None  # the signed release sequence (None: an unsigned development upload)

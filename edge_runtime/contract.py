@@ -402,15 +402,15 @@ class ArtifactManifest:
             return cls(**kwargs)
         except ManifestError:
             raise
-        except (TypeError, ValueError) as exc:
-            raise ManifestError(f"invalid manifest: {exc}") from exc
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ManifestError(f"invalid manifest: {str(exc)[:300]}") from None
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ArtifactManifest:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
+            raise ManifestError(f"manifest is not valid JSON (or nested too deeply): {str(exc)[:200]}") from None
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> ArtifactManifest:

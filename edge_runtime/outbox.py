@@ -2,7 +2,8 @@
 
 SQLite in WAL mode with synchronous=FULL; one transaction per result (result row + overlay + optional
 image + the capture key that makes ``watch`` exactly-once). States: pending -> sent -> acknowledged
-(or rejected, kept, when the server refuses it for good). Images are dropped only after acknowledgement.
+(or rejected, kept, when the server refuses it for good). Images are dropped only after acknowledgement, and
+acknowledged results are pruned after a retention period (``prune_acknowledged``, run by every sync).
 
 Failures are loud and lose nothing: the file is integrity-checked when opened (``OutboxCorruptError`` with the
 recovery command), ``sync`` opens with ``create=False`` so a missing or 0-byte outbox is an error instead of
@@ -218,6 +219,15 @@ class Outbox:
     def record_error(self, result_ids: list[str], error: str) -> None:
         with self._guard("recording a sync error failed"), self.transaction() as db:
             db.executemany("UPDATE results SET last_error = ? WHERE result_id = ?", [(error[:500], r) for r in result_ids])
+
+    def prune_acknowledged(self, older_than_s: float) -> int:
+        """Delete results the server acknowledged more than ``older_than_s`` seconds ago (it keeps them); returns
+        how many. Their pages are reused by the next results, so a full disk recovers without losing a pending one.
+        Capture keys stay (a few bytes each), so ``watch`` never grades a pruned capture twice."""
+        with self._guard("pruning acknowledged results failed"), self.transaction() as db:
+            cursor = db.execute("DELETE FROM results WHERE state = 'acknowledged' AND acknowledged_at < ?",
+                                (time.time() - older_than_s,))
+        return cursor.rowcount
 
     def counts(self) -> dict[str, int]:
         """Results per state; quarantined rows are counted by ``quarantined()`` instead."""

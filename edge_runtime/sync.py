@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from .errors import OutboxError
 from .outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class SyncReport:
     errors: int = 0
     rounds: int = 0
     quarantined: int = 0  # outbox rows kept aside because they cannot be decoded (never sent, never deleted)
+    pruned: int = 0  # acknowledged results past the retention, deleted from the outbox
 
 
 class SyncError(RuntimeError):
@@ -64,11 +66,21 @@ class SyncStalledError(SyncError):
 class SyncClient:
     def __init__(self, server: str, token: str, outbox: Outbox, batch_size: int = 25, timeout: float = 30.0,
                  base_delay: float = 1.0, max_delay: float = 300.0, transport: httpx.BaseTransport | None = None,
-                 sleep=time.sleep, max_stalled_rounds: int = 5):
+                 sleep=time.sleep, max_stalled_rounds: int = 5, retain_acknowledged_s: float = 7 * 86_400):
+        """``retain_acknowledged_s``: how long an acknowledged result stays in the outbox before it is pruned."""
         self.outbox, self.batch_size, self.max_stalled_rounds = outbox, batch_size, max_stalled_rounds
+        self.retain_acknowledged_s = retain_acknowledged_s
         self.base_delay, self.max_delay, self.sleep = base_delay, max_delay, sleep
         self.client = httpx.Client(base_url=server.rstrip("/"), timeout=timeout, transport=transport,
                                    headers={"Authorization": f"Bearer {token}"})
+
+    def _prune(self) -> int:
+        """Acknowledged results past the retention leave the outbox (the server keeps them)."""
+        try:
+            return self.outbox.prune_acknowledged(self.retain_acknowledged_s)
+        except OutboxError as exc:
+            log.warning("could not prune acknowledged results (%s)", exc)
+            return 0
 
     def _payload(self, items) -> dict:
         return {"results": [{
@@ -83,7 +95,10 @@ class SyncClient:
         if not items:
             return 0
         ids = [item.result.result_id for item in items]
-        self.outbox.mark_sent(ids)
+        try:
+            self.outbox.mark_sent(ids)
+        except OutboxError as exc:  # e.g. a full disk: the attempt count is bookkeeping, the send still matters
+            log.warning("could not record the send attempt (%s); sending anyway", exc)
         try:
             response = self.client.post("/v1/sync", json=self._payload(items))
         except httpx.HTTPError as exc:
@@ -118,7 +133,11 @@ class SyncClient:
             log.warning("server answered an unknown status for %d result(s); they stay due", len(unknown))
             self.outbox.record_error(unknown, "unknown status from the server; kept for the next sync")
         # Only what the server confirmed is acknowledged; anything it did not mention stays due.
-        self.outbox.mark_acknowledged(acked)
+        try:
+            self.outbox.mark_acknowledged(acked)
+        except OutboxError:  # a full disk: free the space acknowledged results hold, then record it
+            self._prune()
+            self.outbox.mark_acknowledged(acked)
         if not acked and not rejected:
             raise NoProgressError(f"the server answered but settled none of {len(ids)} result(s); they stay due")
         return len(items)
@@ -151,7 +170,8 @@ class SyncClient:
                 self.sleep(delay)
                 continue
             report.sent += sent
-            if sent == 0:
+            if sent == 0:  # drained: acknowledged results past the retention leave
+                report.pruned += self._prune()
                 if not loop:
                     break
                 self.sleep(idle_interval)

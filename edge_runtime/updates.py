@@ -8,15 +8,21 @@ The server is treated as hostile:
   refuses the update before any request is sent there;
 - sizes and time are bounded: the ``/latest`` JSON, the model (its published ``size_bytes`` and a local cap) and
   the whole update (an overall deadline, so a byte-every-few-seconds drip cannot hold the device forever);
-- the staged model must pass ``check_artifact`` (sha256, sidecar == embedded manifest, weight types, signature
-  when a publisher key is trusted, fidelity gate) before ``current`` is switched to it atomically; the previous
-  model stays installed as ``previous``.
+- a signature is required: the published manifest must be signed by a trusted publisher key (a keyring:
+  $RETINAEDGE_TRUSTED_KEY, minus $RETINAEDGE_REVOKED_KEYS) together with a :class:`~edge_runtime.signing.Release`
+  whose sequence is not below the installed one (no rollback, even to a release signed by the same key), not below
+  any minimum sequence seen, and not expired. Only ``allow_unsigned`` (or $RETINAEDGE_ALLOW_UNSIGNED_MODELS=1), for
+  development, installs a model without one, and says so in the log;
+- the staged model must pass ``check_artifact`` (sha256, sidecar == embedded manifest, weight types, signature,
+  fidelity gate) before ``current`` is switched to it atomically; the previous model stays installed as
+  ``previous``, and ``release.json`` records the installed sequence.
 
 Layout under ``dest``::
 
     versions/<version>-<sha12>/model.onnx (+ .manifest.json)
     current  -> versions/<new>          screen with  dest/current/model.onnx
     previous -> versions/<old>
+    release.json                        the installed release's sequence and the highest min_sequence seen
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -41,11 +48,13 @@ from .backends.base import TrustedKey, check_artifact, resolve_trusted_key
 from .contract import ArtifactManifest, manifest_path_for
 from .errors import ArtifactError, ManifestError, ManifestSignatureError, ModelUpdateError
 from .formats import runtime_format
-from .signing import verify_manifest
+from .signing import Release, verify_manifest
 
 log = logging.getLogger(__name__)
 SAFE_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 STAGING_PREFIX = ".staging-"
+ALLOW_UNSIGNED_ENV = "RETINAEDGE_ALLOW_UNSIGNED_MODELS"  # "1": development only, install unsigned models
+RELEASE_STATE = "release.json"
 
 
 @dataclass(frozen=True)
@@ -148,9 +157,9 @@ def _latest(client: httpx.Client, base: httpx.URL, token: str, fmt: str, origin:
         _stream(response, limits.max_latest_bytes, deadline, "the /latest answer", body.extend)
     try:
         info = json.loads(bytes(body))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelUpdateError("the /latest answer is not JSON (a captive portal or proxy page?); "
-                               "keeping the current model") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
+        raise ModelUpdateError("the /latest answer is not JSON, or nested too deeply (a captive portal or proxy "
+                               "page?); keeping the current model") from None
     if not isinstance(info, dict):
         raise ModelUpdateError("the /latest answer is not a JSON object; keeping the current model")
     return info
@@ -177,7 +186,7 @@ def _check_offer(info: dict, fmt: str, suffix: str, limits: UpdateLimits) -> tup
                                f"{suffix} file); refusing the update. Names are never taken from the server.")
     if not manifest.ready:
         raise ModelUpdateError(
-            f"the published model's fidelity gate is {manifest.gate.status!r} "
+            f"the published model's fidelity gate is {str(manifest.gate.status)!r} "
             f"({'; '.join(manifest.gate.failures) or 'no details'}); it must not replace a working model. "
             "Keeping the current model.")
     size = info.get("size_bytes")
@@ -262,13 +271,61 @@ def _prune(dest: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def _installed_release(dest: Path) -> dict:
+    """{"sequence", "min_sequence", "sha256"} of the installed release; zeros before the first signed install."""
+    try:
+        state = json.loads((dest / RELEASE_STATE).read_text())
+    except FileNotFoundError:
+        return {"sequence": -1, "min_sequence": 0, "sha256": None}
+    except (OSError, ValueError) as exc:
+        raise ModelUpdateError(f"{dest / RELEASE_STATE} is unreadable ({exc}); it guards against rollback, so no "
+                               "update is installed until it is restored (or removed by an administrator)") from exc
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("sequence", "min_sequence")):
+        raise ModelUpdateError(f"{dest / RELEASE_STATE} is not a release record; restore it or remove it")
+    return state
+
+
+def _check_release(release: Release | None, sha256: str, state: dict, now: datetime) -> None:
+    """Refuse a release without order, expired, withdrawn, or older than the installed one (rollback)."""
+    if release is None:
+        raise ModelUpdateError("the published manifest is signed without a release (sequence, expiry); the device "
+                               "cannot tell it from an older one. The publisher must sign it with a Release. "
+                               "Keeping the current model.")
+    if now > release.expires_at:
+        raise ModelUpdateError(f"the published release {release.sequence} expired at {release.expires_at.isoformat()};"
+                               " the server offers a stale model. Keeping the current model.")
+    floor = max(state["min_sequence"], state["sequence"])
+    if release.sequence < floor or (release.sequence == state["sequence"] and sha256 != state.get("sha256")):
+        raise ModelUpdateError(
+            f"the published release {release.sequence} is older than what this device allows (installed "
+            f"{state['sequence']}, minimum {state['min_sequence']}): a rollback, refused. Keeping the current model.")
+
+
+def _record_release(dest: Path, release: Release | None, sha256: str, state: dict) -> None:
+    if release is None:
+        return
+    record = {"sequence": release.sequence, "min_sequence": max(state["min_sequence"], release.min_sequence),
+              "sha256": sha256}
+    tmp = dest / f".{RELEASE_STATE}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(record))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, dest / RELEASE_STATE)
+    _fsync_dir(dest)
+
+
 def install_latest_model(server: str, token: str, fmt: str, dest_dir: str | Path,
                          transport: httpx.BaseTransport | None = None, limits: UpdateLimits | None = None,
-                         trusted_key: TrustedKey = None, clock: Callable[[], float] = time.monotonic) -> InstalledModel:
+                         trusted_key: TrustedKey = None, clock: Callable[[], float] = time.monotonic,
+                         allow_unsigned: bool | None = None,
+                         now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> InstalledModel:
     """Download, verify and switch to the newest ``fmt`` artifact; the previous model is kept.
 
-    ``trusted_key``: the publisher's Ed25519 public key (default $RETINAEDGE_TRUSTED_KEY); with one, an unsigned
-    or altered manifest refuses the update.
+    ``trusted_key``: the publisher's Ed25519 public key or a Keyring (default $RETINAEDGE_TRUSTED_KEY); an unsigned
+    or altered manifest, a release older than the installed one or an expired one refuses the update. Without a
+    trusted key the update is refused unless ``allow_unsigned`` (default $RETINAEDGE_ALLOW_UNSIGNED_MODELS=1), a
+    development setting.
 
     Raises:
         ModelUpdateError: refused offer (origin, names, size, deadline, gate, format, redirects, empty body).
@@ -290,14 +347,27 @@ def install_latest_model(server: str, token: str, fmt: str, dest_dir: str | Path
     versions.mkdir(parents=True, exist_ok=True)
     timeout = httpx.Timeout(min(limits.io_timeout_s, limits.deadline_s))
     key = resolve_trusted_key(trusted_key)
+    if allow_unsigned is None:
+        allow_unsigned = os.environ.get(ALLOW_UNSIGNED_ENV, "").strip() == "1"
+    if key is None and not allow_unsigned:
+        raise ModelUpdateError(
+            "no publisher key is trusted, and this device installs signed models only: set RETINAEDGE_TRUSTED_KEY "
+            f"(--trusted-key) to the publisher's public key(s). For development only, {ALLOW_UNSIGNED_ENV}=1 "
+            "installs unsigned models.")
+    state = _installed_release(dest)
+    release = None
     with httpx.Client(timeout=timeout, transport=transport, follow_redirects=False) as client:
         info = _latest(client, base, token, fmt, origin, limits, deadline)
         raw, manifest, size = _check_offer(info, fmt, spec.suffix, limits)
         if key is not None:  # before the download; check_artifact checks it again on the staged file
             try:
-                verify_manifest(raw, key, what="the published manifest")
+                release = verify_manifest(raw, key, what="the published manifest")
             except ManifestSignatureError as exc:
                 raise ModelUpdateError(f"{exc}. Keeping the current model.") from exc
+            _check_release(release, manifest.sha256, state, now())
+        else:
+            log.warning("installing an UNSIGNED model (%s): development setting %s", manifest.model_version,
+                        ALLOW_UNSIGNED_ENV)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=versions))
         try:
             model = staging / f"model{spec.suffix}"
@@ -325,6 +395,7 @@ def install_latest_model(server: str, token: str, fmt: str, dest_dir: str | Path
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     previous = _switch(dest, final.name)
+    _record_release(dest, release, manifest.sha256, state)
     _prune(dest)
     installed = dest / "current" / model.name
     log.info("installed %s (%s), previous %s", manifest.model_version, manifest.sha256[:12], previous)
@@ -333,8 +404,10 @@ def install_latest_model(server: str, token: str, fmt: str, dest_dir: str | Path
 
 def fetch_latest_model(server: str, token: str, fmt: str, dest_dir: str | Path,
                        transport: httpx.BaseTransport | None = None, timeout: float | None = None,
-                       limits: UpdateLimits | None = None, trusted_key: TrustedKey = None) -> Path:
+                       limits: UpdateLimits | None = None, trusted_key: TrustedKey = None,
+                       allow_unsigned: bool | None = None) -> Path:
     """``install_latest_model``, returning the stable path to screen with (``dest/current/model<suffix>``)."""
     if timeout is not None:
         limits = dataclasses.replace(limits or UpdateLimits(), io_timeout_s=timeout)
-    return install_latest_model(server, token, fmt, dest_dir, transport, limits, trusted_key).path
+    return install_latest_model(server, token, fmt, dest_dir, transport, limits, trusted_key,
+                                allow_unsigned=allow_unsigned).path

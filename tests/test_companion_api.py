@@ -14,8 +14,11 @@ from companion_api.core.config import Settings
 from companion_api.crud import create_principal
 from companion_api.main import create_app
 from edge_runtime.contract import QualityReport, ScreeningResult
+from edge_runtime.signing import generate_key_pair
 
 from .conftest import POSTGRES_URL, encode, postgres_available, reset_postgres
+
+PUBLISHER_KEYS = generate_key_pair()  # (private, public) PEM of the test publisher
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -28,11 +31,13 @@ def server(request, tmp_path, tiny_run):
     else:
         url = f"sqlite:///{tmp_path / 'server.db'}"
     settings = Settings(DATABASE_URL=url, TEACHER_CHECKPOINT=str(tiny_run.best_checkpoint), RATE_LIMIT="1000/minute",
-                        ARTIFACT_DIR=str(tmp_path / "store"), GEMINI_API_KEY=None, MAX_BODY_BYTES=3_000_000)
+                        ARTIFACT_DIR=str(tmp_path / "store"), GEMINI_API_KEY=None, MAX_BODY_BYTES=3_000_000,
+                        PUBLISHER_KEYS=[PUBLISHER_KEYS[1].decode()])
     app = create_app(settings)
     with app.state.sessionmaker() as session:
         tokens = {name: create_principal(session=session, name=name, role=role)
-                  for name, role in (("dev-a", "device"), ("dev-b", "device"), ("rev", "reviewer"))}
+                  for name, role in (("dev-a", "device"), ("dev-b", "device"), ("rev", "reviewer"),
+                                     ("pub", "publisher"))}
     with TestClient(app) as client:
         yield client, tokens, app
 
@@ -197,10 +202,16 @@ def test_insight_guideline_fallback_is_cached(server):
 
 def test_model_distribution_round_trip(server, tiny_artifacts, tmp_path):
     client, tokens, _ = server
+    from datetime import datetime, timedelta, timezone
+
+    from edge_runtime.signing import Release, sign_manifest
+
     record = tiny_artifacts[0][("onnx", "fp32")]
-    manifest = open(record.path + ".manifest.json").read()
+    release = Release(1, datetime.now(timezone.utc) + timedelta(days=30))
+    manifest = json.dumps(sign_manifest(json.load(open(record.path + ".manifest.json")), PUBLISHER_KEYS[0],
+                                        release=release))
     with open(record.path, "rb") as fh:
-        r = client.post("/v1/models", files={"artifact": ("m.onnx", fh)}, data={"manifest": manifest}, headers=auth(tokens["rev"]))
+        r = client.post("/v1/models", files={"artifact": ("m.onnx", fh)}, data={"manifest": manifest}, headers=auth(tokens["pub"]))
     assert r.status_code == 200, r.text
     latest = client.get("/v1/models/latest?format=onnx", headers=auth(tokens["dev-a"])).json()
     assert latest["sha256"] == record.sha256
@@ -214,11 +225,14 @@ def test_model_distribution_round_trip(server, tiny_artifacts, tmp_path):
     from edge_runtime.updates import fetch_latest_model
 
     transport = _ASGISyncTransport(client)
-    fetched = fetch_latest_model("http://testserver", tokens["dev-a"], "onnx", tmp_path / "models", transport=transport)
+    publisher = PUBLISHER_KEYS[1]
+    fetched = fetch_latest_model("http://testserver", tokens["dev-a"], "onnx", tmp_path / "models", transport=transport,
+                                 trusted_key=publisher)
     assert open_session(fetched).info.manifest.sha256 == record.sha256
     transport.tamper = True
     with pytest.raises(ArtifactError, match="sha256"):
-        fetch_latest_model("http://testserver", tokens["dev-a"], "onnx", tmp_path / "models2", transport=transport)
+        fetch_latest_model("http://testserver", tokens["dev-a"], "onnx", tmp_path / "models2", transport=transport,
+                           trusted_key=publisher)
     assert not any((tmp_path / "models2").glob("*.onnx"))
     with open(record.path, "rb") as fh:  # devices cannot upload
         assert client.post("/v1/models", files={"artifact": ("m.onnx", fh)}, data={"manifest": manifest},

@@ -24,6 +24,7 @@ from companion_api.core.config import Settings
 from companion_api.crud import create_principal, revoke_principal
 from companion_api.main import create_app
 from edge_runtime.contract import ArtifactManifest
+from edge_runtime.signing import generate_key_pair, sign_manifest
 from edge_runtime.wire import QualityReport, ScreeningResult
 
 from .conftest import POSTGRES_URL, ROOT, postgres_available, reset_postgres
@@ -41,13 +42,18 @@ def database_url(kind: str, tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'server.db'}"
 
 
+PUBLISHER_PRIVATE, PUBLISHER_PUBLIC = generate_key_pair()
+
+
 def make_server(url: str, tmp_path, **overrides):
     settings = Settings(**{"DATABASE_URL": url, "RATE_LIMIT": "1000/minute", "ARTIFACT_DIR": str(tmp_path / "store"),
-                           "GEMINI_API_KEY": None, "MAX_BODY_BYTES": 3_000_000, **overrides})
+                           "GEMINI_API_KEY": None, "MAX_BODY_BYTES": 3_000_000,
+                           "PUBLISHER_KEYS": [PUBLISHER_PUBLIC.decode()], **overrides})
     app = create_app(settings)
     with app.state.sessionmaker() as session:
         tokens = {name: create_principal(session=session, name=name, role=role)
-                  for name, role in (("dev-a", "device"), ("dev-b", "device"), ("rev", "reviewer"))}
+                  for name, role in (("dev-a", "device"), ("dev-b", "device"), ("rev", "reviewer"),
+                                     ("pub", "publisher"))}
     return app, tokens
 
 
@@ -74,7 +80,8 @@ def raw_entry(data: dict) -> dict:
 
 @pytest.mark.parametrize("captured_at", ["9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00"])
 def test_high1_far_future_captured_at_is_rejected_and_review_stays_up(server, captured_at):
-    """Probe: stored with 200, then /review, reviewer and device /v1/history answered 500 for good on PostgreSQL."""
+    """Probe: stored with 200, then /review, reviewer and device /v1/history answered 500 for good on PostgreSQL.
+    (A time no UTC calendar holds is still rejected; a merely implausible one is stored with the server's clock.)"""
     client, tokens, _ = server
     data = result().to_dict()
     data["captured_at"] = captured_at
@@ -111,10 +118,13 @@ def test_high1_capture_window_is_configurable(tmp_path):
     app, tokens = make_server(f"sqlite:///{tmp_path / 's.db'}", tmp_path, CAPTURED_AT_MAX_FUTURE_S=0,
                               CAPTURED_AT_MIN=datetime(2020, 1, 1, tzinfo=timezone.utc))
     soon = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    results = [result(captured_at=soon), result(captured_at="2019-06-01T00:00:00+00:00"), result()]
     with TestClient(app) as client:
-        statuses, _ = sync(client, tokens["dev-a"], entry(result(captured_at=soon)),
-                           entry(result(captured_at="2019-06-01T00:00:00+00:00")), entry(result()))
-    assert statuses == ["rejected", "rejected", "stored"]
+        statuses, _ = sync(client, tokens["dev-a"], *[entry(r) for r in results])
+        assert statuses == ["stored"] * 3  # outside the window: stored with the server's clock, skew recorded
+        skews = [client.get(f"/v1/results/{r.result_id}", headers=auth(tokens["rev"])).json()["device_clock_skew_s"]
+                 for r in results]
+    assert 3000 < skews[0] < 3700 and skews[1] < -86_400 * 365 and skews[2] is None
 
 
 def test_high2_chunked_body_is_cut_at_the_limit_before_auth():
@@ -296,29 +306,79 @@ def test_medium6_contradictory_records_are_rejected_and_the_server_derives_names
     assert (row["grade_name"], row["referable"]) == ("Proliferative DR", True)
 
 
-def _upload(client, token, manifest: ArtifactManifest, blob: bytes):
-    return client.post("/v1/models", files={"artifact": ("m.onnx", blob)}, data={"manifest": manifest.to_json()},
+def _upload(client, token, manifest: ArtifactManifest, blob: bytes, sequence: int | None = 1, days: float = 30,
+            key=PUBLISHER_PRIVATE):
+    """Upload as a publisher does: the manifest signed with a release (unsigned when ``sequence`` is None)."""
+    from edge_runtime.signing import Release
+
+    data = manifest.to_dict()
+    if sequence is not None:
+        data = sign_manifest(data, key, release=Release(sequence, datetime.now(timezone.utc) + timedelta(days=days)))
+    return client.post("/v1/models", files={"artifact": ("m.onnx", blob)}, data={"manifest": json.dumps(data)},
                        headers=auth(token))
+
+
+def _model(blob: bytes, version: str = "m-1", **kw) -> ArtifactManifest:
+    kw.setdefault("gate", {"status": "not_required"})  # an FP32 artifact: ready to screen
+    return ArtifactManifest.from_dict({"model_name": "m", "model_version": version, "format": "onnx",
+                                       "sha256": hashlib.sha256(blob).hexdigest(), **kw})
 
 
 def test_medium8_model_upload_ignores_model_version_as_a_path_and_a_failed_upload_keeps_the_live_artifact(server, tmp_path):
     """Probe: model_version ../../../x wrote outside ARTIFACT_DIR; a wrong-sha upload deleted the live artifact."""
     client, tokens, app = server
     blob = b"onnx bytes of model one"
-    manifest = ArtifactManifest(model_name="m", model_version="../../../escape", format="onnx",
-                                sha256=hashlib.sha256(blob).hexdigest())
-    first = _upload(client, tokens["rev"], manifest, blob)
+    assert _upload(client, tokens["pub"], _model(blob, "../../../escape"), blob).status_code == 422
+    manifest = _model(blob)
+    first = _upload(client, tokens["pub"], manifest, blob)
     assert first.status_code == 200, first.text
     store = tmp_path / "store"
     assert not any(tmp_path.parent.rglob("escape*")) and [p.parent for p in store.iterdir()] == [store]
     assert ".." not in first.json()["filename"] and "/" not in first.json()["filename"]
     # Same version, wrong checksum: refused, and the live artifact is untouched and still downloadable.
-    bad = _upload(client, tokens["rev"], manifest, b"tampered bytes")
+    bad = _upload(client, tokens["pub"], manifest, b"tampered bytes", sequence=2)
     assert bad.status_code == 422
     latest = client.get("/v1/models/latest?format=onnx", headers=auth(tokens["dev-a"])).json()
     assert latest["sha256"] == manifest.sha256
     assert client.get(latest["download_url"], headers=auth(tokens["dev-a"])).content == blob
     assert not list(store.glob("*.part")) and len(list(store.iterdir())) == 1
+
+
+def test_medium2_only_publishers_publish_models(server):
+    """Re-test: a reviewer token published models to every device."""
+    client, tokens, _ = server
+    blob = b"a model"
+    assert _upload(client, tokens["rev"], _model(blob), blob).status_code == 403
+    assert _upload(client, tokens["dev-a"], _model(blob), blob).status_code == 403
+    assert _upload(client, tokens["pub"], _model(blob), blob).status_code == 200
+
+
+def test_low7_server_publishes_only_signed_newer_releases_with_their_size(server, tmp_path):
+    """Re-test: the server published any manifest a reviewer uploaded (unsigned, ../ versions, no size), and
+    "latest" was the newest upload, so a replayed older release became the fleet's update."""
+    client, tokens, app = server
+    pub = tokens["pub"]
+    one, two = b"model one bytes", b"model two bytes, longer"
+    assert _upload(client, pub, _model(one), one, sequence=None).status_code == 422  # unsigned
+    assert _upload(client, pub, _model(one), one, days=-1).status_code == 422  # expired
+    other_private, _ = generate_key_pair()
+    refused = _upload(client, pub, _model(one), one, key=other_private)
+    assert refused.status_code == 422 and "not one this device trusts" in refused.json()["detail"]
+    failed = _model(one, gate={"status": "failed", "failures": ["agreement 0.41 < 0.95"]})
+    assert _upload(client, pub, failed, one).status_code == 422
+    assert _upload(client, pub, _model(two, "m-2"), two, sequence=2).status_code == 200
+    assert _upload(client, pub, _model(one), one, sequence=1).status_code == 409  # older than the published release
+    assert _upload(client, pub, _model(one), one, sequence=2).status_code == 409  # a sequence is used once
+    latest = client.get("/v1/models/latest?format=onnx", headers=auth(tokens["dev-a"])).json()
+    assert (latest["sequence"], latest["size_bytes"], latest["manifest"]["model_version"]) == (2, len(two), "m-2")
+    assert latest["manifest"]["signature"]["release"]["sequence"] == 2  # as signed, so devices can verify it
+    # A revoked publisher key is refused; a development server may take unsigned uploads, production may not.
+    app.state.settings.REVOKED_PUBLISHER_KEYS = [latest["manifest"]["signature"]["key_id"]]
+    assert _upload(client, pub, _model(one, "m-3"), one, sequence=3).status_code == 422
+    app.state.settings.ALLOW_UNSIGNED_MODELS = True
+    assert _upload(client, pub, _model(one, "m-dev"), one, sequence=None).status_code == 200
+    with pytest.raises(ValueError, match="development setting"):
+        Settings(ENV="production", DATABASE_URL=POSTGRES_URL, ALLOW_UNSIGNED_MODELS=True)
 
 
 def test_medium10_opposite_order_batches_do_not_deadlock_and_busy_answers_503(tmp_path):
@@ -411,7 +471,7 @@ def test_low_review_pages_through_every_result(tmp_path):
     with TestClient(app) as client:
         future = result().to_dict() | {"captured_at": "2099-01-01T00:00:00+00:00"}
         statuses, _ = sync(client, tokens["dev-a"], raw_entry(future), entry(target), *[entry(r) for r in newer])
-        assert statuses[0] == "rejected"
+        assert statuses[0] == "stored"  # with the server's clock: it sorts as received now, not as 2099
         client.cookies.set("retinaedge_token", tokens["rev"])
         pages, url = [], "/review"
         while url:
@@ -420,7 +480,7 @@ def test_low_review_pages_through_every_result(tmp_path):
             pages.append(page.text)
             marker = "id='next' href='"
             url = page.text.split(marker)[1].split("'")[0].replace("&amp;", "&") if marker in page.text else None
-    assert len(pages) == 3 and "4 - Proliferative DR" in pages[-1] and "5 shown" in pages[0] and "3 shown" in pages[-1]
+    assert len(pages) == 3 and "4 - Proliferative DR" in pages[-1] and "5 shown" in pages[0] and "4 shown" in pages[-1]
 
 
 @pytest.mark.parametrize("path", ["/v1/results/%00", "/v1/results/" + "a" * 300, "/v1/history?device=%00",
@@ -902,3 +962,22 @@ def test_reads_page_by_key_through_every_view(server):
     assert len(walk(tokens["rev"], grade=4)) == sum(r.grade == 4 for r in rows)
     assert len(walk(tokens["rev"], referable=True)) == sum(bool(r.referable) for r in rows)
     assert len(walk(tokens["rev"], group="encounter")) == 12  # v5 spans both devices: two encounters
+
+
+def test_low4_a_fast_device_clock_is_recorded_not_rejected(server):
+    """Re-test: results stamped by a device clock more than a day fast were rejected forever (and the device
+    quarantined them when re-queued). The server now records both clocks."""
+    client, tokens, _ = server
+    device_now = datetime.now(timezone.utc) + timedelta(days=3)  # the device's clock, three days fast
+    fast = ScreeningResult.model_validate(result(grade=3).to_dict() | {"captured_at": device_now.isoformat()},
+                                          context={"received_at": device_now})
+    statuses, _ = sync(client, tokens["dev-a"], entry(fast))
+    assert statuses == ["stored"]
+    assert sync(client, tokens["dev-a"], entry(fast))[0] == ["duplicate"]  # a re-sent copy is acknowledged too
+    row = client.get(f"/v1/results/{fast.result_id}", headers=auth(tokens["rev"])).json()
+    received = datetime.fromisoformat(row["received_at"])
+    assert datetime.fromisoformat(row["captured_at"]) == received  # ordered and filtered by the server's clock
+    assert row["device_clock_skew_s"] == pytest.approx(3 * 86_400, abs=120)
+    assert row["result"]["captured_at"] == fast.to_dict()["captured_at"]  # the device's claim is kept as sent
+    newest = client.get("/v1/history?limit=1", headers=auth(tokens["rev"])).json()["data"][0]
+    assert newest["result_id"] == fast.result_id

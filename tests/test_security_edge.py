@@ -1,5 +1,6 @@
-"""Issue 16, device side: one test per finding, each against a hostile local server (127.0.0.1 only) or a
-hostile file, each bounded in time. Named after the finding: high3, medium4, medium7, medium9, low (sync client)."""
+"""Device side of the hostile probes: one test per finding, each against a hostile local server (127.0.0.1 only)
+or a hostile file, each bounded in time. Named after the finding: high3, medium4, medium7, medium9, low (sync
+client); the second round's (medium1, medium2, low4-low8) follow "Round two"."""
 from __future__ import annotations
 
 import hashlib
@@ -35,7 +36,14 @@ from edge_runtime.errors import (
 )
 from edge_runtime.formats import embedded_manifest_json
 from edge_runtime.outbox import Outbox
-from edge_runtime.signing import generate_key_pair, load_private_key, sign_manifest, verify_manifest
+from edge_runtime.signing import (
+    generate_key_pair,
+    key_id,
+    load_private_key,
+    load_public_key,
+    sign_manifest,
+    verify_manifest,
+)
 from edge_runtime.sync import SyncClient, SyncStalledError, UnexpectedResponseError
 from edge_runtime.updates import UpdateLimits, install_latest_model
 
@@ -150,6 +158,13 @@ def _files_under(root: Path) -> set[Path]:
 
 
 FAST = UpdateLimits(deadline_s=20.0, io_timeout_s=5.0)
+
+
+@pytest.fixture(autouse=True)
+def _unsigned_models_allowed(monkeypatch):
+    """The first round's update tests exercise the transport, not signatures: they run as a development device.
+    The signature tests below clear it."""
+    monkeypatch.setenv("RETINAEDGE_ALLOW_UNSIGNED_MODELS", "1")
 
 
 # ---------------------------------------------------------------- High 3
@@ -446,7 +461,7 @@ def test_medium7_trusted_key_refuses_unsigned_and_altered_manifests(artifacts, h
         install_latest_model(server.url, "tok", "onnx", tmp_path / "models", limits=FAST)
     server.routes.pop("/dl")
     _repackage(src, signed, manifest, key=load_private_key(private_pem))
-    server.publish(signed)
+    server.publish(signed, _released(signed, private_pem, 1))
     assert install_latest_model(server.url, "tok", "onnx", tmp_path / "models", limits=FAST).path.is_file()
 
 
@@ -609,3 +624,155 @@ def test_low_sync_client_keeps_unknown_status_due(tmp_path):
     server = AckServer()
     _sync(box, server)[0].run(max_rounds=10)
     assert sorted(server.received) == sorted(ids[1:]) and box.counts()["acknowledged"] == 4
+
+
+
+# ---------------------------------------------------------------- Round two: model distribution
+def _released(artifact: Path, private_pem: bytes, sequence: int, min_sequence: int = 0, days: float = 30) -> dict:
+    """The artifact's sidecar signed with a release, as a publisher uploads it."""
+    from datetime import datetime, timedelta, timezone
+
+    from edge_runtime.signing import Release
+
+    release = Release(sequence, datetime.now(timezone.utc) + timedelta(days=days), min_sequence)
+    return sign_manifest(_sidecar(artifact), private_pem, release=release)
+
+
+def test_medium1_device_refuses_a_signed_rollback_an_expired_or_a_withdrawn_release(artifacts, hostile, tmp_path,
+                                                                                     monkeypatch):
+    """Re-test: with a trusted key, a device installed an older release signed by the same key ("latest" was the
+    newest upload, with no order, minimum version or expiry in what was signed)."""
+    monkeypatch.delenv("RETINAEDGE_ALLOW_UNSIGNED_MODELS")
+    private_pem, public_pem = generate_key_pair()
+    server, dest = hostile(), tmp_path / "models"
+    old, new = artifacts[("onnx", "fp32")], artifacts[("onnx", "int8")]
+    server.publish(new, _released(new, private_pem, 5, min_sequence=3))
+    installed = install_latest_model(server.url, "tok", "onnx", dest, limits=FAST, trusted_key=public_pem)
+    assert json.loads((dest / "release.json").read_text())["sequence"] == 5
+    # The older release, validly signed by the same key: a rollback, refused before any download.
+    server.routes.pop("/dl")
+    server.publish(old, _released(old, private_pem, 4))
+    downloads = [path for path, _ in server.requests].count("/dl")
+    with pytest.raises(ModelUpdateError, match="rollback"):
+        install_latest_model(server.url, "tok", "onnx", dest, limits=FAST, trusted_key=public_pem)
+    assert [path for path, _ in server.requests].count("/dl") == downloads
+    # The release block cannot be edited or stripped: it is signed with the manifest.
+    replayed = _released(old, private_pem, 4)
+    replayed["signature"]["release"]["sequence"] = 9
+    server.publish(old, replayed)
+    with pytest.raises(ModelUpdateError, match="changed after signing"):
+        install_latest_model(server.url, "tok", "onnx", dest, limits=FAST, trusted_key=public_pem)
+    stripped = sign_manifest(_sidecar(old), private_pem)
+    server.publish(old, stripped)
+    with pytest.raises(ModelUpdateError, match="without a release"):
+        install_latest_model(server.url, "tok", "onnx", dest, limits=FAST, trusted_key=public_pem)
+    # Expired: refused even when newer.
+    server.publish(old, _released(old, private_pem, 7, days=-1))
+    with pytest.raises(ModelUpdateError, match="expired"):
+        install_latest_model(server.url, "tok", "onnx", dest, limits=FAST, trusted_key=public_pem)
+    assert sha256_file(dest / "current" / "model.onnx") == sha256_file(installed.path)
+    # Same release again: a no-op reinstall is fine; a newer one installs and records its floor.
+    server.routes["/dl"] = server.blob(new.read_bytes())
+    server.publish(new, _released(new, private_pem, 5, min_sequence=3))
+    install_latest_model(server.url, "tok", "onnx", dest, limits=FAST, trusted_key=public_pem)
+    server.routes["/dl"] = server.blob(old.read_bytes())
+    server.publish(old, _released(old, private_pem, 8, min_sequence=6))
+    install_latest_model(server.url, "tok", "onnx", dest, limits=FAST, trusted_key=public_pem)
+    assert json.loads((dest / "release.json").read_text()) == {"sequence": 8, "min_sequence": 6,
+                                                               "sha256": sha256_file(old)}
+
+
+def test_medium2_device_requires_a_signature_unless_configured_for_development(artifacts, hostile, tmp_path,
+                                                                                monkeypatch):
+    """Re-test: signature checking was opt-in, so by default update-model installed an unsigned model (a trojan)."""
+    monkeypatch.delenv("RETINAEDGE_ALLOW_UNSIGNED_MODELS")
+    monkeypatch.delenv("RETINAEDGE_TRUSTED_KEY", raising=False)
+    server = hostile()
+    server.publish(artifacts[("onnx", "fp32")])
+    with pytest.raises(ModelUpdateError, match="signed models only"):
+        install_latest_model(server.url, "tok", "onnx", tmp_path / "m", limits=FAST)
+    assert server.requests == [] and not (tmp_path / "m" / "current").exists()
+    # Only an explicit development setting installs it.
+    assert install_latest_model(server.url, "tok", "onnx", tmp_path / "m", limits=FAST, allow_unsigned=True).path.is_file()
+    monkeypatch.setenv("RETINAEDGE_ALLOW_UNSIGNED_MODELS", "1")
+    assert install_latest_model(server.url, "tok", "onnx", tmp_path / "m2", limits=FAST).path.is_file()
+
+
+def test_low6_trusted_keys_rotate_and_revoke(tmp_path, monkeypatch):
+    """Re-test: a single trusted key, no rotation or revocation."""
+    from datetime import datetime, timedelta, timezone
+
+    from edge_runtime.signing import Keyring, Release, load_keyring, trusted_key_from_env
+
+    manifest = ArtifactManifest(model_name="m", model_version="m-1", format="onnx", sha256="a" * 64).to_dict()
+    release = Release(2, datetime.now(timezone.utc) + timedelta(days=1))
+    (old_private, old_public), (new_private, new_public) = generate_key_pair(), generate_key_pair()
+    both = tmp_path / "publishers.pem"
+    both.write_bytes(old_public + new_public)  # during a rotation devices trust both keys
+    keyring = load_keyring(both)
+    assert len(keyring.keys) == 2
+    for private in (old_private, new_private):
+        assert verify_manifest(sign_manifest(manifest, private, release=release), keyring) == release
+    # The old key is revoked: what it signs is refused, by its id, even though the key is still listed.
+    old_id = key_id(load_public_key(old_public))
+    monkeypatch.setenv("RETINAEDGE_TRUSTED_KEY", str(both))
+    monkeypatch.setenv("RETINAEDGE_REVOKED_KEYS", old_id)
+    revoked = trusted_key_from_env()
+    with pytest.raises(ManifestSignatureError, match="revoked"):
+        verify_manifest(sign_manifest(manifest, old_private, release=release), revoked)
+    assert verify_manifest(sign_manifest(manifest, new_private, release=release), revoked) == release
+    other_private, _ = generate_key_pair()
+    with pytest.raises(ManifestSignatureError, match="not one this device trusts"):
+        verify_manifest(sign_manifest(manifest, other_private, release=release), Keyring.of(new_public))
+
+
+
+def test_low8_deeply_nested_manifests_are_typed_errors(hostile, tmp_path):
+    """Re-test: a 100k-level nested sidecar manifest raised RecursionError instead of a typed error."""
+    from edge_runtime.backends.base import load_manifest
+
+    nested = "[" * 100_000 + "]" * 100_000
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not really onnx")
+    manifest_path_for(model).write_text('{"model_name": ' + nested + "}")
+    with pytest.raises(ManifestError, match="nested too deeply"):
+        load_manifest(model)
+    with pytest.raises(ManifestError, match="nested too deeply"):
+        ArtifactManifest.from_json(nested)
+    server = hostile()
+    server.routes["/v1/models/latest"] = server.blob(nested.encode())
+    with pytest.raises(ModelUpdateError, match="nested too deeply"):
+        install_latest_model(server.url, "tok", "onnx", tmp_path / "m", limits=FAST)
+
+
+def test_low5_full_disk_sync_still_sends_and_prunes_acknowledged_results(tmp_path, monkeypatch):
+    """Re-test: on a full disk sync failed too (it records each attempt before sending), and acknowledged rows were
+    never pruned, so the disk never recovered."""
+    from edge_runtime.errors import OutboxError
+
+    db = tmp_path / "o.db"
+    old_ids = _fill(db, 8, overlay=b"\x89PNG" + b"o" * 20_000)  # acknowledged weeks ago, each holding its overlay
+    box = Outbox(db)
+    box.mark_acknowledged(old_ids)
+    box.db.execute("UPDATE results SET acknowledged_at = acknowledged_at - 30 * 86400")
+    pending = [_result(i) for i in range(3)]
+    for r in pending:
+        box.put(r)
+    # The disk is full: the file may not grow (SQLite's own limit), and the attempt bookkeeping fails.
+    pages = box.db.execute("PRAGMA page_count").fetchone()[0]
+    box.db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(OutboxError, match="full"):
+        box.put(_result(9), overlay=b"\x89PNG" + b"n" * 60_000)
+
+    def full(*args):
+        raise OutboxError("marking results sent failed: OperationalError: database or disk is full")
+
+    monkeypatch.setattr(box, "mark_sent", full)
+    server = AckServer()
+    client, _ = _sync(box, server)
+    report = client.run()
+    assert sorted(server.received) == sorted(r.result_id for r in pending)  # sent despite the full disk
+    assert report.pruned == 8 and box.counts() == {"pending": 0, "sent": 0, "acknowledged": 3, "rejected": 0}
+    box.put(_result(9), overlay=b"\x89PNG" + b"n" * 60_000)  # the pruned pages hold the next result
+    assert box.counts()["pending"] == 1
+    box.close()

@@ -100,7 +100,14 @@ def require_device(caller: CallerDep) -> Caller:
     return caller
 
 
+def require_publisher(caller: CallerDep) -> Caller:
+    if caller.role != "publisher":
+        raise HTTPException(403, "publisher token required: only publishers upload models (devices install them)")
+    return caller
+
+
 ReviewerDep = Annotated[Caller, Depends(require_reviewer)]
+PublisherDep = Annotated[Caller, Depends(require_publisher)]
 DeviceDep = Annotated[Caller, Depends(require_device)]
 
 

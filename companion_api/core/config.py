@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     REVIEW_PAGE_SIZE: int = Field(default=50, ge=1, le=500)
     CORS_ORIGINS: list[str] = Field(default_factory=list)  # CORS is off unless origins are listed
     TEACHER_CHECKPOINT: str | None = None  # FP32 teacher for /v1/predict
+    # Publisher public keys (PEM paths, PEM text or raw base64, edge_runtime.signing.load_keyring): an uploaded
+    # model must be signed by one of them with a release newer than the published one. Revoked key ids are refused.
+    PUBLISHER_KEYS: list[str] = Field(default_factory=list)
+    REVOKED_PUBLISHER_KEYS: list[str] = Field(default_factory=list)
+    ALLOW_UNSIGNED_MODELS: bool = False  # development only (refused in production): publish unsigned uploads
     ARTIFACT_DIR: str = "./model_store"
     RESOURCE_SETTING: str = "standard"  # standard | low: ICO follow-up intervals for low-resource settings
     GEMINI_API_KEY: str | None = Field(default=None, validation_alias="GEMINI_API_KEY")
@@ -64,6 +69,8 @@ class Settings(BaseSettings):
             raise ValueError(f"RESOURCE_SETTING must be standard|low, got {self.RESOURCE_SETTING!r}")
         if self.CAPTURED_AT_MIN.tzinfo is None:
             raise ValueError("CAPTURED_AT_MIN needs a UTC offset, e.g. 2000-01-01T00:00:00+00:00")
+        if self.ENV == "production" and self.ALLOW_UNSIGNED_MODELS:
+            raise ValueError("ALLOW_UNSIGNED_MODELS is a development setting; production publishes signed models only")
         if self.ENV == "production" and self.DATABASE_URL.startswith("sqlite"):
             raise ValueError("production needs PostgreSQL: set RETINAEDGE_DATABASE_URL=postgresql://...")
         return self

@@ -4,7 +4,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-TOKEN_PREFIX = {"device": "red_", "reviewer": "rer_"}
+# device: syncs its results; reviewer: reads every result; publisher: uploads models that devices install.
+TOKEN_PREFIX = {"device": "red_", "reviewer": "rer_", "publisher": "rep_"}
+ROLES = tuple(TOKEN_PREFIX)
 
 
 def new_token(role: str) -> str:

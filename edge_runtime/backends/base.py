@@ -97,8 +97,8 @@ def load_manifest_dict(path: str | Path) -> dict:
         )
     try:
         data = json.loads(sidecar.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{sidecar.name} is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
+        raise ManifestError(f"{sidecar.name} is not valid JSON (or nested too deeply): {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{sidecar.name} must hold a JSON object, got {type(data).__name__}")
     return data
@@ -194,7 +194,7 @@ def check_artifact(path: str | Path, allow_ungated: bool = False, verify_checksu
         check_embedded_manifest(path.name, raw, facts.embedded_manifest)
     if not manifest.ready and not allow_ungated:
         raise ArtifactError(
-            f"{path.name}: fidelity gate is {manifest.gate.status!r} ({'; '.join(manifest.gate.failures) or 'no details'}); "
+            f"{path.name}: fidelity gate is {str(manifest.gate.status)!r} ({'; '.join(manifest.gate.failures) or 'no details'}); "
             "refusing to screen with it. Pass --allow-ungated to override for testing only."
         )
     stored = facts.weights.precision if facts.weights else None

@@ -1,4 +1,5 @@
-"""The companion server: serve, and token administration (admin create-device / create-reviewer / revoke)."""
+"""The companion server: serve, and token administration (admin create-device / create-reviewer /
+create-publisher / revoke)."""
 from __future__ import annotations
 
 import typer
@@ -55,9 +56,15 @@ def create_reviewer(name: str):
     _create(name, "reviewer")
 
 
+@admin_app.command("create-publisher")
+def create_publisher(name: str):
+    """Create a publisher token (uploads signed models; the server checks them against RETINAEDGE_PUBLISHER_KEYS)."""
+    _create(name, "publisher")
+
+
 @admin_app.command()
 def revoke(name: str):
-    """Revoke a device or reviewer token."""
+    """Revoke a device, reviewer or publisher token."""
     from companion_api.crud import revoke_principal
 
     with _admin_session() as session:
