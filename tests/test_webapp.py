@@ -87,7 +87,10 @@ class Clinic:
         with make_sessionmaker(make_engine(url))() as session:
             self.device = create_principal(session=session, name="clinic-phone-1", role="device")
             self.reviewer = create_principal(session=session, name="reviewer", role="reviewer")
+            self.publisher = create_principal(session=session, name="publisher", role="publisher")
         self.private_pem, public_pem = generate_key_pair()
+        # A development server: the app checks the publisher's signature itself, without release sequences.
+        monkeypatch.setenv("RETINAEDGE_ALLOW_UNSIGNED_MODELS", "true")
         monkeypatch.setenv("RETINAEDGE_TRUSTED_KEY", public_pem.decode())
         monkeypatch.setenv("RETINAEDGE_COOKIE_SECURE", "false")  # plain http on loopback in this test only
         monkeypatch.setenv("RETINAEDGE_ARTIFACT_DIR", str(tmp_path / "models"))
@@ -98,7 +101,7 @@ class Clinic:
     def publish(self, model: bytes, manifest: dict) -> None:
         import httpx
 
-        response = httpx.post(f"{self.base}/v1/models", headers={"Authorization": f"Bearer {self.reviewer}"},
+        response = httpx.post(f"{self.base}/v1/models", headers={"Authorization": f"Bearer {self.publisher}"},
                               files={"artifact": ("model.onnx", model)}, data={"manifest": json.dumps(manifest)})
         assert response.status_code == 200, response.text
 
@@ -138,7 +141,8 @@ def screen_photo(driver, photo: Path, expected_count: int) -> str:
     driver.execute_script("arguments[0].hidden = false", field)
     field.send_keys(str(photo))
     settled(driver, lambda: driver.execute_script("return document.getElementById('pending').dataset.count")
-            == str(expected_count), what=f"result of {photo.name} stored")
+            == str(expected_count) or driver.find_element(By.ID, "screen-error").text, what=f"result of {photo.name} stored")
+    assert not driver.find_element(By.ID, "screen-error").text, driver.find_element(By.ID, "screen-error").text
     return driver.find_element(By.ID, "outcome").get_attribute("data-outcome")
 
 

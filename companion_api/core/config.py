@@ -45,7 +45,9 @@ class Settings(BaseSettings):
     # model must be signed by one of them with a release newer than the published one. Revoked key ids are refused.
     PUBLISHER_KEYS: list[str] = Field(default_factory=list)
     REVOKED_PUBLISHER_KEYS: list[str] = Field(default_factory=list)
-    ALLOW_UNSIGNED_MODELS: bool = False  # development only (refused in production): publish unsigned uploads
+    # Development only (refused in production): publish uploads without a signed release, or with a failed gate
+    # (to test what devices refuse on their own).
+    ALLOW_UNSIGNED_MODELS: bool = False
     ARTIFACT_DIR: str = "./model_store"
     RESOURCE_SETTING: str = "standard"  # standard | low: ICO follow-up intervals for low-resource settings
     GEMINI_API_KEY: str | None = Field(default=None, validation_alias="GEMINI_API_KEY")
