@@ -25,6 +25,7 @@ from edge_runtime.backends.base import BACKENDS, HeadOutputs
 from edge_runtime.calibration import choose_operating_point
 from edge_runtime.contract import (
     GateResult,
+    GateStatus,
     OperatingPoint,
     manifest_path_for,
 )
@@ -35,10 +36,12 @@ from . import coreml, onnx, tflite  # noqa: F401 - registers the exporters
 from .base import (
     EXPORTERS,
     ArtifactRecord,
+    Attempt,
     ExportInputs,
     ExportPhotos,
     ExportRequest,
     ExportResult,
+    ExportStatus,
     Reference,
     TorchGraphs,
     pt2e_recipe,
@@ -191,11 +194,13 @@ class ExportPipeline:
         sign (`Callable[[dict], dict]`, optional): signs each sidecar manifest (``exporters.manifest.finalise_manifest``).
         reference_draws (optional): FP32's (K, n, 5) logits and (K, n) DME logits on this plan's nuisance draws of
             these val photos, computed by another pipeline (``reference_draws`` after its first gate).
+        draw_images (optional): those draws as uint8 (K, n, S, S, 3) images (another pipeline's ``draw_images``).
     """
 
     def __init__(self, inputs: ExportInputs, plan: ExportPlan, reference: Reference | None = None,
                  sign: Callable[[dict], dict] | None = None,
-                 reference_draws: tuple[np.ndarray, np.ndarray | None] | None = None) -> None:
+                 reference_draws: tuple[np.ndarray, np.ndarray | None] | None = None,
+                 draw_images: np.ndarray | None = None) -> None:
         self.inputs, self.plan, self.sign = inputs, plan, sign
         self.reference = reference or Reference.compute(inputs)
         if self.reference.val_sha1 != inputs.photos.digest("val"):
@@ -203,6 +208,8 @@ class ExportPipeline:
         self.graphs = TorchGraphs(inputs.model, inputs.photos, plan.qat)
         # FP32 on the nuisance draws of the gate set (computed on first use; pass them to share one computation)
         self.reference_draws = reference_draws
+        # The draws themselves, uint8 (K, n, S, S, 3): made once, then every candidate runs on the same images.
+        self.draw_images = draw_images
 
     def export(self, fmt: str, precision: str) -> ArtifactRecord:
         """Export one format x precision, verify, gate, escalate, write its manifest; never raises (errors
@@ -213,7 +220,7 @@ class ExportPipeline:
             if precision not in spec.precisions:
                 raise ExportConfigError(f"{fmt} supports precisions {spec.precisions}, not {precision!r}")
             self.inputs.out_dir.mkdir(parents=True, exist_ok=True)
-            result, verdict, how = self._export_and_escalate(spec, precision)
+            result, verdict, attempts = self._export_and_escalate(spec, precision)
             seconds = time.monotonic() - started
             manifest = draft_manifest(self.inputs, self.reference, fmt, result.quantization, verdict.gate,
                                       verdict.point, verdict.dme_point)
@@ -222,26 +229,28 @@ class ExportPipeline:
             manifest = finalise_manifest(result.path, manifest, evidence, EXPORTERS.get(fmt).embed_manifest, self.sign)
             log.info("%s %s export success %.1fs, saved as %s (%.2f MB), gate %s", fmt, precision, seconds,
                      result.path, size_mb(result.path), verdict.gate.status)
-            return ArtifactRecord(fmt, precision, "ok", str(result.path), manifest.sha256, size_mb(result.path),
-                                  round(seconds, 2), verdict.gate.status,
-                                  {k: v for k, v in verdict.metrics.items() if k != "n"}, how,
-                                  failures=list(verdict.gate.failures))
+            return ArtifactRecord(fmt, precision, ExportStatus.OK, str(result.path), manifest.sha256,
+                                  size_mb(result.path), round(seconds, 2), verdict.gate.status,
+                                  {k: v for k, v in verdict.metrics.items() if k != "n"}, verdict.how,
+                                  failures=list(verdict.gate.failures), attempts=attempts,
+                                  operating_point=manifest.operating_point)
         except Exception as exc:  # noqa: BLE001 - one format failing must not stop the others; the row says why
             log.error("%s %s export failed: %s", fmt, precision, exc)
             log.debug(traceback.format_exc())
-            return ArtifactRecord(fmt, precision, "failed", export_seconds=round(time.monotonic() - started, 2),
+            return ArtifactRecord(fmt, precision, ExportStatus.FAILED,
+                                  export_seconds=round(time.monotonic() - started, 2),
                                   error=f"{type(exc).__name__}: {exc}")
 
-    def _export_and_escalate(self, spec: FormatSpec, precision: str) -> tuple[ExportResult, Verdict, str]:
+    def _export_and_escalate(self, spec: FormatSpec, precision: str) -> tuple[ExportResult, Verdict, list[Attempt]]:
         """The recipe as asked, then each escalation step while the INT8 gate fails; the last attempt stands."""
         path = self.inputs.out_dir / f"{self.inputs.stem}_{precision}{spec.suffix}"
         manifest_path_for(path).unlink(missing_ok=True)  # it described the file this export replaces
         recipe = self.plan.recipe
         result = self._attempt(spec, precision, recipe, path)
         verdict = self._verify(spec, result, precision, recipe)
-        how = verdict.how
-        if precision != "int8" or verdict.gate.status != "failed":
-            return result, verdict, how
+        attempts = [Attempt("as asked", recipe.name if precision == "int8" else "-", verdict.gate)]
+        if precision != "int8" or verdict.gate.status != GateStatus.FAILED:
+            return result, verdict, attempts
         why = "; ".join(verdict.gate.failures)
         qat_steps = self.plan.qat.steps if self.plan.qat else 0
         for step in self.plan.escalation(spec.name, has_tuning_images=len(self.inputs.photos.tuning) > 0):
@@ -250,11 +259,11 @@ class ExportPipeline:
             retry = step.retry_recipe(recipe)
             result = self._attempt(spec, precision, retry, path)
             verdict = self._verify(spec, result, precision, retry)
-            how = f"{verdict.how}; {label} after: {why}"
-            if verdict.gate.status != "failed":
+            attempts.append(Attempt(label, retry.name, verdict.gate))
+            if verdict.gate.status != GateStatus.FAILED:
                 break
-            why = f"{why}; {label}: {'; '.join(verdict.gate.failures)}"
-        return result, verdict, how
+            why = "; ".join(verdict.gate.failures)
+        return result, verdict, attempts
 
     def _attempt(self, spec: FormatSpec, precision: str, recipe: QuantRecipe, path: Path) -> ExportResult:
         request = ExportRequest(self.inputs, precision, recipe, path, self.graphs)
@@ -325,10 +334,17 @@ class ExportPipeline:
     def _draw_outputs(self, run: Callable[[np.ndarray], HeadOutputs]) -> tuple[np.ndarray, np.ndarray | None]:
         """(K, n, 5) logits and (K, n) DME logits (None without a DME head) of ``run`` on the nuisance draws of
         every gate photo; the draws are seeded per photo, so every model sees the same K images."""
+        from compression.noise_floor import to_rgb8
+        from edge_runtime.preprocess import normalize
+
         nuisance, val, policy = self.plan.nuisance, self.inputs.photos.val, self.inputs.policy
+        if self.draw_images is None:
+            rgb = to_rgb8(val, policy)
+            self.draw_images = np.stack([np.stack([nuisance.perturb(img, i, k) for i, img in enumerate(rgb)])
+                                         for k in range(nuisance.draws)])
         logits, dme = [], []
         for k in range(nuisance.draws):
-            out = run(nuisance.perturb_batch(val, policy, k))
+            out = run(normalize(self.draw_images[k], policy))
             logits.append(np.asarray(out.logits, float))
             if out.dme_logit is not None:
                 dme.append(np.asarray(out.dme_logit, float).reshape(-1))

@@ -127,7 +127,8 @@ def test_split_metrics(run, point, folders: list[Path], policy) -> dict:
 
 
 def run(checkpoint: Path, data: list[Path], out: Path, threads: int, runs: int, calib_limit: int,
-        qat_steps: int, recipes: list[str]) -> dict:
+        qat_steps: int, recipes: list[str], save=lambda report: None) -> dict:
+    """The whole study; ``save(report)`` is called after every stage (a long run leaves its partial results)."""
     from compression.qat import QATConfig
     from edge_runtime.preprocess import normalize
     from exporters.base import Reference
@@ -149,11 +150,12 @@ def run(checkpoint: Path, data: list[Path], out: Path, threads: int, runs: int, 
     gate_set = fp32_pipeline.gate_set()
     photos = inputs.photos
 
-    def judge_run(run_heads, test_point=point) -> object:
+    def judge_run(run_heads, test_point=point, draws=None):
         outputs = run_heads(photos.val)
-        draws = fp32_pipeline.draws_for(run_heads)
-        return judge(reference.logits, reference.cam, outputs.logits, outputs.cam, photos.val_labels, test_point,
+        draws = draws or fp32_pipeline.draws_for(run_heads)
+        gate = judge(reference.logits, reference.cam, outputs.logits, outputs.cam, photos.val_labels, test_point,
                      thresholds, ref_operating_point=point, draws=draws, gate_set=gate_set)
+        return gate, draws
 
     report: dict = {"checkpoint": str(checkpoint), "data": [str(d) for d in data], "device": fingerprint(),
                     "cpu_features": cpu_features().to_dict(), "threads": threads, "point": dataclasses.asdict(point),
@@ -161,17 +163,26 @@ def run(checkpoint: Path, data: list[Path], out: Path, threads: int, runs: int, 
                     "n": len(photos.val), "n_referable": int(is_referable(photos.val_labels).sum()), "formats": [],
                     "controls": [], "tables": {}}
     # The FP32 draws are computed once (the FP32 re-export control's gate) and shared by every pipeline below.
-    control = judge_run(fp32_session.run_heads)
+    control, fp32_onnx_draws = judge_run(fp32_session.run_heads)
     report["controls"].append(gate_row("FP32 re-export (ONNX FP32 as the candidate)", control, {"expected": "passed"}))
     report["tables"]["control: FP32 re-export"] = table_text(criteria_table(control, "control: FP32 re-export"))
     report["tables"]["per folder: FP32 re-export"] = table_text(folder_table(control, "per folder: FP32 re-export"))
+    # The threshold control is cheap (the FP32 draws again): first, so a cut-short run still has it.
+    shifted = dataclasses.replace(point, threshold=point.threshold + 0.1,
+                                  uncertain_band=None if point.uncertain_band is None else
+                                  tuple(v + 0.1 for v in point.uncertain_band))
+    gate, _ = judge_run(fp32_session.run_heads, shifted, fp32_onnx_draws)
+    report["controls"].append(gate_row(f"FP32 at threshold {point.threshold:.3f} + 0.1", gate, {"expected": "failed"}))
+    report["tables"]["control: threshold + 0.1"] = table_text(criteria_table(gate, "control: threshold + 0.1"))
+    save(report)
 
     passed: dict[str, tuple] = {}
     for name in recipes:
         fmt, recipe = RECIPES[name]
         plan = dataclasses.replace(base_plan, formats=(fmt,), precisions=("int8",), recipe=recipe)
         pipeline = ExportPipeline(dataclasses.replace(inputs, name=f"gate_{name}"), plan, reference,
-                                  reference_draws=fp32_pipeline.reference_draws)
+                                  reference_draws=fp32_pipeline.reference_draws,
+                                  draw_images=fp32_pipeline.draw_images)
         t0 = time.monotonic()
         record = pipeline.export(fmt, "int8")
         row = {"name": name, "format": fmt, "status": record.status, "error": record.error, "path": record.path,
@@ -192,36 +203,34 @@ def run(checkpoint: Path, data: list[Path], out: Path, threads: int, runs: int, 
                     passed[name] = (open_session(Path(record.path), allow_ungated=True, threads=threads).run_heads,
                                     record)
         report["formats"].append(row)
+        save(report)
 
     # Controls that must fail.
     black = normalize(np.zeros((8, inputs.policy.input_size, inputs.policy.input_size, 3), np.uint8), inputs.policy)
     black_inputs = dataclasses.replace(inputs, name="control_black_frames",
                                        photos=dataclasses.replace(photos, calib=black, calib_labels=None))
     black_plan = dataclasses.replace(base_plan, precisions=("int8",), escalate=False)
-    black_record = ExportPipeline(black_inputs, black_plan, reference,
-                                  reference_draws=fp32_pipeline.reference_draws).export("onnx", "int8")
+    black_record = ExportPipeline(black_inputs, black_plan, reference, reference_draws=fp32_pipeline.reference_draws,
+                                  draw_images=fp32_pipeline.draw_images).export("onnx", "int8")
     if black_record.status == "ok":
         from edge_runtime.backends import load_manifest
 
         gate = load_manifest(black_record.path).gate
         report["controls"].append(gate_row("ONNX U8S8 INT8 calibrated on 8 black frames", gate, {"expected": "failed"}))
         report["tables"]["control: black frames"] = table_text(criteria_table(gate, "control: 8 black frames"))
+        save(report)
     noisy, sigma, sens, noisy_sens = perturbed_model(inputs.model, photos.val, photos.val_labels, point)
-    gate = judge_run(torch_runner(noisy))
+    gate, _ = judge_run(torch_runner(noisy))
     report["controls"].append(gate_row(f"FP32 weights x (1 + {sigma:.3f} N(0,1)): val sensitivity {sens:.3f} -> "
                                        f"{noisy_sens:.3f}", gate, {"expected": "failed"}))
     report["tables"]["control: perturbed weights"] = table_text(criteria_table(gate, "control: perturbed weights"))
-    shifted = dataclasses.replace(point, threshold=point.threshold + 0.1,
-                                  uncertain_band=None if point.uncertain_band is None else
-                                  tuple(v + 0.1 for v in point.uncertain_band))
-    gate = judge_run(fp32_session.run_heads, shifted)
-    report["controls"].append(gate_row(f"FP32 at threshold {point.threshold:.3f} + 0.1", gate, {"expected": "failed"}))
-    report["tables"]["control: threshold + 0.1"] = table_text(criteria_table(gate, "control: threshold + 0.1"))
+    save(report)
 
     # Test splits, per folder, at the parent's point: FP32 and every INT8 that passed.
     report["test"] = {"fp32": test_split_metrics(fp32_session.run_heads, point, data, inputs.policy)}
     for name, (run_heads, _) in passed.items():
         report["test"][name] = test_split_metrics(run_heads, point, data, inputs.policy)
+    save(report)
 
     # Latency: every artifact this CPU runs, interleaved in one run.
     timed = [("onnx fp32", Path(fp32.path))] + [(r["name"], Path(r["path"])) for r in report["formats"]
@@ -245,7 +254,8 @@ def to_markdown(report: dict) -> str:
              f"of {', '.join(Path(d).name for d in report['data'])}, {report['nuisance']['draws']} nuisance draws each, "
              f"at the parent's operating point (threshold {report['point']['threshold']:.4f}, temperature "
              f"{report['point']['temperature']:.3f}). Load average at the end: "
-             f"{', '.join(f'{v:.1f}' for v in report['load_average'])}; {report['seconds']:.0f} s in all.", "",
+             f"{', '.join(f'{v:.1f}' for v in report.get('load_average', os.getloadavg()))}; "
+             f"{report.get('seconds', float('nan')):.0f} s in all.", "",
              "## Per format", "",
              "| recipe | verdict | D0 (95% CI) | E (upper bound) | D1/D0 | hard flips | sens. diff (bound) | "
              "spec. diff (bound) | AUC ratio | score shift (bound) | size MB | how |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -278,7 +288,7 @@ def to_markdown(report: dict) -> str:
     lines += ["", "## Test splits at the parent's operating point", "",
               "| model | folder | n (referable) | sensitivity (95% CI) | specificity (95% CI) | AUC (95% CI) |",
               "|---|---|---|---|---|---|"]
-    for model, folders in report["test"].items():
+    for model, folders in report.get("test", {}).items():
         for folder, m in folders.items():
             lines.append(f"| {model} | {folder} | {m['n']} ({m['n_positive']}) | {m['sensitivity']:.3f} "
                          f"({m['sensitivity_ci'][0]:.3f}-{m['sensitivity_ci'][1]:.3f}) | {m['specificity']:.3f} "
@@ -287,7 +297,7 @@ def to_markdown(report: dict) -> str:
     lines += ["", f"## Latency (batch 1, {report['threads']} threads, interleaved; int8 features: {features})", "",
               "| artifact | size MB | p50 ms | p90 ms | samples |", "|---|---|---|---|---|"]
     lines += [f"| {row['name']} | {row['size_mb']:.2f} | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | {row['samples']} |"
-              for row in report["latency"]]
+              for row in report.get("latency", [])]
     lines += ["", "## Criteria tables, as the gate printed them", ""]
     for title, text in report["tables"].items():
         lines += [f"### {title}", "", "```", text.rstrip(), "```", ""]
@@ -306,13 +316,17 @@ def main() -> None:
     parser.add_argument("--qat-steps", type=int, default=0, help="> 0: a failed gate may escalate to QAT")
     parser.add_argument("--out", type=Path, default=Path("reports/int8_gate"))
     args = parser.parse_args()
-    report = run(args.checkpoint, args.data, args.out, args.threads, args.runs, args.calib_limit, args.qat_steps,
-                 args.recipe or list(RECIPES))
-    text = to_markdown(report)
-    print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "int8_gate.md").write_text(text)
-    (args.out / "int8_gate.json").write_text(json.dumps(report, indent=1, default=str))
+
+    def save(report: dict, name: str = "int8_gate.partial") -> str:
+        text = to_markdown(report)
+        (args.out / f"{name}.md").write_text(text)
+        (args.out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str))
+        return text
+
+    report = run(args.checkpoint, args.data, args.out, args.threads, args.runs, args.calib_limit, args.qat_steps,
+                 args.recipe or list(RECIPES), save)
+    print(save(report, "int8_gate"))
 
 
 if __name__ == "__main__":

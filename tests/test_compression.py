@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from compression.gate import compare, judge
+from compression.gate import GateThresholds, compare, judge
 from compression.quantize import QuantRecipe
 from edge_runtime.contract import OperatingPoint
 from edge_runtime.errors import ConfigError
@@ -24,11 +24,11 @@ def test_compare_reports_known_fidelity_numbers():
     assert different["max_abs_logit_diff"] == pytest.approx(2 * np.abs(logits[:5]).max())
 
 
-def test_gate_on_50_photos_asks_for_99_more():
+def test_strict_gate_on_50_photos_asks_for_99_more():
     rng = np.random.default_rng(0)
     logits, cam = rng.normal(size=(50, 5)), rng.normal(size=(50, 5, 4, 4))
     y = logits.argmax(1)
-    same = judge(logits, cam, logits, cam, y, OperatingPoint())
+    same = judge(logits, cam, logits, cam, y, OperatingPoint(), GateThresholds.profile("strict"))
     assert same.status == "insufficient_evidence" and same.metrics["val_photos_needed"] == 149
     assert same.failures == (f"referral_agreement lower bound {0.05 ** (1 / 50):.4f} < 0.9800 (off by "
                              f"{0.98 - 0.05 ** (1 / 50):.4f}; value 1.0000, n=50): even perfect agreement needs "
@@ -189,12 +189,14 @@ def test_qat_is_the_last_resort_after_mixed_precision(tiny_artifacts, tmp_path):
     # escalation runs:
     # all-INT8 -> sensitive layers in float -> accuracy-controlled mixed precision -> QAT.
     photos = replace(base.inputs.photos, tuning=base.inputs.photos.calib[:8])
-    inputs = replace(base.inputs, out_dir=tmp_path, thresholds=GateThresholds(min_logit_cosine=1.0), photos=photos)
+    inputs = replace(base.inputs, out_dir=tmp_path, thresholds=GateThresholds.profile("strict", min_logit_cosine=1.0),
+                     photos=photos)
     plan = replace(base.plan, qat=QATConfig(steps=2, batch_size=4))
     record = ExportPipeline(inputs, plan, base.reference).export("onnx", "int8")
     assert record.status == "ok"
-    for step in ("sensitive layers in float", "accuracy-controlled mixed precision", "quantization-aware fine-tuning"):
-        assert step in record.verified
+    assert [a.step.split(" (")[0] for a in record.attempts] == [
+        "as asked", "sensitive layers in float", "accuracy-controlled mixed precision", "quantization-aware fine-tuning"]
+    assert [a.recipe for a in record.attempts][-1] == "qat" and record.gate_result == record.attempts[-1].gate
     manifest = ArtifactManifest.from_json(manifest_path_for(record.path).read_text())
     assert manifest.quantization.recipe == "qat" and manifest.gate.status == "failed"
     assert "int8" in manifest.quantization.weight_type
