@@ -58,13 +58,16 @@ def settled(driver, condition, timeout: float = 60, what: str = ""):
         check, message=f"{what} (page {driver.current_url}; console {driver.get_log('browser')[-5:]})")
 
 
-def sign(manifest: dict, private_pem: bytes) -> dict:
+def sign(manifest: dict, private_pem: bytes, sequence: int | None = 1, expires_in_days: float = 30) -> dict:
     """The publisher's signature over the manifest as this version writes it (defaults of newer fields filled in,
-    as the server's upload stores it)."""
-    from edge_runtime.contract import ArtifactManifest
-    from edge_runtime.signing import sign_manifest
+    as the server's upload stores it), with a release ``sequence`` (None: no release)."""
+    from datetime import datetime, timedelta, timezone
 
-    return sign_manifest(json.loads(ArtifactManifest.from_dict(manifest).to_json()), private_pem)
+    from edge_runtime.contract import ArtifactManifest
+    from edge_runtime.signing import Release, sign_manifest
+
+    release = None if sequence is None else Release(sequence, datetime.now(timezone.utc) + timedelta(days=expires_in_days))
+    return sign_manifest(json.loads(ArtifactManifest.from_dict(manifest).to_json()), private_pem, release=release)
 
 
 def fixture_model(precision: str) -> tuple[bytes, dict]:
@@ -91,7 +94,7 @@ class Clinic:
         self.private_pem, public_pem = generate_key_pair()
         # A development server: the app checks the publisher's signature itself, without release sequences.
         monkeypatch.setenv("RETINAEDGE_ALLOW_UNSIGNED_MODELS", "true")
-        monkeypatch.setenv("RETINAEDGE_TRUSTED_KEY", public_pem.decode())
+        monkeypatch.setenv("RETINAEDGE_PUBLISHER_KEYS", json.dumps([public_pem.decode()]))
         monkeypatch.setenv("RETINAEDGE_COOKIE_SECURE", "false")  # plain http on loopback in this test only
         monkeypatch.setenv("RETINAEDGE_ARTIFACT_DIR", str(tmp_path / "models"))
         self.server = ServerProcess(url, cwd=str(ROOT))
@@ -232,12 +235,15 @@ def test_install_offline_both_eyes_outbox_sync(web_dist, tmp_path, monkeypatch):
 
 @needs_chromium
 def test_forged_and_ungated_models_are_refused(web_dist, tmp_path, monkeypatch):
-    """A manifest altered after signing, or a validly signed one whose fidelity gate failed, is never used."""
+    """A manifest altered after signing, a validly signed one whose fidelity gate failed, or one signed without a
+    release (which cannot be told from an older one) is never used."""
     from selenium.webdriver.common.by import By
 
     clinic = Clinic(tmp_path, monkeypatch)
     model, manifest = fixture_model("fp32")
-    forged = sign(manifest, clinic.private_pem)
+    # Altered after signing: the server checks only signed releases, so this one (signed before releases existed)
+    # reaches the phone as a compromised server would serve it; the app must refuse it on its own.
+    forged = sign(manifest, clinic.private_pem, sequence=None)
     forged["operating_point"] = {**forged["operating_point"], "temperature": 5.0}  # flattens every score: after signing
     clinic.publish(model, forged)
     driver = chrome(tmp_path)
@@ -247,8 +253,12 @@ def test_forged_and_ungated_models_are_refused(web_dist, tmp_path, monkeypatch):
         driver.find_element(By.ID, "token").send_keys(clinic.device)
         driver.find_element(By.ID, "install").click()
         settled(driver, lambda: "does not verify" in driver.find_element(By.ID, "setup-error").text, what="forged refused")
+        clinic.publish(model, sign(manifest, clinic.private_pem, sequence=None))  # signed, but not as a release
+        driver.find_element(By.ID, "install").click()
+        settled(driver, lambda: "without a release" in driver.find_element(By.ID, "setup-error").text,
+                what="release-less manifest refused")
         ungated = sign({**manifest, "gate": {**manifest["gate"], "status": "failed", "failures": ["referral agreement"]}},
-                       clinic.private_pem)
+                       clinic.private_pem, sequence=1)
         clinic.publish(model, ungated)
         driver.find_element(By.ID, "install").click()
         settled(driver, lambda: "fidelity gate is 'failed'" in driver.find_element(By.ID, "setup-error").text,

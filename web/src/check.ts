@@ -1,6 +1,6 @@
 // The page the golden-fixture tests and benchmarks/browser_speed.py drive (not part of the installed app): it runs
 // the app's own modules on photos the test hands it and returns every intermediate the Python runtime is compared on.
-import { checkModel } from "./model";
+import { checkModel, keyId } from "./model";
 import { parseKeepingNumbers, plain } from "./pyjson";
 import type { Manifest } from "./contract";
 import { ModelSession } from "./runtime";
@@ -22,7 +22,7 @@ const api = {
   /** Open a model after the app's own checks (signature against ``keyB64``, gate, sha256). */
   async open(modelB64: string, manifestText: string, keyB64: string, threads?: number) {
     const bytes = fromB64(modelB64);
-    const manifest = await checkModel(parseKeepingNumbers(manifestText), bytes, keyB64);
+    const manifest = await checkModel(parseKeepingNumbers(manifestText), bytes, { keys: { [await keyId(keyB64)]: keyB64 }, revoked: [] });
     session = await ModelSession.open(bytes, manifest, threads);
     return session.info;
   },

@@ -1,7 +1,7 @@
 // The screening app: setup (device token, pinned publisher key, verified model), the visit flow for both eyes,
 // results from the outbox, and background sync. Every result is committed to the outbox before it is shown.
 import { CONTRACT } from "./contract";
-import { downloadModel, storedModel } from "./model";
+import { downloadModel, Keyring, ReleaseState, storedModel } from "./model";
 import * as outbox from "./outbox";
 import { encounterDecision, ScreeningResult } from "./result";
 import { ModelSession } from "./runtime";
@@ -142,9 +142,20 @@ async function openModel(model: Awaited<ReturnType<typeof storedModel>>): Promis
   $("model-error").textContent = "";
 }
 
-async function refreshModel(token: string, key: string): Promise<void> {
+const NO_RELEASE: ReleaseState = { sequence: -1, min_sequence: 0, sha256: null };
+
+/** Download and verify the server's model against the installed release, then record the new release. */
+async function fetchModel(token: string, key: Keyring) {
+  const state = (await outbox.getSetting<ReleaseState>("release")) ?? NO_RELEASE;
+  const fresh = await downloadModel(token, key, state);
+  await outbox.setSetting("release", { sequence: fresh.release.sequence, sha256: fresh.manifest.sha256,
+                                       min_sequence: Math.max(state.min_sequence, fresh.release.min_sequence) });
+  return fresh;
+}
+
+async function refreshModel(token: string, key: Keyring): Promise<void> {
   try {
-    const fresh = await downloadModel(token, key);
+    const fresh = await fetchModel(token, key);
     if (!state.session || fresh.manifest.sha256 !== state.session.manifest.sha256) await openModel(fresh);
   } catch (err) {
     const offline = err instanceof TypeError; // fetch's network failure: no server, not a refused model
@@ -164,12 +175,13 @@ async function install(): Promise<void> {
   $("setup-error").textContent = "";
   try {
     const config = await (await fetch("config.json", { cache: "no-store" })).json();
-    if (typeof config.trusted_key !== "string") throw new Error("this server publishes no model signing key; ask the administrator");
+    const keyring: Keyring = { keys: config.keys ?? {}, revoked: config.revoked ?? [] };
+    if (!Object.keys(keyring.keys).length) throw new Error("this server names no model publisher key; ask the administrator");
     const me = await fetch("api/device", { headers: { Authorization: `Bearer ${token}` }, cache: "no-store" });
     if (!me.ok) throw new Error(me.status === 401 || me.status === 403 ? "the token was refused; check it" : `server answered ${me.status}`);
     const device = await me.json();
-    await outbox.setSetting("trusted_key", config.trusted_key); // pinned: never replaced by a later visit
-    const fresh = await downloadModel(token, config.trusted_key);
+    await outbox.setSetting("trusted_keys", keyring); // pinned: a later visit never replaces it
+    const fresh = await fetchModel(token, keyring);
     await outbox.setSetting("token", token);
     await outbox.setSetting("device_id", device.device_id);
     state.deviceId = device.device_id;
@@ -213,7 +225,7 @@ async function main(): Promise<void> {
   await refreshCounts();
 
   const token = await outbox.getSetting<string>("token");
-  const key = await outbox.getSetting<string>("trusted_key");
+  const key = await outbox.getSetting<Keyring>("trusted_keys");
   if (!token || !key) {
     show("setup", true); show("install", true);
     document.body.dataset.ready = "setup";

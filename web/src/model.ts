@@ -23,26 +23,80 @@ function b64(text: string): Bytes {
   return out;
 }
 
-/** verify_manifest: the signature over the manifest's canonical bytes (no signature field, sorted, compact). */
-export async function verifyManifestSignature(raw: unknown, trustedKeyB64: string): Promise<void> {
+/** The publisher's signed place of a model among its releases (edge_runtime.signing.Release). */
+export interface Release { sequence: number; min_sequence: number; expires_at: string }
+
+const RELEASE_CONTEXT = "retinaedge-release-v1\n";
+
+/** The publisher keys the app pinned at setup (raw Ed25519 keys in base64 by key id) and revoked key ids. */
+export interface Keyring { keys: Record<string, string>; revoked: string[] }
+
+/** key_id of edge_runtime.signing: the first 16 hex digits of the sha256 of the raw public key. */
+export async function keyId(rawKeyB64: string): Promise<string> {
+  return (await sha256Hex(b64(rawKeyB64))).slice(0, 16);
+}
+
+/** verify_manifest: the signature over the manifest's canonical bytes (no signature field, sorted, compact), with
+ *  the signed release in front of them when the signature carries one, by a trusted and unrevoked key; returns
+ *  that release. */
+export async function verifyManifestSignature(raw: unknown, keyring: Keyring): Promise<Release | null> {
   if (!raw || typeof raw !== "object" || Array.isArray(raw)) throw new ModelRefusedError("the manifest is not a JSON object");
   const { signature, ...unsigned } = raw as Record<string, unknown>;
   if (!signature) throw new ModelRefusedError("the manifest is unsigned; this app trusts only the publisher's signed manifests");
-  const sig = plain<{ algorithm?: string; value?: string }>(signature);
-  if (sig.algorithm !== "ed25519" || typeof sig.value !== "string") {
+  const sig = plain<{ algorithm?: string; key_id?: string; value?: string; release?: Release }>(signature);
+  const extra = Object.keys(sig).filter((k) => !["algorithm", "key_id", "value", "release"].includes(k));
+  if (sig.algorithm !== "ed25519" || typeof sig.value !== "string" || extra.length) {
     throw new ModelRefusedError("the manifest has a malformed signature (expected ed25519)");
+  }
+  let release: Release | null = null;
+  let prefix = "";
+  if (sig.release !== undefined) {
+    const r = sig.release;
+    const keys = r && typeof r === "object" ? Object.keys(r).sort().join() : "";
+    if (keys !== "expires_at,min_sequence,sequence" || !Number.isInteger(r.sequence) || !Number.isInteger(r.min_sequence)
+        || r.sequence < 0 || r.min_sequence < 0 || r.min_sequence > r.sequence || Number.isNaN(Date.parse(r.expires_at))) {
+      throw new ModelRefusedError("the manifest's signed release is malformed (sequence, min_sequence, expires_at)");
+    }
+    release = r;
+    prefix = RELEASE_CONTEXT + pyDumps((signature as Record<string, unknown>).release, { compact: true }) + "\n";
   }
   let value: Bytes;
   try { value = b64(sig.value); } catch { throw new ModelRefusedError("the manifest signature is not base64"); }
-  const message = new TextEncoder().encode(pyDumps(unsigned, { compact: true }));
-  if (!(await ed25519Verify(b64(trustedKeyB64), value, message))) {
+  const signer = String(sig.key_id ?? "");
+  if (keyring.revoked.includes(signer)) {
+    throw new ModelRefusedError(`the manifest is signed by key ${signer}, which is revoked; refusing it`);
+  }
+  const key = Object.hasOwn(keyring.keys, signer) ? keyring.keys[signer] : undefined;
+  if (!key) {
+    throw new ModelRefusedError(`the manifest is signed by key ${signer.slice(0, 40)}, not one this phone trusts (${Object.keys(keyring.keys).join(", ") || "none"}); refusing it`);
+  }
+  const message = new TextEncoder().encode(prefix + pyDumps(unsigned, { compact: true }));
+  if (!(await ed25519Verify(b64(key), value, message))) {
     throw new ModelRefusedError("the manifest signature does not verify against the pinned publisher key (forged or altered); refusing it");
+  }
+  return release;
+}
+
+export interface ReleaseState { sequence: number; min_sequence: number; sha256: string | null }
+
+/** _check_release of edge_runtime.updates: refuse an offer without a release, expired, withdrawn, or older than
+ *  the installed one (a rollback, even to a release signed by the same key). */
+export function checkRelease(release: Release | null, sha256: string, state: ReleaseState, now = new Date()): void {
+  if (!release) {
+    throw new ModelRefusedError("the published manifest is signed without a release (sequence, expiry), so it cannot be told from an older one; the publisher must sign it with a release");
+  }
+  if (now.getTime() > Date.parse(release.expires_at)) {
+    throw new ModelRefusedError(`the published release ${release.sequence} expired at ${release.expires_at}; the server offers a stale model`);
+  }
+  const floor = Math.max(state.min_sequence, state.sequence);
+  if (release.sequence < floor || (release.sequence === state.sequence && sha256 !== state.sha256)) {
+    throw new ModelRefusedError(`the published release ${release.sequence} is older than this phone allows (installed ${state.sequence}, minimum ${state.min_sequence}): a rollback, refused`);
   }
 }
 
 /** The checks every model passes before it is used, downloaded now or read back from the cache. */
-export async function checkModel(raw: unknown, bytes: Bytes, trustedKeyB64: string): Promise<Manifest> {
-  await verifyManifestSignature(raw, trustedKeyB64);
+export async function checkModel(raw: unknown, bytes: Bytes, keyring: Keyring): Promise<Manifest> {
+  await verifyManifestSignature(raw, keyring);
   const manifest = plain<Manifest>(raw);
   if (manifest.format !== "onnx") throw new ModelRefusedError(`the web app runs ONNX artifacts, not ${manifest.format}`);
   if (!manifestReady(manifest)) {
@@ -74,26 +128,29 @@ async function boundedBody(response: Response, cap: number, what: string): Promi
   return out;
 }
 
-/** Download, verify and store the server's current ONNX artifact; the stored one stays if anything fails. */
-export async function downloadModel(token: string, trustedKeyB64: string): Promise<VerifiedModel> {
+/** Download, verify and store the server's current ONNX artifact; the stored one stays if anything fails.
+ *  ``state`` is the installed release (sequence -1 before the first install); the caller records the new one. */
+export async function downloadModel(token: string, keyring: Keyring,
+                                    state: ReleaseState): Promise<VerifiedModel & { release: Release }> {
   const headers = { Authorization: `Bearer ${token}` };
   const latest = await fetch("/v1/models/latest?format=onnx", { headers, cache: "no-store" });
   if (!latest.ok) throw new ModelRefusedError(`the server has no model for this app (HTTP ${latest.status})`);
   const info = parseKeepingNumbers(new TextDecoder().decode(await boundedBody(latest, MAX_LATEST_BYTES, "the /latest answer"))) as Record<string, unknown>;
   const raw = info.manifest;
-  await verifyManifestSignature(raw, trustedKeyB64); // before downloading anything it names
+  const release = await verifyManifestSignature(raw, keyring); // before downloading anything it names
   const manifest = plain<Manifest>(raw);
-  if (!manifestReady(manifest)) await checkModel(raw, new Uint8Array(), trustedKeyB64); // throws the gate's reason
+  if (!manifestReady(manifest)) await checkModel(raw, new Uint8Array(), keyring); // throws the gate's reason
+  checkRelease(release, String(manifest.sha256), state);
   const url = new URL(String(info.download_url), location.origin);
   if (url.origin !== location.origin) throw new ModelRefusedError(`the download points to ${url.origin}, not this server; refusing it`);
   const download = await fetch(url, { headers, cache: "no-store" });
   if (!download.ok) throw new ModelRefusedError(`the model download answered HTTP ${download.status}`);
   const bytes = await boundedBody(download, MAX_MODEL_BYTES, "the model");
-  const checked = await checkModel(raw, bytes, trustedKeyB64);
+  const checked = await checkModel(raw, bytes, keyring);
   const cache = await caches.open(MODEL_CACHE);
   await cache.put(ARTIFACT_URL, new Response(bytes, { headers: { "Content-Type": "application/octet-stream" } }));
   await cache.put(MANIFEST_URL, new Response(rawText(raw), { headers: { "Content-Type": "application/json" } }));
-  return { manifest: checked, rawManifest: raw, bytes };
+  return { manifest: checked, rawManifest: raw, bytes, release: release! };
 }
 
 function rawText(raw: unknown): string {
@@ -101,11 +158,11 @@ function rawText(raw: unknown): string {
 }
 
 /** The stored model, checked again (signature, gate, sha256) before use; null when none is stored. */
-export async function storedModel(trustedKeyB64: string): Promise<VerifiedModel | null> {
+export async function storedModel(keyring: Keyring): Promise<VerifiedModel | null> {
   const cache = await caches.open(MODEL_CACHE);
   const [m, a] = await Promise.all([cache.match(MANIFEST_URL), cache.match(ARTIFACT_URL)]);
   if (!m || !a) return null;
   const raw = parseKeepingNumbers(await m.text());
   const bytes = new Uint8Array(await a.arrayBuffer());
-  return { manifest: await checkModel(raw, bytes, trustedKeyB64), rawManifest: raw, bytes };
+  return { manifest: await checkModel(raw, bytes, keyring), rawManifest: raw, bytes };
 }

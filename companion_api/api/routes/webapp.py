@@ -2,8 +2,8 @@
 
 Every response is cross-origin isolated (COOP same-origin + COEP require-corp), which ONNX Runtime Web needs for
 its WASM threads; files are sent pre-compressed (``.gz`` beside them) to browsers that accept gzip. Two live
-answers the app needs at setup: ``config.json`` (the publisher's Ed25519 public key, which the app pins on its
-first visit and checks every model manifest against) and ``api/device`` (which device a token belongs to, so its
+answers the app needs at setup: ``config.json`` (the publisher keys the server checks uploads against, which the
+app pins on its first visit and checks every model manifest against) and ``api/device`` (which device a token belongs to, so its
 results carry the name the sync endpoint expects).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fastapi import Path as FastAPIPath
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 
 from edge_runtime.errors import ManifestSignatureError
-from edge_runtime.signing import key_id, trusted_key_from_env
+from edge_runtime.signing import load_keyring
 
 from ..deps import DeviceDep
 
@@ -42,18 +42,19 @@ def app_root() -> RedirectResponse:
 
 
 @router.get("/config.json")
-def app_config() -> JSONResponse:
-    """The publisher key the app pins (raw Ed25519 key, base64), from $RETINAEDGE_TRUSTED_KEY as devices read it."""
-    try:
-        key = trusted_key_from_env()
-    except ManifestSignatureError as exc:
-        raise HTTPException(500, f"the server's trusted key is unreadable: {exc}") from exc
-    if key is None:
-        return JSONResponse({"trusted_key": None, "key_id": None}, headers=_headers({"Cache-Control": "no-store"}))
+def app_config(request: Request) -> JSONResponse:
+    """The publisher keys the app pins at setup (raw Ed25519 keys in base64 by key id) and the revoked key ids:
+    the server's own RETINAEDGE_PUBLISHER_KEYS / REVOKED_PUBLISHER_KEYS, which every upload is checked against."""
     from cryptography.hazmat.primitives import serialization
 
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return JSONResponse({"trusted_key": base64.b64encode(raw).decode(), "key_id": key_id(key)},
+    settings = request.app.state.settings
+    try:
+        keys = {kid: key for entry in settings.PUBLISHER_KEYS for kid, key in load_keyring(entry).keys.items()}
+    except ManifestSignatureError as exc:
+        raise HTTPException(503, f"the server's publisher keys cannot be read ({exc})") from exc
+    raw = {kid: base64.b64encode(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
+           for kid, key in sorted(keys.items()) if kid not in settings.REVOKED_PUBLISHER_KEYS}
+    return JSONResponse({"keys": raw, "revoked": sorted(settings.REVOKED_PUBLISHER_KEYS)},
                         headers=_headers({"Cache-Control": "no-store"}))
 
 
