@@ -45,7 +45,11 @@ def chrome(tmp_path: Path, width: int = 412, height: int = 915):
                  f"--user-data-dir={tmp_path / f'chrome-{uuid.uuid4().hex[:6]}'}", f"--window-size={width},{height}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    # A headless window is at least 500 px wide: a phone's viewport is emulated instead.
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 2, "mobile": True})
+    return driver
 
 
 def settled(driver, condition, timeout: float = 60, what: str = ""):
@@ -138,13 +142,14 @@ def both_eye_photos(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def screen_photo(driver, photo: Path, expected_count: int) -> str:
+    """Screen a photo file; ``expected_count``: photos screened since the page loaded, this one included."""
     from selenium.webdriver.common.by import By
 
     field = driver.find_element(By.ID, "file")
     driver.execute_script("arguments[0].hidden = false", field)
     field.send_keys(str(photo))
-    settled(driver, lambda: driver.execute_script("return document.getElementById('pending').dataset.count")
-            == str(expected_count) or driver.find_element(By.ID, "screen-error").text, what=f"result of {photo.name} stored")
+    settled(driver, lambda: driver.execute_script("return document.body.dataset.screened") == str(expected_count)
+            or driver.find_element(By.ID, "screen-error").text, what=f"result of {photo.name} stored")
     assert not driver.find_element(By.ID, "screen-error").text, driver.find_element(By.ID, "screen-error").text
     return driver.find_element(By.ID, "outcome").get_attribute("data-outcome")
 
@@ -411,7 +416,7 @@ def test_phone_screenshot(web_dist, tmp_path, monkeypatch):
     clinic = Clinic(tmp_path, monkeypatch)
     model, manifest = fixture_model("fp32")
     clinic.publish(model, sign(manifest, clinic.private_pem))
-    driver = chrome(tmp_path, width=360, height=1000)
+    driver = chrome(tmp_path, width=360, height=780)
     try:
         driver.get(f"{clinic.base}/app/")
         settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "setup", what="setup")
@@ -421,6 +426,8 @@ def test_phone_screenshot(web_dist, tmp_path, monkeypatch):
         screen_photo(driver, FIXTURES / "photos" / "grade0.jpg", 1)
         screen_photo(driver, FIXTURES / "photos" / "grade4.jpg", 2)
         assert driver.execute_script("return document.documentElement.scrollWidth") <= 360  # no sideways scrolling
+        assert driver.find_element(By.ID, "encounter-decision").get_attribute("data-decision") in ("refer", "no_referral")
+        driver.execute_script("document.getElementById('file').hidden = true")
         shot = ROOT / "reports" / "webapp_phone.png"
         shot.parent.mkdir(exist_ok=True)
         driver.save_screenshot(str(shot))

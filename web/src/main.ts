@@ -105,6 +105,7 @@ async function run(blobOrFrame: () => Promise<ReturnType<typeof bitmapToBgr>>, n
     state.visit.encounterId = ($<HTMLInputElement>("encounter").value.trim()) || null;
     const s = await screen(bgr, state.session, state.deviceId, state.visit, name, decodeMs);
     showResult(s);
+    document.body.dataset.screened = String(Number(document.body.dataset.screened ?? 0) + 1);
     await showEncounter();
     if (s.result.outcome !== "ungradable" && state.visit.eye === "right") setEye("left");
     await refreshCounts();
@@ -195,6 +196,7 @@ async function install(): Promise<void> {
 
 async function main(): Promise<void> {
   $("disclaimer").textContent = CONTRACT.disclaimer;
+  for (const el of document.querySelectorAll(".result-disclaimer")) el.textContent = CONTRACT.disclaimer;
   if ("serviceWorker" in navigator) {
     navigator.serviceWorker.register("sw.js", { scope: "./" }).catch((err) => console.warn("service worker", err));
   }
