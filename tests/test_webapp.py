@@ -33,7 +33,7 @@ def web_dist() -> Path:
     return ROOT / "web" / "dist"
 
 
-def chrome(tmp_path: Path, width: int = 412, height: int = 915):
+def chrome(tmp_path: Path, width: int = 412, height: int = 915, extra: tuple[str, ...] = ()):
     """Headless Chromium at a phone-sized viewport, with its own profile (service worker, caches, IndexedDB)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -42,7 +42,8 @@ def chrome(tmp_path: Path, width: int = 412, height: int = 915):
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / f'chrome-{uuid.uuid4().hex[:6]}'}", f"--window-size={width},{height}"):
+                 f"--user-data-dir={tmp_path / f'chrome-{uuid.uuid4().hex[:6]}'}", f"--window-size={width},{height}",
+                 *extra):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
@@ -431,6 +432,48 @@ def test_phone_screenshot(web_dist, tmp_path, monkeypatch):
         shot = ROOT / "reports" / "webapp_phone.png"
         shot.parent.mkdir(exist_ok=True)
         driver.save_screenshot(str(shot))
+    finally:
+        driver.quit()
+        clinic.server.stop()
+
+
+def fake_camera(path: Path, frames: int = 30) -> Path:
+    """A Y4M clip of a synthetic fundus (640 x 480, the surround black) for Chromium's fake capture device."""
+    photo = cv2.imread(str(FIXTURES / "photos" / "grade3.jpg"))
+    frame = cv2.copyMakeBorder(cv2.resize(photo, (480, 480)), 0, 0, 80, 80, cv2.BORDER_CONSTANT, value=0)
+    yuv = cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420).tobytes()
+    with open(path, "wb") as fh:
+        fh.write(b"YUV4MPEG2 W640 H480 F30:1 Ip A1:1 C420jpeg\n")
+        for _ in range(frames):
+            fh.write(b"FRAME\n" + yuv)
+    return path
+
+
+@needs_chromium
+def test_camera_still_is_screened(web_dist, tmp_path, monkeypatch):
+    """Camera, then Take photo: a still from the (fake) rear camera's stream goes through the same step."""
+    from selenium.webdriver.common.by import By
+
+    clinic = Clinic(tmp_path, monkeypatch)
+    model, manifest = fixture_model("fp32")
+    clinic.publish(model, sign(manifest, clinic.private_pem))
+    driver = chrome(tmp_path, extra=("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                                     f"--use-file-for-fake-video-capture={fake_camera(tmp_path / 'fundus.y4m')}"))
+    try:
+        driver.get(f"{clinic.base}/app/")
+        settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "setup", what="setup")
+        driver.find_element(By.ID, "token").send_keys(clinic.device)
+        driver.find_element(By.ID, "install").click()
+        settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "screening", what="ready")
+        driver.find_element(By.ID, "camera").click()
+        settled(driver, lambda: driver.find_element(By.ID, "capture").is_displayed()
+                and driver.execute_script("return document.getElementById('video').videoWidth") == 640, what="camera on")
+        driver.find_element(By.ID, "capture").click()
+        settled(driver, lambda: driver.execute_script("return document.body.dataset.screened") == "1", what="still")
+        assert not driver.find_element(By.ID, "screen-error").text
+        stored = driver.execute_async_script(OUTBOX_JS)
+        assert len(stored) == 1 and stored[0]["outcome"] in ("graded", "uncertain") and stored[0]["eye"] == "right"
+        assert driver.execute_script("return document.getElementById('video').srcObject") is None  # camera released
     finally:
         driver.quit()
         clinic.server.stop()

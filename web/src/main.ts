@@ -134,6 +134,7 @@ async function startCamera(): Promise<void> {
 function stopCamera(): void {
   state.stream?.getTracks().forEach((t) => t.stop());
   state.stream = null;
+  $<HTMLVideoElement>("video").srcObject = null;
   show("camera-view", false); show("capture", false); show("camera", true);
 }
 
