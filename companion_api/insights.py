@@ -17,6 +17,7 @@ import re
 import nh3
 from pydantic import ValidationError
 
+from edge_runtime import presentation
 from edge_runtime.contract import GRADE_NAMES
 
 from .core.config import Settings
@@ -60,13 +61,13 @@ def guideline_insight(grade: int | None, outcome: str, resource_setting: str = "
                       dme_present: bool | None = None) -> InsightBody:
     """Deterministic fallback from the ICO 2017 follow-up table; DME present refers within a month at any grade."""
     if outcome == "uncertain" and grade is not None:
-        return InsightBody(summary="The referral decision is uncertain (the referable probability is close to the "
-                                   "operating threshold): refer, or get a second read by a grader.",
+        return InsightBody(summary=f"{presentation.UNCERTAIN}: the referable probability is close to the operating "
+                                   "threshold.",
                            follow_up_interval="second read now; refer if it cannot be obtained", referral_urgency="soon",
                            caveats=["Screening aid only; not a diagnosis. A clinician must confirm the grade."])
     if outcome == "ungradable" or grade is None:
-        return InsightBody(summary="The photograph could not be graded. Retake it; if a retake also fails, refer "
-                                   "for a dilated examination (no result means refer).",
+        return InsightBody(summary=f"{presentation.UNGRADABLE}: the photograph could not be graded; a retake that "
+                                   "also fails means a dilated examination (no result means refer).",
                            follow_up_interval="retake now; refer if a retake fails", referral_urgency="retake",
                            caveats=["Screening aid only; not a diagnosis."])
     standard, low, urgency, text = _GUIDELINE[grade]
