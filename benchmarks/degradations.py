@@ -192,3 +192,159 @@ def degrade(img: np.ndarray, name: str, rng: np.random.Generator, strength: floa
 
 def strength_bin(strength: float) -> str:
     return next(name for name, low, high in STRENGTH_BINS if low <= strength < high)
+
+
+# --- Other cameras: the same photo framed as another camera would frame it (gradable when the original is) ---
+
+def _field_square(img: np.ndarray) -> tuple[np.ndarray, float]:
+    """The photo's fundus on a black square canvas centred on the field's circle, and the circle's diameter.
+
+    A photo whose field is already clipped (raw EyePACS: top and bottom) keeps its clipped parts black: only
+    what the camera recorded is moved, never invented.
+    """
+    mask, diameter, (cx, cy) = _fov(img)
+    side = int(np.ceil(diameter)) + 4
+    shift = np.float32([[1, 0, side / 2 - cx], [0, 1, side / 2 - cy]])
+    return cv2.warpAffine(img, shift, (side, side), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0)), diameter
+
+
+def reframe(img: np.ndarray, width: int, aspect: float, field: float, quality: int = 92,
+            offset: tuple[float, float] = (0.0, 0.0)) -> bytes:
+    """The photo as a ``width`` x ``width / aspect`` JPEG (``quality``) whose circular field is ``field`` x the
+    frame's height across (> 1: clipped at the top and bottom, as 3:2 and 4:3 sensors clip it), shifted by
+    ``offset`` x the field's diameter."""
+    square, diameter = _field_square(img)
+    height = int(round(width / aspect))
+    target = field * height  # the field's diameter in the new frame
+    scale = target / max(diameter, 1.0)
+    size = max(8, int(round(square.shape[0] * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    square = cv2.resize(square, (size, size), interpolation=interp)
+    frame = np.zeros((height, width, 3), np.uint8)
+    x0 = int(round(width / 2 - size / 2 + offset[0] * target))
+    y0 = int(round(height / 2 - size / 2 + offset[1] * target))
+    fx0, fy0, fx1, fy1 = max(0, x0), max(0, y0), min(width, x0 + size), min(height, y0 + size)
+    frame[fy0:fy1, fx0:fx1] = square[fy0 - y0:fy1 - y0, fx0 - x0:fx1 - x0]
+    ok, buf = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return buf.tobytes()
+
+
+def recompress(img: np.ndarray, quality: int) -> bytes:
+    """The photo as taken, saved again at JPEG ``quality``."""
+    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+
+
+# name -> photo -> JPEG bytes. Frames: a 3:2 camera (1500 x 1000, the field clipped top and bottom at 1.2 x the
+# frame's height), a 4:3 camera (1024 x 768, 1.1 x), the public 760 x 570 format at JPEG 75, a field small in a
+# large frame (0.6 x the height of 2048 x 1536), a field larger than the frame (clipped on all four sides, corners
+# still black), a 12-MP phone frame (4000 x 3000, decoded at 1/8 for the gate), and the photo as taken at JPEG 50/70.
+REFRAMINGS: dict[str, Callable[[np.ndarray], bytes]] = {
+    "clip_3x2": lambda img: reframe(img, 1500, 1.5, 1.2),
+    "clip_4x3": lambda img: reframe(img, 1024, 4 / 3, 1.1),
+    "camera_760x570_q75": lambda img: reframe(img, 760, 4 / 3, 1.05, quality=75),
+    "field_small": lambda img: reframe(img, 2048, 4 / 3, 0.6),
+    "field_large": lambda img: reframe(img, 1024, 4 / 3, 1.3),
+    "phone_4000x3000": lambda img: reframe(img, 4000, 4 / 3, 0.9, quality=85),
+    "jpeg_q70": lambda img: recompress(img, 70),
+    "jpeg_q50": lambda img: recompress(img, 50),
+}
+
+
+# --- Not a fundus: code-made captures the gate must refuse, never grade ---
+
+def _canvas(h: int, w: int, colour: tuple[int, int, int]) -> np.ndarray:
+    return np.full((h, w, 3), colour, np.uint8)
+
+
+def blank_black(rng: np.random.Generator) -> np.ndarray:
+    """A lens cap or a dark room: black with sensor noise."""
+    return np.clip(rng.normal(4, 2, (768, 1024, 3)), 0, 255).astype(np.uint8)
+
+
+def blank_grey(rng: np.random.Generator) -> np.ndarray:
+    """A flat, mid-grey frame (an over-exposed or unfocused capture of a wall)."""
+    return np.clip(rng.normal(128, 3, (768, 1024, 3)), 0, 255).astype(np.uint8)
+
+
+def blank_white(rng: np.random.Generator) -> np.ndarray:
+    return np.clip(rng.normal(245, 3, (768, 1024, 3)), 0, 255).astype(np.uint8)
+
+
+def document(rng: np.random.Generator, on_desk: bool = False) -> np.ndarray:
+    """A printed page: lines of black text on white; ``on_desk``: the page lying on a dark desk (a bright
+    rectangle on black, where a field-of-view search finds a large bright region)."""
+    page = _canvas(1100, 850, (235, 238, 240))
+    for row in range(80, 1040, 34):
+        words = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz  "), int(rng.integers(30, 45))))
+        cv2.putText(page, words, (60, row), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (20, 20, 20), 2, cv2.LINE_AA)
+    if not on_desk:
+        return cv2.resize(page, (768, 1024), interpolation=cv2.INTER_AREA)
+    frame = _canvas(1200, 1600, (10, 12, 14))
+    small = cv2.resize(page, (700, 900), interpolation=cv2.INTER_AREA)
+    frame[150:1050, 450:1150] = small
+    return frame
+
+
+def face(rng: np.random.Generator, dark_background: bool = False) -> np.ndarray:
+    """A face: a skin-coloured oval with eyes, brows, nose and mouth, hair, on a grey wall or a dark studio."""
+    h, w = 1024, 768
+    img = _canvas(h, w, (12, 12, 12) if dark_background else (150, 155, 160))
+    skin = tuple(int(c) for c in np.array([120, 150, 205]) + rng.integers(-15, 15, 3))  # BGR
+    cv2.ellipse(img, (w // 2, h // 2 - 40), (300, 390), 0, 180, 360, (30, 35, 45), -1)  # hair
+    cv2.ellipse(img, (w // 2, h // 2), (250, 340), 0, 0, 360, skin, -1)
+    for x in (w // 2 - 100, w // 2 + 100):
+        cv2.ellipse(img, (x, h // 2 - 60), (45, 22), 0, 0, 360, (235, 235, 235), -1)  # eye white
+        cv2.circle(img, (x, h // 2 - 60), 18, (60, 90, 40), -1)  # iris
+        cv2.circle(img, (x, h // 2 - 60), 8, (10, 10, 10), -1)  # pupil
+        cv2.line(img, (x - 55, h // 2 - 110), (x + 55, h // 2 - 115), (40, 50, 60), 10)  # brow
+    cv2.line(img, (w // 2, h // 2 - 40), (w // 2 - 15, h // 2 + 60), (90, 110, 160), 6)  # nose
+    cv2.ellipse(img, (w // 2, h // 2 + 150), (80, 25), 0, 0, 180, (70, 70, 150), 10)  # mouth
+    img = cv2.GaussianBlur(img, (0, 0), 2.0)
+    return np.clip(img.astype(np.float32) + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+
+
+def anterior_segment(rng: np.random.Generator) -> np.ndarray:
+    """An external eye photo (anterior segment): skin and lids around a white sclera, an iris, a black pupil and
+    the flash's corneal reflex; fills the frame."""
+    h, w = 768, 1024
+    skin = tuple(int(c) for c in np.array([110, 140, 200]) + rng.integers(-15, 15, 3))
+    img = _canvas(h, w, skin)
+    cv2.ellipse(img, (w // 2, h // 2), (420, 210), 0, 0, 360, (215, 220, 230), -1)  # sclera
+    iris = tuple(int(c) for c in rng.choice([(40, 70, 110), (140, 110, 60), (60, 100, 70)]))
+    cv2.circle(img, (w // 2, h // 2), 170, iris, -1)
+    for angle in range(0, 360, 6):  # iris fibres
+        t = np.deg2rad(angle)
+        cv2.line(img, (int(w / 2 + 70 * np.cos(t)), int(h / 2 + 70 * np.sin(t))),
+                 (int(w / 2 + 165 * np.cos(t)), int(h / 2 + 165 * np.sin(t))), tuple(int(c * 0.7) for c in iris), 2)
+    cv2.circle(img, (w // 2, h // 2), 65, (8, 8, 8), -1)  # pupil
+    cv2.circle(img, (w // 2 + 30, h // 2 - 30), 14, (255, 255, 255), -1)  # corneal reflex
+    cv2.ellipse(img, (w // 2, h // 2), (425, 215), 0, 180, 360, (40, 60, 90), 14)  # upper lid margin, lashes
+    img = cv2.GaussianBlur(img, (0, 0), 1.5)
+    return np.clip(img.astype(np.float32) + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+
+
+def anterior_segment_slit_lamp(rng: np.random.Generator) -> np.ndarray:
+    """An anterior-segment photo under a slit lamp: the lit eye in a dark surround (a bright, roughly round region
+    on black, like a fundus field, but white sclera and a dark pupil instead of a red retina)."""
+    img = anterior_segment(rng)
+    h, w = img.shape[:2]
+    light = np.zeros((h, w), np.float32)
+    cv2.ellipse(light, (w // 2, h // 2), (380, 330), 0, 0, 360, 1.0, -1)
+    light = cv2.GaussianBlur(light, (0, 0), 25)[..., None]
+    return (img.astype(np.float32) * light).astype(np.uint8)
+
+
+def bright_disc(rng: np.random.Generator) -> np.ndarray:
+    """A uniform pale disc on black (a lit lens cap, a calibration target): a field of view with no retina."""
+    img = blank_black(rng)
+    cv2.circle(img, (512, 384), 340, (200, 205, 210), -1)
+    return cv2.GaussianBlur(img, (0, 0), 2.0)
+
+
+NON_FUNDUS: dict[str, Callable[[np.random.Generator], np.ndarray]] = {
+    "blank_black": blank_black, "blank_grey": blank_grey, "blank_white": blank_white,
+    "document": document, "document_on_desk": lambda rng: document(rng, on_desk=True),
+    "face": face, "face_dark_background": lambda rng: face(rng, dark_background=True),
+    "anterior_segment": anterior_segment, "anterior_segment_slit_lamp": anterior_segment_slit_lamp,
+    "bright_disc": bright_disc,
+}

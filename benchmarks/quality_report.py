@@ -1,13 +1,21 @@
-"""Quality-gate report on real photos: per-class detection of code-made degradations, false rejects of the
-originals, and the ROC of the overall quality score, before and after.
+"""Quality-gate report: agreement with human graders, false rejects per camera, code-made degradations, other
+cameras' framings, non-fundus captures and the verdict's dependence on the model's input size, before and after.
 
-Photos go through what the Screener does: the degraded photo is JPEG-encoded (quality 95, as a camera would)
-and decoded at the Screener's reduced scale, then assessed. ``--before-ref`` also assesses every photo with the
-gate of another git revision (its quality and preprocess modules, full-resolution decode as it did), so before
-and after see the very same degraded pixels.
+Every photo goes through the device's own path: encoded bytes (the file as stored; a code-made copy saved as
+JPEG 95, or as its reframing says) are decoded the way the Screener decodes them for a model of ``--input-size``
+px and assessed. ``--before-ref`` also runs the gate of another git revision (its quality and preprocess
+modules, imported from a temporary copy) on the very same bytes, decoded as that revision's Screener decoded them.
 
-    python -m benchmarks.quality_report --data ../shared/data/eyepacs_full ../shared/data/messidor2 --split test \\
-        --before-ref 5c6e41c --out reports/quality_gate
+Tables (each cell: share [Wilson 95%] (k/n)):
+
+- real labels: EyeQ grades of the eyepacs_full photos (``quality_eyeq.csv``): good / usable / reject, rejected;
+- per folder (camera): originals rejected; for eyepacs_full the photos graders called good or usable, and all;
+- per code-made degradation (``benchmarks/degradations.py``), caught, by strength third;
+- other cameras (``REFRAMINGS``): copies of gradable originals (messidor2, mexico_dme, EyeQ good/usable) rejected;
+- not a fundus (``NON_FUNDUS``): refused as "not a fundus photo";
+- one verdict per photo: originals whose verdict at a 128- and a 380-px model's decode equals the 224-px one.
+
+    python -m benchmarks.quality_report --split test --before-ref 1c4167e --out reports/quality_gate
 """
 from __future__ import annotations
 
@@ -20,221 +28,296 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from edge_runtime.contract import PreprocessPolicy
-from edge_runtime.errors import ImageError
+from edge_runtime.metrics import wilson_interval
 from edge_runtime.preprocess import decode_image, read_image
-from edge_runtime.quality import (
-    DEFAULT_THRESHOLDS,
-    QualityThresholds,
-    quality_metrics,
-    quality_score,
-    verdict,
-)
+from edge_runtime.quality import DEFAULT_THRESHOLDS, QualityThresholds, assess
 from edge_runtime.screen import decode_side
 
-from .degradations import DEGRADATIONS, degrade, strength_bin
+from .degradations import DEGRADATIONS, NON_FUNDUS, REFRAMINGS, degrade, strength_bin
 from .report import write_markdown_and_json
 
 ORIGINAL = "original"
-SCREEN_DECODE_SIDE = decode_side(PreprocessPolicy())  # the Screener's decode for a 224-px model
+INPUT_SIZE = 224  # the student's input: the decode every table but the last uses
+OTHER_INPUT_SIZES = (128, 380)  # a smaller student and the teacher: the verdict must not change with them
+GRADABLE_LABELS = ("good", "usable")
+EYEQ_FILE = "quality_eyeq.csv"
+NOT_FUNDUS = "not a fundus photo"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One gate's verdict on one photo."""
+
+    gradable: bool
+    score: float
+    not_fundus: bool  # refused as not a fundus photo (never graded)
+    fired: str  # "rules", "learned", "rules+learned" or "" (gradable)
+
+
+Gate = Callable[[bytes, int], Verdict]  # (encoded photo, model input size) -> verdict
 
 
 def photo_rows(data: Path, splits: tuple[str, ...], limit: int | None) -> list[dict]:
-    rows = [r for r in csv.DictReader(open(data / "labels.csv")) if r.get("split") in splits]
+    """Rows of ``labels.csv`` in ``splits`` (at most ``limit``), each with its EyeQ ``quality`` label or None."""
+    labels = {}
+    if (data / EYEQ_FILE).is_file():
+        labels = {r["image"]: r["quality"] for r in csv.DictReader(open(data / EYEQ_FILE))}
+    rows = [dict(r, quality=labels.get(r["image"])) for r in csv.DictReader(open(data / "labels.csv"))
+            if r.get("split") in splits]
     return rows[:limit] if limit else rows
 
 
-def as_screened(img: np.ndarray) -> np.ndarray:
-    """Encode as a camera would (JPEG 95) and decode as the Screener does (reduced scale)."""
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
-    return decode_image(buf.tobytes(), min_side=SCREEN_DECODE_SIDE)
+def as_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
+    """Encode as a camera would (JPEG 95)."""
+    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
 
 
-def load_before_gate(ref: str) -> Callable[[np.ndarray], tuple[bool, float]]:
-    """The gate of git revision ``ref`` as a function (uint8 BGR -> (gradable, score)), imported from a temp copy."""
-    root = Path(tempfile.mkdtemp(prefix="gate_before_"))
-    package = root / "edge_runtime_before"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    repo = Path(__file__).resolve().parents[1]
-    # wire.py: contract.py re-exports QualityReport from it lazily since the pydantic wire schema (absent before);
-    # decision.py and metrics.py: wire.py imports the referral reason from them since the DME head
-    optional = ("wire", "decision", "metrics")
-    for name in ("quality", "preprocess", "contract", "errors", *optional):
-        shown = subprocess.run(["git", "show", f"{ref}:edge_runtime/{name}.py"], cwd=repo, capture_output=True, text=True)
-        if shown.returncode != 0 and name in optional:
-            continue
-        shown.check_returncode()
-        (package / f"{name}.py").write_text(shown.stdout)
-    sys.path.insert(0, str(root))
-    module = importlib.import_module("edge_runtime_before.quality")
+def _fired(report) -> str:
+    learned = any(r.startswith("learned") for r in report.reasons)
+    rules = any(not r.startswith("learned") for r in report.reasons)
+    return "+".join(name for name, on in (("rules", rules), ("learned", learned)) if on)
 
-    def gate(img: np.ndarray) -> tuple[bool, float]:
-        report = module.assess(img)
-        return bool(report.gradable), float(report.score)
+
+def current_gate(thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> Gate:
+    """The working tree's gate, through the Screener's decode for a model of the given input size."""
+
+    def gate(data: bytes, input_size: int) -> Verdict:
+        img = decode_image(data, min_side=decode_side(PreprocessPolicy(input_size=input_size)))
+        report = assess(img, thresholds)
+        not_fundus = bool(report.reasons) and report.reasons[0].startswith(NOT_FUNDUS)
+        return Verdict(bool(report.gradable), float(report.score), not_fundus, _fired(report))
 
     return gate
 
 
-def collect(datasets: list[Path], splits: tuple[str, ...], limit: int | None = None, seed: int = 0,
-            before: Callable[[np.ndarray], tuple[bool, float]] | None = None, progress: bool = True,
-            before_screened: bool = False) -> list[dict]:
-    """One record per (photo, case): its indicators after the Screener's decode (None: no fundus found) and,
-    with ``before``, the old gate's verdict on the same pixels: full resolution, or with ``before_screened`` the
-    very decode the current gate sees."""
+def load_before_module(ref: str):
+    """The ``edge_runtime`` package of git revision ``ref`` as ``edge_runtime_before``, from a temp copy."""
+    root = Path(tempfile.mkdtemp(prefix="gate_before_"))
+    package = root / "edge_runtime_before"
+    package.mkdir()
+    repo = Path(__file__).resolve().parents[1]
+    listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", ref, "edge_runtime/"], cwd=repo,
+                            capture_output=True, text=True, check=True).stdout.split()
+    for name in listed:
+        target = package / Path(name).relative_to("edge_runtime")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shown = subprocess.run(["git", "show", f"{ref}:{name}"], cwd=repo, capture_output=True, check=True)
+        target.write_bytes(shown.stdout)
+    sys.path.insert(0, str(root))
+    return importlib.import_module("edge_runtime_before")
+
+
+def load_before_gate(ref: str) -> Gate:
+    """The gate of git revision ``ref``, through that revision's Screener decode."""
+    load_before_module(ref)
+    quality = importlib.import_module("edge_runtime_before.quality")
+    preprocess = importlib.import_module("edge_runtime_before.preprocess")
+    contract = importlib.import_module("edge_runtime_before.contract")
+    screen = importlib.import_module("edge_runtime_before.screen")
+
+    def gate(data: bytes, input_size: int) -> Verdict:
+        side = screen.decode_side(contract.PreprocessPolicy(input_size=input_size))
+        img = preprocess.decode_image(data, min_side=side)
+        report = quality.assess(img)
+        reasons = tuple(report.reasons)
+        not_fundus = bool(reasons) and (reasons[0].startswith(NOT_FUNDUS) or reasons[0].startswith("no fundus"))
+        return Verdict(bool(report.gradable), float(report.score), not_fundus, _fired(report))
+
+    return gate
+
+
+def _cases(image: np.ndarray, rng: np.random.Generator, reframings: bool,
+           original_bytes: bytes) -> list[tuple[str, bytes, float | None]]:
+    cases = [(ORIGINAL, original_bytes, None)]
+    for name in DEGRADATIONS:
+        degraded, strength = degrade(image, name, rng)
+        cases.append((name, as_jpeg(degraded), strength))
+    if reframings:
+        cases += [(name, make(image), None) for name, make in REFRAMINGS.items()]
+    return cases
+
+
+def collect(datasets: list[Path], splits: tuple[str, ...], gates: dict[str, Gate], limit: int | None = None,
+            seed: int = 0, progress: bool = True, extras: bool = True) -> list[dict]:
+    """One record per (photo, case) with each gate's verdict at the student's decode, and for originals at the
+    other input sizes' decodes; plus one record per code-made non-fundus capture. ``extras`` off: originals and
+    degradations at the student's decode only."""
     records = []
     started = time.time()
     for data in datasets:
         rows = photo_rows(data, splits, limit)
         for i, row in enumerate(rows):
             rng = np.random.default_rng([seed, i, len(data.name)])
+            raw = (data / "images" / row["image"]).read_bytes()
             image = read_image(data / "images" / row["image"])
-            cases = [(ORIGINAL, image, None)] + [(name, *degrade(image, name, rng)) for name in DEGRADATIONS]
-            for case, img, strength in cases:
-                record = {"dataset": data.name, "image": row["image"], "split": row["split"], "case": case,
-                          "strength": strength}
-                screened = as_screened(img)
-                try:
-                    record["metrics"] = quality_metrics(screened)
-                except ImageError:
-                    record["metrics"] = None
-                if before is not None:
-                    record["before_gradable"], record["before_score"] = before(screened if before_screened else img)
+            for case, encoded, strength in _cases(image, rng, extras, raw):
+                record = {"dataset": data.name, "image": row["image"], "split": row["split"],
+                          "quality": row["quality"], "case": case, "strength": strength, "verdicts": {}}
+                for name, gate in gates.items():
+                    sizes = (INPUT_SIZE, *OTHER_INPUT_SIZES) if case == ORIGINAL and extras else (INPUT_SIZE,)
+                    record["verdicts"][name] = {str(size): vars(gate(encoded, size)) for size in sizes}
                 records.append(record)
             if progress and (i + 1) % 25 == 0:
                 print(f"{data.name}: {i + 1}/{len(rows)} photos, {time.time() - started:.0f} s", file=sys.stderr)
+    rng = np.random.default_rng(seed)
+    for name, make in NON_FUNDUS.items() if extras else ():
+        for k in range(3):
+            encoded = as_jpeg(make(rng))
+            records.append({"dataset": "non_fundus", "image": f"{name}_{k}", "split": "-", "quality": None,
+                            "case": name, "strength": None,
+                            "verdicts": {g: {str(INPUT_SIZE): vars(gate(encoded, INPUT_SIZE))} for g, gate in gates.items()}})
     return records
 
 
-def judge(records: list[dict], thresholds: QualityThresholds) -> None:
-    """Adds the current gate's verdict and score to each record."""
-    for r in records:
-        if r["metrics"] is None:
-            r["gradable"], r["score"] = False, 0.0
-        else:
-            r["gradable"] = verdict(r["metrics"], thresholds).gradable
-            r["score"] = quality_score(r["metrics"], thresholds)
-
-
-def run(data: Path, split: str, limit: int | None = None, seed: int = 0,
-        thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> dict:
-    """One folder and split: {"n", "false_reject_rate", "detection": {class: rate}} with the current gate."""
-    records = collect([data], (split,), limit, seed, progress=False)
-    judge(records, thresholds)
-    summary = summarise(records)["all"]
-    return {"n": summary["n_originals"], "false_reject_rate": summary["false_reject"][0],
-            "detection": {name: value["all"][0] for name, value in summary["detection"].items()}}
-
-
-def _rate(hits: int, n: int) -> tuple[float, float, float]:
-    from statsmodels.stats.proportion import proportion_confint
-
+def _share(hits: int, n: int) -> dict:
     if n == 0:
-        return float("nan"), float("nan"), float("nan")
-    low, high = proportion_confint(hits, n, method="wilson")
-    return hits / n, float(low), float(high)
+        return {"rate": None, "ci": None, "k": 0, "n": 0}
+    low, high = wilson_interval(hits, n)
+    return {"rate": hits / n, "ci": (low, high), "k": hits, "n": n}
 
 
-def auc_with_ci(labels: np.ndarray, scores: np.ndarray, seed: int = 0, resamples: int = 1000) -> tuple[float, float, float]:
-    """ROC AUC (degraded = positive, higher score = more likely degraded) with a 95% percentile-bootstrap interval."""
-    from sklearn.metrics import roc_auc_score
-
-    auc = float(roc_auc_score(labels, scores))
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(resamples):
-        idx = rng.integers(0, len(labels), len(labels))
-        if labels[idx].min() != labels[idx].max():
-            boots.append(roc_auc_score(labels[idx], scores[idx]))
-    return auc, float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+def _verdict(record: dict, gate: str, size: int = INPUT_SIZE) -> dict:
+    return record["verdicts"][gate][str(size)]
 
 
-def summarise(records: list[dict], gradable_key: str = "gradable", score_key: str = "score") -> dict:
-    """Per dataset and overall: false-reject rate, detection per class and per strength bin, ROC AUC."""
-    out = {}
-    groups = {"all": records} | {d: [r for r in records if r["dataset"] == d] for d in sorted({r["dataset"] for r in records})}
-    for group, rows in groups.items():
-        originals = [r for r in rows if r["case"] == ORIGINAL]
-        entry = {"n_originals": len(originals),
-                 "false_reject": _rate(sum(not r[gradable_key] for r in originals), len(originals)), "detection": {}}
-        for name in DEGRADATIONS:
-            cases = [r for r in rows if r["case"] == name]
-            entry["detection"][name] = {"all": (*_rate(sum(not r[gradable_key] for r in cases), len(cases)), len(cases))}
-            for bin_name in ("mild", "moderate", "severe"):
-                subset = [r for r in cases if strength_bin(r["strength"]) == bin_name]
-                entry["detection"][name][bin_name] = (*_rate(sum(not r[gradable_key] for r in subset), len(subset)),
-                                                      len(subset))
-        labels = np.array([r["case"] != ORIGINAL for r in rows], int)
-        scores = -np.array([r[score_key] for r in rows], float)
-        entry["auc"] = (*auc_with_ci(labels, scores), int(labels.sum()), int((1 - labels).sum()))
-        out[group] = entry
+def summarise(records: list[dict], gate: str) -> dict:
+    """The report's tables for one gate, as {table: {row: share}}."""
+    photos = [r for r in records if r["dataset"] != "non_fundus"]
+    originals = [r for r in photos if r["case"] == ORIGINAL]
+    rejected = lambda rows: _share(sum(not _verdict(r, gate)["gradable"] for r in rows), len(rows))  # noqa: E731
+    out: dict[str, dict] = {"real labels": {}, "per folder": {}, "degradations": {}, "other cameras": {},
+                            "not a fundus": {}, "one verdict": {}, "which fired": {}}
+    for label in ("good", "usable", "reject"):
+        out["real labels"][label] = rejected([r for r in originals if r["quality"] == label])
+    out["real labels"]["good + usable"] = rejected([r for r in originals if r["quality"] in GRADABLE_LABELS])
+    for folder in sorted({r["dataset"] for r in originals}):
+        rows = [r for r in originals if r["dataset"] == folder]
+        if any(r["quality"] for r in rows):
+            out["per folder"][f"{folder} (graders: good or usable)"] = rejected(
+                [r for r in rows if r["quality"] in GRADABLE_LABELS])
+            out["per folder"][f"{folder} (all, graders' rejects included)"] = rejected(rows)
+        else:
+            out["per folder"][folder] = rejected(rows)
+    for name in DEGRADATIONS:
+        cases = [r for r in photos if r["case"] == name]
+        out["degradations"][name] = rejected(cases)
+        for bin_name in ("mild", "moderate", "severe"):
+            out["degradations"][f"  {name} {bin_name}"] = rejected(
+                [r for r in cases if strength_bin(r["strength"]) == bin_name])
+    gradable = {(r["dataset"], r["image"]) for r in originals if r["quality"] in GRADABLE_LABELS
+                or (r["quality"] is None and r["dataset"] != "eyepacs_full")}
+    for name in REFRAMINGS:
+        out["other cameras"][name] = rejected(
+            [r for r in photos if r["case"] == name and (r["dataset"], r["image"]) in gradable])
+    non_fundus = [r for r in records if r["dataset"] == "non_fundus"]
+    for name in NON_FUNDUS:
+        rows = [r for r in non_fundus if r["case"] == name]
+        out["not a fundus"][name] = _share(sum(_verdict(r, gate)["not_fundus"] for r in rows), len(rows))
+    out["not a fundus"]["all (refused as not a fundus)"] = _share(
+        sum(_verdict(r, gate)["not_fundus"] for r in non_fundus), len(non_fundus))
+    out["not a fundus"]["all (not graded: refused or ungradable)"] = _share(
+        sum(not _verdict(r, gate)["gradable"] for r in non_fundus), len(non_fundus))
+    for size in OTHER_INPUT_SIZES:
+        out["one verdict"][f"{size}-px model's decode: same verdict as {INPUT_SIZE}-px"] = _share(
+            sum(_verdict(r, gate, size)["gradable"] == _verdict(r, gate)["gradable"] for r in originals), len(originals))
+        rejects = [r for r in originals if r["quality"] == "reject"]
+        out["one verdict"][f"  graders' rejects caught at the {size}-px decode"] = _share(
+            sum(not _verdict(r, gate, size)["gradable"] for r in rejects), len(rejects))
+    labelled = [r for r in originals if r["quality"]]
+    for label in ("good", "usable", "reject"):
+        rows = [r for r in labelled if r["quality"] == label and not _verdict(r, gate)["gradable"]]
+        for fired in ("rules", "learned", "rules+learned"):
+            out["which fired"][f"{label}: {fired}"] = _share(sum(_verdict(r, gate)["fired"] == fired for r in rows),
+                                                             len(rows))
     return out
+
+
+TITLES = {
+    "real labels": "Real labels (EyeQ graders, eyepacs_full): photos rejected by the gate",
+    "per folder": "Per folder (camera): originals rejected (false rejects where the photos are gradable)",
+    "degradations": "Code-made degradations: copies caught (all folders)",
+    "other cameras": "Other cameras' framings of gradable photos: copies rejected (false rejects)",
+    "not a fundus": "Not a fundus (code-made captures): refused",
+    "one verdict": "One verdict per photo: originals, decoded for other model input sizes",
+    "which fired": "Which part fired, among the labelled photos the gate rejected",
+}
+
+
+def cell(share: dict) -> str:
+    if not share["n"]:
+        return "-"
+    low, high = share["ci"]
+    return f"{share['rate']:.1%} [{low:.1%}, {high:.1%}] ({share['k']}/{share['n']})"
 
 
 def to_markdown(summaries: dict[str, dict], title: str) -> str:
     lines = [f"# {title}", ""]
-    for group in summaries[next(iter(summaries))]:
-        lines += [f"## {group}", "", "| case | " + " | ".join(summaries) + " |", "|---|" + "---|" * len(summaries)]
-
-        def cell(value) -> str:
-            rate, low, high = value[:3]
-            n = value[3] if len(value) > 3 else None
-            return "-" if np.isnan(rate) else f"{rate:.1%} [{low:.1%}, {high:.1%}]" + (f" (n={n})" if n is not None else "")
-
-        first = summaries[next(iter(summaries))][group]
-        lines.append(f"| originals rejected (false rejects, n={first['n_originals']}) | "
-                     + " | ".join(cell(s[group]["false_reject"]) for s in summaries.values()) + " |")
-        for name in DEGRADATIONS:
-            lines.append(f"| {name} caught | " + " | ".join(cell(s[group]["detection"][name]["all"])
-                                                        for s in summaries.values()) + " |")
-            for bin_name in ("mild", "moderate", "severe"):
-                lines.append(f"| &nbsp;&nbsp;{bin_name} | " + " | ".join(cell(s[group]["detection"][name][bin_name])
-                                                                       for s in summaries.values()) + " |")
-        lines.append("| ROC AUC of the quality score (degraded vs originals) | " + " | ".join(
-            f"{s[group]['auc'][0]:.3f} [{s[group]['auc'][1]:.3f}, {s[group]['auc'][2]:.3f}] "
-            f"(n={s[group]['auc'][3]} degraded, {s[group]['auc'][4]} originals)" for s in summaries.values()) + " |")
+    first = next(iter(summaries.values()))
+    for table, rows in first.items():
+        lines += [f"## {TITLES[table]}", "", "| case | " + " | ".join(summaries) + " |", "|---|" + "---|" * len(summaries)]
+        for row in rows:
+            label = row.replace("  ", "&nbsp;&nbsp;", 1) if row.startswith("  ") else row
+            lines.append(f"| {label} | " + " | ".join(cell(s[table][row]) for s in summaries.values()) + " |")
         lines.append("")
-    lines.append("Rates with Wilson 95% intervals; AUC with a 1000-resample percentile bootstrap. Strength bins: "
-                 "thirds of each degradation's range (benchmarks/degradations.py).")
+    lines.append("Shares with Wilson 95% intervals (k/n). Strength thirds of each degradation's range "
+                 "(benchmarks/degradations.py). This tool assists screening; it does not diagnose.")
     return "\n".join(lines) + "\n"
+
+
+def run(data: Path, split: str, limit: int | None = None, seed: int = 0,
+        thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> dict:
+    """One folder and split with the current gate: {"n", "false_reject_rate", "detection": {class: rate}}; false
+    rejects among the originals that graders did not reject."""
+    records = collect([data], (split,), {"after": current_gate(thresholds)}, limit, seed, progress=False, extras=False)
+    originals = [r for r in records if r["case"] == ORIGINAL and r["quality"] != "reject"]
+    rejected = sum(not _verdict(r, "after")["gradable"] for r in originals)
+    detection = {name: float(np.mean([not _verdict(r, "after")["gradable"] for r in records if r["case"] == name]))
+                 for name in DEGRADATIONS}
+    return {"n": len(originals), "false_reject_rate": rejected / max(len(originals), 1), "detection": detection}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, nargs="+",
-                        default=[Path("../shared/data/eyepacs_full"), Path("../shared/data/messidor2")])
+    parser.add_argument("--data", type=Path, nargs="+", default=[Path("../shared/data/eyepacs_full"),
+                        Path("../shared/data/messidor2"), Path("../shared/data/mexico_dme")])
     parser.add_argument("--split", nargs="+", default=["test"])
     parser.add_argument("--limit", type=int, help="at most this many photos per folder")
-    parser.add_argument("--before-ref", help="git revision whose gate is the 'before' (e.g. 5c6e41c)")
-    parser.add_argument("--before-screened", action="store_true", help="run the --before-ref gate on the Screener's "
-                        "reduced decode too (default: full resolution, as that gate was run)")
-    parser.add_argument("--thresholds", type=Path, help="JSON of QualityThresholds fields (default: the module's)")
-    parser.add_argument("--cache", type=Path, help="reuse/store the measured photos (JSON): re-judging with new "
-                        "thresholds then takes seconds")
+    parser.add_argument("--before-ref", help="git revision whose gate is the 'before' (e.g. 1c4167e)")
+    parser.add_argument("--no-after", action="store_true", help="only the --before-ref gate (a baseline run)")
+    parser.add_argument("--thresholds", type=Path, help="JSON of QualityThresholds fields (default: the packaged ones)")
+    parser.add_argument("--cache", type=Path, help="reuse/store the verdicts (JSON)")
+    parser.add_argument("--reuse", type=Path, help="a --cache of an earlier run on the same photos: its gates' "
+                        "verdicts join this run's (same seed, same copies), e.g. a saved --before-ref baseline")
     parser.add_argument("--out", type=Path, default=Path("reports/quality_gate"))
     args = parser.parse_args()
-    thresholds = (QualityThresholds.from_dict(json.loads(args.thresholds.read_text())["thresholds"])
-                  if args.thresholds else DEFAULT_THRESHOLDS)
-    before = load_before_gate(args.before_ref) if args.before_ref else None
+    gates: dict[str, Gate] = {}
+    if args.before_ref:
+        gates[f"before ({args.before_ref})"] = load_before_gate(args.before_ref)
+    if not args.no_after:
+        thresholds = (QualityThresholds.from_dict(json.loads(args.thresholds.read_text())["thresholds"])
+                      if args.thresholds else DEFAULT_THRESHOLDS)
+        gates["after"] = current_gate(thresholds)
     if args.cache and args.cache.is_file():
         records = json.loads(args.cache.read_text())
     else:
-        records = collect(args.data, tuple(args.split), args.limit, before=before, before_screened=args.before_screened)
+        records = collect(args.data, tuple(args.split), gates, args.limit)
         if args.cache:
             args.cache.parent.mkdir(parents=True, exist_ok=True)
             args.cache.write_text(json.dumps(records))
-    judge(records, thresholds)
-    summaries = {}
-    if before is not None:
-        decode = "Screener decode" if args.before_screened else "full resolution"
-        summaries[f"before ({args.before_ref}, {decode})"] = summarise(records, "before_gradable", "before_score")
-    summaries["after"] = summarise(records)
-    markdown = to_markdown(summaries, f"Quality gate on real photos, split {'+'.join(args.split)}")
+    if args.reuse:
+        earlier = {(r["dataset"], r["image"], r["case"]): r["verdicts"] for r in json.loads(args.reuse.read_text())}
+        for r in records:
+            r["verdicts"] = {**earlier[(r["dataset"], r["image"], r["case"])], **r["verdicts"]}
+    summaries = {name: summarise(records, name) for name in records[0]["verdicts"]}
+    markdown = to_markdown(summaries, f"Quality gate, split {'+'.join(args.split)}, the Screener's decode for a "
+                                      f"{INPUT_SIZE}-px model")
     write_markdown_and_json(args.out, markdown, summaries)
     print(markdown)
 

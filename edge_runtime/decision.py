@@ -38,6 +38,13 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def decide_gradability(ungradable_logit: float, point: OperatingPoint) -> tuple[float, bool]:
+    """The quality gate's learned score at its operating point: (P(ungradable) = sigmoid(logit / T), whether it
+    is >= the point's threshold, i.e. the photo is ungradable by the learned score)."""
+    probability = float(sigmoid(np.asarray(ungradable_logit), point.temperature))
+    return probability, probability >= point.threshold
+
+
 @dataclass(frozen=True)
 class DmeDecision:
     """The DME head's finding for one photo at the manifest's ``dme_operating_point``."""

@@ -1,40 +1,44 @@
-"""Image-quality gate for fundus photos: is this capture gradable?
+"""Image-quality gate for fundus photos: is this a fundus photo, and is it gradable?
 
-Indicators from the smartphone-ophthalmoscopy quality literature, computed inside the field of view on one
-small copy of it (longer side ``WORK_SIZE``, so thresholds do not depend on the camera's pixel count), mostly on
-8-bit planes (half the previous gate's time per photo, ``python -m benchmarks.quality_speed``):
+Three steps, each with its own kind of answer:
 
-- field of view: share of the frame it covers, centring;
-- exposure: mean, spread, entropy, dynamic range of luminance, under/over-exposed shares, clipped red channel
-  (a fundus is red: over-exposure saturates red first), glare, and a pale patch wider than the optic disc (lens
-  flare: stray light makes a large region bright in every channel);
-- focus and motion: variance of the Laplacian, Tenengrad, Haar high-frequency energy, and the *weakest
-  direction's* edge energy away from the rim (motion blur removes detail along one direction only);
-- haze: local vessel-scale contrast and the dark channel (a veil lifts the blacks, He et al. 2009);
-- occlusion: a dark region wider than a tenth of the field (an eyelid or a shadow, not the camera's thin dark rim
-  crescent), the share of the field much darker than its median, and the darkest third against the brightest
-  (uneven illumination from one side);
-- sensor noise;
-- heavy JPEG compression: the 8 x 8 block grid, measured on the photo as decoded, before the resize to
-  ``WORK_SIZE`` (which would blur the grid away).
+1. **Is it a fundus photo?** A fundus photo shows a textured retina inside a round field whose visible arc meets a
+   dark surround. A frame with no dark surround or no round arc (a face, a document, a grey frame, an external eye
+   photo) or a blank field is refused as "not a fundus photo" and never graded (:func:`not_fundus_reason`).
+2. **Rules with reasons.** Indicators from the smartphone-ophthalmoscopy quality literature, each with a limit
+   and a reason that says what to do ("too bright: reduce illumination"): exposure, focus and motion, haze,
+   occlusion, flare, noise, heavy JPEG, centring (judged on the visible arc of the field, so a camera that clips
+   the top and bottom of the field is centred) and the field's size in pixels.
+3. **A learned score** (``quality_model.py``): a logistic model over the same indicators, fitted to human
+   graders' labels and code-made degradations, catching what no rule names; its operating point says how many of
+   the graders' rejects it caught where it was chosen. The report says which fired: rule reasons, the learned score, or both.
 
-Thresholds are chosen on the val/calib photos of eyepacs_full and messidor2 by
-``python -m studies.quality_thresholds`` (which writes ``DEFAULT_THRESHOLDS`` below); ``docs/quality_gate.md``
-says how and why.
+One verdict per photo: everything is measured on a canonical view of the photo (:func:`gate_view`: the decode,
+reduced by a power of two to a shorter side of at least ``GATE_SIDE`` px, the scale the Screener decodes at for
+any model up to 224 px), and the indicators inside the field resized to ``WORK_SIZE``. The verdict therefore does
+not depend on the model's input size. Limits live in ``edge_runtime/data/quality_thresholds.json``, written by
+``python -m studies.quality_thresholds``; ``docs/reference/quality_gate.md`` describes the gate.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from functools import lru_cache
+from importlib import resources
 
 import cv2
 import numpy as np
 
 from .contract import QualityReport
-from .errors import ConfigError, NoFundusError
+from .decision import decide_gradability
+from .errors import ConfigError, ImageError, NoFundusError
 from .preprocess import FieldOfView, detect_fov
+from .quality_model import GradabilityModel, packaged_model
 
 WORK_SIZE = 384  # field of view resized to this longer side before measuring (256 lost motion blur on Messidor-2)
+# The gate measures a photo at this shorter side (or its own, when smaller): the Screener decodes at least this,
+# so a 128-px and a 224-px model see the same pixels; a larger decode is reduced to it by a power of two.
+GATE_SIDE = 336
 _ERODE = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))  # keeps the rim's artificial edge out of every indicator
 # The directional measures also skip a rim band of ~4% of WORK_SIZE: any blur smears the black surround into the
 # field by half its length, and that radial edge (present at every angle) hid motion blur from the isotropy ratio.
@@ -44,10 +48,27 @@ PATCH_DIAMETER = 0.2  # its disc element, as a share of the field's longer side;
 # The dark-patch indicator's element: an eyelid's edge reaches >= 0.2 of the field into it, the camera's dark rim
 # crescent and the fovea are narrower.
 DARK_PATCH_DIAMETER = 0.1
-# JPEG codes 8 x 8 blocks, which a reduced decode turns into 4 x 4 (1/2 scale, the Screener's decode of raw
-# EyePACS photos); at 1/4 and 1/8 the blocks are 2 and 1 px and the grid is not measured.
+# JPEG codes 8 x 8 blocks, which a reduced decode turns into 4 x 4 (1/2 scale, the gate's view of raw EyePACS
+# photos); at 1/4 and 1/8 the blocks are 2 and 1 px and the grid is not measured.
 BLOCK_PERIODS = (4, 8)
 BLOCK_RIM = 0.03  # the blockiness skips a rim band this share of the field wide: the rim's edge steps at any phase
+
+# Not a fundus. A fundus photo is a retina seen through the camera's round field stop: a textured field whose
+# boundary away from the frame's edges (its visible arc) lies on a circle, in a dark surround. A frame without a
+# dark surround (a face, a page, an external eye photo filling the frame), a field whose arc is not round (a face
+# or a page on a dark background) or a field with no texture at all (a blank or lit-up frame) is not one.
+# ``roundness`` is the share of the arc within ARC_TOLERANCE x the radius of the circle that most of it lies on.
+ARC_TOLERANCE = 0.03
+STRAIGHT_EDGE = 0.5  # a run of boundary points along one row or column this share of the radius long is a crop
+MIN_ARC_POINTS = 24  # arc points (on the 256-px detection mask) needed to fit a circle at all
+MIN_ROUNDNESS = 0.5  # an eyelid over half the field leaves 0.61 of the arc on the circle; real fields 0.7-1.0
+# The arc is judged only in a field bright enough for its edge to stand clear of the FOV threshold: in a very dark
+# photo the edge dips under it unevenly (such a photo is judged by the exposure rules instead).
+MIN_MEAN_FOR_ARC = 40.0
+MAX_FOV_FRACTION = 0.99  # a field covering more of the frame has no dark surround (fields larger than a square
+# frame, black only in its corners, cover up to 0.97 of it)
+MIN_FIELD_RANGE = 8.0  # luminance p99 - p1 (8-bit levels) below which the field is blank (real fields: > 14)
+NOT_FUNDUS = "not a fundus photo"
 
 _LEVELS = np.arange(256, dtype=np.float32)
 # Neighbour pairs ((dy, dx) of a, (dy, dx) of b) of the 4 directional differences 0, 90, 45, 135 degrees, and the
@@ -56,42 +77,53 @@ _DIRECTIONS = (((0, 0), (0, 1), 1.0), ((0, 0), (1, 0), 1.0), ((1, 0), (0, 1), 2.
 
 # Limits on shares or ratios of like quantities, valid only in [0, 1].
 SHARE_LIMITS = frozenset({
-    "min_fov_fraction", "max_decentering", "min_wavelet_hf_ratio", "min_sharpness_isotropy", "max_underexposed",
-    "max_overexposed", "max_red_clipped", "max_bright_area", "max_dark_patch", "max_dark_area", "min_illumination_balance", "max_glare"})
+    "min_wavelet_hf_ratio", "min_sharpness_isotropy", "max_underexposed", "max_overexposed", "max_red_clipped",
+    "max_bright_area", "max_dark_patch", "max_dark_area", "min_illumination_balance", "max_glare"})
+THRESHOLDS_FILE = "data/quality_thresholds.json"
+
+
+def _packaged_thresholds() -> dict[str, float]:
+    """The limits the threshold study wrote (``edge_runtime/data/quality_thresholds.json``)."""
+    text = resources.files(__package__).joinpath(THRESHOLDS_FILE).read_text()
+    return {name: float(value) for name, value in json.loads(text)["thresholds"].items()}
+
+
+_PACKAGED = _packaged_thresholds()
 
 
 @dataclass(frozen=True)
 class QualityThresholds:
     """Limits of a gradable photo. Each failing limit adds a reason; any failure makes it ungradable.
 
-    Defaults: chosen by ``studies/quality_thresholds.py`` on val/calib photos (docs/quality_gate.md).
+    Defaults: the packaged ``data/quality_thresholds.json``, chosen by ``studies/quality_thresholds.py`` on
+    val/calib photos (docs/reference/quality_gate.md).
     """
 
-    min_fov_fraction: float = 0.434485  # share of the frame covered by the fundus
-    max_decentering: float = 0.01504  # fundus centre offset from the frame centre, as a share of the frame diagonal
-    min_mean: float = 22.176239  # mean 8-bit luminance inside the field of view
-    max_mean: float = 164.666443
-    min_std: float = 4.222386
-    min_entropy: float = 3.611907  # bits
-    min_dynamic_range: float = 14.0  # p99 - p1 luminance
-    min_laplacian_var: float = 6.941603  # focus; green channel at WORK_SIZE
-    min_tenengrad: float = 43.873808
-    min_wavelet_hf_ratio: float = 0.009501  # detail / total energy over two Haar levels
-    min_directional_sharpness: float = 0.163498  # weakest of 4 directions' edge energy / mean green^2 (x 1000)
-    min_sharpness_isotropy: float = 0.546941  # weakest direction's edge energy / strongest's (motion blur: low)
-    min_local_contrast: float = 0.008683  # RMS of green minus its blur, over mean green
-    max_dark_channel: float = 177.0  # p5 of min(B, G, R): a veil lifts it
-    max_underexposed: float = 0.035832  # share of fundus pixels darker than 15
-    max_overexposed: float = 0.590506  # share of fundus pixels brighter than 245
-    max_red_clipped: float = 0.855638  # share of fundus pixels whose red channel is >= 250
-    max_bright_area: float = 0.204966  # share of fundus pixels brighter than 190 (luminance)
-    max_pale_patch: float = 57.5  # whiteness (min of B, G, R) of the palest region wider than the optic disc, over the median
-    max_dark_patch: float = 0.869203  # how far a region wider than 0.1 x the field falls below the median luminance (share)
-    max_dark_area: float = 0.104516  # share of the field darker than 0.45 x its median luminance
-    min_illumination_balance: float = 0.026487  # darkest third's mean / brightest third's (top, bottom, left, right)
-    max_glare: float = 0.782851  # share of near-white, low-saturation pixels
-    max_noise: float = 1.4826  # robust noise sigma of the green channel (median absolute deviation of a high-pass)
-    max_blockiness: float = 2.031047  # JPEG block grid: edge strength on the grid's strongest phase / elsewhere (1: none)
+    max_decentering: float = _PACKAGED["max_decentering"]  # centre of the field's circle (fitted to its visible arc) from the frame centre, in radii
+    min_field_diameter: float = _PACKAGED["min_field_diameter"]  # the field's circle across, px of the gate's view
+    min_mean: float = _PACKAGED["min_mean"]  # mean 8-bit luminance inside the field of view
+    max_mean: float = _PACKAGED["max_mean"]
+    min_std: float = _PACKAGED["min_std"]
+    min_entropy: float = _PACKAGED["min_entropy"]  # bits
+    min_dynamic_range: float = _PACKAGED["min_dynamic_range"]  # p99 - p1 luminance
+    min_laplacian_var: float = _PACKAGED["min_laplacian_var"]  # focus; green channel at WORK_SIZE
+    min_tenengrad: float = _PACKAGED["min_tenengrad"]
+    min_wavelet_hf_ratio: float = _PACKAGED["min_wavelet_hf_ratio"]  # detail / total energy over two Haar levels
+    min_directional_sharpness: float = _PACKAGED["min_directional_sharpness"]  # weakest of 4 directions' edge energy / mean green^2 (x 1000)
+    min_sharpness_isotropy: float = _PACKAGED["min_sharpness_isotropy"]  # weakest direction's edge energy / strongest's (motion blur: low)
+    min_local_contrast: float = _PACKAGED["min_local_contrast"]  # RMS of green minus its blur, over mean green
+    max_dark_channel: float = _PACKAGED["max_dark_channel"]  # p5 of min(B, G, R): a veil lifts it
+    max_underexposed: float = _PACKAGED["max_underexposed"]  # share of fundus pixels darker than 15
+    max_overexposed: float = _PACKAGED["max_overexposed"]  # share of fundus pixels brighter than 245
+    max_red_clipped: float = _PACKAGED["max_red_clipped"]  # share of fundus pixels whose red channel is >= 250
+    max_bright_area: float = _PACKAGED["max_bright_area"]  # share of fundus pixels brighter than 190 (luminance)
+    max_pale_patch: float = _PACKAGED["max_pale_patch"]  # whiteness of the palest region wider than the optic disc, over the median
+    max_dark_patch: float = _PACKAGED["max_dark_patch"]  # how far a region wider than 0.1 x the field falls below the median luminance (share)
+    max_dark_area: float = _PACKAGED["max_dark_area"]  # share of the field darker than 0.45 x its median luminance
+    min_illumination_balance: float = _PACKAGED["min_illumination_balance"]  # darkest third's mean / brightest third's
+    max_glare: float = _PACKAGED["max_glare"]  # share of near-white, low-saturation pixels
+    max_noise: float = _PACKAGED["max_noise"]  # robust noise sigma of the green channel (MAD of a high-pass)
+    max_blockiness: float = _PACKAGED["max_blockiness"]  # JPEG block grid: steps on the grid's strongest phase / elsewhere (1: none)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -214,7 +246,7 @@ def _blockiness(bgr: np.ndarray, fov: FieldOfView) -> float:
     if green.shape[0] < 2 * max(BLOCK_PERIODS) or green.shape[1] < 2 * max(BLOCK_PERIODS) or not mask.size:
         return 1.0
     band = max(3, int(round(BLOCK_RIM * max(mask.shape))) | 1)  # eroded on the small detection mask: cheaper
-    mask = cv2.resize(cv2.erode(mask, _rect(band)), (w, h), interpolation=cv2.INTER_NEAREST)
+    mask = cv2.resize(_erode(mask, _rect(band)), (w, h), interpolation=cv2.INTER_NEAREST)
     ratios: dict[int, list[float]] = {p: [] for p in BLOCK_PERIODS}
     # vertical steps summed along each row (reduced to a column), horizontal steps along each column (to a row)
     for a, b, ma, mb, dim, offset in ((green[1:], green[:-1], mask[1:], mask[:-1], 1, y0),
@@ -249,25 +281,159 @@ def _shrink(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def field_crop(bgr: np.ndarray, fov: FieldOfView) -> tuple[np.ndarray, np.ndarray]:
-    """The field of view at ``WORK_SIZE`` (uint8 BGR) and its eroded mask (bool), from one resize each."""
+    """The field of view at ``WORK_SIZE`` or its own size when smaller (uint8 BGR) and its eroded mask (bool)."""
     crop = bgr[fov.y:fov.y + fov.h, fov.x:fov.x + fov.w]
-    scale = WORK_SIZE / max(crop.shape[:2])
+    # Never enlarged: a field smaller than WORK_SIZE in the gate's view (small in its frame, or a phone's frame
+    # reduced 8x) is measured as it is; enlarging it would blur it, and a grader judges it at its own size.
+    scale = min(1.0, WORK_SIZE / max(crop.shape[:2]))
     size = (max(8, int(round(crop.shape[1] * scale))), max(8, int(round(crop.shape[0] * scale))))
     small = _shrink(crop, size)
     s = fov.mask_scale
     mask = fov.mask[int(fov.y * s):int(np.ceil((fov.y + fov.h) * s)), int(fov.x * s):int(np.ceil((fov.x + fov.w) * s))]
     mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
-    return small, (cv2.erode(mask, _ERODE) > 0)
+    return small, (_erode(mask, _ERODE) > 0)
+
+
+def _erode(mask: np.ndarray, element: np.ndarray) -> np.ndarray:
+    """Erosion that treats the outside of the crop as background: a field whose edge is a straight chord inside
+    the frame (a camera's mask plate, an earlier crop) has that edge on the crop's border, where OpenCV's default
+    border would keep it, and its step would dominate every focus measure."""
+    return cv2.erode(mask, element, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def gate_view(bgr: np.ndarray) -> np.ndarray:
+    """The photo at the gate's scale: reduced by the largest power of two (2, 4 or 8) that keeps its shorter side
+    >= ``GATE_SIDE``, by area averaging (what a reduced JPEG decode does), or as it is. A photo the Screener
+    decoded for a model up to 224 px is already at that scale; one decoded larger for a larger model is reduced
+    to it, so the verdict does not depend on the model."""
+    k = next((f for f in (8, 4, 2) if min(bgr.shape[:2]) // f >= GATE_SIDE), 1)
+    if k == 1:
+        return bgr
+    h, w = (bgr.shape[0] // k) * k, (bgr.shape[1] // k) * k
+    return cv2.resize(bgr[:h, :w], (w // k, h // k), interpolation=cv2.INTER_AREA)
+
+
+@dataclass(frozen=True)
+class FieldCircle:
+    """The circle of the field of view, fitted to its visible arc (image pixels), and how well the arc fits it."""
+
+    center: tuple[float, float]
+    radius: float
+    roundness: float  # share of the arc's points within ARC_TOLERANCE x the radius of the circle (0: no arc)
+    coverage: float  # share of the circle's area inside the frame
+
+
+def _fit_circle(points: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares (Kasa) circle through ``points`` (n x 2): centre x, centre y, radius."""
+    x, y = points[:, 0], points[:, 1]
+    a = np.column_stack([x, y, np.ones_like(x)])
+    (p, q, c), *_ = np.linalg.lstsq(a, x * x + y * y, rcond=None)
+    cx, cy = p / 2, q / 2
+    return float(cx), float(cy), float(np.sqrt(max(c + cx * cx + cy * cy, 1e-9)))
+
+
+def _circles_through(p1: np.ndarray, p2: np.ndarray, p3: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centres (x, y) and radii of the circles through point triples (arrays n x 2); degenerate triples: radius inf."""
+    (ax, ay), (bx, by), (cx, cy) = p1.T, p2.T, p3.T
+    d = 2 * (ax * (by - cy) + bx * (cy - ay) + cx * (ay - by))
+    safe = np.where(np.abs(d) < 1e-9, np.nan, d)
+    a2, b2, c2 = ax * ax + ay * ay, bx * bx + by * by, cx * cx + cy * cy
+    ux = (a2 * (by - cy) + b2 * (cy - ay) + c2 * (ay - by)) / safe
+    uy = (a2 * (cx - bx) + b2 * (ax - cx) + c2 * (bx - ax)) / safe
+    r = np.hypot(ax - ux, ay - uy)
+    return ux, uy, np.where(np.isfinite(r), r, np.inf)
+
+
+_ARC_SAMPLES = np.random.default_rng(0).random((96, 3))  # fixed triples (as shares of the arc): a deterministic fit
+
+
+def field_circle(fov: FieldOfView, shape: tuple[int, ...]) -> FieldCircle:
+    """Fit the field's circle to its visible arc: the boundary of the field's mask away from the frame's edges.
+
+    A camera that clips the top and bottom of the field (3:2 and 4:3 sensors), a field larger than the frame, or a
+    field cut by the frame because it is off-centre all leave an arc of the true circle, so its centre and radius
+    are found whatever the frame cuts off; straight row or column edges inside the frame (an earlier crop) are
+    left out like the frame's own edges. The circle is the one through three arc points that most arc points lie
+    on (96 fixed triples, then a least-squares fit to those points), so an eyelid's edge or a clipped field's
+    chord does not pull it; ``roundness`` is the share of the arc on it.
+    """
+    s = fov.mask_scale
+    h_mask, w_mask = fov.mask.shape[:2]
+    contours, _ = cv2.findContours(fov.mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    fallback = FieldCircle(fov.center, fov.radius, 0.0, 1.0)
+    if not contours:
+        return fallback
+    points = max(contours, key=len)[:, 0, :].astype(np.float64)
+    away = ((points[:, 0] > 1) & (points[:, 0] < w_mask - 2) & (points[:, 1] > 1) & (points[:, 1] < h_mask - 2))
+    arc = points[away]
+    # A straight edge along a row or a column is a crop (an earlier square crop, letterboxing), not the field's
+    # arc: a circle's top or side spans ~2 sqrt(2 r) px of one row, a crop's edge about the radius or more.
+    columns, rows = arc[:, 0].astype(int), arc[:, 1].astype(int)
+    run = STRAIGHT_EDGE * max(h_mask, w_mask) / 2
+    arc = arc[(np.bincount(columns)[columns] < run) & (np.bincount(rows)[rows] < run)]
+    if len(arc) < MIN_ARC_POINTS:
+        return fallback
+    idx = (_ARC_SAMPLES * len(arc)).astype(int)
+    ux, uy, r = _circles_through(arc[idx[:, 0]], arc[idx[:, 1]], arc[idx[:, 2]])
+    plausible = np.isfinite(r) & (r < 2 * max(h_mask, w_mask))
+    if not plausible.any():
+        return fallback
+    ux, uy, r = ux[plausible], uy[plausible], r[plausible]
+    votes = arc[::max(1, len(arc) // 160)]  # every arc point votes in the final fit; ~160 choose the circle
+    residual = np.abs(np.hypot(votes[None, :, 0] - ux[:, None], votes[None, :, 1] - uy[:, None]) - r[:, None])
+    best = int(np.argmax((residual <= np.maximum(ARC_TOLERANCE * r[:, None], 1.0)).sum(axis=1)))
+    inliers = arc[np.abs(np.hypot(arc[:, 0] - ux[best], arc[:, 1] - uy[best]) - r[best])
+                  <= max(ARC_TOLERANCE * r[best], 1.0)]
+    cx, cy, radius = _fit_circle(inliers) if len(inliers) >= 3 else (ux[best], uy[best], r[best])
+    residual = np.abs(np.hypot(arc[:, 0] - cx, arc[:, 1] - cy) - radius)
+    roundness = float(np.mean(residual <= max(ARC_TOLERANCE * radius, 1.0)))
+    if roundness < MIN_ROUNDNESS:  # no circle to trust (a ragged edge in a very dark field): the box's geometry
+        return FieldCircle(fov.center, fov.radius, roundness, 1.0)
+    # coverage: the circle sampled on a coarse grid, the share of its samples inside the frame
+    grid = np.linspace(-1, 1, 41)
+    gx, gy = np.meshgrid(grid, grid)
+    inside = gx ** 2 + gy ** 2 <= 1
+    px, py = (cx + radius * gx[inside]) / s, (cy + radius * gy[inside]) / s
+    coverage = float(np.mean((px >= 0) & (px < shape[1]) & (py >= 0) & (py < shape[0])))
+    return FieldCircle((cx / s, cy / s), radius / s, roundness, coverage)
+
+
+def redness(bgr: np.ndarray, fov: FieldOfView) -> float:
+    """(median red - median blue) / (median red + 1) inside the field, on the detection-size copy: a fundus is red."""
+    s = fov.mask_scale
+    small = bgr if s == 1 else cv2.resize(bgr, (fov.mask.shape[1], fov.mask.shape[0]), interpolation=cv2.INTER_AREA)
+    blue = cv2.calcHist([small], [0], fov.mask, [256], [0, 256]).ravel()
+    red = cv2.calcHist([small], [2], fov.mask, [256], [0, 256]).ravel()
+    median_blue, median_red = _median_from_hist(blue), _median_from_hist(red)
+    return (median_red - median_blue) / (median_red + 1.0)
+
+
+def not_fundus_reason(metrics: dict[str, float]) -> str | None:
+    """Why the photo is not a fundus photo (no dark surround, no round field, a blank field), or None."""
+    advice = "photograph the retina through the pupil, with the camera's round field in the frame"
+    if metrics["fov_fraction"] > MAX_FOV_FRACTION:
+        return f"{NOT_FUNDUS}: the frame has no dark surround around a round field; {advice}"
+    if metrics["roundness"] < MIN_ROUNDNESS and metrics["mean"] >= MIN_MEAN_FOR_ARC:
+        return (f"{NOT_FUNDUS}: the bright region is not a round field of view (roundness {metrics['roundness']:.2f} "
+                f"vs {MIN_ROUNDNESS}); {advice}")
+    if metrics["dynamic_range"] < MIN_FIELD_RANGE:
+        return (f"{NOT_FUNDUS}: the field is blank (luminance range {metrics['dynamic_range']:.0f} levels "
+                f"vs {MIN_FIELD_RANGE:.0f}); {advice}")
+    return None
 
 
 def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str, float]:
-    """All indicators for one uint8 BGR photo. Raises NoFundusError when no field of view exists.
+    """All indicators for one uint8 BGR photo, measured on its :func:`gate_view`. Raises NoFundusError when no
+    field of view exists. ``fov``: the field found on ``bgr`` (the Screener's, found once); found again when the
+    view is a reduced copy.
 
     Everything runs on the one ``WORK_SIZE`` copy of the field, on 8-bit planes where the indicator allows (sums
     of squared differences with ``cv2.norm``, shares and percentiles from 256-bin histograms) and float32
     elsewhere; the constant kernels are made once.
     """
-    fov = fov or detect_fov(bgr)
+    view = gate_view(bgr)
+    fov = detect_fov(view) if fov is None or view is not bgr else fov
+    bgr = view
     h_img, w_img = bgr.shape[:2]
     small, inner = field_crop(bgr, fov)
     mask = inner.view(np.uint8)
@@ -289,7 +455,7 @@ def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str
                  + cv2.norm(cv2.Sobel(green, cv2.CV_16S, 0, 1), cv2.NORM_L2SQR, mask)) / n_inner
     # Edge energy along 0, 90, 45 and 135 degrees, inside the rim band; motion blur along one angle leaves the
     # others sharp. The core is eroded far from the rim, so a pixel's neighbour one step away is inside it too.
-    core = cv2.erode(mask, _RIM_BAND)
+    core = _erode(mask, _RIM_BAND)
     core = core if cv2.countNonZero(core) >= 100 else mask
     h_in, w_in = mask.shape
     energies = []
@@ -322,10 +488,14 @@ def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str
     bands = ((gray[:t_h], mask[:t_h]), (gray[h_in - t_h:], mask[h_in - t_h:]),
              (gray[:, :t_w], mask[:, :t_w]), (gray[:, w_in - t_w:], mask[:, w_in - t_w:]))
     thirds = [cv2.mean(values, mask=where)[0] for values, where in bands if cv2.countNonZero(where)]
-    diagonal = float(np.hypot(w_img, h_img))
+    circle = field_circle(fov, bgr.shape)
     return {
         "fov_fraction": float(fov.fraction),
-        "decentering": float(np.hypot(fov.center[0] - w_img / 2, fov.center[1] - h_img / 2) / diagonal),
+        "decentering": float(np.hypot(circle.center[0] - w_img / 2, circle.center[1] - h_img / 2) / circle.radius),
+        "field_diameter": 2 * circle.radius,
+        "field_coverage": circle.coverage,
+        "roundness": circle.roundness,
+        "redness": redness(bgr, fov),
         "mean": mean,
         "std": std,
         "entropy": entropy,
@@ -353,8 +523,8 @@ def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str
 
 # metric -> (threshold field, comparison, human-readable reason with the advice)
 RULES = (
-    ("fov_fraction", "min_fov_fraction", ">=", "fundus fills too little of the frame: move closer / centre the pupil"),
     ("decentering", "max_decentering", "<=", "fundus is off-centre: re-align the camera with the pupil"),
+    ("field_diameter", "min_field_diameter", ">=", "the field is too small to show detail: move closer / centre the pupil"),
     ("mean", "min_mean", ">=", "too dark: increase illumination or dilate the pupil"),
     ("mean", "max_mean", "<=", "too bright: reduce illumination"),
     ("std", "min_std", ">=", "very low contrast (haze or cataract?): clean the lens, re-capture"),
@@ -398,28 +568,61 @@ def margins(metrics: dict[str, float], thresholds: QualityThresholds) -> dict[st
     return out
 
 
-def quality_score(metrics: dict[str, float], thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> float:
-    """0-1, monotone in the worst indicator's margin: 0.5 at its limit, higher is better (the ROC's score)."""
+def quality_score(metrics: dict[str, float], thresholds: QualityThresholds = DEFAULT_THRESHOLDS,
+                  learned: tuple[float, float] | None = None) -> float:
+    """0-1, monotone in the worst margin: 0.5 at a limit, higher is better. The margins are the indicators'
+    (signed distance inside each limit, in units of the limit) and, with ``learned`` = (P(ungradable), its
+    threshold), the learned score's (threshold - P) / threshold."""
     worst = min(margins(metrics, thresholds).values())
+    if learned is not None:
+        probability, threshold = learned
+        worst = min(worst, (threshold - probability) / threshold)
     return float(np.clip(0.5 + 0.5 * np.tanh(2 * worst), 0, 1))
 
 
-def verdict(metrics: dict[str, float], thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> QualityReport:
-    """Gradable / ungradable verdict with a 0-1 score and, for each failing limit, why and what to do."""
+LEARNED = "learned gradability score"
+
+
+def verdict(metrics: dict[str, float], thresholds: QualityThresholds = DEFAULT_THRESHOLDS,
+            model: GradabilityModel | None = None) -> QualityReport:
+    """Gradable / ungradable verdict with a 0-1 score and, for each failing limit, why and what to do; with the
+    learned ``model``, its P(ungradable) in the metrics (``learned_ungradable``) and, when it fires, a reason that
+    says so (the reasons then tell which part fired: rules, the learned score, or both)."""
     reasons = []
     for metric, field_name, op, reason in RULES:
         limit, value = getattr(thresholds, field_name), metrics[metric]
         if not (value >= limit if op == ">=" else value <= limit):
             reasons.append(f"{reason} ({metric} {value:.4g} vs limit {limit:.4g})")
-    return QualityReport(not reasons, round(quality_score(metrics, thresholds), 4), tuple(reasons),
+    learned = None
+    if model is not None:
+        probability, ungradable = decide_gradability(model.logit(metrics), model.point)
+        learned = (probability, model.point.threshold)
+        metrics = {**metrics, "learned_ungradable": probability}
+        if ungradable:
+            reasons.append(f"{LEARNED}: P(ungradable) {probability:.2f} >= {model.point.threshold:.2f}, poor overall "
+                           "(focus, exposure and contrast together): clean the lens, refocus and re-capture")
+    return QualityReport(not reasons, round(quality_score(metrics, thresholds, learned), 4), tuple(reasons),
                          {k: round(v, 6) for k, v in metrics.items()})
 
 
 def assess(bgr: np.ndarray, thresholds: QualityThresholds = DEFAULT_THRESHOLDS,
-           fov: FieldOfView | None = None) -> QualityReport:
-    """Gradable / ungradable verdict with a 0-1 score and the reasons that failed."""
+           fov: FieldOfView | None = None, model: GradabilityModel | None | str = "packaged") -> QualityReport:
+    """The gate's verdict on one uint8 BGR photo: refused as not a fundus photo (score 0, one reason that starts
+    with ``NOT_FUNDUS``), or gradable / ungradable with a 0-1 score and the reasons that failed. ``model``: the
+    learned score (default: the packaged one; None: rules only)."""
     try:
         metrics = quality_metrics(bgr, fov)
-    except NoFundusError as exc:
-        return QualityReport(False, 0.0, (f"no fundus found: {exc}; centre the pupil and re-capture",), {})
-    return verdict(metrics, thresholds)
+    except ImageError as exc:
+        return QualityReport(False, 0.0, (f"{NOT_FUNDUS}: {exc}",), {})
+    refusal = not_fundus_reason(metrics)
+    if refusal is not None:
+        return QualityReport(False, 0.0, (refusal,), {k: round(v, 6) for k, v in metrics.items()})
+    return verdict(metrics, thresholds, PACKAGED_MODEL if model == "packaged" else model)
+
+
+def is_not_fundus(report: QualityReport) -> bool:
+    """The gate refused the photo as not a fundus photo (never graded)."""
+    return bool(report.reasons) and report.reasons[0].startswith(NOT_FUNDUS)
+
+
+PACKAGED_MODEL = packaged_model()

@@ -25,15 +25,16 @@ from .decision import decide
 from .errors import ImageError
 from .outbox import Outbox
 from .preprocess import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image, detect_fov, preprocess, to_bgr8
-from .quality import DEFAULT_THRESHOLDS, QualityThresholds, assess
+from .quality import DEFAULT_THRESHOLDS, GATE_SIDE, QualityThresholds, assess
 
 log = logging.getLogger(__name__)
 
 
 def decode_side(policy: PreprocessPolicy) -> int:
     """Shortest side a photo is decoded at: 1.5x the model input (INTER_AREA then still averages >= 1.5 source
-    pixels per input pixel). The quality gate's thresholds were chosen on photos decoded the same way."""
-    return math.ceil(1.5 * policy.input_size)
+    pixels per input pixel), and at least the quality gate's ``GATE_SIDE``, so every model up to 224 px gives
+    the gate the same pixels (one verdict per photo, whatever the model)."""
+    return max(math.ceil(1.5 * policy.input_size), GATE_SIDE)
 
 
 @dataclass(frozen=True)

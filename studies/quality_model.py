@@ -5,8 +5,9 @@ Data (never the test split):
 - the EyeQ-graded photos of eyepacs_full's train split (``quality_eyeq.csv``: good / usable -> gradable, reject ->
   ungradable), their code-made degradations (``benchmarks/degradations.py``, ungradable, weight
   ``DEGRADED_WEIGHT`` each) and their gradable photos framed as other cameras frame them (``REFRAMED``, gradable,
-  weight ``REFRAMED_WEIGHT`` each): what graders reject, what the rules were built for, and what a camera
-  change must not turn into a reject;
+  weight ``REFRAMED_WEIGHT`` each): what graders reject, what the rules were built for, and what a camera change
+  must not turn into a reject. ``--other`` adds other cameras' train photos as gradable (``OTHER_CAMERA_WEIGHT``;
+  tried and left off: the model then separates the cameras rather than the qualities);
 - a logistic regression (scikit-learn, L2, ``C`` picked by grouped 5-fold cross-validation on the train photos'
   graders' labels) on the standardised indicators (log of the heavy-tailed ones): numpy at run time;
 - the operating point: out-of-fold scores of the train photos plus the val and calib photos (scored by the model
@@ -14,7 +15,7 @@ Data (never the test split):
   >= ``--target`` of the graders' rejects; recorded with the share caught and the graders' gradable photos kept,
   each with a 95% Wilson interval, the n's and a fingerprint of the photos.
 
-    python -m studies.quality_model --cache /tmp/quality_measure.json --write
+    python -m studies.quality_model --cache /tmp/quality_eyepacs_train.json /tmp/quality_eyepacs_valcalib.json --write
     # --write: edge_runtime/data/quality_model.json (packaged with the runtime; the gate's learned score)
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ LINEAR = frozenset({"mean", "std", "entropy", "dynamic_range", "dark_channel", "
                     "redness", "sharpness_isotropy", "illumination_balance", "dark_patch", "fov_fraction"})
 DEGRADED_WEIGHT = 0.1  # 11 copies per photo: together about one real reject's weight per photo
 REFRAMED_WEIGHT = 0.25
+OTHER_CAMERA_WEIGHT = 0.5  # a messidor2 / mexico_dme train photo: gradable by diagnosis, not by a quality grade
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 DATA_FILE = Path(__file__).resolve().parents[1] / "edge_runtime" / MODEL_FILE
 
@@ -51,17 +53,27 @@ def _matrix(records: list[dict]) -> np.ndarray:
 
 
 def training_set(records: list[dict]) -> tuple[list[dict], np.ndarray, np.ndarray]:
-    """(records, label 1 = ungradable, weight) of the train split: graded originals, degradations, reframings."""
+    """(records, label 1 = ungradable, weight) of the train split: graded originals, their degradations and
+    reframings, and the other cameras' photos (no quality labels: diagnosed by specialists, so taken as gradable
+    at ``OTHER_CAMERA_WEIGHT``) with their reframings."""
     rows, labels, weights = [], [], []
+
+    def add(record: dict, ungradable: bool, weight: float) -> None:
+        rows.append(record), labels.append(ungradable), weights.append(weight)
+
     for r in records:
-        if r["split"] != "train" or r["quality"] is None or r["metrics"] is None:
+        if r["split"] != "train" or r["metrics"] is None:
             continue
-        if r["case"] == ORIGINAL:
-            rows.append(r), labels.append(r["quality"] == "reject"), weights.append(1.0)
+        reframed = r["case"].startswith(REFRAMED_PREFIX)
+        if r["quality"] is None:  # another camera's photo, diagnosed by specialists
+            if r["case"] == ORIGINAL or reframed:
+                add(r, False, OTHER_CAMERA_WEIGHT * (REFRAMED_WEIGHT if reframed else 1.0))
+        elif r["case"] == ORIGINAL:
+            add(r, r["quality"] == "reject", 1.0)
         elif r["case"] in DEGRADATIONS:
-            rows.append(r), labels.append(True), weights.append(DEGRADED_WEIGHT)
-        elif r["case"].startswith(REFRAMED_PREFIX) and r["quality"] != "reject":
-            rows.append(r), labels.append(False), weights.append(REFRAMED_WEIGHT)
+            add(r, True, DEGRADED_WEIGHT)
+        elif reframed and r["quality"] != "reject":
+            add(r, False, REFRAMED_WEIGHT)
     return rows, np.array(labels, int), np.array(weights)
 
 
@@ -80,8 +92,8 @@ def out_of_fold(records: list[dict], labels: np.ndarray, weights: np.ndarray, c:
     """Out-of-fold logits of the train originals (photos of one patient stay in one fold, with their copies)."""
     from sklearn.model_selection import GroupKFold
 
-    groups = np.array([r["image"].split("_")[0] for r in records])
-    originals = np.array([r["case"] == ORIGINAL for r in records])
+    groups = np.array([f'{r["dataset"]}:{r["image"].split("_")[0]}' for r in records])
+    originals = np.array([r["case"] == ORIGINAL and r["quality"] is not None for r in records])
     logits = np.full(len(records), np.nan)
     splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     for train, held in splitter.split(np.zeros(len(records)), labels, groups):
@@ -133,6 +145,9 @@ def choose_point(photos: list[dict], logits: np.ndarray, target: float) -> tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/eyepacs_full"))
+    parser.add_argument("--other", type=Path, nargs="*", default=[],
+                        help="other cameras' folders whose train photos (120 each) join as gradable: tried, off "
+                        "(the model then learns the camera: see docs/studies/2026-12-07_quality_gate_any_camera.md)")
     parser.add_argument("--target", type=float, default=0.95, help="share of the graders' rejects the gate catches")
     parser.add_argument("--cache", type=Path, nargs="+", help="measurements (JSON lists of studies.quality_thresholds."
                         "measure records); measured and stored in the first when absent")
@@ -142,6 +157,7 @@ def main() -> None:
         records = [r for p in args.cache for r in json.loads(p.read_text())]
     else:
         records = measure([args.data], ("train", "val", "calib"), labelled_only=("train",))
+        records += [r for other in args.other for r in measure([other], ("train",), limit=120, degraded=False)]
         if args.cache:
             args.cache[0].write_text(json.dumps(records))
     rows, labels, weights = training_set(records)

@@ -205,19 +205,21 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.02, help="false-reject rate of the originals allowed here")
     parser.add_argument("--folder-budget", type=float, help="false-reject rate allowed in each folder as well")
     parser.add_argument("--limit", type=int)
-    parser.add_argument("--cache", type=Path, help="reuse/store the measured indicators (JSON)")
+    parser.add_argument("--cache", type=Path, nargs="+", help="measured indicators (JSON lists of measure records, "
+                        "e.g. one per folder); measured and stored in the first when absent")
     parser.add_argument("--out", type=Path, default=Path("reports/quality_thresholds.json"))
     parser.add_argument("--write", action="store_true", help=f"write the limits to {DATA_FILE}")
     args = parser.parse_args()
-    if args.cache and args.cache.is_file():
-        records = json.loads(args.cache.read_text())
+    if args.cache and all(p.is_file() for p in args.cache):
+        records = [r for p in args.cache for r in json.loads(p.read_text())]
     else:
         records = measure(args.data, tuple(args.split), args.limit)
         if args.cache:
-            args.cache.parent.mkdir(parents=True, exist_ok=True)
-            args.cache.write_text(json.dumps(records))
+            args.cache[0].parent.mkdir(parents=True, exist_ok=True)
+            args.cache[0].write_text(json.dumps(records))
+    records = [r for r in records if r["split"] in args.split]
     thresholds, detail = choose(records, args.budget, folder_budget=args.folder_budget)
-    report = {"splits": args.split, "datasets": [d.name for d in args.data], "budget": args.budget,
+    report = {"splits": args.split, "datasets": sorted({r["dataset"] for r in records}), "budget": args.budget,
               "folder_budget": args.folder_budget,
               "thresholds": asdict(thresholds), **detail}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,192 @@
+"""The quality gate on any camera: not-a-fundus refusals, other cameras' framings, one verdict whatever the model's
+input size, the learned score's data file and decision, and the limits' data file."""
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from benchmarks.degradations import NON_FUNDUS, REFRAMINGS, degrade
+from edge_runtime.contract import OperatingPoint, PreprocessPolicy
+from edge_runtime.decision import decide_gradability
+from edge_runtime.errors import ConfigError
+from edge_runtime.preprocess import decode_image
+from edge_runtime.quality import (
+    DEFAULT_THRESHOLDS,
+    GATE_SIDE,
+    LEARNED,
+    NOT_FUNDUS,
+    THRESHOLDS_FILE,
+    QualityThresholds,
+    assess,
+    gate_view,
+    is_not_fundus,
+    quality_metrics,
+)
+from edge_runtime.quality_model import GradabilityModel, packaged_model
+from edge_runtime.screen import decode_side
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    from training.data.synthetic import generate_fundus
+
+    return generate_fundus(1, 768, np.random.default_rng(11)).image
+
+
+def screened(data: bytes, input_size: int = 224) -> np.ndarray:
+    return decode_image(data, min_side=decode_side(PreprocessPolicy(input_size=input_size)))
+
+
+# what the gate must refuse as not a fundus photo; the slit-lamp photo (a lit, roughly round eye in a dark surround)
+# and the pale disc (a round field with nothing in it but a blank of 3 levels) are checked separately below
+REFUSED = ("blank_black", "blank_grey", "blank_white", "document", "document_on_desk", "face", "face_dark_background",
+           "anterior_segment")
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_non_fundus_captures_are_refused_never_graded(name):
+    image = NON_FUNDUS[name](np.random.default_rng(3))
+    report = assess(screened(cv2.imencode(".jpg", image)[1].tobytes()))
+    assert not report.gradable and is_not_fundus(report) and report.score == 0.0, report.reasons
+    assert report.reasons[0].startswith(NOT_FUNDUS) and len(report.reasons) == 1
+
+
+@pytest.mark.parametrize("name", sorted(set(NON_FUNDUS) - set(REFUSED)))
+def test_other_non_fundus_captures_are_never_graded(name):
+    report = assess(NON_FUNDUS[name](np.random.default_rng(3)))
+    assert not report.gradable, report.reasons
+
+
+def test_a_blank_field_is_refused(photo):
+    blank = photo.copy()
+    blank[photo.max(axis=2) > 12] = (60, 90, 160)  # the field's colour, no retina in it
+    assert is_not_fundus(assess(blank))
+
+
+def test_a_square_crop_of_a_field_is_not_refused(photo):
+    """A field cropped to a square inside its circle (straight edges), then placed in a larger black frame, as
+    software letterboxes a pre-cropped photo: the straight edges are crops, not the field's arc."""
+    from edge_runtime.preprocess import detect_fov
+
+    fov = detect_fov(photo)
+    inset = int(0.08 * fov.w)
+    square = photo[fov.y + inset:fov.y + fov.h - inset, fov.x + inset:fov.x + fov.w - inset]
+    framed = cv2.copyMakeBorder(square, 150, 150, 300, 300, cv2.BORDER_CONSTANT, value=0)
+    report = assess(framed)
+    assert not is_not_fundus(report), report.reasons
+    assert report.metrics["roundness"] > 0.9
+
+
+def test_a_fundus_photo_is_not_refused(photo):
+    report = assess(photo)
+    assert not is_not_fundus(report) and report.gradable, report.reasons
+
+
+@pytest.mark.parametrize("name", sorted(REFRAMINGS))
+def test_other_cameras_framings_stay_gradable(photo, name):
+    """A 3:2 or 4:3 frame clipping the field, a small or large field, a phone's 12 MP, JPEG 50-70: still gradable."""
+    report = assess(screened(REFRAMINGS[name](photo)))
+    assert report.gradable, (name, report.reasons)
+    assert report.metrics["decentering"] < DEFAULT_THRESHOLDS.max_decentering / 2
+
+
+def test_centring_is_judged_on_the_visible_arc(photo):
+    """Clipped top and bottom (3:2): centred. Shifted so the frame cuts off a side: off-centre, with its advice."""
+    clipped = quality_metrics(screened(REFRAMINGS["clip_3x2"](photo)))
+    assert clipped["decentering"] < 0.05 and clipped["field_coverage"] < 0.95
+    shifted = assess(degrade(photo, "off_centre", np.random.default_rng(0), 0.0)[0])
+    assert shifted.metrics["decentering"] > DEFAULT_THRESHOLDS.max_decentering
+    assert any("off-centre" in r for r in shifted.reasons), shifted.reasons
+
+
+@pytest.mark.parametrize("input_size", [128, 224, 380])
+def test_one_verdict_whatever_the_model_input_size(photo, input_size):
+    """The Screener's decode differs per model; the gate's view and verdict do not (a 2048-px JPEG)."""
+    big = cv2.resize(photo, (2048, 2048), interpolation=cv2.INTER_CUBIC)
+    data = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()
+    reference = quality_metrics(screened(data, 224))
+    decoded = screened(data, input_size)
+    assert min(gate_view(decoded).shape[:2]) >= GATE_SIDE
+    metrics = quality_metrics(decoded)
+    assert assess(decoded).gradable == assess(screened(data, 224)).gradable
+    for name in ("mean", "directional_sharpness", "decentering", "field_diameter", "noise"):
+        assert metrics[name] == pytest.approx(reference[name], rel=0.1, abs=0.02), name
+
+
+def test_decode_side_never_below_the_gate_side():
+    assert decode_side(PreprocessPolicy(input_size=128)) == GATE_SIDE
+    assert decode_side(PreprocessPolicy(input_size=380)) == math.ceil(1.5 * 380)
+
+
+def test_limits_come_from_the_packaged_data_file():
+    data = json.loads((ROOT / "edge_runtime" / THRESHOLDS_FILE).read_text())
+    assert QualityThresholds(**data["thresholds"]) == DEFAULT_THRESHOLDS
+    assert '"edge_runtime" = ["data/*.json"]' in (ROOT / "pyproject.toml").read_text()
+
+
+def _toy_model(threshold: float = 0.5, dark: float = 60.0) -> GradabilityModel:
+    """P(ungradable) > 0.5 below a mean luminance of ``dark``."""
+    return GradabilityModel(("mean", "noise"), frozenset({"noise"}), np.array([dark, 0.0]), np.array([10.0, 1.0]),
+                            np.array([-4.0, 0.0]), 0.0, OperatingPoint(rule="sensitivity", target=0.95,
+                                                                       threshold=threshold), "toy")
+
+
+def test_learned_score_decides_at_its_operating_point():
+    point = OperatingPoint(rule="sensitivity", target=0.95, threshold=0.3)
+    probability, ungradable = decide_gradability(0.0, point)
+    assert probability == pytest.approx(0.5) and ungradable
+    assert not decide_gradability(-3.0, point)[1]
+
+
+def test_learned_model_round_trips_and_refuses_bad_data():
+    model = _toy_model()
+    again = GradabilityModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert again.features == model.features and np.allclose(again.coef, model.coef)
+    assert again.point.threshold == model.point.threshold
+    with pytest.raises(ConfigError, match="one entry per feature"):
+        GradabilityModel.from_dict({**model.to_dict(), "coef": [1.0]})
+    with pytest.raises(ConfigError, match="malformed"):
+        GradabilityModel.from_dict({"features": ["mean"]})
+
+
+def test_the_report_says_which_part_fired(photo):
+    """A learned score that fires adds its own reason beside the rules' (here a toy model that fires on dark)."""
+    clean_mean = quality_metrics(photo)["mean"]
+    dark = (photo * 0.6).astype(np.uint8)
+    report = assess(dark, model=_toy_model(threshold=0.5, dark=0.8 * clean_mean))
+    assert not report.gradable and any(r.startswith(LEARNED) for r in report.reasons)
+    assert "learned_ungradable" in report.metrics
+    assert not any(r.startswith(LEARNED) for r in assess(photo, model=_toy_model(0.5, 0.8 * clean_mean)).reasons)
+
+
+def test_packaged_model_is_the_gate_default(photo):
+    model = packaged_model()
+    if model is None:
+        pytest.skip("edge_runtime/data/quality_model.json not written (python -m studies.quality_model --write)")
+    assert model.point.rule == "sensitivity" and model.point.sensitivity_ci is not None
+    assert "learned_ungradable" in assess(photo).metrics
+
+
+@pytest.mark.realdata
+def test_real_photos_reframed_keep_their_verdict(shared_data):
+    """Gradable Messidor-2 test photos, reframed as a 3:2 camera and at 760 x 570 JPEG 75, are still gradable."""
+    import csv
+
+    from edge_runtime.preprocess import read_image
+
+    data = shared_data / "messidor2"
+    rows = [r for r in csv.DictReader(open(data / "labels.csv")) if r["split"] == "test"][:8]
+    kept = total = 0
+    for row in rows:
+        image = read_image(data / "images" / row["image"])
+        if not assess(screened((data / "images" / row["image"]).read_bytes())).gradable:
+            continue
+        for name in ("clip_3x2", "camera_760x570_q75"):
+            total += 1
+            kept += assess(screened(REFRAMINGS[name](image))).gradable
+    assert total >= 8 and kept >= total - 1, (kept, total)
