@@ -63,7 +63,7 @@ def perturbed_model(model, photos, labels, point, seed: int = 0, target_drop: fl
 
     def sensitivity(m) -> float:
         with torch.no_grad():
-            logits = np.concatenate([m(torch.from_numpy(photos[i:i + 32]).float())[0].numpy()
+            logits = np.concatenate([m.forward_outputs(torch.from_numpy(photos[i:i + 32]).float())[0].numpy()
                                      for i in range(0, len(photos), 32)])
         referable = is_referable(labels)
         return float(decide_batch(logits, point).referable[referable].mean())
@@ -283,7 +283,8 @@ def to_markdown(report: dict) -> str:
     lines += ["", "## Controls", "", "| control | expected | verdict | failing criteria |", "|---|---|---|---|"]
     for c in report["controls"]:
         failing = ", ".join(k for k, v in c["criteria"].items() if v and v["passed"] is False) or "-"
-        ok = "" if c["verdict"] == c["expected"] else " **(the gate is wrong here)**"
+        ok = "" if c["verdict"] == c["expected"] else " (too few photos to judge)" \
+            if c["verdict"] == "insufficient_evidence" else " **(the gate is wrong here)**"
         lines.append(f"| {c['name']} | {c['expected']} | {c['verdict']}{ok} | {failing} |")
     lines += ["", "## Test splits at the parent's operating point", "",
               "| model | folder | n (referable) | sensitivity (95% CI) | specificity (95% CI) | AUC (95% CI) |",
