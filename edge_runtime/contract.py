@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -194,7 +194,17 @@ class QuantizationInfo:
         return "; ".join(parts)
 
 
-GATE_STATUSES = ("passed", "failed", "insufficient_evidence", "not_run", "not_required")
+class GateStatus(StrEnum):
+    """The fidelity gate's verdict. A StrEnum: it compares equal to, and serialises as, its value."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    INSUFFICIENT_EVIDENCE = "insufficient_evidence"  # nothing failed, but too few photos to say it passed
+    NOT_RUN = "not_run"  # e.g. an INT8 artifact whose runtime cannot run here and has no torch graph to judge
+    NOT_REQUIRED = "not_required"  # FP32, and FP16 within its parity tolerance
+
+
+GATE_STATUSES = tuple(status.value for status in GateStatus)
 
 
 @dataclass(frozen=True)
@@ -232,7 +242,7 @@ class GateCriterion:
 class GateResult:
     """Outcome of the fidelity gate (INT8 vs FP32 of the same model) or of FP parity checks."""
 
-    status: str = "not_run"  # passed | failed | insufficient_evidence | not_run | not_required
+    status: GateStatus = GateStatus.NOT_RUN
     metrics: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
     failures: tuple[str, ...] = ()
@@ -241,6 +251,7 @@ class GateResult:
     def __post_init__(self) -> None:
         if self.status not in GATE_STATUSES:
             raise ManifestError(f"gate.status must be {'|'.join(GATE_STATUSES)}, got {self.status!r}")
+        object.__setattr__(self, "status", GateStatus(self.status))
         object.__setattr__(self, "failures", tuple(self.failures))
         object.__setattr__(self, "criteria", tuple(
             c if isinstance(c, GateCriterion) else _sub(GateCriterion, c, "gate.criteria[]") for c in self.criteria))
@@ -370,7 +381,7 @@ class ArtifactManifest:
     @property
     def ready(self) -> bool:
         """An artifact is ready for screening unless its fidelity gate failed or never ran on INT8."""
-        return self.gate.status in ("passed", "not_required")
+        return self.gate.status in (GateStatus.PASSED, GateStatus.NOT_REQUIRED)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -402,15 +413,15 @@ class ArtifactManifest:
             return cls(**kwargs)
         except ManifestError:
             raise
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise ManifestError(f"invalid manifest: {str(exc)[:300]}") from None
+        except (TypeError, ValueError) as exc:
+            raise ManifestError(f"invalid manifest: {exc}") from exc
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ArtifactManifest:
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
-            raise ManifestError(f"manifest is not valid JSON (or nested too deeply): {str(exc)[:200]}") from None
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> ArtifactManifest:

@@ -11,6 +11,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 from compression.gate import GateThresholds
 from compression.quantize import AccuracyTarget, QuantizedGraph, QuantRecipe
 from edge_runtime.backends.base import HeadOutputs
-from edge_runtime.contract import PreprocessPolicy, QuantizationInfo
+from edge_runtime.contract import GateResult, GateStatus, OperatingPoint, PreprocessPolicy, QuantizationInfo
 from edge_runtime.registry import Registry
 from training.checkpoint import CheckpointMeta
 
@@ -204,22 +205,47 @@ def pt2e_recipe(recipe: QuantRecipe, target: str) -> QuantRecipe:
     return QuantRecipe(name, activation_type="int8", weight_type="int8", target=target)
 
 
+class ExportStatus(StrEnum):
+    OK = "ok"
+    FAILED = "failed"  # the export itself failed (``error`` says why); a failed gate is ``gate``, not this
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One gated try at an artifact: the recipe as asked, then each escalation step while the INT8 gate fails."""
+
+    step: str  # "as asked", or the escalation step's label (``EscalationStep.describe``)
+    recipe: str  # the quantization recipe the try used ("-" for FP32/FP16)
+    gate: GateResult  # its verdict, with the criteria table
+
+
 @dataclass
 class ArtifactRecord:
-    """One row of artifacts/index.json."""
+    """One row of artifacts/index.json: what the export returned, so nothing re-reads manifests to report it."""
 
     format: str
     precision: str
-    status: str  # ok | failed
+    status: ExportStatus
     path: str | None = None
     sha256: str | None = None
     size_mb: float | None = None
     export_seconds: float | None = None
-    gate: str | None = None  # passed | failed | not_run | not_required
+    gate: GateStatus | None = None  # the verdict of the artifact that stands (the last attempt)
     parity: dict = field(default_factory=dict)
-    verified: str | None = None  # how it was verified
+    verified: str | None = None  # how the artifact that stands was verified
     error: str | None = None
-    failures: list[str] = field(default_factory=list)  # why the gate failed (the manifest's gate.failures)
+    failures: list[str] = field(default_factory=list)  # why its gate failed (the manifest's gate.failures)
+    attempts: list[Attempt] = field(default_factory=list)  # every gated try, in order; the last one stands
+    operating_point: OperatingPoint | None = None  # where the artifact that stands refers (its manifest's)
+
+    def __post_init__(self) -> None:
+        self.status = ExportStatus(self.status)
+        self.gate = None if self.gate is None else GateStatus(self.gate)
+
+    @property
+    def gate_result(self) -> GateResult | None:
+        """The standing artifact's gate, criteria included."""
+        return self.attempts[-1].gate if self.attempts else None
 
 
 def size_mb(path: Path) -> float:
@@ -228,7 +254,7 @@ def size_mb(path: Path) -> float:
 
 
 def write_index(out_dir: Path, records: list[ArtifactRecord], meta: CheckpointMeta) -> Path:
-    index = {"schema_version": 1, "model_name": meta.model_name, "data_fingerprint": meta.data_fingerprint,
+    index = {"schema_version": 2, "model_name": meta.model_name, "data_fingerprint": meta.data_fingerprint,
              "artifacts": [dataclasses.asdict(r) for r in records]}
     path = out_dir / "index.json"
     path.write_text(json.dumps(index, indent=2, default=float))

@@ -81,18 +81,21 @@ def export(
 
 
 def _print_gate_criteria(records) -> None:
-    """Each gated artifact's criteria: value, bound, threshold, margin; and how many more val photos are needed."""
+    """Each gated artifact's criteria (value, bound, threshold, margin) and every try the escalation made, as the
+    export returned them."""
     from compression.gate import criteria_table
-    from edge_runtime.contract import ArtifactManifest, manifest_path_for
+    from edge_runtime.contract import GateStatus
 
+    judged = (GateStatus.PASSED, GateStatus.FAILED, GateStatus.INSUFFICIENT_EVIDENCE)
     for r in records:
-        if r.status != "ok" or not r.path or r.gate not in ("passed", "failed", "insufficient_evidence"):
+        if r.status != "ok" or r.gate not in judged:
             continue
-        manifest = ArtifactManifest.from_json(manifest_path_for(r.path).read_text())
-        out_console.print(criteria_table(manifest.gate, title=f"{Path(r.path).name}: fidelity gate"))
-        out_console.print(f"operating point: {manifest.operating_point.describe()}")
-        for failure in manifest.gate.failures:
+        out_console.print(criteria_table(r.gate_result, title=f"{Path(r.path).name}: fidelity gate"))
+        out_console.print(f"operating point: {r.operating_point.describe()}")
+        for failure in r.failures:
             out_console.print(f"  - {failure}")
+        if len(r.attempts) > 1:
+            out_console.print("tries: " + "; ".join(f"{a.step} ({a.recipe}): {a.gate.status}" for a in r.attempts))
 
 
 def _print_records(records) -> None:
