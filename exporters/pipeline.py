@@ -194,11 +194,13 @@ class ExportPipeline:
         sign (`Callable[[dict], dict]`, optional): signs each sidecar manifest (``exporters.manifest.finalise_manifest``).
         reference_draws (optional): FP32's (K, n, 5) logits and (K, n) DME logits on this plan's nuisance draws of
             these val photos, computed by another pipeline (``reference_draws`` after its first gate).
+        draw_images (optional): those draws as uint8 (K, n, S, S, 3) images (another pipeline's ``draw_images``).
     """
 
     def __init__(self, inputs: ExportInputs, plan: ExportPlan, reference: Reference | None = None,
                  sign: Callable[[dict], dict] | None = None,
-                 reference_draws: tuple[np.ndarray, np.ndarray | None] | None = None) -> None:
+                 reference_draws: tuple[np.ndarray, np.ndarray | None] | None = None,
+                 draw_images: np.ndarray | None = None) -> None:
         self.inputs, self.plan, self.sign = inputs, plan, sign
         self.reference = reference or Reference.compute(inputs)
         if self.reference.val_sha1 != inputs.photos.digest("val"):
@@ -206,6 +208,8 @@ class ExportPipeline:
         self.graphs = TorchGraphs(inputs.model, inputs.photos, plan.qat)
         # FP32 on the nuisance draws of the gate set (computed on first use; pass them to share one computation)
         self.reference_draws = reference_draws
+        # The draws themselves, uint8 (K, n, S, S, 3): made once, then every candidate runs on the same images.
+        self.draw_images = draw_images
 
     def export(self, fmt: str, precision: str) -> ArtifactRecord:
         """Export one format x precision, verify, gate, escalate, write its manifest; never raises (errors
@@ -330,10 +334,17 @@ class ExportPipeline:
     def _draw_outputs(self, run: Callable[[np.ndarray], HeadOutputs]) -> tuple[np.ndarray, np.ndarray | None]:
         """(K, n, 5) logits and (K, n) DME logits (None without a DME head) of ``run`` on the nuisance draws of
         every gate photo; the draws are seeded per photo, so every model sees the same K images."""
+        from compression.noise_floor import to_rgb8
+        from edge_runtime.preprocess import normalize
+
         nuisance, val, policy = self.plan.nuisance, self.inputs.photos.val, self.inputs.policy
+        if self.draw_images is None:
+            rgb = to_rgb8(val, policy)
+            self.draw_images = np.stack([np.stack([nuisance.perturb(img, i, k) for i, img in enumerate(rgb)])
+                                         for k in range(nuisance.draws)])
         logits, dme = [], []
         for k in range(nuisance.draws):
-            out = run(nuisance.perturb_batch(val, policy, k))
+            out = run(normalize(self.draw_images[k], policy))
             logits.append(np.asarray(out.logits, float))
             if out.dme_logit is not None:
                 dme.append(np.asarray(out.dme_logit, float).reshape(-1))
