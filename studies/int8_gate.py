@@ -107,18 +107,17 @@ def gate_row(name: str, gate, extra: dict | None = None) -> dict:
             "criteria": {k: pick(k) for k in criteria}, "metrics": gate.metrics, **(extra or {})}
 
 
-def test_split_metrics(run, point, folders: list[Path], policy) -> dict:
-    """Per folder: sensitivity and specificity (95% Wilson) and AUC (95% stratified bootstrap) at ``point``."""
-    from compression.calibration import load_photos
+def test_split_metrics(run, point, batches: dict) -> dict:
+    """Per folder (``batches``: name -> its test split): sensitivity and specificity (95% Wilson) and AUC (95%
+    stratified bootstrap) at ``point``."""
     from training.metrics import auc_interval
 
     out = {}
-    for folder in folders:
-        batch = load_photos(folder, policy, "test")
+    for name, batch in batches.items():
         decisions = decide_batch(run(batch.x).logits, point)
         referable = is_referable(batch.grades)
         ss = binary_sensitivity_specificity(referable, decisions.referable)
-        out[folder.name] = {"n": len(batch.x), "n_positive": ss["n_positive"], "n_negative": ss["n_negative"],
+        out[name] = {"n": len(batch.x), "n_positive": ss["n_positive"], "n_negative": ss["n_negative"],
                             "sensitivity": ss["sensitivity"], "sensitivity_ci": list(ss["sensitivity_ci"]),
                             "specificity": ss["specificity"], "specificity_ci": list(ss["specificity_ci"]),
                             "auc": roc_auc(referable, decisions.referable_probability),
@@ -177,7 +176,8 @@ def run(checkpoint: Path, data: list[Path], out: Path, threads: int, runs: int, 
     save(report)
 
     passed: dict[str, tuple] = {}
-    for name in recipes:
+
+    def export_recipe(name: str) -> None:
         fmt, recipe = RECIPES[name]
         plan = dataclasses.replace(base_plan, formats=(fmt,), precisions=("int8",), recipe=recipe)
         pipeline = ExportPipeline(dataclasses.replace(inputs, name=f"gate_{name}"), plan, reference,
@@ -205,6 +205,10 @@ def run(checkpoint: Path, data: list[Path], out: Path, threads: int, runs: int, 
         report["formats"].append(row)
         save(report)
 
+    # The formats this CPU runs first; the controls; CoreML (judged on its torch graph, one photo at a time) last.
+    for name in [r for r in recipes if RECIPES[r][0] != "coreml"]:
+        export_recipe(name)
+
     # Controls that must fail.
     black = normalize(np.zeros((8, inputs.policy.input_size, inputs.policy.input_size, 3), np.uint8), inputs.policy)
     black_inputs = dataclasses.replace(inputs, name="control_black_frames",
@@ -226,10 +230,16 @@ def run(checkpoint: Path, data: list[Path], out: Path, threads: int, runs: int, 
     report["tables"]["control: perturbed weights"] = table_text(criteria_table(gate, "control: perturbed weights"))
     save(report)
 
+    for name in [r for r in recipes if RECIPES[r][0] == "coreml"]:
+        export_recipe(name)
+
     # Test splits, per folder, at the parent's point: FP32 and every INT8 that passed.
-    report["test"] = {"fp32": test_split_metrics(fp32_session.run_heads, point, data, inputs.policy)}
+    from compression.calibration import load_photos
+
+    tests = {folder.name: load_photos(folder, inputs.policy, "test") for folder in data}
+    report["test"] = {"fp32": test_split_metrics(fp32_session.run_heads, point, tests)}
     for name, (run_heads, _) in passed.items():
-        report["test"][name] = test_split_metrics(run_heads, point, data, inputs.policy)
+        report["test"][name] = test_split_metrics(run_heads, point, tests)
     save(report)
 
     # Latency: every artifact this CPU runs, interleaved in one run.
