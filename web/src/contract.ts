@@ -42,13 +42,21 @@ export interface Manifest {
 
 export interface QualityRule { metric: string; limit: string; op: ">=" | "<="; reason: string }
 
-export const CONTRACT = generated as {
+export const CONTRACT = generated as unknown as {
   disclaimer: string;
   grade_names: string[];
   referable_min_grade: number;
   ready_gate_statuses: string[];
   outcome_text: { ungradable: string; uncertain: string; refer: string; no_referral: string };
-  quality: { rules: QualityRule[]; thresholds: Record<string, number>; work_size: number };
+  quality: {
+    rules: QualityRule[]; thresholds: Record<string, number>; work_size: number; gate_side: number;
+    not_fundus: { text: string; max_fov_fraction: number; min_roundness: number; min_mean_for_arc: number; min_field_range: number };
+    arc: { tolerance: number; straight_edge: number; min_points: number; samples: [number, number, number][] };
+    learned: null | {
+      name: string; features: string[]; log_features: string[]; mean: number[]; scale: number[]; coef: number[];
+      intercept: number; log_offset: number; operating_point: { threshold: number; temperature: number };
+    };
+  };
 };
 
 /** ArtifactManifest.ready: screening only with a passed (or, for FP32, not required) fidelity gate. */

@@ -4,9 +4,11 @@
 import { CONTRACT } from "./contract";
 import { crop, image, Image8, pyRound, resizeArea, resizeLinear, resizeNearest, sat8 } from "./image";
 import { detectFov, FieldOfView, ImageError, morphRect } from "./preprocess";
+import { sigmoid } from "./decision";
 import type { QualityReport } from "./result";
 
-const WORK_SIZE = CONTRACT.quality.work_size;
+const Q = CONTRACT.quality;
+const WORK_SIZE = Q.work_size;
 const PATCH_SCALE = 4;
 const PATCH_DIAMETER = 0.2;
 const DARK_PATCH_DIAMETER = 0.1;
@@ -30,8 +32,8 @@ function ellipse(k: number): [number, number][] {
 }
 
 /** cv2.erode / cv2.dilate with an elliptical element, the image border ignored (a dilation is the erosion of the
- *  inverted image). */
-function morphEllipse(src: Image8, k: number, op: "erode" | "dilate"): Image8 {
+ *  inverted image); ``zeroBorder``: the outside counts as 0 (quality._erode's BORDER_CONSTANT 0). */
+function morphEllipse(src: Image8, k: number, op: "erode" | "dilate", zeroBorder = false): Image8 {
   const spans = ellipse(k), r = Math.floor(k / 2);
   const { w, h } = src;
   const inv = op === "dilate";
@@ -45,13 +47,17 @@ function morphEllipse(src: Image8, k: number, op: "erode" | "dilate"): Image8 {
       const row = y * w;
       for (let x = 0; x < w; x++) {
         let v = 255;
-        const end = Math.min(w, x + j2 - r);
-        for (let j = Math.max(0, x + j1 - r); j < end; j++) { const s = data[row + j]; if (s < v) v = s; }
+        const start = x + j1 - r, end = x + j2 - r;
+        if (zeroBorder && (start < 0 || end > w)) v = 0;
+        for (let j = Math.max(0, start); j < Math.min(w, end); j++) { const s = data[row + j]; if (s < v) v = s; }
         rowMin[row + x] = v;
       }
     }
     const dy = i - r;
     const y0 = Math.max(0, -dy), y1 = Math.min(h, h - dy);
+    if (zeroBorder) { // rows of the element that fall outside the image see the zero border
+      for (let y = 0; y < h; y++) if (y < y0 || y >= y1) out.fill(0, y * w, (y + 1) * w);
+    }
     for (let y = y0; y < y1; y++) {
       const o = y * w, s = (y + dy) * w;
       for (let x = 0; x < w; x++) if (rowMin[s + x] < out[o + x]) out[o + x] = rowMin[s + x];
@@ -181,6 +187,158 @@ function median3(img: Image8): Image8 {
   return out;
 }
 
+/** quality._erode with a rectangle: cv2.erode with the outside counted as 0. */
+function erodeRectZero(mask: Image8, k: number): Image8 {
+  const out = morphRect(mask, k, "erode");
+  const r = k >> 1;
+  for (let y = 0; y < out.h; y++) {
+    for (let x = 0; x < out.w; x++) if (y < r || y >= out.h - r || x < r || x >= out.w - r) out.data[y * out.w + x] = 0;
+  }
+  return out;
+}
+
+/** gate_view: the photo reduced by the largest of 8, 4, 2 that keeps its shorter side >= GATE_SIDE (area). */
+export function gateView(bgr: Image8): Image8 {
+  const k = [8, 4, 2].find((f) => Math.floor(Math.min(bgr.w, bgr.h) / f) >= Q.gate_side) ?? 1;
+  if (k === 1) return bgr;
+  const h = Math.floor(bgr.h / k) * k, w = Math.floor(bgr.w / k) * k;
+  return resizeArea(crop(bgr, 0, 0, w, h), w / k, h / k);
+}
+
+// cv2.findContours(RETR_EXTERNAL, CHAIN_APPROX_NONE) of the field's detection mask, which detect_fov leaves as ONE
+// 8-connected component: its outer border, followed as OpenCV's icvFetchContour follows it (from the first pixel
+// in raster order, the outside counted as 0, every step's pixel written), as [x, y] points; null for an empty mask.
+const DIRS: [number, number][] = [[1, 0], [1, -1], [0, -1], [-1, -1], [-1, 0], [-1, 1], [0, 1], [1, 1]];
+
+export function outerContour(mask: Image8): [number, number][] | null {
+  const { w, h } = mask;
+  const first = mask.data.findIndex((v) => v !== 0);
+  if (first < 0) return null;
+  const at = (x: number, y: number) => (x >= 0 && y >= 0 && x < w && y < h ? mask.data[y * w + x] : 0);
+  const x0 = first % w, y0 = Math.floor(first / w);
+  let s = 4, x1 = x0, y1 = y0;
+  do {
+    s = (s - 1) & 7;
+    x1 = x0 + DIRS[s][0]; y1 = y0 + DIRS[s][1];
+  } while (at(x1, y1) === 0 && s !== 4);
+  if (s === 4) return [[x0, y0]]; // a single pixel
+  const pts: [number, number][] = [];
+  let x3 = x0, y3 = y0;
+  for (;;) {
+    let t = s, x4 = x3, y4 = y3;
+    while (t < 15) {
+      t++;
+      x4 = x3 + DIRS[t & 7][0]; y4 = y3 + DIRS[t & 7][1];
+      if (at(x4, y4) !== 0) break;
+    }
+    t &= 7;
+    pts.push([x3, y3]);
+    if (x4 === x0 && y4 === y0 && x3 === x1 && y3 === y1) break;
+    x3 = x4; y3 = y4;
+    s = (t + 4) & 7;
+  }
+  return pts;
+}
+
+interface FieldCircle { center: [number, number]; radius: number; roundness: number; coverage: number }
+
+function fitCircle(points: [number, number][]): [number, number, number] {
+  // least squares of x^2 + y^2 = p x + q y + c (Kasa), by the normal equations
+  let sxx = 0, sxy = 0, sx = 0, syy = 0, sy = 0, n = 0, bx = 0, by = 0, b1 = 0;
+  for (const [x, y] of points) {
+    const z = x * x + y * y;
+    sxx += x * x; sxy += x * y; sx += x; syy += y * y; sy += y; n++;
+    bx += x * z; by += y * z; b1 += z;
+  }
+  const m = [[sxx, sxy, sx], [sxy, syy, sy], [sx, sy, n]], b = [bx, by, b1];
+  const det = (a: number[][]) => a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+    + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]);
+  const d = det(m);
+  const solve = (col: number) => det(m.map((row, i) => row.map((v, j) => (j === col ? b[i] : v)))) / d;
+  const p = solve(0), q = solve(1), c = solve(2);
+  const cx = p / 2, cy = q / 2;
+  return [cx, cy, Math.sqrt(Math.max(c + cx * cx + cy * cy, 1e-9))];
+}
+
+/** field_circle: the circle through the field's visible arc (see edge_runtime.quality.field_circle). */
+export function fieldCircle(fov: FieldOfView, shape: [number, number]): FieldCircle {
+  const s = fov.maskScale, hm = fov.mask.h, wm = fov.mask.w;
+  const fallback: FieldCircle = { center: fov.center, radius: fov.radius, roundness: 0, coverage: 1 };
+  const points = outerContour(fov.mask);
+  if (!points) return fallback;
+  let arc = points.filter(([x, y]) => x > 1 && x < wm - 2 && y > 1 && y < hm - 2);
+  const colCount = new Map<number, number>(), rowCount = new Map<number, number>();
+  for (const [x, y] of arc) { colCount.set(x, (colCount.get(x) ?? 0) + 1); rowCount.set(y, (rowCount.get(y) ?? 0) + 1); }
+  const run = Q.arc.straight_edge * Math.max(hm, wm) / 2;
+  arc = arc.filter(([x, y]) => colCount.get(x)! < run && rowCount.get(y)! < run);
+  if (arc.length < Q.arc.min_points) return fallback;
+  const cand: [number, number, number][] = [];
+  for (const [a, b, c] of Q.arc.samples) {
+    const [ax, ay] = arc[Math.floor(a * arc.length)], [bx, by] = arc[Math.floor(b * arc.length)];
+    const [cx, cy] = arc[Math.floor(c * arc.length)];
+    const d = 2 * (ax * (by - cy) + bx * (cy - ay) + cx * (ay - by));
+    if (Math.abs(d) < 1e-9) continue;
+    const a2 = ax * ax + ay * ay, b2 = bx * bx + by * by, c2 = cx * cx + cy * cy;
+    const ux = (a2 * (by - cy) + b2 * (cy - ay) + c2 * (ay - by)) / d;
+    const uy = (a2 * (cx - bx) + b2 * (ax - cx) + c2 * (bx - ax)) / d;
+    const r = Math.hypot(ax - ux, ay - uy);
+    if (Number.isFinite(r) && r < 2 * Math.max(hm, wm)) cand.push([ux, uy, r]);
+  }
+  if (!cand.length) return fallback;
+  const step = Math.max(1, Math.floor(arc.length / 160));
+  const votes = arc.filter((_, i) => i % step === 0);
+  let best = 0, bestCount = -1;
+  cand.forEach(([ux, uy, r], i) => {
+    const tol = Math.max(Q.arc.tolerance * r, 1);
+    let count = 0;
+    for (const [x, y] of votes) if (Math.abs(Math.hypot(x - ux, y - uy) - r) <= tol) count++;
+    if (count > bestCount) { bestCount = count; best = i; }
+  });
+  const [bx, by, br] = cand[best];
+  const inliers = arc.filter(([x, y]) => Math.abs(Math.hypot(x - bx, y - by) - br) <= Math.max(Q.arc.tolerance * br, 1));
+  const [cx, cy, radius] = inliers.length >= 3 ? fitCircle(inliers) : [bx, by, br];
+  const tol = Math.max(Q.arc.tolerance * radius, 1);
+  const roundness = arc.filter(([x, y]) => Math.abs(Math.hypot(x - cx, y - cy) - radius) <= tol).length / arc.length;
+  if (roundness < Q.not_fundus.min_roundness) return { center: fov.center, radius: fov.radius, roundness, coverage: 1 };
+  let inside = 0, total = 0;
+  for (let i = 0; i < 41; i++) {
+    for (let j = 0; j < 41; j++) {
+      const gx = -1 + (2 * j) / 40, gy = -1 + (2 * i) / 40;
+      if (gx * gx + gy * gy > 1) continue;
+      total++;
+      const px = (cx + radius * gx) / s, py = (cy + radius * gy) / s;
+      if (px >= 0 && px < shape[1] && py >= 0 && py < shape[0]) inside++;
+    }
+  }
+  return { center: [cx / s, cy / s], radius: radius / s, roundness, coverage: inside / total };
+}
+
+/** redness: (median red - median blue) / (median red + 1) inside the field, on the detection-size copy. */
+function redness(bgr: Image8, fov: FieldOfView): number {
+  const small = fov.maskScale === 1 ? bgr : resizeArea(bgr, fov.mask.w, fov.mask.h);
+  const blue = new Float64Array(256), red = new Float64Array(256);
+  for (let i = 0; i < fov.mask.data.length; i++) {
+    if (!fov.mask.data[i]) continue;
+    blue[small.data[3 * i]]++; red[small.data[3 * i + 2]]++;
+  }
+  const mb = median(blue), mr = median(red);
+  return (mr - mb) / (mr + 1);
+}
+
+/** not_fundus_reason: no dark surround, no round field, or a blank field; null for a fundus photo. */
+export function notFundusReason(m: Record<string, number>): string | null {
+  const nf = Q.not_fundus;
+  const advice = "photograph the retina through the pupil, with the camera's round field in the frame";
+  if (m.fov_fraction > nf.max_fov_fraction) return `${nf.text}: the frame has no dark surround around a round field; ${advice}`;
+  if (m.roundness < nf.min_roundness && m.mean >= nf.min_mean_for_arc) {
+    return `${nf.text}: the bright region is not a round field of view (roundness ${m.roundness.toFixed(2)} vs ${nf.min_roundness}); ${advice}`;
+  }
+  if (m.dynamic_range < nf.min_field_range) {
+    return `${nf.text}: the field is blank (luminance range ${m.dynamic_range.toFixed(0)} levels vs ${nf.min_field_range.toFixed(0)}); ${advice}`;
+  }
+  return null;
+}
+
 // ---- the gate ----
 
 /** _shrink: an integer-factor area average first when shrinking by 2x or more, then linear. */
@@ -203,11 +361,11 @@ function fovMaskRegion(fov: FieldOfView, x0: number, y0: number, w: number, h: n
 /** field_crop: the field of view at WORK_SIZE and its eroded mask. */
 export function fieldCrop(bgr: Image8, fov: FieldOfView): { small: Image8; inner: Uint8Array } {
   const region = crop(bgr, fov.x, fov.y, fov.w, fov.h);
-  const scale = WORK_SIZE / Math.max(region.w, region.h);
+  const scale = Math.min(1, WORK_SIZE / Math.max(region.w, region.h)); // never enlarged
   const sw = Math.max(8, pyRound(region.w * scale)), sh = Math.max(8, pyRound(region.h * scale));
   const small = shrink(region, sw, sh);
   const mask = resizeNearest(fovMaskRegion(fov, fov.x, fov.y, fov.w, fov.h), sw, sh);
-  const eroded = morphEllipse(mask, 9, "erode");
+  const eroded = morphEllipse(mask, 9, "erode", true);
   return { small, inner: Uint8Array.from(eroded.data, (v) => (v > 0 ? 1 : 0)) };
 }
 
@@ -262,7 +420,7 @@ function blockiness(bgr: Image8, fov: FieldOfView): number {
   const maxPeriod = Math.max(...BLOCK_PERIODS);
   if (green.h < 2 * maxPeriod || green.w < 2 * maxPeriod || !mask.data.length) return 1;
   const band = Math.max(3, pyRound(BLOCK_RIM * Math.max(mask.w, mask.h)) | 1);
-  mask = resizeNearest(morphRect(mask, band, "erode"), w, h);
+  mask = resizeNearest(erodeRectZero(mask, band), w, h);
   const ratios: Record<number, number[]> = {};
   for (const p of BLOCK_PERIODS) ratios[p] = [];
   for (const vertical of [true, false]) {
@@ -295,8 +453,9 @@ function blockiness(bgr: Image8, fov: FieldOfView): number {
 }
 
 /** quality_metrics: every indicator of one photo (NoFundusError when there is no field of view). */
-export function qualityMetrics(bgr: Image8, fov?: FieldOfView): Record<string, number> {
-  fov ??= detectFov(bgr);
+export function qualityMetrics(photo: Image8, fov?: FieldOfView | null): Record<string, number> {
+  const bgr = gateView(photo);
+  fov = fov && bgr === photo ? fov : detectFov(bgr);
   const { small, inner: mask } = fieldCrop(bgr, fov);
   let nInner = 0;
   for (const v of mask) nInner += v;
@@ -328,7 +487,7 @@ export function qualityMetrics(bgr: Image8, fov?: FieldOfView): Record<string, n
   const tenengrad = ten / nInner;
 
   const maskImg = image(small.w, small.h, 1, mask);
-  let core = morphRect(maskImg, 31, "erode").data;
+  let core = erodeRectZero(maskImg, 31).data;
   if (core.reduce((a, b) => a + (b ? 1 : 0), 0) < 100) core = mask;
   const W = small.w, H = small.h;
   const directions: [[number, number], [number, number], number][] = [
@@ -390,9 +549,14 @@ export function qualityMetrics(bgr: Image8, fov?: FieldOfView): Record<string, n
   const darkArea = lumHist.slice(0, Math.ceil(0.45 * lumMedian)).reduce((a, b) => a + b, 0);
   const brightArea = lumHist.slice(191).reduce((a, b) => a + b, 0);
   const [wImg, hImg] = [bgr.w, bgr.h];
+  const circle = fieldCircle(fov, [hImg, wImg]);
   return {
     fov_fraction: fov.fraction,
-    decentering: Math.hypot(fov.center[0] - wImg / 2, fov.center[1] - hImg / 2) / Math.hypot(wImg, hImg),
+    decentering: Math.hypot(circle.center[0] - wImg / 2, circle.center[1] - hImg / 2) / circle.radius,
+    field_diameter: 2 * circle.radius,
+    field_coverage: circle.coverage,
+    roundness: circle.roundness,
+    redness: redness(bgr, fov),
     mean: stats.mean,
     std: stats.std,
     entropy: stats.entropy,
@@ -429,9 +593,21 @@ export function formatG4(x: number): string {
   return strip(x.toFixed(3 - exp));
 }
 
-/** verdict(): the rules and thresholds are Python's own (contract.generated.json). */
+/** The learned gradability score (quality_model.GradabilityModel.logit), with its P(ungradable) at its point. */
+function learned(metrics: Record<string, number>): { probability: number; threshold: number } | null {
+  const model = Q.learned;
+  if (!model) return null;
+  let logit = model.intercept;
+  model.features.forEach((f, i) => {
+    const v = model.log_features.includes(f) ? Math.log(Math.max(metrics[f], 0) + model.log_offset) : metrics[f];
+    logit += ((v - model.mean[i]) / model.scale[i]) * model.coef[i];
+  });
+  return { probability: sigmoid(logit, model.operating_point.temperature), threshold: model.operating_point.threshold };
+}
+
+/** verdict(): the rules, thresholds and learned model are Python's own (contract.generated.json). */
 export function verdict(metrics: Record<string, number>): QualityReport {
-  const { rules, thresholds } = CONTRACT.quality;
+  const { rules, thresholds } = Q;
   const reasons: string[] = [];
   let worst = Infinity;
   for (const rule of rules) {
@@ -440,19 +616,33 @@ export function verdict(metrics: Record<string, number>): QualityReport {
     if (!ok) reasons.push(`${rule.reason} (${rule.metric} ${formatG4(value)} vs limit ${formatG4(limit)})`);
     worst = Math.min(worst, ((rule.op === ">=" ? value - limit : limit - value)) / (Math.abs(limit) + 1e-9));
   }
-  const score = Math.min(1, Math.max(0, 0.5 + 0.5 * Math.tanh(2 * worst)));
-  const rounded: Record<string, number> = {};
-  for (const [k, v] of Object.entries(metrics)) rounded[k] = Number(v.toFixed(6));
-  return { gradable: reasons.length === 0, score: Number(score.toFixed(4)), reasons, metrics: rounded };
+  const score = learned(metrics);
+  const all = { ...metrics };
+  if (score) {
+    all.learned_ungradable = score.probability;
+    worst = Math.min(worst, (score.threshold - score.probability) / score.threshold);
+    if (score.probability >= score.threshold) {
+      reasons.push(`${Q.learned!.name}: P(ungradable) ${score.probability.toFixed(2)} >= ${score.threshold.toFixed(2)}, poor overall `
+                   + "(focus, exposure and contrast together): clean the lens, refocus and re-capture");
+    }
+  }
+  return { gradable: reasons.length === 0, score: round4(Math.min(1, Math.max(0, 0.5 + 0.5 * Math.tanh(2 * worst)))),
+           reasons, metrics: round6All(all) };
 }
 
-/** assess(): the verdict, or "no fundus found" as an ungradable verdict. */
+const round4 = (x: number) => Number(x.toFixed(4));
+const round6All = (m: Record<string, number>) => Object.fromEntries(Object.entries(m).map(([k, v]) => [k, Number(v.toFixed(6))]));
+
+/** assess(): not a fundus photo (score 0, one reason), or the verdict with the learned score. */
 export function assess(bgr: Image8, fov?: FieldOfView | null): QualityReport {
+  let metrics: Record<string, number>;
   try {
-    if (!fov) fov = detectFov(bgr);
-    return verdict(qualityMetrics(bgr, fov));
+    metrics = qualityMetrics(bgr, fov);
   } catch (err) {
     if (!(err instanceof ImageError)) throw err;
-    return { gradable: false, score: 0, reasons: [`no fundus found: ${err.message}; centre the pupil and re-capture`], metrics: {} };
+    return { gradable: false, score: 0, reasons: [`${Q.not_fundus.text}: ${err.message}`], metrics: {} };
   }
+  const refusal = notFundusReason(metrics);
+  if (refusal) return { gradable: false, score: 0, reasons: [refusal], metrics: round6All(metrics) };
+  return verdict(metrics);
 }

@@ -1,7 +1,7 @@
 // One screening step, as edge_runtime.screen.Screener._screen does it: decode -> field of view -> quality gate ->
 // preprocess -> infer -> decide -> CAM -> outbox (committed) -> shown. An ungradable photo is stored too.
 import { bgrFromRgba, Image8, resizeArea } from "./image";
-import type { PreprocessPolicy } from "./contract";
+import { CONTRACT, PreprocessPolicy } from "./contract";
 import { decide, Decision } from "./decision";
 import { detectFov, FieldOfView, ImageError, preprocess, Preprocessed, toOriginal } from "./preprocess";
 import { assess } from "./quality";
@@ -17,9 +17,10 @@ export interface Visit { encounterId: string | null; eye: "left" | "right" | nul
 
 export interface Screening { result: ScreeningResult; overlay: Blob | null; decision: Decision | null }
 
-/** decode_side: the shorter side a photo is decoded at, 1.5x the model input (edge_runtime.screen). */
+/** decode_side: the shorter side a photo is decoded at: 1.5x the model input, and at least the quality gate's
+ *  GATE_SIDE (edge_runtime.screen). */
 export function decodeSide(policy: PreprocessPolicy): number {
-  return Math.ceil(1.5 * policy.input_size);
+  return Math.max(Math.ceil(1.5 * policy.input_size), CONTRACT.quality.gate_side);
 }
 
 /** jpeg_reduction: the largest of 8, 4, 2 that keeps the shorter side >= ``minSide`` (1 when none does). */
