@@ -5,7 +5,7 @@
 Starts a real uvicorn server (one worker, so its memory is one process's) on 127.0.0.1 with a tiny teacher trained
 here in seconds (so /v1/predict reaches the decoder), then sends, each case ``--concurrent`` times at once:
 small files that declare 20000 x 20000 pixels (TIFF, Radiance HDR, JPEG with an FF fill byte before its SOF,
-PNG) to /v1/predict and as synced images, and a real 4000 x 3000 JPEG while /health is polled. Then 12 connections
+PNG, PFM) and a GIF to /v1/predict and as synced images, and a real 4000 x 3000 JPEG while /health is polled. Then 12 connections
 without a valid token that announce 24 MB, send 1 MB and stall, and 12 that send 1 KB of a 5 KB body and stall.
 For each case: HTTP statuses, latency (p50, max) and the worker's peak RSS above its idle RSS (sampled every 10 ms).
 Prints a table and writes reports/hostile_load.json. Talks to 127.0.0.1 only.
@@ -28,7 +28,6 @@ from pathlib import Path
 import cv2
 import httpx
 import numpy as np
-import psutil
 
 from companion_api.core.config import Settings
 from companion_api.core.db import make_engine, make_sessionmaker, run_migrations
@@ -38,7 +37,9 @@ from edge_runtime.sync import wait_until_healthy
 from .sync_load import _cpu_flags
 
 
-def _bombs() -> dict[str, bytes]:
+def bomb_files() -> dict[str, bytes]:
+    """Small files that declare 20000 x 20000 pixels, in the formats the hostile re-test used and two more OpenCV
+    decodes (GIF, PFM); the JPEG hides its size behind an FF fill byte before its SOF marker."""
     import io
     import struct
     import zlib
@@ -50,6 +51,8 @@ def _bombs() -> dict[str, bytes]:
     jpeg = bytearray(cv2.imencode(".jpg", np.zeros((16, 16, 3), np.uint8))[1].tobytes())
     sof = jpeg.index(b"\xff\xc0")
     jpeg[sof + 5:sof + 9] = struct.pack(">HH", 20000, 20000)
+    gif = io.BytesIO()
+    Image.new("L", (16, 16)).save(gif, format="GIF")
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -57,8 +60,8 @@ def _bombs() -> dict[str, bytes]:
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(b"\x00" * 20001 * 64)) + chunk(b"IEND", b""))
     hdr = b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 20000 +X 20000\n" + b"\x00" * 4 * 20000 * 8
-    return {"TIFF 20000x20000": tiff.getvalue(), "HDR 20000x20000": hdr,
-            "JPEG FF-fill 20000x20000": bytes(jpeg[:sof]) + b"\xff" + bytes(jpeg[sof:]), "PNG 20000x20000": png}
+    return {"tiff": tiff.getvalue(), "hdr": hdr, "jpeg_ff_fill": bytes(jpeg[:sof]) + b"\xff" + bytes(jpeg[sof:]),
+            "png": png, "gif": gif.getvalue(), "pfm": b"PF\n20000 20000\n-1.0\n" + b"\x00" * 4096}
 
 
 def _teacher(folder: Path) -> str:
@@ -66,7 +69,7 @@ def _teacher(folder: Path) -> str:
     from training.data.synthetic import write_synthetic_dataset
     from training.train import fit
 
-    data = write_synthetic_dataset(folder / "synthetic", n_per_grade=4, size=128, seed=3)
+    data = write_synthetic_dataset(folder / "synthetic", n_per_grade=12, size=160, seed=3)  # as the test fixture
     cfg = TrainConfig(model="test_dr_tiny", data=(str(data),), pretrained=False, input_size=64, epochs=1,
                       batch_size=8, out=str(folder / "run"), cache_dir=str(folder / "cache"))
     return str(fit(cfg, progress=False).best_checkpoint)
@@ -76,6 +79,8 @@ class _PeakRss:
     """Samples a process's RSS every 10 ms while active."""
 
     def __init__(self, pid: int):
+        import psutil  # the benchmark's own need (not the test that borrows bomb_files)
+
         self.process, self.peak, self.running = psutil.Process(pid), 0, False
 
     def rss(self) -> int:
@@ -161,7 +166,10 @@ def main() -> None:
                     status = r.json()["items"][0]["status"] if r.status_code == 200 else r.status_code
                     return status, time.perf_counter() - t0
 
-                for name, data in _bombs().items():
+                names = {"tiff": "TIFF", "hdr": "HDR", "jpeg_ff_fill": "JPEG FF-fill", "png": "PNG", "gif": "GIF",
+                         "pfm": "PFM"}
+                for kind, data in bomb_files().items():
+                    name = f"{names[kind]} {'16x16' if kind == 'gif' else '20000x20000'}"
                     for route, send in (("/v1/predict", predict), ("/v1/sync image", synced)):
                         with _PeakRss(server.pid) as peak, ThreadPoolExecutor(args.concurrent) as pool:
                             answers = list(pool.map(send, [data] * args.concurrent))

@@ -359,6 +359,19 @@ def _after(columns, at: datetime, device: str, key: str, same_device: bool):
     return tuple_(at_column, device_column, key_column) < tuple_(at_value, literal(device), literal(key))
 
 
+def _keyset_page(session: Session, query, columns, key_pattern: str, limit: int, cursor: str | None,
+                 same_device: bool) -> tuple[list, str | None]:
+    """``limit`` rows of ``query`` after ``cursor`` in descending (at, device, key) order, and the next cursor
+    (None on the last page): one more row than the page is read to know whether another page exists."""
+    if cursor is not None:
+        query = query.where(_after(columns, *decode_cursor(cursor, key_pattern), same_device=same_device))
+    rows = session.scalars(query.order_by(*(c.desc() for c in columns)).limit(limit + 1)).all()
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    return rows, encode_cursor(*(getattr(rows[-1], c.key) for c in columns))
+
+
 def query_results(*, session: Session, device: str | None, grade: int | None, referable: bool | None,
                   since: datetime | None, until: datetime | None, limit: int, dme: bool | None = None,
                   cursor: str | None = None) -> tuple[list[Result], str | None]:
@@ -369,13 +382,8 @@ def query_results(*, session: Session, device: str | None, grade: int | None, re
     """
     query = _filtered(select(Result), device=device, grade=grade, referable=referable, since=since, until=until,
                       dme=dme)
-    columns = (Result.captured_at, Result.device, Result.result_id)
-    if cursor is not None:
-        query = query.where(_after(columns, *decode_cursor(cursor, RESULT_ID), same_device=device is not None))
-    rows = session.scalars(query.order_by(*(c.desc() for c in columns)).limit(limit + 1)).all()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, encode_cursor(rows[-1].captured_at, rows[-1].device, rows[-1].result_id) if more else None
+    return _keyset_page(session, query, (Result.captured_at, Result.device, Result.result_id), RESULT_ID, limit,
+                        cursor, same_device=device is not None)
 
 
 def query_encounters(*, session: Session, device: str | None, since: datetime | None, until: datetime | None,
@@ -389,12 +397,9 @@ def query_encounters(*, session: Session, device: str | None, since: datetime | 
         query = query.where(Encounter.last_captured_at >= since)
     if until is not None:
         query = query.where(Encounter.last_captured_at <= until)
-    columns = (Encounter.last_captured_at, Encounter.device, Encounter.encounter_id)
-    if cursor is not None:
-        query = query.where(_after(columns, *decode_cursor(cursor, SAFE_ID), same_device=device is not None))
-    visits = session.scalars(query.order_by(*(c.desc() for c in columns)).limit(limit + 1)).all()
-    more = len(visits) > limit
-    visits = visits[:limit]
+    visits, next_cursor = _keyset_page(session, query, (Encounter.last_captured_at, Encounter.device,
+                                                        Encounter.encounter_id), SAFE_ID, limit, cursor,
+                                       same_device=device is not None)
     pairs = [(v.device, v.encounter_id) for v in visits]
     rows = session.scalars(select(Result).where(tuple_(Result.device, Result.encounter_id).in_(pairs))).all() if pairs else []
     grouped: dict[tuple[str, str], list[Result]] = {pair: [] for pair in pairs}
@@ -409,5 +414,4 @@ def query_encounters(*, session: Session, device: str | None, since: datetime | 
         out.append(EncounterPublic(device=dev, encounter_id=encounter, decision=decision.decision, reason=decision.reason,
                                    left=eyes.get("left"), right=eyes.get("right"), results=list(public.values()),
                                    disclaimer=SCREENING_DISCLAIMER))
-    last = visits[-1] if visits else None
-    return out, encode_cursor(last.last_captured_at, last.device, last.encounter_id) if more else None
+    return out, next_cursor

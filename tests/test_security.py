@@ -711,44 +711,6 @@ def test_migration_0002_keeps_results_and_insights(kind, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Round two: an independent hostile re-test of the fixed server.
 
-def _png_header(width: int, height: int) -> bytes:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 4096)) + chunk(b"IEND", b""))
-
-
-def _bombs() -> dict[str, bytes]:
-    """Small files that declare (or decode to) 20000 x 20000 pixels, in the formats the probe used."""
-    import io
-    import struct
-
-    import cv2
-    import numpy as np
-    from PIL import Image
-
-    tiff = io.BytesIO()
-    Image.new("L", (64, 64)).save(tiff, format="TIFF", tiffinfo={256: 20000, 257: 20000})
-    jpeg = bytearray(cv2.imencode(".jpg", np.zeros((16, 16, 3), np.uint8))[1].tobytes())
-    sof = jpeg.index(b"\xff\xc0")
-    jpeg[sof + 5:sof + 9] = struct.pack(">HH", 20000, 20000)
-    gif = io.BytesIO()
-    Image.new("L", (16, 16)).save(gif, format="GIF")
-    return {
-        "tiff": tiff.getvalue(),
-        "hdr": b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 20000 +X 20000\n" + b"\x00" * 4096,
-        # An FF fill byte before the SOF marker defeated the hand-written JPEG header parser.
-        "jpeg_ff_fill": bytes(jpeg[:sof]) + b"\xff" + bytes(jpeg[sof:]),
-        "png": _png_header(20000, 20000),
-        "gif": gif.getvalue(),
-        "pfm": b"PF\n20000 20000\n-1.0\n" + b"\x00" * 4096,
-    }
-
-
 @pytest.mark.parametrize("kind", ["tiff", "hdr", "jpeg_ff_fill", "png", "gif", "pfm"])
 def test_high_decode_bombs_are_refused_from_the_header_before_any_decode(tmp_path, monkeypatch, tiny_run, kind):
     """Re-test: a 1.2 MB 20000x20000 TIFF took the server from 0.16 to 2.6 GB per /v1/predict (HDR: 4.7 GB), and an
@@ -761,7 +723,9 @@ def test_high_decode_bombs_are_refused_from_the_header_before_any_decode(tmp_pat
     decoded = []
     real = cv2.imdecode
     monkeypatch.setattr(cv2, "imdecode", lambda *a: decoded.append(1) or real(*a))
-    data = _bombs()[kind]
+    from benchmarks.hostile_load import bomb_files
+
+    data = bomb_files()[kind]
     app, tokens = make_server(f"sqlite:///{tmp_path / 's.db'}", tmp_path, TEACHER_CHECKPOINT=str(tiny_run.best_checkpoint))
     with TestClient(app) as client:
         r = client.post("/v1/predict", files={"file": ("x.img", data, "application/octet-stream")},
