@@ -1,6 +1,7 @@
 // The screening app: setup (device token, pinned publisher key, verified model), the visit flow for both eyes,
 // results from the outbox, and background sync. Every result is committed to the outbox before it is shown.
 import { CONTRACT } from "./contract";
+import { referralReason } from "./decision";
 import { downloadModel, Keyring, ReleaseState, storedModel } from "./model";
 import * as outbox from "./outbox";
 import { encounterDecision, ScreeningResult } from "./result";
@@ -44,9 +45,8 @@ function actionText(r: ScreeningResult): { text: string; css: string } {
   if (r.outcome === "ungradable") return { text: t.ungradable, css: "ungradable" };
   if (r.outcome === "uncertain") return { text: t.uncertain, css: "uncertain" };
   if (r.referable) {
-    const why = [r.referable_probability !== null && r.threshold !== null && r.referable_probability >= r.threshold ? "referable DR" : null,
-                 r.dme_present ? "DME present" : null].filter(Boolean).join(" and ");
-    return { text: `${t.refer} (${why})`, css: "refer" };
+    const drReferable = r.referable_probability !== null && r.threshold !== null && r.referable_probability >= r.threshold;
+    return { text: `${t.refer} (${referralReason(r.outcome, drReferable, r.dme_present ?? null)})`, css: "refer" };
   }
   return { text: t.no_referral, css: "no_referral" };
 }
