@@ -945,3 +945,35 @@ def test_low4_a_fast_device_clock_is_recorded_not_rejected(server):
     assert row["result"]["captured_at"] == fast.to_dict()["captured_at"]  # the device's claim is kept as sent
     newest = client.get("/v1/history?limit=1", headers=auth(tokens["rev"])).json()["data"][0]
     assert newest["result_id"] == fast.result_id
+
+
+def test_medium7_serve_takes_a_trusted_proxy(tmp_path):
+    """Re-test: `serve` had no trusted-proxy option (and uvicorn believed X-Forwarded-For from any local peer)."""
+    import os
+    import socket
+
+    import httpx
+
+    from edge_runtime.sync import wait_until_healthy
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RETINAEDGE_DATABASE_URL": f"sqlite:///{tmp_path / 's.db'}", "RETINAEDGE_AUTH_FAILURE_LIMIT": "3/minute"}
+    base = f"http://127.0.0.1:{port}"
+
+    def guesses(*extra: str) -> list[int]:
+        server = subprocess.Popen([sys.executable, "-m", "retinaedge.cli", "serve", "--port", str(port), *extra],
+                                  env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until_healthy(base, timeout=60)
+            codes = [httpx.get(f"{base}/v1/history", headers=auth(f"red_{i}") | {"X-Forwarded-For": "203.0.113.7"}).status_code
+                     for i in range(4)]
+            return codes + [httpx.get(f"{base}/v1/history",
+                                      headers=auth("red_x") | {"X-Forwarded-For": "203.0.113.8"}).status_code]
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+    assert guesses("--trusted-proxy", "127.0.0.1") == [401, 401, 401, 429, 401]  # per forwarded client
+    assert guesses() == [401, 401, 401, 429, 429]  # without the option the header is not believed

@@ -9,9 +9,18 @@ from retinaedge.cli._common import fail
 
 
 @app.command()
-def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000), workers: int = typer.Option(1)):
+def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000), workers: int = typer.Option(1),
+          trusted_proxy: list[str] = typer.Option(
+              [], "--trusted-proxy", help="A reverse proxy (IP or network) whose X-Forwarded-For is believed, so failed "
+              "sign-ins count per client; repeat for several. Default: none (RETINAEDGE_TRUSTED_PROXIES).")):
     """Run the companion API (migrations are applied at start). Settings from RETINAEDGE_* / .env."""
+    import json
+    import os
+
     import uvicorn
+
+    if trusted_proxy:  # the workers read their settings from the environment
+        os.environ["RETINAEDGE_TRUSTED_PROXIES"] = json.dumps(trusted_proxy)
 
     from companion_api.core.config import Settings
     from companion_api.core.db import run_migrations
@@ -20,7 +29,9 @@ def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
     run_migrations(settings.DATABASE_URL)
     if workers > 1 and settings.is_sqlite:
         console.print("[yellow]several workers on SQLite serialise on one file; use PostgreSQL for scale-out[/yellow]")
-    uvicorn.run("companion_api.asgi:app", host=host, port=port, workers=workers, log_level="info")
+    # proxy_headers off: forwarded addresses are believed only from TRUSTED_PROXIES (companion_api.main), never from
+    # uvicorn's default of any local peer.
+    uvicorn.run("companion_api.asgi:app", host=host, port=port, workers=workers, log_level="info", proxy_headers=False)
 
 
 def _admin_session():
