@@ -405,13 +405,30 @@ def query_encounters(*, session: Session, device: str | None, since: datetime | 
     grouped: dict[tuple[str, str], list[Result]] = {pair: [] for pair in pairs}
     for row in rows:
         grouped[(row.device, row.encounter_id)].append(row)
+    visit_rows = {(v.device, v.encounter_id): v for v in visits}
     out = []
     for (dev, encounter), members in grouped.items():
         decision = encounter_decision(members)
         members.sort(key=lambda r: (r.captured_at, r.result_id), reverse=True)
         public = {r.result_id: to_public(r) for r in members}  # each payload parsed once
         eyes = {eye: public[row.result_id] for eye, row in decision.eyes.items()}
-        out.append(EncounterPublic(device=dev, encounter_id=encounter, decision=decision.decision, reason=decision.reason,
-                                   left=eyes.get("left"), right=eyes.get("right"), results=list(public.values()),
-                                   disclaimer=SCREENING_DISCLAIMER))
+        visit = visit_rows[(dev, encounter)]
+        final, reason = decision.decision, decision.reason
+        if visit.override_decision is not None:
+            final, reason = visit.override_decision, f"clinician {visit.override_by}: {visit.override_reason}"
+        out.append(EncounterPublic(device=dev, encounter_id=encounter, decision=final, reason=reason,
+                                   automatic_decision=decision.decision, automatic_reason=decision.reason,
+                                   decided_by=visit.override_by, left=eyes.get("left"), right=eyes.get("right"),
+                                   results=list(public.values()), disclaimer=SCREENING_DISCLAIMER))
     return out, next_cursor
+
+
+def override_encounter(*, session: Session, device: str, encounter_id: str, decision: str, reason: str,
+                       clinician: str) -> bool:
+    """Record a clinician's decision for a visit; False when the visit does not exist."""
+    visit = session.get(Encounter, (device, encounter_id))
+    if visit is None:
+        return False
+    visit.override_decision, visit.override_reason = decision, reason
+    visit.override_by, visit.override_at = clinician, datetime.now(timezone.utc)
+    return True

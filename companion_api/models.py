@@ -113,6 +113,11 @@ class Encounter(Base):
     encounter_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_captured_at: Mapped[datetime] = mapped_column(UTCDateTime)
     captures: Mapped[int] = mapped_column(Integer)
+    # A clinician's decision for the visit (migration 0006): it replaces the automatic one, which stays shown.
+    override_decision: Mapped[str | None] = mapped_column(String(16), nullable=True)  # refer | no_referral
+    override_reason: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    override_by: Mapped[str | None] = mapped_column(String(120), nullable=True)
+    override_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Insight(Base):

@@ -63,8 +63,11 @@ class EncounterPublic(BaseModel):
 
     device: str
     encounter_id: str
-    decision: Literal["refer", "no_referral", "incomplete"]
+    decision: Literal["refer", "no_referral", "incomplete"]  # a clinician's override when there is one
     reason: str
+    automatic_decision: Literal["refer", "no_referral", "incomplete"]  # the visit rule's (wire.encounter_decision)
+    automatic_reason: str
+    decided_by: str | None = None  # the clinician who overrode the automatic decision; None: not overridden
     left: ResultPublic | None
     right: ResultPublic | None
     results: list[ResultPublic]  # every capture of the visit (at most MAX_CAPTURES_PER_ENCOUNTER), newest first
@@ -130,3 +133,12 @@ class ModelPublic(BaseModel):
     uploaded_at: datetime
     size_bytes: int | None  # devices refuse a download longer than this
     sequence: int | None  # the signed release sequence (None: an unsigned development upload)
+
+
+class EncounterOverride(BaseModel):
+    """A clinician's decision for one visit, replacing the automatic one (which stays shown beside it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decision: Literal["refer", "no_referral"]
+    reason: str = Field(min_length=3, max_length=500, pattern=r"^[^\x00-\x1f\x7f]+$")

@@ -977,3 +977,31 @@ def test_medium7_serve_takes_a_trusted_proxy(tmp_path):
 
     assert guesses("--trusted-proxy", "127.0.0.1") == [401, 401, 401, 429, 401]  # per forwarded client
     assert guesses() == [401, 401, 401, 429, 429]  # without the option the header is not believed
+
+
+def test_low2_a_clinician_may_override_a_visit_and_the_automatic_decision_stays_shown(server):
+    """Re-test: a later clean retake overrode an earlier grade-4 capture. Every gradable capture now counts, and only
+    a clinician (a reviewer) changes the visit's decision, with a reason, beside the automatic one."""
+    client, tokens, _ = server
+    now = datetime.now(timezone.utc)
+    visit = [result(encounter_id="v-o", eye="left", grade=4, captured_at=(now - timedelta(minutes=5)).isoformat()),
+             result(encounter_id="v-o", eye="left", grade=0, captured_at=now.isoformat()),
+             result(encounter_id="v-o", eye="right", grade=0)]
+    sync(client, tokens["dev-a"], *[entry(r) for r in visit])
+
+    def decided():
+        (encounter,) = client.get("/v1/history?group=encounter", headers=auth(tokens["rev"])).json()["data"]
+        return encounter
+
+    assert (decided()["decision"], decided()["reason"]) == ("refer", "left eye referable")
+    body = {"decision": "no_referral", "reason": "grade 4 on the first photo was a lens artefact"}
+    url = "/v1/encounters/v-o/decision"
+    assert client.post(url, params={"device": "dev-a"}, json=body, headers=auth(tokens["dev-a"])).status_code == 403
+    assert client.post(url, params={"device": "dev-b"}, json=body, headers=auth(tokens["rev"])).status_code == 404
+    assert client.post(url, params={"device": "dev-a"}, json={**body, "decision": "maybe"},
+                       headers=auth(tokens["rev"])).status_code == 422
+    assert client.post(url, params={"device": "dev-a"}, json=body, headers=auth(tokens["rev"])).status_code == 204
+    encounter = decided()
+    assert (encounter["decision"], encounter["decided_by"]) == ("no_referral", "rev")
+    assert encounter["reason"] == f"clinician rev: {body['reason']}"
+    assert (encounter["automatic_decision"], encounter["automatic_reason"]) == ("refer", "left eye referable")

@@ -2,14 +2,21 @@ import re
 from datetime import datetime, timezone
 from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Response
 
 from edge_runtime.wire import RESULT_ID, SAFE_ID
 
-from ...crud import InvalidCursorError, find_result, query_encounters, query_results, to_public
+from ...crud import (
+    InvalidCursorError,
+    find_result,
+    override_encounter,
+    query_encounters,
+    query_results,
+    to_public,
+)
 from ...models import Result
-from ...schemas import EncountersPublic, ResultPublic, ResultsPublic
-from ..deps import Caller, CallerDep, SessionDep, audit
+from ...schemas import EncounterOverride, EncountersPublic, ResultPublic, ResultsPublic
+from ..deps import Caller, CallerDep, ReviewerDep, SessionDep, audit
 
 router = APIRouter(tags=["results"])
 ENCOUNTER_PAGE_MAX = 100
@@ -98,3 +105,16 @@ def get_overlay(result_id: str, caller: CallerDep, session: SessionDep, device: 
     if row.overlay_png is None:
         raise HTTPException(404, "this result has no overlay (ungradable capture)")
     return Response(row.overlay_png, media_type="image/png")
+
+
+@router.post("/v1/encounters/{encounter_id}/decision", status_code=204, response_class=Response)
+def decide_encounter(body: EncounterOverride, caller: ReviewerDep, session: SessionDep,
+                     encounter_id: str = Path(..., max_length=64, pattern=SAFE_ID),
+                     device: str = Query(..., max_length=120, pattern=SAFE_ID)) -> Response:
+    """A clinician's decision for one visit (reviewers): it replaces the automatic one, which stays shown."""
+    if not override_encounter(session=session, device=device, encounter_id=encounter_id, decision=body.decision,
+                              reason=body.reason, clinician=caller.name):
+        raise HTTPException(404, "encounter not found (give ?device= of the device that captured it)")
+    audit(session, caller, "decide_encounter", f"{device}/{encounter_id}", f"{body.decision}: {body.reason}")
+    session.commit()
+    return Response(status_code=204)
