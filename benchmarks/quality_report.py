@@ -274,9 +274,11 @@ def to_markdown(summaries: dict[str, dict], title: str) -> str:
 def run(data: Path, split: str, limit: int | None = None, seed: int = 0,
         thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> dict:
     """One folder and split with the current gate: {"n", "false_reject_rate", "detection": {class: rate}}; false
-    rejects among the originals that graders did not reject."""
+    rejects among the originals graders called good or usable where the folder has quality labels, else all."""
     records = collect([data], (split,), {"after": current_gate(thresholds)}, limit, seed, progress=False, extras=False)
-    originals = [r for r in records if r["case"] == ORIGINAL and r["quality"] != "reject"]
+    originals = [r for r in records if r["case"] == ORIGINAL]
+    if any(r["quality"] for r in originals):
+        originals = [r for r in originals if r["quality"] in GRADABLE_LABELS]
     rejected = sum(not _verdict(r, "after")["gradable"] for r in originals)
     detection = {name: float(np.mean([not _verdict(r, "after")["gradable"] for r in records if r["case"] == name]))
                  for name in DEGRADATIONS}

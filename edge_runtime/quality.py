@@ -29,11 +29,11 @@ from importlib import resources
 import cv2
 import numpy as np
 
-from .contract import QualityReport
 from .decision import decide_gradability
 from .errors import ConfigError, ImageError, NoFundusError
 from .preprocess import FieldOfView, detect_fov
 from .quality_model import GradabilityModel, packaged_model
+from .wire import QualityReport
 
 WORK_SIZE = 384  # field of view resized to this longer side before measuring (256 lost motion blur on Messidor-2)
 # The gate measures a photo at this shorter side (or its own, when smaller): the Screener decodes at least this,
@@ -281,11 +281,9 @@ def _shrink(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def field_crop(bgr: np.ndarray, fov: FieldOfView) -> tuple[np.ndarray, np.ndarray]:
-    """The field of view at ``WORK_SIZE`` or its own size when smaller (uint8 BGR) and its eroded mask (bool)."""
+    """The field of view at ``WORK_SIZE`` (uint8 BGR) and its eroded mask (bool), from one resize each."""
     crop = bgr[fov.y:fov.y + fov.h, fov.x:fov.x + fov.w]
-    # Never enlarged: a field smaller than WORK_SIZE in the gate's view (small in its frame, or a phone's frame
-    # reduced 8x) is measured as it is; enlarging it would blur it, and a grader judges it at its own size.
-    scale = min(1.0, WORK_SIZE / max(crop.shape[:2]))
+    scale = WORK_SIZE / max(crop.shape[:2])
     size = (max(8, int(round(crop.shape[1] * scale))), max(8, int(round(crop.shape[0] * scale))))
     small = _shrink(crop, size)
     s = fov.mask_scale
