@@ -122,6 +122,18 @@ class Clinic:
         return response.json()["data"]
 
 
+def install_app(driver, clinic: Clinic) -> None:
+    """Open the app, enter the device token, set up: the model is downloaded, verified and cached."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{clinic.base}/app/")
+    settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "setup", what="setup")
+    driver.find_element(By.ID, "token").send_keys(clinic.device)
+    driver.find_element(By.ID, "install").click()
+    settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "screening",
+            what="model downloaded and verified")
+
+
 OUTBOX_JS = """
 const done = arguments[arguments.length - 1];
 const open = indexedDB.open('retinaedge');
@@ -165,13 +177,8 @@ def test_install_offline_both_eyes_outbox_sync(web_dist, tmp_path, monkeypatch):
     clinic.publish(model, sign(manifest, clinic.private_pem))
     driver = chrome(tmp_path)
     try:
-        driver.get(f"{clinic.base}/app/")
-        settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "setup", what="setup")
+        install_app(driver, clinic)
         assert driver.execute_script("return self.crossOriginIsolated") is True  # COOP/COEP: WASM threads
-        driver.find_element(By.ID, "token").send_keys(clinic.device)
-        driver.find_element(By.ID, "install").click()
-        settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "screening",
-                what="model downloaded and verified")
         settled(driver, lambda: driver.execute_script(
             "return !!navigator.serviceWorker.controller"), what="service worker controls the page")
 
@@ -421,11 +428,7 @@ def test_phone_screenshot(web_dist, tmp_path, monkeypatch):
     clinic.publish(model, sign(manifest, clinic.private_pem))
     driver = chrome(tmp_path, width=360, height=780)
     try:
-        driver.get(f"{clinic.base}/app/")
-        settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "setup", what="setup")
-        driver.find_element(By.ID, "token").send_keys(clinic.device)
-        driver.find_element(By.ID, "install").click()
-        settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "screening", what="ready")
+        install_app(driver, clinic)
         screen_photo(driver, FIXTURES / "photos" / "grade0.jpg", 1)
         screen_photo(driver, FIXTURES / "photos" / "grade4.jpg", 2)
         assert driver.execute_script("return document.documentElement.scrollWidth") <= 360  # no sideways scrolling
@@ -462,11 +465,7 @@ def test_camera_still_is_screened(web_dist, tmp_path, monkeypatch):
     driver = chrome(tmp_path, extra=("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                                      f"--use-file-for-fake-video-capture={fake_camera(tmp_path / 'fundus.y4m')}"))
     try:
-        driver.get(f"{clinic.base}/app/")
-        settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "setup", what="setup")
-        driver.find_element(By.ID, "token").send_keys(clinic.device)
-        driver.find_element(By.ID, "install").click()
-        settled(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "screening", what="ready")
+        install_app(driver, clinic)
         driver.find_element(By.ID, "camera").click()
         settled(driver, lambda: driver.find_element(By.ID, "capture").is_displayed()
                 and driver.execute_script("return document.getElementById('video').videoWidth") == 640, what="camera on")
