@@ -37,22 +37,17 @@ function morphEllipse(src: Image8, k: number, op: "erode" | "dilate", zeroBorder
   const spans = ellipse(k), r = Math.floor(k / 2);
   const { w, h } = src;
   const inv = op === "dilate";
-  const data = inv ? Uint8Array.from(src.data, (v) => 255 - v) : src.data;
+  let data = src.data;
+  if (inv) { data = new Uint8Array(src.data.length); for (let i = 0; i < data.length; i++) data[i] = 255 - src.data[i]; }
   const out = new Uint8Array(w * h).fill(255);
   const rowMin = new Uint8Array(w * h);
+  let lastSpan = "";
   for (let i = 0; i < k; i++) {
     const [j1, j2] = spans[i];
     if (j2 <= j1) continue;
-    for (let y = 0; y < h; y++) {
-      const row = y * w;
-      for (let x = 0; x < w; x++) {
-        let v = 255;
-        const start = x + j1 - r, end = x + j2 - r;
-        if (zeroBorder && (start < 0 || end > w)) v = 0;
-        for (let j = Math.max(0, start); j < Math.min(w, end); j++) { const s = data[row + j]; if (s < v) v = s; }
-        rowMin[row + x] = v;
-      }
-    }
+    const span = `${j1},${j2}`;
+    if (span !== lastSpan) computeRowMin(j1, j2); // consecutive element rows often share a span
+    lastSpan = span;
     const dy = i - r;
     const y0 = Math.max(0, -dy), y1 = Math.min(h, h - dy);
     if (zeroBorder) { // rows of the element that fall outside the image see the zero border
@@ -65,6 +60,27 @@ function morphEllipse(src: Image8, k: number, op: "erode" | "dilate", zeroBorder
   }
   if (inv) for (let i = 0; i < out.length; i++) out[i] = 255 - out[i];
   return image(w, h, 1, out);
+
+  // The minimum over [x + j1 - r, x + j2 - r) for every x of every row, by van Herk / Gil-Werman (block prefix and
+  // suffix minima: three comparisons a pixel whatever the span); outside the row counts as 255, or 0 (zeroBorder).
+  function computeRowMin(j1: number, j2: number): void {
+    const L = j2 - j1, a = j1 - r, pad = L + Math.abs(a) + 1;
+    const n = w + 2 * pad, fill = zeroBorder ? 0 : 255;
+    const buf = new Uint8Array(n), g = new Uint8Array(n), hh = new Uint8Array(n);
+    for (let y = 0; y < h; y++) {
+      const row = y * w;
+      buf.fill(fill, 0, pad);
+      buf.set(data.subarray(row, row + w), pad);
+      buf.fill(fill, pad + w);
+      for (let i = 0; i < n; i++) { const v = buf[i]; g[i] = i % L === 0 || v < g[i - 1] ? v : g[i - 1]; }
+      for (let i = n - 1; i >= 0; i--) { const v = buf[i]; hh[i] = i % L === L - 1 || i === n - 1 || v < hh[i + 1] ? v : hh[i + 1]; }
+      for (let x = 0; x < w; x++) {
+        const p = x + a + pad; // window [p, p + L)
+        const u = hh[p], t = g[p + L - 1];
+        rowMin[row + x] = u < t ? u : t;
+      }
+    }
+  }
 }
 
 function channel(img: Image8, ch: number): Image8 {
@@ -115,19 +131,16 @@ const median = (h: Float64Array) => searchsorted(h, h.reduce((a, b) => a + b, 0)
 // 3x3 linear filters on 8-bit with BORDER_REFLECT_101 (cv2.Laplacian ksize 1, cv2.Sobel ksize 3), exact in ints.
 function filter3(img: Image8, k: number[]): Int32Array {
   const { w, h } = img;
+  const d = img.data;
   const out = new Int32Array(w * h);
   const refl = (i: number, n: number) => (n === 1 ? 0 : i < 0 ? -i : i >= n ? 2 * n - 2 - i : i);
+  const [k0, k1, k2, k3, k4, k5, k6, k7, k8] = k;
   for (let y = 0; y < h; y++) {
+    const ym = refl(y - 1, h) * w, y0 = y * w, yp = refl(y + 1, h) * w;
     for (let x = 0; x < w; x++) {
-      let s = 0;
-      for (let dy = -1; dy <= 1; dy++) {
-        const yy = refl(y + dy, h);
-        for (let dx = -1; dx <= 1; dx++) {
-          const kv = k[(dy + 1) * 3 + dx + 1];
-          if (kv) s += kv * img.data[yy * w + refl(x + dx, w)];
-        }
-      }
-      out[y * w + x] = s;
+      const xm = x === 0 || x === w - 1 ? refl(x - 1, w) : x - 1, xp = x === 0 || x === w - 1 ? refl(x + 1, w) : x + 1;
+      out[y0 + x] = k0 * d[ym + xm] + k1 * d[ym + x] + k2 * d[ym + xp] + k3 * d[y0 + xm] + k4 * d[y0 + x]
+        + k5 * d[y0 + xp] + k6 * d[yp + xm] + k7 * d[yp + x] + k8 * d[yp + xp];
     }
   }
   return out;
@@ -366,7 +379,9 @@ export function fieldCrop(bgr: Image8, fov: FieldOfView): { small: Image8; inner
   const small = shrink(region, sw, sh);
   const mask = resizeNearest(fovMaskRegion(fov, fov.x, fov.y, fov.w, fov.h), sw, sh);
   const eroded = morphEllipse(mask, 9, "erode", true);
-  return { small, inner: Uint8Array.from(eroded.data, (v) => (v > 0 ? 1 : 0)) };
+  const inner = new Uint8Array(eroded.data.length);
+  for (let i = 0; i < inner.length; i++) inner[i] = eroded.data[i] > 0 ? 1 : 0;
+  return { small, inner };
 }
 
 function haarHfRatio(box: Image8): number {
@@ -396,9 +411,11 @@ function haarHfRatio(box: Image8): number {
 function patches(whiteness: Image8, lum: Image8, mask: Uint8Array, whiteMedian: number, lumMedian: number): [number, number] {
   const h = Math.floor(whiteness.h / PATCH_SCALE) * PATCH_SCALE, w = Math.floor(whiteness.w / PATCH_SCALE) * PATCH_SCALE;
   const sw = w / PATCH_SCALE, sh = h / PATCH_SCALE;
-  const mask255 = image(whiteness.w, whiteness.h, 1, Uint8Array.from(mask, (v) => v * 255));
+  const mask255 = image(whiteness.w, whiteness.h, 1);
+  for (let i = 0; i < mask.length; i++) mask255.data[i] = mask[i] * 255;
   const inside = resizeArea(crop(mask255, 0, 0, w, h), sw, sh);
-  const insideFlags = Uint8Array.from(inside.data, (v) => (v === 255 ? 255 : 0));
+  const insideFlags = new Uint8Array(inside.data.length);
+  for (let i = 0; i < insideFlags.length; i++) insideFlags[i] = inside.data[i] === 255 ? 255 : 0;
   if (!insideFlags.some((v) => v)) return [0, 0];
   const side = Math.max(h, w) / PATCH_SCALE;
   const white = resizeArea(crop(whiteness, 0, 0, w, h), sw, sh);
@@ -488,7 +505,9 @@ export function qualityMetrics(photo: Image8, fov?: FieldOfView | null): Record<
 
   const maskImg = image(small.w, small.h, 1, mask);
   let core = erodeRectZero(maskImg, 31).data;
-  if (core.reduce((a, b) => a + (b ? 1 : 0), 0) < 100) core = mask;
+  let coreCount = 0;
+  for (let i = 0; i < core.length; i++) if (core[i]) coreCount++;
+  if (coreCount < 100) core = mask;
   const W = small.w, H = small.h;
   const directions: [[number, number], [number, number], number][] = [
     [[0, 0], [0, 1], 1], [[0, 0], [1, 0], 1], [[1, 0], [0, 1], 2], [[0, 0], [1, 1], 2]];
