@@ -24,8 +24,8 @@ import numpy as np
 from companion_api.core.config import Settings
 from companion_api.core.db import make_engine, make_sessionmaker, run_migrations
 from companion_api.crud import create_principal
-from edge_runtime.contract import QualityReport, ScreeningResult
 from edge_runtime.sync import wait_until_healthy
+from edge_runtime.wire import QualityReport, ScreeningResult
 
 OVERLAY = cv2.imencode(".png", np.full((64, 64, 3), 90, np.uint8))[1].tobytes()
 

@@ -11,12 +11,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum, StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import ManifestError
-
-if TYPE_CHECKING:
-    from .wire import QualityReport, ScreeningResult  # noqa: F401 - re-exported lazily, see __getattr__
 
 # 2: operating_point replaces referable_threshold; 3: heads + dme_operating_point; 4: quantization counts as integers
 MANIFEST_SCHEMA_VERSION = 4
@@ -413,15 +410,15 @@ class ArtifactManifest:
             return cls(**kwargs)
         except ManifestError:
             raise
-        except (TypeError, ValueError) as exc:
-            raise ManifestError(f"invalid manifest: {exc}") from exc
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ManifestError(f"invalid manifest: {str(exc)[:300]}") from None
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ArtifactManifest:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
+            raise ManifestError(f"manifest is not valid JSON (or nested too deeply): {str(exc)[:200]}") from None
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> ArtifactManifest:
@@ -445,13 +442,3 @@ def manifest_path_for(artifact: str | Path) -> Path:
     artifact = Path(artifact)
     return artifact.with_name(artifact.name + ".manifest.json")
 
-
-def __getattr__(name: str) -> Any:
-    # The screening result moved to the strict pydantic wire schema (edge_runtime.wire); re-exported here so
-    # `from edge_runtime.contract import ScreeningResult, QualityReport` keeps working. Lazy, because wire.py
-    # imports this module's constants, and manifest-only readers do not pay for pydantic.
-    if name in ("ScreeningResult", "QualityReport"):
-        from . import wire
-
-        return getattr(wire, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

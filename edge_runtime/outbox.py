@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import ScreeningResult
 from .errors import OutboxCorruptError, OutboxError, OutboxMissingError
+from .wire import ScreeningResult
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (

@@ -20,12 +20,13 @@ import numpy as np
 from .backends import RuntimeOptions, Session, open_session
 from .cam import render_overlay
 from .capture import NO_VISIT, Visit
-from .contract import OperatingPoint, PreprocessPolicy, QualityReport, ScreeningResult
+from .contract import OperatingPoint, PreprocessPolicy
 from .decision import decide
 from .errors import ImageError
 from .outbox import Outbox
 from .preprocess import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image, detect_fov, preprocess, to_bgr8
 from .quality import DEFAULT_THRESHOLDS, GATE_SIDE, QualityThresholds, assess
+from .wire import QualityReport, ScreeningResult
 
 log = logging.getLogger(__name__)
 

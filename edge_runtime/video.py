@@ -15,11 +15,11 @@ import cv2
 import numpy as np
 
 from .capture import Visit, eye_of
-from .contract import QualityReport
 from .errors import ImageError, UnreadableImageError
 from .preprocess import read_image, to_bgr8
 from .quality import DEFAULT_THRESHOLDS, QualityThresholds, assess
 from .screen import Screener, Screening
+from .wire import QualityReport
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".m4v", ".webm")
 RETAKE = "no gradable frame in the capture: retake (steady the camera, focus, adjust the light)"

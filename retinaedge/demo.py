@@ -209,7 +209,7 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False, data: Path | No
         screened = steps.run("edge screening", _screen, out, chosen, data, lesions, plan.gallery_images)
         server = steps.run("server sync", _sync, out, screened)
         summary = {"mode": "quick" if quick else "full", "plan": dataclasses.asdict(plan), "data": str(data),
-                   "synthetic": synthetic,
+                   "synthetic": synthetic, "step_notes": STEP_NOTES,
                    "lesions": str(lesions) if lesions else None, "escalate": escalate,
                    "teacher": {"model": plan.teacher, "input_size": plan.teacher_size, "metrics": teacher.metrics.get("test"),
                                "checkpoint": str(teacher.best_checkpoint)},

@@ -142,11 +142,9 @@ def _gate(summary: dict) -> str:
 
 
 def _steps(summary: dict) -> str:
-    from retinaedge.demo import STEP_NOTES
-
     timings, cpu = summary.get("timings_s", {}), summary.get("cpu_s", {})
     rows = [(name, fmt(timings.get(name), ".1f") if name in timings else "skipped", fmt(cpu.get(name), ".1f"), note)
-            for name, note in STEP_NOTES.items()]
+            for name, note in summary["step_notes"].items()]
     rows.append(("total", fmt(summary.get("total_s"), ".1f"), fmt(sum(cpu.values()), ".1f") if cpu else "-",
                  "wall clock of the pipeline (Python start-up and imports not included)"))
     load = summary.get("load_average")

@@ -22,7 +22,7 @@ def test_reviewer_page_shows_results_overlays_and_filters(tmp_path, monkeypatch)
 
     from companion_api.core.db import make_engine, make_sessionmaker, run_migrations
     from companion_api.crud import create_principal
-    from edge_runtime.contract import QualityReport, ScreeningResult
+    from edge_runtime.wire import QualityReport, ScreeningResult
 
     from .faults import ServerProcess
 

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 from companion_api.core.config import Settings
 from companion_api.crud import create_principal
 from companion_api.main import create_app
-from edge_runtime.contract import QualityReport, ScreeningResult
 from edge_runtime.signing import generate_key_pair
+from edge_runtime.wire import QualityReport, ScreeningResult
 
 from .conftest import POSTGRES_URL, encode, postgres_available, reset_postgres
 

@@ -7,11 +7,10 @@ from edge_runtime.contract import (
     ArtifactManifest,
     Grade,
     PreprocessPolicy,
-    QualityReport,
-    ScreeningResult,
     manifest_path_for,
 )
 from edge_runtime.errors import ManifestError
+from edge_runtime.wire import QualityReport, ScreeningResult
 
 
 def manifest(**kw):
@@ -89,10 +88,15 @@ def test_screening_result_round_trip_and_hash():
     assert ScreeningResult.from_dict(r.to_dict()).captured_at.tzinfo is not None
 
 
-def test_contract_reexports_the_wire_schema():
-    from edge_runtime import contract, wire
+def test_the_manifest_contract_does_not_load_the_wire_schema():
+    # Manifest-only readers (an integrator's loader, the updater) need no pydantic, and contract -> wire -> contract
+    # would be an import circle.
+    import subprocess
+    import sys
 
-    assert contract.ScreeningResult is wire.ScreeningResult and contract.QualityReport is wire.QualityReport
+    code = "import sys, edge_runtime.contract; print('edge_runtime.wire' in sys.modules, 'pydantic' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == \
+        ["False", "False"]
 
 
 @pytest.mark.parametrize("change, message", [

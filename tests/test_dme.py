@@ -13,10 +13,10 @@ import torch
 from pydantic import ValidationError
 
 from edge_runtime.calibration import choose_binary_operating_point
-from edge_runtime.contract import ArtifactManifest, OperatingPoint, QualityReport, output_names_for
+from edge_runtime.contract import ArtifactManifest, OperatingPoint, output_names_for
 from edge_runtime.decision import decide, decide_batch
 from edge_runtime.errors import ConfigError, ManifestError
-from edge_runtime.wire import ScreeningResult, encounter_decision
+from edge_runtime.wire import QualityReport, ScreeningResult, encounter_decision
 from training.config import TrainConfig
 from training.data.layouts import MISSING
 from training.models import create_model

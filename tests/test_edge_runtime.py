@@ -106,7 +106,7 @@ def test_ungradable_capture_is_stored_with_advice(onnx_artifact, fundus_bgr, tmp
 KILL_SCRIPT = """
 import sys, time
 from edge_runtime.outbox import Outbox
-from edge_runtime.contract import ScreeningResult, QualityReport
+from edge_runtime.wire import QualityReport, ScreeningResult
 box = Outbox(sys.argv[1])
 for i in range(100000):
     r = ScreeningResult(device_id="d", model_version="v", model_sha256="", backend="b", provider="p",
@@ -165,7 +165,7 @@ class FakeServer:
 
 
 def _fill(box, n):
-    from edge_runtime.contract import QualityReport, ScreeningResult
+    from edge_runtime.wire import QualityReport, ScreeningResult
 
     for i in range(n):
         box.put(ScreeningResult(device_id="d", model_version="v", model_sha256="", backend="b", provider="p",

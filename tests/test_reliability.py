@@ -61,7 +61,7 @@ import sys, uuid, datetime
 import cv2, numpy as np
 from edge_runtime.outbox import Outbox
 PNG = cv2.imencode(".png", np.full((8, 8, 3), 90, np.uint8))[1].tobytes()
-from edge_runtime.contract import ScreeningResult, QualityReport
+from edge_runtime.wire import QualityReport, ScreeningResult
 box, n = Outbox(sys.argv[1]), int(sys.argv[2])
 for i in range(n):
     key = f"capture-{i}"
@@ -257,7 +257,7 @@ def test_hostile_inputs_get_typed_errors(tmp_path, tiny_artifacts, tiny_run, fun
     with app.state.sessionmaker() as session:
         token = create_principal(session=session, name="edge-1", role="device")
     headers = {"Authorization": f"Bearer {token}"}
-    from edge_runtime.contract import QualityReport, ScreeningResult
+    from edge_runtime.wire import QualityReport, ScreeningResult
 
     with TestClient(app, raise_server_exceptions=False) as client:
         seed = ScreeningResult(device_id="edge-1", model_version="v", model_sha256="a" * 64, backend="b", provider="p",

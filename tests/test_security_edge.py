@@ -21,8 +21,6 @@ import pytest
 from edge_runtime.backends import open_session
 from edge_runtime.contract import (
     ArtifactManifest,
-    QualityReport,
-    ScreeningResult,
     manifest_path_for,
     sha256_file,
 )
@@ -46,6 +44,7 @@ from edge_runtime.signing import (
 )
 from edge_runtime.sync import SyncClient, SyncStalledError, UnexpectedResponseError
 from edge_runtime.updates import UpdateLimits, install_latest_model
+from edge_runtime.wire import QualityReport, ScreeningResult
 
 from .conftest import ROOT, encode
 
