@@ -192,3 +192,19 @@ def test_real_photos_reframed_keep_their_verdict(shared_data):
             total += 1
             kept += assess(screened(REFRAMINGS[name](image))).gradable
     assert total >= 8 and kept >= total - 1, (kept, total)
+
+
+def test_threshold_study_keeps_reframed_copies_and_ignores_graders_rejects():
+    """Other cameras' framings count as gradable originals (a limit may not reject them); photos graders rejected
+    are left out of the search (they are not the originals' range)."""
+    from studies.quality_thresholds import REFRAMED_PREFIX, choose
+    from tests.test_quality import _records
+
+    rng = np.random.default_rng(0)
+    originals = _records({"blockiness": list(rng.uniform(1.0, 1.5, 200))}, "original")
+    reframed = _records({"blockiness": list(rng.uniform(2.0, 3.5, 50))}, REFRAMED_PREFIX + "jpeg_q50")
+    rejected = [dict(r, quality="reject") for r in _records({"blockiness": [30.0, 40.0]}, "original")]
+    heavy = _records({"blockiness": list(rng.uniform(5.0, 40.0, 100))}, "heavy_jpeg")
+    thresholds, detail = choose(originals + reframed + rejected + heavy, budget=0.02)
+    assert 3.5 < thresholds.max_blockiness < 5.0  # above every JPEG-50 copy, below heavy JPEG
+    assert detail["n_originals"] == 250 and detail["caught"]["heavy_jpeg"] == 1.0
