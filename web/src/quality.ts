@@ -374,7 +374,7 @@ function fovMaskRegion(fov: FieldOfView, x0: number, y0: number, w: number, h: n
 /** field_crop: the field of view at WORK_SIZE and its eroded mask. */
 export function fieldCrop(bgr: Image8, fov: FieldOfView): { small: Image8; inner: Uint8Array } {
   const region = crop(bgr, fov.x, fov.y, fov.w, fov.h);
-  const scale = Math.min(1, WORK_SIZE / Math.max(region.w, region.h)); // never enlarged
+  const scale = WORK_SIZE / Math.max(region.w, region.h);
   const sw = Math.max(8, pyRound(region.w * scale)), sh = Math.max(8, pyRound(region.h * scale));
   const small = shrink(region, sw, sh);
   const mask = resizeNearest(fovMaskRegion(fov, fov.x, fov.y, fov.w, fov.h), sw, sh);
