@@ -67,6 +67,9 @@ class Preprocessed:
 # pixel is decoded: those decoders allocate the full image before a size check can run.
 ACCEPTED_IMAGE_FORMATS = {"JPEG": (".jpg", ".jpeg"), "MPO": (), "PNG": (".png",), "WEBP": (".webp",)}
 IMAGE_SUFFIXES = tuple(suffix for suffixes in ACCEPTED_IMAGE_FORMATS.values() for suffix in suffixes)
+# Magic bytes of the accepted formats (WebP: "RIFF" then "WEBP" at byte 8): bytes that start like one but whose
+# header Pillow cannot read are a broken photo of an accepted format, not another format.
+_ACCEPTED_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF")
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ def read_image_header(data: bytes) -> ImageHeader:
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image header declares too many pixels ({exc}); downscale it before grading") from exc
     except UnidentifiedImageError as exc:
+        if data.startswith(_ACCEPTED_SIGNATURES) or data[8:12] == b"WEBP":
+            raise UnreadableImageError("a truncated or corrupt JPEG, PNG or WebP image: its header cannot be read; "
+                                       "re-capture or re-export the photo") from exc
         raise UnsupportedImageFormatError(
             f"not a JPEG, PNG or WebP image ({len(data)} bytes, starts {data[:8]!r}); fundus photos are accepted in "
             "those formats only: export or convert the photo to JPEG or PNG") from exc
