@@ -10,6 +10,10 @@ on the same photo; the machine may be shared, so read ratios rather than absolut
 
     python -m benchmarks.browser_speed --threads 2 --runs 30
     python -m benchmarks.browser_speed --artifact path/to/model_int8.onnx --photo ../shared/data/eyepacs_full/images/17_left.jpg
+    python -m benchmarks.browser_speed --litert   # also the Lite0 TFLite files in LiteRT.js (XNNPack WASM, threads)
+
+``--litert`` installs ``@litertjs/core`` (npm, outside the app's lockfile) into ``--work``, bundles
+``web/timing/litert.ts`` into ``web/dist/bench/`` for the run and removes it afterwards: the app never ships it.
 """
 from __future__ import annotations
 
@@ -131,14 +135,50 @@ def browser_times(driver, artifact: Path, photo: bytes, threads: int, runs: int)
     return {**got, "runtime": info}
 
 
-def lite0_artifacts(work: Path, size: int, data: Path) -> list[Path]:
+def lite0_artifacts(work: Path, size: int, data: Path, formats: tuple[str, ...]) -> list[Path]:
     from edge_runtime.backends import cpu_features, int8_target
 
     from .int8_speed import build_artifacts
 
-    found = build_artifacts(work, data, int8_target(cpu_features()), formats=("onnx",), input_size=size,
+    found = build_artifacts(work, data, int8_target(cpu_features()), formats=formats, input_size=size,
                             pretrained=False)
-    return [found[("onnx", "fp32")], found[("onnx", "int8")]]
+    return [found[(fmt, precision)] for fmt in formats for precision in ("fp32", "int8") if (fmt, precision) in found]
+
+
+LITERT_VERSION = "2.5.3"
+
+
+def install_litert(work: Path) -> Path:
+    """@litertjs/core in ``work`` and its timing page bundled into web/dist/bench/ (removed by the caller)."""
+    prefix = work / "litert"
+    if not (prefix / "node_modules" / "@litertjs" / "core").is_dir():
+        prefix.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "install", "--no-save", "--no-audit", "--no-fund", "--loglevel=error", "--prefix",
+                        str(prefix), f"@litertjs/core@{LITERT_VERSION}"], check=True)
+    bench = WEB / "dist" / "bench"
+    (bench / "litert-wasm").mkdir(parents=True, exist_ok=True)
+    esbuild = WEB / "node_modules" / ".bin" / "esbuild"
+    subprocess.run([str(esbuild), str(WEB / "timing" / "litert.ts"), "--bundle", "--format=esm", "--log-level=warning",
+                    f"--outfile={bench / 'litert.js'}"], check=True,
+                   env={**os.environ, "NODE_PATH": str(prefix / "node_modules")})
+    shutil.copy(WEB / "timing" / "litert.html", bench / "litert.html")
+    for name in ("litert_wasm_threaded_internal.js", "litert_wasm_threaded_internal.wasm"):
+        shutil.copy(prefix / "node_modules" / "@litertjs" / "core" / "wasm" / name, bench / "litert-wasm" / name)
+    return bench
+
+
+def litert_times(driver, base: str, artifact: Path, runs: int) -> dict:
+    policy = json.loads(Path(str(artifact) + ".manifest.json").read_text())["preprocess"]
+    size = policy["input_size"]
+    shape = [1, 3, size, size] if policy["layout"] == "NCHW" else [1, size, size, 3]
+    driver.get(f"{base}/app/bench/litert.html")
+    deadline = time.monotonic() + 60
+    while not driver.execute_script("return !!window.litertCheck") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return driver.execute_async_script(
+        "const d = arguments[arguments.length - 1]; window.litertCheck.time(arguments[0], arguments[1], arguments[2])"
+        ".then(d, (e) => d({error: String(e && e.message || e)}))", base64.b64encode(artifact.read_bytes()).decode(),
+        shape, runs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,17 +193,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "retinaedge_browser_speed")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "browser_speed")
+    parser.add_argument("--litert", action="store_true", help="also time the Lite0 TFLite files in LiteRT.js")
     args = parser.parse_args(argv)
     subprocess.run(["make", "-s", "web"], cwd=ROOT, check=True)
     artifacts = list(args.artifact or FIXTURE_MODELS)
     build_error = None
     if not args.artifact and not args.no_lite0:
         try:
-            artifacts += lite0_artifacts(args.work, args.input_size, args.data)
+            artifacts += lite0_artifacts(args.work, args.input_size, args.data,
+                                         ("onnx", "tflite") if args.litert else ("onnx",))
         except Exception as exc:  # noqa: BLE001 - the table says why the student is missing; the rest still runs
             build_error = f"Lite0 {args.input_size}px not built: {type(exc).__name__}: {exc}"
     photo = args.photo.read_bytes()
     tmp = Path(tempfile.mkdtemp(prefix="retinaedge-browser-speed-"))
+    bench = install_litert(args.work) if args.litert else None
     server = Server(tmp)
     driver = browser(tmp)
     rows = []
@@ -174,17 +217,22 @@ def main(argv: list[str] | None = None) -> None:
             time.sleep(0.1)
         isolated = driver.execute_script("return self.crossOriginIsolated")
         version = driver.capabilities.get("browserVersion", "?")
-        for artifact in artifacts:
+        for artifact in [a for a in artifacts if a.suffix == ".onnx"] + [a for a in artifacts if a.suffix != ".onnx"]:
             manifest = json.loads(Path(str(artifact) + ".manifest.json").read_text())
             row = {"artifact": artifact.name, "model": manifest["model_name"], "precision": manifest["quantization"]["precision"],
                    "input": manifest["preprocess"]["input_size"], "size_mb": artifact.stat().st_size / 1e6,
-                   "gate": manifest["gate"]["status"]}
+                   "gate": manifest["gate"]["status"], "runtime": "onnxruntime-web" if artifact.suffix == ".onnx" else "LiteRT.js"}
             row["native"] = native_times(artifact, photo, args.threads, args.runs, tmp)
-            row["browser"] = browser_times(driver, artifact, photo, args.threads, args.runs)
+            if artifact.suffix == ".onnx":
+                row["browser"] = browser_times(driver, artifact, photo, args.threads, args.runs)
+            else:  # the app screens with ONNX only: LiteRT.js is timed on inference
+                row["browser"] = litert_times(driver, f"http://127.0.0.1:{server.port}", artifact, args.runs)
             rows.append(row)
     finally:
         driver.quit()
         server.stop()
+        if bench is not None:
+            shutil.rmtree(bench, ignore_errors=True)
     load = first_load_bytes(WEB / "dist")
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     int8 = ", ".join(sorted({f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags.split()})) or "none"
@@ -192,23 +240,24 @@ def main(argv: list[str] | None = None) -> None:
              f"vs native ONNX Runtime", "",
              f"CPU: {cpu_model()} ({os.cpu_count()} cores), int8 features: {int8}; Chromium {version} headless; "
              f"photo {args.photo.name}; p50 of {args.runs} inferences and {max(5, args.runs // 3)} whole steps each.", "",
-             "| artifact | precision | input | gate | MB | browser infer ms | native infer ms | ratio | browser step ms "
-             "| native step ms | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| artifact | browser runtime | precision | input | gate | MB | browser infer ms | native infer ms | ratio "
+             "| browser step ms | native step ms | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, n = r["browser"], r["native"]
+        head = f"| {r['artifact']} | {r['runtime']} | {r['precision']} | {r['input']} | {r['gate']} | {r['size_mb']:.2f} | "
         if "error" in b:
-            lines.append(f"| {r['artifact']} | {r['precision']} | {r['input']} | {r['gate']} | {r['size_mb']:.2f} | "
-                         f"failed: {b['error'][:80]} | {n['infer_ms']:.2f} | | | {n['step_ms']:.1f} | |")
+            lines.append(head + f"failed: {b['error'][:80]} | {n['infer_ms']:.2f} | | | {n['step_ms']:.1f} | |")
             continue
-        lines.append(f"| {r['artifact']} | {r['precision']} | {r['input']} | {r['gate']} | {r['size_mb']:.2f} | "
-                     f"{b['infer_ms']:.2f} | {n['infer_ms']:.2f} | {b['infer_ms'] / n['infer_ms']:.1f}x | "
-                     f"{b['step_ms']:.1f} | {n['step_ms']:.1f} | {b['step_ms'] / n['step_ms']:.1f}x |")
+        step = (f"{b['step_ms']:.1f} | {n['step_ms']:.1f} | {b['step_ms'] / n['step_ms']:.1f}x" if "step_ms" in b
+                else f"- | {n['step_ms']:.1f} | -")
+        lines.append(head + f"{b['infer_ms']:.2f} | {n['infer_ms']:.2f} | {b['infer_ms'] / n['infer_ms']:.1f}x | {step} |")
     app_mb = load["app_runtime_sent"] / 1e6
     lines += ["", f"First load: app + runtime {app_mb:.2f} MB as sent (gzip; {load['app_runtime_raw'] / 1e6:.2f} MB "
-              "unpacked) + the model: " + ", ".join(f"{r['artifact']} {app_mb + r['size_mb']:.2f} MB" for r in rows) + ".",
+              "unpacked) + the model: " + ", ".join(f"{r['artifact']} {app_mb + r['size_mb']:.2f} MB" for r in rows
+                                                    if r["runtime"] == "onnxruntime-web") + ".",
               "Browser stages of the last step (ms): " + "; ".join(
                   f"{r['artifact']}: " + ", ".join(f"{k} {v:.1f}" for k, v in (r["browser"].get("stages") or {}).items())
-                  for r in rows if "error" not in r["browser"])]
+                  for r in rows if "stages" in r["browser"])]
     if build_error:
         lines += ["", build_error]
     table = "\n".join(lines) + "\n"
