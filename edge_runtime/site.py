@@ -11,8 +11,9 @@ n and 95% intervals:
 - specificity on the other photos, where the same three outcomes cost a clinic visit;
 - the referable AUC on the gradable photos (stratified bootstrap interval).
 
-Evidence: the figures count only when each Wilson interval is no wider than +- ``max_half_width`` at the
-proportion the artifact was validated at (its val sensitivity and specificity); below that the verdict is
+Evidence: the figures count only when each class has the photos a Wilson interval of +- ``max_half_width`` needs
+at the harder of the observed proportion and the one the artifact was validated at (its val sensitivity and
+specificity: the one nearer 0.5); below that the verdict is
 ``insufficient_evidence`` with how many more referable and non-referable photos are needed. Nothing here chooses
 anything on the photos unless asked (``choose_site_point``), and then only with enough evidence.
 """
@@ -32,6 +33,7 @@ from .errors import ConfigError, ImageError, ManifestError
 from .metrics import CONFIDENCE, binary_auc_interval, roc_auc, wilson_interval
 
 MAX_PHOTOS_PLANNED = 100_000  # beyond this a half-width is not worth planning for
+UNGRADABLE_WARNING = 0.20  # share of ungradable photos that the report calls out (Thailand's deployment saw 21%)
 
 
 class Evidence(str, Enum):
@@ -149,6 +151,11 @@ class SiteReport:
                fig("specificity", self.specificity),
                "referable AUC (gradable photos): " + ("-" if self.auc is None else
                                                       f"{self.auc:.3f} [{self.auc_ci[0]:.3f}, {self.auc_ci[1]:.3f}]")]
+        ungradable = self.outcomes.get("ungradable", 0)
+        if self.n_photos and ungradable / self.n_photos > UNGRADABLE_WARNING:
+            out.append(f"WARNING: {ungradable} of {self.n_photos} photos ungradable: the quality gate rejects many of "
+                       "this site's photos (camera, framing or pre-processing); every one is sent on, which costs "
+                       "specificity: see docs/reference/quality_gate.md")
         if self.evidence is Evidence.SUFFICIENT:
             out.append(f"evidence: sufficient (each interval within +-{self.max_half_width:.2f})")
         else:
@@ -161,7 +168,7 @@ class SiteReport:
 def _planning_proportion(observed: float | None, validated: float | None) -> float:
     # Plan at what the artifact was validated at; a site below that needs more photos, so the worse of the two.
     values = [v for v in (observed, validated) if v is not None]
-    return min(values, key=lambda v: -abs(v - 0.5)) if values else 0.5
+    return min(values, key=lambda v: abs(v - 0.5)) if values else 0.5
 
 
 def validate_site(screener, photos: Sequence[SitePhoto], evidence: SiteEvidence = SiteEvidence()) -> SiteReport:
@@ -204,8 +211,7 @@ def validate_site(screener, photos: Sequence[SitePhoto], evidence: SiteEvidence 
         auc = roc_auc(labels, np.asarray(scores))
         low, high = binary_auc_interval(labels, np.asarray(scores), evidence.confidence)
         auc_ci = None if np.isnan(low) else (low, high)
-    enough = all(f.n > 0 and evidence.half_width(round((f.value or 0) * f.n), f.n) <= evidence.max_half_width
-                 and f.more_needed == 0 for f in (sensitivity, specificity))
+    enough = all(f.n > 0 and f.more_needed == 0 for f in (sensitivity, specificity))
     return SiteReport(str(manifest.model_name), manifest.model_version, screener.session.info.backend,
                       point.describe(), len(sent_on), unreadable, outcomes, sensitivity, specificity, auc, auc_ci,
                       Evidence.SUFFICIENT if enough else Evidence.INSUFFICIENT, evidence.max_half_width,

@@ -122,3 +122,14 @@ def test_cli_validate_site_reports_the_evidence_verdict(tiny_artifacts, syntheti
     assert report["sensitivity"]["n"] + report["specificity"]["n"] == report["n_photos"]
     assert report["sensitivity"]["more_needed"] + report["specificity"]["more_needed"] > 0
     assert loose.returncode == 0 and json.loads(loose.stdout.strip().splitlines()[-1])["evidence"] == "sufficient"
+
+
+def test_evidence_plans_at_the_harder_proportion_and_warns_when_the_gate_rejects_a_site():
+    from edge_runtime.site import SiteFigure, SiteReport, _planning_proportion
+
+    # The proportion nearer 0.5 needs more photos: a site below its validated sensitivity must show more evidence.
+    assert _planning_proportion(0.864, 0.90) == 0.864 and _planning_proportion(0.95, 0.90) == 0.90
+    figure = SiteFigure(1.0, (0.97, 1.0), 128, 35)
+    report = SiteReport("m", "v", "onnxruntime", "p", 229, 0, {"ungradable": 229}, figure,
+                        SiteFigure(0.0, (0.0, 0.04), 101, 62), None, None, Evidence.SUFFICIENT, 0.10)
+    assert any(line.startswith("WARNING: 229 of 229 photos ungradable") for line in report.lines())
