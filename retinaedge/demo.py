@@ -367,7 +367,7 @@ def evaluate_artifact(path: Path, data: Path, split: str = "test") -> dict:
     return {"n": int(len(y)), "labels": y.tolist(), "predicted": decisions.grades.tolist(),
             "referable_probability": decisions.referable_probability.round(6).tolist(),
             "threshold": point.threshold, "rule": point.rule,
-            **clinical_metrics(y, decisions.probabilities, point.threshold)}
+            **clinical_metrics(y, decisions)}
 
 
 def proportion(successes: int, n: int) -> dict:
@@ -377,39 +377,28 @@ def proportion(successes: int, n: int) -> dict:
     return {"value": successes / n, "ci": list(wilson_interval(successes, n)), "k": int(successes), "n": int(n)}
 
 
-def _bootstrap(statistic, *arrays, seed: int = 0) -> list[float] | None:
-    """Percentile bootstrap 95% interval of a paired statistic (scipy.stats.bootstrap)."""
-    from scipy.stats import bootstrap
-
-    if len(arrays[0]) < 5:
-        return None
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # resamples with one class give NaN for AUC; the interval ignores them
-        result = bootstrap(arrays, statistic, paired=True, vectorized=False, n_resamples=999, method="percentile",
-                           random_state=np.random.default_rng(seed))
-    low, high = result.confidence_interval
-    return None if not (np.isfinite(low) and np.isfinite(high)) else [float(low), float(high)]
-
-
-def clinical_metrics(y: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
-    from sklearn.metrics import roc_auc_score
-
-    from training.metrics import auc_interval, confusion, quadratic_weighted_kappa
+def clinical_metrics(y: np.ndarray, decisions) -> dict:
+    """The report's figures of one model on labelled photos, each with its n and 95% interval, computed by
+    edge_runtime.metrics on the decisions ``decide_batch`` took (the grades shown, the referrals made)."""
+    from edge_runtime.metrics import (
+        auc_interval,
+        confusion,
+        is_referable,
+        quadratic_weighted_kappa,
+        qwk_interval,
+        roc_auc,
+    )
 
     y = np.asarray(y, int)
-    predicted = probs.argmax(1)
-    score = probs[:, REFERABLE_MIN_GRADE:].sum(1)
-    truth, flagged = y >= REFERABLE_MIN_GRADE, score >= threshold
-
+    predicted, score = decisions.grades, decisions.referable_probability
+    truth, flagged = is_referable(y), np.asarray(decisions.dr_referable, bool)
     both = 0 < truth.sum() < len(truth)
-    return {"qwk": {"value": quadratic_weighted_kappa(y, predicted), "ci": _bootstrap(quadratic_weighted_kappa, y, predicted),
-                    "n": int(len(y))},
+    return {"qwk": {"value": quadratic_weighted_kappa(y, predicted),
+                    "ci": list(qwk_interval(y, predicted)) if len(y) >= 5 else None, "n": int(len(y))},
             "accuracy": proportion(int((predicted == y).sum()), len(y)),
             "sensitivity": proportion(int((flagged & truth).sum()), int(truth.sum())),
             "specificity": proportion(int((~flagged & ~truth).sum()), int((~truth).sum())),
-            "auc": {"value": float(roc_auc_score(truth, score)) if both else None,
+            "auc": {"value": roc_auc(truth, score) if both else None,
                     "ci": list(auc_interval(y, score)) if both else None, "n": int(len(y))},
             "confusion_matrix": confusion(y, predicted).tolist()}
 
