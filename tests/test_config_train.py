@@ -173,3 +173,16 @@ def test_distill_cli_takes_a_local_imagenet_file(monkeypatch, tmp_path):
     monkeypatch.setattr(distill_module, "distill", fake_distill)
     CliRunner().invoke(app, ["distill", "--teacher", "t.pt", "--pretrained-file", "w.pth", "--out", str(tmp_path)])
     assert captured["cfg"].pretrained_file == "w.pth"
+
+
+def test_cli_set_reaches_every_config_key_as_its_yaml_value():
+    from edge_runtime.errors import ConfigError
+    from retinaedge.cli._common import yaml_overrides
+    from training.config import TrainConfig, resolve_config
+
+    cfg = resolve_config(TrainConfig, None, yaml_overrides(["label_smoothing=0.1", "data=[a, b]", "ema_decay=0.999"]))
+    assert cfg.label_smoothing == 0.1 and cfg.data == ("a", "b") and cfg.ema_decay == 0.999
+    with pytest.raises(ConfigError, match="label_smooth"):  # an unknown key is named, never dropped
+        resolve_config(TrainConfig, None, yaml_overrides(["label_smooth=0.1"]))
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        yaml_overrides(["label_smoothing"])

@@ -82,3 +82,18 @@ def config_overrides(config_cls: type, pairs: list[str] | None, flag: str) -> di
         except ValueError as exc:
             raise ValueError(f"{flag} {name}: {exc}") from exc
     return overrides
+
+
+def yaml_overrides(pairs: list[str] | None, flag: str = "--set") -> dict:
+    """``["key=value", ...]`` with each value read as YAML (``0.5``, ``true``, ``[a, b]``, ``null``), exactly as the
+    key would be written in the ``-c`` config file; the config class checks the keys and validates the values."""
+    import yaml
+
+    overrides = {}
+    for pair in pairs or []:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{flag} takes KEY=VALUE, got {pair!r}")
+        overrides[name.strip().replace("-", "_")] = yaml.safe_load(text) if text.strip() else None
+    return overrides
+

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from retinaedge.cli._app import app, console, out_console
-from retinaedge.cli._common import fail, flag_overrides, run_logged
+from retinaedge.cli._common import fail, flag_overrides, run_logged, yaml_overrides
 
 
 @app.command()
@@ -29,6 +29,8 @@ def train(
     out: str | None = typer.Option(None), seed: int | None = typer.Option(None),
     head: list[str] | None = typer.Option(None, help="Heads (repeatable): grade, dme. E.g. --head grade --head dme."),
     grade_head: str | None = typer.Option(None, help="softmax | ordinal (one severity score, adjacent-category logits)."),
+    set_values: list[str] | None = typer.Option(None, "--set", help="Any other config key as KEY=VALUE, the value "
+                                                "in YAML (repeatable), e.g. --set label_smoothing=0.1; flags win."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Fine-tune a registered model (defaults -> YAML -> flags). Works under torchrun for multi-GPU."""
@@ -36,7 +38,7 @@ def train(
     from training.train import fit
 
     try:
-        cfg = resolve_config(TrainConfig, config, flag_overrides(
+        cfg = resolve_config(TrainConfig, config, yaml_overrides(set_values) | flag_overrides(
             model=model, data=data, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
             pretrained=pretrained, pretrained_file=pretrained_file, init_from=init_from, loss=loss, device=device,
             max_minutes=max_minutes, resume=resume, out=out, seed=seed, heads=head, grade_head=grade_head))
@@ -59,6 +61,8 @@ def pretrain(
     pretrained: bool | None = typer.Option(None, "--pretrained/--no-pretrained", help="Start from ImageNet or random."),
     device: str | None = typer.Option(None), max_minutes: float | None = typer.Option(None),
     out: str | None = typer.Option(None), seed: int | None = typer.Option(None),
+    set_values: list[str] | None = typer.Option(None, "--set", help="Any other config key as KEY=VALUE, the value "
+                                                "in YAML (repeatable), e.g. --set label_smoothing=0.1; flags win."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Pretrain a backbone on labelled fundus folders (grade, abnormal, DME heads) for `train --init-from`."""
@@ -67,7 +71,7 @@ def pretrain(
     from training.pretrain import pretrain as run_pretrain
 
     try:
-        cfg = resolve_config(PretrainConfig, config, flag_overrides(
+        cfg = resolve_config(PretrainConfig, config, yaml_overrides(set_values) | flag_overrides(
             model=model, data=data, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
             pretrained=pretrained, device=device, max_minutes=max_minutes, out=out, seed=seed))
         path = run_logged(Path(cfg.out) / "pretrain.log", verbose,
@@ -174,6 +178,8 @@ def distill(
     batch_size: int | None = typer.Option(None), lr: float | None = typer.Option(None),
     max_minutes: float | None = typer.Option(None), out: str | None = typer.Option(None),
     grade_head: str | None = typer.Option(None, help="Student's grade head: softmax | ordinal."),
+    set_values: list[str] | None = typer.Option(None, "--set", help="Any other config key as KEY=VALUE, the value "
+                                                "in YAML (repeatable), e.g. --set label_smoothing=0.1; flags win."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Distil a teacher into a student: soft targets (KL at temperature T) + class-weighted CE (+ CAM transfer)."""
@@ -181,7 +187,7 @@ def distill(
     from training.config import TrainConfig, resolve_config
 
     try:
-        cfg = resolve_config(TrainConfig, config, flag_overrides(
+        cfg = resolve_config(TrainConfig, config, yaml_overrides(set_values) | flag_overrides(
             teacher=teacher, model=student, data=data, unlabelled=unlabelled, distill_on_calib=distill_on_calib,
             teacher_batch_size=teacher_batch_size, device=device, epochs=epochs, alpha=alpha, temperature=temperature,
             cam_weight=cam_weight, input_size=input_size, pretrained=pretrained, pretrained_file=pretrained_file,
