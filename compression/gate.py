@@ -1,7 +1,7 @@
 """The fidelity gate: may an INT8 (or FP16) artifact screen in place of the FP32 model it was made from?
 
 Judged on the gate set (every graded val photo of the folders given, each folder weighted equally) at the parent's
-operating point, against two references (docs/fidelity_gate.md gives every default's anchor and reason):
+operating point, against two references (docs/reference/fidelity_gate.md gives every default's anchor and reason):
 
 - the labels, for clinical non-inferiority: candidate - FP32 referable sensitivity and specificity, one-sided 95%
   lower bound (Tango's score interval for paired proportions) >= -0.05 and folder-weighted point estimate >= -0.02;
@@ -60,7 +60,7 @@ MARGINS = ("min_sensitivity_difference", "min_specificity_difference", "min_sens
 @dataclass(frozen=True, kw_only=True)
 class GateThresholds:
     """What a candidate must show against FP32 on the gate set; ``None`` leaves a criterion reported, not judged.
-    Defaults and their reasons: docs/fidelity_gate.md. ``GateThresholds.profile("strict")``: the previous gate."""
+    Defaults and their reasons: docs/reference/fidelity_gate.md. ``GateThresholds.profile("strict")``: the previous gate."""
 
     # Clinical non-inferiority at the operating point, candidate - FP32 (on the photos' labels).
     min_sensitivity_difference: float | None = -0.05  # one-sided lower bound (Tango score interval, pooled)

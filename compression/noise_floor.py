@@ -2,7 +2,7 @@
 
 A grader would call two captures of one eye "the same photo" although no two are bit-identical: the sensor noise,
 exposure, white balance, framing and JPEG encoding all move. ``NuisanceModel`` is one frozen, documented model of
-that variation (docs/fidelity_gate.md gives each default's reason). Each gate photo gets K seeded draws of it; the
+that variation (docs/reference/fidelity_gate.md gives each default's reason). Each gate photo gets K seeded draws of it; the
 same draws go to FP32 and to the candidate (INT8/FP16), and each model's referral fraction over the draws is
 recorded per photo: q_i (FP32), r_i (candidate).
 

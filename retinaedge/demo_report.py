@@ -130,7 +130,7 @@ def _gate(summary: dict) -> str:
                            rows, numeric=[1, 3, 5, 6]))
         if gate["failures"]:
             parts.append("".join(f"<p class='explain'>{esc(line)}</p>" for line in gate["failures"]))
-    explain = ("The fidelity gate (docs/fidelity_gate.md) judges a converted artifact on the gate set at the parent's "
+    explain = ("The fidelity gate (docs/reference/fidelity_gate.md) judges a converted artifact on the gate set at the parent's "
                "operating point. Against the labels: sensitivity and specificity may not fall (Tango's score "
                "interval, lower bound >= -0.05, point >= -0.02) and the AUC must keep 99%. Against FP32's own noise "
                "floor: 16 seeded re-capture draws of each photo (sensor noise of one 8-bit level, exposure +-3%, "

@@ -32,7 +32,7 @@ def export(
                                                 "repeatable; studies/float_islands.py measures what each costs)."),
     gate: list[str] | None = typer.Option(None, "--gate", help="Fidelity-gate threshold as FIELD=VALUE (repeatable), "
                                           "any field of compression.gate.GateThresholds, e.g. --gate "
-                                          "min_auc_ratio=0.995 (docs/fidelity_gate.md gives each default's reason)."),
+                                          "min_auc_ratio=0.995 (docs/reference/fidelity_gate.md gives each default's reason)."),
     gate_profile: str = typer.Option("default", "--gate-profile", help="Named gate thresholds the --gate values "
                                      "override: default (noise floor + non-inferiority) | strict (the previous gate)."),
     name: str | None = typer.Option(None, help="Artifact file stem (default: model name)."),
