@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from benchmarks.degradations import DEGRADATIONS, degrade, strength_bin
-from studies.quality_thresholds import choose
 from edge_runtime.errors import ConfigError
 from edge_runtime.quality import (
     DEFAULT_THRESHOLDS,
@@ -14,6 +13,7 @@ from edge_runtime.quality import (
     quality_metrics,
     quality_score,
 )
+from studies.quality_thresholds import choose
 
 
 @pytest.fixture(scope="module")
