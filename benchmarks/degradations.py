@@ -5,7 +5,7 @@ Each degradation takes a ``strength`` in [0, 1] (0 = the mildest level that shou
 Messidor-2 photo and a 1024-px raw EyePACS photo are degraded alike. ``degrade(img, name, rng)`` draws the
 strength uniformly; ``STRENGTH_BINS`` names the thirds mild / moderate / severe for reports.
 
-What phones produce (issue 20): defocus; motion blur at any angle; under- and over-exposure (also of photos
+What phones produce: defocus; motion blur at any angle; under- and over-exposure (also of photos
 that are already bright or pre-cropped: ``overexpose`` is defined by where the result lands, ``overexpose_gain``
 by +1 to +2 EV over a typical exposure); an off-centre field; veiling haze (cataract, a fogged or dirty lens),
 uneven across the field; noise; partial eyelid occlusion from the top (a soft-edged, curved shadow with lashes); lens flare; heavy JPEG.
