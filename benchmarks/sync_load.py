@@ -48,12 +48,10 @@ def _payload(device: str, n: int) -> list[dict]:
 
 
 def _cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = sorted({f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in text.split()})
-    return " ".join(flags) or "none"
+    """The CPU's int8 dot-product features, as every benchmark records them (edge_runtime.backends.cpu_features)."""
+    from edge_runtime.backends import cpu_features
+
+    return " ".join(cpu_features().to_dict()["int8"]) or "none"
 
 
 def main() -> None:
