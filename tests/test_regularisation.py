@@ -199,3 +199,13 @@ def test_stability_training_fits_and_its_settings_are_validated(tmp_path):
         TrainConfig(stability_weight=-1)
     with pytest.raises(ConfigError, match="stability_noise"):
         TrainConfig(stability_noise=0)
+
+
+def test_cpu_bf16_autocast_trains_where_the_cpu_has_bf16_units_and_is_recorded(tmp_path):
+    from training.train import cpu_has_native_bf16, fit
+
+    run = fit(_tiny_cfg(tmp_path, epochs=1, cpu_amp=True), progress=False)
+    assert math.isfinite(run.metrics["history"][-1]["train_loss"])
+    assert run.metrics["autocast"] == ("bfloat16" if cpu_has_native_bf16() else "off")
+    plain = fit(_tiny_cfg(tmp_path / "plain", epochs=1), progress=False)
+    assert plain.metrics["autocast"] == "off"  # opt-in: a CPU run's numbers do not change by default

@@ -126,7 +126,7 @@ class CamAugmenter:
 
         loader = DataLoader(FundusDataset(self._numpy_images(), self.grades, self.policy),
                             batch_size=2 * self.cfg.batch_size)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp and self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
             logits, cams = predict(model, loader, self.device, with_cam=True)
         self.set_cams(logits, cams)
         log.info("CAM augmentation: %d self-CAMs (%s grid) refreshed", len(cams), "x".join(map(str, cams.shape[-2:])))

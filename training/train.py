@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
 from edge_runtime.calibration import choose_binary_operating_point, choose_operating_point
 from edge_runtime.contract import OperatingPoint, PreprocessPolicy, utcnow
@@ -27,22 +27,26 @@ from edge_runtime.preprocess import level_step
 from .cam_augment import CamAugmenter
 from .checkpoint import CheckpointMeta
 from .config import TrainConfig, save_config
+from .consistency import NuisanceConsistency, ReferralCentre
 from .data.dataset import FundusDataset, cache_images
 from .data.device_batches import DeviceBatches, fits_on_device
 from .data.layouts import (
     MISSING,
     UNLABELLED,
     Sample,
+    allowed_grade_mask,
     assign_splits,
     fingerprint,
-    read_dataset,
     read_dme,
+    read_partial_samples,
     select,
+    source_draw_weights,
 )
 from .data.synthetic import write_synthetic_dataset
 from .inference import predict
-from .metrics import report_at, save_confusion_png
+from .metrics import save_confusion_png, split_report
 from .models import DRClassifier, create_model, get_model_cfg
+from .referral import choose_folder_weighted_point
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +73,18 @@ def policy_for(cfg: TrainConfig) -> PreprocessPolicy:
                             std=model_cfg.std, ben_graham=cfg.ben_graham)
 
 
+def cpu_has_native_bf16() -> bool:
+    """AMX tiles or AVX512-BF16 (what oneDNN uses for bf16 convolutions); elsewhere bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to tell cheaply, so stay in fp32
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def load_samples(cfg: TrainConfig) -> list[Sample]:
-    """All samples of every dataset folder, split per patient; synthetic data when none is given."""
+    """All samples of every dataset folder, split per patient, each knowing its folder (``Sample.source``);
+    synthetic data when none is given. Photos without a single grade stay in (``read_partial_samples``)."""
     roots = list(cfg.data)
     if not roots:
         synthetic_dir = Path(cfg.cache_dir) / f"synthetic_{cfg.synthetic_per_grade}_{cfg.synthetic_size}_{cfg.seed}"
@@ -79,7 +93,8 @@ def load_samples(cfg: TrainConfig) -> list[Sample]:
         roots = [str(synthetic_dir)]
     samples: list[Sample] = []
     for root in roots:
-        samples += assign_splits(read_dataset(root), seed=cfg.seed)
+        samples += [dataclasses.replace(s, source=str(root))
+                    for s in assign_splits(read_partial_samples(root), seed=cfg.seed)]
     return samples
 
 
@@ -110,13 +125,18 @@ def stability_loss(model: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor
     return F.kl_div(F.log_softmax(noisy.float(), 1), F.log_softmax(logits, 1), log_target=True, reduction="batchmean")
 
 
-def labelled_loss(logits, target, weight, focal_gamma: float | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
+def labelled_loss(logits, target, weight, focal_gamma: float | None = None, label_smoothing: float = 0.0,
+                  allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Class-weighted cross-entropy (or focal loss with ``focal_gamma``) over the rows that have a grade.
 
     ``UNLABELLED`` rows (photos only a teacher labels) add nothing, and a batch of them gives 0, not NaN.
     Masked by arithmetic rather than indexing, so a batch costs no host-device synchronisation.
     ``label_smoothing`` (cross-entropy only) matches ``F.cross_entropy(label_smoothing=)`` on the labelled rows.
+    ``allowed`` ((n, 5) bool, ``layouts.allowed_grade_mask``): the grades each row's label allows, for batches
+    that hold coarse labels; the loss is then ``marginal_grade_loss`` and ``target`` is not read.
     """
+    if allowed is not None:
+        return marginal_grade_loss(logits, allowed, weight, focal_gamma, label_smoothing)
     labelled = target != UNLABELLED
     safe_target = torch.where(labelled, target, torch.zeros_like(target))
     log_p = F.log_softmax(logits, dim=1)
@@ -131,6 +151,28 @@ def labelled_loss(logits, target, weight, focal_gamma: float | None = None, labe
             row_loss = (1 - label_smoothing) * row_loss + label_smoothing * spread
         return row_loss.sum() / row_weight.sum().clamp(min=1e-12)
     return ((1 - (-nll).exp()) ** focal_gamma * row_weight * nll).sum() / labelled.sum().clamp(min=1)
+
+
+def marginal_grade_loss(logits: torch.Tensor, allowed: torch.Tensor, weight: torch.Tensor | None,
+                        focal_gamma: float | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
+    """-log of the probability mass on the grades each row's label allows, class-weighted: a known grade gives its
+    cross-entropy term (as ``labelled_loss``), a coarse set such as NPDR = {1, 2, 3} the marginal
+    -log(p1 + p2 + p3), weighted by the mean class weight of its grades. Rows allowing no grade (nothing known) or
+    every grade (nothing learned) add nothing: the loss is masked there, never filled with a guessed grade."""
+    informative = allowed.any(1) & ~allowed.all(1)
+    # Uninformative rows get the full set (log 1 = 0) so that no row's logsumexp is over nothing (-inf, NaN grads).
+    safe = torch.where(informative[:, None], allowed, torch.ones_like(allowed))
+    log_p = F.log_softmax(logits, dim=1)
+    nll = -torch.logsumexp(log_p.masked_fill(~safe, float("-inf")), dim=1)
+    class_weight = weight if weight is not None else torch.ones_like(log_p[0])
+    row_weight = (safe.float() @ class_weight) / safe.sum(1) * informative
+    if focal_gamma is None:
+        row_loss = row_weight * nll
+        if label_smoothing:
+            spread = -(log_p * class_weight).mean(dim=1) * informative
+            row_loss = (1 - label_smoothing) * row_loss + label_smoothing * spread
+        return row_loss.sum() / row_weight.sum().clamp(min=1e-12)
+    return ((1 - (-nll).exp()) ** focal_gamma * row_weight * nll).sum() / informative.sum().clamp(min=1)
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,6 +209,24 @@ def choose_referral_point(cfg: TrainConfig, y: np.ndarray, logits: np.ndarray, s
     """Temperature and referral threshold chosen on the val photos for the configured rule and target."""
     return choose_operating_point(y, logits, rule=cfg.referral_rule, target=cfg.referral_target,
                                   band_fraction=cfg.uncertain_fraction, fingerprint=fingerprint(samples))
+
+
+def choose_run_referral_point(cfg: TrainConfig, y: np.ndarray, logits: np.ndarray,
+                              samples: list[Sample]) -> tuple[OperatingPoint, dict]:
+    """The run's referral point and which photos chose it: the val photos with a grade, of ``referral_folders``
+    (every data folder when empty), pooled or with each folder weighted equally (``referral_weighting``)."""
+    names = [Path(s.source).name for s in samples]
+    keep = (np.asarray(y) != MISSING) & np.array([not cfg.referral_folders or n in cfg.referral_folders
+                                                  for n in names], bool)
+    chosen = [s for s, k in zip(samples, keep, strict=True) if k]
+    y, logits, folders = np.asarray(y)[keep], np.asarray(logits)[keep], np.array(names)[keep]
+    if cfg.referral_weighting == "per_folder":
+        return choose_folder_weighted_point(y, logits, folders, rule=cfg.referral_rule, target=cfg.referral_target,
+                                            band_fraction=cfg.uncertain_fraction, fingerprint=fingerprint(chosen))
+    point = choose_referral_point(cfg, y, logits, chosen)
+    counts = {name: {"n": int((folders == name).sum()), "n_positive": int(((folders == name) & (y >= 2)).sum())}
+              for name in np.unique(folders)}
+    return point, {"weighting": "pooled", "val_fingerprint": point.val_fingerprint, "n": len(y), "folders": counts}
 
 
 @dataclass
@@ -211,6 +271,8 @@ class _Run:
     ema: ModelEmaV3 | None  # moving average of ``model``'s weights (cfg.ema_decay); None when off
     cam_aug: CamAugmenter | None = None  # CAM-guided extra views (cfg.cam_augment); None when off
     train_dme: torch.Tensor | None = None  # DME label per training row on the device (MISSING: none); DME head only
+    train_allowed: torch.Tensor | None = None  # (n, 5) grades each training row allows; only when coarse labels exist
+    consistency: NuisanceConsistency | None = None  # the nuisance-consistency term (cfg.consistency); None when off
     val_dme: np.ndarray | None = None  # DME label per val photo
     dme_pos_weight: torch.Tensor | None = None
     start_epoch: int = 0
@@ -234,11 +296,12 @@ class _Run:
         return self.ema.module if self.ema is not None else self.model
 
     def meta(self, metrics: dict, point: OperatingPoint | None = None, raw_weights: bool = False,
-             dme_point: OperatingPoint | None = None) -> dict:
+             dme_point: OperatingPoint | None = None, point_photos: dict | None = None) -> dict:
         """``raw_weights``: the checkpoint holds ``model``'s own weights (last.pt), not ``eval_model``'s."""
         return CheckpointMeta(
             model_name=self.cfg.model, preprocess=self.policy, operating_point=point or OperatingPoint(),
             heads=self.cfg.heads, grade_head=self.cfg.grade_head, dme_operating_point=dme_point,
+            referral_point_photos=point_photos or {},
             data_fingerprint=self.data_fp, num_features=self.model.num_features, metrics=metrics,
             config=self.cfg.to_dict(), ema_weights=self.ema is not None and not raw_weights, git_sha=git_sha(),
             created_at=utcnow()).to_dict()
@@ -290,7 +353,8 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
     if not samples["train"] or not samples["val"]:
         raise ValueError(f"need non-empty train {cfg.train_splits} and val {cfg.val_split!r} splits; "
                          f"got {len(samples['train'])} / {len(samples['val'])} images")
-    samples["train"] += [dataclasses.replace(s, grade=UNLABELLED) for s in unlabelled]
+    n_labelled = len(samples["train"])
+    samples["train"] += [dataclasses.replace(s, grade=UNLABELLED, allowed_grades=None) for s in unlabelled]
     show = progress and _is_main()
     # Every rank needs the crops; rank 0 builds the cache first so the others only read it.
     if _is_main():
@@ -316,9 +380,13 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay is not None else None
     train_model: torch.nn.Module = model
     if distributed:
-        if cfg.stability_weight > 0:  # its second forward before one backward would fire DDP's gradient hooks twice
-            raise ConfigError("stability_weight > 0 runs two forward passes per step, which DistributedDataParallel "
-                              "does not support; train it on one device (drop torchrun) or set stability_weight: 0")
+        if cfg.stability_weight > 0 or cfg.consistency:  # a second forward before one backward fires DDP's hooks twice
+            raise ConfigError("stability_weight > 0 and the consistency terms run two forward passes per step, which "
+                              "DistributedDataParallel does not support; train on one device (drop torchrun) or set "
+                              "stability_weight, consistency_weight and consistency_margin_weight to 0")
+        if cfg.source_weights:
+            raise ConfigError("source_weights draws photos with replacement, which the DistributedSampler does not; "
+                              "train on one device (drop torchrun) or leave source_weights empty")
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
@@ -337,7 +405,11 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
                                                  geometric=geometric, augment=cfg.augment,
                                                  sensor_noise=cfg.sensor_noise), np.arange(len(train_y)))
         sampler = DistributedSampler(train_ds, seed=cfg.seed) if distributed else None
-        train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+        # Per-folder shares draw with replacement; the epoch keeps its length, so the LR schedule is unchanged.
+        drawn = WeightedRandomSampler(source_draw_weights(samples["train"], cfg.source_weights), len(train_ds),
+                                      generator=torch.Generator().manual_seed(cfg.seed)) if cfg.source_weights else None
+        train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None and drawn is None,
+                                  sampler=sampler or drawn,
                                   num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size,
                                   generator=torch.Generator().manual_seed(cfg.seed), pin_memory=on_gpu,
                                   persistent_workers=cfg.workers > 0)
@@ -353,9 +425,9 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
                     round(1 / (1 - cfg.ema_decay)), total, 100 * cfg.ema_decay ** total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else
                                                   0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
-    use_amp = cfg.amp and on_gpu
+    use_amp = (cfg.amp and on_gpu) or (cfg.cpu_amp and device.type == "cpu" and cpu_has_native_bf16())
     # bf16 has fp32's exponent range, so it needs no loss scaling; fp16 (pre-Ampere GPUs) does.
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = torch.bfloat16 if use_amp and (not on_gpu or torch.cuda.is_bf16_supported()) else torch.float16
     run = _Run(cfg=cfg, device=device, distributed=distributed, out_dir=out_dir, policy=policy, model=model,
                train_model=train_model, train_loader=train_loader, sampler=sampler, val_loader=val_loader,
                val_y=val_y, val_x=val_x, samples=samples, data_fp=fingerprint(samples["train"]),
@@ -364,9 +436,19 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
                use_amp=use_amp, amp_dtype=amp_dtype, channels_last=channels_last,
                weight=class_weights(train_y[train_y != UNLABELLED]).to(device) if cfg.class_weighted else None,
                extra_loss=extra_loss, extra_targets=extra_targets, show=show, ema=ema)
+    train_allowed = allowed_grade_mask(samples["train"])
+    if (train_allowed.any(1) & (train_y == MISSING)).any():  # coarse labels: the marginal grade loss reads the sets
+        run.train_allowed = torch.as_tensor(train_allowed, device=device)
+        log.info("grades: %d training photos graded, %d with a coarse grade set, %d without grade information",
+                 int((train_y != MISSING).sum()), int((train_allowed.any(1) & (train_y == MISSING)).sum()),
+                 int((~train_allowed.any(1)).sum()))
+    if cfg.consistency:
+        run.consistency = NuisanceConsistency(policy, cfg.consistency_weight, cfg.consistency_target,
+                                              cfg.consistency_margin_weight, seed=cfg.seed)
     if model.has_dme:
         # Unlabelled (teacher-only) photos and folders without DME get MISSING: masked out of the DME loss.
         train_dme = dme_labels(cfg.data, samples["train"])
+        train_dme[n_labelled:] = MISSING  # a calib photo a teacher labels keeps its DME label out of training too
         run.train_dme, run.val_dme = torch.as_tensor(train_dme, device=device), dme_labels(cfg.data, samples["val"])
         run.dme_pos_weight = positive_weight(train_dme).to(device)
         log.info("DME labels: %d of %d training photos (%d present), %d of %d val photos",
@@ -399,6 +481,11 @@ def _set_up(cfg: TrainConfig, extra_loss: Callable | None, extra_targets: dict[s
 def _augment_on_device(cfg: TrainConfig, device: torch.device, train_x: np.ndarray) -> bool:
     """Device-resident batches on a GPU when the crops fit; the CPU keeps the per-photo DataLoader path."""
     if cfg.augment_on == "loader":
+        return False
+    if cfg.source_weights:  # the device path shuffles a permutation; weighted draws are the DataLoader's sampler
+        if cfg.augment_on == "device":
+            raise ConfigError("source_weights draws photos through the DataLoader's sampler; set augment_on: loader "
+                              "(or auto) or leave source_weights empty")
         return False
     if cfg.augment_on == "device":
         return True
@@ -439,8 +526,9 @@ def _train_one_epoch(run: _Run, epoch: int, bar, task) -> tuple[float, float]:
         with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
             # One forward for every head, so DDP synchronises the DME head's gradients with the rest.
             logits, cam, dme_logit = run.train_model(x, return_cam=run.extra_loss is not None, heads=True)
+            allowed = None if run.train_allowed is None else run.train_allowed[idx.to(device, non_blocking=True)]
             loss = labelled_loss(logits.float(), y, run.weight, cfg.focal_gamma if cfg.loss == "focal" else None,
-                                 label_smoothing=cfg.label_smoothing)
+                                 label_smoothing=cfg.label_smoothing, allowed=allowed)
             if run.extra_loss is not None:
                 batch_extra = {k: torch.as_tensor(v[idx.numpy()]).to(device) for k, v in (run.extra_targets or {}).items()}
                 loss = run.extra_loss(logits.float(), cam.float(), y, loss, batch_extra, x)
@@ -450,6 +538,10 @@ def _train_one_epoch(run: _Run, epoch: int, bar, task) -> tuple[float, float]:
             if cfg.stability_weight > 0:
                 loss = loss + cfg.stability_weight * stability_loss(run.train_model, x, logits.float(),
                                                                     cfg.stability_noise, run.policy)
+            if run.consistency is not None:
+                # Draw `epoch` of each photo, seeded by its training row: new every epoch, reproducible per run.
+                moved = run.train_model(run.consistency.perturbed(x, idx.cpu().numpy(), epoch), heads=True)
+                loss = loss + run.consistency.loss(logits, moved.logits, dme_logit, moved.dme_logit)
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)
@@ -473,8 +565,14 @@ def _evaluate_and_checkpoint(run: _Run, epoch: int, train_loss: float, images_pe
     cfg = run.cfg
     # Model selection uses QWK, which needs no threshold: the operating points are chosen once, at the end.
     logits, dme_logits = predict(run.eval_model, run.val_loader, run.device, heads=True)
-    val_metrics = report_at(OperatingPoint(), run.val_y, logits, auc_ci=False, dme_labels=run.val_dme,
-                            dme_logits=dme_logits)
+    val_metrics = split_report(OperatingPoint(), run.val_y, logits, auc_ci=False, dme_labels=run.val_dme,
+                               dme_logits=dme_logits)
+    if run.consistency is not None and run.consistency.margin_weight > 0:
+        try:  # the margin term follows the point the run would choose now
+            point, _ = choose_run_referral_point(cfg, run.val_y, logits, run.samples["val"])
+            run.consistency.centre = ReferralCentre(point.threshold, point.temperature)
+        except ValueError as exc:
+            log.warning("margin term keeps its centre (%s): %s", run.consistency.centre, exc)
     run.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_qwk": val_metrics["qwk"],
                         "val_accuracy": val_metrics["accuracy"], "train_images_per_s": images_per_s,
                         "minutes": (time.monotonic() - run.started) / 60,
@@ -514,8 +612,9 @@ def _finalise(run: _Run) -> RunResult:
         best = torch.load(run.best_path, map_location=run.device, weights_only=False)
         run.eval_model.load_state_dict(best["model_state"])
         val_logits, val_dme_logits = predict(run.eval_model, run.val_loader, run.device, heads=True)
-        point = choose_referral_point(cfg, run.val_y, val_logits, run.samples["val"])
-        log.info("operating point: %s", point.describe())
+        point, point_photos = choose_run_referral_point(cfg, run.val_y, val_logits, run.samples["val"])
+        log.info("operating point (%s, %d val photos): %s", point_photos["weighting"], point_photos["n"],
+                 point.describe())
         dme_point = None
         if val_dme_logits is not None:
             dme_point = choose_dme_point(run.val_dme, val_dme_logits, run.samples["val"], cfg.dme_rule, cfg.dme_target)
@@ -536,16 +635,19 @@ def _finalise(run: _Run) -> RunResult:
             if dme_logits is not None:
                 dme = dict(dme_labels=dme_labels(cfg.data, split_samples), dme_logits=dme_logits,
                            dme_point=dme_point or OperatingPoint())
-            metrics[split_name] = report_at(point, ys, logits, **dme)
+            metrics[split_name] = split_report(point, ys, logits, **dme)
             save_confusion_png(metrics[split_name]["confusion_matrix"], str(run.out_dir / f"confusion_{split_name}.png"),
                                f"{cfg.model} - {split_name}")
         metrics["operating_point"] = dataclasses.asdict(point)
+        metrics["referral_point_photos"] = point_photos
         if dme_point is not None:
             metrics["dme_operating_point"] = dataclasses.asdict(dme_point)
         metrics["train_minutes"] = (time.monotonic() - run.started) / 60
         metrics["backbone_init"] = cfg.backbone_init  # fundus | file | imagenet | random (config holds the path)
         metrics["device"] = str(run.device)  # where it trained, resolved (the config may say "auto")
-        best["meta"] = run.meta({k: v for k, v in metrics.items() if k != "history"}, point, dme_point=dme_point)
+        metrics["autocast"] = str(run.amp_dtype).removeprefix("torch.") if run.use_amp else "off"
+        best["meta"] = run.meta({k: v for k, v in metrics.items() if k != "history"}, point, dme_point=dme_point,
+                                point_photos=point_photos)
         torch.save(best, run.best_path)
         (run.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if run.distributed:
