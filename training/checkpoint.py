@@ -28,6 +28,9 @@ class CheckpointMeta:
     heads: tuple[str, ...] = DEFAULT_HEADS  # the model's heads (edge_runtime.contract.HEADS); older checkpoints: grade
     grade_head: str = "softmax"  # softmax | ordinal (training.models.GRADE_HEADS); older checkpoints: softmax
     dme_operating_point: OperatingPoint | None = None  # where "DME present" is decided, chosen on val (DME head only)
+    # Which val photos chose the referral point, and how: weighting (pooled | per_folder), the val fingerprint, and
+    # per folder n, n_positive, n_negative and the val sensitivity/specificity at the point (training.referral).
+    referral_point_photos: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)  # val/test metrics at the operating point
     config: dict[str, Any] = field(default_factory=dict)  # the resolved TrainConfig
     ema_weights: bool = False  # model_state is the moving average of the weights (config ema_decay), not one step's

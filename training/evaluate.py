@@ -14,8 +14,8 @@ from edge_runtime.contract import OperatingPoint
 from edge_runtime.decision import decide_batch
 
 from .data.dataset import FundusDataset, cache_images
-from .data.layouts import assign_splits, fingerprint, read_dataset, select
-from .metrics import report_at, save_confusion_png, save_roc_png
+from .data.layouts import MISSING, assign_splits, fingerprint, read_partial_samples, select
+from .metrics import save_confusion_png, save_roc_png, split_report
 from .models import load_checkpoint
 from .train import choose_dme_point, dme_labels, predict
 
@@ -32,22 +32,25 @@ def _scores(model, policy, samples, cache_dir: str):
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cache_dir: str = ".cache/retinaedge",
              out: str | Path | None = None, with_scores: bool = False) -> dict:
     """Metrics of a checkpoint on one split at its recorded operating point; JSON, confusion and ROC PNGs in ``out``.
+    Photos without a single grade (a blank or coarse grade) count for DME only (``split_report``).
 
     ``with_scores`` adds each photo's calibrated referable probability (``referable_probability``, in the split's
-    photo order) and reference grade (``grades``), for paired comparisons of several checkpoints on the same photos."""
+    photo order) and reference grade (``grades``; -1 where a photo has no single grade), for paired comparisons of
+    several checkpoints on the same photos."""
     model, meta = load_checkpoint(checkpoint)
     policy = meta.preprocess
-    samples = select(assign_splits(read_dataset(data)), split)
+    samples = select(assign_splits(read_partial_samples(data)), split)
     if not samples:
         raise ValueError(f"{data} has no {split!r} split")
     y, logits, dme_logits = _scores(model, policy, samples, cache_dir)
+    graded = y != MISSING
     point = meta.operating_point
     dme = {}
     if dme_logits is not None:  # DME metrics on the photos this folder labels (none: only the referral count)
         dme = dict(dme_labels=dme_labels([data], samples), dme_logits=dme_logits, dme_point=meta.dme_point)
-    metrics = report_at(point, y, logits, **dme)
+    metrics = split_report(point, y, logits, **dme)
     # Calibration measured on photos the temperature was not fitted on: ECE/Brier at T = 1 and at the point's T.
-    metrics["calibration"] = calibration_report(logits, y, point.temperature)
+    metrics["calibration"] = calibration_report(logits[graded], y[graded], point.temperature)
     metrics.update(checkpoint=str(checkpoint), data=str(data), split=split, model=meta.model_name)
     if with_scores:
         metrics.update(referable_probability=decide_batch(logits, point).referable_probability.tolist(),
@@ -59,7 +62,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cach
         (out / f"{stem}.json").write_text(json.dumps(metrics, indent=2))
         title = f"{meta.model_name} {Path(data).name} {split}"
         save_confusion_png(metrics["confusion_matrix"], str(out / f"{stem}.png"), title)
-        save_roc_png(y, decide_batch(logits, point).referable_probability, point, str(out / f"{stem}_roc.png"), title)
+        save_roc_png(y[graded], decide_batch(logits[graded], point).referable_probability, point,
+                     str(out / f"{stem}_roc.png"), title)
         metrics["roc_png"] = str(out / f"{stem}_roc.png")
     return metrics
 
@@ -77,12 +81,13 @@ def choose_point_for_checkpoint(checkpoint: str | Path, data: list[str | Path], 
     """
     model, meta = load_checkpoint(checkpoint)
     policy = meta.preprocess
-    samples = [s for root in data for s in select(assign_splits(read_dataset(root)), split)]
+    samples = [s for root in data for s in select(assign_splits(read_partial_samples(root)), split)]
     if not samples:
         raise ValueError(f"no {split!r} photos in {[str(d) for d in data]}")
     y, logits, dme_logits = _scores(model, policy, samples, cache_dir)
-    point = choose_operating_point(y, logits, rule=rule, target=target, band_fraction=band_fraction,
-                                   fingerprint=fingerprint(samples))
+    graded = y != MISSING
+    point = choose_operating_point(y[graded], logits[graded], rule=rule, target=target, band_fraction=band_fraction,
+                                   fingerprint=fingerprint([s for s, g in zip(samples, graded, strict=True) if g]))
     dme_point = None
     if dme_logits is not None:
         trained_rule, trained_target = meta.rule_and_target("dme")

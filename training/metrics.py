@@ -47,6 +47,32 @@ def report_at(point: OperatingPoint, y: np.ndarray, logits: np.ndarray, auc_ci: 
     return metrics
 
 
+def split_report(point: OperatingPoint, y: np.ndarray, logits: np.ndarray, auc_ci: bool = True,
+                 dme_labels: np.ndarray | None = None, dme_logits: np.ndarray | None = None,
+                 dme_point: OperatingPoint | None = None) -> dict:
+    """``report_at`` on a split where some photos have no single grade (``MISSING``: a blank or coarse grade):
+    the grade figures on the graded photos (``n_without_grade`` says how many were left out), the DME figures and
+    the referral count on every photo. A fully graded split gives exactly ``report_at``'s report."""
+    y = np.asarray(y)
+    graded = y != MISSING
+    if graded.all():
+        return report_at(point, y, logits, auc_ci, dme_labels, dme_logits, dme_point)
+    if not graded.any():
+        raise ValueError(f"none of the {len(y)} photos has a grade: grade figures and the referral point need some")
+    labels = np.full(len(y), MISSING) if dme_labels is None else np.asarray(dme_labels)
+    dme = {} if dme_logits is None else dict(dme_labels=labels[graded], dme_logits=dme_logits[graded],
+                                             dme_point=dme_point)
+    metrics = report_at(point, y[graded], logits[graded], auc_ci, **dme)
+    metrics["n_without_grade"] = int((~graded).sum())
+    if dme_logits is not None:
+        dme_point = dme_point or OperatingPoint()
+        decisions = decide_batch(logits, point, dme_logits, dme_point)
+        metrics["dme"] = {**dme_metrics(labels, decisions.dme_probability, decisions.dme_present, auc_ci),
+                          "operating_point": dme_point.describe()}
+        metrics["referred"] = int(decisions.referable.sum())
+    return metrics
+
+
 def dme_metrics(labels: np.ndarray, probability: np.ndarray, present: np.ndarray, auc_ci: bool = True) -> dict:
     """DME head on the photos with a DME label: AUC (bootstrap interval with ``auc_ci``), sensitivity and
     specificity of ``present`` with 95% Wilson intervals and n; ``n_missing`` photos had no label."""

@@ -22,14 +22,23 @@ from training.errors import DatasetError
 SPLITS = ("train", "val", "calib", "test")
 UNLABELLED = -1  # the grade of a photo only a teacher labels (distillation): it has no cross-entropy term
 MISSING = UNLABELLED  # any per-photo label a folder lacks (pretraining's DME): masked out of that task's loss
+# What a published coarse DR label allows, where a source gives a range instead of an ICDR grade (mexico_dme's
+# ``dr_label``: "NPDR" = non-proliferative of unstated stage). None: the label says nothing about the grade.
+COARSE_GRADES: dict[str, tuple[int, ...] | None] = {
+    "0": (0,), "NPDR": (1, 2, 3), "PDR": (4,), "-": None, "": None,
+}
 
 
 @dataclass(frozen=True)
 class Sample:
     path: Path
-    grade: int
+    grade: int  # ICDR 0-4; MISSING where the folder gives no single grade
     patient: str
     split: str | None = None
+    # The grades a coarse label allows (e.g. (1, 2, 3) for NPDR) when ``grade`` is MISSING; the grade loss is then
+    # the probability mass on them (training.train.labelled_loss). None: no grade information.
+    allowed_grades: tuple[int, ...] | None = None
+    source: str = ""  # the data folder it was read from (per-folder sampling weights and operating points)
 
 
 @dataclass(frozen=True)
@@ -206,6 +215,57 @@ def read_partial_labels(root: str | Path, split: str | None = None) -> list[Labe
     return [p for p in photos if split is None or p.split == split]
 
 
+def read_partial_samples(root: str | Path) -> list[Sample]:
+    """Training samples of a folder whose photos may lack a grade: a generic ``labels.csv`` with blank grades keeps
+    them as ``MISSING``, with the grades a ``dr_label`` column allows (``COARSE_GRADES``) where it gives a range; a
+    folder with every grade given reads exactly as ``read_dataset``. Blank means unknown, never grade 0; a photo
+    with neither a grade nor a coarse set stays in for its other labels (DME) and adds nothing to the grade loss."""
+    root = Path(root)
+    if detect_layout(root) != "labels_csv":
+        return read_dataset(root)
+    rows = _read_rows(root / "labels.csv")
+    if all((r.get("grade") or "").strip() for r in rows) and "dr_label" not in (rows[0] if rows else {}):
+        return read_dataset(root)
+    image_dir = root / "images" if (root / "images").is_dir() else root
+    samples, bad = [], []
+    for r in rows:
+        path, text, coarse = _find_image(image_dir, r["image"]), r.get("grade", ""), r.get("dr_label", "")
+        try:
+            grade = int(float(text)) if text else MISSING
+            allowed = COARSE_GRADES[coarse]
+        except (ValueError, KeyError):
+            bad.append(f"{r['image']}: grade {text!r}, dr_label {coarse!r}")
+            continue
+        split = r.get("split") or None
+        if (path is None or (grade != MISSING and grade not in range(5)) or split not in (None, *SPLITS)
+                or (grade != MISSING and allowed is not None and grade not in allowed)):
+            bad.append(f"{r['image']}: grade {text!r}, dr_label {coarse!r}, split {split!r}")
+            continue
+        if grade == MISSING and allowed is not None and len(allowed) == 1:
+            grade, allowed = allowed[0], None  # a coarse label that fixes the grade is the grade
+        samples.append(Sample(path, grade, r.get("patient") or Path(r["image"]).stem, split,
+                              allowed if grade == MISSING else None))
+    if bad:
+        raise DatasetError(f"{root / 'labels.csv'}: {len(bad)} row(s) without an image, with a grade outside 0-4, a "
+                           f"dr_label outside {sorted(k for k in COARSE_GRADES if k)} or contradicting the grade, or "
+                           f"an unknown split (first: {bad[:5]})")
+    if not samples:
+        raise DatasetError(f"{root / 'labels.csv'}: no photos")
+    return samples
+
+
+def allowed_grade_mask(samples: list[Sample]) -> np.ndarray:
+    """(n, 5) bool: the grades each photo's label allows; one-hot for a grade, the coarse set for a range, all
+    False where nothing is known (no grade term)."""
+    mask = np.zeros((len(samples), 5), bool)
+    for i, s in enumerate(samples):
+        if s.grade != MISSING:
+            mask[i, s.grade] = True
+        elif s.allowed_grades:
+            mask[i, list(s.allowed_grades)] = True
+    return mask
+
+
 def read_dme(root: str | Path) -> dict[Path, int]:
     """Diabetic macular edema labels (0/1) by image path, or {} when the folder has none: a ``dme`` column of a
     generic ``labels.csv``, else Messidor-2's ``provenance.csv`` (``adjudicated_dme``; photos adjudicated
@@ -271,6 +331,20 @@ def assign_splits(samples: list[Sample], fractions: dict[str, float] | None = No
     return [s if s.split else replace(s, split=split_of[s.patient]) for s in samples]
 
 
+def source_draw_weights(samples: list[Sample], weights: dict[str, float]) -> np.ndarray:
+    """Per-photo draw probabilities that give each data folder (``Sample.source``, matched by folder name) its share
+    ``weights[name] / sum(weights)`` of the draws, spread evenly over its photos. Photos of no listed folder (e.g.
+    a distillation's unlabelled folder) keep their natural share, 1 / n each; the listed folders share the rest."""
+    names = np.array([Path(s.source).name if s.source else "" for s in samples])
+    listed = np.isin(names, list(weights))
+    total = sum(weights[name] for name in set(names[listed]))
+    draw = np.full(len(samples), 1.0 / max(1, len(samples)))
+    for name in set(names[listed]):
+        rows = names == name
+        draw[rows] = listed.mean() * weights[name] / total / rows.sum()
+    return draw / draw.sum()
+
+
 def select(samples: list[Sample], split: str | tuple[str, ...]) -> list[Sample]:
     wanted = (split,) if isinstance(split, str) else split
     return [s for s in samples if s.split in wanted]
@@ -280,5 +354,7 @@ def fingerprint(samples: list[Sample]) -> str:
     """Identifies a training set: names, grades and file sizes (not paths, so it survives moves)."""
     digest = hashlib.sha256()
     for s in sorted(samples, key=lambda s: (s.path.name, s.grade)):
-        digest.update(f"{s.path.parent.name}/{s.path.name}:{s.grade}:{s.path.stat().st_size};".encode())
+        # A coarse label joins the grade's text only where there is one, so fully graded sets keep their fingerprint.
+        grade = s.grade if s.allowed_grades is None else f"{s.grade}{list(s.allowed_grades)}"
+        digest.update(f"{s.path.parent.name}/{s.path.name}:{grade}:{s.path.stat().st_size};".encode())
     return digest.hexdigest()[:16]
