@@ -1,19 +1,19 @@
-"""The web app's speed in headless Chromium against native ONNX Runtime on the same CPU, in the same run.
+"""The web app's speed in headless Chromium against the native runtimes on the same CPU, in the same run.
 
-For every ONNX artifact given (default: the web fixtures' tiny FP32/INT8 model and an EfficientNet-Lite0 student at
-``--input-size`` in FP32 and INT8, built as ``benchmarks.int8_speed`` builds it), one table row: p50 of inference and
-of the whole screening step (decode .. quality gate .. preprocess .. infer .. decide .. overlay .. durable outbox
-write) in the browser (ONNX Runtime Web, WASM SIMD, threads, cross-origin isolated) and natively (edge_runtime's
-Screener with an outbox), with the ratio; the app's first-load bytes (app + runtime as the server sends them, plus
-the model); the CPU's int8 features and the browser's version. Native and browser samples are taken in the same run
-on the same photo; the machine may be shared, so read ratios rather than absolutes and rerun when they move.
+For every artifact the app can use (the Lite0 student at ``--input-size`` as ONNX and TFLite, FP32 and INT8, built
+as ``benchmarks.int8_speed`` builds it; ``--fixtures`` adds the web fixtures' tiny models; ``--artifact`` replaces
+them), one row of one printed table: the browser runtime the app opens it with (ONNX Runtime Web's WASM SIMD +
+threads for ONNX, LiteRT.js's XNNPack WASM with relaxed SIMD + threads for TFLite), p50 with a 95% interval of
+inference and of the whole screening step (decode .. quality gate .. preprocess .. infer .. decide .. overlay ..
+durable outbox write) in the browser and natively (edge_runtime's Screener, ONNX Runtime or LiteRT, with an outbox),
+their ratios, the first-load bytes with that model, and the app's preference rank (``web/src/runtime.ts``). Header:
+CPU model and int8 features, the load average before and after (the machine may be shared), Chromium's version,
+cross-origin isolation and whether WebGPU has an adapter. Samples are taken in rounds that visit every artifact,
+native then browser, so load from other processes falls on all of them alike.
 
-    python -m benchmarks.browser_speed --threads 2 --runs 30
-    python -m benchmarks.browser_speed --artifact path/to/model_int8.onnx --photo ../shared/data/eyepacs_full/images/17_left.jpg
-    python -m benchmarks.browser_speed --litert   # also the Lite0 TFLite files in LiteRT.js (XNNPack WASM, threads)
-
-``--litert`` installs ``@litertjs/core`` (npm, outside the app's lockfile) into ``--work``, bundles
-``web/timing/litert.ts`` into ``web/dist/bench/`` for the run and removes it afterwards: the app never ships it.
+    python -m benchmarks.browser_speed                       # Lite0 224 px: ONNX and TFLite, FP32 and INT8
+    python -m benchmarks.browser_speed --fixtures --no-lite0  # the tiny fixture models only (seconds)
+    python -m benchmarks.browser_speed --artifact a.tflite --artifact b.onnx --photo ../shared/data/eyepacs_full/images/17_left.jpg
 """
 from __future__ import annotations
 
@@ -35,50 +35,75 @@ from .report import write_markdown_and_json
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB = ROOT / "web"
-FIXTURE_MODELS = [WEB / "fixtures" / "model" / f"model_{p}.onnx" for p in ("fp32", "int8")]
+FIXTURE_MODELS = [WEB / "fixtures" / "model" / f"model_{p}.{f}" for f in ("onnx", "tflite") for p in ("fp32", "int8")]
 DEFAULT_PHOTO = ROOT.parent / "shared" / "data" / "eyepacs_full" / "images" / "17_left.jpg"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "eyepacs_full"
+BROWSER_RUNTIME = {"onnx": "onnxruntime-web", "tflite": "litert.js"}
+RUNTIME_DIRS = {"onnx": "ort", "tflite": "litert"}  # where web/dist keeps each runtime's files
 
 
 def first_load_bytes(dist: Path) -> dict[str, int]:
-    """What a first visit downloads for the app shell and runtime: each file the service worker caches, gzip where
-    the server has a .gz beside it (it sends that to browsers that accept gzip)."""
+    """What a first visit downloads before the model: every file the service worker precaches (the shell and both
+    runtimes), gzip where the server has a .gz beside it (it sends that to browsers that accept gzip); and per
+    runtime its own share."""
     sent = raw = 0
+    per_runtime = {name: 0 for name in RUNTIME_DIRS.values()}
     for path in sorted(dist.rglob("*")):
-        if not path.is_file() or path.suffix == ".gz" or path.name.startswith("check."):
+        if not path.is_file() or path.suffix == ".gz" or path.name.startswith("check.") or "bench" in path.parts:
             continue
         packed = path.with_name(path.name + ".gz")
+        size = packed.stat().st_size if packed.is_file() else path.stat().st_size
         raw += path.stat().st_size
-        sent += packed.stat().st_size if packed.is_file() else path.stat().st_size
-    return {"app_runtime_sent": sent, "app_runtime_raw": raw}
+        sent += size
+        top = path.relative_to(dist).parts[0]
+        if top in per_runtime:
+            per_runtime[top] += size
+    return {"app_runtime_sent": sent, "app_runtime_raw": raw, **{f"runtime_{k}": v for k, v in per_runtime.items()}}
 
 
-def native_times(artifact: Path, photo: bytes, threads: int, runs: int, tmp: Path) -> dict[str, float]:
-    """p50 (ms) of native inference and of the Screener's whole step, outbox included, on this CPU."""
-    from edge_runtime.backends import open_session
-    from edge_runtime.outbox import Outbox
-    from edge_runtime.screen import Screener
+def median_interval(samples: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """p50 and a distribution-free interval for it: the order statistics whose ranks bound the median with
+    ``confidence`` (binomial(n, 1/2))."""
+    from scipy.stats import binom
 
-    session = open_session(artifact, allow_ungated=True, threads=threads)
-    screener = Screener(session, outbox=Outbox(tmp / f"native-{artifact.stem}-{time.time_ns()}.db"), store_overlays=True)
-    first = screener.screen_bytes(photo, "bench.jpg")
-    policy = session.info.manifest.preprocess
-    size = policy.input_size
-    x = np.random.default_rng(0).standard_normal((1, 3, size, size) if policy.layout == "NCHW" else
-                                                  (1, size, size, 3)).astype(np.float32)
-    for _ in range(5):
-        session.run(x)
-    infer = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(x)
-        infer.append((time.perf_counter() - start) * 1000)
-    step = []
-    for _ in range(max(5, runs // 3)):
-        start = time.perf_counter()
-        screener.screen_bytes(photo, "bench.jpg")
-        step.append((time.perf_counter() - start) * 1000)
-    return {"infer_ms": float(np.median(infer)), "step_ms": float(np.median(step)), "outcome": first.result.outcome}
+    x = np.sort(np.asarray(samples, dtype=float))
+    n = len(x)
+    lo = int(binom.ppf((1 - confidence) / 2, n, 0.5))
+    hi = int(binom.isf((1 - confidence) / 2, n, 0.5))
+    return float(np.median(x)), float(x[max(lo - 1, 0)]), float(x[min(hi, n - 1)])
+
+
+class Native:
+    """One artifact in edge_runtime: its session (inference alone) and a Screener with an outbox (the step)."""
+
+    def __init__(self, artifact: Path, photo: bytes, threads: int, tmp: Path):
+        from edge_runtime.backends import open_session
+        from edge_runtime.outbox import Outbox
+        from edge_runtime.screen import Screener
+
+        self.session = open_session(artifact, allow_ungated=True, threads=threads)
+        self.screener = Screener(self.session, outbox=Outbox(tmp / f"native-{artifact.name}-{time.time_ns()}.db"),
+                                 store_overlays=True)
+        self.photo = photo
+        self.outcome = self.screener.screen_bytes(photo, "bench.jpg").result.outcome
+        policy = self.session.info.manifest.preprocess
+        size = policy.input_size
+        shape = (1, 3, size, size) if policy.layout == "NCHW" else (1, size, size, 3)
+        self.x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        for _ in range(3):
+            self.session.run(self.x)
+
+    def time(self, n: int, steps: int) -> tuple[list[float], list[float]]:
+        infer, step = [], []
+        for _ in range(n):
+            start = time.perf_counter()
+            self.session.run(self.x)
+            infer.append((time.perf_counter() - start) * 1000)
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.screener.screen_bytes(self.photo, "bench.jpg")
+            step.append((time.perf_counter() - start) * 1000)
+        return infer, step
 
 
 class Server:
@@ -117,153 +142,200 @@ def browser(tmp: Path):
                  "--disable-component-update", f"--user-data-dir={tmp / 'chrome'}", "--window-size=412,915"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-    driver.set_script_timeout(600)
+    driver.set_script_timeout(900)
     return driver
 
 
-def browser_times(driver, artifact: Path, photo: bytes, threads: int, runs: int) -> dict:
-    manifest = Path(str(artifact) + ".manifest.json").read_text()
-    info = driver.execute_async_script(
-        "const d = arguments[arguments.length - 1]; window.retinaedgeCheck.openForTiming(arguments[0], arguments[1], "
-        "arguments[2]).then(d, (e) => d({error: String(e)}))", base64.b64encode(artifact.read_bytes()).decode(),
-        manifest, threads)
-    if "error" in info:
-        return {"error": info["error"]}
-    got = driver.execute_async_script(
-        "const d = arguments[arguments.length - 1]; window.retinaedgeCheck.time(arguments[0], 'image/jpeg', "
-        "arguments[1]).then(d, (e) => d({error: String(e)}))", base64.b64encode(photo).decode(), runs)
-    return {**got, "runtime": info}
+def call(driver, method: str, *args):
+    """``window.retinaedgeCheck[method](...args)`` awaited; an exception comes back as {"error": ...}."""
+    return driver.execute_async_script(
+        "const d = arguments[arguments.length - 1]; const a = Array.from(arguments).slice(0, -1);"
+        f"window.retinaedgeCheck.{method}(...a).then(d, (e) => d({{error: String(e && e.message || e)}}))", *args)
 
 
-def lite0_artifacts(work: Path, size: int, data: Path, formats: tuple[str, ...]) -> list[Path]:
+def lite0_artifacts(work: Path, size: int, data: Path) -> list[Path]:
     from edge_runtime.backends import cpu_features, int8_target
 
     from .int8_speed import build_artifacts
 
+    formats = ("onnx", "tflite")
     found = build_artifacts(work, data, int8_target(cpu_features()), formats=formats, input_size=size,
                             pretrained=False)
     return [found[(fmt, precision)] for fmt in formats for precision in ("fp32", "int8") if (fmt, precision) in found]
 
 
-LITERT_VERSION = "2.5.3"
+def int8_features() -> str:
+    from edge_runtime.backends import cpu_features
+
+    return ", ".join(cpu_features().int8) or "none"
 
 
-def install_litert(work: Path) -> Path:
-    """@litertjs/core in ``work`` and its timing page bundled into web/dist/bench/ (removed by the caller)."""
-    prefix = work / "litert"
-    if not (prefix / "node_modules" / "@litertjs" / "core").is_dir():
-        prefix.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "install", "--no-save", "--no-audit", "--no-fund", "--loglevel=error", "--prefix",
-                        str(prefix), f"@litertjs/core@{LITERT_VERSION}"], check=True)
-    bench = WEB / "dist" / "bench"
-    (bench / "litert-wasm").mkdir(parents=True, exist_ok=True)
-    esbuild = WEB / "node_modules" / ".bin" / "esbuild"
-    subprocess.run([str(esbuild), str(WEB / "timing" / "litert.ts"), "--bundle", "--format=esm", "--log-level=warning",
-                    f"--outfile={bench / 'litert.js'}"], check=True,
-                   env={**os.environ, "NODE_PATH": str(prefix / "node_modules")})
-    shutil.copy(WEB / "timing" / "litert.html", bench / "litert.html")
-    for name in ("litert_wasm_threaded_internal.js", "litert_wasm_threaded_internal.wasm"):
-        shutil.copy(prefix / "node_modules" / "@litertjs" / "core" / "wasm" / name, bench / "litert-wasm" / name)
-    return bench
-
-
-def litert_times(driver, base: str, artifact: Path, runs: int) -> dict:
-    policy = json.loads(Path(str(artifact) + ".manifest.json").read_text())["preprocess"]
-    size = policy["input_size"]
-    shape = [1, 3, size, size] if policy["layout"] == "NCHW" else [1, size, size, 3]
-    driver.get(f"{base}/app/bench/litert.html")
-    deadline = time.monotonic() + 60
-    while not driver.execute_script("return !!window.litertCheck") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return driver.execute_async_script(
-        "const d = arguments[arguments.length - 1]; window.litertCheck.time(arguments[0], arguments[1], arguments[2])"
-        ".then(d, (e) => d({error: String(e && e.message || e)}))", base64.b64encode(artifact.read_bytes()).decode(),
-        shape, runs)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifact", action="append", type=Path, help="ONNX artifact with its sidecar (repeatable)")
-    parser.add_argument("--input-size", type=int, default=224, help="the Lite0 student built when no --artifact")
-    parser.add_argument("--no-lite0", action="store_true", help="only the fixture models (no Lite0 export)")
-    parser.add_argument("--photo", type=Path, default=DEFAULT_PHOTO if DEFAULT_PHOTO.is_file() else
-                        WEB / "fixtures" / "photos" / "grade2.jpg")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="calibration photos for the Lite0 INT8 export")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "retinaedge_browser_speed")
-    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "browser_speed")
-    parser.add_argument("--litert", action="store_true", help="also time the Lite0 TFLite files in LiteRT.js")
-    args = parser.parse_args(argv)
-    subprocess.run(["make", "-s", "web"], cwd=ROOT, check=True)
-    artifacts = list(args.artifact or FIXTURE_MODELS)
-    build_error = None
-    if not args.artifact and not args.no_lite0:
-        try:
-            artifacts += lite0_artifacts(args.work, args.input_size, args.data,
-                                         ("onnx", "tflite") if args.litert else ("onnx",))
-        except Exception as exc:  # noqa: BLE001 - the table says why the student is missing; the rest still runs
-            build_error = f"Lite0 {args.input_size}px not built: {type(exc).__name__}: {exc}"
-    photo = args.photo.read_bytes()
+def measure(args, artifacts: list[Path], photo: bytes) -> tuple[list[dict], dict]:
     tmp = Path(tempfile.mkdtemp(prefix="retinaedge-browser-speed-"))
-    bench = install_litert(args.work) if args.litert else None
     server = Server(tmp)
     driver = browser(tmp)
-    rows = []
+    rows: list[dict] = []
     try:
         driver.get(f"http://127.0.0.1:{server.port}/app/check.html")
         deadline = time.monotonic() + 60
         while not driver.execute_script("return !!window.retinaedgeCheck") and time.monotonic() < deadline:
             time.sleep(0.1)
-        isolated = driver.execute_script("return self.crossOriginIsolated")
-        version = driver.capabilities.get("browserVersion", "?")
-        for artifact in [a for a in artifacts if a.suffix == ".onnx"] + [a for a in artifacts if a.suffix != ".onnx"]:
+        env = call(driver, "environment")
+        env["chromium"] = driver.capabilities.get("browserVersion", "?")
+        live = []
+        for artifact in artifacts:
             manifest = json.loads(Path(str(artifact) + ".manifest.json").read_text())
-            row = {"artifact": artifact.name, "model": manifest["model_name"], "precision": manifest["quantization"]["precision"],
-                   "input": manifest["preprocess"]["input_size"], "size_mb": artifact.stat().st_size / 1e6,
-                   "gate": manifest["gate"]["status"], "runtime": "onnxruntime-web" if artifact.suffix == ".onnx" else "LiteRT.js"}
-            row["native"] = native_times(artifact, photo, args.threads, args.runs, tmp)
-            if artifact.suffix == ".onnx":
-                row["browser"] = browser_times(driver, artifact, photo, args.threads, args.runs)
-            else:  # the app screens with ONNX only: LiteRT.js is timed on inference
-                row["browser"] = litert_times(driver, f"http://127.0.0.1:{server.port}", artifact, args.runs)
+            row = {"artifact": artifact.name, "format": manifest["format"], "model": manifest["model_name"],
+                   "precision": manifest["quantization"]["precision"], "input": manifest["preprocess"]["input_size"],
+                   "bytes": artifact.stat().st_size, "gate": manifest["gate"]["status"],
+                   "runtime": BROWSER_RUNTIME.get(manifest["format"], "?"), "native": {}, "browser": {}}
             rows.append(row)
+            try:
+                native = Native(artifact, photo, args.threads, tmp)
+            except Exception as exc:  # noqa: BLE001 - the row says why; the other artifacts still run
+                row["native"]["error"] = f"{type(exc).__name__}: {exc}"[:120]
+                native = None
+            info = call(driver, "openForTiming", artifact.name, base64.b64encode(artifact.read_bytes()).decode(),
+                        json.dumps(manifest), args.threads)
+            if "error" in info:
+                row["browser"]["error"] = info["error"][:120]
+            else:
+                row["browser"]["info"] = info
+            live.append((row, native, "error" not in info))
+        samples = {r["artifact"]: {"native_infer": [], "native_step": [], "infer": [], "step": [], "stages": []}
+                   for r in rows}
+        per = max(1, args.runs // args.rounds)
+        steps = max(1, args.steps // args.rounds)
+        photo_b64 = base64.b64encode(photo).decode()
+        for _ in range(args.rounds):
+            for row, native, in_browser in live:
+                got = samples[row["artifact"]]
+                if native is not None:
+                    infer, step = native.time(per, steps)
+                    got["native_infer"] += infer
+                    got["native_step"] += step
+                if in_browser:
+                    timed = call(driver, "time", row["artifact"], photo_b64, "image/jpeg", per, steps)
+                    if "error" in timed:
+                        row["browser"]["error"] = timed["error"][:120]
+                        continue
+                    got["infer"] += timed["infer"]
+                    got["step"] += timed["step"]
+                    got["stages"] += timed["stages"]
+                    row["browser"]["outcome"] = timed["outcome"]
+        for row, native, _ in live:
+            got = samples[row["artifact"]]
+            if native is not None:
+                row["native"] = {"infer": median_interval(got["native_infer"]), "step": median_interval(got["native_step"]),
+                                 "outcome": native.outcome, "n_infer": len(got["native_infer"]),
+                                 "n_step": len(got["native_step"]), "provider": native.session.info.provider}
+            if got["infer"]:
+                row["browser"].update({
+                    "infer": median_interval(got["infer"]), "step": median_interval(got["step"]),
+                    "n_infer": len(got["infer"]), "n_step": len(got["step"]),
+                    "stages": {k: float(np.median([s.get(k, 0.0) for s in got["stages"]])) for k in got["stages"][0]}})
     finally:
         driver.quit()
         server.stop()
-        if bench is not None:
-            shutil.rmtree(bench, ignore_errors=True)
-    load = first_load_bytes(WEB / "dist")
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    int8 = ", ".join(sorted({f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags.split()})) or "none"
-    lines = [f"# Web app speed: ONNX Runtime Web (WASM SIMD, {args.threads} threads, cross-origin isolated: {isolated}) "
-             f"vs native ONNX Runtime", "",
-             f"CPU: {cpu_model()} ({os.cpu_count()} cores), int8 features: {int8}; Chromium {version} headless; "
-             f"photo {args.photo.name}; p50 of {args.runs} inferences and {max(5, args.runs // 3)} whole steps each.", "",
-             "| artifact | browser runtime | precision | input | gate | MB | browser infer ms | native infer ms | ratio "
-             "| browser step ms | native step ms | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    return rows, env
+
+
+def app_choice(rows: list[dict], preference: list[dict]) -> tuple[str | None, str | None]:
+    """The artifact the app would pick among these (its table; gated ones only), and the fastest in this run."""
+    ranked = sorted((r for r in rows if r["gate"] in ("passed", "not_required") and "infer" in r["browser"]),
+                    key=lambda r: rank(r, preference))
+    chosen = ranked[0]["artifact"] if ranked else None
+    fastest = min(ranked, key=lambda r: r["browser"]["step"][0])["artifact"] if ranked else None
+    return chosen, fastest
+
+
+def rank(row: dict, preference: list[dict]) -> int:
+    key = {"format": row["format"], "precision": row["precision"]}
+    return preference.index(key) + 1 if key in preference else len(preference) + 1
+
+
+def fmt_p50(v: tuple[float, float, float] | None) -> str:
+    return "-" if v is None else f"{v[0]:.1f} [{v[1]:.1f}, {v[2]:.1f}]"
+
+
+def render(rows: list[dict], env: dict, load: dict, args, photo_name: str) -> str:
+    shell = load["app_runtime_sent"]
+    isolated = env.get("isolated")
+    lines = [
+        f"# Web app speed: the app's browser runtimes ({args.threads} threads, cross-origin isolated: {isolated}) vs "
+        "native runtimes, same CPU, same run", "",
+        f"CPU: {cpu_model()} ({os.cpu_count()} cores), int8 features: {int8_features()}; load average (1 min) "
+        f"{load['before']:.2f} before, {load['after']:.2f} after; Chromium {env.get('chromium')} headless, WebGPU: "
+        f"{env.get('webgpu')}; photo {photo_name}; {args.rounds} rounds visiting every artifact; p50 [95% interval].",
+        "",
+        "| artifact | browser runtime | precision | gate | MB | rank | browser infer ms | native infer ms | ratio "
+        "| browser step ms | native step ms | ratio | first load MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, n = r["browser"], r["native"]
-        head = f"| {r['artifact']} | {r['runtime']} | {r['precision']} | {r['input']} | {r['gate']} | {r['size_mb']:.2f} | "
-        if "error" in b:
-            lines.append(head + f"failed: {b['error'][:80]} | {n['infer_ms']:.2f} | | | {n['step_ms']:.1f} | |")
+        first = (shell + r["bytes"]) / 1e6
+        head = (f"| {r['artifact']} ({r['input']} px) | {r['runtime']} | {r['precision']} | {r['gate']} | "
+                f"{r['bytes'] / 1e6:.2f} | {rank(r, env['preference'])} | ")
+        if "infer" not in b:
+            native = fmt_p50(n.get("infer")) if "infer" in n else n.get("error", "-")
+            lines.append(head + f"failed: {b.get('error', '?')[:90]} | {native} | | | "
+                         f"{fmt_p50(n.get('step'))} | | {first:.2f} |")
             continue
-        step = (f"{b['step_ms']:.1f} | {n['step_ms']:.1f} | {b['step_ms'] / n['step_ms']:.1f}x" if "step_ms" in b
-                else f"- | {n['step_ms']:.1f} | -")
-        lines.append(head + f"{b['infer_ms']:.2f} | {n['infer_ms']:.2f} | {b['infer_ms'] / n['infer_ms']:.1f}x | {step} |")
-    app_mb = load["app_runtime_sent"] / 1e6
-    lines += ["", f"First load: app + runtime {app_mb:.2f} MB as sent (gzip; {load['app_runtime_raw'] / 1e6:.2f} MB "
-              "unpacked) + the model: " + ", ".join(f"{r['artifact']} {app_mb + r['size_mb']:.2f} MB" for r in rows
-                                                    if r["runtime"] == "onnxruntime-web") + ".",
-              "Browser stages of the last step (ms): " + "; ".join(
-                  f"{r['artifact']}: " + ", ".join(f"{k} {v:.1f}" for k, v in (r["browser"].get("stages") or {}).items())
+        ni, ns = n.get("infer"), n.get("step")
+        ri = f"{b['infer'][0] / ni[0]:.1f}x" if ni else "-"
+        rs = f"{b['step'][0] / ns[0]:.1f}x" if ns else "-"
+        lines.append(head + f"{fmt_p50(b['infer'])} | {fmt_p50(ni)} | {ri} | {fmt_p50(b['step'])} | {fmt_p50(ns)} | "
+                     f"{rs} | {first:.2f} |")
+    chosen, fastest = app_choice(rows, env["preference"])
+    lines += ["", f"n per cell: browser {rows[0]['browser'].get('n_infer', 0)} inferences / "
+                  f"{rows[0]['browser'].get('n_step', 0)} steps, native likewise. First load: app shell + both "
+                  f"runtimes as the service worker precaches them {shell / 1e6:.2f} MB as sent (gzip; ONNX Runtime Web "
+                  f"{load['runtime_ort'] / 1e6:.2f} MB, LiteRT.js {load['runtime_litert'] / 1e6:.2f} MB; "
+                  f"{load['app_runtime_raw'] / 1e6:.2f} MB unpacked) + the model as downloaded.",
+              f"The app's choice among these (runtime.PREFERENCE, gated only): {chosen}; fastest whole step in this "
+              f"run: {fastest}" + ("" if chosen == fastest else " (the table and this run disagree)") + ".",
+              "Browser stages, p50 ms: " + "; ".join(
+                  f"{r['artifact']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["browser"]["stages"].items())
                   for r in rows if "stages" in r["browser"])]
-    if build_error:
-        lines += ["", build_error]
-    table = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifact", action="append", type=Path, help="artifact with its sidecar (repeatable)")
+    parser.add_argument("--input-size", type=int, default=224, help="the Lite0 student built when no --artifact")
+    parser.add_argument("--no-lite0", action="store_true", help="no Lite0 export (with --fixtures: seconds)")
+    parser.add_argument("--fixtures", action="store_true", help="also the web fixtures' tiny ONNX/TFLite models")
+    parser.add_argument("--photo", type=Path, default=DEFAULT_PHOTO if DEFAULT_PHOTO.is_file() else
+                        WEB / "fixtures" / "photos" / "grade2.jpg")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="calibration photos for the Lite0 INT8 export")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=40, help="inferences per artifact and runtime")
+    parser.add_argument("--steps", type=int, default=20, help="whole steps per artifact and runtime")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds the samples are spread over")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "retinaedge_browser_speed")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "browser_speed")
+    args = parser.parse_args(argv)
+    subprocess.run(["make", "-s", "web"], cwd=ROOT, check=True)
+    artifacts = list(args.artifact or [])
+    build_error = None
+    if not args.artifact:
+        artifacts += FIXTURE_MODELS if args.fixtures else []
+        if not args.no_lite0:
+            try:
+                artifacts += lite0_artifacts(args.work, args.input_size, args.data)
+            except Exception as exc:  # noqa: BLE001 - the table says why the student is missing; the rest still runs
+                build_error = f"Lite0 {args.input_size}px not built: {type(exc).__name__}: {exc}"
+    if not artifacts:
+        parser.error("no artifacts: give --artifact, --fixtures, or let it build the Lite0 student")
+    load = {"before": os.getloadavg()[0]}
+    rows, env = measure(args, artifacts, args.photo.read_bytes())
+    load["after"] = os.getloadavg()[0]
+    load.update(first_load_bytes(WEB / "dist"))
+    table = render(rows, env, load, args, args.photo.name) + (f"\n{build_error}\n" if build_error else "")
     sys.stdout.write(table)
-    write_markdown_and_json(args.out, table, {"rows": rows, "first_load": load, "device": fingerprint(),
-                                              "chromium": version, "cross_origin_isolated": isolated})
+    write_markdown_and_json(args.out, table, {"rows": rows, "load": load, "environment": env, "device": fingerprint(),
+                                              "args": {k: str(v) for k, v in vars(args).items()}})
 
 
 if __name__ == "__main__":

@@ -75,8 +75,8 @@ def sign(manifest: dict, private_pem: bytes, sequence: int | None = 1, expires_i
     return sign_manifest(json.loads(ArtifactManifest.from_dict(manifest).to_json()), private_pem, release=release)
 
 
-def fixture_model(precision: str) -> tuple[bytes, dict]:
-    path = FIXTURES / "model" / f"model_{precision}.onnx"
+def fixture_model(precision: str, fmt: str = "onnx") -> tuple[bytes, dict]:
+    path = FIXTURES / "model" / f"model_{precision}.{fmt}"
     return path.read_bytes(), json.loads(Path(str(path) + ".manifest.json").read_text())
 
 
@@ -110,7 +110,8 @@ class Clinic:
         import httpx
 
         response = httpx.post(f"{self.base}/v1/models", headers={"Authorization": f"Bearer {self.publisher}"},
-                              files={"artifact": ("model.onnx", model)}, data={"manifest": json.dumps(manifest)})
+                              files={"artifact": (f"model.{manifest['format']}", model)},
+                              data={"manifest": json.dumps(manifest)})
         assert response.status_code == 200, response.text
 
     def history(self) -> list[dict]:
@@ -169,16 +170,21 @@ def screen_photo(driver, photo: Path, expected_count: int) -> str:
 
 @needs_chromium
 def test_install_offline_both_eyes_outbox_sync(web_dist, tmp_path, monkeypatch):
-    """Install online, screen offline (server stopped), reload, come online, sync: each result exactly once."""
+    """Install online, screen offline (server stopped), reload, come online, sync: each result exactly once. The
+    server offers ONNX and TFLite INT8 releases: the app screens with the first of runtime.PREFERENCE (TFLite INT8 in
+    LiteRT.js) and every result says so."""
     from selenium.webdriver.common.by import By
 
     clinic = Clinic(tmp_path, monkeypatch)
-    model, manifest = fixture_model("int8")
-    clinic.publish(model, sign(manifest, clinic.private_pem))
+    for fmt in ("onnx", "tflite"):
+        model, manifest = fixture_model("int8", fmt)
+        clinic.publish(model, sign(manifest, clinic.private_pem))
     driver = chrome(tmp_path)
     try:
         install_app(driver, clinic)
         assert driver.execute_script("return self.crossOriginIsolated") is True  # COOP/COEP: WASM threads
+        assert driver.execute_script("return document.body.dataset.artifact") == "tflite-int8"
+        assert driver.execute_script("return document.body.dataset.backend") == "litert.js"
         settled(driver, lambda: driver.execute_script(
             "return !!navigator.serviceWorker.controller"), what="service worker controls the page")
 
@@ -221,6 +227,7 @@ def test_install_offline_both_eyes_outbox_sync(web_dist, tmp_path, monkeypatch):
                 what="synced")
         synced = driver.execute_async_script(OUTBOX_JS)
         assert {r["state"] for r in synced} == {"acknowledged"}
+        assert {json.loads(r["canonical"])["backend"] for r in synced} == {"litert.js"}  # the offline reload kept it
         # Idempotent: the same results sent again are duplicates on the server, never second copies.
         driver.execute_async_script("""
             const done = arguments[arguments.length - 1];
@@ -335,7 +342,8 @@ def check_fixtures(golden: dict, photos: list[dict], tmp_path: Path, capsys) -> 
     assert (ROOT / "web" / "src" / "contract.generated.json").read_text() == fixtures.contract_text(), \
         "edge_runtime's texts or quality rules changed: run web/fixtures/make_fixtures.py"
     assert sum("/" not in p["photo"] for p in photos) >= 10  # the synthetic ones always
-    sessions = {p: open_session(FIXTURES / "model" / f"model_{p}.onnx") for p in ("fp32", "int8")}
+    models = golden["models"]  # fixture key -> file: the ONNX models (ONNX Runtime) and the TFLite ones (LiteRT)
+    sessions = {key: open_session(FIXTURES / "model" / name) for key, name in models.items()}
     policy = sessions["fp32"].info.manifest.preprocess
     step = level_step(policy)
     private_pem, public_pem = generate_key_pair()
@@ -365,12 +373,15 @@ def check_fixtures(golden: dict, photos: list[dict], tmp_path: Path, capsys) -> 
         settled(driver, lambda: driver.execute_script("return !!window.retinaedgeCheck"), what="check page")
         assert driver.execute_script("return self.crossOriginIsolated") is True
         driver.set_script_timeout(120)
-        for precision in ("fp32", "int8"):
-            model, manifest = fixture_model(precision)
-            driver.execute_async_script(
+        for precision, file_name in models.items():
+            path = FIXTURES / "model" / file_name
+            model, manifest = path.read_bytes(), json.loads(Path(str(path) + ".manifest.json").read_text())
+            info = driver.execute_async_script(
                 "const d = arguments[arguments.length - 1]; window.retinaedgeCheck.open(arguments[0], arguments[1], "
                 "arguments[2]).then(d, (e) => d(String(e)))",
                 b64(model), json.dumps(sign(manifest, private_pem)), key_b64)
+            assert isinstance(info, dict), info
+            assert info["backend"] == {"onnx": "onnxruntime-web", "tflite": "litert.js"}[manifest["format"]], info
             assert driver.execute_script("return window.retinaedgeCheck.decodeSide()") == golden["decode_side"]
             for entry in photos:
                 bgr, pre = live[entry["photo"]]
@@ -491,6 +502,8 @@ def test_camera_still_is_screened(web_dist, tmp_path, monkeypatch):
         assert not driver.find_element(By.ID, "screen-error").text
         stored = driver.execute_async_script(OUTBOX_JS)
         assert len(stored) == 1 and stored[0]["outcome"] in ("graded", "uncertain") and stored[0]["eye"] == "right"
+        # Only an ONNX release on this server: ONNX Runtime Web screens, and the result says so.
+        assert json.loads(stored[0]["canonical"])["backend"] == "onnxruntime-web"
         assert driver.execute_script("return document.getElementById('video').srcObject") is None  # camera released
     finally:
         driver.quit()

@@ -1,5 +1,6 @@
-// Builds web/dist: the app and its service worker bundled by esbuild, the static files, and only the ONNX Runtime
-// files the app loads (the WASM SIMD + threads build). Deterministic: same sources, same bytes.
+// Builds web/dist: the app and its service worker bundled by esbuild, the static files, and only the runtime files
+// the app loads (ONNX Runtime Web's WASM SIMD + threads build, LiteRT.js's threaded build). Deterministic: same
+// sources, same bytes.
 import { createHash } from "node:crypto";
 import { copyFileSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -10,10 +11,14 @@ const here = new URL(".", import.meta.url).pathname;
 const src = join(here, "src"), dist = join(here, "dist");
 const ortDist = join(here, "node_modules", "onnxruntime-web", "dist");
 const ORT_FILES = ["ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"];
+// LiteRT.js: only its threaded build (relaxed SIMD + threads); the app falls back to ONNX Runtime where it cannot run.
+const litertDist = join(here, "node_modules", "@litertjs", "core", "wasm");
+const LITERT_FILES = ["litert_wasm_threaded_internal.js", "litert_wasm_threaded_internal.wasm"];
 const STATIC = ["index.html", "app.css", "manifest.webmanifest", "icon.svg", "check.html"];
 
 rmSync(dist, { recursive: true, force: true });
 mkdirSync(join(dist, "ort"), { recursive: true });
+mkdirSync(join(dist, "litert"), { recursive: true });
 const common = {
   bundle: true, minify: true, format: "esm", target: ["chrome110", "safari16", "firefox115"], legalComments: "none",
   // The build of onnxruntime-web that loads its .mjs/.wasm from ort.env.wasm.wasmPaths (served from dist/ort/).
@@ -22,6 +27,7 @@ const common = {
 await esbuild.build({ ...common, entryPoints: { app: join(src, "main.ts"), check: join(src, "check.ts") }, outdir: dist });
 for (const f of STATIC) copyFileSync(join(src, f), join(dist, f));
 for (const f of ORT_FILES) copyFileSync(join(ortDist, f), join(dist, "ort", f));
+for (const f of LITERT_FILES) copyFileSync(join(litertDist, f), join(dist, "litert", f));
 
 const walk = (dir, prefix = "") => readdirSync(dir).sort().flatMap((name) => {
   const path = join(dir, name);

@@ -3,7 +3,9 @@
 import { checkModel, keyId } from "./model";
 import { parseKeepingNumbers, plain } from "./pyjson";
 import type { Manifest } from "./contract";
-import { ModelSession } from "./runtime";
+import { ModelSession, PREFERENCE } from "./runtime";
+import "./runtime_litert";
+import "./runtime_ort";
 import { analyse, decodeBlob, decodeSide, screen } from "./screen";
 import { canonicalJson } from "./result";
 
@@ -16,6 +18,7 @@ function toB64(bytes: Uint8Array): string {
 const f32b64 = (a: Float32Array) => toB64(new Uint8Array(a.buffer, a.byteOffset, a.byteLength));
 
 let session: ModelSession | null = null;
+const timing = new Map<string, ModelSession>();
 
 const api = {
   crossOriginIsolated: () => self.crossOriginIsolated,
@@ -23,14 +26,23 @@ const api = {
   async open(modelB64: string, manifestText: string, keyB64: string, threads?: number) {
     const bytes = fromB64(modelB64);
     const manifest = await checkModel(parseKeepingNumbers(manifestText), bytes, { keys: { [await keyId(keyB64)]: keyB64 }, revoked: [] });
-    session = await ModelSession.open(bytes, manifest, threads);
+    session = await ModelSession.open(bytes, manifest, { threads });
     return session.info;
   },
-  /** Open any artifact without the app's checks, for timing only (benchmarks/browser_speed.py); the app itself
-   *  opens nothing that has not passed checkModel. */
-  async openForTiming(modelB64: string, manifestText: string, threads?: number) {
-    session = await ModelSession.open(fromB64(modelB64), plain<Manifest>(parseKeepingNumbers(manifestText)), threads);
-    return session.info;
+  /** Open any artifact without the app's checks, for timing only (benchmarks/browser_speed.py), kept under
+   *  ``name`` beside the others so that timing rounds can visit every artifact in turn; the app itself opens
+   *  nothing that has not passed checkModel. */
+  async openForTiming(name: string, modelB64: string, manifestText: string, threads?: number) {
+    const opened = await ModelSession.open(fromB64(modelB64), plain<Manifest>(parseKeepingNumbers(manifestText)), { threads });
+    timing.set(name, opened);
+    return opened.info;
+  },
+  /** The app's preference table (runtime.PREFERENCE) and what this browser offers besides WASM. */
+  async environment() {
+    const gpu = (navigator as unknown as { gpu?: { requestAdapter(): Promise<unknown> } }).gpu;
+    let webgpu = "no navigator.gpu";
+    if (gpu) webgpu = (await gpu.requestAdapter().catch(() => null)) ? "adapter available" : "no adapter";
+    return { preference: PREFERENCE, webgpu, isolated: self.crossOriginIsolated, cores: navigator.hardwareConcurrency };
   },
   /** Everything the fixtures hold for one photo. */
   decodeSide: () => decodeSide(session!.manifest.preprocess),
@@ -54,26 +66,27 @@ const api = {
                       referable: d.referable, uncertain: d.uncertain, outcome: d.outcome, cam_peak: d.camPeak } : null,
     };
   },
-  /** p50 of ``n`` runs: inference alone, and the whole step (decode .. outbox commit) on one photo. */
-  async time(photoB64: string, mime: string, n: number) {
+  /** Samples (ms) of ``n`` inferences and ``steps`` whole steps (decode .. outbox commit, each with its stages) of
+   *  the artifact opened as ``name`` on one photo. */
+  async time(name: string, photoB64: string, mime: string, n: number, steps: number) {
+    const model = timing.get(name);
+    if (!model) throw new Error(`no artifact opened as ${name}`);
     const blob = new Blob([fromB64(photoB64)], { type: mime });
-    const side = decodeSide(session!.manifest.preprocess);
-    const bgr = await decodeBlob(blob, side);
-    const parts = await analyse(bgr, session!);
-    const tensor = parts.pre!.tensor;
-    const p50 = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-    for (let i = 0; i < 3; i++) await session!.run(tensor);
-    const infer: number[] = [], step: number[] = [];
-    for (let i = 0; i < n; i++) { const t = performance.now(); await session!.run(tensor); infer.push(performance.now() - t); }
-    let last = null;
-    for (let i = 0; i < n; i++) {
+    const side = decodeSide(model.manifest.preprocess);
+    const parts = await analyse(await decodeBlob(blob, side), model);
+    if (!parts.pre) throw new Error("the timing photo is ungradable: the step would stop before inference");
+    const tensor = parts.pre.tensor;
+    await model.run(tensor);
+    const infer: number[] = [], step: number[] = [], stages: Record<string, number>[] = [];
+    for (let i = 0; i < n; i++) { const t = performance.now(); await model.run(tensor); infer.push(performance.now() - t); }
+    for (let i = 0; i < steps; i++) {
       const t = performance.now();
       const decoded = await decodeBlob(blob, side);
-      const s = await screen(decoded, session!, "bench", { encounterId: null, eye: null }, null, performance.now() - t);
+      const s = await screen(decoded, model, "bench", { encounterId: null, eye: null }, null, performance.now() - t);
       step.push(performance.now() - t);
-      last = s.result.latency_ms;
+      stages.push(s.result.latency_ms);
     }
-    return { infer_ms: p50(infer), step_ms: p50(step), stages: last, outcome: parts.quality.gradable };
+    return { infer, step, stages, outcome: parts.decision?.outcome ?? "ungradable", info: model.info };
   },
   canonicalJson,
 };

@@ -47,10 +47,12 @@ export const CONTRACT = generated as unknown as {
   grade_names: string[];
   referable_min_grade: number;
   ready_gate_statuses: string[];
+  heads: Record<string, { outputs: [string, string]; classes: number }>;
   outcome_text: { ungradable: string; uncertain: string; refer: string; no_referral: string };
   quality: {
     rules: QualityRule[]; thresholds: Record<string, number>; work_size: number; gate_side: number;
-    not_fundus: { text: string; max_fov_fraction: number; min_roundness: number; min_mean_for_arc: number; min_field_range: number };
+    not_fundus: { text: string; max_fov_fraction: number; min_roundness: number; min_mean_for_arc: number; min_field_range: number;
+                  max_field_hole: number | null };
     arc: { tolerance: number; straight_edge: number; min_points: number; samples: [number, number, number][] };
     learned: null | {
       name: string; features: string[]; log_features: string[]; mean: number[]; scale: number[]; coef: number[];

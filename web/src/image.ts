@@ -82,8 +82,11 @@ export function resizeArea(src: Image8, dw: number, dh: number): Image8 {
   if (Math.abs(sx - ix) < Number.EPSILON && Math.abs(sy - iy) < Number.EPSILON) return resizeAreaFast(src, dw, dh, ix, iy);
   const xt = areaTab(src.w, dw, sx), yt = areaTab(src.h, dh, sy);
   const out = new Uint8Array(dw * dh * c);
-  const acc = new Float64Array(dw * c);
-  const row = new Float64Array(dw * c);
+  // float32 arithmetic in OpenCV's order (ResizeArea_Invoker), so halves round as they do there: every product is
+  // rounded to float32, and every sum too (a Float32Array store rounds).
+  const acc = new Float32Array(dw * c);
+  const row = new Float32Array(dw * c);
+  const data = src.data, n = xt.di.length;
   let k = 0;
   for (let dy = 0; dy < dh; dy++) {
     acc.fill(0);
@@ -91,12 +94,20 @@ export function resizeArea(src: Image8, dw: number, dh: number): Image8 {
       const y = yt.si[k], beta = yt.alpha[k];
       row.fill(0);
       const base = y * src.w * c;
-      // float32 arithmetic in OpenCV's order (ResizeArea_Invoker), so halves round as they do there
-      for (let t = 0; t < xt.di.length; t++) {
-        const s = base + xt.si[t] * c, d = xt.di[t] * c, a = xt.alpha[t];
-        for (let ch = 0; ch < c; ch++) row[d + ch] = Math.fround(row[d + ch] + Math.fround(src.data[s + ch] * a));
+      if (c === 3) {
+        for (let t = 0; t < n; t++) {
+          const s = base + xt.si[t] * 3, d = xt.di[t] * 3, a = xt.alpha[t];
+          row[d] += Math.fround(data[s] * a);
+          row[d + 1] += Math.fround(data[s + 1] * a);
+          row[d + 2] += Math.fround(data[s + 2] * a);
+        }
+      } else {
+        for (let t = 0; t < n; t++) {
+          const s = base + xt.si[t] * c, d = xt.di[t] * c, a = xt.alpha[t];
+          for (let ch = 0; ch < c; ch++) row[d + ch] += Math.fround(data[s + ch] * a);
+        }
       }
-      for (let i = 0; i < acc.length; i++) acc[i] = Math.fround(acc[i] + Math.fround(row[i] * beta));
+      for (let i = 0; i < acc.length; i++) acc[i] += Math.fround(row[i] * beta);
     }
     const o = dy * dw * c;
     for (let i = 0; i < acc.length; i++) out[o + i] = sat8(acc[i]);
@@ -158,8 +169,17 @@ export function resizeLinear(src: Image8, dw: number, dh: number): Image8 {
     return out;
   };
   const out = image(dw, dh, c);
+  // Each source row's horizontal pass is needed by up to a few consecutive output rows: keep the last two.
+  let key0 = -1, key1 = -1, val0 = new Int32Array(0), val1 = new Int32Array(0);
+  const cached = (y: number): Int32Array => {
+    if (y === key0) return val0;
+    if (y === key1) return val1;
+    key0 = key1; val0 = val1;
+    key1 = y; val1 = row(y);
+    return val1;
+  };
   for (let d = 0; d < dh; d++) {
-    const s0 = row(ys.ofs[d]), s1 = row(ys.nxt[d]);
+    const s0 = cached(ys.ofs[d]), s1 = cached(ys.nxt[d]);
     const b0 = ys.a0[d], b1 = ys.a1[d];
     for (let i = 0; i < dw * c; i++) {
       const v = (((s0[i] >> 4) * b0) >> 16) + (((s1[i] >> 4) * b1) >> 16);

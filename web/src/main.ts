@@ -2,10 +2,13 @@
 // results from the outbox, and background sync. Every result is committed to the outbox before it is shown.
 import { CONTRACT } from "./contract";
 import { referralReason } from "./decision";
-import { downloadModel, Keyring, ReleaseState, storedModel } from "./model";
+import { chooseModel, PROBE_RUNS } from "./choose";
+import { Keyring, ReleaseState, storedModel } from "./model";
 import * as outbox from "./outbox";
 import { encounterDecision, ScreeningResult } from "./result";
 import { ModelSession } from "./runtime";
+import "./runtime_litert";
+import "./runtime_ort";
 import { bitmapToBgr, decodeBlob, decodeSide, screen, Screening, Visit } from "./screen";
 import { SyncLoop } from "./sync";
 
@@ -69,7 +72,7 @@ function showResult(s: Screening): void {
       (r.dme_probability !== undefined ? `, P(DME) ${r.dme_probability.toFixed(2)}` : "");
   const img = $<HTMLImageElement>("overlay");
   if (s.overlay) { img.src = URL.createObjectURL(s.overlay); img.hidden = false; } else img.hidden = true;
-  $("model-line").textContent = `model ${r.model_version} (${state.session?.manifest.quantization.precision}), ${r.backend}/${r.provider}, ` +
+  $("model-line").textContent = `model ${r.model_version}, ${r.backend}/${r.provider}, ` +
     `${Math.round(Object.values(r.latency_ms).reduce((a, b) => a + b, 0))} ms; saved on this phone`;
   show("result", true);
   show("retake", r.outcome === "ungradable");
@@ -140,30 +143,49 @@ function stopCamera(): void {
 
 async function openModel(model: Awaited<ReturnType<typeof storedModel>>): Promise<void> {
   if (!model) return;
-  state.session = await ModelSession.open(model.bytes, model.manifest);
+  state.session = await ModelSession.open(model.bytes, model.manifest, { probe: PROBE_RUNS });
   $("model-error").textContent = "";
 }
 
 const NO_RELEASE: ReleaseState = { sequence: -1, min_sequence: 0, sha256: null };
 
-/** Download and verify the server's model against the installed release, then record the new release. */
-async function fetchModel(token: string, key: Keyring) {
-  const state = (await outbox.getSetting<ReleaseState>("release")) ?? NO_RELEASE;
-  const fresh = await downloadModel(token, key, state);
-  await outbox.setSetting("release", { sequence: fresh.release.sequence, sha256: fresh.manifest.sha256,
-                                       min_sequence: Math.max(state.min_sequence, fresh.release.min_sequence) });
-  return fresh;
+// Releases are numbered per format on the server; an app that ran only ONNX kept one "release" setting.
+const releaseOf = async (format: string): Promise<ReleaseState> =>
+  (await outbox.getSetting<ReleaseState>(`release:${format}`))
+  ?? (format === "onnx" ? await outbox.getSetting<ReleaseState>("release") : undefined) ?? NO_RELEASE;
+
+/** Choose the fastest signed, gated model this phone runs (choose.ts), switch to it and record its release. */
+async function fetchModel(token: string, key: Keyring): Promise<string[]> {
+  const choice = await chooseModel(token, key, releaseOf, state.session);
+  const format = choice.offer.format, before = await releaseOf(format);
+  await outbox.setSetting(`release:${format}`, {
+    sequence: choice.offer.release.sequence, sha256: choice.offer.manifest.sha256,
+    min_sequence: Math.max(before.min_sequence, choice.offer.release.min_sequence) });
+  state.session = choice.session;
+  return choice.skipped;
 }
 
 async function refreshModel(token: string, key: Keyring): Promise<void> {
   try {
-    const fresh = await fetchModel(token, key);
-    if (!state.session || fresh.manifest.sha256 !== state.session.manifest.sha256) await openModel(fresh);
+    const skipped = await fetchModel(token, key);
+    $("model-error").textContent = "";
+    showModel(skipped);
   } catch (err) {
     const offline = err instanceof TypeError; // fetch's network failure: no server, not a refused model
     $("model-error").textContent = (offline ? "Offline: no model update check" : `Model update refused: ${(err as Error).message}`) +
       (state.session ? " (screening with the verified model already on this phone)" : "");
   }
+}
+
+/** Which model and runtime screen here, and why better-ranked ones were not used. */
+function showModel(skipped: string[] = []): void {
+  const s = state.session;
+  if (!s) return;
+  $("runtime-line").textContent = `model ${s.manifest.model_version} (${s.manifest.format} ${s.manifest.quantization.precision}) on ` +
+    `${s.info.backend}, ${s.info.threads} thread${s.info.threads === 1 ? "" : "s"}` +
+    (s.info.probeMs !== undefined ? `, ${s.info.probeMs} ms an inference` : "") + (skipped.length ? `; not used: ${skipped.join("; ")}` : "");
+  document.body.dataset.backend = s.info.backend;
+  document.body.dataset.artifact = `${s.manifest.format}-${s.manifest.quantization.precision}`;
 }
 
 function showVisit(): void {
@@ -183,11 +205,11 @@ async function install(): Promise<void> {
     if (!me.ok) throw new Error(me.status === 401 || me.status === 403 ? "the token was refused; check it" : `server answered ${me.status}`);
     const device = await me.json();
     await outbox.setSetting("trusted_keys", keyring); // pinned: a later visit never replaces it
-    const fresh = await fetchModel(token, keyring);
+    const skipped = await fetchModel(token, keyring);
     await outbox.setSetting("token", token);
     await outbox.setSetting("device_id", device.device_id);
     state.deviceId = device.device_id;
-    await openModel(fresh);
+    showModel(skipped);
     showVisit();
     document.body.dataset.ready = "screening";
   } catch (err) {
@@ -237,6 +259,7 @@ async function main(): Promise<void> {
   state.deviceId = (await outbox.getSetting<string>("device_id")) ?? "";
   try {
     await openModel(await storedModel(key));
+    showModel();
   } catch (err) {
     $("model-error").textContent = `The stored model failed its checks: ${(err as Error).message}`;
   }

@@ -1,14 +1,17 @@
 // Model distribution in the browser: the device runtime's checks (edge_runtime.updates) before a model is used.
-// /v1/models/latest?format=onnx -> the publisher's Ed25519 signature over the manifest (against the pinned key),
-// the fidelity gate (an ungated artifact is refused), the download's sha256 against the signed manifest. Only then
-// is the pair stored (Cache Storage, beside the app shell the service worker keeps) and opened with ONNX Runtime.
+// /v1/models/latest?format=F for each format the app runs (runtime.PREFERENCE) -> the publisher's Ed25519
+// signature over the manifest (against the pinned key), the fidelity gate (an ungated artifact is refused), the
+// signed release; then the download's sha256 against the signed manifest. Only then is the pair stored (Cache
+// Storage, beside the app shell the service worker keeps) and opened with the format's runtime.
 import { ed25519Verify } from "./ed25519";
 import { Manifest, manifestReady } from "./contract";
 import { Bytes, parseKeepingNumbers, plain, pyDumps, sha256Hex } from "./pyjson";
+import { backendFor } from "./runtime";
 
 export const MODEL_CACHE = "retinaedge-model-v1";
 const MANIFEST_URL = "model/manifest.json"; // under the app's scope, so the service worker never fetches them
-const ARTIFACT_URL = "model/artifact.onnx";
+const ARTIFACT_URL = "model/artifact";
+const LEGACY_ARTIFACT_URL = "model/artifact.onnx"; // where an app that ran only ONNX kept it
 export const MAX_MODEL_BYTES = 64 * 2 ** 20; // a phone artifact is a few MB
 const MAX_LATEST_BYTES = 256 * 2 ** 10;
 
@@ -98,7 +101,7 @@ export function checkRelease(release: Release | null, sha256: string, state: Rel
 export async function checkModel(raw: unknown, bytes: Bytes, keyring: Keyring): Promise<Manifest> {
   await verifyManifestSignature(raw, keyring);
   const manifest = plain<Manifest>(raw);
-  if (manifest.format !== "onnx") throw new ModelRefusedError(`the web app runs ONNX artifacts, not ${manifest.format}`);
+  try { backendFor(manifest.format); } catch (err) { throw new ModelRefusedError((err as Error).message); }
   if (!manifestReady(manifest)) {
     throw new ModelRefusedError(`the artifact's fidelity gate is '${manifest.gate?.status}' (${(manifest.gate?.failures ?? []).join("; ") || "no details"}); an ungated artifact is never used`);
   }
@@ -128,29 +131,42 @@ async function boundedBody(response: Response, cap: number, what: string): Promi
   return out;
 }
 
-/** Download, verify and store the server's current ONNX artifact; the stored one stays if anything fails.
- *  ``state`` is the installed release (sequence -1 before the first install); the caller records the new one. */
-export async function downloadModel(token: string, keyring: Keyring,
-                                    state: ReleaseState): Promise<VerifiedModel & { release: Release }> {
+/** What the server offers for one format, its manifest already checked (signature, gate, release). */
+export interface Offer { format: string; raw: unknown; manifest: Manifest; release: Release; downloadUrl: URL }
+
+/** The server's newest release of ``format``, checked before anything it names is downloaded; null when the
+ *  server has none of that format. ``state`` is the installed release of that format (sequence -1 before any). */
+export async function offered(token: string, keyring: Keyring, format: string, state: ReleaseState): Promise<Offer | null> {
   const headers = { Authorization: `Bearer ${token}` };
-  const latest = await fetch("/v1/models/latest?format=onnx", { headers, cache: "no-store" });
-  if (!latest.ok) throw new ModelRefusedError(`the server has no model for this app (HTTP ${latest.status})`);
+  const latest = await fetch(`/v1/models/latest?format=${encodeURIComponent(format)}`, { headers, cache: "no-store" });
+  if (latest.status === 404) return null;
+  if (!latest.ok) throw new ModelRefusedError(`the server's ${format} model answered HTTP ${latest.status}`);
   const info = parseKeepingNumbers(new TextDecoder().decode(await boundedBody(latest, MAX_LATEST_BYTES, "the /latest answer"))) as Record<string, unknown>;
   const raw = info.manifest;
-  const release = await verifyManifestSignature(raw, keyring); // before downloading anything it names
+  const release = await verifyManifestSignature(raw, keyring);
   const manifest = plain<Manifest>(raw);
+  if (manifest.format !== format) throw new ModelRefusedError(`asked for a ${format} model, the server offered ${manifest.format}`);
   if (!manifestReady(manifest)) await checkModel(raw, new Uint8Array(), keyring); // throws the gate's reason
   checkRelease(release, String(manifest.sha256), state);
-  const url = new URL(String(info.download_url), location.origin);
-  if (url.origin !== location.origin) throw new ModelRefusedError(`the download points to ${url.origin}, not this server; refusing it`);
-  const download = await fetch(url, { headers, cache: "no-store" });
+  const downloadUrl = new URL(String(info.download_url), location.origin);
+  if (downloadUrl.origin !== location.origin) throw new ModelRefusedError(`the download points to ${downloadUrl.origin}, not this server; refusing it`);
+  return { format, raw, manifest, release: release!, downloadUrl };
+}
+
+/** Download an offer, check it again with its bytes (signature, gate, sha256) and store it as the phone's model;
+ *  the stored one stays if anything fails. */
+export async function downloadOffer(offer: Offer, token: string, keyring: Keyring): Promise<VerifiedModel> {
+  const download = await fetch(offer.downloadUrl, { headers: { Authorization: `Bearer ${token}` }, cache: "no-store" });
   if (!download.ok) throw new ModelRefusedError(`the model download answered HTTP ${download.status}`);
   const bytes = await boundedBody(download, MAX_MODEL_BYTES, "the model");
-  const checked = await checkModel(raw, bytes, keyring);
+  return { manifest: await checkModel(offer.raw, bytes, keyring), rawManifest: offer.raw, bytes };
+}
+
+export async function storeModel(model: VerifiedModel): Promise<void> {
   const cache = await caches.open(MODEL_CACHE);
-  await cache.put(ARTIFACT_URL, new Response(bytes, { headers: { "Content-Type": "application/octet-stream" } }));
-  await cache.put(MANIFEST_URL, new Response(rawText(raw), { headers: { "Content-Type": "application/json" } }));
-  return { manifest: checked, rawManifest: raw, bytes, release: release! };
+  await cache.put(ARTIFACT_URL, new Response(model.bytes, { headers: { "Content-Type": "application/octet-stream" } }));
+  await cache.put(MANIFEST_URL, new Response(rawText(model.rawManifest), { headers: { "Content-Type": "application/json" } }));
+  await cache.delete(LEGACY_ARTIFACT_URL);
 }
 
 function rawText(raw: unknown): string {
@@ -160,7 +176,8 @@ function rawText(raw: unknown): string {
 /** The stored model, checked again (signature, gate, sha256) before use; null when none is stored. */
 export async function storedModel(keyring: Keyring): Promise<VerifiedModel | null> {
   const cache = await caches.open(MODEL_CACHE);
-  const [m, a] = await Promise.all([cache.match(MANIFEST_URL), cache.match(ARTIFACT_URL)]);
+  const [m, a] = await Promise.all([cache.match(MANIFEST_URL),
+                                    cache.match(ARTIFACT_URL).then((r) => r ?? cache.match(LEGACY_ARTIFACT_URL))]);
   if (!m || !a) return null;
   const raw = parseKeepingNumbers(await m.text());
   const bytes = new Uint8Array(await a.arrayBuffer());

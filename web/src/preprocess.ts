@@ -16,6 +16,7 @@ export interface FieldOfView {
   fraction: number;
   mask: Image8; // 0/255 at the detection copy's scale
   maskScale: number;
+  small?: Image8; // the photo at the detection copy's scale (when reduced), reused by the quality gate
 }
 
 export interface Preprocessed {
@@ -35,42 +36,49 @@ export function toOriginal(pre: Preprocessed, u: number, v: number): [number, nu
   return [clip(x / pre.originalSize[0]), clip(y / pre.originalSize[1])];
 }
 
-// cv2.erode / cv2.dilate with a k x k rectangle, the image border ignored (OpenCV's default border value).
+// cv2.erode / cv2.dilate with a k x k rectangle, the image border ignored (OpenCV's default border value): a
+// separable running minimum (maximum), rows then columns, by van Herk / Gil-Werman (three comparisons a pixel
+// whatever k).
 export function morphRect(mask: Image8, k: number, op: "erode" | "dilate"): Image8 {
   const { w, h } = mask;
   const r = k >> 1;
-  const erode = op === "erode";
-  const src = mask.data, tmp = new Uint8Array(w * h), out = new Uint8Array(w * h);
-  for (let y = 0; y < h; y++) {
-    const row = y * w;
-    for (let x = 0; x < w; x++) {
-      let v = src[row + x];
-      const end = Math.min(w - 1, x + r);
-      for (let d = Math.max(0, x - r); d <= end; d++) {
-        const s = src[row + d];
-        if (erode ? s < v : s > v) v = s;
-      }
-      tmp[row + x] = v;
-    }
-  }
-  for (let y = 0; y < h; y++) {
-    const end = Math.min(h - 1, y + r);
-    for (let x = 0; x < w; x++) {
-      let v = tmp[y * w + x];
-      for (let d = Math.max(0, y - r); d <= end; d++) {
-        const s = tmp[d * w + x];
-        if (erode ? s < v : s > v) v = s;
-      }
-      out[y * w + x] = v;
-    }
-  }
+  const tmp = new Uint8Array(w * h), out = new Uint8Array(w * h);
+  const run = runningExtreme(Math.max(w, h), r, op === "erode");
+  for (let y = 0; y < h; y++) run(mask.data, tmp, y * w, 1, w);
+  for (let x = 0; x < w; x++) run(tmp, out, x, w, h);
   return image(w, h, 1, out);
+}
+
+/** The extreme over [i - r, i + r] of each of ``n`` values (read from ``src`` at ``start``, ``start + stride``, ...,
+ *  written likewise to ``dst``); outside the line counts as neutral. Buffers sized once for lines up to ``maxN``. */
+function runningExtreme(maxN: number, r: number, min: boolean) {
+  const L = 2 * r + 1, size = maxN + 2 * r + L;
+  const buf = new Uint8Array(size), g = new Uint8Array(size), hh = new Uint8Array(size);
+  const neutral = min ? 255 : 0;
+  return (src: Uint8Array, dst: Uint8Array, start: number, stride: number, n: number): void => {
+    const m = n + 2 * r;
+    buf.fill(neutral, 0, r);
+    for (let i = 0, j = start; i < n; i++, j += stride) buf[r + i] = src[j];
+    buf.fill(neutral, r + n, m);
+    // prefix (g) and suffix (hh) extremes within blocks of L: the window [i, i + 2r] spans at most two blocks
+    for (let b = 0; b < m; b += L) {
+      const e = Math.min(m, b + L);
+      let x = neutral;
+      for (let i = b; i < e; i++) { const v = buf[i]; if (min ? v < x : v > x) x = v; g[i] = x; }
+      x = neutral;
+      for (let i = e - 1; i >= b; i--) { const v = buf[i]; if (min ? v < x : v > x) x = v; hh[i] = x; }
+    }
+    for (let i = 0, j = start; i < n; i++, j += stride) {
+      const a = hh[i], b = g[i + 2 * r];
+      dst[j] = (min ? a < b : a > b) ? a : b;
+    }
+  };
 }
 
 interface Component { area: number; left: number; top: number; right: number; bottom: number }
 
-/** cv2.connectedComponentsWithStats(connectivity=8): labels numbered in raster order of their first pixel. */
-export function connectedComponents(mask: Image8): { labels: Int32Array; stats: Component[] } {
+/** cv2.connectedComponentsWithStats (connectivity 8, or 4): labels numbered in raster order of their first pixel. */
+export function connectedComponents(mask: Image8, connectivity: 4 | 8 = 8): { labels: Int32Array; stats: Component[] } {
   const { w, h } = mask;
   const parent: number[] = [0];
   const find = (a: number): number => { while (parent[a] !== a) { parent[a] = parent[parent[a]]; a = parent[a]; } return a; };
@@ -86,7 +94,7 @@ export function connectedComponents(mask: Image8): { labels: Int32Array; stats: 
     for (let x = 0; x < w; x++) {
       if (!mask.data[y * w + x]) continue;
       let label = 0;
-      const neighbours = [[y, x - 1], [y - 1, x - 1], [y - 1, x], [y - 1, x + 1]];
+      const neighbours = connectivity === 8 ? [[y, x - 1], [y - 1, x - 1], [y - 1, x], [y - 1, x + 1]] : [[y, x - 1], [y - 1, x]];
       for (const [ny, nx] of neighbours) {
         if (ny < 0 || nx < 0 || nx >= w) continue;
         const l = labels[ny * w + nx];
@@ -194,7 +202,7 @@ export function detectFov(bgr: Image8, threshold = 12): FieldOfView {
   const [x, y, w, h] = refineBox(bgr, s.left / scale, s.top / scale, (s.left + sw) / scale, (s.top + sh) / scale,
                                  threshold, Math.ceil(1 / scale) + 1);
   const radius = Math.max(w, h) / 2;
-  return { x, y, w, h, center: [x + w / 2, y + h / 2], radius, fraction, mask, maskScale: scale };
+  return { x, y, w, h, center: [x + w / 2, y + h / 2], radius, fraction, mask, maskScale: scale, small };
 }
 
 /** crop_and_resize: crop to the field of view, resize (area when shrinking), pad to a black square, as RGB. */

@@ -3,7 +3,7 @@
 // golden fixtures bind every metric and every verdict to the Python gate.
 import { CONTRACT } from "./contract";
 import { crop, image, Image8, pyRound, resizeArea, resizeLinear, resizeNearest, sat8 } from "./image";
-import { detectFov, FieldOfView, ImageError, morphRect } from "./preprocess";
+import { connectedComponents, detectFov, FieldOfView, ImageError, morphRect } from "./preprocess";
 import { sigmoid } from "./decision";
 import type { QualityReport } from "./result";
 
@@ -72,8 +72,13 @@ function morphEllipse(src: Image8, k: number, op: "erode" | "dilate", zeroBorder
       buf.fill(fill, 0, pad);
       buf.set(data.subarray(row, row + w), pad);
       buf.fill(fill, pad + w);
-      for (let i = 0; i < n; i++) { const v = buf[i]; g[i] = i % L === 0 || v < g[i - 1] ? v : g[i - 1]; }
-      for (let i = n - 1; i >= 0; i--) { const v = buf[i]; hh[i] = i % L === L - 1 || i === n - 1 || v < hh[i + 1] ? v : hh[i + 1]; }
+      for (let b = 0; b < n; b += L) {
+        const e = Math.min(n, b + L);
+        let m = 255;
+        for (let i = b; i < e; i++) { const v = buf[i]; if (v < m) m = v; g[i] = m; }
+        m = 255;
+        for (let i = e - 1; i >= b; i--) { const v = buf[i]; if (v < m) m = v; hh[i] = m; }
+      }
       for (let x = 0; x < w; x++) {
         const p = x + a + pad; // window [p, p + L)
         const u = hh[p], t = g[p + L - 1];
@@ -146,8 +151,10 @@ function filter3(img: Image8, k: number[]): Int32Array {
   return out;
 }
 
-/** cv2.GaussianBlur of a float image with sigma (kernel 8 sigma + 1, float32), BORDER_REFLECT_101. */
-function gaussian(src: Float64Array, w: number, h: number, sigma: number): Float64Array {
+/** cv2.GaussianBlur of a float image with sigma (kernel 8 sigma + 1, float32), BORDER_REFLECT_101. Each output
+ *  sums its taps in kernel order (so the result does not depend on how the loops are arranged); the vertical pass
+ *  runs row by row for memory order. */
+function gaussian(src: Float64Array, w: number, h: number, sigma: number): Float32Array {
   const k = (pyRound(sigma * 8 + 1)) | 1, r = k >> 1;
   const kernel = new Float64Array(k);
   let sum = 0;
@@ -156,45 +163,60 @@ function gaussian(src: Float64Array, w: number, h: number, sigma: number): Float
   const refl = (i: number, n: number) => { while (i < 0 || i >= n) i = i < 0 ? -i : 2 * n - 2 - i; return i; };
   const xi = Int32Array.from({ length: w + k }, (_, i) => refl(i - r, w));
   const yi = Int32Array.from({ length: h + k }, (_, i) => refl(i - r, h) * w);
-  const tmp = new Float64Array(w * h), out = new Float64Array(w * h);
+  const tmp = new Float32Array(w * h), out = new Float32Array(w * h); // float32 stores: OpenCV's float32 rows
+  const inner0 = Math.min(r, w), inner1 = Math.max(inner0, w - r);
   for (let y = 0; y < h; y++) {
     const row = y * w;
     for (let x = 0; x < w; x++) {
       let s = 0;
-      for (let i = 0; i < k; i++) s += kernel[i] * src[row + xi[x + i]];
-      tmp[row + x] = Math.fround(s);
+      if (x >= inner0 && x < inner1) {
+        const base = row + x - r;
+        for (let i = 0; i < k; i++) s += kernel[i] * src[base + i];
+      } else {
+        for (let i = 0; i < k; i++) s += kernel[i] * src[row + xi[x + i]];
+      }
+      tmp[row + x] = s;
     }
   }
+  const acc = new Float64Array(w);
   for (let y = 0; y < h; y++) {
-    for (let x = 0; x < w; x++) {
-      let s = 0;
-      for (let i = 0; i < k; i++) s += kernel[i] * tmp[yi[y + i] + x];
-      out[y * w + x] = Math.fround(s);
+    acc.fill(0);
+    for (let i = 0; i < k; i++) {
+      const kv = kernel[i], from = yi[y + i];
+      for (let x = 0; x < w; x++) acc[x] += kv * tmp[from + x];
     }
+    out.set(acc, y * w);
   }
   return out;
 }
 
-/** cv2.medianBlur(ksize=3): BORDER_REPLICATE. */
+/** cv2.medianBlur(ksize=3): BORDER_REPLICATE. The median of a 3 x 3 window is the median of (the largest column
+ *  minimum, the median column median, the smallest column maximum) once each of its 3 columns is sorted; each
+ *  image column's sorted triple is shared by the 3 windows that contain it. */
 function median3(img: Image8): Image8 {
   const { w, h } = img;
   const out = image(w, h, 1);
-  const d = img.data;
-  const v = new Int32Array(9);
-  // Paeth's 19-exchange median-of-9 network
-  const net = [1, 2, 4, 5, 7, 8, 0, 1, 3, 4, 6, 7, 1, 2, 4, 5, 7, 8, 0, 3, 5, 8, 4, 7, 3, 6, 1, 4, 2, 5, 4, 7, 4, 2, 6, 4, 4, 2];
+  const d = img.data, o = out.data;
+  const lo = new Uint8Array(w + 2), mid = new Uint8Array(w + 2), hi = new Uint8Array(w + 2);
   for (let y = 0; y < h; y++) {
     const r0 = Math.max(0, y - 1) * w, r1 = y * w, r2 = Math.min(h - 1, y + 1) * w;
+    for (let x = 0; x < w; x++) { // column x of the window rows, sorted, at index x + 1 (edges replicated below)
+      let a = d[r0 + x], b = d[r1 + x], c = d[r2 + x], t;
+      if (a > b) { t = a; a = b; b = t; }
+      if (b > c) { t = b; b = c; c = t; }
+      if (a > b) { t = a; a = b; b = t; }
+      lo[x + 1] = a; mid[x + 1] = b; hi[x + 1] = c;
+    }
+    lo[0] = lo[1]; mid[0] = mid[1]; hi[0] = hi[1];
+    lo[w + 1] = lo[w]; mid[w + 1] = mid[w]; hi[w + 1] = hi[w];
     for (let x = 0; x < w; x++) {
-      const xl = Math.max(0, x - 1), xr = Math.min(w - 1, x + 1);
-      v[0] = d[r0 + xl]; v[1] = d[r0 + x]; v[2] = d[r0 + xr];
-      v[3] = d[r1 + xl]; v[4] = d[r1 + x]; v[5] = d[r1 + xr];
-      v[6] = d[r2 + xl]; v[7] = d[r2 + x]; v[8] = d[r2 + xr];
-      for (let i = 0; i < net.length; i += 2) {
-        const a = net[i], b = net[i + 1];
-        if (v[a] > v[b]) { const t = v[a]; v[a] = v[b]; v[b] = t; }
-      }
-      out.data[r1 + x] = v[4];
+      const maxLo = Math.max(lo[x], lo[x + 1], lo[x + 2]), minHi = Math.min(hi[x], hi[x + 1], hi[x + 2]);
+      let a = mid[x], b = mid[x + 1], c = mid[x + 2], t;
+      if (a > b) { t = a; a = b; b = t; }
+      if (b > c) { b = c; }
+      const medMid = a > b ? a : b;
+      // median of (maxLo, medMid, minHi)
+      o[r1 + x] = Math.max(Math.min(maxLo, medMid), Math.min(Math.max(maxLo, medMid), minHi));
     }
   }
   return out;
@@ -326,9 +348,23 @@ export function fieldCircle(fov: FieldOfView, shape: [number, number]): FieldCir
   return { center: [cx / s, cy / s], radius: radius / s, roundness, coverage: inside / total };
 }
 
+/** field_hole: the largest black hole inside the field (background of the detection mask that no 4-connected path
+ *  of background joins to the frame's border), as a share of the field with its holes; pixel counts. */
+export function fieldHole(fov: FieldOfView): number {
+  const { w, h } = fov.mask;
+  const background = image(w, h, 1);
+  let field = 0;
+  for (let i = 0; i < w * h; i++) { const on = fov.mask.data[i] !== 0; background.data[i] = on ? 0 : 255; field += on ? 1 : 0; }
+  let largest = 0, enclosed = 0;
+  for (const s of connectedComponents(background, 4).stats) {
+    if (s.left > 0 && s.top > 0 && s.right + 1 < w && s.bottom + 1 < h) { largest = Math.max(largest, s.area); enclosed += s.area; }
+  }
+  return largest ? largest / (field + enclosed) : 0;
+}
+
 /** redness: (median red - median blue) / (median red + 1) inside the field, on the detection-size copy. */
 function redness(bgr: Image8, fov: FieldOfView): number {
-  const small = fov.maskScale === 1 ? bgr : resizeArea(bgr, fov.mask.w, fov.mask.h);
+  const small = fov.maskScale === 1 ? bgr : fov.small ?? resizeArea(bgr, fov.mask.w, fov.mask.h);
   const blue = new Float64Array(256), red = new Float64Array(256);
   for (let i = 0; i < fov.mask.data.length; i++) {
     if (!fov.mask.data[i]) continue;
@@ -345,6 +381,9 @@ export function notFundusReason(m: Record<string, number>): string | null {
   if (m.fov_fraction > nf.max_fov_fraction) return `${nf.text}: the frame has no dark surround around a round field; ${advice}`;
   if (m.roundness < nf.min_roundness && m.mean >= nf.min_mean_for_arc) {
     return `${nf.text}: the bright region is not a round field of view (roundness ${m.roundness.toFixed(2)} vs ${nf.min_roundness}); ${advice}`;
+  }
+  if (nf.max_field_hole !== null && (m.field_hole ?? 0) > nf.max_field_hole && m.mean >= nf.min_mean_for_arc) {
+    return `${nf.text}: a black disc inside the lit region (a pupil seen from outside the eye? hole ${m.field_hole.toFixed(3)} of the field vs ${nf.max_field_hole}); ${advice}`;
   }
   if (m.dynamic_range < nf.min_field_range) {
     return `${nf.text}: the field is blank (luminance range ${m.dynamic_range.toFixed(0)} levels vs ${nf.min_field_range.toFixed(0)}); ${advice}`;
@@ -575,6 +614,7 @@ export function qualityMetrics(photo: Image8, fov?: FieldOfView | null): Record<
     field_diameter: 2 * circle.radius,
     field_coverage: circle.coverage,
     roundness: circle.roundness,
+    ...(Q.not_fundus.max_field_hole === null ? {} : { field_hole: fieldHole(fov) }),
     redness: redness(bgr, fov),
     mean: stats.mean,
     std: stats.std,
