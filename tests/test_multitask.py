@@ -140,6 +140,23 @@ def test_a_coarse_row_takes_the_mean_class_weight_of_its_grades():
     assert marginal_grade_loss(logits, allowed, weight).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_reports_leave_photos_without_a_grade_out_of_the_grade_figures():
+    from edge_runtime.contract import OperatingPoint
+    from training.metrics import report_at
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1, 2, MISSING, 4, 0, 3, MISSING, 2, 0])
+    logits = rng.normal(size=(10, 5))
+    dme = np.array([0, 1, MISSING, 1, 0, 0, 1, 0, MISSING, 1])
+    partial = report_at(OperatingPoint(), y, logits, auc_ci=False, dme_labels=dme, dme_logits=rng.normal(size=10))
+    graded = y != MISSING
+    assert partial["n"] == graded.sum() and partial["n_without_grade"] == 2
+    assert np.asarray(partial["confusion_matrix"]).sum() == graded.sum()
+    assert partial["dme"]["n"] == 8 and partial["referred"] <= 10
+    alone = report_at(OperatingPoint(), y[graded], logits[graded], auc_ci=False)
+    assert partial["qwk"] == alone["qwk"] and partial["referable_auc"] == alone["referable_auc"]
+
+
 # ---------------------------------------------------------------- sampling weights per source
 def test_source_weights_give_each_folder_its_share_of_the_draws():
     samples = ([Sample(Path(f"a{i}.png"), 0, "p", "train", source="/d/big") for i in range(90)]
@@ -295,3 +312,36 @@ def test_evaluate_reads_a_folder_with_partial_grades(multitask_run, sources, tmp
     test = [s for s in read_partial_samples(sources[1]) if s.split == "test"]
     assert metrics["n"] == sum(s.grade != MISSING for s in test) and metrics["dme"]["n"] == len(test)
     assert metrics["n_without_grade"] == sum(s.grade == MISSING for s in test) > 0
+
+
+def test_the_study_compares_two_arms_per_folder_with_paired_ratios_and_noise_floors(multitask_run, sources,
+                                                                                      tmp_path):
+    import shutil
+
+    from edge_runtime.nuisance import NuisanceModel
+    from studies.multitask_study import compare, markdown
+    from training.train import fit
+
+    graded, coarse = sources
+    out = tmp_path / "study"
+    baseline = fit(TrainConfig(model="test_dr_tiny", data=(str(graded),), pretrained=False, input_size=48, epochs=1,
+                               batch_size=16, out=str(out / "baseline"), cache_dir=str(tmp_path / "cache")),
+                   progress=False)
+    assert baseline.best_checkpoint.is_file()
+    shutil.copytree(multitask_run.out_dir, out / "multitask")
+    report = compare(out, graded.parent, str(tmp_path / "cache"), test_folders=("graded", "coarse"),
+                     floor_folders=("graded", "coarse"), nuisance=NuisanceModel(draws=2))
+    referable = report["folders"]["graded"]["referable"]
+    assert referable["auc_ratio"] == pytest.approx(referable["auc"] / referable["baseline_auc"])
+    low, high = referable["auc_ratio_ci"]
+    assert low <= referable["auc_ratio"] <= high and referable["auc_ratio_lower_bound"] >= low
+    # The baseline has no DME head: the multi-task DME AUC stands alone, pooled over the labelled test photos.
+    assert "auc_ratio" not in report["folders"]["coarse"]["dme"]
+    assert report["pooled_dme"]["n"] == sum(s.split == "test" for s in read_partial_samples(coarse))
+    for arm in ("baseline", "multitask"):
+        floor = report["arms"][arm]["noise_floor"]
+        assert floor["folders"] == ["coarse", "graded"] and floor["draws"] == 2
+        assert 0 <= floor["referral"]["d0"] <= 0.5 and floor["referral"]["d0_ci"][0] <= floor["referral"]["d0"]
+    baseline_floor = report["arms"]["baseline"]["noise_floor"]
+    assert baseline_floor["dr_referral"]["d0"] == baseline_floor["referral"]["d0"]  # no DME head: one decision
+    assert "| graded | referable |" in markdown(report) and (out / "study.md").is_file()

@@ -29,7 +29,11 @@ def report_at(point: OperatingPoint, y: np.ndarray, logits: np.ndarray, auc_ci: 
 
     With a DME head's ``dme_logits`` (and its photos' ``dme_labels``, ``MISSING`` where unknown) the report gains
     ``dme``: AUC and sensitivity/specificity at ``dme_point`` (default 0.5) on the labelled photos, and
-    ``referred``: photos referred for referable DR or DME, the rule the device applies."""
+    ``referred``: photos referred for referable DR or DME, the rule the device applies.
+
+    Photos whose grade is ``MISSING`` (blank or coarse) are left out of the grade figures (``split_report``)."""
+    if (np.asarray(y) == MISSING).any():
+        return split_report(point, y, logits, auc_ci, dme_labels, dme_logits, dme_point)
     if dme_logits is not None and dme_point is None:
         dme_point = OperatingPoint()
     decisions = decide_batch(logits, point, dme_logits, dme_point)
