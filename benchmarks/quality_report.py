@@ -59,6 +59,7 @@ class Verdict:
     score: float
     not_fundus: bool  # refused as not a fundus photo (never graded)
     fired: str  # "rules", "learned", "rules+learned" or "" (gradable)
+    field_mean: float | None = None  # mean luminance of the field (None: refused before it was measured)
 
 
 Gate = Callable[[bytes, int], Verdict]  # (encoded photo, model input size) -> verdict
@@ -92,7 +93,8 @@ def current_gate(thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> Gate:
         img = decode_image(data, min_side=decode_side(PreprocessPolicy(input_size=input_size)))
         report = assess(img, thresholds)
         not_fundus = bool(report.reasons) and report.reasons[0].startswith(NOT_FUNDUS)
-        return Verdict(bool(report.gradable), float(report.score), not_fundus, _fired(report))
+        return Verdict(bool(report.gradable), float(report.score), not_fundus, _fired(report),
+                       report.metrics.get("mean"))
 
     return gate
 
@@ -187,6 +189,15 @@ def _verdict(record: dict, gate: str, size: int = INPUT_SIZE) -> dict:
     return record["verdicts"][gate][str(size)]
 
 
+DARK_FIELD_MEAN = 40.0  # a field this dark (mean luminance) is one a grader would likely reject, though diagnosed
+
+
+def _field_mean(record: dict) -> float | None:
+    """The field's mean luminance from whichever gate measured it (the photo is the same for every gate)."""
+    means = [v[str(INPUT_SIZE)].get("field_mean") for v in record["verdicts"].values()]
+    return next((m for m in means if m is not None), None)
+
+
 def summarise(records: list[dict], gate: str) -> dict:
     """The report's tables for one gate, as {table: {row: share}}."""
     photos = [r for r in records if r["dataset"] != "non_fundus"]
@@ -205,6 +216,9 @@ def summarise(records: list[dict], gate: str) -> dict:
             out["per folder"][f"{folder} (all, graders' rejects included)"] = rejected(rows)
         else:
             out["per folder"][folder] = rejected(rows)
+            bright = [r for r in rows if (_field_mean(r) or 0.0) >= DARK_FIELD_MEAN]
+            if len(bright) < len(rows):
+                out["per folder"][f"  {folder}, field mean >= {DARK_FIELD_MEAN:.0f}"] = rejected(bright)
     for name in DEGRADATIONS:
         cases = [r for r in photos if r["case"] == name]
         out["degradations"][name] = rejected(cases)

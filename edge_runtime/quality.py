@@ -68,6 +68,12 @@ MIN_MEAN_FOR_ARC = 40.0
 MAX_FOV_FRACTION = 0.99  # a field covering more of the frame has no dark surround (fields larger than a square
 # frame, black only in its corners, cover up to 0.97 of it)
 MIN_FIELD_RANGE = 8.0  # luminance p99 - p1 (8-bit levels) below which the field is blank (real fields: > 14)
+# The retina is seen through the pupil, so a fundus field has no black hole in it; an eye photographed from outside
+# (a slit lamp's lit anterior segment) shows its pupil as a black disc inside the lit region. The largest hole in
+# the field's mask, as a share of the field's area, is judged in fields bright enough (MIN_MEAN_FOR_ARC) that a
+# dark fundus region does not fall under the mask's threshold: real fields measured <= 0.0023 (mexico_dme, the
+# camera with the darkest photos), an external eye's pupil 0.015-0.025.
+MAX_FIELD_HOLE = 0.01
 NOT_FUNDUS = "not a fundus photo"
 
 _LEVELS = np.arange(256, dtype=np.float32)
@@ -396,6 +402,19 @@ def field_circle(fov: FieldOfView, shape: tuple[int, ...]) -> FieldCircle:
     return FieldCircle((cx / s, cy / s), radius / s, roundness, coverage)
 
 
+def field_hole(fov: FieldOfView) -> float:
+    """The largest black hole inside the field: background pixels of the detection mask that no 4-connected path
+    of background joins to the frame's border, as a share of the field with its holes (pixel counts, so a port
+    counts the same)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(cv2.bitwise_not(fov.mask), connectivity=4)
+    h, w = fov.mask.shape[:2]
+    x, y, bw, bh, area = (stats[1:, k] for k in range(5))
+    enclosed = (x > 0) & (y > 0) & (x + bw < w) & (y + bh < h)
+    if not enclosed.any():
+        return 0.0
+    return float(area[enclosed].max()) / float(cv2.countNonZero(fov.mask) + area[enclosed].sum())
+
+
 def redness(bgr: np.ndarray, fov: FieldOfView) -> float:
     """(median red - median blue) / (median red + 1) inside the field, on the detection-size copy: a fundus is red."""
     s = fov.mask_scale
@@ -407,13 +426,17 @@ def redness(bgr: np.ndarray, fov: FieldOfView) -> float:
 
 
 def not_fundus_reason(metrics: dict[str, float]) -> str | None:
-    """Why the photo is not a fundus photo (no dark surround, no round field, a blank field), or None."""
+    """Why the photo is not a fundus photo (no dark surround, no round field, a black hole in it, a blank field),
+    or None."""
     advice = "photograph the retina through the pupil, with the camera's round field in the frame"
     if metrics["fov_fraction"] > MAX_FOV_FRACTION:
         return f"{NOT_FUNDUS}: the frame has no dark surround around a round field; {advice}"
     if metrics["roundness"] < MIN_ROUNDNESS and metrics["mean"] >= MIN_MEAN_FOR_ARC:
         return (f"{NOT_FUNDUS}: the bright region is not a round field of view (roundness {metrics['roundness']:.2f} "
                 f"vs {MIN_ROUNDNESS}); {advice}")
+    if metrics.get("field_hole", 0.0) > MAX_FIELD_HOLE and metrics["mean"] >= MIN_MEAN_FOR_ARC:
+        return (f"{NOT_FUNDUS}: a black disc inside the lit region (a pupil seen from outside the eye? hole "
+                f"{metrics['field_hole']:.3f} of the field vs {MAX_FIELD_HOLE}); {advice}")
     if metrics["dynamic_range"] < MIN_FIELD_RANGE:
         return (f"{NOT_FUNDUS}: the field is blank (luminance range {metrics['dynamic_range']:.0f} levels "
                 f"vs {MIN_FIELD_RANGE:.0f}); {advice}")
@@ -493,6 +516,7 @@ def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str
         "field_diameter": 2 * circle.radius,
         "field_coverage": circle.coverage,
         "roundness": circle.roundness,
+        "field_hole": field_hole(fov),
         "redness": redness(bgr, fov),
         "mean": mean,
         "std": std,

@@ -47,11 +47,12 @@ DATA_FILE = Path(__file__).resolve().parents[1] / "edge_runtime" / THRESHOLDS_FI
 
 def measure(datasets: list[Path], splits: tuple[str, ...], limit: int | None = None, seed: int = 0,
             labelled_only: tuple[str, ...] = (), degraded: bool = True, reframed: tuple[str, ...] = REFRAMED,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, every: int = 1) -> list[dict]:
     """One record per (photo, case): the indicators as the Screener measures them (None: refused, no field).
 
     ``labelled_only``: splits of which only photos with an EyeQ grade are measured (the train split, for the
-    learned score). Records carry ``dataset``, ``image``, ``split``, ``quality`` (EyeQ grade or None), ``case``
+    learned score). ``every``: every k-th photo of a folder's rows (a sample spread over all its patients and
+    centres, where ``limit`` takes the first ones). Records carry ``dataset``, ``image``, ``split``, ``quality`` (EyeQ grade or None), ``case``
     (``original``, a degradation, or ``reframed:<name>``) and ``strength``.
     """
     side = decode_side(PreprocessPolicy(input_size=INPUT_SIZE))
@@ -62,7 +63,7 @@ def measure(datasets: list[Path], splits: tuple[str, ...], limit: int | None = N
             labels = {r["image"]: r["quality"] for r in csv.DictReader(open(data / EYEQ_FILE))}
         rows = [r for r in csv.DictReader(open(data / "labels.csv")) if r["split"] in splits
                 and (r["split"] not in labelled_only or r["image"] in labels)]
-        rows = rows[:limit] if limit else rows
+        rows = rows[::every][:limit] if limit else rows[::every]
         for i, row in enumerate(rows):
             rng = np.random.default_rng([seed, i, len(data.name)])
             image = read_image(data / "images" / row["image"])

@@ -42,10 +42,10 @@ def screened(data: bytes, input_size: int = 224) -> np.ndarray:
     return decode_image(data, min_side=decode_side(PreprocessPolicy(input_size=input_size)))
 
 
-# what the gate must refuse as not a fundus photo; the slit-lamp photo (a lit, roughly round eye in a dark surround)
-# and the pale disc (a round field with nothing in it but a blank of 3 levels) are checked separately below
+# what the gate must refuse as not a fundus photo; the pale disc (a round field with nothing in it but a blank of
+# 3 levels) is checked separately below
 REFUSED = ("blank_black", "blank_grey", "blank_white", "document", "document_on_desk", "face", "face_dark_background",
-           "anterior_segment")
+           "anterior_segment", "anterior_segment_slit_lamp")
 
 
 @pytest.mark.parametrize("name", REFUSED)
@@ -60,6 +60,43 @@ def test_non_fundus_captures_are_refused_never_graded(name):
 def test_other_non_fundus_captures_are_never_graded(name):
     report = assess(NON_FUNDUS[name](np.random.default_rng(3)))
     assert not report.gradable, report.reasons
+
+
+def _slit_lamp(rng: np.random.Generator, pupil: int, lit: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """An external eye lit by a lamp in a dark room, drawn here (not by the report's generator): skin, sclera, an
+    iris of random colour and a black pupil of ``pupil`` px, lit by a soft ellipse of half-axes ``lit``."""
+    h, w = size
+    img = np.full((h, w, 3), [int(v) for v in rng.integers(90, 140, 3)], np.uint8)
+    cx, cy = w // 2 + int(rng.integers(-40, 40)), h // 2 + int(rng.integers(-30, 30))
+    cv2.ellipse(img, (cx, cy), (int(0.42 * w), int(0.27 * h)), 0, 0, 360, (205, 212, 225), -1)  # sclera
+    cv2.circle(img, (cx, cy), int(2.4 * pupil), [int(v) for v in rng.integers(40, 160, 3)], -1)  # iris
+    cv2.circle(img, (cx, cy), pupil, (6, 6, 6), -1)
+    cv2.circle(img, (cx + pupil // 2, cy - pupil // 2), max(4, pupil // 5), (255, 255, 255), -1)  # corneal reflex
+    light = np.zeros((h, w), np.float32)
+    cv2.ellipse(light, (cx, cy), lit, 0, 0, 360, 1.0, -1)
+    light = cv2.GaussianBlur(light, (0, 0), 0.07 * min(lit))[..., None]
+    noisy = img.astype(np.float32) * light + rng.normal(0, 2, img.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("pupil", "lit", "size"), [(50, (330, 280), (768, 1024)), (80, (420, 380), (960, 1280)),
+                                                    (35, (250, 230), (600, 800))])
+def test_a_slit_lamp_photo_of_the_front_of_the_eye_is_refused(pupil, lit, size):
+    """A lit eye in a dark surround is round like a fundus field, but its pupil is a black disc inside the lit
+    region: refused as not a fundus photo, never graded, whatever its size and frame."""
+    image = _slit_lamp(np.random.default_rng(pupil), pupil, lit, size)
+    report = assess(screened(cv2.imencode(".jpg", image)[1].tobytes()))
+    assert is_not_fundus(report) and not report.gradable, report.reasons
+
+
+def test_a_fundus_with_a_dark_lesion_is_not_taken_for_a_pupil(photo):
+    """A dark haemorrhage-sized spot that stays above the field's black threshold is retina, not a hole."""
+    spotted = photo.copy()
+    centre = (photo.shape[1] // 2 + 60, photo.shape[0] // 2)
+    cv2.circle(spotted, centre, photo.shape[0] // 14, (20, 18, 40), -1)
+    report = assess(spotted)
+    assert not is_not_fundus(report), report.reasons
+    assert report.metrics["field_hole"] == 0.0
 
 
 def test_a_blank_field_is_refused(photo):
@@ -208,3 +245,86 @@ def test_threshold_study_keeps_reframed_copies_and_ignores_graders_rejects():
     thresholds, detail = choose(originals + reframed + rejected + heavy, budget=0.02)
     assert 3.5 < thresholds.max_blockiness < 5.0  # above every JPEG-50 copy, below heavy JPEG
     assert detail["n_originals"] == 250 and detail["caught"]["heavy_jpeg"] == 1.0
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("folder", ["mexico_dme", "messidor2", "eyepacs_full"])
+def test_real_fields_have_no_pupil_sized_hole(shared_data, folder):
+    """Fundus fields bright enough to judge have no black hole anywhere near the not-a-fundus limit."""
+    import csv
+
+    from edge_runtime.quality import MAX_FIELD_HOLE, MIN_MEAN_FOR_ARC
+
+    data = shared_data / folder
+    rows = [r for r in csv.DictReader(open(data / "labels.csv")) if r["split"] == "test"][::6]
+    judged = 0
+    for row in rows:
+        metrics = assess(screened((data / "images" / row["image"]).read_bytes())).metrics
+        if metrics and metrics["mean"] >= MIN_MEAN_FOR_ARC:
+            judged += 1
+            assert metrics["field_hole"] < MAX_FIELD_HOLE / 4, row["image"]
+    assert judged >= 10
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name", ["clip_3x2", "clip_4x3", "field_large"])
+def test_another_cameras_gradable_photos_clipped_stay_gradable(shared_data, name):
+    """Gradable mexico_dme test photos (the camera the gate used to over-reject), clipped by a 3:2 or 4:3 frame or
+    larger than the frame, keep their verdict (one of ten may flip)."""
+    import csv
+
+    from edge_runtime.preprocess import read_image
+
+    data = shared_data / "mexico_dme"
+    rows = [r for r in csv.DictReader(open(data / "labels.csv")) if r["split"] == "test"][::5]
+    kept = total = 0
+    for row in rows:
+        if not assess(screened((data / "images" / row["image"]).read_bytes())).gradable:
+            continue
+        total += 1
+        kept += assess(screened(REFRAMINGS[name](read_image(data / "images" / row["image"])))).gradable
+        if total == 10:
+            break
+    assert total == 10 and kept >= 9, (kept, total)
+
+
+def test_learned_score_keeps_the_recipe_that_rejects_fewest_gradable_photos():
+    """The packaged model records every recipe it was compared with (the graders' labels alone, and with the other
+    cameras' photos) and is the one whose gate rejected the fewest val + calib gradable photos at its point."""
+    data = json.loads((ROOT / "edge_runtime" / "data" / "quality_model.json").read_text())
+    compared = data["chosen_on"]["recipes_compared"]
+    assert {"graders", "cameras"} <= set(compared)
+
+    def rate(name: str) -> float:
+        k, n = compared[name]["val_calib_gradable_rejected"].split("/")
+        return int(k) / int(n)
+
+    assert rate(data["chosen_on"]["recipe"]) == min(rate(name) for name in compared)
+    point = data["operating_point"]
+    assert point["sensitivity"] >= point["target"] and point["sensitivity_ci"][0] < point["sensitivity"]
+
+
+def test_other_cameras_join_as_gradable_unless_nearly_black():
+    """With the other cameras, their train photos count as gradable (a nearly black one stays unlabelled), their
+    degradations as ungradable; without them, only the graded photos and their copies count."""
+    from studies.quality_model import DARK_FIELD_MEAN, RECIPES, training_set
+
+    def record(dataset: str, image: str, case: str, quality: str | None, mean: float) -> dict:
+        return {"dataset": dataset, "image": image, "split": "train", "quality": quality, "case": case,
+                "strength": None, "metrics": {"mean": mean}}
+
+    records = [record("eyepacs_full", "1_left.jpg", "original", "good", 90.0),
+               record("eyepacs_full", "2_left.jpg", "original", "reject", 30.0),
+               record("eyepacs_full", "1_left.jpg", "defocus", "good", 90.0),
+               record("mexico_dme", "0001_OD_f_1.jpg", "original", None, 100.0),
+               record("mexico_dme", "0001_OD_f_1.jpg", "reframed:clip_3x2", None, 100.0),
+               record("mexico_dme", "0001_OD_f_1.jpg", "haze", None, 120.0),
+               record("mexico_dme", "0002_OD_f_1.jpg", "original", None, DARK_FIELD_MEAN - 1),
+               record("mexico_dme", "0002_OD_f_1.jpg", "reframed:clip_3x2", None, DARK_FIELD_MEAN - 1)]
+    rows, labels, weights = training_set(records, RECIPES["cameras"])
+    got = {(r["image"], r["case"]): (int(y), w) for r, y, w in zip(rows, labels, weights, strict=True)}
+    assert ("0002_OD_f_1.jpg", "original") not in got and ("0002_OD_f_1.jpg", "reframed:clip_3x2") not in got
+    assert got[("0001_OD_f_1.jpg", "original")][0] == 0 and got[("0001_OD_f_1.jpg", "haze")][0] == 1
+    assert got[("2_left.jpg", "original")] == (1, RECIPES["cameras"].reject_weight)
+    rows, _, _ = training_set(records, RECIPES["graders"])
+    assert {r["dataset"] for r in rows} == {"eyepacs_full"} and len(rows) == 3
