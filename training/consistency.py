@@ -4,8 +4,9 @@ rotation, a JPEG re-encode) and penalises how far the two outputs part.
 
 The gate measures a model's referral noise floor D0 under exactly these draws; training against the same model
 (not a look-alike) is what makes a lower D0 an honest target. The perturbation runs on the uint8 crop a device
-would see (the augmented batch rounded back to 8 bits), one photo at a time through OpenCV: about 1-9 ms a 224-px
-photo on one core, small beside a Lite0 forward and backward pass on the CPU.
+would see (the augmented batch rounded back to 8 bits), one photo at a time through OpenCV: about 5 ms of CPU a
+224-px fundus crop, against about 95 ms for Lite0's forward and backward pass per photo on this 2-core CPU (10.5
+photos/s); the second forward and backward pass, not the draw, is what doubles a step.
 """
 from __future__ import annotations
 
