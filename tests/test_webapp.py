@@ -452,8 +452,9 @@ def test_phone_screenshot(web_dist, tmp_path, monkeypatch):
     from selenium.webdriver.common.by import By
 
     clinic = Clinic(tmp_path, monkeypatch)
-    model, manifest = fixture_model("fp32")
-    clinic.publish(model, sign(manifest, clinic.private_pem))
+    for fmt in ("onnx", "tflite"):  # as a clinic publishes: the phone picks TFLite INT8 (LiteRT.js)
+        model, manifest = fixture_model("int8", fmt)
+        clinic.publish(model, sign(manifest, clinic.private_pem))
     driver = chrome(tmp_path, width=360, height=780)
     try:
         install_app(driver, clinic)

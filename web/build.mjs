@@ -24,7 +24,7 @@ const common = {
   // The build of onnxruntime-web that loads its .mjs/.wasm from ort.env.wasm.wasmPaths (served from dist/ort/).
   conditions: ["onnxruntime-web-use-extern-wasm"], logLevel: "warning",
 };
-await esbuild.build({ ...common, entryPoints: { app: join(src, "main.ts"), check: join(src, "check.ts") }, outdir: dist });
+await esbuild.build({ ...common, entryPoints: { app: join(src, "main.ts"), check: join(src, "check.ts"), quality_worker: join(src, "quality_worker.ts") }, outdir: dist });
 for (const f of STATIC) copyFileSync(join(src, f), join(dist, f));
 for (const f of ORT_FILES) copyFileSync(join(ortDist, f), join(dist, "ort", f));
 for (const f of LITERT_FILES) copyFileSync(join(litertDist, f), join(dist, "litert", f));

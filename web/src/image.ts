@@ -42,6 +42,33 @@ export function bgrFromRgba(rgba: Uint8ClampedArray | Uint8Array, w: number, h: 
   return image(w, h, 3, out);
 }
 
+/** An opaque RGBA image (a decoded JPEG) reduced by ``k`` to ceil(w / k) x ceil(h / k) BGR, each pixel the rounded
+ *  mean of its k x k block (the last row and column of blocks clipped to the image), in one pass. This stands in
+ *  for libjpeg's decode at 1/k scale, which browsers do not offer: like it, every output pixel comes from its own
+ *  block (cv2.resize(INTER_AREA) to the same size would spread a fractional block over the whole image). */
+export function reduceRgbaToBgr(rgba: Uint8ClampedArray | Uint8Array, w: number, h: number, k: number): Image8 {
+  const dw = Math.ceil(w / k), dh = Math.ceil(h / k);
+  const out = new Uint8Array(dw * dh * 3);
+  const acc = new Uint32Array(dw * 3);
+  for (let dy = 0; dy < dh; dy++) {
+    acc.fill(0);
+    const y0 = dy * k, y1 = Math.min(h, y0 + k);
+    for (let y = y0; y < y1; y++) {
+      let i = y * w * 4;
+      for (let x = 0; x < w; x++, i += 4) {
+        const d = ((x / k) | 0) * 3;
+        acc[d] += rgba[i + 2]; acc[d + 1] += rgba[i + 1]; acc[d + 2] += rgba[i];
+      }
+    }
+    const rows = y1 - y0, o = dy * dw * 3;
+    for (let dx = 0; dx < dw; dx++) {
+      const count = rows * (Math.min(w, (dx + 1) * k) - dx * k), half = count >> 1;
+      for (let c = 0; c < 3; c++) out[o + dx * 3 + c] = ((acc[dx * 3 + c] + half) / count) | 0;
+    }
+  }
+  return image(dw, dh, 3, out);
+}
+
 /** img[y:y+h, x:x+w] as a copy. */
 export function crop(img: Image8, x: number, y: number, w: number, h: number): Image8 {
   const out = new Uint8Array(w * h * img.c);

@@ -73,7 +73,7 @@ function showResult(s: Screening): void {
   const img = $<HTMLImageElement>("overlay");
   if (s.overlay) { img.src = URL.createObjectURL(s.overlay); img.hidden = false; } else img.hidden = true;
   $("model-line").textContent = `model ${r.model_version}, ${r.backend}/${r.provider}, ` +
-    `${Math.round(Object.values(r.latency_ms).reduce((a, b) => a + b, 0))} ms; saved on this phone`;
+    `${Math.round(r.latency_ms.total ?? 0)} ms; saved on this phone`;
   show("result", true);
   show("retake", r.outcome === "ungradable");
 }

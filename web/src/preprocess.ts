@@ -90,18 +90,22 @@ export function connectedComponents(mask: Image8, connectivity: 4 | 8 = 8): { la
     return lo;
   };
   const labels = new Int32Array(w * h);
+  const eight = connectivity === 8;
   for (let y = 0; y < h; y++) {
     for (let x = 0; x < w; x++) {
-      if (!mask.data[y * w + x]) continue;
+      const i = y * w + x;
+      if (!mask.data[i]) continue;
       let label = 0;
-      const neighbours = connectivity === 8 ? [[y, x - 1], [y - 1, x - 1], [y - 1, x], [y - 1, x + 1]] : [[y, x - 1], [y - 1, x]];
-      for (const [ny, nx] of neighbours) {
-        if (ny < 0 || nx < 0 || nx >= w) continue;
-        const l = labels[ny * w + nx];
-        if (l) label = label ? union(label, l) : find(l);
+      // the neighbours already labelled: left, then (8-connected) up-left, up, up-right; (4-connected) up
+      const visit = (l: number) => { if (l) label = label ? union(label, l) : find(l); };
+      if (x > 0) visit(labels[i - 1]);
+      if (y > 0) {
+        if (eight && x > 0) visit(labels[i - w - 1]);
+        visit(labels[i - w]);
+        if (eight && x + 1 < w) visit(labels[i - w + 1]);
       }
       if (!label) { label = parent.length; parent.push(label); }
-      labels[y * w + x] = label;
+      labels[i] = label;
     }
   }
   // Provisional labels grow in raster order and unions keep the smaller root, so roots renumber in raster order.
