@@ -9,13 +9,15 @@ modules, imported from a temporary copy) on the very same bytes, decoded as that
 Tables (each cell: share [Wilson 95%] (k/n)):
 
 - real labels: EyeQ grades of the eyepacs_full photos (``quality_eyeq.csv``): good / usable / reject, rejected;
-- per folder (camera): originals rejected; for eyepacs_full the photos graders called good or usable, and all;
+- per folder (camera): originals rejected; for eyepacs_full the photos graders called good or usable, and all; for
+  a folder with nearly black photos also those whose field's mean luminance is >= 40;
 - per code-made degradation (``benchmarks/degradations.py``), caught, by strength third;
 - other cameras (``REFRAMINGS``): copies of gradable originals (messidor2, mexico_dme, EyeQ good/usable) rejected;
+  and of those whose original the gate passes (what the framing alone does);
 - not a fundus (``NON_FUNDUS``): refused as "not a fundus photo";
 - one verdict per photo: originals whose verdict at a 128- and a 380-px model's decode equals the 224-px one.
 
-    python -m benchmarks.quality_report --split test --before-ref 1c4167e --out reports/quality_gate
+    python -m benchmarks.quality_report --split test --before-ref 4ccc32f --out reports/quality_gate
 """
 from __future__ import annotations
 
@@ -135,9 +137,13 @@ def load_before_gate(ref: str) -> Gate:
     return gate
 
 
-def _cases(image: np.ndarray, rng: np.random.Generator, reframings: bool,
-           original_bytes: bytes) -> list[tuple[str, bytes, float | None]]:
-    cases = [(ORIGINAL, original_bytes, None)]
+def _cases(image: np.ndarray | None, rng: np.random.Generator, reframings: bool,
+           original_bytes: bytes | None) -> list[tuple[str, bytes, float | None]]:
+    """The original (unless ``original_bytes`` is None) and, with an ``image``, its degraded and reframed copies
+    (drawn from ``rng`` in a fixed order, so a photo's copies are the same in every run)."""
+    cases = [] if original_bytes is None else [(ORIGINAL, original_bytes, None)]
+    if image is None:
+        return cases
     for name in DEGRADATIONS:
         degraded, strength = degrade(image, name, rng)
         cases.append((name, as_jpeg(degraded), strength))
@@ -147,18 +153,21 @@ def _cases(image: np.ndarray, rng: np.random.Generator, reframings: bool,
 
 
 def collect(datasets: list[Path], splits: tuple[str, ...], gates: dict[str, Gate], limit: int | None = None,
-            seed: int = 0, progress: bool = True, extras: bool = True) -> list[dict]:
+            seed: int = 0, progress: bool = True, extras: bool = True, originals: bool = True,
+            copies_every: int = 1) -> list[dict]:
     """One record per (photo, case) with each gate's verdict at the student's decode, and for originals at the
-    other input sizes' decodes; plus one record per code-made non-fundus capture. ``extras`` off: originals and
-    degradations at the student's decode only."""
+    other input sizes' decodes; plus one record per code-made non-fundus capture (with the originals). ``extras``
+    off: originals and degradations at the student's decode only. ``originals`` off: the copies only;
+    ``copies_every``: copies of every k-th photo of a folder only (0: none), the same copies as a full run's."""
     records = []
     started = time.time()
     for data in datasets:
         rows = photo_rows(data, splits, limit)
         for i, row in enumerate(rows):
             rng = np.random.default_rng([seed, i, len(data.name)])
-            raw = (data / "images" / row["image"]).read_bytes()
-            image = read_image(data / "images" / row["image"])
+            raw = (data / "images" / row["image"]).read_bytes() if originals else None
+            copies = copies_every > 0 and i % copies_every == 0
+            image = read_image(data / "images" / row["image"]) if copies else None
             for case, encoded, strength in _cases(image, rng, extras, raw):
                 record = {"dataset": data.name, "image": row["image"], "split": row["split"],
                           "quality": row["quality"], "case": case, "strength": strength, "verdicts": {}}
@@ -169,7 +178,7 @@ def collect(datasets: list[Path], splits: tuple[str, ...], gates: dict[str, Gate
             if progress and (i + 1) % 25 == 0:
                 print(f"{data.name}: {i + 1}/{len(rows)} photos, {time.time() - started:.0f} s", file=sys.stderr)
     rng = np.random.default_rng(seed)
-    for name, make in NON_FUNDUS.items() if extras else ():
+    for name, make in NON_FUNDUS.items() if extras and originals else ():
         for k in range(3):
             encoded = as_jpeg(make(rng))
             records.append({"dataset": "non_fundus", "image": f"{name}_{k}", "split": "-", "quality": None,
@@ -204,7 +213,7 @@ def summarise(records: list[dict], gate: str) -> dict:
     originals = [r for r in photos if r["case"] == ORIGINAL]
     rejected = lambda rows: _share(sum(not _verdict(r, gate)["gradable"] for r in rows), len(rows))  # noqa: E731
     out: dict[str, dict] = {"real labels": {}, "per folder": {}, "degradations": {}, "other cameras": {},
-                            "not a fundus": {}, "one verdict": {}, "which fired": {}}
+                            "framing flips": {}, "not a fundus": {}, "one verdict": {}, "which fired": {}}
     for label in ("good", "usable", "reject"):
         out["real labels"][label] = rejected([r for r in originals if r["quality"] == label])
     out["real labels"]["good + usable"] = rejected([r for r in originals if r["quality"] in GRADABLE_LABELS])
@@ -230,6 +239,11 @@ def summarise(records: list[dict], gate: str) -> dict:
     for name in REFRAMINGS:
         out["other cameras"][name] = rejected(
             [r for r in photos if r["case"] == name and (r["dataset"], r["image"]) in gradable])
+    # The framing alone: copies of the photos this gate passes, so the originals' own rejects are not counted again.
+    passed = {(r["dataset"], r["image"]) for r in originals if _verdict(r, gate)["gradable"]}
+    for name in REFRAMINGS:
+        out["framing flips"][name] = rejected(
+            [r for r in photos if r["case"] == name and (r["dataset"], r["image"]) in gradable & passed])
     non_fundus = [r for r in records if r["dataset"] == "non_fundus"]
     for name in NON_FUNDUS:
         rows = [r for r in non_fundus if r["case"] == name]
@@ -258,6 +272,7 @@ TITLES = {
     "per folder": "Per folder (camera): originals rejected (false rejects where the photos are gradable)",
     "degradations": "Code-made degradations: copies caught (all folders)",
     "other cameras": "Other cameras' framings of gradable photos: copies rejected (false rejects)",
+    "framing flips": "Other cameras' framings of gradable photos the gate passes: copies rejected",
     "not a fundus": "Not a fundus (code-made captures): refused",
     "one verdict": "One verdict per photo: originals, decoded for other model input sizes",
     "which fired": "Which part fired, among the labelled photos the gate rejected",
@@ -311,6 +326,11 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="reuse/store the verdicts (JSON)")
     parser.add_argument("--reuse", type=Path, help="a --cache of an earlier run on the same photos: its gates' "
                         "verdicts join this run's (same seed, same copies), e.g. a saved --before-ref baseline")
+    parser.add_argument("--copies-every", type=int, default=1,
+                        help="degraded and reframed copies of every k-th photo of a folder only (0: none)")
+    parser.add_argument("--no-originals", action="store_true", help="the copies only (a second stage of a run)")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[],
+                        help="--cache files of earlier stages whose records join this run's (e.g. the originals)")
     parser.add_argument("--out", type=Path, default=Path("reports/quality_gate"))
     args = parser.parse_args()
     gates: dict[str, Gate] = {}
@@ -323,10 +343,12 @@ def main() -> None:
     if args.cache and args.cache.is_file():
         records = json.loads(args.cache.read_text())
     else:
-        records = collect(args.data, tuple(args.split), gates, args.limit)
+        records = collect(args.data, tuple(args.split), gates, args.limit, originals=not args.no_originals,
+                          copies_every=args.copies_every)
         if args.cache:
             args.cache.parent.mkdir(parents=True, exist_ok=True)
             args.cache.write_text(json.dumps(records))
+    records += [r for path in args.merge for r in json.loads(path.read_text())]
     if args.reuse:
         earlier = {(r["dataset"], r["image"], r["case"]): r["verdicts"] for r in json.loads(args.reuse.read_text())}
         for r in records:

@@ -45,7 +45,7 @@ from edge_runtime.metrics import wilson_interval
 from edge_runtime.quality import DEFAULT_THRESHOLDS, RULE_METRICS, verdict
 from edge_runtime.quality_model import LOG_OFFSET, MODEL_FILE, GradabilityModel
 
-from .quality_thresholds import REFRAMED_PREFIX, measure
+from .quality_thresholds import REFRAMED, REFRAMED_PREFIX, measure
 
 FEATURES = (*RULE_METRICS, "fov_fraction", "field_coverage", "redness")
 # The camera's frame and colour (what tells one camera from another), not the photo's quality.
@@ -100,6 +100,7 @@ class Recipe:
     degraded_weight: float = DEGRADED_WEIGHT  # each code-made degradation (ungradable)
     reject_weight: float = 1.0  # each photo the graders rejected
     features: str = "all"  # a FEATURE_SETS key
+    framings: tuple[str, ...] = TRAIN_REFRAMED  # other-camera framings of gradable photos that count as gradable
 
     def __post_init__(self) -> None:
         if self.features not in FEATURE_SETS:
@@ -111,7 +112,8 @@ class Recipe:
 # The other cameras triple the code-made degradations; their weight drops to keep the synthetic share of the
 # ungradable class as it was, and the graders' rejects weigh more, so that real rejects still lead.
 RECIPES = {r.name: r for r in (
-    Recipe("graders", other_cameras=False),
+    Recipe("graders", other_cameras=False, framings=REFRAMED),
+    Recipe("graders_7_framings", other_cameras=False),
     Recipe("cameras", other_cameras=True, degraded_weight=0.03, reject_weight=3.0),
     Recipe("cameras_quality", other_cameras=True, degraded_weight=0.03, reject_weight=3.0, features="quality"),
 )}
@@ -134,6 +136,8 @@ def training_set(records: list[dict], recipe: Recipe = RECIPES["graders"]) -> tu
         if r["metrics"] is None:
             continue
         reframed = r["case"].startswith(REFRAMED_PREFIX)
+        if reframed and r["case"].removeprefix(REFRAMED_PREFIX) not in recipe.framings:
+            continue
         if r["case"] in DEGRADATIONS:
             add(r, True, recipe.degraded_weight)
         elif r["quality"] is None:  # another camera's photo, diagnosed by specialists
