@@ -50,7 +50,12 @@ from .quality_thresholds import REFRAMED, REFRAMED_PREFIX, measure
 FEATURES = (*RULE_METRICS, "fov_fraction", "field_coverage", "redness")
 # The camera's frame and colour (what tells one camera from another), not the photo's quality.
 CAMERA_INDICATORS = frozenset({"field_diameter", "fov_fraction", "field_coverage", "redness"})
-FEATURE_SETS = {"all": FEATURES, "quality": tuple(f for f in FEATURES if f not in CAMERA_INDICATORS)}
+# The frame's geometry, which the rules judge with their own reasons (centring on the visible arc, the field's
+# size): in the learned score it reads a camera that clips its field (3:2, 4:3, a field larger than the frame)
+# as the off-centre degradation.
+FRAME_INDICATORS = frozenset({"decentering", "field_diameter", "fov_fraction", "field_coverage"})
+FEATURE_SETS = {"all": FEATURES, "quality": tuple(f for f in FEATURES if f not in CAMERA_INDICATORS),
+                "content": tuple(f for f in FEATURES if f not in CAMERA_INDICATORS | FRAME_INDICATORS)}
 # Indicators on a linear scale (bounded, or already logarithmic); the rest are logged.
 LINEAR = frozenset({"mean", "std", "entropy", "dynamic_range", "dark_channel", "decentering", "field_coverage",
                     "redness", "sharpness_isotropy", "illumination_balance", "dark_patch", "fov_fraction"})
@@ -114,6 +119,7 @@ class Recipe:
 RECIPES = {r.name: r for r in (
     Recipe("graders", other_cameras=False, framings=REFRAMED),
     Recipe("graders_7_framings", other_cameras=False),
+    Recipe("graders_content", other_cameras=False, features="content"),
     Recipe("cameras", other_cameras=True, degraded_weight=0.03, reject_weight=3.0),
     Recipe("cameras_quality", other_cameras=True, degraded_weight=0.03, reject_weight=3.0, features="quality"),
 )}
