@@ -125,7 +125,7 @@ class Server:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         from edge_runtime.sync import wait_until_healthy
 
-        wait_until_healthy(f"http://127.0.0.1:{self.port}")
+        wait_until_healthy(f"http://127.0.0.1:{self.port}", timeout=300)  # a shared, loaded machine starts it slowly
 
     def stop(self) -> None:
         self.proc.terminate()
