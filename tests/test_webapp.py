@@ -293,6 +293,20 @@ def test_forged_and_ungated_models_are_refused(web_dist, tmp_path, monkeypatch):
         clinic.server.stop()
 
 
+def test_tflite_int8_fixture_is_integer_inside_with_float_io():
+    """The TFLite INT8 artifact LiteRT.js runs: float input and outputs (LiteRT.js refuses int8 ones), int8
+    convolutions inside, and a passed gate in its manifest."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    path = FIXTURES / "model" / "model_int8.tflite"
+    interpreter = Interpreter(model_path=str(path))
+    ends = interpreter.get_input_details() + interpreter.get_output_details()
+    assert {d["dtype"] for d in ends} == {np.float32}
+    assert [d for d in interpreter.get_tensor_details() if d["dtype"] == np.int8 and len(d["shape"]) == 4]
+    manifest = json.loads(Path(str(path) + ".manifest.json").read_text())
+    assert manifest["gate"]["status"] == "passed" and "float I/O" in manifest["quantization"]["notes"]
+
+
 def load_make_fixtures():
     import importlib.util
 
