@@ -286,7 +286,8 @@ class ExportPipeline:
                                self._dme_checks(result, outputs.dme_logit, outputs.dme_cam), session.run_heads)
         how = f"spec checked only: {spec.runtime} cannot run on this OS ({', '.join(spec.runs_on)} only)"
         if precision == "int8" and result.outputs is not None:
-            how = (f"spec checked; INT8 gated on the quantized torch graph that was converted ({n} images); "
+            how = (f"spec checked; INT8 gated on the quantized torch graph that was converted, run with integer "
+                   f"kernels as its ONNX twin ({n} images); "
                    f"{spec.runtime} predictions need {'/'.join(spec.runs_on)}")
             return self._judge(spec, result, precision, result.outputs, how, run=self._torch_graph_runner(recipe))
         gate = GateResult("not_run", _finite(result.spec_checks), {},
@@ -310,18 +311,16 @@ class ExportPipeline:
                 "dme_cam_identity_error": float(np.abs(bias - bias.mean(0, keepdims=True)).max())}
 
     def _torch_graph_runner(self, recipe: QuantRecipe) -> Callable[[np.ndarray], HeadOutputs]:
-        """The quantized torch graph a format converts where its runtime cannot run here (CoreML on Linux), one
-        photo at a time as the converted model is specialised to batch 1: what the gate's draws run."""
+        """The quantized torch graph a format converts where its runtime cannot run here (CoreML on Linux), run
+        as its ONNX twin with integer kernels (``exporters.coreml.simulated_runner``): what the gate's draws run,
+        as the val outputs the exporter measured did."""
         import torch
 
+        from .coreml import simulated_runner
+
         quantized = self.graphs.quantize(pt2e_recipe(recipe, "apple_ane")).convert(fold_quantize=True)
-
-        @torch.no_grad()
-        def run(x: np.ndarray) -> HeadOutputs:
-            parts = [quantized(torch.from_numpy(x[i:i + 1]).float()) for i in range(len(x))]
-            return HeadOutputs(*(torch.cat([p[k] for p in parts]).numpy() for k in range(len(parts[0]))))
-
-        return run
+        size = self.inputs.policy.input_size
+        return simulated_runner(quantized, torch.zeros(1, 3, size, size), self.inputs.out_dir / "gate_twin.onnx")
 
     def _fp32_runner(self, x: np.ndarray) -> HeadOutputs:
         import torch
