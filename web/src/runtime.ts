@@ -40,9 +40,9 @@ export function backendFor(format: string): BackendSpec {
 }
 
 /** The artifacts the app uses, fastest first: measured by benchmarks/browser_speed.py (headless Chromium, WASM,
- *  2 threads, the 224-px Lite0 student; docs/reference/webapp.md). LiteRT.js (XNNPack, relaxed SIMD) runs both
- *  TFLite files 3-6x faster than ONNX Runtime Web runs the ONNX ones, and ORT-web's INT8 (QDQ) kernels are slower
- *  than its FP32 ones in WASM, so ONNX INT8 comes last. The app takes the first row the server offers as a signed,
+ *  2 threads, the 224-px Lite0 student; docs/studies/2026-12-07_browser_speed.md). LiteRT.js (XNNPack, relaxed
+ *  SIMD) ran the INT8 TFLite 2.0x faster than the FP32 one and 3.5x faster than ONNX Runtime Web ran the FP32 ONNX;
+ *  ORT-web's INT8 (QDQ) kernels are slower than its FP32 ones in WASM, so ONNX INT8 comes last. The app takes the first row the server offers as a signed,
  *  gated release and this device can run; a row that fails to open is skipped and the next is tried. */
 export const PREFERENCE: readonly { format: string; precision: string }[] = [
   { format: "tflite", precision: "int8" },
