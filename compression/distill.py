@@ -41,7 +41,7 @@ from training.metrics import report_at
 from training.models import DRClassifier, load_checkpoint
 from training.train import (
     RunResult,
-    choose_referral_point,
+    choose_run_referral_point,
     fit,
     load_samples,
     predict,
@@ -335,7 +335,10 @@ def _ensemble_point(teachers: Sequence[Teacher], samples: list[Sample], cfg: Tra
         return dataclasses.replace(teachers[0].meta.operating_point, temperature=1.0)
     val = select(samples, cfg.val_split)
     logits, _ = ensemble([t.outputs(val, cfg, device) for t in teachers], [t.temperature for t in teachers])
-    return choose_referral_point(cfg, np.array([s.grade for s in val]), logits, val)
+    # The run's own chooser: photos without a grade (mexico_dme's DME-only rows) are left out, and a per-folder
+    # referral point is weighted per folder as the student's is.
+    point, _ = choose_run_referral_point(cfg, np.array([s.grade for s in val]), logits, val)
+    return point
 
 
 def compare_with_teacher(student_ckpt, teachers: Sequence[Teacher], samples: list[Sample], cfg: TrainConfig,

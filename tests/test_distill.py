@@ -293,3 +293,32 @@ def test_teacher_outputs_and_distillation_on_cuda(tiny_run, synthetic_dir, tmp_p
     run, report = distill(cfg, progress=False)
     assert report["device"] == "cuda" and calls.count >= 3
     assert all(asked.type == held.type == "cuda" for asked, held in calls.devices)
+
+
+def test_an_ensembles_referral_point_leaves_out_val_photos_without_a_grade(tmp_path):
+    """A folder with DME-only rows (no grade) in its val split: the ensemble's point is chosen on the graded photos
+    alone, the same point as on those photos without the ungraded ones."""
+    from compression.distill import _ensemble_point
+    from training.data.layouts import MISSING, Sample
+
+    rng = np.random.default_rng(0)
+    grades = [0, 0, 1, 2, 3, 4] * 10
+    graded = [Sample(tmp_path / f"g{i}.jpg", g, f"p{i}", "val", source="a") for i, g in enumerate(grades)]
+    ungraded = [Sample(tmp_path / f"u{i}.jpg", MISSING, f"q{i}", "val", source="b") for i in range(12)]
+    for sample in graded + ungraded:  # the point's fingerprint reads the files
+        sample.path.write_bytes(sample.path.name.encode())
+
+    class Member:
+        temperature = 1.0
+
+        def __init__(self, shift: float) -> None:
+            self.shift = shift
+
+        def outputs(self, samples, cfg, device):
+            logits = np.stack([np.eye(5)[max(s.grade, 0)] * 2 + self.shift for s in samples]).astype(np.float32)
+            logits += rng.normal(0, 0.5, logits.shape).astype(np.float32)
+            return logits, np.zeros((len(samples), 5, 2, 2), np.float32)
+
+    cfg = TrainConfig(model="test_dr_tiny", pretrained=False)
+    point = _ensemble_point([Member(0.0), Member(0.1)], graded + ungraded, cfg, torch.device("cpu"))
+    assert point.n_positive == sum(g >= 2 for g in grades) and point.n_negative == sum(g < 2 for g in grades)
