@@ -99,6 +99,15 @@ def test_training_chooses_the_operating_point_on_val_and_evaluate_reports_it(tin
                                                     cache_dir=str(tmp_path / "c"))
     assert youden.rule == "youden" and youden.target is None and dme_point is None  # no DME head
     assert CheckpointMeta.from_dict(torch.load(copy, weights_only=False)["meta"]).operating_point == youden
+    # Per folder: two cameras with the same photos weigh alike, so the folder-weighted threshold is the pooled one.
+    import shutil
+
+    twin = tmp_path / "twin_camera"
+    shutil.copytree(synthetic_dir, twin)
+    pooled, _ = choose_point_for_checkpoint(copy, [synthetic_dir], "val", cache_dir=str(tmp_path / "c"))
+    weighted, _ = choose_point_for_checkpoint(copy, [synthetic_dir, twin], "val", cache_dir=str(tmp_path / "c"),
+                                              per_folder=True)
+    assert weighted.threshold == pytest.approx(pooled.threshold) and weighted.n_positive == 2 * pooled.n_positive
 
 
 def test_checkpoint_metadata_is_a_validated_record():

@@ -17,6 +17,7 @@ from .data.dataset import FundusDataset, cache_images
 from .data.layouts import MISSING, assign_splits, fingerprint, read_partial_samples, select
 from .metrics import save_confusion_png, save_roc_png, split_report
 from .models import load_checkpoint
+from .referral import choose_folder_weighted_point
 from .train import choose_dme_point, dme_labels, predict
 
 
@@ -71,8 +72,11 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", cach
 def choose_point_for_checkpoint(checkpoint: str | Path, data: list[str | Path], split: str = "val",
                                 rule: str = "sensitivity", target: float = 0.90, band_fraction: float = 0.05,
                                 cache_dir: str = ".cache/retinaedge", dme_rule: str | None = None,
-                                dme_target: float | None = None) -> tuple[OperatingPoint, OperatingPoint | None]:
-    """Re-choose a checkpoint's temperature and referral threshold on the ``split`` photos of ``data`` and save it.
+                                dme_target: float | None = None, per_folder: bool = False
+                                ) -> tuple[OperatingPoint, OperatingPoint | None]:
+    """Re-choose a checkpoint's temperature and referral threshold on the ``split`` photos of ``data`` and save it:
+    on the photos pooled, or with ``per_folder`` each folder (camera) weighted equally, as training's
+    ``referral_weighting: per_folder`` chooses it.
 
     A model with a DME head also gets its DME temperature and threshold re-chosen, on those photos that have a DME
     label, by ``dme_rule``/``dme_target`` (default: the checkpoint's, ``CheckpointMeta.rule_and_target``), as
@@ -81,13 +85,21 @@ def choose_point_for_checkpoint(checkpoint: str | Path, data: list[str | Path], 
     """
     model, meta = load_checkpoint(checkpoint)
     policy = meta.preprocess
-    samples = [s for root in data for s in select(assign_splits(read_partial_samples(root)), split)]
+    per_root = [(Path(root).name, select(assign_splits(read_partial_samples(root)), split)) for root in data]
+    samples = [s for _, chosen in per_root for s in chosen]
+    sample_folders = np.array([name for name, chosen in per_root for _ in chosen])
     if not samples:
         raise ValueError(f"no {split!r} photos in {[str(d) for d in data]}")
     y, logits, dme_logits = _scores(model, policy, samples, cache_dir)
     graded = y != MISSING
-    point = choose_operating_point(y[graded], logits[graded], rule=rule, target=target, band_fraction=band_fraction,
-                                   fingerprint=fingerprint([s for s, g in zip(samples, graded, strict=True) if g]))
+    chosen_on = fingerprint([s for s, g in zip(samples, graded, strict=True) if g])
+    if per_folder:
+        folders = sample_folders[graded]
+        point, _ = choose_folder_weighted_point(y[graded], logits[graded], folders, rule=rule, target=target,
+                                                band_fraction=band_fraction, fingerprint=chosen_on)
+    else:
+        point = choose_operating_point(y[graded], logits[graded], rule=rule, target=target,
+                                       band_fraction=band_fraction, fingerprint=chosen_on)
     dme_point = None
     if dme_logits is not None:
         trained_rule, trained_target = meta.rule_and_target("dme")

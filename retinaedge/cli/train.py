@@ -140,6 +140,8 @@ def operating_point(
                                         "checkpoint's DME rule)."),
     dme_target: float | None = typer.Option(None, help="DME head: the val sensitivity (or specificity) to reach on "
                                             "the photos with a DME label (default: the checkpoint's DME target)."),
+    per_folder: bool = typer.Option(False, "--per-folder", help="Weight each --data folder (camera) equally "
+                                    "instead of pooling their photos."),
 ):
     """Choose the temperature and referral threshold of a checkpoint on labelled val photos (and, for a model with a
     DME head, its DME temperature and threshold on those photos that have a DME label)."""
@@ -147,7 +149,7 @@ def operating_point(
 
     try:
         point, dme_point = choose_point_for_checkpoint(checkpoint, data, split, rule, target, band_fraction,
-                                                       dme_rule=dme_rule, dme_target=dme_target)
+                                                       dme_rule=dme_rule, dme_target=dme_target, per_folder=per_folder)
     except (ValueError, FileNotFoundError) as exc:
         fail(exc)
     out_console.print(f"{checkpoint}: {point.describe()}; T={point.temperature:.3f}, band {point.uncertain_band}")
