@@ -238,6 +238,8 @@ def _ort_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: Quan
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from .onnx_channels import align_dead_channel_zero_points, zero_negligible_channels
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self.items = iter(calib[i:i + 1] for i in range(len(calib)))
@@ -248,6 +250,7 @@ def _ort_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: Quan
 
     prepped = out_path.with_suffix(".prep.onnx")
     quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
+    zero_negligible_channels(prepped)  # else their int32 biases overflow and are clipped
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
@@ -258,6 +261,7 @@ def _ort_recipe(fp32_path: Path, out_path: Path, calib: np.ndarray, recipe: Quan
                     nodes_to_exclude=_excluded_nodes(prepped, recipe.exclude),
                     extra_options={"ActivationSymmetric": recipe.activation_type == "int8", "WeightSymmetric": True})
     prepped.unlink(missing_ok=True)
+    align_dead_channel_zero_points(out_path)  # mixed zero points take depthwise convolutions off the fast path
     return out_path
 
 
