@@ -28,7 +28,9 @@ from edge_runtime.contract import (
     GateStatus,
     OperatingPoint,
     manifest_path_for,
+    output_names_for,
 )
+from edge_runtime.formats import INPUT_NAME
 from training.checkpoint import CheckpointMeta
 from training.data.layouts import MISSING
 
@@ -210,6 +212,7 @@ class ExportPipeline:
         self.reference_draws = reference_draws
         # The draws themselves, uint8 (K, n, S, S, 3): made once, then every candidate runs on the same images.
         self.draw_images = draw_images
+        self._fp32_session = None  # ONNX Runtime on the checkpoint's FP32 graph, made on first use
 
     def export(self, fmt: str, precision: str) -> ArtifactRecord:
         """Export one format x precision, verify, gate, escalate, write its manifest; never raises (errors
@@ -323,12 +326,16 @@ class ExportPipeline:
         return simulated_runner(quantized, torch.zeros(1, 3, size, size), self.inputs.out_dir / "gate_twin.onnx")
 
     def _fp32_runner(self, x: np.ndarray) -> HeadOutputs:
-        import torch
-
-        with torch.no_grad():
-            parts = [self.inputs.model.forward_outputs(torch.from_numpy(x[i:i + 16]).float())
-                     for i in range(0, len(x), 16)]
-        return HeadOutputs(*(np.concatenate([p[k].numpy() for p in parts]) for k in range(len(parts[0]))))
+        """FP32 on many images (the gate's ~10,000 nuisance draws; calibration photos): the checkpoint exported
+        once to ONNX and run by ONNX Runtime, which folds batch norm and fuses kernels: 3-4x faster than eager
+        PyTorch on a CPU, with the same outputs to float rounding (``tests/test_exporters.py``)."""
+        if self._fp32_session is None:
+            self._fp32_session = _onnx_fp32_session(self.inputs)
+        names = output_names_for(self.inputs.meta.heads)
+        parts = [self._fp32_session.run(list(names), {INPUT_NAME: np.ascontiguousarray(x[i:i + 64], np.float32)})
+                 for i in range(0, len(x), 64)]
+        outputs = {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(names)}
+        return HeadOutputs.from_named(outputs)
 
     def _draw_outputs(self, run: Callable[[np.ndarray], HeadOutputs]) -> tuple[np.ndarray, np.ndarray | None]:
         """(K, n, 5) logits and (K, n) DME logits (None without a DME head) of ``run`` on the nuisance draws of
@@ -446,6 +453,19 @@ def _parity(spec: FormatSpec, path: Path, precision: str, metrics: dict[str, flo
     if failures:
         raise ExportParityError(f"{path.name}: {'; '.join(failures)}")
     return GateResult("not_required", _finite(metrics), {"atol": limit})
+
+
+def _onnx_fp32_session(inputs: ExportInputs):
+    """An ONNX Runtime session on the checkpoint's FP32 graph, exported to a scratch folder and held in memory."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from .onnx import export_onnx_fp32
+
+    with tempfile.TemporaryDirectory(prefix="retinaedge_fp32_") as scratch:
+        model = export_onnx_fp32(inputs, Path(scratch) / "fp32.onnx").read_bytes()
+    return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
 
 
 def _finite(metrics: dict) -> dict[str, float]:

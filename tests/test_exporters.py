@@ -95,6 +95,14 @@ def test_round_trip_parity_and_cam_identity(tiny_artifacts, fmt, precision):
         assert manifest.quantization.target == ("litert_xnnpack" if fmt == "tflite" else pipeline.plan.recipe.target)
 
 
+def test_fp32_reference_of_the_draws_is_the_checkpoint(tiny_artifacts):
+    """The gate runs FP32 on its nuisance draws through ONNX Runtime (speed); it must be the checkpoint's outputs."""
+    _, _, pipeline = tiny_artifacts
+    ran = pipeline._fp32_runner(pipeline.inputs.photos.val)
+    np.testing.assert_allclose(ran.logits, pipeline.reference.logits, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(ran.cam, pipeline.reference.cam, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("fmt, precision", FIXTURE_JOBS)
 def test_embedded_manifest_is_the_sidecar_with_its_gate_verdict(tiny_artifacts, fmt, precision):
     record = tiny_artifacts[0][(fmt, precision)]
