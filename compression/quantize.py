@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# More passes than this re-measure noise: one pass removes the shift up to the re-quantization's own change.
+MAX_BIAS_CORRECTION_PASSES = 3
+
 @dataclass(frozen=True)
 class QuantRecipe:
     """How to quantize one artifact.
@@ -44,6 +47,11 @@ class QuantRecipe:
         reduce_range (`bool`, defaults to False): 7-bit weights, so the U8S8 AVX2 kernels of CPUs without VNNI
             cannot saturate their 16-bit accumulators; lets those CPUs run the fast U8S8 path (ort recipe).
         target (`str`): CPU class the recipe was chosen for; recorded in the manifest.
+        bias_correction (`bool`, defaults to False): empirical output-bias correction (Nagel et al. 2019): after a
+            first quantization, the mean (INT8 - FP32) of every head output the referral decision uses, measured on
+            the calibration photos, is subtracted from FP32's classifier biases and the model is quantized again
+            (``compression.bias_correction``). Any recipe, any INT8 format; the manifest records the values.
+        bias_correction_passes (`int`, defaults to 1): how many times to measure, subtract and quantize again.
     """
 
     name: str = "ort"
@@ -54,6 +62,8 @@ class QuantRecipe:
     exclude: tuple[str, ...] = ()
     target: str = "x86_avx2"
     reduce_range: bool = False
+    bias_correction: bool = False
+    bias_correction_passes: int = 1
 
     def __post_init__(self) -> None:
         if self.name not in ONNX_RECIPES and self.name not in TORCH_RECIPES:
@@ -64,6 +74,12 @@ class QuantRecipe:
             if getattr(self, kind) not in ("uint8", "int8"):
                 raise QuantizationConfigError(f"{kind} must be uint8|int8, got {getattr(self, kind)!r}")
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        if not isinstance(self.bias_correction, bool):
+            raise QuantizationConfigError(f"bias_correction must be True or False, got {self.bias_correction!r}")
+        passes = self.bias_correction_passes
+        if isinstance(passes, bool) or not isinstance(passes, int) or not 1 <= passes <= MAX_BIAS_CORRECTION_PASSES:
+            raise QuantizationConfigError(f"bias_correction_passes must be an integer in [1, "
+                                          f"{MAX_BIAS_CORRECTION_PASSES}], got {passes!r}")
 
     @staticmethod
     def for_target(target: str, name: str = "ort") -> QuantRecipe:
@@ -87,6 +103,16 @@ class QuantRecipe:
             raise QuantizationConfigError(f"unknown target {target!r}; known: auto, {', '.join(sorted(presets))}")
         return presets[target]
 
+    def with_bias_correction(self, passes: int = 1) -> QuantRecipe:
+        """The same recipe with empirical output-bias correction (``passes`` rounds of measure, subtract, quantize)."""
+        return replace(self, bias_correction=True, bias_correction_passes=passes)
+
+    @property
+    def quantization_key(self) -> QuantRecipe:
+        """What decides a quantized graph of one FP32 model: the recipe without the manifest's label (``target``)
+        and without the bias correction, which changes the FP32 model rather than how it is quantized."""
+        return replace(self, target="", bias_correction=False, bias_correction_passes=1)
+
     def with_exclusions(self, patterns: tuple[str, ...]) -> QuantRecipe:
         return replace(self, exclude=tuple(dict.fromkeys(self.exclude + patterns)))
 
@@ -100,7 +126,9 @@ class QuantRecipe:
 
     def notes(self) -> str | None:
         parts = ([f"float kept for {list(self.exclude)}"] if self.exclude else []) + (
-            ["7-bit weight range (reduce_range)"] if self.reduce_range else [])
+            ["7-bit weight range (reduce_range)"] if self.reduce_range else []) + (
+            [f"output biases corrected on the calibration photos ({self.bias_correction_passes} "
+             f"pass{'es' if self.bias_correction_passes > 1 else ''})"] if self.bias_correction else [])
         return "; ".join(parts) or None
 
 

@@ -15,8 +15,9 @@ from typing import Any
 
 from .errors import ManifestError
 
-# 2: operating_point replaces referable_threshold; 3: heads + dme_operating_point; 4: quantization counts as integers
-MANIFEST_SCHEMA_VERSION = 4
+# 2: operating_point replaces referable_threshold; 3: heads + dme_operating_point; 4: quantization counts as integers;
+# 5: quantization.bias_correction
+MANIFEST_SCHEMA_VERSION = 5
 SCREENING_DISCLAIMER = (
     "RetinaEdge assists diabetic-retinopathy screening; it does not diagnose. "
     "A qualified clinician must confirm every result."
@@ -140,6 +141,41 @@ class PreprocessPolicy:
 
 
 @dataclass(frozen=True)
+class BiasCorrectionInfo:
+    """The empirical output-bias correction an INT8 artifact was made with (``compression.bias_correction``):
+    FP32's classifier biases minus the mean (INT8 - FP32) head outputs measured on ``split`` photos, then quantized
+    again. Values are per head output the referral decision uses (``logits``: 5 values; ``dme_logit``: 1)."""
+
+    passes: int  # how many times the shift was measured, subtracted and the model quantized again
+    subtracted: dict[str, tuple[float, ...]]  # the total taken off FP32's bias, per output
+    measured: tuple[dict[str, tuple[float, ...]], ...]  # mean (INT8 - FP32) before each pass
+    residual: dict[str, tuple[float, ...]]  # mean (INT8 - FP32) of the artifact that stands, on the same photos
+    split: str = "calib"  # the photos that chose it: never the gate set
+    n: int = 0
+    fingerprint: str | None = None  # of those photos (``ExportPhotos.digest``)
+    photo_ids: tuple[str, ...] = ()  # per photo: SHA-1 (12 hex) of its preprocessed pixels
+
+    def __post_init__(self) -> None:
+        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 1:
+            raise ManifestError(f"quantization.bias_correction.passes must be an integer >= 1, got {self.passes!r}")
+
+        def values(d) -> dict[str, tuple[float, ...]]:
+            if not isinstance(d, dict):
+                raise ManifestError(f"quantization.bias_correction values must be objects, got {type(d).__name__}")
+            return {str(k): tuple(float(x) for x in v) for k, v in d.items()}
+
+        object.__setattr__(self, "subtracted", values(self.subtracted))
+        object.__setattr__(self, "measured", tuple(values(d) for d in self.measured))
+        object.__setattr__(self, "residual", values(self.residual))
+        object.__setattr__(self, "photo_ids", tuple(self.photo_ids))
+        if len(self.measured) != self.passes:
+            raise ManifestError(f"quantization.bias_correction lists {len(self.measured)} measured shifts for "
+                                f"{self.passes} passes")
+        if self.photo_ids and len(self.photo_ids) != self.n:
+            raise ManifestError(f"quantization.bias_correction lists {len(self.photo_ids)} photo ids for n={self.n}")
+
+
+@dataclass(frozen=True)
 class QuantizationInfo:
     """How the weights and activations of an artifact are stored."""
 
@@ -159,10 +195,14 @@ class QuantizationInfo:
     float_layers: tuple[str, ...] = ()
     convolutions: int | None = None
     integer_kernels: int | None = None
+    bias_correction: BiasCorrectionInfo | None = None  # set when the recipe corrected FP32's output biases
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "fp16", "int8"):
             raise ManifestError(f"quantization.precision must be fp32|fp16|int8, got {self.precision!r}")
+        if isinstance(self.bias_correction, dict):
+            object.__setattr__(self, "bias_correction",
+                               _sub(BiasCorrectionInfo, self.bias_correction, "quantization.bias_correction"))
         object.__setattr__(self, "float_layers", tuple(self.float_layers))
         for name in ("weighted_layers", "convolutions", "integer_kernels"):
             value = getattr(self, name)

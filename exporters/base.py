@@ -148,8 +148,9 @@ class TorchGraphs:
         self._made[self._key(recipe)] = graph
 
     def _key(self, recipe: QuantRecipe) -> tuple:
-        # ``target`` only labels the manifest (which kernels the format runs on): one graph serves every target.
-        return dataclasses.replace(recipe, target=""), self._qat
+        # ``target`` only labels the manifest (which kernels the format runs on): one graph serves every target;
+        # the output-bias correction quantizes another FP32 model (another TorchGraphs), not this one differently.
+        return recipe.quantization_key, self._qat
 
     def __len__(self) -> int:
         return len(self._made)
@@ -176,6 +177,9 @@ class ExportResult:
     # runtime cannot run here (CoreML on Linux); the gate judges these. None where the runtime runs the file itself.
     outputs: HeadOutputs | None = None
     spec_checks: dict[str, float] = field(default_factory=dict)  # what was read back from the file's spec
+    # Runs what those outputs came from on any N x C x S x S photos (CoreML's ONNX twin), made once per export: the
+    # gate's nuisance draws and the output-bias correction use it. None where the runtime runs the file itself.
+    runner: Callable[[np.ndarray], HeadOutputs] | None = None
 
 
 @dataclass(frozen=True)
@@ -202,7 +206,8 @@ def pt2e_recipe(recipe: QuantRecipe, target: str) -> QuantRecipe:
     """The PT2E recipe TFLite and CoreML use for ``recipe``: PT2E QAT where ``qat`` was asked for (directly or by
     the escalation), else post-training PT2E; ``target`` names the runtime kernels."""
     name = "pt2e_qat" if recipe.name == "qat" else "pt2e"
-    return QuantRecipe(name, activation_type="int8", weight_type="int8", target=target)
+    return QuantRecipe(name, activation_type="int8", weight_type="int8", target=target,
+                       bias_correction=recipe.bias_correction, bias_correction_passes=recipe.bias_correction_passes)
 
 
 class ExportStatus(StrEnum):

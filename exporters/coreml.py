@@ -84,9 +84,9 @@ def export_coreml(request: ExportRequest) -> ExportResult:
     example = request.inputs.example()
     names = output_names_for(request.inputs.meta.heads)
     outputs = [ct.TensorType(name=name) for name in names]
-    simulated = None
+    simulated = runner = None
     if request.precision == "int8":
-        model, quant, simulated = _convert_w8a8(request, example, outputs)
+        model, quant, simulated, runner = _convert_w8a8(request, example, outputs)
     else:
         traced = torch.jit.trace(ExportModule(request.inputs.model).eval(), example)
         model = ct.convert(traced, inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(example.shape))], outputs=outputs,
@@ -95,23 +95,26 @@ def export_coreml(request: ExportRequest) -> ExportResult:
         quant = QuantizationInfo("fp16")
     model.short_description = "RetinaEdge DR screening aid (ICDR 0-4 logits + CAM). Not a diagnosis."
     model.save(str(path))
-    return ExportResult(path, quant, simulated, check_coreml_spec(path, tuple(example.shape), request.precision, names))
+    return ExportResult(path, quant, simulated, check_coreml_spec(path, tuple(example.shape), request.precision, names),
+                        runner)
 
 
 def _convert_w8a8(request: ExportRequest, example: torch.Tensor, outputs: list):
     """PT2E W8A8 (calibrated, or QAT when the recipe is ``qat``) -> ML program (iOS 17: activation
-    quantize/dequantize ops). Also returns the converted graph's outputs (every head) on the val photos."""
+    quantize/dequantize ops). Also returns the converted graph's outputs (every head) on the val photos and its
+    runner (the ONNX twin, made once: the gate's draws and the output-bias correction run it too)."""
     import coremltools as ct
 
     recipe = pt2e_recipe(request.recipe, "apple_ane")
     quantized = request.graphs.quantize(recipe).convert(fold_quantize=True)
     val = request.inputs.photos.val
     # What CoreML will compute, measured where CoreML cannot run: the gate judges these outputs.
-    simulated = simulated_runner(quantized, example, request.path.with_suffix(".twin.onnx"))(val) if len(val) else None
+    runner = simulated_runner(quantized, example, request.path.with_suffix(".twin.onnx"))
+    simulated = runner(val) if len(val) else None
     program = torch.export.export(quantized, (example,)).run_decompositions({})
     model = ct.convert(program, inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(example.shape))], outputs=outputs,
                        convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17)
-    return model, recipe.info(len(request.inputs.photos.calib)), simulated
+    return model, recipe.info(len(request.inputs.photos.calib)), simulated, runner
 
 
 def check_coreml_spec(path: Path, input_shape: tuple[int, ...], precision: str,

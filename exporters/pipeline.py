@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from compression.bias_correction import correct_output_bias
 from compression.calibration import PhotoBatch, load_photos
 from compression.gate import DmeOutputs, Draws, GateSet, GateThresholds, compare, judge
 from compression.noise_floor import NuisanceModel
@@ -46,7 +48,6 @@ from .base import (
     ExportStatus,
     Reference,
     TorchGraphs,
-    pt2e_recipe,
     size_mb,
     write_index,
 )
@@ -213,6 +214,9 @@ class ExportPipeline:
         # The draws themselves, uint8 (K, n, S, S, 3): made once, then every candidate runs on the same images.
         self.draw_images = draw_images
         self._fp32_session = None  # ONNX Runtime on the checkpoint's FP32 graph, made on first use
+        # (format, precision) -> the runner of the standing artifact where its runtime cannot run here (CoreML's
+        # ONNX twin, the one its exporter made and the gate ran), for callers that run it again (studies).
+        self.runners: dict[tuple[str, str], Callable[[np.ndarray], HeadOutputs]] = {}
 
     def export(self, fmt: str, precision: str) -> ArtifactRecord:
         """Export one format x precision, verify, gate, escalate, write its manifest; never raises (errors
@@ -224,6 +228,8 @@ class ExportPipeline:
                 raise ExportConfigError(f"{fmt} supports precisions {spec.precisions}, not {precision!r}")
             self.inputs.out_dir.mkdir(parents=True, exist_ok=True)
             result, verdict, attempts = self._export_and_escalate(spec, precision)
+            if result.runner is not None:
+                self.runners[(fmt, precision)] = result.runner
             seconds = time.monotonic() - started
             manifest = draft_manifest(self.inputs, self.reference, fmt, result.quantization, verdict.gate,
                                       verdict.point, verdict.dme_point)
@@ -250,7 +256,7 @@ class ExportPipeline:
         manifest_path_for(path).unlink(missing_ok=True)  # it described the file this export replaces
         recipe = self.plan.recipe
         result = self._attempt(spec, precision, recipe, path)
-        verdict = self._verify(spec, result, precision, recipe)
+        verdict = self._verify(spec, result, precision)
         attempts = [Attempt("as asked", recipe.name if precision == "int8" else "-", verdict.gate)]
         if precision != "int8" or verdict.gate.status != GateStatus.FAILED:
             return result, verdict, attempts
@@ -261,7 +267,7 @@ class ExportPipeline:
             log.warning("%s int8 failed its gate (%s); retrying: %s", spec.name, why, label)
             retry = step.retry_recipe(recipe)
             result = self._attempt(spec, precision, retry, path)
-            verdict = self._verify(spec, result, precision, retry)
+            verdict = self._verify(spec, result, precision)
             attempts.append(Attempt(label, retry.name, verdict.gate))
             if verdict.gate.status != GateStatus.FAILED:
                 break
@@ -269,10 +275,48 @@ class ExportPipeline:
         return result, verdict, attempts
 
     def _attempt(self, spec: FormatSpec, precision: str, recipe: QuantRecipe, path: Path) -> ExportResult:
-        request = ExportRequest(self.inputs, precision, recipe, path, self.graphs)
-        return EXPORTERS.get(spec.name).export(request)
+        result = self._export_with(spec, precision, recipe, path, self.inputs, self.graphs)
+        if precision != "int8" or not recipe.bias_correction:
+            return result
+        return self._bias_corrected(spec, precision, recipe, path, result)
 
-    def _verify(self, spec: FormatSpec, result: ExportResult, precision: str, recipe: QuantRecipe) -> Verdict:
+    @staticmethod
+    def _export_with(spec: FormatSpec, precision: str, recipe: QuantRecipe, path: Path, inputs: ExportInputs,
+                     graphs: TorchGraphs) -> ExportResult:
+        return EXPORTERS.get(spec.name).export(ExportRequest(inputs, precision, recipe, path, graphs))
+
+    def _bias_corrected(self, spec: FormatSpec, precision: str, recipe: QuantRecipe, path: Path,
+                        first: ExportResult) -> ExportResult:
+        """The recipe's output-bias correction (``compression.bias_correction``): the mean (INT8 - FP32) head
+        outputs on the calib photos, disjoint from the gate set, come off FP32's classifier biases, and the corrected
+        model is exported again by the same exporter and recipe; the manifest records what was subtracted and on
+        which photos. The gate still judges the artifact against the uncorrected FP32 model."""
+        photos = self.inputs.photos
+
+        def quantize(model) -> tuple[ExportResult, Callable[[np.ndarray], HeadOutputs]]:
+            _remove(path)  # a new file, not the old one rewritten: a runtime may still map the old one
+            inputs = replace(self.inputs, model=model)
+            result = self._export_with(spec, precision, recipe, path, inputs, TorchGraphs(model, photos, self.plan.qat))
+            return result, self._artifact_runner(spec, result)
+
+        done = correct_output_bias(self.inputs.model, quantize, (first, self._artifact_runner(spec, first)),
+                                   self._fp32_runner, photos.calib, recipe.bias_correction_passes,
+                                   gate_photos=photos.val, fingerprint=photos.digest("calib"))
+        result = done.artifact
+        return replace(result, quantization=replace(result.quantization, bias_correction=done.info))
+
+    def _artifact_runner(self, spec: FormatSpec, result: ExportResult) -> Callable[[np.ndarray], HeadOutputs]:
+        """Runs what an export made: the file in its backend where the runtime runs here, else the runner its
+        exporter returned (CoreML's ONNX twin)."""
+        if spec.runs_here:
+            draft = draft_manifest(self.inputs, self.reference, spec.name, result.quantization, GateResult())
+            return BACKENDS.get(spec.runtime)(result.path, draft).run_heads
+        if result.runner is None:
+            raise ExportConfigError(f"{spec.runtime} cannot run on this OS and the {spec.name} exporter returned no "
+                                    f"runner for {result.path.name}; output-bias correction needs its outputs")
+        return result.runner
+
+    def _verify(self, spec: FormatSpec, result: ExportResult, precision: str) -> Verdict:
         """Run the artifact on the val photos (or judge what its exporter measured where it cannot run here)."""
         n = len(self.inputs.photos.val)
         if not n:
@@ -292,7 +336,7 @@ class ExportPipeline:
             how = (f"spec checked; INT8 gated on the quantized torch graph that was converted, run with integer "
                    f"kernels as its ONNX twin ({n} images); "
                    f"{spec.runtime} predictions need {'/'.join(spec.runs_on)}")
-            return self._judge(spec, result, precision, result.outputs, how, run=self._torch_graph_runner(recipe))
+            return self._judge(spec, result, precision, result.outputs, how, run=result.runner)
         gate = GateResult("not_run", _finite(result.spec_checks), {},
                           ("predictions need " + "/".join(spec.runs_on),))
         return Verdict(gate, how, dict(result.spec_checks), None)
@@ -312,18 +356,6 @@ class ExportPipeline:
         return {"max_abs_dme_logit_diff": float(np.abs(dme_logit - ref.dme_logit).max()),
                 "max_abs_dme_cam_diff": float(np.abs(dme_cam - ref.dme_cam).max()),
                 "dme_cam_identity_error": float(np.abs(bias - bias.mean(0, keepdims=True)).max())}
-
-    def _torch_graph_runner(self, recipe: QuantRecipe) -> Callable[[np.ndarray], HeadOutputs]:
-        """The quantized torch graph a format converts where its runtime cannot run here (CoreML on Linux), run
-        as its ONNX twin with integer kernels (``exporters.coreml.simulated_runner``): what the gate's draws run,
-        as the val outputs the exporter measured did."""
-        import torch
-
-        from .coreml import simulated_runner
-
-        quantized = self.graphs.quantize(pt2e_recipe(recipe, "apple_ane")).convert(fold_quantize=True)
-        size = self.inputs.policy.input_size
-        return simulated_runner(quantized, torch.zeros(1, 3, size, size), self.inputs.out_dir / "gate_twin.onnx")
 
     def _fp32_runner(self, x: np.ndarray) -> HeadOutputs:
         """FP32 on many images (the gate's ~10,000 nuisance draws; calibration photos): the checkpoint exported
@@ -453,6 +485,13 @@ def _parity(spec: FormatSpec, path: Path, precision: str, metrics: dict[str, flo
     if failures:
         raise ExportParityError(f"{path.name}: {'; '.join(failures)}")
     return GateResult("not_required", _finite(metrics), {"atol": limit})
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _onnx_fp32_session(inputs: ExportInputs):

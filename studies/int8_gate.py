@@ -17,6 +17,16 @@ timed in one interleaved run, with the CPU's int8 features.
 
     python -m studies.int8_gate runs/lite0_gate/best.pt --data ../shared/data/eyepacs_full \\
         --data ../shared/data/eyepacs_256 --data ../shared/data/messidor2 --out reports/int8_gate
+
+Output-bias correction (``QuantRecipe.bias_correction``): ``<recipe>_bc`` is the same recipe with one pass of the
+correction, measured on the calib photos (never the gate set); asking for any adds the black-frames control with the
+correction. The default student (docs/studies/2026-12-07_int8_gate_default_student.md), every recipe uncorrected
+and corrected, on the same gate set and draws:
+
+    python -m studies.int8_gate runs/lite0_distill/best.pt --data ../shared/data/eyepacs_full \\
+        --data ../shared/data/eyepacs_256 --data ../shared/data/messidor2 --recipe onnx_u8s8 --recipe onnx_u8s8_bc \\
+        --recipe onnx_u8u8 --recipe onnx_u8u8_bc --recipe tflite_int8 --recipe tflite_int8_bc \\
+        --recipe coreml_w8a8 --recipe coreml_w8a8_bc --out reports/int8_gate_bias_correction
 """
 from __future__ import annotations
 
@@ -46,6 +56,9 @@ RECIPES = {  # name: (format, INT8 recipe it starts from)
     "tflite_int8": ("tflite", QuantRecipe()),
     "coreml_w8a8": ("coreml", QuantRecipe()),
 }
+DEFAULT_RECIPES = tuple(RECIPES)
+# <name>_bc: the same recipe with one pass of output-bias correction on the calib photos (QuantRecipe.bias_correction).
+RECIPES |= {f"{name}_bc": (fmt, recipe.with_bias_correction()) for name, (fmt, recipe) in RECIPES.items()}
 
 
 def table_text(table) -> str:
@@ -205,9 +218,8 @@ def run(checkpoint: Path, data: list[Path], out: Path, threads: int, runs: int, 
             report["tables"][f"{name}"] = table_text(criteria_table(gate, f"{name} ({record.verified})"))
             report["tables"][f"per folder: {name}"] = table_text(folder_table(gate, f"per folder: {name}"))
             if gate.status == "passed":
-                if fmt == "coreml":
-                    recipe_used = QuantRecipe("qat") if "qat" in (manifest.quantization.recipe or "") else recipe
-                    passed[name] = (pipeline._torch_graph_runner(recipe_used), record)
+                if fmt == "coreml":  # the ONNX twin its exporter made and the gate ran
+                    passed[name] = (pipeline.runners[(fmt, "int8")], record)
                 else:
                     passed[name] = (open_session(Path(record.path), allow_ungated=True, threads=threads).run_heads,
                                     record)
@@ -232,6 +244,20 @@ def run(checkpoint: Path, data: list[Path], out: Path, threads: int, runs: int, 
         report["controls"].append(gate_row("ONNX U8S8 INT8 calibrated on 8 black frames", gate, {"expected": "failed"}))
         report["tables"]["control: black frames"] = table_text(criteria_table(gate, "control: 8 black frames"))
         save(report)
+    if any(name.endswith("_bc") for name in recipes):  # the correction must not rescue a collapsed INT8
+        black_bc = ExportPipeline(dataclasses.replace(black_inputs, name="control_black_frames_bc"),
+                                  dataclasses.replace(black_plan, recipe=base_plan.recipe.with_bias_correction()),
+                                  reference, reference_draws=fp32_pipeline.reference_draws,
+                                  draw_images=fp32_pipeline.draw_images).export("onnx", "int8")
+        if black_bc.status == "ok":
+            from edge_runtime.backends import load_manifest
+
+            gate = load_manifest(black_bc.path).gate
+            report["controls"].append(gate_row("ONNX U8S8 INT8 + output-bias correction, calibrated and corrected on "
+                                               "8 black frames", gate, {"expected": "failed"}))
+            report["tables"]["control: black frames + bias correction"] = table_text(
+                criteria_table(gate, "control: 8 black frames + bias correction"))
+            save(report)
     noisy, sigma, sens, noisy_sens = perturbed_model(inputs.model, photos.val, photos.val_labels, point)
     noisy_record = ExportPipeline(dataclasses.replace(inputs, model=noisy, name="control_perturbed"), base_plan,
                                   Reference.compute(dataclasses.replace(inputs, model=noisy))).export("onnx", "fp32")
@@ -301,6 +327,18 @@ def to_markdown(report: dict) -> str:
                      f"{cell(r, 'sensitivity_difference')} | {cell(r, 'specificity_difference')} | "
                      f"{cell(r, 'auc_ratio', '.4f', False)} | {cell(r, 'score_shift', '.3f')} | {r['size_mb']:.2f} | "
                      f"{r['how']} |")
+    corrected = [r for r in report["formats"] if (r.get("quantization") or {}).get("bias_correction")]
+    if corrected:
+        lines += ["", "## Output-bias correction (mean INT8 - FP32 logit per output, on the calib photos)", "",
+                  "| recipe | photos | passes | measured before | subtracted | residual after |", "|---|---|---|---|---|---|"]
+        for r in corrected:
+            bc = r["quantization"]["bias_correction"]
+
+            def values(d):
+                return "; ".join(f"{k} [{', '.join(f'{v:+.3f}' for v in vs)}]" for k, vs in d.items())
+
+            lines.append(f"| {r['name']} | {bc['n']} {bc['split']} ({bc['fingerprint']}) | {bc['passes']} | "
+                         f"{values(bc['measured'][0])} | {values(bc['subtracted'])} | {values(bc['residual'])} |")
     lines += ["", "## Controls", "", "| control | expected | verdict | failing criteria |", "|---|---|---|---|"]
     for c in report["controls"]:
         failing = ", ".join(k for k, v in c["criteria"].items() if v and v["passed"] is False) or "-"
@@ -331,7 +369,8 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--data", type=Path, action="append", required=True,
                         help="folder whose calib split calibrates and whose val split is the gate set (repeatable)")
-    parser.add_argument("--recipe", action="append", choices=sorted(RECIPES), help="default: all four")
+    parser.add_argument("--recipe", action="append", choices=sorted(RECIPES),
+                        help=f"default: {', '.join(DEFAULT_RECIPES)}; <name>_bc adds output-bias correction")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=200, help="latency samples per artifact")
     parser.add_argument("--calib-limit", type=int, default=64, help="calibration photos per folder")
@@ -347,7 +386,7 @@ def main() -> None:
         return text
 
     report = run(args.checkpoint, args.data, args.out, args.threads, args.runs, args.calib_limit, args.qat_steps,
-                 args.recipe or list(RECIPES), save)
+                 args.recipe or list(DEFAULT_RECIPES), save)
     print(save(report, "int8_gate"))
 
 

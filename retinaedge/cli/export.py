@@ -30,6 +30,9 @@ def export(
     keep_float: list[str] | None = typer.Option(None, "--keep-float", help="ONNX ort/nncf recipes: keep nodes whose "
                                                 "name contains this, or of this op type, in float (mixed precision; "
                                                 "repeatable; studies/float_islands.py measures what each costs)."),
+    bias_correction: int = typer.Option(0, "--bias-correction", help="INT8, every format: passes of output-bias "
+                                        "correction (the mean INT8 - FP32 logits on the calib photos come off FP32's "
+                                        "classifier biases, then INT8 again; 0: off; docs/reference/fidelity_gate.md)."),
     gate: list[str] | None = typer.Option(None, "--gate", help="Fidelity-gate threshold as FIELD=VALUE (repeatable), "
                                           "any field of compression.gate.GateThresholds, e.g. --gate "
                                           "min_auc_ratio=0.995 (docs/reference/fidelity_gate.md gives each default's reason)."),
@@ -62,6 +65,8 @@ def export(
     try:
         quant = replace(QuantRecipe.for_target(target, recipe), calibration=calibration).with_exclusions(
             tuple(keep_float or ()))
+        if bias_correction:
+            quant = quant.with_bias_correction(bias_correction)
         thresholds = GateThresholds.profile(gate_profile, **config_overrides(GateThresholds, gate, "--gate"))
         qat_settings = config_overrides(QATConfig, qat, "--qat")
         # --recipe qat goes straight to QAT: its default length unless --qat-steps says otherwise.
