@@ -291,3 +291,21 @@ def test_cli_grades_an_encounter_folder_and_refers_per_visit(onnx_artifact, fund
     # An ungradable eye refers the whole visit, whatever the other eye shows.
     assert visit_line["encounter"] == "V0042" and visit_line["decision"] == "refer"
     assert "right eye ungradable" in visit_line["reason"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_litert_large_batches_run_in_chunks_with_the_same_outputs(tiny_artifacts, precision):
+    """A static-batch TFLite graph runs a large batch as resized chunks (the last one padded); every photo's
+    outputs must be what it gets alone."""
+    from edge_runtime.backends.litert import CHUNK
+
+    session = open_session(tiny_artifacts[0][("tflite", precision)].path, allow_ungated=True)
+    size = session.info.manifest.preprocess.input_size
+    batch = np.random.default_rng(0).random((CHUNK + 5, 3, size, size), dtype=np.float32)
+    together = session.run_heads(batch)
+    assert session._chunked, "the graph was not resized: the batch ran photo by photo"
+    alone = [session.run_heads(batch[i:i + 1]) for i in (0, CHUNK - 1, CHUNK, CHUNK + 4)]
+    for i, out in zip((0, CHUNK - 1, CHUNK, CHUNK + 4), alone, strict=True):
+        np.testing.assert_allclose(together.logits[i], out.logits[0], atol=1e-5)
+        np.testing.assert_allclose(together.cam[i], out.cam[0], atol=1e-5)
+    assert together.logits.shape[0] == CHUNK + 5
