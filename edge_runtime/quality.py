@@ -75,6 +75,16 @@ MIN_FIELD_RANGE = 8.0  # luminance p99 - p1 (8-bit levels) below which the field
 # camera with the darkest photos), an external eye's pupil 0.015-0.025.
 MAX_FIELD_HOLE = 0.01
 NOT_FUNDUS = "not a fundus photo"
+# Some cameras draw the surround a flat dark grey instead of black (a mexico_dme camera: level 17-20, above the
+# field-of-view threshold of 12, so the whole frame looked lit and its sharp photos were refused as having no dark
+# surround). When the field covers more than MAX_FOV_FRACTION of the frame, the frame's corners are read: lit
+# corners that are all flat (max - min <= SURROUND_SPREAD levels over a square SURROUND_CORNER x the shorter side
+# wide) and dark (<= MAX_SURROUND_LEVEL) are the surround, and the field is found again above their level (+ the
+# usual threshold). A retina, a face or a page is not flat over a corner, so their verdicts do not change.
+SURROUND_CORNER = 0.04
+SURROUND_SPREAD = 6
+MAX_SURROUND_LEVEL = 48
+FOV_THRESHOLD = 12  # detect_fov's default: the brightest channel above this is inside the field
 
 _LEVELS = np.arange(256, dtype=np.float32)
 # Neighbour pairs ((dy, dx) of a, (dy, dx) of b) of the 4 directional differences 0, 90, 45, 135 degrees, and the
@@ -349,6 +359,9 @@ def _circles_through(p1: np.ndarray, p2: np.ndarray, p3: np.ndarray) -> tuple[np
 
 
 _ARC_SAMPLES = np.random.default_rng(0).random((96, 3))  # fixed triples (as shares of the arc): a deterministic fit
+# The unit disc sampled on a 41 x 41 grid over [-1, 1]^2 (the points where the field's coverage of the frame is read).
+_GRID_X, _GRID_Y = np.meshgrid(np.linspace(-1, 1, 41), np.linspace(-1, 1, 41))
+_DISC_X, _DISC_Y = (g[_GRID_X ** 2 + _GRID_Y ** 2 <= 1] for g in (_GRID_X, _GRID_Y))
 
 
 def field_circle(fov: FieldOfView, shape: tuple[int, ...]) -> FieldCircle:
@@ -394,25 +407,53 @@ def field_circle(fov: FieldOfView, shape: tuple[int, ...]) -> FieldCircle:
     if roundness < MIN_ROUNDNESS:  # no circle to trust (a ragged edge in a very dark field): the box's geometry
         return FieldCircle(fov.center, fov.radius, roundness, 1.0)
     # coverage: the circle sampled on a coarse grid, the share of its samples inside the frame
-    grid = np.linspace(-1, 1, 41)
-    gx, gy = np.meshgrid(grid, grid)
-    inside = gx ** 2 + gy ** 2 <= 1
-    px, py = (cx + radius * gx[inside]) / s, (cy + radius * gy[inside]) / s
+    px, py = (cx + radius * _DISC_X) / s, (cy + radius * _DISC_Y) / s
     coverage = float(np.mean((px >= 0) & (px < shape[1]) & (py >= 0) & (py < shape[0])))
     return FieldCircle((cx / s, cy / s), radius / s, roundness, coverage)
+
+
+def surround_level(bgr: np.ndarray) -> int | None:
+    """The level of a flat dark-grey surround drawn in the frame's corners (the brightest lit corner's maximum of
+    the brightest channel), or None when a lit corner is not flat or not dark, or no corner is lit."""
+    side = max(2, int(round(SURROUND_CORNER * min(bgr.shape[:2]))))
+    brightest = cv2.max(cv2.max(bgr[:, :, 0], bgr[:, :, 1]), bgr[:, :, 2])
+    level = None
+    for corner in (brightest[:side, :side], brightest[:side, -side:], brightest[-side:, :side],
+                   brightest[-side:, -side:]):
+        low, high = (int(v) for v in cv2.minMaxLoc(corner)[:2])
+        if high <= FOV_THRESHOLD:  # a black corner: already outside the field
+            continue
+        if high - low > SURROUND_SPREAD or high > MAX_SURROUND_LEVEL:
+            return None
+        level = max(level or 0, high)
+    return level
+
+
+def surround_fov(bgr: np.ndarray, fov: FieldOfView) -> FieldOfView:
+    """The field of view above a flat dark-grey surround (:func:`surround_level`) when ``fov`` covers more than
+    ``MAX_FOV_FRACTION`` of the frame because the surround is lighter than the field-of-view threshold; else
+    ``fov``. Raises NoFundusError when nothing lies above the surround."""
+    if fov.fraction <= MAX_FOV_FRACTION:
+        return fov
+    level = surround_level(bgr)
+    return fov if level is None else detect_fov(bgr, level + FOV_THRESHOLD)
 
 
 def field_hole(fov: FieldOfView) -> float:
     """The largest black hole inside the field: background pixels of the detection mask that no 4-connected path
     of background joins to the frame's border, as a share of the field with its holes (pixel counts, so a port
-    counts the same)."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(cv2.bitwise_not(fov.mask), connectivity=4)
-    h, w = fov.mask.shape[:2]
-    x, y, bw, bh, area = (stats[1:, k] for k in range(5))
-    enclosed = (x > 0) & (y > 0) & (x + bw < w) & (y + bh < h)
-    if not enclosed.any():
+    counts the same).
+
+    A flood fill from a one-pixel background ring around the mask clears every background region that reaches the
+    border; only a field with something left (a hole) pays for the labelling of components.
+    """
+    holes = cv2.copyMakeBorder(cv2.bitwise_not(fov.mask), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=255)
+    cv2.floodFill(holes, None, (0, 0), 0, flags=4)
+    if not cv2.countNonZero(holes):
         return 0.0
-    return float(area[enclosed].max()) / float(cv2.countNonZero(fov.mask) + area[enclosed].sum())
+    _, _, stats, _ = cv2.connectedComponentsWithStats(holes, connectivity=4)
+    area = stats[1:, cv2.CC_STAT_AREA]
+    return float(area.max()) / float(cv2.countNonZero(fov.mask) + area.sum())
 
 
 def redness(bgr: np.ndarray, fov: FieldOfView) -> float:
@@ -446,7 +487,7 @@ def not_fundus_reason(metrics: dict[str, float]) -> str | None:
 def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str, float]:
     """All indicators for one uint8 BGR photo, measured on its :func:`gate_view`. Raises NoFundusError when no
     field of view exists. ``fov``: the field found on ``bgr`` (the Screener's, found once); found again when the
-    view is a reduced copy.
+    view is a reduced copy, and above a flat dark-grey surround (:func:`surround_fov`).
 
     Everything runs on the one ``WORK_SIZE`` copy of the field, on 8-bit planes where the indicator allows (sums
     of squared differences with ``cv2.norm``, shares and percentiles from 256-bin histograms) and float32
@@ -454,6 +495,7 @@ def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str
     """
     view = gate_view(bgr)
     fov = detect_fov(view) if fov is None or view is not bgr else fov
+    fov = surround_fov(view, fov)
     bgr = view
     h_img, w_img = bgr.shape[:2]
     small, inner = field_crop(bgr, fov)

@@ -16,13 +16,18 @@ Data (never the test split), measured as the Screener measures a photo (``studie
 The model: logistic regression (scikit-learn, L2, ``C`` and the indicator set picked by grouped 5-fold
 cross-validation: out-of-fold AUC on the train photos' graders' labels) on the standardised indicators (log of the
 heavy-tailed ones), numpy at run time. ``FEATURE_SETS["quality"]`` leaves out the indicators that describe the
-camera's frame and colour rather than the photo's quality (field size and share of the frame, coverage, redness).
+camera's frame and colour rather than the photo's quality (field size and share of the frame, coverage, redness);
+``"detail"`` also the JPEG's (block grid, the smoothed noise estimate); ``"relative"`` also the edge energies in raw
+levels, which scale with exposure and the field's pixel size (their brightness-normalised forms stay).
 
 The operating point: out-of-fold scores of the graded train photos plus the graded val and calib photos (scored by
 the model fitted on all of train), the highest P(ungradable) threshold at which the gate as a whole (rules or
 learned score) catches >= ``--target`` of the graders' rejects; recorded with the share caught and the graders'
 gradable photos kept, each with a 95% Wilson interval, the n's and a fingerprint of the photos. Each camera's val +
-calib originals and reframings rejected at that point are printed beside it.
+calib originals and reframings rejected at that point are printed beside it. The recipe kept is the one whose gate
+rejects the fewest val + calib gradable originals, all folders pooled, among those with a field mean >=
+``DARK_FIELD_MEAN`` (the training labels leave nearly black diagnosed photos out too: every EyeQ-graded photo that
+dark is a graders' reject); the count with them is printed beside it.
 
     python -m studies.quality_model --cache-dir reports/quality_cache --write
     # measures what PLAN lists into --cache-dir (once), fits, chooses the point;
@@ -54,8 +59,18 @@ CAMERA_INDICATORS = frozenset({"field_diameter", "fov_fraction", "field_coverage
 # size): in the learned score it reads a camera that clips its field (3:2, 4:3, a field larger than the frame)
 # as the off-centre degradation.
 FRAME_INDICATORS = frozenset({"decentering", "field_diameter", "fov_fraction", "field_coverage"})
+# The JPEG's block grid and smoothing: they differ with the encoder and with the scale the photo is decoded at
+# (the grid is 8 px in a 512-px photo decoded whole, 4 px and blurred in a 1024-px one decoded at 1/2), so across
+# cameras they read the file more than the photo; the rules still judge heavy JPEG and sensor noise.
+ENCODING_INDICATORS = frozenset({"blockiness", "noise"})
+# Edge energies in raw 8-bit levels: they scale with the exposure squared and with the field's size in pixels.
+# directional_sharpness and local_contrast are the same kind of measure divided by the field's brightness.
+ABSOLUTE_FOCUS = frozenset({"laplacian_var", "tenengrad"})
 FEATURE_SETS = {"all": FEATURES, "quality": tuple(f for f in FEATURES if f not in CAMERA_INDICATORS),
-                "content": tuple(f for f in FEATURES if f not in CAMERA_INDICATORS | FRAME_INDICATORS)}
+                "content": tuple(f for f in FEATURES if f not in CAMERA_INDICATORS | FRAME_INDICATORS),
+                "detail": tuple(f for f in FEATURES if f not in CAMERA_INDICATORS | ENCODING_INDICATORS),
+                "relative": tuple(f for f in FEATURES
+                                  if f not in CAMERA_INDICATORS | ENCODING_INDICATORS | ABSOLUTE_FOCUS)}
 # Indicators on a linear scale (bounded, or already logarithmic); the rest are logged.
 LINEAR = frozenset({"mean", "std", "entropy", "dynamic_range", "dark_channel", "decentering", "field_coverage",
                     "redness", "sharpness_isotropy", "illumination_balance", "dark_patch", "fov_fraction"})
@@ -120,6 +135,8 @@ RECIPES = {r.name: r for r in (
     Recipe("graders", other_cameras=False, framings=REFRAMED),
     Recipe("graders_7_framings", other_cameras=False),
     Recipe("graders_content", other_cameras=False, features="content"),
+    Recipe("graders_detail", other_cameras=False, features="detail"),
+    Recipe("graders_relative", other_cameras=False, features="relative"),
     Recipe("cameras", other_cameras=True, degraded_weight=0.03, reject_weight=3.0),
     Recipe("cameras_quality", other_cameras=True, degraded_weight=0.03, reject_weight=3.0, features="quality"),
 )}
@@ -222,14 +239,24 @@ def choose_point(photos: list[dict], logits: np.ndarray, target: float) -> tuple
     return point, detail
 
 
+def _bright(records: list[dict]) -> set[tuple[str, str]]:
+    """(dataset, image) of the originals whose field's mean luminance is >= ``DARK_FIELD_MEAN``."""
+    return {(r["dataset"], r["image"]) for r in records if r["case"] == ORIGINAL and r["metrics"] is not None
+            and r["metrics"]["mean"] >= DARK_FIELD_MEAN}
+
+
 def camera_false_rejects(records: list[dict], model: GradabilityModel) -> dict[str, dict]:
-    """Per folder, the val + calib photos a diagnosis or a grader calls gradable (originals, and their reframings)
-    that the gate (rules or the learned score at its point) rejects: {"k", "n", "rate", "ci"}."""
+    """Per folder, the val + calib photos a diagnosis or a grader calls gradable (originals; those whose field's
+    mean is >= ``DARK_FIELD_MEAN``, as the training labels take them; and the reframings) that the gate (rules or
+    the learned score at its point) rejects: {"k", "n", "rate", "ci"}."""
     out = {}
     rows = [r for r in records if r["split"] in ("val", "calib") and r["metrics"] is not None
             and r["quality"] != "reject" and (r["quality"] is not None or r["dataset"] != "eyepacs_full")]
+    bright = _bright(rows)
     for folder in sorted({r["dataset"] for r in rows}):
         for name, keep in (("originals", lambda r: r["case"] == ORIGINAL),
+                           (f"originals, field mean >= {DARK_FIELD_MEAN:.0f}",
+                            lambda r: r["case"] == ORIGINAL and (r["dataset"], r["image"]) in bright),
                            ("reframed", lambda r: r["case"].startswith(REFRAMED_PREFIX))):
             chosen = [r for r in rows if r["dataset"] == folder and keep(r)]
             k = sum(not verdict(r["metrics"], DEFAULT_THRESHOLDS, model).gradable for r in chosen)
@@ -259,13 +286,16 @@ def fit_recipe(records: list[dict], recipe: Recipe, target: float) -> tuple[Grad
                               model.intercept, point, "unsaved")
     false_rejects = camera_false_rejects(records, chosen)
     originals = [v for k, v in false_rejects.items() if k.endswith(" originals")]
+    bright = [v for k, v in false_rejects.items() if k.endswith(f"field mean >= {DARK_FIELD_MEAN:.0f}")]
     return chosen, {"recipe": recipe.name, "C": c, "cv_auc_by_C": {str(k): round(v, 4) for k, v in scores.items()},
                     "n_train_rows": len(rows), "n_train_ungradable": int(labels.sum()),
                     "train_rows_per_folder": {f: sum(r["dataset"] == f for r in rows)
                                               for f in sorted({r["dataset"] for r in rows})},
                     "photos": len(photos), **detail,
                     "val_calib_false_rejects": false_rejects,
-                    "val_calib_gradable_rejected": f"{sum(v['k'] for v in originals)}/{sum(v['n'] for v in originals)}"}
+                    "val_calib_gradable_rejected": f"{sum(v['k'] for v in bright)}/{sum(v['n'] for v in bright)}",
+                    "val_calib_gradable_rejected_with_dark": f"{sum(v['k'] for v in originals)}/"
+                                                              f"{sum(v['n'] for v in originals)}"}
 
 
 def main() -> None:
@@ -276,7 +306,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.95, help="share of the graders' rejects the gate catches")
     parser.add_argument("--recipe", nargs="+", choices=sorted(RECIPES), default=sorted(RECIPES),
                         help="recipes compared; the one whose gate rejects the fewest val + calib gradable originals "
-                        "(all folders pooled) at its operating point is kept")
+                        f"with a field mean >= {DARK_FIELD_MEAN:.0f} (all folders pooled) at its operating point is kept")
     parser.add_argument("--out", type=Path, default=Path("reports/quality_model.json"))
     parser.add_argument("--write", action="store_true", help=f"write the kept model to {DATA_FILE}")
     args = parser.parse_args()
@@ -285,7 +315,8 @@ def main() -> None:
     for name, (model, detail) in fitted.items():
         print(f"{name}: threshold {model.point.threshold:.4f}; graders' rejects caught {detail['gate_caught']}, "
               f"graders' gradable rejected {detail['gate_false_rejects']}; val + calib gradable originals rejected "
-              f"{detail['val_calib_gradable_rejected']}; CV AUC {max(detail['cv_auc_by_C'].values()):.3f}")
+              f"{detail['val_calib_gradable_rejected']} (with nearly black fields "
+              f"{detail['val_calib_gradable_rejected_with_dark']}); CV AUC {max(detail['cv_auc_by_C'].values()):.3f}")
         for key, share in detail["val_calib_false_rejects"].items():
             print(f"    {key}: {share['k']}/{share['n']} = {share['rate']:.1%} "
                   f"[{share['ci'][0]:.1%}, {share['ci'][1]:.1%}]")
@@ -298,7 +329,10 @@ def main() -> None:
     model, detail = fitted[kept]
     data = {**model.to_dict(), "written_by": "python -m studies.quality_model",
             "chosen_on": {**detail, "recipes_compared": {name: {
-                "val_calib_gradable_rejected": d["val_calib_gradable_rejected"], "gate_caught": d["gate_caught"],
+                "val_calib_gradable_rejected": d["val_calib_gradable_rejected"],
+                "val_calib_gradable_rejected_with_dark": d["val_calib_gradable_rejected_with_dark"],
+                "per_folder": {k: f"{v['k']}/{v['n']}" for k, v in d["val_calib_false_rejects"].items()},
+                "gate_caught": d["gate_caught"],
                 "gate_false_rejects": d["gate_false_rejects"], "threshold": m.point.threshold}
                 for name, (m, d) in fitted.items()}}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

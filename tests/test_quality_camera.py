@@ -99,6 +99,27 @@ def test_a_fundus_with_a_dark_lesion_is_not_taken_for_a_pupil(photo):
     assert report.metrics["field_hole"] == 0.0
 
 
+def test_field_hole_is_the_largest_background_region_cut_off_from_the_border():
+    """field_hole's flood fill finds what labelling every background region finds: holes cut off from the border
+    (4-connected), not a notch that reaches the border or a region joined to it only through a gap."""
+    from edge_runtime.preprocess import FieldOfView
+    from edge_runtime.quality import field_hole
+
+    mask = np.zeros((120, 160), np.uint8)
+    cv2.circle(mask, (80, 60), 55, 255, -1)
+    cv2.circle(mask, (70, 50), 6, 0, -1)  # a hole: 113 px
+    cv2.circle(mask, (100, 70), 3, 0, -1)  # a smaller hole
+    cv2.rectangle(mask, (78, 0), (82, 30), 0, -1)  # a notch from the border: not a hole
+    fov = FieldOfView(25, 5, 110, 110, (80.0, 60.0), 55.0, 0.5, mask, 1.0)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(cv2.bitwise_not(mask), connectivity=4)
+    x, y, w, h, area = (stats[1:, k] for k in range(5))
+    enclosed = (x > 0) & (y > 0) & (x + w < mask.shape[1]) & (y + h < mask.shape[0])
+    assert enclosed.sum() == 2
+    expected = float(area[enclosed].max()) / float(cv2.countNonZero(mask) + area[enclosed].sum())
+    assert field_hole(fov) == expected
+    assert field_hole(FieldOfView(25, 5, 110, 110, (80.0, 60.0), 55.0, 0.5, cv2.circle(np.zeros_like(mask), (80, 60), 55, 255, -1), 1.0)) == 0.0
+
+
 def test_a_blank_field_is_refused(photo):
     blank = photo.copy()
     blank[photo.max(axis=2) > 12] = (60, 90, 160)  # the field's colour, no retina in it
@@ -117,6 +138,60 @@ def test_a_square_crop_of_a_field_is_not_refused(photo):
     report = assess(framed)
     assert not is_not_fundus(report), report.reasons
     assert report.metrics["roundness"] > 0.9
+
+
+def _field_larger_than_frame(photo: np.ndarray, surround: int) -> np.ndarray:
+    """The photo's field cut on four sides by a square frame (a field larger than the frame), its corners drawn
+    flat at ``surround`` (a camera that draws a dark-grey surround instead of black)."""
+    from edge_runtime.preprocess import detect_fov
+
+    fov = detect_fov(photo)
+    inset = int(0.06 * fov.w)
+    square = photo[fov.y + inset:fov.y + fov.h - inset, fov.x + inset:fov.x + fov.w - inset].copy()
+    square[photo[fov.y + inset:fov.y + fov.h - inset, fov.x + inset:fov.x + fov.w - inset].max(axis=2) <= 12] = surround
+    return square
+
+
+@pytest.mark.parametrize("surround", [0, 20, 40])
+def test_a_dark_grey_surround_is_a_surround(photo, surround):
+    """A field larger than its frame, its corners flat black or flat dark grey (lighter than the field-of-view
+    threshold): the corners are the surround, so the photo is judged like the black-cornered one, not refused."""
+    black = assess(screened(cv2.imencode(".png", _field_larger_than_frame(photo, 0))[1].tobytes()))
+    report = assess(screened(cv2.imencode(".png", _field_larger_than_frame(photo, surround))[1].tobytes()))
+    assert not is_not_fundus(report) and report.gradable == black.gradable, report.reasons
+    assert report.metrics["fov_fraction"] == pytest.approx(black.metrics["fov_fraction"], abs=0.01)
+
+
+@pytest.mark.parametrize("level", [20, 45, 90])
+def test_a_flat_grey_frame_is_still_refused(level):
+    """A frame that is flat grey everywhere (no field above its corners' level) stays refused as not a fundus."""
+    frame = np.full((600, 800, 3), level, np.uint8)
+    report = assess(screened(cv2.imencode(".png", frame)[1].tobytes()))
+    assert is_not_fundus(report), report.reasons
+
+
+def test_a_face_on_a_flat_grey_background_is_still_refused():
+    """A face on a flat dark-grey backdrop: found above the backdrop, and its outline is not a round field."""
+    face = NON_FUNDUS["face_dark_background"](np.random.default_rng(3))
+    face[face.max(axis=2) <= 12] = 25
+    assert is_not_fundus(assess(screened(cv2.imencode(".png", face)[1].tobytes())))
+
+
+@pytest.mark.realdata
+def test_a_camera_with_a_grey_surround_is_not_refused(shared_data):
+    """mexico_dme train / val photos whose frame cuts the field on four sides and whose corners are drawn flat grey
+    (level 17-20, above the field-of-view threshold): judged as fundus photos, with the dark-grey corners outside
+    the field."""
+    from edge_runtime.quality import surround_level
+
+    data = shared_data / "mexico_dme"
+    names = ("1968_OD_f_2.jpg", "1972_OD_f_2.jpg", "1985_OI_f_2.jpg", "1986_OD_f_1.jpg")  # train, train, val, train
+    for name in names:
+        image = screened((data / "images" / name).read_bytes())
+        assert surround_level(image) in range(13, 25), name
+        report = assess(image)
+        assert not is_not_fundus(report), (name, report.reasons)
+        assert report.metrics["fov_fraction"] < 0.95 and report.metrics["roundness"] > 0.9, name
 
 
 def test_a_fundus_photo_is_not_refused(photo):

@@ -14,6 +14,11 @@ const PATCH_DIAMETER = 0.2;
 const DARK_PATCH_DIAMETER = 0.1;
 const BLOCK_PERIODS = [4, 8];
 const BLOCK_RIM = 0.03;
+// A flat dark-grey surround (surround_level / surround_fov in edge_runtime/quality.py, same constants).
+const SURROUND_CORNER = 0.04;
+const SURROUND_SPREAD = 6;
+const MAX_SURROUND_LEVEL = 48;
+const FOV_THRESHOLD = 12;
 
 // ---- OpenCV primitives the gate uses (8-bit, single channel unless said) ----
 
@@ -374,6 +379,36 @@ function redness(bgr: Image8, fov: FieldOfView): number {
   return (mr - mb) / (mr + 1);
 }
 
+/** surround_level: the level of a flat dark-grey surround in the frame's corners (the brightest lit corner's
+ * maximum of the brightest channel), or null when a lit corner is not flat or not dark, or no corner is lit. */
+export function surroundLevel(bgr: Image8): number | null {
+  const side = Math.max(2, pyRound(SURROUND_CORNER * Math.min(bgr.w, bgr.h)));
+  let level: number | null = null;
+  for (const [x0, y0] of [[0, 0], [bgr.w - side, 0], [0, bgr.h - side], [bgr.w - side, bgr.h - side]]) {
+    let low = 255, high = 0;
+    for (let y = y0; y < y0 + side; y++) {
+      for (let x = x0; x < x0 + side; x++) {
+        const i = 3 * (y * bgr.w + x);
+        const v = Math.max(bgr.data[i], bgr.data[i + 1], bgr.data[i + 2]);
+        if (v < low) low = v;
+        if (v > high) high = v;
+      }
+    }
+    if (high <= FOV_THRESHOLD) continue; // a black corner: already outside the field
+    if (high - low > SURROUND_SPREAD || high > MAX_SURROUND_LEVEL) return null;
+    level = Math.max(level ?? 0, high);
+  }
+  return level;
+}
+
+/** surround_fov: the field above a flat dark-grey surround when the field found covers more than max_fov_fraction
+ * of the frame because the surround is lighter than the field-of-view threshold; else the field as found. */
+export function surroundFov(bgr: Image8, fov: FieldOfView): FieldOfView {
+  if (fov.fraction <= Q.not_fundus.max_fov_fraction) return fov;
+  const level = surroundLevel(bgr);
+  return level === null ? fov : detectFov(bgr, level + FOV_THRESHOLD);
+}
+
 /** not_fundus_reason: no dark surround, no round field, or a blank field; null for a fundus photo. */
 export function notFundusReason(m: Record<string, number>): string | null {
   const nf = Q.not_fundus;
@@ -511,7 +546,7 @@ function blockiness(bgr: Image8, fov: FieldOfView): number {
 /** quality_metrics: every indicator of one photo (NoFundusError when there is no field of view). */
 export function qualityMetrics(photo: Image8, fov?: FieldOfView | null): Record<string, number> {
   const bgr = gateView(photo);
-  fov = fov && bgr === photo ? fov : detectFov(bgr);
+  fov = surroundFov(bgr, fov && bgr === photo ? fov : detectFov(bgr));
   const { small, inner: mask } = fieldCrop(bgr, fov);
   let nInner = 0;
   for (const v of mask) nInner += v;
