@@ -41,7 +41,8 @@ class LiteRtSession(SessionBase):
         if not options.xnnpack:  # built-in kernels only; the default resolver applies XNNPACK
             kwargs["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         # num_threads sizes both the interpreter's and the XNNPACK delegate's thread pool.
-        self.interpreter = module.Interpreter(model_path=str(path), num_threads=options.threads, **kwargs)
+        self._make_interpreter = lambda: module.Interpreter(model_path=str(path), num_threads=options.threads, **kwargs)
+        self.interpreter = self._make_interpreter()
         self.input_detail = self.interpreter.get_input_details()[0]
         outputs = self.interpreter.get_output_details()
         # Output order and names are not kept by the converter: tell them apart by shape. Per head, the logits are
@@ -54,7 +55,6 @@ class LiteRtSession(SessionBase):
                                                  and int(o["shape"][1]) == spec.classes)
         self.batch = int(self.input_detail["shape"][0])
         self.interpreter.allocate_tensors()
-        self._make_interpreter = lambda: module.Interpreter(model_path=str(path), num_threads=options.threads, **kwargs)
         self._chunked = None  # a second interpreter resized to CHUNK photos, made on the first large batch
         self.info = SessionInfo("litert", f"{package}/{'XNNPACK' if options.xnnpack else 'builtin'}", manifest, path,
                                 None, {"threads": options.threads, "input_dtype": str(self.input_detail["dtype"]),
