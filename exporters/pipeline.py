@@ -305,12 +305,17 @@ class ExportPipeline:
         result = done.artifact
         return replace(result, quantization=replace(result.quantization, bias_correction=done.info))
 
+    def _artifact_session(self, spec: FormatSpec, result: ExportResult):
+        """The export's file in its backend class directly: the manifest is written after verification, so
+        open_session's manifest checks do not apply yet. The draft manifest only labels the session."""
+        draft = draft_manifest(self.inputs, self.reference, spec.name, result.quantization, GateResult())
+        return BACKENDS.get(spec.runtime)(result.path, draft)
+
     def _artifact_runner(self, spec: FormatSpec, result: ExportResult) -> Callable[[np.ndarray], HeadOutputs]:
         """Runs what an export made: the file in its backend where the runtime runs here, else the runner its
         exporter returned (CoreML's ONNX twin)."""
         if spec.runs_here:
-            draft = draft_manifest(self.inputs, self.reference, spec.name, result.quantization, GateResult())
-            return BACKENDS.get(spec.runtime)(result.path, draft).run_heads
+            return self._artifact_session(spec, result).run_heads
         if result.runner is None:
             raise ExportConfigError(f"{spec.runtime} cannot run on this OS and the {spec.name} exporter returned no "
                                     f"runner for {result.path.name}; output-bias correction needs its outputs")
@@ -323,10 +328,7 @@ class ExportPipeline:
             return Verdict(GateResult("not_run", {}, {}, ("no val photos to verify on",)), "not verified: no val "
                            "photos", dict(result.spec_checks), None)
         if spec.runs_here:
-            # The backend class directly: the manifest is written after verification, so open_session's
-            # manifest checks do not apply yet. The draft manifest only labels the session.
-            draft = draft_manifest(self.inputs, self.reference, spec.name, result.quantization, GateResult())
-            session = BACKENDS.get(spec.runtime)(result.path, draft)
+            session = self._artifact_session(spec, result)
             outputs = session.run_heads(self.inputs.photos.val)
             how = f"ran {session.info.backend}/{session.info.provider} on {n} images"
             return self._judge(spec, result, precision, outputs, how,
