@@ -38,12 +38,64 @@ def observe_after_clamp(graph_module) -> int:
     return moved
 
 
+def module_source(node) -> tuple[str, str]:
+    """(dotted path, class name) of the innermost module whose forward ran ``node`` (the root's path is "");
+    ("", "") outside any."""
+    stack = getattr(node, "meta", {}).get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, kind = list(stack.values())[-1]
+    # The class is stored as a type or as its qualified name ("pkg.mod.DRClassifier" or "<class '...'>").
+    return path, getattr(kind, "__name__", None) or str(kind).strip("<>'").rsplit(".", 1)[-1]
+
+
+def runs_in(node, patterns: tuple[str, ...]) -> bool:
+    """Whether ``node`` belongs to a module ``patterns`` name: a pattern is a substring of the module's dotted path
+    (followed by a dot, so ".se." matches the squeeze-excite module itself) or the class name of the module
+    whose own forward ran the op (``ExportModule``: the CAM head, which is no module of its own)."""
+    path, kind = module_source(node)
+    return any(p in path + "." or p == kind for p in patterns)
+
+
+def keep_in_float(graph_module, patterns: tuple[str, ...]) -> list[str]:
+    """Drop the quantization annotations of the ops that run in ``patterns``' modules, and of every op that shared
+    an observer with them (a ReLU6 after an excluded conv), so those ops stay float between quantized neighbours.
+    Returns the float ops' names."""
+    from torchao.quantization.pt2e.quantizer import SharedQuantizationSpec
+
+    if not patterns:
+        return []
+    annotated = [n for n in graph_module.graph.nodes if n.meta.get("quantization_annotation") is not None]
+    floated = {n for n in annotated if runs_in(n, patterns)}
+
+    def shares_with_float(node) -> bool:
+        annotation = node.meta["quantization_annotation"]
+        for spec in [annotation.output_qspec, *annotation.input_qspec_map.values()]:
+            if isinstance(spec, SharedQuantizationSpec):
+                edge = spec.edge_or_node
+                if any(part in floated for part in (edge if isinstance(edge, tuple) else (edge,))):
+                    return True
+        return False
+
+    grown = True
+    while grown:
+        more = {n for n in annotated if n not in floated and shares_with_float(n)}
+        floated |= more
+        grown = bool(more)
+    for node in floated:
+        del node.meta["quantization_annotation"]
+    return sorted(n.name for n in floated)
+
+
 @lru_cache(maxsize=1)
 def _quantizer_class():
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
 
     class ClampAwarePT2EQuantizer(PT2EQuantizer):
-        """litert-torch's PT2E quantizer, observing conv+ReLU6 after the clamp (module docstring)."""
+        """litert-torch's PT2E quantizer, observing conv+ReLU6 after the clamp and leaving the modules
+        ``float_modules`` names unannotated (module docstring)."""
+
+        float_modules: tuple[str, ...] = ()
 
         # QAT folds BatchNorms before export (pt2e_qat), so conv+BN patterns cannot match; and litert-torch
         # 0.10 builds them by passing a plain function to torch.export, which torch 2.14 rejects (ValueError).
@@ -51,25 +103,29 @@ def _quantizer_class():
 
         def annotate(self, model):
             model = super().annotate(model)
+            keep_in_float(model, self.float_modules)  # first: an excluded conv then hands no observer to its clamp
             observe_after_clamp(model)
             return model
 
     return ClampAwarePT2EQuantizer
 
 
-def _quantizer(per_channel: bool, is_qat: bool = False):
+def _quantizer(per_channel: bool, is_qat: bool = False, float_modules: tuple[str, ...] = ()):
     from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
 
-    return _quantizer_class()().set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=is_qat))
+    quantizer = _quantizer_class()()
+    quantizer.float_modules = tuple(float_modules)
+    return quantizer.set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=is_qat))
 
 
-def pt2e_calibrate(model, calib: np.ndarray, per_channel: bool = True):
+def pt2e_calibrate(model, calib: np.ndarray, per_channel: bool = True, float_modules: tuple[str, ...] = ()):
     """Export ``model`` with PT2E and observe activations on ``calib`` (N x C x S x S): returns (the calibrated,
-    not yet converted, graph module, quantizer). The graph is specialised to batch 1, like the converted models."""
+    not yet converted, graph module, quantizer). The graph is specialised to batch 1, like the converted models.
+    ``float_modules``: module patterns kept in float (``runs_in``)."""
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    quantizer = _quantizer(per_channel)
+    quantizer = _quantizer(per_channel, float_modules=float_modules)
     example = torch.from_numpy(calib[:1]).float()
     exported = torch.export.export(model.eval(), (example,)).module()
     prepared = prepare_pt2e(exported, quantizer)
@@ -101,7 +157,7 @@ def pt2e_qat(model, calib: np.ndarray, train_images: np.ndarray, cfg=None, per_c
 
 
 def pt2e_qat_train(model, calib: np.ndarray, train_images: np.ndarray, cfg=None, per_channel: bool = True,
-                   progress: bool = True):
+                   progress: bool = True, float_modules: tuple[str, ...] = ()):
     """Fake-quantize ``model`` (inputs -> (logits, cam)) with PT2E and fine-tune it towards its FP32 outputs on
     ``train_images``; returns (the trained, not yet converted, graph module, quantizer).
 
@@ -125,7 +181,7 @@ def pt2e_qat_train(model, calib: np.ndarray, train_images: np.ndarray, cfg=None,
     example = torch.from_numpy(np.concatenate([calib[:1]] * 2)).float()
     batch = torch.export.Dim("batch", min=1, max=max(1024, cfg.batch_size, len(calib)))
     exported = torch.export.export(folded, (example,), dynamic_shapes=({0: batch},)).module()
-    quantizer = _quantizer(per_channel, is_qat=True)
+    quantizer = _quantizer(per_channel, is_qat=True, float_modules=float_modules)
     prepared = prepare_qat_pt2e(exported, quantizer)
     with torch.no_grad():
         prepared(torch.from_numpy(calib).float())

@@ -43,7 +43,8 @@ class QuantRecipe:
         calibration (`str`, defaults to ``minmax``): activation range estimator, minmax | percentile | entropy.
         activation_type / weight_type (`str`): uint8 | int8.
         per_channel (`bool`, defaults to True): per-output-channel weight scales.
-        exclude (`tuple[str, ...]`): node-name substrings kept in float (mixed precision).
+        exclude (`tuple[str, ...]`): layers kept in float (mixed precision): ONNX node-name substrings for the ONNX
+            recipes, module patterns (``compression.pt2e.runs_in``) for ``pt2e``.
         reduce_range (`bool`, defaults to False): 7-bit weights, so the U8S8 AVX2 kernels of CPUs without VNNI
             cannot saturate their 16-bit accumulators; lets those CPUs run the fast U8S8 path (ort recipe).
         target (`str`): CPU class the recipe was chosen for; recorded in the manifest.
@@ -136,8 +137,24 @@ class QuantRecipe:
 # Node-name substrings of timm models exported by exporters.onnx; "/Conv" alone is the in-graph CAM head.
 SENSITIVE_PATTERNS = ("conv_stem", "/se/", "conv_head", "Sigmoid")
 CAM_HEAD_NODES = ("/Conv", "/ReduceMean", "/Add")
+# The same layers in torch graphs (PT2E, for TFLite and CoreML): module-path substrings of DRClassifier
+# (``compression.pt2e.runs_in``); EfficientNet-Lite has no squeeze-excite, ".se." keeps B0's in float too. The
+# in-graph CAM head is no module: DRClassifier.forward_outputs runs it as functional ops, called as a method by
+# ExportModule.forward (the root of every exported graph), so those ops belong to these classes' own forward.
+SENSITIVE_MODULES = ("conv_stem", ".se.", "conv_head", "classifier")
+CAM_HEAD_MODULES = ("ExportModule", "DRClassifier")
 # The post-training ONNX recipes, which a failed gate may retry with layers in float.
 POST_TRAINING_ONNX_RECIPES = ("ort", "nncf")
+# The post-training torch recipe of TFLite and CoreML, which a failed gate may retry with modules in float.
+POST_TRAINING_PT2E_RECIPES = ("pt2e",)
+
+
+def sensitive_layers(recipe: str) -> tuple[str, ...]:
+    """What "sensitive layers in float" keeps in float for ``recipe``: module patterns for the torch graphs PT2E
+    quantizes, node-name patterns for the ONNX graphs of the other recipes."""
+    if recipe in POST_TRAINING_PT2E_RECIPES:
+        return SENSITIVE_MODULES + CAM_HEAD_MODULES
+    return SENSITIVE_PATTERNS + CAM_HEAD_NODES
 
 
 @dataclass(frozen=True)
@@ -364,7 +381,7 @@ def _pt2e_recipe(module, inputs: TorchRecipeInputs, recipe: QuantRecipe) -> Quan
     """PT2E W8A8 calibrated on ``inputs.calib`` (TFLite and CoreML); see compression/pt2e.py."""
     from .pt2e import convert_prepared, pt2e_calibrate
 
-    prepared, quantizer = pt2e_calibrate(module, inputs.calib, recipe.per_channel)
+    prepared, quantizer = pt2e_calibrate(module, inputs.calib, recipe.per_channel, float_modules=recipe.exclude)
     return QuantizedGraph(prepared, quantizer, convert_prepared)
 
 
@@ -373,7 +390,8 @@ def _pt2e_qat_recipe(module, inputs: TorchRecipeInputs, recipe: QuantRecipe) -> 
     """PT2E fake-quantization fine-tuned towards the FP32 outputs (TFLite and CoreML); see compression/pt2e.py."""
     from .pt2e import convert_prepared, pt2e_qat_train
 
-    prepared, quantizer = pt2e_qat_train(module, inputs.calib, inputs.tuning_images, inputs.qat, recipe.per_channel)
+    prepared, quantizer = pt2e_qat_train(module, inputs.calib, inputs.tuning_images, inputs.qat, recipe.per_channel,
+                                         float_modules=recipe.exclude)
     return QuantizedGraph(prepared, quantizer, convert_prepared)
 
 

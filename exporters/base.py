@@ -202,14 +202,6 @@ def register_exporter(fmt: str, embed_manifest: Callable[[Path, str], None]):
     return decorator
 
 
-def pt2e_recipe(recipe: QuantRecipe, target: str) -> QuantRecipe:
-    """The PT2E recipe TFLite and CoreML use for ``recipe``: PT2E QAT where ``qat`` was asked for (directly or by
-    the escalation), else post-training PT2E; ``target`` names the runtime kernels."""
-    name = "pt2e_qat" if recipe.name == "qat" else "pt2e"
-    return QuantRecipe(name, activation_type="int8", weight_type="int8", target=target,
-                       bias_correction=recipe.bias_correction, bias_correction_passes=recipe.bias_correction_passes)
-
-
 class ExportStatus(StrEnum):
     OK = "ok"
     FAILED = "failed"  # the export itself failed (``error`` says why); a failed gate is ``gate``, not this

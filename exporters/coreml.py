@@ -23,8 +23,9 @@ from edge_runtime.backends.base import HeadOutputs
 from edge_runtime.contract import QuantizationInfo, output_names_for
 from edge_runtime.formats import INPUT_NAME, MANIFEST_METADATA_KEY
 
-from .base import ExportRequest, ExportResult, pt2e_recipe, register_exporter
+from .base import ExportRequest, ExportResult, register_exporter
 from .errors import ExportParityError
+from .formats import get_format
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def _convert_w8a8(request: ExportRequest, example: torch.Tensor, outputs: list):
     runner (the ONNX twin, made once: the gate's draws and the output-bias correction run it too)."""
     import coremltools as ct
 
-    recipe = pt2e_recipe(request.recipe, "apple_ane")
+    recipe = get_format("coreml").int8_recipe(request.recipe)
     quantized = request.graphs.quantize(recipe).convert(fold_quantize=True)
     val = request.inputs.photos.val
     # What CoreML will compute, measured where CoreML cannot run: the gate judges these outputs.
@@ -114,7 +115,24 @@ def _convert_w8a8(request: ExportRequest, example: torch.Tensor, outputs: list):
     program = torch.export.export(quantized, (example,)).run_decompositions({})
     model = ct.convert(program, inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(example.shape))], outputs=outputs,
                        convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17)
-    return model, recipe.info(len(request.inputs.photos.calib)), simulated, runner
+    return model, recipe.info(len(request.inputs.photos.calib), **_weight_kinds(model.get_spec())), simulated, runner
+
+
+def _weight_kinds(spec) -> dict:
+    """Convolutions (and linear layers) of an ML program whose weights stay float (not produced by an int8
+    dequantize), read back from the spec for an honest manifest; CoreML's kernels cannot be inspected here."""
+    weighted, float_layers = 0, []
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            producers = {out.name: op.type for op in block.operations for out in op.outputs}
+            for op in block.operations:
+                if op.type not in ("conv", "linear"):
+                    continue
+                weighted += 1
+                weight = op.inputs["weight"].arguments[0].name if op.inputs["weight"].arguments else ""
+                if not producers.get(weight, "").startswith("constexpr_"):
+                    float_layers.append(op.outputs[0].name)
+    return {"weighted_layers": weighted, "float_layers": tuple(float_layers)}
 
 
 def check_coreml_spec(path: Path, input_shape: tuple[int, ...], precision: str,

@@ -96,7 +96,9 @@ class ExportPlan:
         if not self.escalate:
             return []
         qat_steps = self.qat.steps if self.qat else 0
-        return [s for s in get_format(fmt).int8_escalation if s.applies(self.recipe, has_tuning_images, qat_steps)]
+        spec = get_format(fmt)
+        start = spec.int8_recipe(self.recipe)
+        return [s for s in spec.int8_escalation if s.applies(start, has_tuning_images, qat_steps)]
 
     @property
     def needs_tuning_images(self) -> bool:
@@ -265,7 +267,7 @@ class ExportPipeline:
         for step in self.plan.escalation(spec.name, has_tuning_images=len(self.inputs.photos.tuning) > 0):
             label = step.describe(qat_steps)
             log.warning("%s int8 failed its gate (%s); retrying: %s", spec.name, why, label)
-            retry = step.retry_recipe(recipe)
+            retry = step.retry_recipe(spec.int8_recipe(recipe))
             result = self._attempt(spec, precision, retry, path)
             verdict = self._verify(spec, result, precision)
             attempts.append(Attempt(label, retry.name, verdict.gate))

@@ -9,7 +9,8 @@ from pathlib import Path
 from edge_runtime.contract import QuantizationInfo
 from edge_runtime.formats import MANIFEST_METADATA_KEY
 
-from .base import ExportRequest, ExportResult, pt2e_recipe, register_exporter
+from .base import ExportRequest, ExportResult, register_exporter
+from .formats import get_format
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,32 @@ def cast_weights_to_fp16(fp32_path: Path, out_path: Path) -> Path:
     return out_path
 
 
+def integer_ops(path: Path) -> dict:
+    """What a TFLite file really runs, read back from it for an honest manifest: weighted ops (convolutions and
+    fully-connected), the output tensors of those whose weights stayed float, and the convolutions that take int8
+    inputs (integer kernels)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = _unpack(path)
+    ops = schema.BuiltinOperator
+    convs, weighted = (ops.CONV_2D, ops.DEPTHWISE_CONV_2D), (ops.CONV_2D, ops.DEPTHWISE_CONV_2D, ops.FULLY_CONNECTED)
+    counts = {"weighted_layers": 0, "convolutions": 0, "integer_kernels": 0}
+    float_layers = []
+    for graph in model.subgraphs:
+        for op in graph.operators or []:
+            code = model.operatorCodes[op.opcodeIndex]
+            builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+            if builtin not in weighted:
+                continue
+            counts["weighted_layers"] += 1
+            if graph.tensors[op.inputs[1]].type == schema.TensorType.FLOAT32:
+                float_layers.append((graph.tensors[op.outputs[0]].name or b"").decode())
+            if builtin in convs:
+                counts["convolutions"] += 1
+                counts["integer_kernels"] += graph.tensors[op.inputs[0]].type == schema.TensorType.INT8
+    return {**counts, "float_layers": tuple(float_layers)}
+
+
 @register_exporter("tflite", embed_manifest)
 def export_tflite(request: ExportRequest) -> ExportResult:
     import litert_torch
@@ -149,11 +176,11 @@ def export_tflite(request: ExportRequest) -> ExportResult:
     from litert_torch.quantize.quant_config import QuantConfig
 
     # target: the LiteRT CPU kernels, not the ONNX recipe's CPU class
-    recipe = pt2e_recipe(request.recipe, "litert_xnnpack")
+    recipe = get_format("tflite").int8_recipe(request.recipe)
     graph = request.graphs.quantize(recipe)
     litert_torch.convert(graph.convert(fold_quantize=False), example,
                          quant_config=QuantConfig(pt2e_quantizer=graph.quantizer)).export(str(path))
     wrapped = float_io(path)
-    info = recipe.info(len(inputs.photos.calib))
+    info = recipe.info(len(inputs.photos.calib), **integer_ops(path))
     note = f"float I/O: {wrapped} int8 input/output tensors wrapped in QUANTIZE/DEQUANTIZE"
     return ExportResult(path, dataclasses.replace(info, notes="; ".join(n for n in (info.notes, note) if n)))

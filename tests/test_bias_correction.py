@@ -69,7 +69,7 @@ def _photos(n: int, seed: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- the recipe option
 def test_the_option_is_typed_named_and_kept_out_of_the_graph_cache_key():
-    from exporters.base import pt2e_recipe
+    from exporters.formats import pt2e_recipe
 
     plain = QuantRecipe.for_target("x86_vnni")
     corrected = plain.with_bias_correction()

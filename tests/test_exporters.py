@@ -31,7 +31,7 @@ def test_format_table_extends_the_runtime_half():
     for name, runtime_half in RUNTIME_FORMATS.items():  # every runtime fact is the runtime table's, not a copy
         assert all(getattr(FORMATS[name], f) == getattr(runtime_half, f) for f in runtime_half.__dataclass_fields__)
     assert [s.name for s in FORMATS["onnx"].int8_escalation] == ["sensitive_float", "accuracy_control", "qat"]
-    assert [s.name for s in FORMATS["tflite"].int8_escalation] == ["qat"]
+    assert [s.name for s in FORMATS["tflite"].int8_escalation] == ["sensitive_float", "qat"]
     with pytest.raises(ValueError, match=r"did you mean \['onnx'\]"):
         get_format("onxx")
 
@@ -44,10 +44,10 @@ def test_plan_derives_escalation_and_tuning_needs():
     ort = ExportPlan(("onnx", "tflite"), ("fp32", "int8"), QuantRecipe("ort"))
     assert [s.name for s in ort.escalation("onnx", True)] == ["sensitive_float", "accuracy_control"]
     assert [s.name for s in ort.escalation("onnx", False)] == ["sensitive_float"]
-    assert ort.escalation("tflite", True) == []  # QAT needs qat steps
+    assert [s.name for s in ort.escalation("tflite", True)] == ["sensitive_float"]  # QAT needs qat steps
     assert ort.needs_tuning_images  # ONNX accuracy control can use them
     with_qat = replace(ort, qat=QATConfig(steps=5))
-    assert [s.name for s in with_qat.escalation("tflite", True)] == ["qat"]
+    assert [s.name for s in with_qat.escalation("tflite", True)] == ["sensitive_float", "qat"]
     assert with_qat.escalation("onnx", True)[-1].describe(5) == "quantization-aware fine-tuning (5 steps)"
     assert not ExportPlan(("tflite",), ("int8",), QuantRecipe("ort")).needs_tuning_images
     assert not ExportPlan(("onnx",), ("fp32",), QuantRecipe("nncf_ac")).needs_tuning_images  # no INT8 job
@@ -163,7 +163,7 @@ def test_finalise_hook_embeds_then_hashes_then_signs(tiny_artifacts, tmp_path):
 def test_coreml_spec_is_verified_on_linux(tiny_artifacts, tmp_path):
     import torch
 
-    from exporters.base import pt2e_recipe
+    from exporters.formats import pt2e_recipe
     from exporters.pipeline import ExportPipeline
 
     base = tiny_artifacts[2]
@@ -298,7 +298,7 @@ def test_calibration_and_gate_can_use_several_folders(tiny_run, synthetic_dir, t
     assert len(two.val_labels) == 2 * expected["val"]
 
 
-@pytest.mark.slow  # ~35 s: PT2E QAT plus a TFLite and a CoreML conversion
+@pytest.mark.slow  # ~45 s: PT2E QAT plus TFLite and CoreML conversions
 def test_pt2e_formats_escalate_to_quantization_aware_fine_tuning(tiny_artifacts, tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
@@ -307,21 +307,22 @@ def test_pt2e_formats_escalate_to_quantization_aware_fine_tuning(tiny_artifacts,
     from exporters.pipeline import ExportPipeline
 
     base = tiny_artifacts[2]
-    # An impossible threshold fails the post-training PT2E artifacts; TFLite and CoreML have no mixed precision,
-    # so their only retry is PT2E QAT.
+    # An impossible threshold fails the post-training PT2E artifacts, then their sensitive modules in float; the
+    # last retry is PT2E QAT.
     photos = replace(base.inputs.photos, tuning=base.inputs.photos.calib[:8])
     inputs = replace(base.inputs, out_dir=tmp_path, thresholds=GateThresholds.profile("strict", min_logit_cosine=1.0), photos=photos)
     pipeline = ExportPipeline(inputs, replace(base.plan, qat=QATConfig(steps=2, batch_size=4)), base.reference)
     records = {fmt: pipeline.export(fmt, "int8") for fmt in ("tflite", "coreml")}
     for fmt, record in records.items():
         assert record.status == "ok", record.error
-        assert [a.step for a in record.attempts] == ["as asked", "quantization-aware fine-tuning (2 steps)"]
+        assert [a.step for a in record.attempts] == ["as asked", "sensitive layers in float",
+                                                     "quantization-aware fine-tuning (2 steps)"]
         manifest = _sidecar(record.path)
         assert manifest.quantization.recipe == "pt2e_qat" and manifest.gate.status == "failed"
         assert RUNTIME_FORMATS[fmt].read_embedded_manifest(record.path).gate == manifest.gate
         assert manifest.quantization.target == {"tflite": "litert_xnnpack", "coreml": "apple_ane"}[fmt]
-    # One PT2E calibration and one PT2E QAT, each converted by both formats.
-    assert len(pipeline.graphs) == 2
+    # Two PT2E calibrations (all integer, sensitive modules float) and one PT2E QAT, each converted by both formats.
+    assert len(pipeline.graphs) == 3
     session = open_session(records["tflite"].path, allow_ungated=True)
     logits, _ = session.run(inputs.photos.val)
     assert records["tflite"].parity["agreement"] == _agreement(logits, base.reference.logits)
