@@ -22,6 +22,8 @@ not depend on the model's input size. Limits live in ``edge_runtime/data/quality
 from __future__ import annotations
 
 import json
+import math
+import threading
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from importlib import resources
@@ -174,6 +176,36 @@ def _rect(side: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_RECT, (side, side))
 
 
+class _Scratch(threading.local):
+    """Per-thread buffers that the gate's intermediate planes are written into, reused from photo to photo.
+
+    Each indicator's plane is 100-600 kB; a fresh one per step is fresh memory that the kernel maps and zeroes on
+    first touch, which cost as much CPU time as the steps themselves (~800 page faults per photo). Thread-local
+    because the Screener may run the gate in a worker thread beside inference. Nothing the gate returns lives
+    in these buffers.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, np.ndarray] = {}
+        self.views: dict[tuple, np.ndarray] = {}  # (name, shape, dtype) -> its array, while the buffer stands
+
+    def __call__(self, name: str, shape: tuple[int, ...], dtype: type = np.uint8) -> np.ndarray:
+        """A C-contiguous ``shape`` x ``dtype`` array (contents undefined) in the buffer called ``name``."""
+        key = (name, shape, dtype)
+        view = self.views.get(key)
+        if view is None:
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            buffer = self.buffers.get(name)
+            if buffer is None or buffer.size < nbytes:
+                buffer = self.buffers[name] = np.empty(nbytes, np.uint8)
+                self.views = {k: v for k, v in self.views.items() if k[0] != name}
+            view = self.views[key] = buffer[:nbytes].view(dtype).reshape(shape)
+        return view
+
+
+_SCRATCH = _Scratch()
+
+
 def _haar_hf_ratio(box: np.ndarray) -> float:
     """Detail / total energy over two orthonormal Haar levels, from energies alone.
 
@@ -185,7 +217,9 @@ def _haar_hf_ratio(box: np.ndarray) -> float:
     if h == 0 or w == 0:
         return 0.0
     x = box[:h, :w]
-    approx = cv2.resize(x.astype(np.float32), (w // 4, h // 4), interpolation=cv2.INTER_AREA)
+    as_float = _SCRATCH("haar", (h, w), np.float32)
+    np.copyto(as_float, x)
+    approx = cv2.resize(as_float, (w // 4, h // 4), interpolation=cv2.INTER_AREA)
     approx_energy = 16.0 * cv2.norm(approx, cv2.NORM_L2SQR)
     detail = cv2.norm(x, cv2.NORM_L2SQR) - approx_energy
     total = detail + approx_energy - 16.0 * approx.size * float(cv2.mean(approx)[0]) ** 2
@@ -205,7 +239,7 @@ def _hist_stats(hist: np.ndarray) -> tuple[float, float, float, float, float, fl
 
 
 def _hist(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """256-bin histogram of a uint8 image inside ``mask`` (uint8 0/1), float32."""
+    """256-bin histogram of a uint8 image inside ``mask`` (uint8, nonzero inside), float32."""
     return cv2.calcHist([img], [0], mask, [256], [0, 256]).ravel()
 
 
@@ -215,7 +249,7 @@ def _median_from_hist(hist: np.ndarray) -> float:
 
 def _patches(whiteness: np.ndarray, gray: np.ndarray, mask: np.ndarray, white_median: float,
              lum_median: float) -> tuple[float, float]:
-    """(pale_patch, dark_patch): how far the palest region wider than the optic disc rises above the field's
+    """(pale_patch, dark_patch) inside ``mask`` (uint8 0/255): how far the palest region wider than the optic disc rises above the field's
     median whiteness (8-bit levels), and how far the darkest region wider than ``DARK_PATCH_DIAMETER`` falls below
     its median luminance (a share of the median, 0-1).
 
@@ -230,7 +264,7 @@ def _patches(whiteness: np.ndarray, gray: np.ndarray, mask: np.ndarray, white_me
     """
     h, w = (mask.shape[0] // PATCH_SCALE) * PATCH_SCALE, (mask.shape[1] // PATCH_SCALE) * PATCH_SCALE  # integer factor
     size = (w // PATCH_SCALE, h // PATCH_SCALE)
-    inside = cv2.compare(cv2.resize(mask[:h, :w] * 255, size, interpolation=cv2.INTER_AREA), 255, cv2.CMP_EQ)
+    inside = cv2.compare(cv2.resize(mask[:h, :w], size, interpolation=cv2.INTER_AREA), 255, cv2.CMP_EQ)
     if not cv2.countNonZero(inside):
         return 0.0, 0.0
     side = max(h, w) / PATCH_SCALE
@@ -256,19 +290,21 @@ def _blockiness(bgr: np.ndarray, fov: FieldOfView) -> float:
     field, ``BLOCK_RIM`` away from its rim, whose edge would add strong steps at every phase.
     """
     x0, y0, w, h = fov.x, fov.y, fov.w, fov.h
-    green = cv2.extractChannel(bgr[y0:y0 + h, x0:x0 + w], 1)
+    green = cv2.extractChannel(bgr[y0:y0 + h, x0:x0 + w], 1, dst=_SCRATCH("block_green", (h, w)))
     s = fov.mask_scale
     mask = fov.mask[int(y0 * s):int(np.ceil((y0 + h) * s)), int(x0 * s):int(np.ceil((x0 + w) * s))]
     if green.shape[0] < 2 * max(BLOCK_PERIODS) or green.shape[1] < 2 * max(BLOCK_PERIODS) or not mask.size:
         return 1.0
     band = max(3, int(round(BLOCK_RIM * max(mask.shape))) | 1)  # eroded on the small detection mask: cheaper
-    mask = cv2.resize(_erode(mask, _rect(band)), (w, h), interpolation=cv2.INTER_NEAREST)
+    mask = cv2.resize(_erode(mask, _rect(band)), (w, h), dst=_SCRATCH("block_mask", (h, w)),
+                      interpolation=cv2.INTER_NEAREST)
     ratios: dict[int, list[float]] = {p: [] for p in BLOCK_PERIODS}
     # vertical steps summed along each row (reduced to a column), horizontal steps along each column (to a row)
     for a, b, ma, mb, dim, offset in ((green[1:], green[:-1], mask[1:], mask[:-1], 1, y0),
                                       (green[:, 1:], green[:, :-1], mask[:, 1:], mask[:, :-1], 0, x0)):
-        both = cv2.bitwise_and(ma, mb)
-        steps = cv2.bitwise_and(cv2.absdiff(a, b), both)
+        both = cv2.bitwise_and(ma, mb, dst=_SCRATCH("block_both", ma.shape))
+        steps = cv2.absdiff(a, b, dst=_SCRATCH("block_steps", a.shape))
+        steps = cv2.bitwise_and(steps, both, dst=steps)
         sums = cv2.reduce(steps, dim, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel().astype(np.float64)
         counts = cv2.reduce(both, dim, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel() / 255.0
         position = np.arange(1 + offset, 1 + offset + sums.size)  # the step between pixels position-1 and position
@@ -283,8 +319,9 @@ def _blockiness(bgr: np.ndarray, fov: FieldOfView) -> float:
     return float(max(np.mean(r) for r in ratios.values()))
 
 
-def _shrink(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def _shrink(img: np.ndarray, size: tuple[int, int], dst: np.ndarray | None = None) -> np.ndarray:
     """Resize to ``size`` (w, h): an integer-factor area average first when shrinking by 2x or more, then linear.
+    ``dst``: where the last step writes (an array of the result's shape and type).
 
     OpenCV's area resize is fast only for integer factors (a 495 -> 384 px area resize costs ~7x a linear one);
     the linear step that remains never shrinks by 2x or more, so it does not alias.
@@ -292,27 +329,36 @@ def _shrink(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     k = int(min(img.shape[1] / size[0], img.shape[0] / size[1]))
     if k >= 2:
         h, w = (img.shape[0] // k) * k, (img.shape[1] // k) * k
-        img = cv2.resize(img[:h, :w], (w // k, h // k), interpolation=cv2.INTER_AREA)
-    return img if (img.shape[1], img.shape[0]) == size else cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
+        img = cv2.resize(img[:h, :w], (w // k, h // k), dst=dst if (w // k, h // k) == size else None,
+                         interpolation=cv2.INTER_AREA)
+    return img if (img.shape[1], img.shape[0]) == size else cv2.resize(img, size, dst=dst,
+                                                                       interpolation=cv2.INTER_LINEAR)
+
+
+def _field_planes(bgr: np.ndarray, fov: FieldOfView) -> tuple[np.ndarray, np.ndarray]:
+    """The field of view at ``WORK_SIZE`` (uint8 BGR) and its eroded mask (uint8 0/255), in this thread's
+    scratch buffers: valid until the gate's next call in this thread."""
+    crop = bgr[fov.y:fov.y + fov.h, fov.x:fov.x + fov.w]
+    scale = WORK_SIZE / max(crop.shape[:2])
+    size = (max(8, int(round(crop.shape[1] * scale))), max(8, int(round(crop.shape[0] * scale))))
+    small = _shrink(crop, size, _SCRATCH("field", (size[1], size[0], 3)))
+    s = fov.mask_scale
+    mask = fov.mask[int(fov.y * s):int(np.ceil((fov.y + fov.h) * s)), int(fov.x * s):int(np.ceil((fov.x + fov.w) * s))]
+    mask = cv2.resize(mask, size, dst=_SCRATCH("field_mask", (size[1], size[0])), interpolation=cv2.INTER_NEAREST)
+    return small, _erode(mask, _ERODE, _SCRATCH("inner", mask.shape))
 
 
 def field_crop(bgr: np.ndarray, fov: FieldOfView) -> tuple[np.ndarray, np.ndarray]:
     """The field of view at ``WORK_SIZE`` (uint8 BGR) and its eroded mask (bool), from one resize each."""
-    crop = bgr[fov.y:fov.y + fov.h, fov.x:fov.x + fov.w]
-    scale = WORK_SIZE / max(crop.shape[:2])
-    size = (max(8, int(round(crop.shape[1] * scale))), max(8, int(round(crop.shape[0] * scale))))
-    small = _shrink(crop, size)
-    s = fov.mask_scale
-    mask = fov.mask[int(fov.y * s):int(np.ceil((fov.y + fov.h) * s)), int(fov.x * s):int(np.ceil((fov.x + fov.w) * s))]
-    mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
-    return small, (_erode(mask, _ERODE) > 0)
+    small, inner = _field_planes(bgr, fov)
+    return small.copy(), inner > 0
 
 
-def _erode(mask: np.ndarray, element: np.ndarray) -> np.ndarray:
+def _erode(mask: np.ndarray, element: np.ndarray, dst: np.ndarray | None = None) -> np.ndarray:
     """Erosion that treats the outside of the crop as background: a field whose edge is a straight chord inside
     the frame (a camera's mask plate, an earlier crop) has that edge on the crop's border, where OpenCV's default
     border would keep it, and its step would dominate every focus measure."""
-    return cv2.erode(mask, element, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.erode(mask, element, dst=dst, borderType=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def gate_view(bgr: np.ndarray) -> np.ndarray:
@@ -484,6 +530,19 @@ def not_fundus_reason(metrics: dict[str, float]) -> str | None:
     return None
 
 
+def _masked_mean(total: float, count: int) -> float:
+    """The mean of ``count`` values summing to ``total``, formed as cv2.mean forms it (a product with 1 / n)."""
+    return total * (1.0 / count)
+
+
+def _masked_std(total: float, squares: float, count: int) -> float:
+    """The standard deviation of ``count`` values from their sum and sum of squares, formed as cv2.meanStdDev
+    forms it, so that it equals the masked call's to the last bit."""
+    scale = 1.0 / count
+    mean = total * scale
+    return float(np.sqrt(max(squares * scale - mean * mean, 0.0)))
+
+
 def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str, float]:
     """All indicators for one uint8 BGR photo, measured on its :func:`gate_view`. Raises NoFundusError when no
     field of view exists. ``fov``: the field found on ``bgr`` (the Screener's, found once); found again when the
@@ -491,66 +550,87 @@ def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str
 
     Everything runs on the one ``WORK_SIZE`` copy of the field, on 8-bit planes where the indicator allows (sums
     of squared differences with ``cv2.norm``, shares and percentiles from 256-bin histograms) and float32
-    elsewhere; the constant kernels are made once.
+    elsewhere; the constant kernels are made once, and the intermediate planes are written into this thread's
+    reused buffers (:class:`_Scratch`).
     """
     view = gate_view(bgr)
     fov = detect_fov(view) if fov is None or view is not bgr else fov
     fov = surround_fov(view, fov)
     bgr = view
     h_img, w_img = bgr.shape[:2]
-    small, inner = field_crop(bgr, fov)
-    mask = inner.view(np.uint8)
+    small, mask = _field_planes(bgr, fov)  # mask: uint8 0/255, the field eroded off its rim
     n_inner = cv2.countNonZero(mask)
     if n_inner < 100:
         raise NoFundusError("field of view too small to assess quality")
-    blue, green, red = cv2.split(small)
-    gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+    h_in, w_in = shape = mask.shape
+    blue, green, red = cv2.split(small, [_SCRATCH(name, shape) for name in ("blue", "green", "red")])
+    gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY, dst=_SCRATCH("gray", shape))
     hist = _hist(gray, mask)
     mean, std, entropy, p1, p99, _ = _hist_stats(hist)
-    whiteness = cv2.min(cv2.min(blue, green), red)
+    whiteness = cv2.min(blue, green, dst=_SCRATCH("whiteness", shape))
+    whiteness = cv2.min(whiteness, red, dst=whiteness)
     whiteness_hist = _hist(whiteness, mask)
     dark_channel = _hist_stats(whiteness_hist)[5]
 
-    green_mean = max(cv2.mean(green, mask=mask)[0], 1.0)
-    lap = cv2.Laplacian(green, cv2.CV_16S)  # integer kernel on 8-bit: exact in 16 bits
-    lap_mean, lap_std = cv2.meanStdDev(lap, mask=mask)
-    tenengrad = (cv2.norm(cv2.Sobel(green, cv2.CV_16S, 1, 0), cv2.NORM_L2SQR, mask)
-                 + cv2.norm(cv2.Sobel(green, cv2.CV_16S, 0, 1), cv2.NORM_L2SQR, mask)) / n_inner
+    # Sums inside the field are taken over planes zeroed outside it (a masked OpenCV reduction costs ~20x an
+    # unmasked one); sums of integers are exact in any order, and the means are formed as cv2.mean and
+    # cv2.meanStdDev form them, so every value is the one the masked calls give.
+    green_in = cv2.bitwise_and(green, mask, dst=_SCRATCH("green_in", shape))
+    green_mean = max(_masked_mean(cv2.sumElems(green_in)[0], n_inner), 1.0)
+    mask16 = cv2.merge([mask, mask], dst=_SCRATCH("mask16", (*shape, 2))).view(np.int16).reshape(shape)  # 0 / -1
+    gradient = cv2.Laplacian(green, cv2.CV_16S, dst=_SCRATCH("gradient", shape, np.int16))  # exact in 16 bits
+    gradient = cv2.bitwise_and(gradient, mask16, dst=gradient)
+    lap_std = _masked_std(cv2.sumElems(gradient)[0], cv2.norm(gradient, cv2.NORM_L2SQR), n_inner)
+    tenengrad = 0.0
+    for dx, dy in ((1, 0), (0, 1)):
+        gradient = cv2.Sobel(green, cv2.CV_16S, dx, dy, dst=gradient)
+        tenengrad += cv2.norm(cv2.bitwise_and(gradient, mask16, dst=gradient), cv2.NORM_L2SQR)
+    tenengrad /= n_inner
     # Edge energy along 0, 90, 45 and 135 degrees, inside the rim band; motion blur along one angle leaves the
     # others sharp. The core is eroded far from the rim, so a pixel's neighbour one step away is inside it too.
-    core = _erode(mask, _RIM_BAND)
+    core = _erode(mask, _RIM_BAND, _SCRATCH("core", shape))
     core = core if cv2.countNonZero(core) >= 100 else mask
-    h_in, w_in = mask.shape
     energies = []
-    for (ay, ax), (by, bx), norm in _DIRECTIONS:
+    for (ay, ax), (by, bx), norm in _DIRECTIONS:  # masked 8-bit differences: as fast as any unmasked route
         a = green[ay:h_in - 1 + ay, ax:w_in - 1 + ax]
         b = green[by:h_in - 1 + by, bx:w_in - 1 + bx]
         where = core[ay:h_in - 1 + ay, ax:w_in - 1 + ax]
         energies.append(cv2.norm(a, b, cv2.NORM_L2SQR, where) / max(cv2.countNonZero(where), 1) / norm)
-    g = green.astype(np.float32)
-    detail_energy = cv2.norm(g, cv2.GaussianBlur(g, (0, 0), 2.0), cv2.NORM_L2SQR, mask) / n_inner
+    g = _SCRATCH("green_float", shape, np.float32)
+    np.copyto(g, green)
+    blurred = cv2.GaussianBlur(g, (0, 0), 2.0, dst=_SCRATCH("blurred", shape, np.float32))
+    detail_energy = cv2.norm(g, blurred, cv2.NORM_L2SQR, mask) / n_inner
 
     # Glare: V = max(B, G, R) > 235 and S = 255 (V - min) / V < 40, without an HSV copy.
-    value = cv2.max(cv2.max(blue, green), red)
-    bright = cv2.bitwise_and(cv2.compare(value, 235, cv2.CMP_GT), mask)
+    value = cv2.max(blue, green, dst=_SCRATCH("value", shape))
+    value = cv2.max(value, red, dst=value)
+    bright = cv2.compare(value, 235, cv2.CMP_GT, dst=_SCRATCH("bright", shape))
+    bright = cv2.bitwise_and(bright, mask, dst=bright)
     glare = 0
     if cv2.countNonZero(bright):
         chroma = cv2.subtract(value, whiteness)[bright > 0].astype(np.int32)
         glare = int(np.count_nonzero(chroma * 255 < 40 * value[bright > 0].astype(np.int32)))
     x0, y0, bw, bh = cv2.boundingRect(mask)
-    box = cv2.bitwise_and(green, green, mask=mask)[y0:y0 + bh, x0:x0 + bw]
+    box = green_in[y0:y0 + bh, x0:x0 + bw]
     # Robust noise: median absolute deviation of a 3x3 median high-pass, from histograms (values clipped to +-127).
-    shifted = cv2.addWeighted(green, 1.0, cv2.medianBlur(green, 3), -1.0, 128.0)
+    shifted = cv2.medianBlur(green, 3, dst=_SCRATCH("high_pass", shape))
+    shifted = cv2.addWeighted(green, 1.0, shifted, -1.0, 128.0, dst=shifted)
     hp_median = _median_from_hist(_hist(shifted, mask))
-    noise = 1.4826 * _median_from_hist(_hist(cv2.absdiff(shifted, hp_median), mask))
-    red_clipped = cv2.countNonZero(cv2.bitwise_and(cv2.compare(red, 249, cv2.CMP_GT), mask))
+    noise = 1.4826 * _median_from_hist(_hist(cv2.absdiff(shifted, hp_median, dst=shifted), mask))
+    clipped = cv2.compare(red, 249, cv2.CMP_GT, dst=bright)
+    red_clipped = cv2.countNonZero(cv2.bitwise_and(clipped, mask, dst=clipped))
 
     lum_median = _median_from_hist(hist)
     pale_patch, dark_patch = _patches(whiteness, gray, mask, _median_from_hist(whiteness_hist), lum_median)
     t_h, t_w = h_in // 3, w_in // 3
-    bands = ((gray[:t_h], mask[:t_h]), (gray[h_in - t_h:], mask[h_in - t_h:]),
-             (gray[:, :t_w], mask[:, :t_w]), (gray[:, w_in - t_w:], mask[:, w_in - t_w:]))
-    thirds = [cv2.mean(values, mask=where)[0] for values, where in bands if cv2.countNonZero(where)]
+    gray_in = cv2.bitwise_and(gray, mask, dst=_SCRATCH("gray_in", shape))
+    bands = ((slice(0, t_h), slice(None)), (slice(h_in - t_h, None), slice(None)),
+             (slice(None), slice(0, t_w)), (slice(None), slice(w_in - t_w, None)))
+    thirds = []
+    for band in bands:
+        inside = cv2.countNonZero(mask[band])
+        if inside:
+            thirds.append(_masked_mean(cv2.sumElems(gray_in[band])[0], inside))
     circle = field_circle(fov, bgr.shape)
     return {
         "fov_fraction": float(fov.fraction),
@@ -564,7 +644,7 @@ def quality_metrics(bgr: np.ndarray, fov: FieldOfView | None = None) -> dict[str
         "std": std,
         "entropy": entropy,
         "dynamic_range": p99 - p1,
-        "laplacian_var": float(lap_std[0, 0]) ** 2,
+        "laplacian_var": lap_std ** 2,
         "tenengrad": float(tenengrad),
         "wavelet_hf_ratio": _haar_hf_ratio(box),
         "directional_sharpness": float(min(energies)) / green_mean ** 2 * 1000,
