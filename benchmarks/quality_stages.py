@@ -24,6 +24,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from scipy.stats import bootstrap
 
 from .quality_report import load_before_module
 from .quality_speed import cpu_int8_features, screened_photos
@@ -134,7 +135,19 @@ def main() -> None:
         print(f"| {s} | " + " | ".join(f"{np.median(per_stage[n][s]):.3f}" for n in names) + " |")
     print("| **total (untraced)** | " + " | ".join(f"**{np.median(total[n]):.2f}** (p90 {np.percentile(total[n], 90):.2f})"
                                                   for n in names) + " |")
-    print(f"\nafter / before (median of per-photo ratios): {np.median(total[names[1]] / total[names[0]]):.2f}")
+    ratio = total[names[1]] / total[names[0]]
+    low, high = _median_interval(ratio)
+    print(f"\nafter / before (median of per-photo ratios, n={len(photos)}): {np.median(ratio):.3f} "
+          f"(95% bootstrap interval {low:.3f}-{high:.3f})")
+    for n in names:
+        low, high = _median_interval(total[n])
+        print(f"{n}: total p50 {np.median(total[n]):.2f} ms (95% bootstrap interval {low:.2f}-{high:.2f})")
+
+
+def _median_interval(values: np.ndarray) -> tuple[float, float]:
+    """95% bootstrap interval (BCa, scipy) of the median of ``values``."""
+    interval = bootstrap((values,), np.median, confidence_level=0.95, random_state=0).confidence_interval
+    return float(interval.low), float(interval.high)
 
 
 if __name__ == "__main__":

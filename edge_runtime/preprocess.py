@@ -7,7 +7,7 @@ normalisation -> scale to 0-1 and normalise with the manifest's mean/std.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -41,6 +41,9 @@ class FieldOfView:
     fraction: float  # share of image pixels inside the field of view
     mask: np.ndarray  # uint8 0/255 of the detection copy: ``mask_scale`` times the image's size
     mask_scale: float = 1.0
+    # the detection copy itself (uint8 BGR, the mask's size), kept so the quality gate reads the field's colours
+    # without resizing the photo again; None where the field was built without it
+    detection_copy: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -283,7 +286,7 @@ def detect_fov(bgr: np.ndarray, threshold: int = 12) -> FieldOfView:
                              margin=int(np.ceil(1 / scale)) + 1)
     # The visible field is often clipped top and bottom by the sensor; the radius is half the larger side.
     radius = max(w, h) / 2.0
-    return FieldOfView(x, y, w, h, (float(x + w / 2), float(y + h / 2)), float(radius), fraction, mask, scale)
+    return FieldOfView(x, y, w, h, (float(x + w / 2), float(y + h / 2)), float(radius), fraction, mask, scale, small)
 
 
 def ben_graham(rgb: np.ndarray, sigma: float) -> np.ndarray:

@@ -1,13 +1,24 @@
 """The gate's fast paths give the values of the plain OpenCV calls they replace, reused buffers never leak
 between photos or threads, and the parity check compares rules, not printed digits."""
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import cv2
 import numpy as np
 import pytest
 
 from edge_runtime.preprocess import detect_fov
-from edge_runtime.quality import _masked_mean, _masked_std, _Scratch, assess, field_crop, quality_metrics
+from edge_runtime.quality import (
+    ARC_TOLERANCE,
+    _masked_mean,
+    _masked_std,
+    _Scratch,
+    _votes,
+    assess,
+    field_crop,
+    quality_metrics,
+    redness,
+)
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +98,26 @@ def test_parity_compares_rules_not_printed_digits():
 
     assert verdict_of(report("10.01")) == verdict_of(report("10.02"))
     assert verdict_of(report("10.01")) != verdict_of(QualityReport(True, 0.9, (), {}))
+
+
+def test_redness_reads_the_detection_copy_that_a_fresh_resize_would_give(photos):
+    for photo in photos:
+        fov = detect_fov(photo)
+        size = (fov.mask.shape[1], fov.mask.shape[0])
+        assert np.array_equal(fov.detection_copy, cv2.resize(photo, size, interpolation=cv2.INTER_AREA))
+        assert redness(photo, fov) == redness(photo, replace(fov, detection_copy=None))
+        swapped = np.ascontiguousarray(photo[..., ::-1])  # a blue field on the same black surround
+        assert redness(swapped, detect_fov(swapped)) < 0 < redness(photo, fov)
+
+
+def test_arc_votes_count_the_points_np_hypot_counts():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        points = rng.integers(0, 256, (int(rng.integers(20, 320)), 2)).astype(np.float64)
+        ux, uy = rng.uniform(-50, 300, (2, 96))
+        r = rng.uniform(1, 400, 96)
+        distance = np.abs(np.hypot(points[None, :, 0] - ux[:, None], points[None, :, 1] - uy[:, None]) - r[:, None])
+        expected = (distance <= np.maximum(ARC_TOLERANCE * r[:, None], 1.0)).sum(axis=1)
+        assert np.array_equal(_votes(points, ux, uy, r), expected)
+        within = distance[:5, :10] <= np.maximum(ARC_TOLERANCE * r[:5, None], 1.0)
+        assert np.array_equal(_votes(points[:10], ux[:5], uy[:5], r[:5]), within.sum(axis=1))  # buffers reshaped
