@@ -9,6 +9,11 @@ measures the cost of a larger input (224 / 300 / 380 px: DR lesions are small) a
 
     python -m benchmarks.int8_speed --data ../shared/data/eyepacs_full --threads 2 --work /tmp/retinaedge_int8
     python -m benchmarks.int8_speed --input-size 224 --input-size 300 --input-size 380
+
+``--artifact`` (repeatable) times already exported artifacts instead, e.g. a study's FP32 and gated INT8 files,
+interleaved in one run at each ``--threads`` value:
+
+    python -m benchmarks.int8_speed --artifact model_fp32.onnx --artifact model_int8.onnx --threads 2 --threads 1
 """
 from __future__ import annotations
 
@@ -205,20 +210,55 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def time_artifacts(paths: list[Path], threads: tuple[int, ...], runs: int) -> dict:
+    """Batch-1 latency of each artifact, interleaved (``time_interleaved``), once per thread count."""
+    report: dict = {"device": fingerprint(), "cpu_features": cpu_features().to_dict(), "runs": runs, "rows": []}
+    for n in threads:
+        sessions = [open_session(p, allow_ungated=True, threads=n) for p in paths]
+        load_before = os.getloadavg()
+        samples = time_interleaved(sessions, rounds=max(1, runs // 10))
+        for path, s in zip(paths, samples, strict=True):
+            report["rows"].append({"artifact": path.name, "threads": n, "size_mb": round(_size_mb(path), 2),
+                                   "load_before": load_before, "load_after": os.getloadavg(), **_stats(s)})
+    return report
+
+
+def _size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files) / 1e6
+
+
+def artifacts_markdown(report: dict) -> str:
+    features = ", ".join(report["cpu_features"].get("int8", [])) or "none"
+    lines = [f"# Batch-1 latency, interleaved: {report['device']['cpu']}, int8 features: {features}", "",
+             "| artifact | threads | MB | p50 ms | p90 ms | samples | load before -> after |", "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['artifact']} | {r['threads']} | {r['size_mb']:.2f} | {r['p50']:.2f} | {r['p90']:.2f} | "
+                     f"{r['n']} | {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/eyepacs_full"),
                         help="photos whose calib split calibrates INT8")
     parser.add_argument("--work", type=Path, default=Path("/tmp/retinaedge_int8"), help="artifact cache (not the repo)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, action="append", help="intra-op threads (repeatable with --artifact; "
+                        "default 2)")
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--artifact", type=Path, action="append", help="time these exported artifacts instead")
     parser.add_argument("--target", default="auto", help="ONNX INT8 preset; auto = from this CPU's flags")
     parser.add_argument("--input-size", type=int, action="append", help="model input side in px (repeatable; default 224)")
     parser.add_argument("--out", type=Path, help="also write the report (.md and .json) here")
     args = parser.parse_args()
-    report = run(args.work, args.data if args.data.is_dir() else None, args.threads, args.runs, args.target,
-                 tuple(args.input_size or (224,)))
-    markdown = to_markdown(report)
+    threads = tuple(args.threads or (2,))
+    if args.artifact:
+        report = time_artifacts(args.artifact, threads, args.runs)
+        markdown = artifacts_markdown(report)
+    else:
+        report = run(args.work, args.data if args.data.is_dir() else None, threads[0], args.runs, args.target,
+                     tuple(args.input_size or (224,)))
+        markdown = to_markdown(report)
     if args.out:
         write_markdown_and_json(args.out, markdown, report)
     print(markdown)

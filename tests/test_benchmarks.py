@@ -159,7 +159,7 @@ def test_int8_speed_table_has_one_ratio_row_per_input_size_and_format():
 def test_int8_speed_builds_and_times_fp32_and_int8_of_one_model(synthetic_dir, tmp_path):
     """The benchmark's own export path (a checkpoint with a seeded random head, calibrated on real-layout photos),
     end to end on the tiny model: FP32 + INT8 ONNX, each timed, one INT8/FP32 row."""
-    from benchmarks.int8_speed import _measure, build_artifacts
+    from benchmarks.int8_speed import _measure, artifacts_markdown, build_artifacts, time_artifacts
     from edge_runtime.backends import open_session
 
     artifacts = build_artifacts(tmp_path, synthetic_dir, "x86_vnni", formats=("onnx",), calib_limit=8, input_size=64,
@@ -171,6 +171,13 @@ def test_int8_speed_builds_and_times_fp32_and_int8_of_one_model(synthetic_dir, t
     sweep, rows = _measure(artifacts, threads=1, runs=20)
     assert {(r["format"], r["precision"]) for r in rows} == set(artifacts)
     assert all(r["p50"] > 0 and r["n"] == 20 for r in rows) and len(sweep) >= len(rows)
+    # --artifact: the same files timed as given, interleaved, once per thread count, with the CPU's features.
+    paths = [artifacts[("onnx", "fp32")], artifacts[("onnx", "int8")]]
+    timed = time_artifacts(paths, threads=(1, 2), runs=20)
+    assert [(r["artifact"], r["threads"]) for r in timed["rows"]] == [(p.name, n) for n in (1, 2) for p in paths]
+    assert all(r["p50"] > 0 and r["n"] == 20 and r["size_mb"] > 0 for r in timed["rows"])
+    text = artifacts_markdown(timed)
+    assert "int8 features:" in text and f"| {paths[1].name} | 2 |" in text
 
 
 def test_float_islands_gates_and_times_each_variant(tiny_run, synthetic_dir, tmp_path):
