@@ -30,6 +30,7 @@ from edge_runtime.backends import RuntimeOptions, cpu_features, int8_target, ope
 
 from .device import fingerprint
 from .report import write_markdown_and_json
+from .runner import artifact_size_mb
 
 MODEL = "tf_efficientnet_lite0"
 
@@ -218,14 +219,9 @@ def time_artifacts(paths: list[Path], threads: tuple[int, ...], runs: int) -> di
         load_before = os.getloadavg()
         samples = time_interleaved(sessions, rounds=max(1, runs // 10))
         for path, s in zip(paths, samples, strict=True):
-            report["rows"].append({"artifact": path.name, "threads": n, "size_mb": round(_size_mb(path), 2),
+            report["rows"].append({"artifact": path.name, "threads": n, "size_mb": round(artifact_size_mb(path), 2),
                                    "load_before": load_before, "load_after": os.getloadavg(), **_stats(s)})
     return report
-
-
-def _size_mb(path: Path) -> float:
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-    return sum(f.stat().st_size for f in files) / 1e6
 
 
 def artifacts_markdown(report: dict) -> str:

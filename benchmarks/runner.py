@@ -224,7 +224,7 @@ def run_benchmark(artifacts: Path, out: Path, data: Path | None = None, lesion_d
         manifest = ArtifactManifest.from_json(manifest_path_for(path).read_text())
         precision = manifest.quantization.precision
         base = {"name": path.name, "format": spec.name, "precision": precision, "model": manifest.model_name,
-                "size_mb": _size_mb(path), "gate": manifest.gate.status}
+                "size_mb": artifact_size_mb(path), "gate": manifest.gate.status}
         if not spec.runs_here:
             rows.append({**base, "status": "skipped", "error": f"{spec.runtime} runs only on {', '.join(spec.runs_on)}"})
             continue
@@ -294,6 +294,7 @@ def _bench_torch(checkpoint: Path, cfg, eval_for, references, lesion_dir, peaks)
         return {"name": checkpoint.name, "format": "torch", "precision": "fp32", "status": "failed", "error": str(exc)}
 
 
-def _size_mb(path: Path) -> float:
+def artifact_size_mb(path: Path) -> float:
+    """An artifact's size on disk in MB: its file, or every file of a package folder (CoreML .mlpackage)."""
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
     return round(sum(p.stat().st_size for p in files) / 1e6, 3)
